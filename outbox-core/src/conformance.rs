@@ -1,0 +1,1081 @@
+//! The delivery contract of the design, as tests every store runs (feature `testing`).
+//!
+//! A backend implements [`Harness`] and expands [`conformance_tests!`](crate::conformance_tests)
+//! in a test file; each contract point becomes its own `#[tokio::test]`, running in parallel,
+//! each on a fresh table.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::{
+    Claim, Cleaner, Envelope, Error, ErrorKind, Event, FaultyPublisher, Message, MessageId, Outbox,
+    OutboxBuilder, Pending, RecordingPublisher, Relay, RetryPolicy, Selector, Signer, SigningKey,
+    Status, Store, Strategy, StreamFilter,
+};
+
+/// What a backend provides to run the suite.
+#[async_trait]
+pub trait Harness: Send + Sync + 'static {
+    /// The store under test.
+    type Store: Store + 'static;
+
+    /// A store on a fresh, migrated table (and a fresh business table beside it).
+    async fn fresh(&self) -> Arc<Self::Store>;
+
+    /// A second, independent handle (its own connection) on the same table: stands for
+    /// another process.
+    async fn reopen(&self, store: &Self::Store) -> Arc<Self::Store>;
+
+    /// In one database transaction: insert one business row, enqueue `messages` through
+    /// `outbox`, then commit (`commit = true`) or roll back. If enqueueing fails, commit the
+    /// business row anyway and return the error (so a test can see nothing was half-written).
+    async fn transact(
+        &self,
+        store: &Self::Store,
+        outbox: &Outbox,
+        messages: Vec<Message>,
+        commit: bool,
+    ) -> crate::Result<Pending>;
+
+    /// Committed business rows.
+    async fn business_rows(&self, store: &Self::Store) -> i64;
+
+    /// Change a stored row's payload behind the outbox's back.
+    async fn tamper(&self, store: &Self::Store, seq: i64);
+}
+
+/// Expand one `#[tokio::test]` per contract point for a harness expression.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@each $harness;
+            atomic_enqueue, invalid_input_writes_nothing, publish_on_commit_persist_all,
+            publish_on_commit_failure_left_for_relay, publish_on_commit_not_persisted,
+            publish_on_commit_crash_recovered_by_relay, keep_order_per_key_under_failures,
+            keep_order_failing_head_blocks_only_its_unit, backoff_delays_retries,
+            dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
+            concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
+            signing_tamper_and_rotation, stream_filter, strategy_per_stream, wakeup_on_commit);
+    };
+    (@each $harness:expr; $($name:ident),*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            $crate::conformance::$name(&$harness).await;
+        }
+    )*};
+}
+
+// ---------------------------------------------------------------- helpers
+
+/// Poll `f` until it is true; panic with `what` after `timeout`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        multiplier: 2.0,
+        jitter: 0.5,
+        max_attempts,
+    }
+}
+
+fn base(store: Arc<dyn Store>, publisher: impl crate::Publisher + 'static) -> OutboxBuilder {
+    Outbox::builder(store, publisher).retry(fast_retry(5))
+}
+
+fn msg(stream: &str, key: Option<&str>, n: usize) -> Message {
+    let m = Message::new(format!("dest.{stream}"), format!("{n}").into_bytes()).stream(stream);
+    match key {
+        Some(k) => m.key(k),
+        None => m,
+    }
+}
+
+/// Records observer events as (kind, message id).
+#[derive(Clone, Default)]
+pub struct EventLog(Arc<Mutex<Vec<(&'static str, Option<MessageId>)>>>);
+
+impl EventLog {
+    /// An observer closure that appends here.
+    pub fn observer(&self) -> impl Fn(&Event<'_>) + Send + Sync + 'static {
+        let log = self.0.clone();
+        move |e: &Event<'_>| {
+            let entry = match e {
+                Event::Published { envelope, .. } => ("published", Some(envelope.id)),
+                Event::Failed { envelope, .. } => ("failed", Some(envelope.id)),
+                Event::DeadLettered { envelope, .. } => ("dead", Some(envelope.id)),
+                Event::Stuck { envelope, .. } => ("stuck", Some(envelope.id)),
+                Event::Tampered { id, .. } => ("tampered", Some(*id)),
+            };
+            log.lock().unwrap().push(entry);
+        }
+    }
+
+    /// How many events of `kind`.
+    pub fn count(&self, kind: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .count()
+    }
+}
+
+async fn total(store: &dyn Store) -> crate::StreamStats {
+    store.stats().await.expect("stats").total()
+}
+
+async fn all_rows<S: Store + ?Sized>(store: &S, upto: i64) -> Vec<crate::StoredMessage> {
+    let mut out = Vec::new();
+    for seq in 1..=upto {
+        if let Some(r) = store.get(seq).await.expect("get") {
+            out.push(r);
+        }
+    }
+    out
+}
+
+async fn find_by_payload<S: Store + ?Sized>(store: &S, payload: &[u8]) -> crate::StoredMessage {
+    // seqs are small in a fresh table
+    all_rows(store, 10_000)
+        .await
+        .into_iter()
+        .find(|r| r.envelope.message.payload == payload)
+        .expect("row with payload")
+}
+
+fn dyn_store<S: Store + 'static>(s: &Arc<S>) -> Arc<dyn Store> {
+    s.clone()
+}
+
+// ---------------------------------------------------------------- the contract
+
+/// 1. Rollback writes nothing and publishes nothing; commit makes the rows durable.
+pub async fn atomic_enqueue<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+
+    let msgs = vec![msg("s", None, 1), msg("s", None, 2)];
+    let pending = h
+        .transact(&store, &outbox, msgs.clone(), false)
+        .await
+        .unwrap();
+    pending.publish().await;
+    assert_eq!(h.business_rows(&store).await, 0, "rolled-back business row");
+    assert_eq!(
+        total(store.as_ref()).await.pending,
+        0,
+        "rolled-back outbox rows"
+    );
+    let relay = outbox.relay().build().unwrap();
+    assert_eq!(relay.run_once().await.unwrap().published, 0);
+    assert_eq!(broker.count(), 0, "nothing published for a rollback");
+
+    let pending = h.transact(&store, &outbox, msgs, true).await.unwrap();
+    drop(pending);
+    assert_eq!(h.business_rows(&store).await, 1);
+    // Durable: another connection sees the rows and relays them.
+    let other = h.reopen(&store).await;
+    assert_eq!(total(other.as_ref()).await.pending, 2);
+    let relay = Relay::builder(other, broker.clone()).build().unwrap();
+    assert_eq!(relay.run_once().await.unwrap().published, 2);
+    let payloads: Vec<_> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    assert_eq!(payloads, vec![b"1".to_vec(), b"2".to_vec()]);
+}
+
+/// 11. Bad input: a typed error, and nothing of the batch is written.
+pub async fn invalid_input_writes_nothing<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+        .config(crate::Config {
+            max_payload_bytes: 16,
+            retry: fast_retry(5),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let bad_batches = vec![
+        vec![msg("s", None, 1), Message::new("d", vec![0u8; 17])],
+        vec![msg("s", None, 1), Message::new("", b"x".to_vec())],
+        vec![
+            msg("s", None, 1),
+            Message::new("d", b"x".to_vec()).header("bad:name", "v"),
+        ],
+        vec![
+            msg("s", None, 1),
+            Message::new("d", b"x".to_vec()).stream(""),
+        ],
+    ];
+    for (i, batch) in bad_batches.into_iter().enumerate() {
+        let err = match h.transact(&store, &outbox, batch, true).await {
+            Err(e) => e,
+            Ok(_) => panic!("bad batch {i} was accepted"),
+        };
+        assert_eq!(err.kind(), ErrorKind::InvalidMessage, "batch {i}: {err}");
+        assert!(!err.is_transient());
+        assert_eq!(
+            h.business_rows(&store).await,
+            i as i64 + 1,
+            "the caller's transaction still works"
+        );
+        let t = total(store.as_ref()).await;
+        assert_eq!(t.pending + t.sent + t.dead, 0, "batch {i} was half-written");
+    }
+}
+
+/// 3. Publish-on-commit with persist_all: published by the committer, then marked sent or
+/// deleted; never published twice by a relay.
+pub async fn publish_on_commit_persist_all<H: Harness>(h: &H) {
+    for delete in [false, true] {
+        let store = h.fresh().await;
+        let broker = RecordingPublisher::new();
+        let outbox = base(dyn_store(&store), broker.clone())
+            .delete_after_send(delete)
+            .build()
+            .unwrap();
+        let pending = h
+            .transact(
+                &store,
+                &outbox,
+                vec![msg("s", None, 1), msg("s", None, 2)],
+                true,
+            )
+            .await
+            .unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(
+            total(store.as_ref()).await.pending,
+            2,
+            "written in the transaction"
+        );
+        // Leased to the committer: a relay cannot race it.
+        let relay = outbox.relay().build().unwrap();
+        assert_eq!(relay.step().await.unwrap().claimed, 0);
+
+        let report = pending.publish().await;
+        assert_eq!((report.published, report.failed), (2, 0));
+        assert_eq!(broker.count(), 2);
+        let t = total(store.as_ref()).await;
+        assert_eq!(
+            (t.pending, t.sent),
+            (0, if delete { 0 } else { 2 }),
+            "delete_after_send={delete}"
+        );
+        assert_eq!(relay.run_once().await.unwrap().published, 0);
+        assert_eq!(broker.count(), 2, "no duplicate from the relay");
+    }
+}
+
+/// 3. A failed on-commit publish stays for the relay, which publishes it after the backoff.
+pub async fn publish_on_commit_failure_left_for_relay<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let publisher = FaultyPublisher::new(broker.clone(), move |_| {
+        d.load(Ordering::SeqCst)
+            .then(|| Error::transient("broker down"))
+    });
+    let events = EventLog::default();
+    let outbox = base(dyn_store(&store), publisher)
+        .observer(events.observer())
+        .build()
+        .unwrap();
+    let pending = h
+        .transact(&store, &outbox, vec![msg("s", None, 1)], true)
+        .await
+        .unwrap();
+    let report = pending.publish().await;
+    assert_eq!((report.published, report.failed), (0, 1));
+    assert_eq!(events.count("failed"), 1);
+    let row = find_by_payload(store.as_ref(), b"1").await;
+    assert_eq!((row.status, row.attempts), (Status::Pending, 1));
+    assert!(row
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("broker down"));
+
+    down.store(false, Ordering::SeqCst);
+    let relay = outbox.relay().build().unwrap();
+    eventually("relay publishes the failed message", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        broker.count() == 1
+    })
+    .await;
+    assert_eq!(events.count("published"), 1);
+    assert_eq!(total(store.as_ref()).await.sent, 1);
+}
+
+/// 3. persist_all = false: a success writes no row; a failure writes one after the fact
+/// (pending for transient errors, dead for permanent ones), which the relay delivers.
+pub async fn publish_on_commit_not_persisted<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let d = down.clone();
+    let publisher = FaultyPublisher::new(broker.clone(), move |e: &Envelope| {
+        if e.message.destination == "poison" {
+            return Some(Error::permanent("unroutable"));
+        }
+        d.load(Ordering::SeqCst)
+            .then(|| Error::transient("broker down"))
+    });
+    let outbox = base(dyn_store(&store), publisher)
+        .persist_all(false)
+        .build()
+        .unwrap();
+
+    let pending = h
+        .transact(&store, &outbox, vec![msg("s", None, 1)], true)
+        .await
+        .unwrap();
+    let t = total(store.as_ref()).await;
+    assert_eq!(t.pending + t.sent, 0, "nothing written in the transaction");
+    assert_eq!(pending.publish().await.published, 1);
+    let t = total(store.as_ref()).await;
+    assert_eq!(t.pending + t.sent + t.dead, 0, "a success leaves no row");
+
+    down.store(true, Ordering::SeqCst);
+    let pending = h
+        .transact(
+            &store,
+            &outbox,
+            vec![msg("s", None, 2), Message::new("poison", b"p".to_vec())],
+            true,
+        )
+        .await
+        .unwrap();
+    let r = pending.publish().await;
+    assert_eq!((r.failed, r.lost), (2, 0));
+    let t = total(store.as_ref()).await;
+    assert_eq!(
+        (t.pending, t.dead),
+        (1, 1),
+        "failures written after the fact"
+    );
+    let row = find_by_payload(store.as_ref(), b"2").await;
+    assert_eq!(row.attempts, 1);
+
+    down.store(false, Ordering::SeqCst);
+    let relay = outbox.relay().build().unwrap();
+    eventually("relay delivers the failed message", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        broker.count() == 2
+    })
+    .await;
+}
+
+/// 2/6. The committer dies between commit and publish: the relay publishes once the
+/// committer's lease expires, not before.
+pub async fn publish_on_commit_crash_recovered_by_relay<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .config(crate::Config {
+            on_commit_lease: Duration::from_millis(400),
+            publish_timeout: Duration::from_millis(100),
+            retry: fast_retry(5),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let pending = h
+        .transact(&store, &outbox, vec![msg("s", None, 1)], true)
+        .await
+        .unwrap();
+    drop(pending); // the process "dies" here
+    let relay = Relay::builder(h.reopen(&store).await, broker.clone())
+        .build()
+        .unwrap();
+    assert_eq!(
+        relay.step().await.unwrap().claimed,
+        0,
+        "lease still held by the committer"
+    );
+    eventually("relay publishes after the lease", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        broker.count() == 1
+    })
+    .await;
+}
+
+/// 4. Keep-order: commit order per (stream, key) under random transient failures, with two
+/// relays at once.
+pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .retry(fast_retry(1_000))
+        .build()
+        .unwrap();
+    let keys = ["a", "b", "c"];
+    let per_key = 20;
+    for round in 0..per_key / 4 {
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            for k in keys {
+                batch.push(msg("s", Some(k), round * 4 + i));
+            }
+        }
+        // and a keyless unit on another stream
+        batch.push(msg("t", None, round));
+        h.transact(&store, &outbox, batch, true)
+            .await
+            .unwrap()
+            .dispatch();
+    }
+    let expected = keys.len() * per_key + per_key / 4;
+
+    let mut handles = Vec::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    for (i, s) in [store.clone(), h.reopen(&store).await]
+        .into_iter()
+        .enumerate()
+    {
+        let relay = Relay::builder(
+            s,
+            FaultyPublisher::random(broker.clone(), 0.3, 7 + i as u64),
+        )
+        .retry(fast_retry(1_000))
+        .batch_size(7)
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .unwrap();
+        let mut stop = stop_rx.clone();
+        handles.push(tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    eventually("all keep-order messages published", DEADLINE, || async {
+        broker.count() >= expected
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let mut seen: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
+    for e in broker.published() {
+        let n: usize = String::from_utf8(e.message.payload)
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen.entry((e.message.stream, e.message.key))
+            .or_default()
+            .push(n);
+    }
+    for (unit, ns) in &seen {
+        let expect: Vec<usize> = (0..ns.len()).collect();
+        assert_eq!(ns, &expect, "unit {unit:?} published out of order or twice");
+    }
+    assert_eq!(broker.count(), expected);
+}
+
+/// 4/5. A failing keep-order head blocks its own unit only and is reported stuck; with
+/// dead-lettering opted in, it is dead-lettered and its unit moves on.
+pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
+    for dead_letter in [false, true] {
+        let store = h.fresh().await;
+        let broker = RecordingPublisher::new();
+        let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+            (e.message.destination == "poison").then(|| Error::permanent("rejected"))
+        });
+        let events = EventLog::default();
+        let outbox = base(dyn_store(&store), publisher)
+            .strategy(Strategy::KeepOrder)
+            .config(crate::Config {
+                default_strategy: Strategy::KeepOrder,
+                dead_letter_keep_order: dead_letter,
+                retry: fast_retry(3),
+                ..Default::default()
+            })
+            .observer(events.observer())
+            .build()
+            .unwrap();
+        let batch = vec![
+            Message::new("poison", b"a1".to_vec()).stream("s").key("A"),
+            Message::new("ok", b"a2".to_vec()).stream("s").key("A"),
+            Message::new("ok", b"b1".to_vec()).stream("s").key("B"),
+            Message::new("ok", b"b2".to_vec()).stream("s").key("B"),
+            Message::new("ok", b"t1".to_vec()).stream("t"),
+        ];
+        h.transact(&store, &outbox, batch, true)
+            .await
+            .unwrap()
+            .dispatch();
+        let relay = outbox.relay().build().unwrap();
+        relay.run_once().await.unwrap();
+        let got: Vec<_> = broker
+            .published()
+            .into_iter()
+            .map(|e| e.message.payload)
+            .collect();
+        let a1 = find_by_payload(store.as_ref(), b"a1").await;
+        if dead_letter {
+            eventually("a2 follows the dead-lettered head", DEADLINE, || async {
+                relay.run_once().await.unwrap();
+                broker.count() == 4
+            })
+            .await;
+            assert_eq!(
+                find_by_payload(store.as_ref(), b"a1").await.status,
+                Status::Dead
+            );
+            assert_eq!(events.count("dead"), 1);
+            assert_eq!(events.count("stuck"), 0);
+        } else {
+            assert_eq!(got.len(), 3, "B and t flow: {got:?}");
+            assert!(!got.contains(&b"a2".to_vec()), "a2 must wait behind a1");
+            assert_eq!((a1.status, a1.attempts), (Status::Pending, 1));
+            assert_eq!(find_by_payload(store.as_ref(), b"a2").await.attempts, 0);
+            assert_eq!(events.count("stuck"), 1, "the blocked head is reported");
+            assert_eq!(events.count("dead"), 0, "nothing dead-lettered by default");
+            // Still blocked later, still reported.
+            eventually(
+                "stuck head retried and reported again",
+                DEADLINE,
+                || async {
+                    relay.run_once().await.unwrap();
+                    events.count("stuck") >= 2
+                },
+            )
+            .await;
+            assert_eq!(broker.count(), 3);
+        }
+    }
+}
+
+/// 5. Exponential backoff: a failed message is not due before its delay.
+pub async fn backoff_delays_retries<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let publisher = FaultyPublisher::new(RecordingPublisher::new(), |_| {
+        Some(Error::transient("down"))
+    });
+    let retry = RetryPolicy {
+        initial: Duration::from_millis(400),
+        max: Duration::from_secs(60),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts: 10,
+    };
+    let outbox = base(dyn_store(&store), publisher)
+        .strategy(Strategy::KeepOrder)
+        .retry(retry)
+        .build()
+        .unwrap();
+    h.transact(&store, &outbox, vec![msg("s", None, 1)], true)
+        .await
+        .unwrap()
+        .dispatch();
+    let relay = outbox.relay().build().unwrap();
+    for (attempt, nominal_ms) in [(1u32, 400u64), (2, 800)] {
+        let before = SystemTime::now();
+        let r = relay.step().await.unwrap();
+        assert_eq!((r.claimed, r.failed), (1, 1), "attempt {attempt}");
+        let row = find_by_payload(store.as_ref(), b"1").await;
+        assert_eq!(row.attempts, attempt);
+        let delay = row
+            .next_attempt_at
+            .duration_since(before)
+            .unwrap_or_default();
+        assert!(
+            delay >= Duration::from_millis(nominal_ms - 50)
+                && delay <= Duration::from_millis(nominal_ms + 1_000),
+            "attempt {attempt}: next attempt in {delay:?}, expected about {nominal_ms} ms"
+        );
+        assert_eq!(
+            relay.step().await.unwrap().claimed,
+            0,
+            "not due during the backoff"
+        );
+        eventually("due again after the backoff", DEADLINE, || async {
+            SystemTime::now() >= row.next_attempt_at
+        })
+        .await;
+    }
+}
+
+/// 5. After max_attempts a publish-on-commit message is dead-lettered (kept, listed,
+/// requeueable); a permanent error dead-letters at once.
+pub async fn dead_letter_after_max_attempts_and_requeue<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let publisher = FaultyPublisher::new(broker.clone(), move |e: &Envelope| {
+        if e.message.destination == "poison" {
+            return Some(Error::permanent("unroutable"));
+        }
+        d.load(Ordering::SeqCst).then(|| Error::transient("down"))
+    });
+    let events = EventLog::default();
+    let outbox = base(dyn_store(&store), publisher)
+        .retry(fast_retry(3))
+        .observer(events.observer())
+        .build()
+        .unwrap();
+    let pending = h
+        .transact(
+            &store,
+            &outbox,
+            vec![
+                msg("s", None, 1),
+                Message::new("poison", b"p".to_vec()).stream("s"),
+            ],
+            true,
+        )
+        .await
+        .unwrap();
+    pending.publish().await;
+    let poison = find_by_payload(store.as_ref(), b"p").await;
+    assert_eq!(
+        (poison.status, poison.attempts),
+        (Status::Dead, 1),
+        "permanent: dead at once"
+    );
+
+    let relay = outbox.relay().build().unwrap();
+    eventually("dead-lettered after 3 attempts", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        find_by_payload(store.as_ref(), b"1").await.status == Status::Dead
+    })
+    .await;
+    let row = find_by_payload(store.as_ref(), b"1").await;
+    assert_eq!(row.attempts, 3);
+    assert!(row.last_error.is_some());
+    assert_eq!(events.count("dead"), 2);
+    let dead = store.dead_letters(Some("s"), 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(total(store.as_ref()).await.dead, 2);
+
+    down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        store.requeue(&Selector::Seqs(vec![row.seq])).await.unwrap(),
+        1
+    );
+    let requeued = store.get(row.seq).await.unwrap().unwrap();
+    assert_eq!((requeued.status, requeued.attempts), (Status::Pending, 0));
+    relay.run_once().await.unwrap();
+    assert_eq!(broker.count(), 1);
+    assert_eq!(
+        store
+            .purge_dead(&Selector::Stream("s".into()))
+            .await
+            .unwrap(),
+        1
+    );
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.sent, t.dead, t.pending), (1, 0, 0));
+}
+
+/// 6. A relay that dies mid-batch loses its claim when the lease expires; a stale owner's
+/// late failure report changes nothing.
+pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let msgs = (0..3).map(|i| msg("s", Some("k"), i)).collect();
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let claim = Claim {
+        owner: "relay-that-dies".into(),
+        streams: StreamFilter::All,
+        limit: 10,
+        lease: Duration::from_millis(300),
+    };
+    let taken = store.claim(&claim).await.unwrap();
+    assert_eq!(taken.len(), 3);
+    let other = h.reopen(&store).await;
+    assert!(
+        other
+            .claim(&Claim {
+                owner: "x".into(),
+                ..claim.clone()
+            })
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased rows are not claimable"
+    );
+    let relay = Relay::builder(other, broker.clone()).build().unwrap();
+    eventually(
+        "another relay takes over after the lease",
+        DEADLINE,
+        || async {
+            relay.run_once().await.unwrap();
+            broker.count() == 3
+        },
+    )
+    .await;
+    let order: Vec<_> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    assert_eq!(order, vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
+    let stale = crate::Failure {
+        seq: taken[0].seq,
+        error: "late".into(),
+        outcome: crate::Outcome::Dead,
+    };
+    store.fail("relay-that-dies", &[stale]).await.unwrap();
+    assert_eq!(
+        store.get(taken[0].seq).await.unwrap().unwrap().status,
+        Status::Sent
+    );
+}
+
+/// 4/6. Three relays on one table: every message published exactly once while all live.
+pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+        .stream_strategy("ordered", Strategy::KeepOrder)
+        .config(crate::Config {
+            stream_strategies: [("ordered".to_string(), Strategy::KeepOrder)].into(),
+            on_commit_lease: Duration::from_millis(300),
+            publish_timeout: Duration::from_millis(200),
+            retry: fast_retry(5),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let n = 120;
+    for chunk in 0..6 {
+        let batch = (0..n / 6)
+            .map(|i| {
+                let i = chunk * (n / 6) + i;
+                if i % 2 == 0 {
+                    msg("ordered", Some(&format!("k{}", i % 10)), i)
+                } else {
+                    msg("loose", None, i)
+                }
+            })
+            .collect();
+        // on-commit messages are "orphaned" (committer died): relays race for them
+        drop(h.transact(&store, &outbox, batch, true).await.unwrap());
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let relay = Relay::builder(h.reopen(&store).await, broker.clone())
+            .batch_size(8)
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
+        let mut stop = stop_rx.clone();
+        handles.push(tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+        }));
+    }
+    eventually("every message published", DEADLINE, || async {
+        broker.count() >= n
+    })
+    .await;
+    stop_tx.send(true).unwrap();
+    for h in handles {
+        h.await.unwrap();
+    }
+    let mut ids: Vec<_> = broker.published().into_iter().map(|e| e.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "duplicates while all relays lived");
+    assert_eq!(broker.count(), n);
+}
+
+/// 8. The cleaner deletes sent rows past the retention in bounded batches, and never
+/// pending or dead rows unless asked.
+pub async fn cleaner_respects_retention_and_status<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+        (e.message.destination == "poison").then(|| Error::permanent("no"))
+    });
+    let outbox = base(dyn_store(&store), publisher)
+        .stream_strategy("later", Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut batch: Vec<Message> = (0..5).map(|i| msg("s", None, i)).collect();
+    batch.push(msg("later", None, 100));
+    batch.push(msg("later", None, 101));
+    batch.push(Message::new("poison", b"p".to_vec()));
+    h.transact(&store, &outbox, batch, true)
+        .await
+        .unwrap()
+        .publish()
+        .await;
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.sent, t.pending, t.dead), (5, 2, 1));
+
+    assert_eq!(
+        Cleaner::new(store.clone()).run_once().await.unwrap(),
+        0,
+        "7-day default retention"
+    );
+    assert_eq!(
+        Cleaner::new(store.clone())
+            .retention(Duration::from_secs(3600))
+            .run_once()
+            .await
+            .unwrap(),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await; // let the sent_at timestamps age
+    let cleaner = Cleaner::new(store.clone())
+        .retention(Duration::from_millis(5))
+        .batch_size(2)
+        .unwrap();
+    assert_eq!(
+        store.clean(SystemTime::now(), 2, false).await.unwrap(),
+        2,
+        "one batch is bounded"
+    );
+    assert_eq!(cleaner.run_once().await.unwrap(), 3, "the rest, in batches");
+    let t = total(store.as_ref()).await;
+    assert_eq!(
+        (t.sent, t.pending, t.dead),
+        (0, 2, 1),
+        "pending and dead untouched"
+    );
+    assert_eq!(cleaner.include_dead(true).run_once().await.unwrap(), 1);
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.sent, t.pending, t.dead), (0, 2, 0));
+}
+
+/// 9. Signed rows: a tampered row is never published and is reported; old keys still
+/// verify during rotation; dropping a key refuses its rows.
+pub async fn signing_tamper_and_rotation<H: Harness>(h: &H) {
+    let k1 = SigningKey::new("k1", b"first-secret-0123456789".to_vec()).unwrap();
+    let k2 = SigningKey::new("k2", b"second-secret-0123456789".to_vec()).unwrap();
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let events = EventLog::default();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .signer(Signer::new(k1.clone()))
+        .observer(events.observer())
+        .build()
+        .unwrap();
+    let msgs = vec![
+        msg("s", Some("a"), 1),
+        msg("s", Some("b"), 2),
+        msg("s", Some("c"), 3),
+    ];
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let victim = find_by_payload(store.as_ref(), b"2").await;
+    assert!(victim.signature.as_deref().unwrap_or("").starts_with("k1:"));
+    h.tamper(&store, victim.seq).await;
+
+    // Rotation: relay signs with k2 but still accepts k1.
+    let relay = outbox
+        .relay()
+        .signer(Signer::new(k2.clone()).accept(k1))
+        .build()
+        .unwrap();
+    relay.run_once().await.unwrap();
+    let got: Vec<_> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        !got.iter().any(|p| p.starts_with(b"2") || p == b"tampered"),
+        "tampered row published"
+    );
+    assert_eq!(events.count("tampered"), 1);
+    let row = store.get(victim.seq).await.unwrap().unwrap();
+    assert_eq!(
+        row.status,
+        Status::Pending,
+        "kept (keep-order head blocks, reported)"
+    );
+    assert!(row.last_error.unwrap_or_default().contains("Tampered"));
+
+    // A relay that dropped k1 refuses k1's rows.
+    let store2 = h.fresh().await;
+    let broker2 = RecordingPublisher::new();
+    let outbox2 = base(dyn_store(&store2), broker2.clone())
+        .signer(Signer::new(
+            SigningKey::new("k1", b"first-secret-0123456789".to_vec()).unwrap(),
+        ))
+        .stream_strategy("s", Strategy::KeepOrder)
+        .dead_letter_keep_order(true)
+        .build()
+        .unwrap();
+    h.transact(&store2, &outbox2, vec![msg("s", None, 1)], true)
+        .await
+        .unwrap()
+        .dispatch();
+    let strict = outbox2.relay().signer(Signer::new(k2)).build().unwrap();
+    strict.run_once().await.unwrap();
+    assert_eq!(broker2.count(), 0);
+    assert_eq!(
+        total(store2.as_ref()).await.dead,
+        1,
+        "refused row is dead-lettered when opted in"
+    );
+}
+
+/// Relays limited to streams publish only those; a relay for all streams takes the rest.
+pub async fn stream_filter<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let msgs = vec![
+        msg("a", None, 1),
+        msg("b", None, 2),
+        msg("c", None, 3),
+        msg("a", None, 4),
+    ];
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let ab = outbox.relay().streams(["a", "b"]).build().unwrap();
+    assert_eq!(ab.run_once().await.unwrap().published, 3);
+    assert!(broker.published().iter().all(|e| e.message.stream != "c"));
+    let only_c = outbox.relay().streams(["zzz"]).build().unwrap();
+    assert_eq!(only_c.run_once().await.unwrap().published, 0);
+    let all = outbox.relay().build().unwrap();
+    assert_eq!(all.run_once().await.unwrap().published, 1);
+    assert_eq!(broker.count(), 4);
+    assert!(
+        outbox
+            .relay()
+            .streams(Vec::<String>::new())
+            .build()
+            .is_err(),
+        "empty filter is a config error"
+    );
+}
+
+/// Strategies are set globally and overridden per stream.
+pub async fn strategy_per_stream<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::PublishOnCommit)
+        .stream_strategy("ordered", Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let pending = h
+        .transact(
+            &store,
+            &outbox,
+            vec![msg("loose", None, 1), msg("ordered", None, 2)],
+            true,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        pending.len(),
+        1,
+        "only the publish-on-commit message is published by the committer"
+    );
+    let rows = all_rows(store.as_ref(), 10).await;
+    let strategies: HashMap<_, _> = rows
+        .iter()
+        .map(|r| (r.envelope.message.stream.clone(), r.strategy))
+        .collect();
+    assert_eq!(strategies["loose"], Strategy::PublishOnCommit);
+    assert_eq!(strategies["ordered"], Strategy::KeepOrder);
+    pending.publish().await;
+    assert_eq!(broker.count(), 1);
+    outbox.relay().build().unwrap().run_once().await.unwrap();
+    assert_eq!(broker.count(), 2);
+}
+
+/// 7. A relay sleeping on a long poll interval wakes at once when rows are committed.
+pub async fn wakeup_on_commit<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let relay = outbox
+        .relay()
+        .poll_interval(Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let handle = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    for i in 0..3 {
+        // Let the relay reach its idle wait, then commit.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        h.transact(&store, &outbox, vec![msg("s", None, i)], true)
+            .await
+            .unwrap()
+            .dispatch();
+        // A 120 s poll interval would miss this deadline by far.
+        eventually(
+            "relay woken by the commit",
+            Duration::from_secs(10),
+            || async { broker.count() == i + 1 },
+        )
+        .await;
+    }
+    stop_tx.send(true).unwrap();
+    handle.await.unwrap();
+}

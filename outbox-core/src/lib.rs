@@ -1,0 +1,69 @@
+//! Core of the `outbox` transactional outbox framework: the [`Store`], [`Publisher`] and
+//! [`Strategy`] abstractions, the [`Relay`] engine, the [`Cleaner`], retry policy, signing,
+//! observer hooks, an in-memory store and publishers that need no broker.
+//!
+//! This crate depends on no database or broker; backends live in `outbox-sqlite`,
+//! `outbox-sql`, `outbox-kafka`, `outbox-amqp` and `outbox-redis`, re-exported by the
+//! `outbox` facade crate behind features.
+//!
+//! ```
+//! use outbox_core::{MemoryStore, Message, Outbox, RecordingPublisher, Strategy};
+//! # #[tokio::main(flavor = "current_thread")] async fn main() -> outbox_core::Result<()> {
+//! let store = MemoryStore::new();
+//! let broker = RecordingPublisher::new();
+//! let outbox = Outbox::builder(store.clone(), broker.clone())
+//!     .stream_strategy("orders", Strategy::KeepOrder)
+//!     .build()?;
+//!
+//! // In the business transaction:
+//! let mut tx = store.begin();
+//! tx.enqueue(&outbox, [Message::json("orders.placed", &serde_json::json!({"id": 1}))?.stream("orders")])?;
+//! let pending = tx.commit()?;      // commit the business data and the outbox rows at once
+//! pending.dispatch();              // publish-on-commit messages go now; keep-order wakes relays
+//!
+//! // A relay publishes keep-order streams (and retries failed publish-on-commit messages):
+//! let relay = outbox.relay().build()?;
+//! relay.run_once().await?;
+//! assert_eq!(broker.count(), 1);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod cleaner;
+mod error;
+mod memory;
+mod message;
+mod observer;
+mod outbox;
+mod publisher;
+mod relay;
+mod retry;
+mod signing;
+mod store;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub use cleaner::{Cleaner, DEFAULT_RETENTION};
+pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
+pub use memory::{MemoryStore, MemoryTx};
+pub use message::{
+    from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,
+    StoredMessage, Strategy, DEFAULT_STREAM,
+};
+pub use observer::{Event, Observer, PublishPath};
+pub use outbox::{Config, DispatchReport, Outbox, OutboxBuilder, Pending, Prepared};
+pub use publisher::{
+    FaultFn, FaultyPublisher, FunctionPublisher, Publisher, RecordingPublisher, Router,
+    StdoutPublisher,
+};
+pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
+pub use retry::{Decision, RetryPolicy};
+pub use signing::{Signer, SigningKey};
+pub use store::{
+    Claim, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamFilter, StreamStats,
+};
+
+/// Re-exported for backends and users implementing the traits.
+pub use async_trait::async_trait;

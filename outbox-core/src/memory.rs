@@ -1,0 +1,325 @@
+//! An in-memory [`Store`] for unit tests of the engine and for examples. Not durable.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio::sync::Notify;
+
+use crate::error::Result;
+use crate::message::{Status, StoredMessage, Strategy};
+use crate::outbox::{Outbox, Pending, Prepared};
+use crate::store::{Claim, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamStats};
+
+#[derive(Debug)]
+struct Row {
+    stored: StoredMessage,
+    locked_by: Option<String>,
+    locked_until: Option<SystemTime>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rows: BTreeMap<i64, Row>,
+    next_seq: i64,
+}
+
+/// An in-memory store. Clones share the same rows.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Start a transaction: rows enqueued in it appear at [`MemoryTx::commit`].
+    pub fn begin(&self) -> MemoryTx {
+        MemoryTx {
+            store: self.clone(),
+            prepared: Vec::new(),
+        }
+    }
+
+    /// Overwrite a row's payload without re-signing (for tamper tests).
+    pub fn tamper(&self, seq: i64, payload: Vec<u8>) {
+        if let Some(r) = self.state.lock().unwrap().rows.get_mut(&seq) {
+            r.stored.envelope.message.payload = payload;
+        }
+    }
+
+    fn insert_locked(state: &mut State, rows: &[NewMessage]) -> Vec<i64> {
+        let now = SystemTime::now();
+        rows.iter()
+            .map(|r| {
+                state.next_seq += 1;
+                let seq = state.next_seq;
+                let (locked_by, locked_until) = match &r.lease {
+                    Some((owner, d)) => (Some(owner.clone()), Some(now + *d)),
+                    None => (None, None),
+                };
+                state.rows.insert(
+                    seq,
+                    Row {
+                        stored: StoredMessage {
+                            seq,
+                            envelope: r.envelope.clone(),
+                            strategy: r.strategy,
+                            status: r.status,
+                            attempts: r.attempts,
+                            next_attempt_at: now + r.retry_after,
+                            last_error: r.last_error.clone(),
+                            sent_at: None,
+                            signature: r.signature.clone(),
+                        },
+                        locked_by,
+                        locked_until,
+                    },
+                );
+                seq
+            })
+            .collect()
+    }
+}
+
+/// A transaction on a [`MemoryStore`]: all or nothing.
+#[must_use = "commit or drop (rollback)"]
+pub struct MemoryTx {
+    store: MemoryStore,
+    prepared: Vec<Prepared>,
+}
+
+impl MemoryTx {
+    /// Enqueue messages in this transaction. Invalid input writes nothing.
+    pub fn enqueue(
+        &mut self,
+        outbox: &Outbox,
+        messages: impl IntoIterator<Item = crate::Message>,
+    ) -> Result<()> {
+        self.prepared.push(outbox.prepare(messages)?);
+        Ok(())
+    }
+
+    /// Make every enqueued row visible at once; returns what to publish on commit.
+    pub fn commit(self) -> Result<Pending> {
+        let mut state = self.store.state.lock().unwrap();
+        let mut pending = Pending::empty();
+        for p in self.prepared {
+            let seqs = MemoryStore::insert_locked(&mut state, p.rows());
+            pending.merge(p.into_pending(seqs)?);
+        }
+        Ok(pending)
+    }
+
+    /// Discard everything (same as dropping).
+    pub fn rollback(self) {}
+}
+
+fn selected(sel: &Selector, r: &StoredMessage) -> bool {
+    match sel {
+        Selector::All => true,
+        Selector::Stream(s) => &r.envelope.message.stream == s,
+        Selector::Seqs(seqs) => seqs.contains(&r.seq),
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn migrate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>> {
+        Ok(Self::insert_locked(&mut self.state.lock().unwrap(), rows))
+    }
+
+    async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>> {
+        let now = SystemTime::now();
+        let mut state = self.state.lock().unwrap();
+        let mut blocked: HashSet<(String, String)> = HashSet::new();
+        let mut out = Vec::new();
+        for row in state.rows.values_mut() {
+            if out.len() >= claim.limit {
+                break;
+            }
+            let s = &row.stored;
+            if s.status != Status::Pending || !claim.streams.matches(&s.envelope.message.stream) {
+                continue;
+            }
+            let free = row.locked_until.is_none_or(|t| t <= now) && s.next_attempt_at <= now;
+            if s.strategy == Strategy::KeepOrder {
+                let (st, k) = s.ordering_unit();
+                let unit = (st.to_owned(), k.to_owned());
+                if blocked.contains(&unit) {
+                    continue;
+                }
+                if !free {
+                    blocked.insert(unit);
+                    continue;
+                }
+            } else if !free {
+                continue;
+            }
+            row.locked_by = Some(claim.owner.clone());
+            row.locked_until = Some(now + claim.lease);
+            out.push(row.stored.clone());
+        }
+        Ok(out)
+    }
+
+    async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> {
+        let now = SystemTime::now();
+        let mut state = self.state.lock().unwrap();
+        for seq in seqs {
+            if delete {
+                state.rows.remove(seq);
+            } else if let Some(r) = state.rows.get_mut(seq) {
+                r.stored.status = Status::Sent;
+                r.stored.sent_at = Some(now);
+                r.locked_by = None;
+                r.locked_until = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> {
+        let now = SystemTime::now();
+        let mut state = self.state.lock().unwrap();
+        for f in failures {
+            let Some(r) = state.rows.get_mut(&f.seq) else {
+                continue;
+            };
+            if r.locked_by.as_deref() != Some(owner) || r.stored.status != Status::Pending {
+                continue;
+            }
+            r.locked_by = None;
+            r.locked_until = None;
+            match f.outcome {
+                Outcome::Release => {}
+                Outcome::Retry { after } => {
+                    r.stored.attempts += 1;
+                    r.stored.last_error = Some(f.error.clone());
+                    r.stored.next_attempt_at = now + after;
+                }
+                Outcome::Dead => {
+                    r.stored.attempts += 1;
+                    r.stored.last_error = Some(f.error.clone());
+                    r.stored.status = Status::Dead;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn requeue(&self, selector: &Selector) -> Result<u64> {
+        let now = SystemTime::now();
+        let mut n = 0;
+        for r in self.state.lock().unwrap().rows.values_mut() {
+            if r.stored.status == Status::Dead && selected(selector, &r.stored) {
+                r.stored.status = Status::Pending;
+                r.stored.attempts = 0;
+                r.stored.next_attempt_at = now;
+                n += 1;
+            }
+        }
+        self.notify.notify_one();
+        Ok(n)
+    }
+
+    async fn purge_dead(&self, selector: &Selector) -> Result<u64> {
+        let mut state = self.state.lock().unwrap();
+        let before = state.rows.len();
+        state
+            .rows
+            .retain(|_, r| !(r.stored.status == Status::Dead && selected(selector, &r.stored)));
+        Ok((before - state.rows.len()) as u64)
+    }
+
+    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .rows
+            .values()
+            .filter(|r| {
+                r.stored.status == Status::Dead
+                    && stream.is_none_or(|s| s == r.stored.envelope.message.stream)
+            })
+            .take(limit)
+            .map(|r| r.stored.clone())
+            .collect())
+    }
+
+    async fn clean(
+        &self,
+        sent_before: SystemTime,
+        limit: usize,
+        include_dead: bool,
+    ) -> Result<u64> {
+        let mut state = self.state.lock().unwrap();
+        let victims: Vec<i64> = state
+            .rows
+            .values()
+            .filter(|r| match r.stored.status {
+                Status::Sent => r.stored.sent_at.is_some_and(|t| t < sent_before),
+                Status::Dead => include_dead && r.stored.envelope.created_at < sent_before,
+                Status::Pending => false,
+            })
+            .take(limit)
+            .map(|r| r.stored.seq)
+            .collect();
+        for seq in &victims {
+            state.rows.remove(seq);
+        }
+        Ok(victims.len() as u64)
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        let state = self.state.lock().unwrap();
+        let mut map: BTreeMap<String, StreamStats> = BTreeMap::new();
+        for r in state.rows.values() {
+            let s = &r.stored;
+            let e = map
+                .entry(s.envelope.message.stream.clone())
+                .or_insert_with(|| StreamStats {
+                    stream: s.envelope.message.stream.clone(),
+                    ..Default::default()
+                });
+            match s.status {
+                Status::Pending => {
+                    e.pending += 1;
+                    let t = s.envelope.created_at;
+                    e.oldest_pending = Some(e.oldest_pending.map_or(t, |o| o.min(t)));
+                }
+                Status::Sent => e.sent += 1,
+                Status::Dead => e.dead += 1,
+            }
+        }
+        Ok(Stats {
+            streams: map.into_values().collect(),
+        })
+    }
+
+    async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .rows
+            .get(&seq)
+            .map(|r| r.stored.clone()))
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.notify.notify_one();
+    }
+}

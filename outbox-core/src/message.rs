@@ -1,0 +1,393 @@
+//! What the application enqueues ([`Message`]) and what the store keeps ([`StoredMessage`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result, Retry};
+
+/// The stream a message belongs to when none is set.
+pub const DEFAULT_STREAM: &str = "default";
+
+/// A message to publish, as the application builds it.
+///
+/// ```
+/// use outbox_core::Message;
+/// #[derive(serde::Serialize)]
+/// struct OrderPlaced { id: u64 }
+/// let m = Message::json("orders.placed", &OrderPlaced { id: 7 })?
+///     .stream("orders")
+///     .key("customer-42")
+///     .header("schema", "v1");
+/// assert_eq!(m.payload, br#"{"id":7}"#);
+/// # Ok::<(), outbox_core::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Logical channel; relays can be limited to streams and strategies are set per stream.
+    pub stream: String,
+    /// Where the publisher sends it: a topic, `exchange/routing-key`, a Redis stream key, a
+    /// function name, a URL path.
+    pub destination: String,
+    /// Ordering and partition key. With keep-order, messages of one (stream, key) are
+    /// published in commit order.
+    pub key: Option<String>,
+    /// The encoded body.
+    pub payload: Vec<u8>,
+    /// MIME type of `payload`.
+    pub content_type: String,
+    /// Application headers, carried to the broker.
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Message {
+    /// A message with raw bytes.
+    pub fn new(destination: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Self {
+            stream: DEFAULT_STREAM.to_owned(),
+            destination: destination.into(),
+            key: None,
+            payload: payload.into(),
+            content_type: "application/octet-stream".to_owned(),
+            headers: BTreeMap::new(),
+        }
+    }
+
+    /// A message whose payload is `value` encoded as JSON with serde_json.
+    pub fn json<T: Serialize + ?Sized>(destination: impl Into<String>, value: &T) -> Result<Self> {
+        Self::encoded(destination, value, &JsonEncoder)
+    }
+
+    /// A message whose payload is `value` encoded by `encoder`.
+    pub fn encoded<T: Serialize + ?Sized>(
+        destination: impl Into<String>,
+        value: &T,
+        encoder: &dyn Encoder,
+    ) -> Result<Self> {
+        let payload = encoder.encode(&value)?;
+        Ok(Self::new(destination, payload).content_type(encoder.content_type()))
+    }
+
+    /// Set the stream.
+    pub fn stream(mut self, stream: impl Into<String>) -> Self {
+        self.stream = stream.into();
+        self
+    }
+
+    /// Set the ordering / partition key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Set the content type.
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = content_type.into();
+        self
+    }
+
+    /// Add a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Check the message against the limits; nothing is written when this fails.
+    pub fn validate(&self, max_payload: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::invalid_message(m));
+        if self.destination.trim().is_empty() {
+            return bad("destination is empty".into());
+        }
+        if self.destination.len() > 512 || self.destination.chars().any(char::is_control) {
+            return bad(format!(
+                "destination {:?} is over 512 bytes or has control characters",
+                truncate(&self.destination)
+            ));
+        }
+        if self.stream.is_empty()
+            || self.stream.len() > 255
+            || self.stream.chars().any(char::is_control)
+        {
+            return bad(format!(
+                "stream {:?} must be 1-255 bytes without control characters",
+                truncate(&self.stream)
+            ));
+        }
+        if let Some(key) = &self.key {
+            if key.len() > 255 || key.contains('\0') {
+                return bad("key must be at most 255 bytes without NUL".into());
+            }
+        }
+        if self.payload.len() > max_payload {
+            return bad(format!(
+                "payload of {} bytes is over the limit of {max_payload} bytes",
+                self.payload.len()
+            ));
+        }
+        for (name, value) in &self.headers {
+            let name_ok = !name.is_empty()
+                && name.len() <= 255
+                && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
+            if !name_ok {
+                return bad(format!(
+                    "header name {:?} must be 1-255 visible ASCII characters without ':'",
+                    truncate(name)
+                ));
+            }
+            if value.chars().any(|c| c.is_control() && c != '\t') {
+                return bad(format!(
+                    "header {name:?} has control characters in its value"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// A stable, unique message id (UUIDv7: time-ordered). Sent to brokers so consumers can
+/// de-duplicate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub uuid::Uuid);
+
+impl MessageId {
+    /// A fresh id.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for MessageId {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        uuid::Uuid::parse_str(s).map(Self).map_err(|e| {
+            Error::new(
+                ErrorKind::Store,
+                Retry::Permanent,
+                format!("bad message id {s:?}"),
+            )
+            .with_source(e)
+        })
+    }
+}
+
+/// How a stream is delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Strategy {
+    /// Published right after the commit by the committing process; the relay retries
+    /// failures. No order promise.
+    #[default]
+    PublishOnCommit,
+    /// Always persisted; only the relay publishes, in commit order per ordering unit
+    /// (stream, or stream + key).
+    KeepOrder,
+}
+
+impl Strategy {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::PublishOnCommit => "on_commit",
+            Strategy::KeepOrder => "keep_order",
+        }
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "on_commit" | "publish-on-commit" | "publish_on_commit" => {
+                Ok(Strategy::PublishOnCommit)
+            }
+            "keep_order" | "keep-order" => Ok(Strategy::KeepOrder),
+            other => Err(Error::config(format!(
+                "unknown strategy {other:?}: use publish-on-commit or keep-order"
+            ))),
+        }
+    }
+}
+
+/// Where a stored message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    /// Waiting to be published (possibly leased by a relay, possibly backing off).
+    Pending,
+    /// Published; kept until the cleaner removes it (when not deleted after send).
+    Sent,
+    /// Gave up: kept, visible and requeueable.
+    Dead,
+}
+
+impl Status {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Sent => "sent",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+impl FromStr for Status {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "pending" => Ok(Status::Pending),
+            "sent" => Ok(Status::Sent),
+            "dead" => Ok(Status::Dead),
+            other => Err(Error::new(
+                ErrorKind::Store,
+                Retry::Permanent,
+                format!("unknown status {other:?}"),
+            )),
+        }
+    }
+}
+
+/// A message with its stable id: what a [`Publisher`](crate::Publisher) receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// Stable id sent to the broker (consumers de-duplicate on it).
+    pub id: MessageId,
+    /// When it was enqueued.
+    pub created_at: SystemTime,
+    /// The message itself.
+    pub message: Message,
+}
+
+/// A message as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Store-assigned sequence number: increases in commit order within an ordering unit.
+    pub seq: i64,
+    /// Id, creation time and message.
+    pub envelope: Envelope,
+    /// Delivery strategy chosen at enqueue time.
+    pub strategy: Strategy,
+    /// Status.
+    pub status: Status,
+    /// Publish attempts so far.
+    pub attempts: u32,
+    /// Earliest time of the next attempt.
+    pub next_attempt_at: SystemTime,
+    /// The last publish error.
+    pub last_error: Option<String>,
+    /// When it was published.
+    pub sent_at: Option<SystemTime>,
+    /// `key-id:hex(hmac-sha256)` when signing is on.
+    pub signature: Option<String>,
+}
+
+impl StoredMessage {
+    /// The ordering unit: (stream, key or "").
+    pub fn ordering_unit(&self) -> (&str, &str) {
+        let m = &self.envelope.message;
+        (&m.stream, m.key.as_deref().unwrap_or(""))
+    }
+}
+
+/// Encodes payloads; the default is [`JsonEncoder`] (jaiminho's `DEFAULT_ENCODER`).
+pub trait Encoder: Send + Sync + 'static {
+    /// MIME type of what `encode` produces.
+    fn content_type(&self) -> &str;
+    /// Encode a value.
+    fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Vec<u8>>;
+}
+
+/// serde_json encoder, `application/json`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JsonEncoder;
+
+impl Encoder for JsonEncoder {
+    fn content_type(&self) -> &str {
+        "application/json"
+    }
+    fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Vec<u8>> {
+        Ok(serde_json::to_vec(value)?)
+    }
+}
+
+/// Milliseconds since the Unix epoch (what stores persist).
+pub fn to_millis(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as i64,
+        Err(e) => -(e.duration().as_millis() as i64),
+    }
+}
+
+/// The inverse of [`to_millis`].
+pub fn from_millis(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64)
+    } else {
+        SystemTime::UNIX_EPOCH - std::time::Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_rejects_bad_input() {
+        let ok = Message::new("t", vec![0; 10]);
+        assert!(ok.validate(10).is_ok());
+        let cases = [
+            Message::new("t", vec![0; 11]),
+            Message::new("  ", vec![]),
+            Message::new("a\nb", vec![]),
+            Message::new("t", vec![]).stream(""),
+            Message::new("t", vec![]).header("", "x"),
+            Message::new("t", vec![]).header("a:b", "x"),
+            Message::new("t", vec![]).header("a", "x\r\ny"),
+            Message::new("t", vec![]).key("a\0"),
+        ];
+        for m in cases {
+            let e = m.validate(10).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{m:?}");
+            assert!(!e.is_transient());
+        }
+    }
+
+    #[test]
+    fn strategy_names_round_trip() {
+        for s in [Strategy::PublishOnCommit, Strategy::KeepOrder] {
+            assert_eq!(s.as_str().parse::<Strategy>().unwrap(), s);
+        }
+        assert_eq!(
+            "keep-order".parse::<Strategy>().unwrap(),
+            Strategy::KeepOrder
+        );
+        assert_eq!(
+            "nope".parse::<Strategy>().unwrap_err().kind(),
+            ErrorKind::Config
+        );
+    }
+
+    #[test]
+    fn millis_round_trip() {
+        let now = SystemTime::now();
+        let back = from_millis(to_millis(now));
+        assert!(now.duration_since(back).unwrap() < std::time::Duration::from_millis(1));
+    }
+}

@@ -1,0 +1,138 @@
+//! Observer hooks (jaiminho's signals), plus the metrics and tracing every event also emits.
+
+use std::sync::Arc;
+
+use crate::error::Error;
+use crate::message::{Envelope, MessageId};
+
+/// Which path published (or failed to publish) a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PublishPath {
+    /// Right after the commit, from the committing process.
+    OnCommit,
+    /// From a relay.
+    Relay,
+}
+
+impl PublishPath {
+    /// Label used in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishPath::OnCommit => "on_commit",
+            PublishPath::Relay => "relay",
+        }
+    }
+}
+
+/// Something that happened to a message.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// The broker accepted it.
+    Published {
+        /// The message.
+        envelope: &'a Envelope,
+        /// Who published it.
+        path: PublishPath,
+    },
+    /// A publish failed.
+    Failed {
+        /// The message.
+        envelope: &'a Envelope,
+        /// Why.
+        error: &'a Error,
+        /// Attempts so far, including this one.
+        attempts: u32,
+        /// Whether it will be retried.
+        will_retry: bool,
+        /// Who tried.
+        path: PublishPath,
+    },
+    /// It was moved to the dead letters.
+    DeadLettered {
+        /// The message.
+        envelope: &'a Envelope,
+        /// The last error.
+        error: &'a Error,
+        /// Who gave up.
+        path: PublishPath,
+    },
+    /// A keep-order head cannot be delivered and blocks its ordering unit.
+    Stuck {
+        /// The head message.
+        envelope: &'a Envelope,
+        /// The last error.
+        error: &'a Error,
+        /// Attempts so far.
+        attempts: u32,
+    },
+    /// A stored row's signature did not verify; it will never be published.
+    Tampered {
+        /// The row's sequence number.
+        seq: i64,
+        /// The id the row claims.
+        id: MessageId,
+        /// Why verification failed.
+        error: &'a Error,
+    },
+}
+
+/// Receives [`Event`]s. Keep it fast: it runs on the publishing path.
+pub trait Observer: Send + Sync {
+    /// Called once per event.
+    fn on_event(&self, event: &Event<'_>);
+}
+
+impl<F: Fn(&Event<'_>) + Send + Sync> Observer for F {
+    fn on_event(&self, event: &Event<'_>) {
+        self(event)
+    }
+}
+
+/// The observers of one outbox or relay, plus metrics and log lines.
+#[derive(Clone, Default)]
+pub(crate) struct Observers(pub(crate) Vec<Arc<dyn Observer>>);
+
+impl Observers {
+    pub(crate) fn emit(&self, event: &Event<'_>) {
+        match event {
+            Event::Published { path, .. } => {
+                metrics::counter!("outbox_published_total", "path" => path.as_str()).increment(1);
+            }
+            Event::Failed {
+                envelope,
+                error,
+                attempts,
+                will_retry,
+                path,
+            } => {
+                metrics::counter!("outbox_failed_total", "path" => path.as_str()).increment(1);
+                tracing::warn!(id = %envelope.id, stream = %envelope.message.stream, attempts, will_retry, path = path.as_str(), %error, "publish failed");
+            }
+            Event::DeadLettered {
+                envelope,
+                error,
+                path,
+            } => {
+                metrics::counter!("outbox_dead_lettered_total", "path" => path.as_str())
+                    .increment(1);
+                tracing::error!(id = %envelope.id, stream = %envelope.message.stream, %error, "message dead-lettered");
+            }
+            Event::Stuck {
+                envelope,
+                error,
+                attempts,
+            } => {
+                metrics::counter!("outbox_stuck_total").increment(1);
+                tracing::error!(id = %envelope.id, stream = %envelope.message.stream, key = envelope.message.key.as_deref().unwrap_or(""), attempts, %error, "keep-order unit is stuck behind this message");
+            }
+            Event::Tampered { seq, id, error } => {
+                metrics::counter!("outbox_tampered_total").increment(1);
+                tracing::error!(seq, %id, %error, "refusing to publish a row whose signature does not verify");
+            }
+        }
+        for o in &self.0 {
+            o.on_event(event);
+        }
+    }
+}

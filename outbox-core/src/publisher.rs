@@ -1,0 +1,410 @@
+//! The [`Publisher`] trait and the publishers that need no broker: a router, named async
+//! functions, stdout, and recording / fault-injecting publishers for tests.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+
+use crate::error::{Error, ErrorKind, Result, Retry};
+use crate::message::Envelope;
+
+/// Sends messages to a broker or any external system.
+///
+/// # Contract
+/// - `Ok(())` means the broker has durably accepted the message (for Kafka: acknowledged with
+///   the configured acks; for RabbitMQ: confirmed). The relay marks the row only after that.
+/// - Errors say whether retrying can help ([`Error::retry`]): a transient error is retried
+///   with backoff, a permanent one dead-letters the message (or blocks a keep-order unit).
+/// - `publish_batch` returns exactly one result per input, in input order. Implementations
+///   should send all messages and then await all acknowledgements (one round trip per batch,
+///   not per message). The default publishes one by one.
+/// - Messages of one ordering unit never appear twice in one batch: the relay sends a unit's
+///   next message only after the previous one was acknowledged.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publish one message.
+    async fn publish(&self, envelope: &Envelope) -> Result<()>;
+
+    /// Publish a batch; one result per message, in order.
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for envelope in batch {
+            out.push(self.publish(envelope).await);
+        }
+        out
+    }
+}
+
+macro_rules! forward_publisher {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<T: Publisher + ?Sized> Publisher for $ty {
+            async fn publish(&self, envelope: &Envelope) -> Result<()> {
+                (**self).publish(envelope).await
+            }
+            async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
+                (**self).publish_batch(batch).await
+            }
+        }
+    )*};
+}
+
+forward_publisher!(&T, Box<T>, Arc<T>);
+
+/// Routes each message to a publisher by stream, then by destination prefix (longest
+/// first), then to a fallback. One relay can so serve many external systems.
+///
+/// ```
+/// use outbox_core::{Router, StdoutPublisher, RecordingPublisher};
+/// let router = Router::new()
+///     .stream("audit", StdoutPublisher::default())
+///     .prefix("billing.", RecordingPublisher::new());
+/// ```
+#[derive(Default, Clone)]
+pub struct Router {
+    streams: HashMap<String, Arc<dyn Publisher>>,
+    prefixes: Vec<(String, Arc<dyn Publisher>)>,
+    fallback: Option<Arc<dyn Publisher>>,
+}
+
+impl Router {
+    /// An empty router: every message is unroutable until a route is added.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Send every message of `stream` to `publisher`.
+    pub fn stream(
+        mut self,
+        stream: impl Into<String>,
+        publisher: impl Publisher + 'static,
+    ) -> Self {
+        self.streams.insert(stream.into(), Arc::new(publisher));
+        self
+    }
+
+    /// Send messages whose destination starts with `prefix` to `publisher`.
+    pub fn prefix(
+        mut self,
+        prefix: impl Into<String>,
+        publisher: impl Publisher + 'static,
+    ) -> Self {
+        self.prefixes.push((prefix.into(), Arc::new(publisher)));
+        self.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self
+    }
+
+    /// Send everything else to `publisher`.
+    pub fn fallback(mut self, publisher: impl Publisher + 'static) -> Self {
+        self.fallback = Some(Arc::new(publisher));
+        self
+    }
+
+    fn route(&self, envelope: &Envelope) -> Result<&Arc<dyn Publisher>> {
+        let m = &envelope.message;
+        self.streams
+            .get(&m.stream)
+            .or_else(|| {
+                self.prefixes
+                    .iter()
+                    .find(|(p, _)| m.destination.starts_with(p.as_str()))
+                    .map(|(_, p)| p)
+            })
+            .or(self.fallback.as_ref())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unroutable,
+                    Retry::Permanent,
+                    format!(
+                        "no route for stream {:?} destination {:?}",
+                        m.stream, m.destination
+                    ),
+                )
+            })
+    }
+}
+
+#[async_trait]
+impl Publisher for Router {
+    async fn publish(&self, envelope: &Envelope) -> Result<()> {
+        self.route(envelope)?.publish(envelope).await
+    }
+
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
+        // Group by target publisher (pointer identity), keep each group's order, and send
+        // each group as one batch.
+        let mut results: Vec<Option<Result<()>>> = (0..batch.len()).map(|_| None).collect();
+        let mut groups: Vec<(Arc<dyn Publisher>, Vec<usize>)> = Vec::new();
+        for (i, env) in batch.iter().enumerate() {
+            match self.route(env) {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok(p) => match groups.iter_mut().find(|(g, _)| Arc::ptr_eq(g, p)) {
+                    Some((_, idx)) => idx.push(i),
+                    None => groups.push((p.clone(), vec![i])),
+                },
+            }
+        }
+        let sends = groups.iter().map(|(p, idx)| {
+            let envs: Vec<&Envelope> = idx.iter().map(|&i| batch[i]).collect();
+            async move { p.publish_batch(&envs).await }
+        });
+        let outs = futures_util::future::join_all(sends).await;
+        for ((_, idx), out) in groups.iter().zip(outs) {
+            for (&i, r) in idx.iter().zip(out) {
+                results[i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::permanent("publisher returned too few results")))
+            })
+            .collect()
+    }
+}
+
+type BoxFn =
+    Arc<dyn Fn(Envelope) -> Pin<Box<dyn Future<Output = Result<()>> + Send>> + Send + Sync>;
+
+/// Runs a registered async function by name: the destination is the function's name and
+/// the payload its (encoded) arguments. This is the answer to jaiminho's `@save_to_outbox`
+/// decorator: a call to an external system recorded in the transaction and run after the
+/// commit (or by the relay), retried until it succeeds.
+///
+/// ```
+/// use outbox_core::{FunctionPublisher, Error};
+/// let functions = FunctionPublisher::new().register("send_welcome_email", |env| async move {
+///     let args: serde_json::Value = serde_json::from_slice(&env.message.payload)?;
+///     let _to = args["to"].as_str().ok_or_else(|| Error::permanent("missing 'to'"))?;
+///     Ok(())
+/// });
+/// ```
+#[derive(Default, Clone)]
+pub struct FunctionPublisher {
+    functions: HashMap<String, BoxFn>,
+}
+
+impl FunctionPublisher {
+    /// No functions yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register `f` under `name`.
+    pub fn register<F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        F: Fn(Envelope) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        self.functions
+            .insert(name.into(), Arc::new(move |env| Box::pin(f(env))));
+        self
+    }
+}
+
+#[async_trait]
+impl Publisher for FunctionPublisher {
+    async fn publish(&self, envelope: &Envelope) -> Result<()> {
+        let f = self
+            .functions
+            .get(&envelope.message.destination)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Unroutable,
+                    Retry::Permanent,
+                    format!(
+                        "no function registered as {:?}",
+                        envelope.message.destination
+                    ),
+                )
+            })?;
+        f(envelope.clone()).await
+    }
+}
+
+/// Prints each message as one line on stdout (for examples and debugging).
+#[derive(Debug, Default, Clone)]
+pub struct StdoutPublisher {
+    _private: (),
+}
+
+#[async_trait]
+impl Publisher for StdoutPublisher {
+    async fn publish(&self, envelope: &Envelope) -> Result<()> {
+        let m = &envelope.message;
+        let line = format!(
+            "published id={} stream={} destination={} key={} payload={}\n",
+            envelope.id,
+            m.stream,
+            m.destination,
+            m.key.as_deref().unwrap_or("-"),
+            String::from_utf8_lossy(&m.payload)
+        );
+        std::io::stdout()
+            .lock()
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::transient("stdout write failed").with_source(e))
+    }
+}
+
+/// Records every successful publish, in order (for tests and examples).
+#[derive(Debug, Default, Clone)]
+pub struct RecordingPublisher {
+    log: Arc<Mutex<Vec<Envelope>>>,
+}
+
+impl RecordingPublisher {
+    /// An empty log.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Everything published so far, in publish order.
+    pub fn published(&self) -> Vec<Envelope> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// How many publishes succeeded.
+    pub fn count(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Publisher for RecordingPublisher {
+    async fn publish(&self, envelope: &Envelope) -> Result<()> {
+        self.log.lock().unwrap().push(envelope.clone());
+        Ok(())
+    }
+}
+
+/// Decides, per message, whether a [`FaultyPublisher`] fails it.
+pub type FaultFn = dyn Fn(&Envelope) -> Option<Error> + Send + Sync;
+
+/// Wraps a publisher and fails the messages a function picks (fault injection for tests).
+#[derive(Clone)]
+pub struct FaultyPublisher<P> {
+    inner: P,
+    fault: Arc<FaultFn>,
+}
+
+impl<P: Publisher> FaultyPublisher<P> {
+    /// Fail a message when `fault` returns an error for it.
+    pub fn new(
+        inner: P,
+        fault: impl Fn(&Envelope) -> Option<Error> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            fault: Arc::new(fault),
+        }
+    }
+
+    /// Fail each publish with probability `rate` (transiently), from a seeded generator.
+    pub fn random(inner: P, rate: f64, seed: u64) -> Self {
+        use rand::{Rng, SeedableRng};
+        let rng = Mutex::new(rand::rngs::StdRng::seed_from_u64(seed));
+        Self::new(inner, move |_| {
+            rng.lock()
+                .unwrap()
+                .gen_bool(rate)
+                .then(|| Error::transient("injected transient failure"))
+        })
+    }
+
+    /// The wrapped publisher.
+    pub fn inner(&self) -> &P {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<P: Publisher> Publisher for FaultyPublisher<P> {
+    async fn publish(&self, envelope: &Envelope) -> Result<()> {
+        if let Some(e) = (self.fault)(envelope) {
+            return Err(e);
+        }
+        self.inner.publish(envelope).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Message, MessageId};
+
+    fn env(stream: &str, dest: &str) -> Envelope {
+        Envelope {
+            id: MessageId::new(),
+            created_at: std::time::SystemTime::now(),
+            message: Message::new(dest, b"x".to_vec()).stream(stream),
+        }
+    }
+
+    #[tokio::test]
+    async fn router_routes_by_stream_then_longest_prefix_then_fallback() {
+        let (a, b, c, d) = (
+            RecordingPublisher::new(),
+            RecordingPublisher::new(),
+            RecordingPublisher::new(),
+            RecordingPublisher::new(),
+        );
+        let router = Router::new()
+            .stream("audit", a.clone())
+            .prefix("billing.", b.clone())
+            .prefix("billing.eu.", c.clone())
+            .fallback(d.clone());
+        let batch = [
+            env("audit", "billing.x"),
+            env("s", "billing.us"),
+            env("s", "billing.eu.de"),
+            env("s", "other"),
+        ];
+        let refs: Vec<&Envelope> = batch.iter().collect();
+        let out = router.publish_batch(&refs).await;
+        assert!(out.iter().all(|r| r.is_ok()));
+        assert_eq!((a.count(), b.count(), c.count(), d.count()), (1, 1, 1, 1));
+        assert_eq!(c.published()[0].message.destination, "billing.eu.de");
+
+        let e = Router::new().publish(&env("s", "x")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unroutable);
+        assert!(!e.is_transient());
+    }
+
+    #[tokio::test]
+    async fn function_publisher_calls_by_name() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let f = FunctionPublisher::new().register("greet", move |env: Envelope| {
+            let s2 = s2.clone();
+            async move {
+                s2.lock().unwrap().push(env.message.payload);
+                Ok(())
+            }
+        });
+        f.publish(&env("s", "greet")).await.unwrap();
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        let e = f.publish(&env("s", "nope")).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unroutable);
+    }
+
+    #[tokio::test]
+    async fn faulty_publisher_fails_what_it_picks() {
+        let rec = RecordingPublisher::new();
+        let p = FaultyPublisher::new(rec.clone(), |e| {
+            (e.message.destination == "bad").then(|| Error::permanent("poison"))
+        });
+        let batch = [env("s", "ok"), env("s", "bad"), env("s", "ok")];
+        let refs: Vec<&Envelope> = batch.iter().collect();
+        let out = p.publish_batch(&refs).await;
+        assert!(out[0].is_ok() && out[1].is_err() && out[2].is_ok());
+        assert_eq!(rec.count(), 2);
+        // Arc<dyn Publisher> is a Publisher too.
+        let dynp: Arc<dyn Publisher> = Arc::new(p);
+        assert!(dynp.publish(&env("s", "ok")).await.is_ok());
+    }
+}

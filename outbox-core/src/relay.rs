@@ -1,0 +1,491 @@
+//! The relay: claims due rows with a lease, publishes them (per-unit order for keep-order),
+//! and records the outcome in one statement per batch.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::message::{Envelope, StoredMessage, Strategy};
+use crate::observer::{Event, Observer, Observers, PublishPath};
+use crate::outbox::{publish_with_timeout, Config};
+use crate::publisher::Publisher;
+use crate::retry::{Decision, RetryPolicy};
+use crate::signing::Signer;
+use crate::store::{Claim, Failure, Outcome, Store, StreamFilter};
+
+/// Relay settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Streams served. Default: all.
+    pub streams: StreamFilter,
+    /// Rows claimed per batch. Default: 100.
+    pub batch_size: usize,
+    /// Lease on claimed rows; must exceed `publish_timeout`. Default: 30 s.
+    pub lease: Duration,
+    /// Longest wait between polls when idle (stores that hear commits wake earlier).
+    /// Default: 1 s.
+    pub poll_interval: Duration,
+    /// Deadline of one publish call. Default: 10 s.
+    pub publish_timeout: Duration,
+    /// Backoff and attempts. Default: [`RetryPolicy::default`].
+    pub retry: RetryPolicy,
+    /// Delete rows once published instead of marking them sent. Default: false.
+    pub delete_after_send: bool,
+    /// Dead-letter keep-order heads instead of blocking. Default: false.
+    pub dead_letter_keep_order: bool,
+    /// Verify every row's signature before publishing. Default: off.
+    pub signer: Option<Signer>,
+    /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
+    pub max_error_backoff: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        let c = Config::default();
+        Self {
+            streams: StreamFilter::All,
+            batch_size: 100,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(1),
+            publish_timeout: c.publish_timeout,
+            retry: c.retry,
+            delete_after_send: c.delete_after_send,
+            dead_letter_keep_order: c.dead_letter_keep_order,
+            signer: None,
+            max_error_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Rows published.
+    pub published: usize,
+    /// Rows whose publish failed (will retry, stuck or dead).
+    pub failed: usize,
+    /// Rows dead-lettered.
+    pub dead: usize,
+    /// Rows released without an attempt (behind a failed keep-order head, or lease budget).
+    pub released: usize,
+}
+
+impl std::ops::AddAssign for BatchReport {
+    fn add_assign(&mut self, o: Self) {
+        self.claimed += o.claimed;
+        self.published += o.published;
+        self.failed += o.failed;
+        self.dead += o.dead;
+        self.released += o.released;
+    }
+}
+
+/// Publishes what the store holds. Generic over the store and the publisher, so both are
+/// chosen at compile time (`Arc<dyn Store>` / `Arc<dyn Publisher>` work too).
+pub struct Relay<S, P> {
+    store: S,
+    publisher: P,
+    config: RelayConfig,
+    observers: Observers,
+    owner: String,
+}
+
+/// Builds a [`Relay`].
+pub struct RelayBuilder<S, P> {
+    store: S,
+    publisher: P,
+    config: RelayConfig,
+    observers: Vec<Arc<dyn Observer>>,
+}
+
+impl<S: Store, P: Publisher> Relay<S, P> {
+    /// Start building a relay.
+    pub fn builder(store: S, publisher: P) -> RelayBuilder<S, P> {
+        RelayBuilder::new(store, publisher)
+    }
+
+    /// This relay's lease owner id (unique per relay instance).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    /// Claim one batch and publish it.
+    pub async fn step(&self) -> Result<BatchReport> {
+        let span = tracing::debug_span!("outbox.relay.batch", owner = %self.owner);
+        self.step_inner().instrument(span).await
+    }
+
+    async fn step_inner(&self) -> Result<BatchReport> {
+        let started = Instant::now();
+        let cfg = &self.config;
+        let claimed = self
+            .store
+            .claim(&Claim {
+                owner: self.owner.clone(),
+                streams: cfg.streams.clone(),
+                limit: cfg.batch_size,
+                lease: cfg.lease,
+            })
+            .await?;
+        let mut report = BatchReport {
+            claimed: claimed.len(),
+            ..Default::default()
+        };
+        if claimed.is_empty() {
+            return Ok(report);
+        }
+
+        // Units: a keep-order unit is all claimed rows of one (stream, key), in seq order;
+        // every publish-on-commit row is a unit of its own.
+        let mut units: Vec<Vec<StoredMessage>> = Vec::new();
+        let mut index: HashMap<(String, String), usize> = HashMap::new();
+        for m in claimed {
+            if m.strategy == Strategy::KeepOrder {
+                let (s, k) = m.ordering_unit();
+                let unit = (s.to_owned(), k.to_owned());
+                match index.get(&unit) {
+                    Some(&u) => units[u].push(m),
+                    None => {
+                        index.insert(unit, units.len());
+                        units.push(vec![m]);
+                    }
+                }
+            } else {
+                units.push(vec![m]);
+            }
+        }
+
+        // Waves: wave k holds the k-th row of every unit still going, so a unit's next row
+        // is sent only after the previous one was acknowledged.
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        let mut cursor = vec![0usize; units.len()];
+        let mut alive: Vec<usize> = (0..units.len()).collect();
+        while !alive.is_empty() {
+            if started.elapsed() + cfg.publish_timeout >= cfg.lease.mul_f64(0.9) {
+                // Not enough lease left for another publish: give the rest back.
+                for &u in &alive {
+                    for m in &units[u][cursor[u]..] {
+                        report.released += 1;
+                        failures.push(Failure {
+                            seq: m.seq,
+                            error: String::new(),
+                            outcome: Outcome::Release,
+                        });
+                    }
+                }
+                break;
+            }
+            let mut sending: Vec<usize> = Vec::with_capacity(alive.len());
+            let mut stopped: Vec<usize> = Vec::new();
+            for &u in &alive {
+                let m = &units[u][cursor[u]];
+                match self.verify(m) {
+                    Ok(()) => sending.push(u),
+                    Err(error) => {
+                        self.observers.emit(&Event::Tampered {
+                            seq: m.seq,
+                            id: m.envelope.id,
+                            error: &error,
+                        });
+                        self.record_failure(m, error, &mut failures, &mut report);
+                        stopped.push(u);
+                    }
+                }
+            }
+            let envs: Vec<&Envelope> = sending
+                .iter()
+                .map(|&u| &units[u][cursor[u]].envelope)
+                .collect();
+            let results = if envs.is_empty() {
+                Vec::new()
+            } else {
+                publish_with_timeout(&self.publisher, &envs, cfg.publish_timeout).await
+            };
+            for (&u, result) in sending.iter().zip(results) {
+                let m = &units[u][cursor[u]];
+                match result {
+                    Ok(()) => {
+                        report.published += 1;
+                        done.push(m.seq);
+                        self.observers.emit(&Event::Published {
+                            envelope: &m.envelope,
+                            path: PublishPath::Relay,
+                        });
+                        cursor[u] += 1;
+                    }
+                    Err(error) => {
+                        self.record_failure(m, error, &mut failures, &mut report);
+                        stopped.push(u);
+                    }
+                }
+            }
+            for &u in &stopped {
+                // The rest of a stopped unit waits behind its head.
+                for m in &units[u][cursor[u] + 1..] {
+                    report.released += 1;
+                    failures.push(Failure {
+                        seq: m.seq,
+                        error: String::new(),
+                        outcome: Outcome::Release,
+                    });
+                }
+                cursor[u] = units[u].len();
+            }
+            alive.retain(|&u| cursor[u] < units[u].len());
+        }
+
+        if !done.is_empty() {
+            self.store.complete(&done, cfg.delete_after_send).await?;
+        }
+        if !failures.is_empty() {
+            self.store.fail(&self.owner, &failures).await?;
+        }
+        metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
+        Ok(report)
+    }
+
+    fn verify(&self, m: &StoredMessage) -> Result<()> {
+        match &self.config.signer {
+            Some(signer) => signer.verify(&m.envelope, m.signature.as_deref()),
+            None => Ok(()),
+        }
+    }
+
+    fn record_failure(
+        &self,
+        m: &StoredMessage,
+        error: Error,
+        failures: &mut Vec<Failure>,
+        report: &mut BatchReport,
+    ) {
+        let cfg = &self.config;
+        let attempts = m.attempts.saturating_add(1);
+        let decision = cfg
+            .retry
+            .decide(m.strategy, attempts, &error, cfg.dead_letter_keep_order);
+        let env = &m.envelope;
+        let dead = decision == Decision::Dead;
+        report.failed += 1;
+        self.observers.emit(&Event::Failed {
+            envelope: env,
+            error: &error,
+            attempts,
+            will_retry: !dead,
+            path: PublishPath::Relay,
+        });
+        let outcome = match decision {
+            Decision::Retry(after) => Outcome::Retry { after },
+            Decision::Stuck(after) => {
+                self.observers.emit(&Event::Stuck {
+                    envelope: env,
+                    error: &error,
+                    attempts,
+                });
+                Outcome::Retry { after }
+            }
+            Decision::Dead => {
+                report.dead += 1;
+                self.observers.emit(&Event::DeadLettered {
+                    envelope: env,
+                    error: &error,
+                    path: PublishPath::Relay,
+                });
+                Outcome::Dead
+            }
+        };
+        failures.push(Failure {
+            seq: m.seq,
+            error: error.to_string(),
+            outcome,
+        });
+    }
+
+    /// Publish until nothing is due (jaiminho's relay command without `--run-in-loop`; a
+    /// cron job). Messages backing off are left for a later run.
+    pub async fn run_once(&self) -> Result<BatchReport> {
+        let mut total = BatchReport::default();
+        loop {
+            let r = self.step().await?;
+            total += r;
+            if r.claimed == 0 || r.published + r.released == 0 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Publish in a loop until `shutdown` completes. A batch in flight is finished first.
+    /// Store errors are logged and retried with a growing pause; the relay never gives up.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> BatchReport {
+        tokio::pin!(shutdown);
+        let mut total = BatchReport::default();
+        let mut error_pause = Duration::from_millis(100);
+        loop {
+            let pause = match self.step().await {
+                Ok(r) => {
+                    total += r;
+                    error_pause = Duration::from_millis(100);
+                    (r.claimed < self.config.batch_size).then_some(self.config.poll_interval)
+                }
+                Err(e) => {
+                    metrics::counter!("outbox_relay_errors_total").increment(1);
+                    tracing::warn!(error = %e, pause = ?error_pause, "relay batch failed; retrying");
+                    let p = error_pause;
+                    error_pause = (error_pause * 2).min(self.config.max_error_backoff);
+                    Some(p)
+                }
+            };
+            match pause {
+                Some(p) => {
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => return total,
+                        _ = self.store.wait_for_work(p) => {}
+                    }
+                }
+                None => {
+                    tokio::select! {
+                        biased;
+                        _ = &mut shutdown => return total,
+                        _ = std::future::ready(()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: Store, P: Publisher> RelayBuilder<S, P> {
+    /// Defaults over `store` and `publisher`.
+    pub fn new(store: S, publisher: P) -> Self {
+        Self {
+            store,
+            publisher,
+            config: RelayConfig::default(),
+            observers: Vec::new(),
+        }
+    }
+
+    /// Copy the shared settings of an outbox [`Config`].
+    pub fn with_config(mut self, c: &Config) -> Self {
+        self.config.publish_timeout = c.publish_timeout;
+        self.config.retry = c.retry.clone();
+        self.config.delete_after_send = c.delete_after_send;
+        self.config.dead_letter_keep_order = c.dead_letter_keep_order;
+        self.config.signer = c.signer.clone();
+        self
+    }
+
+    /// Replace all settings.
+    pub fn config(mut self, config: RelayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Serve only these streams.
+    pub fn streams<I: IntoIterator<Item = T>, T: Into<String>>(mut self, streams: I) -> Self {
+        self.config.streams = StreamFilter::Only(streams.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Rows per batch.
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.config.batch_size = n;
+        self
+    }
+
+    /// Lease on claimed rows.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease;
+        self
+    }
+
+    /// Idle poll interval.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// Publish deadline.
+    pub fn publish_timeout(mut self, timeout: Duration) -> Self {
+        self.config.publish_timeout = timeout;
+        self
+    }
+
+    /// Retry policy.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.config.retry = retry;
+        self
+    }
+
+    /// Delete rows after publishing.
+    pub fn delete_after_send(mut self, yes: bool) -> Self {
+        self.config.delete_after_send = yes;
+        self
+    }
+
+    /// Dead-letter keep-order heads instead of blocking.
+    pub fn dead_letter_keep_order(mut self, yes: bool) -> Self {
+        self.config.dead_letter_keep_order = yes;
+        self
+    }
+
+    /// Verify signatures.
+    pub fn signer(mut self, signer: Signer) -> Self {
+        self.config.signer = Some(signer);
+        self
+    }
+
+    /// Add an observer.
+    pub fn observer(mut self, observer: impl Observer + 'static) -> Self {
+        self.observers.push(Arc::new(observer));
+        self
+    }
+
+    /// Replace the observers.
+    pub fn observers(mut self, observers: Vec<Arc<dyn Observer>>) -> Self {
+        self.observers = observers;
+        self
+    }
+
+    /// Check the settings and build.
+    pub fn build(self) -> Result<Relay<S, P>> {
+        let c = &self.config;
+        c.retry.validate()?;
+        if c.batch_size == 0 {
+            return Err(Error::config("batch_size must be at least 1"));
+        }
+        if matches!(&c.streams, StreamFilter::Only(s) if s.is_empty()) {
+            return Err(Error::config(
+                "stream filter is empty: name at least one stream, or serve all",
+            ));
+        }
+        if c.publish_timeout.is_zero() || c.lease.mul_f64(0.9) <= c.publish_timeout {
+            return Err(Error::config(format!(
+                "lease ({:?}) must exceed publish_timeout ({:?}) by more than 10%",
+                c.lease, c.publish_timeout
+            )));
+        }
+        if c.poll_interval.is_zero() {
+            return Err(Error::config("poll_interval must be positive"));
+        }
+        Ok(Relay {
+            store: self.store,
+            publisher: self.publisher,
+            config: self.config,
+            observers: Observers(self.observers),
+            owner: format!("relay:{}", uuid::Uuid::now_v7()),
+        })
+    }
+}

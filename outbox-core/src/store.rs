@@ -1,0 +1,231 @@
+//! The [`Store`] trait: persistence of the outbox table.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::message::{Envelope, Status, StoredMessage, Strategy};
+
+/// Which streams a relay serves.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StreamFilter {
+    /// Every stream.
+    #[default]
+    All,
+    /// Only these streams (never empty: an empty list is rejected by the relay builder).
+    Only(Vec<String>),
+}
+
+impl StreamFilter {
+    /// True when `stream` passes the filter.
+    pub fn matches(&self, stream: &str) -> bool {
+        match self {
+            StreamFilter::All => true,
+            StreamFilter::Only(list) => list.iter().any(|s| s == stream),
+        }
+    }
+}
+
+/// A request to lease a batch of due messages.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// Who holds the lease (a relay's unique id).
+    pub owner: String,
+    /// Which streams.
+    pub streams: StreamFilter,
+    /// At most this many rows.
+    pub limit: usize,
+    /// How long the lease lasts; after that another relay may take the rows.
+    pub lease: Duration,
+}
+
+/// A row to insert: built by [`Outbox::prepare`](crate::Outbox::prepare), written by a backend.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Id, creation time and message.
+    pub envelope: Envelope,
+    /// Strategy resolved from the stream.
+    pub strategy: Strategy,
+    /// HMAC signature when signing is on.
+    pub signature: Option<String>,
+    /// Initial status (pending, or dead for a permanent on-commit failure).
+    pub status: Status,
+    /// Attempts already made (non-zero only for rows written after a failed on-commit publish).
+    pub attempts: u32,
+    /// Delay from now until the first relay attempt.
+    pub retry_after: Duration,
+    /// The error of the failed on-commit publish.
+    pub last_error: Option<String>,
+    /// A lease held from the start (publish-on-commit rows are leased to the committing
+    /// process so that no relay races it; if it dies, the lease expires).
+    pub lease: Option<(String, Duration)>,
+}
+
+/// What to do with a message whose publish failed or was skipped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Count an attempt, store the error, and make it due again after the delay.
+    Retry {
+        /// Delay until the next attempt.
+        after: Duration,
+    },
+    /// Count an attempt and move it to the dead letters.
+    Dead,
+    /// Give the lease back without counting an attempt (a keep-order message behind a
+    /// failed head, or a batch cut short).
+    Release,
+}
+
+/// A failed (or skipped) message in a batch.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The row.
+    pub seq: i64,
+    /// The error text stored in `last_error` (ignored for [`Outcome::Release`]).
+    pub error: String,
+    /// What to do.
+    pub outcome: Outcome,
+}
+
+/// Which dead (or all) messages an admin operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selector {
+    /// All of them.
+    All,
+    /// One stream's.
+    Stream(String),
+    /// These rows.
+    Seqs(Vec<i64>),
+}
+
+/// Counts for one stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Stream name.
+    pub stream: String,
+    /// Pending rows (including leased and backing-off ones).
+    pub pending: u64,
+    /// Sent rows still kept.
+    pub sent: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Creation time of the oldest pending row.
+    pub oldest_pending: Option<SystemTime>,
+}
+
+/// Counts per stream, sorted by stream name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// One entry per stream with at least one row.
+    pub streams: Vec<StreamStats>,
+}
+
+impl Stats {
+    /// Sum over all streams.
+    pub fn total(&self) -> StreamStats {
+        let mut t = StreamStats {
+            stream: "*".into(),
+            ..Default::default()
+        };
+        for s in &self.streams {
+            t.pending += s.pending;
+            t.sent += s.sent;
+            t.dead += s.dead;
+            t.oldest_pending = match (t.oldest_pending, s.oldest_pending) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        t
+    }
+}
+
+/// Persistence of the outbox table.
+///
+/// Enqueueing happens inside the caller's own transaction, whose type is backend-specific,
+/// so it is an inherent method of each backend (it writes the rows that
+/// [`Outbox::prepare`](crate::Outbox::prepare) built). Everything the relay, the cleaner and
+/// the admin commands need is here.
+///
+/// # Contract
+/// - `claim` returns due, unleased, pending rows and leases them to `claim.owner`.
+///   Publish-on-commit rows come in `seq` order. A keep-order row is returned only when every
+///   earlier pending row of its ordering unit (stream + key) is also returned in the same
+///   claim; so a unit whose head is leased elsewhere or backing off yields nothing, and the
+///   rows of one unit come in `seq` order. `seq` order is commit order within a unit.
+/// - `complete` marks rows sent (or deletes them) whoever holds them: they were published.
+/// - `fail` applies only to rows still leased to `owner`, and releases the lease.
+/// - Two claims that overlap in time never return the same row while its lease lasts.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Create the table and indexes if they do not exist.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Insert rows outside any business transaction (used for on-commit publishes that
+    /// failed with `persist_all = false`). Returns their `seq`s.
+    async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>>;
+
+    /// Lease a batch of due messages (see the contract above).
+    async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>>;
+
+    /// Mark these rows sent, or delete them when `delete` is true. One statement per batch.
+    async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()>;
+
+    /// Record failures (retry later, dead-letter, or release). One round trip per batch.
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()>;
+
+    /// Move dead letters back to pending with zero attempts. Returns how many.
+    async fn requeue(&self, selector: &Selector) -> Result<u64>;
+
+    /// Delete dead letters. Returns how many.
+    async fn purge_dead(&self, selector: &Selector) -> Result<u64>;
+
+    /// List dead letters, oldest first.
+    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>>;
+
+    /// Delete at most `limit` sent rows published before `sent_before` (and dead rows
+    /// created before it when `include_dead`). Never touches pending rows. Returns how many.
+    async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool)
+        -> Result<u64>;
+
+    /// Counts per stream.
+    async fn stats(&self) -> Result<Stats>;
+
+    /// One row by `seq`, whatever its status.
+    async fn get(&self, seq: i64) -> Result<Option<StoredMessage>>;
+
+    /// Wait until new work may be there, or `timeout` passes. The default sleeps; stores that
+    /// can hear commits (PostgreSQL NOTIFY, in-process notification) return early.
+    async fn wait_for_work(&self, timeout: Duration) {
+        tokio::time::sleep(timeout).await;
+    }
+
+    /// Tell waiting relays in this process that rows were committed. Called after commit by
+    /// [`Pending`](crate::Pending); the default does nothing.
+    fn notify_committed(&self) {}
+}
+
+macro_rules! forward_store {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<T: Store + ?Sized> Store for $ty {
+            async fn migrate(&self) -> Result<()> { (**self).migrate().await }
+            async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>> { (**self).insert(rows).await }
+            async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>> { (**self).claim(claim).await }
+            async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> { (**self).complete(seqs, delete).await }
+            async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> { (**self).fail(owner, failures).await }
+            async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }
+            async fn purge_dead(&self, selector: &Selector) -> Result<u64> { (**self).purge_dead(selector).await }
+            async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> { (**self).dead_letters(stream, limit).await }
+            async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool) -> Result<u64> { (**self).clean(sent_before, limit, include_dead).await }
+            async fn stats(&self) -> Result<Stats> { (**self).stats().await }
+            async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
+            async fn wait_for_work(&self, timeout: Duration) { (**self).wait_for_work(timeout).await }
+            fn notify_committed(&self) { (**self).notify_committed() }
+        }
+    )*};
+}
+
+forward_store!(&T, Box<T>, Arc<T>);

@@ -1,0 +1,2 @@
+//! Placeholder: implemented in the publishers issue.
+#![forbid(unsafe_code)]
