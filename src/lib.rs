@@ -19,10 +19,10 @@
 //! | `redis`    | `redis`            | Redis Streams / Pub/Sub publisher     |
 //!
 //! Everything in [`outbox_core`] is re-exported at the top level.
-#![cfg_attr(feature = "sqlite", doc = "")]
-#![cfg_attr(feature = "sqlite", doc = "```")]
-#![cfg_attr(feature = "sqlite", doc = include_str!("../examples/doc_sqlite.rs"))]
-#![cfg_attr(feature = "sqlite", doc = "```")]
+//!
+//! Start with `examples/quickstart.rs` (`cargo run --example quickstart`): SQLite, a business
+//! transaction committed and one rolled back, publish-on-commit and keep-order streams, and a
+//! relay, with no services needed.
 #![forbid(unsafe_code)]
 
 pub use outbox_core::*;

@@ -117,7 +117,10 @@ fn msg(stream: &str, key: Option<&str>, n: usize) -> Message {
 
 /// Records observer events as (kind, message id).
 #[derive(Clone, Default)]
-pub struct EventLog(Arc<Mutex<Vec<(&'static str, Option<MessageId>)>>>);
+pub struct EventLog(Arc<Mutex<Vec<LoggedEvent>>>);
+
+/// An event kind and the message it was about.
+pub type LoggedEvent = (&'static str, Option<MessageId>);
 
 impl EventLog {
     /// An observer closure that appends here.
@@ -175,7 +178,7 @@ fn dyn_store<S: Store + 'static>(s: &Arc<S>) -> Arc<dyn Store> {
 
 // ---------------------------------------------------------------- the contract
 
-/// 1. Rollback writes nothing and publishes nothing; commit makes the rows durable.
+/// Contract point 1: Rollback writes nothing and publishes nothing; commit makes the rows durable.
 pub async fn atomic_enqueue<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
@@ -216,7 +219,7 @@ pub async fn atomic_enqueue<H: Harness>(h: &H) {
     assert_eq!(payloads, vec![b"1".to_vec(), b"2".to_vec()]);
 }
 
-/// 11. Bad input: a typed error, and nothing of the batch is written.
+/// Contract point 11: Bad input: a typed error, and nothing of the batch is written.
 pub async fn invalid_input_writes_nothing<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let outbox = base(dyn_store(&store), RecordingPublisher::new())
@@ -256,7 +259,7 @@ pub async fn invalid_input_writes_nothing<H: Harness>(h: &H) {
     }
 }
 
-/// 3. Publish-on-commit with persist_all: published by the committer, then marked sent or
+/// Contract point 3: Publish-on-commit with persist_all: published by the committer, then marked sent or
 /// deleted; never published twice by a relay.
 pub async fn publish_on_commit_persist_all<H: Harness>(h: &H) {
     for delete in [false, true] {
@@ -299,7 +302,7 @@ pub async fn publish_on_commit_persist_all<H: Harness>(h: &H) {
     }
 }
 
-/// 3. A failed on-commit publish stays for the relay, which publishes it after the backoff.
+/// Contract point 3: A failed on-commit publish stays for the relay, which publishes it after the backoff.
 pub async fn publish_on_commit_failure_left_for_relay<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
@@ -340,7 +343,7 @@ pub async fn publish_on_commit_failure_left_for_relay<H: Harness>(h: &H) {
     assert_eq!(total(store.as_ref()).await.sent, 1);
 }
 
-/// 3. persist_all = false: a success writes no row; a failure writes one after the fact
+/// Contract point 3: persist_all = false: a success writes no row; a failure writes one after the fact
 /// (pending for transient errors, dead for permanent ones), which the relay delivers.
 pub async fn publish_on_commit_not_persisted<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -399,7 +402,7 @@ pub async fn publish_on_commit_not_persisted<H: Harness>(h: &H) {
     .await;
 }
 
-/// 2/6. The committer dies between commit and publish: the relay publishes once the
+/// Contract point 2/6: The committer dies between commit and publish: the relay publishes once the
 /// committer's lease expires, not before.
 pub async fn publish_on_commit_crash_recovered_by_relay<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -433,7 +436,7 @@ pub async fn publish_on_commit_crash_recovered_by_relay<H: Harness>(h: &H) {
     .await;
 }
 
-/// 4. Keep-order: commit order per (stream, key) under random transient failures, with two
+/// Contract point 4: Keep-order: commit order per (stream, key) under random transient failures, with two
 /// relays at once.
 pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -510,7 +513,7 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     assert_eq!(broker.count(), expected);
 }
 
-/// 4/5. A failing keep-order head blocks its own unit only and is reported stuck; with
+/// Contract point 4/5: A failing keep-order head blocks its own unit only and is reported stuck; with
 /// dead-lettering opted in, it is dead-lettered and its unit moves on.
 pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
     for dead_letter in [false, true] {
@@ -584,7 +587,7 @@ pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
     }
 }
 
-/// 5. Exponential backoff: a failed message is not due before its delay.
+/// Contract point 5: Exponential backoff: a failed message is not due before its delay.
 pub async fn backoff_delays_retries<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let publisher = FaultyPublisher::new(RecordingPublisher::new(), |_| {
@@ -634,7 +637,7 @@ pub async fn backoff_delays_retries<H: Harness>(h: &H) {
     }
 }
 
-/// 5. After max_attempts a publish-on-commit message is dead-lettered (kept, listed,
+/// Contract point 5: After max_attempts a publish-on-commit message is dead-lettered (kept, listed,
 /// requeueable); a permanent error dead-letters at once.
 pub async fn dead_letter_after_max_attempts_and_requeue<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -707,7 +710,7 @@ pub async fn dead_letter_after_max_attempts_and_requeue<H: Harness>(h: &H) {
     assert_eq!((t.sent, t.dead, t.pending), (1, 0, 0));
 }
 
-/// 6. A relay that dies mid-batch loses its claim when the lease expires; a stale owner's
+/// Contract point 6: A relay that dies mid-batch loses its claim when the lease expires; a stale owner's
 /// late failure report changes nothing.
 pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -769,7 +772,7 @@ pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
     );
 }
 
-/// 4/6. Three relays on one table: every message published exactly once while all live.
+/// Contract point 4/6: Three relays on one table: every message published exactly once while all live.
 pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
@@ -831,7 +834,7 @@ pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
     assert_eq!(broker.count(), n);
 }
 
-/// 8. The cleaner deletes sent rows past the retention in bounded batches, and never
+/// Contract point 8: The cleaner deletes sent rows past the retention in bounded batches, and never
 /// pending or dead rows unless asked.
 pub async fn cleaner_respects_retention_and_status<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -890,7 +893,7 @@ pub async fn cleaner_respects_retention_and_status<H: Harness>(h: &H) {
     assert_eq!((t.sent, t.pending, t.dead), (0, 2, 0));
 }
 
-/// 9. Signed rows: a tampered row is never published and is reported; old keys still
+/// Contract point 9: Signed rows: a tampered row is never published and is reported; old keys still
 /// verify during rotation; dropping a key refuses its rows.
 pub async fn signing_tamper_and_rotation<H: Harness>(h: &H) {
     let k1 = SigningKey::new("k1", b"first-secret-0123456789".to_vec()).unwrap();
@@ -1040,7 +1043,7 @@ pub async fn strategy_per_stream<H: Harness>(h: &H) {
     assert_eq!(broker.count(), 2);
 }
 
-/// 7. A relay sleeping on a long poll interval wakes at once when rows are committed.
+/// Contract point 7: A relay sleeping on a long poll interval wakes at once when rows are committed.
 pub async fn wakeup_on_commit<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();

@@ -94,7 +94,7 @@ impl Router {
         publisher: impl Publisher + 'static,
     ) -> Self {
         self.prefixes.push((prefix.into(), Arc::new(publisher)));
-        self.prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
         self
     }
 

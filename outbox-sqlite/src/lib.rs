@@ -1,1 +1,595 @@
-//! wip
+//! SQLite store for the `outbox` framework: the embedded default, no server needed.
+//!
+//! Messages are enqueued inside the caller's own [`rusqlite::Transaction`]; the relay uses a
+//! connection of its own (WAL mode, busy timeout) and claims rows with a lease in one
+//! `UPDATE … RETURNING` statement under `BEGIN IMMEDIATE`, so two relay processes on one
+//! file never publish the same row twice while both live.
+//!
+//! ```no_run
+//! use outbox_core::{Message, Outbox, StdoutPublisher};
+//! use outbox_sqlite::SqliteStore;
+//! # async fn demo() -> outbox_core::Result<()> {
+//! let store = SqliteStore::open("app.db")?;          // table "outbox"
+//! store.migrate_now()?;
+//! let outbox = Outbox::builder(store.clone(), StdoutPublisher::default()).build()?;
+//!
+//! let mut conn = store.connect()?;                   // the application's connection
+//! let tx = conn.transaction().map_err(outbox_sqlite::map_err)?;
+//! tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER)", []).map_err(outbox_sqlite::map_err)?;
+//! tx.execute("INSERT INTO orders (id) VALUES (1)", []).map_err(outbox_sqlite::map_err)?;
+//! let pending = store.enqueue(&tx, &outbox, [Message::json("orders.placed", &1)?])?;
+//! outbox_sqlite::commit(tx, pending)?;               // commit, then publish on commit
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use outbox_core::{
+    async_trait, from_millis, to_millis, validate_identifier, Claim, Envelope, Error, Failure,
+    Message, MessageId, NewMessage, Outbox, Outcome, Pending, Retry, Selector, Stats, Store,
+    StoredMessage, StreamFilter, StreamStats,
+};
+use rusqlite::{
+    params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
+};
+use tokio::sync::Notify;
+
+/// Convert a rusqlite error: busy/locked and I/O errors are transient, constraint and
+/// schema errors permanent.
+pub fn map_err(e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode as C;
+    let retry = match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            C::DatabaseBusy
+            | C::DatabaseLocked
+            | C::SystemIoFailure
+            | C::OutOfMemory
+            | C::CannotOpen => Retry::Transient,
+            _ => Retry::Permanent,
+        },
+        _ => Retry::Permanent,
+    };
+    Error::new(outbox_core::ErrorKind::Store, retry, "sqlite").with_source(e)
+}
+
+/// Settings of a [`SqliteStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// Table name (validated). Default: `outbox`.
+    pub table: String,
+    /// How long a statement waits for another writer. Default: 5 s.
+    pub busy_timeout: Duration,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Shared {
+    path: PathBuf,
+    options: SqliteOptions,
+    sql: Sql,
+    conn: Mutex<Connection>,
+    notify: Notify,
+}
+
+/// The SQLite outbox store. Cheap to clone; clones share one relay connection.
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.shared.path)
+            .field("table", &self.shared.options.table)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Open (or create) the database file with the default table `outbox`.
+    pub fn open(path: impl AsRef<Path>) -> outbox_core::Result<Self> {
+        Self::open_with(path, SqliteOptions::default())
+    }
+
+    /// Open with options. The table name is validated before it reaches any SQL.
+    pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> outbox_core::Result<Self> {
+        validate_identifier(&options.table)?;
+        let path = path.as_ref().to_path_buf();
+        let conn = open_conn(&path, &options)?;
+        let sql = Sql::new(&options.table);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                path,
+                options,
+                sql,
+                conn: Mutex::new(conn),
+                notify: Notify::new(),
+            }),
+        })
+    }
+
+    /// A second store on the same file and table with its own connection (as another process
+    /// would have).
+    pub fn reopen(&self) -> outbox_core::Result<Self> {
+        Self::open_with(&self.shared.path, self.shared.options.clone())
+    }
+
+    /// A new connection for the application, with the same pragmas (WAL, busy timeout).
+    pub fn connect(&self) -> outbox_core::Result<Connection> {
+        open_conn(&self.shared.path, &self.shared.options)
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.shared.options.table
+    }
+
+    /// Create the table and indexes now (synchronous; [`Store::migrate`] does the same).
+    pub fn migrate_now(&self) -> outbox_core::Result<()> {
+        let conn = self.shared.conn.lock().unwrap();
+        conn.execute_batch(&self.shared.sql.schema).map_err(map_err)
+    }
+
+    /// Write `messages` in the caller's transaction. Either all are written or, on error,
+    /// none is. Returns what to publish after the commit: call [`commit`] or
+    /// [`Pending::dispatch`] after `tx.commit()`.
+    pub fn enqueue(
+        &self,
+        tx: &Transaction<'_>,
+        outbox: &Outbox,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> outbox_core::Result<Pending> {
+        let prepared = outbox.prepare(messages)?;
+        let seqs = insert_rows(tx, &self.shared.sql, prepared.rows())?;
+        prepared.into_pending(seqs)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection, &Sql) -> outbox_core::Result<T> + Send + 'static,
+    ) -> outbox_core::Result<T> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut conn, &shared.sql)
+        })
+        .await
+        .map_err(|e| Error::store("sqlite worker task failed").with_source(e))?
+    }
+}
+
+/// Commit `tx`, then publish its publish-on-commit messages in the background and wake local
+/// relays. Nothing is published if the commit fails.
+pub fn commit(tx: Transaction<'_>, pending: Pending) -> outbox_core::Result<()> {
+    tx.commit().map_err(map_err)?;
+    pending.dispatch();
+    Ok(())
+}
+
+fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| {
+        Error::new(
+            outbox_core::ErrorKind::Store,
+            Retry::Transient,
+            format!("cannot open SQLite database {}", path.display()),
+        )
+        .with_source(e)
+    })?;
+    conn.busy_timeout(options.busy_timeout).map_err(map_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(map_err)?;
+    Ok(conn)
+}
+
+const COLS: &str =
+    "seq, id, stream, destination, msg_key, payload, content_type, headers, strategy, status, \
+                    attempts, created_at, next_attempt_at, last_error, sent_at, signature";
+
+struct Sql {
+    schema: String,
+    insert: String,
+    claim_head: String,
+    complete_mark: String,
+    complete_delete: String,
+    retry: String,
+    dead: String,
+    release: String,
+    get: String,
+    table: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Self {
+        Self {
+            schema: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    id TEXT NOT NULL UNIQUE,
+                    stream TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    msg_key TEXT,
+                    okey TEXT NOT NULL,
+                    payload BLOB NOT NULL,
+                    content_type TEXT NOT NULL,
+                    headers TEXT NOT NULL,
+                    strategy TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    created_at INTEGER NOT NULL,
+                    next_attempt_at INTEGER NOT NULL,
+                    locked_by TEXT,
+                    locked_until INTEGER,
+                    last_error TEXT,
+                    sent_at INTEGER,
+                    signature TEXT
+                );
+                CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
+                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
+            ),
+            insert: format!(
+                "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
+                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+            ),
+            // A keep-order row is claimable only when no earlier pending row of its unit is
+            // leased or backing off; ordering by seq with a limit keeps each unit a prefix.
+            claim_head: format!(
+                "UPDATE {t} SET locked_by = ?1, locked_until = ?2 WHERE seq IN (
+                   SELECT o.seq FROM {t} o
+                   WHERE o.status = 'pending' {{filter}}
+                     AND (o.locked_until IS NULL OR o.locked_until <= ?3) AND o.next_attempt_at <= ?3
+                     AND (o.strategy = 'on_commit' OR NOT EXISTS (
+                       SELECT 1 FROM {t} p
+                       WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
+                         AND p.strategy = 'keep_order'
+                         AND ((p.locked_until IS NOT NULL AND p.locked_until > ?3) OR p.next_attempt_at > ?3)))
+                   ORDER BY o.seq LIMIT ?4)
+                 RETURNING {COLS}"
+            ),
+            complete_mark: format!(
+                "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({{in}})"
+            ),
+            complete_delete: format!("DELETE FROM {t} WHERE seq IN ({{in}})"),
+            retry: format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, locked_by = NULL,
+                   locked_until = NULL WHERE seq = ?3 AND locked_by = ?4 AND status = 'pending'"
+            ),
+            dead: format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, status = 'dead', locked_by = NULL,
+                   locked_until = NULL WHERE seq = ?2 AND locked_by = ?3 AND status = 'pending'"
+            ),
+            release: format!(
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL WHERE seq = ?1 AND locked_by = ?2 AND status = 'pending'"
+            ),
+            get: format!("SELECT {COLS} FROM {t} WHERE seq = ?1"),
+            table: t.to_owned(),
+        }
+    }
+}
+
+fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
+    let now = SystemTime::now();
+    let mut stmt = conn.prepare_cached(&sql.insert).map_err(map_err)?;
+    let mut seqs = Vec::with_capacity(rows.len());
+    for r in rows {
+        let m = &r.envelope.message;
+        let headers = serde_json::to_string(&m.headers)?;
+        let (locked_by, locked_until) = match &r.lease {
+            Some((owner, d)) => (Some(owner.as_str()), Some(to_millis(now + *d))),
+            None => (None, None),
+        };
+        stmt.execute(params![
+            r.envelope.id.to_string(),
+            m.stream,
+            m.destination,
+            m.key,
+            m.key.as_deref().unwrap_or(""),
+            m.payload,
+            m.content_type,
+            headers,
+            r.strategy.as_str(),
+            r.status.as_str(),
+            r.attempts,
+            to_millis(r.envelope.created_at),
+            to_millis(now + r.retry_after),
+            locked_by,
+            locked_until,
+            r.last_error,
+            r.signature,
+        ])
+        .map_err(map_err)?;
+        seqs.push(conn.last_insert_rowid());
+    }
+    Ok(seqs)
+}
+
+fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let bad = |i: usize, e: Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let id: String = row.get(1)?;
+    let headers: String = row.get(7)?;
+    let strategy: String = row.get(8)?;
+    let status: String = row.get(9)?;
+    let headers: BTreeMap<String, String> =
+        serde_json::from_str(&headers).map_err(|e| bad(7, Error::from(e)))?;
+    Ok(StoredMessage {
+        seq: row.get(0)?,
+        envelope: Envelope {
+            id: id.parse::<MessageId>().map_err(|e| bad(1, e))?,
+            created_at: from_millis(row.get(11)?),
+            message: Message {
+                stream: row.get(2)?,
+                destination: row.get(3)?,
+                key: row.get(4)?,
+                payload: row.get(5)?,
+                content_type: row.get(6)?,
+                headers,
+            },
+        },
+        strategy: strategy.parse().map_err(|e| bad(8, e))?,
+        status: status.parse().map_err(|e| bad(9, e))?,
+        attempts: row.get(10)?,
+        next_attempt_at: from_millis(row.get(12)?),
+        last_error: row.get(13)?,
+        sent_at: row.get::<_, Option<i64>>(14)?.map(from_millis),
+        signature: row.get(15)?,
+    })
+}
+
+fn placeholders(n: usize, first: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("?{i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn selector_clause(sel: &Selector) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    match sel {
+        Selector::All => (String::new(), vec![]),
+        Selector::Stream(s) => (" AND stream = ?1".into(), vec![Value::Text(s.clone())]),
+        Selector::Seqs(seqs) => (
+            format!(" AND seq IN ({})", placeholders(seqs.len().max(1), 1)),
+            if seqs.is_empty() {
+                vec![Value::Null]
+            } else {
+                seqs.iter().map(|s| Value::Integer(*s)).collect()
+            },
+        ),
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn migrate(&self) -> outbox_core::Result<()> {
+        self.blocking(|conn, sql| conn.execute_batch(&sql.schema).map_err(map_err))
+            .await
+    }
+
+    async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
+        let rows = rows.to_vec();
+        self.blocking(move |conn, sql| {
+            let tx = conn.transaction().map_err(map_err)?;
+            let seqs = insert_rows(&tx, sql, &rows)?;
+            tx.commit().map_err(map_err)?;
+            Ok(seqs)
+        })
+        .await
+    }
+
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+        let claim = claim.clone();
+        self.blocking(move |conn, sql| {
+            use rusqlite::types::Value;
+            let now = to_millis(SystemTime::now());
+            let mut args: Vec<Value> = vec![
+                Value::Text(claim.owner.clone()),
+                Value::Integer(now + claim.lease.as_millis() as i64),
+                Value::Integer(now),
+                Value::Integer(claim.limit as i64),
+            ];
+            let filter = match &claim.streams {
+                StreamFilter::All => String::new(),
+                StreamFilter::Only(streams) => {
+                    let list = placeholders(streams.len(), 5);
+                    args.extend(streams.iter().map(|s| Value::Text(s.clone())));
+                    format!("AND o.stream IN ({list})")
+                }
+            };
+            let text = sql.claim_head.replace("{filter}", &filter);
+            // IMMEDIATE: take the write lock first, so two relays never read the same rows.
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let mut rows = {
+                let mut stmt = tx.prepare_cached(&text).map_err(map_err)?;
+                let rows = stmt
+                    .query_map(params_from_iter(args), read_row)
+                    .map_err(map_err)?;
+                rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
+            };
+            tx.commit().map_err(map_err)?;
+            rows.sort_by_key(|r| r.seq);
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
+        let seqs = seqs.to_vec();
+        self.blocking(move |conn, sql| {
+            let tx = conn.transaction().map_err(map_err)?;
+            let now = to_millis(SystemTime::now());
+            for chunk in seqs.chunks(500) {
+                if delete {
+                    let text = sql
+                        .complete_delete
+                        .replace("{in}", &placeholders(chunk.len(), 1));
+                    tx.prepare_cached(&text)
+                        .and_then(|mut s| s.execute(params_from_iter(chunk)))
+                        .map_err(map_err)?;
+                } else {
+                    let text = sql
+                        .complete_mark
+                        .replace("{in}", &placeholders(chunk.len(), 2));
+                    let args = std::iter::once(now).chain(chunk.iter().copied());
+                    tx.prepare_cached(&text)
+                        .and_then(|mut s| s.execute(params_from_iter(args)))
+                        .map_err(map_err)?;
+                }
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
+        let owner = owner.to_owned();
+        let failures = failures.to_vec();
+        self.blocking(move |conn, sql| {
+            let tx = conn.transaction().map_err(map_err)?;
+            let now = SystemTime::now();
+            for f in &failures {
+                let r = match &f.outcome {
+                    Outcome::Retry { after } => tx.prepare_cached(&sql.retry).and_then(|mut s| {
+                        s.execute(params![f.error, to_millis(now + *after), f.seq, owner])
+                    }),
+                    Outcome::Dead => tx
+                        .prepare_cached(&sql.dead)
+                        .and_then(|mut s| s.execute(params![f.error, f.seq, owner])),
+                    Outcome::Release => tx
+                        .prepare_cached(&sql.release)
+                        .and_then(|mut s| s.execute(params![f.seq, owner])),
+                };
+                r.map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {
+        let (clause, mut args) = selector_clause(selector);
+        let n = self
+            .blocking(move |conn, sql| {
+                let now_idx = args.len() + 1;
+                args.push(rusqlite::types::Value::Integer(to_millis(SystemTime::now())));
+                let text = format!(
+                    "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = ?{now_idx}, locked_by = NULL,
+                       locked_until = NULL WHERE status = 'dead'{clause}",
+                    sql.table
+                );
+                conn.execute(&text, params_from_iter(args)).map(|n| n as u64).map_err(map_err)
+            })
+            .await?;
+        self.shared.notify.notify_one();
+        Ok(n)
+    }
+
+    async fn purge_dead(&self, selector: &Selector) -> outbox_core::Result<u64> {
+        let (clause, args) = selector_clause(selector);
+        self.blocking(move |conn, sql| {
+            let text = format!("DELETE FROM {} WHERE status = 'dead'{clause}", sql.table);
+            conn.execute(&text, params_from_iter(args))
+                .map(|n| n as u64)
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        let stream = stream.map(str::to_owned);
+        self.blocking(move |conn, sql| {
+            let text = format!(
+                "SELECT {COLS} FROM {} WHERE status = 'dead' AND (?1 IS NULL OR stream = ?1) ORDER BY seq LIMIT ?2",
+                sql.table
+            );
+            let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
+            let rows = stmt.query_map(params![stream, limit as i64], read_row).map_err(map_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn clean(
+        &self,
+        sent_before: SystemTime,
+        limit: usize,
+        include_dead: bool,
+    ) -> outbox_core::Result<u64> {
+        self.blocking(move |conn, sql| {
+            let text = format!(
+                "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE (status = 'sent' AND sent_at < ?1)
+                   OR (?2 AND status = 'dead' AND created_at < ?1) ORDER BY seq LIMIT ?3)",
+                t = sql.table
+            );
+            conn.execute(&text, params![to_millis(sent_before), include_dead, limit as i64])
+                .map(|n| n as u64)
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn stats(&self) -> outbox_core::Result<Stats> {
+        self.blocking(|conn, sql| {
+            let text = format!(
+                "SELECT stream, SUM(status = 'pending'), SUM(status = 'sent'), SUM(status = 'dead'),
+                   MIN(CASE WHEN status = 'pending' THEN created_at END)
+                 FROM {} GROUP BY stream ORDER BY stream",
+                sql.table
+            );
+            let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(StreamStats {
+                        stream: r.get(0)?,
+                        pending: r.get::<_, i64>(1)? as u64,
+                        sent: r.get::<_, i64>(2)? as u64,
+                        dead: r.get::<_, i64>(3)? as u64,
+                        oldest_pending: r.get::<_, Option<i64>>(4)?.map(from_millis),
+                    })
+                })
+                .map_err(map_err)?;
+            Ok(Stats {
+                streams: rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?,
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
+        self.blocking(move |conn, sql| {
+            conn.prepare_cached(&sql.get)
+                .and_then(|mut s| s.query_row([seq], read_row).optional())
+                .map_err(map_err)
+        })
+        .await
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.shared.notify.notify_one();
+    }
+}

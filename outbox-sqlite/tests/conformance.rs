@@ -1,0 +1,131 @@
+//! The delivery contract against a real SQLite file (WAL), each test on its own file.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use outbox_core::conformance::Harness;
+use outbox_core::{async_trait, Message, Outbox, Pending, Result};
+use outbox_sqlite::{map_err, SqliteOptions, SqliteStore};
+
+struct Sqlite {
+    dir: tempfile::TempDir,
+    n: AtomicUsize,
+}
+
+impl Sqlite {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            n: AtomicUsize::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Harness for Sqlite {
+    type Store = SqliteStore;
+
+    async fn fresh(&self) -> Arc<SqliteStore> {
+        let n = self.n.fetch_add(1, Ordering::SeqCst);
+        let table = format!("outbox_{n}");
+        let store = SqliteStore::open_with(
+            self.dir.path().join("test.db"),
+            SqliteOptions {
+                table: table.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        outbox_core::Store::migrate(&store).await.unwrap();
+        store
+            .connect()
+            .unwrap()
+            .execute_batch(&format!(
+                "CREATE TABLE {table}_business (id INTEGER PRIMARY KEY)"
+            ))
+            .unwrap();
+        Arc::new(store)
+    }
+
+    async fn reopen(&self, store: &SqliteStore) -> Arc<SqliteStore> {
+        Arc::new(store.reopen().unwrap())
+    }
+
+    async fn transact(
+        &self,
+        store: &SqliteStore,
+        outbox: &Outbox,
+        messages: Vec<Message>,
+        commit: bool,
+    ) -> Result<Pending> {
+        let mut conn = store.connect()?;
+        let tx = conn.transaction().map_err(map_err)?;
+        tx.execute(
+            &format!("INSERT INTO {}_business DEFAULT VALUES", store.table()),
+            [],
+        )
+        .map_err(map_err)?;
+        match store.enqueue(&tx, outbox, messages) {
+            Ok(pending) if commit => {
+                tx.commit().map_err(map_err)?;
+                Ok(pending)
+            }
+            Ok(_) => {
+                tx.rollback().map_err(map_err)?;
+                Ok(Pending::empty())
+            }
+            Err(e) => {
+                tx.commit().map_err(map_err)?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn business_rows(&self, store: &SqliteStore) -> i64 {
+        let conn = store.connect().unwrap();
+        conn.query_row(
+            &format!("SELECT COUNT(*) FROM {}_business", store.table()),
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    async fn tamper(&self, store: &SqliteStore, seq: i64) {
+        let conn = store.connect().unwrap();
+        let n = conn
+            .execute(
+                &format!(
+                    "UPDATE {} SET payload = X'74616d7065726564' WHERE seq = ?1",
+                    store.table()
+                ),
+                [seq],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+}
+
+outbox_core::conformance_tests!(Sqlite::new());
+
+#[test]
+fn invalid_table_name_is_a_typed_error() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in ["outbox; DROP TABLE x", "1x", "a-b", ""] {
+        let e = SqliteStore::open_with(
+            dir.path().join("x.db"),
+            SqliteOptions {
+                table: bad.into(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), outbox_core::ErrorKind::InvalidIdentifier, "{bad}");
+    }
+}
+
+#[test]
+fn unopenable_database_is_a_typed_error() {
+    let e = SqliteStore::open("/nonexistent-dir/x/y.db").unwrap_err();
+    assert_eq!(e.kind(), outbox_core::ErrorKind::Store);
+}

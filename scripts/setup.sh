@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent set-up for the test suite on a fresh Debian machine with Rust: the system
+# packages the Kafka client build needs, and the services the integration tests talk to
+# (PostgreSQL, MariaDB, Redis, RabbitMQ on loopback). Starts only what is not running.
+set -euo pipefail
+
+log() { printf '[setup] %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_pkgs=()
+command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
+dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || need_pkgs+=(libcurl4-openssl-dev)
+command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
+command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || need_pkgs+=(rabbitmq-server)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port() { # name port seconds
+  local deadline=$((SECONDS + $3))
+  until port_open "$2"; do
+    [ $SECONDS -lt $deadline ] || { log "$1 did not open port $2 within $3 s"; return 1; }
+    sleep 0.5
+  done
+  log "$1 is up on 127.0.0.1:$2"
+}
+
+if ! port_open 5432; then
+  log "starting PostgreSQL"
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+fi
+wait_port PostgreSQL 5432 60
+
+if ! port_open 3306; then
+  log "starting MariaDB"
+  as_root mkdir -p /run/mysqld && as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd
+fi
+wait_port MariaDB 3306 60
+
+if ! port_open 6379; then
+  log "starting Redis"
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+fi
+wait_port Redis 6379 30
+
+if ! port_open 5672; then
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached
+fi
+wait_port RabbitMQ 5672 120
