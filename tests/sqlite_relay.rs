@@ -1,0 +1,134 @@
+//! Cross-crate tests through the `outbox` facade on SQLite: graceful shutdown and deferred
+//! function calls (jaiminho's `@save_to_outbox`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox::conformance::eventually;
+use outbox::sqlite::SqliteStore;
+use outbox::{
+    async_trait, Envelope, Error, FunctionPublisher, Message, Outbox, Publisher,
+    RecordingPublisher, Store, Strategy,
+};
+use tokio::sync::{Notify, Semaphore};
+
+fn store(dir: &tempfile::TempDir) -> SqliteStore {
+    let s = SqliteStore::open(dir.path().join("t.db")).unwrap();
+    s.migrate_now().unwrap();
+    s
+}
+
+/// Holds every publish until the test lets it go.
+struct Gate {
+    inner: RecordingPublisher,
+    started: Arc<Notify>,
+    release: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Publisher for Gate {
+    async fn publish(&self, env: &Envelope) -> outbox::Result<()> {
+        self.started.notify_one();
+        self.release.acquire().await.unwrap().forget();
+        self.inner.publish(env).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_the_batch_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let rec = RecordingPublisher::new();
+    let gate = Gate {
+        inner: rec.clone(),
+        started: Arc::new(Notify::new()),
+        release: Arc::new(Semaphore::new(0)),
+    };
+    let (started, release) = (gate.started.clone(), gate.release.clone());
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let tx = conn.transaction().unwrap();
+    let msgs: Vec<Message> = (0..5)
+        .map(|i| Message::new("d", vec![i]).key(format!("k{i}")))
+        .collect();
+    store.enqueue(&tx, &outbox, msgs).unwrap().dispatch();
+    tx.commit().unwrap();
+
+    let relay = outbox::Relay::builder(store.clone(), gate)
+        .batch_size(10)
+        .build()
+        .unwrap();
+    let stop = Arc::new(Notify::new());
+    let stop2 = stop.clone();
+    let run = tokio::spawn(async move { relay.run(async move { stop2.notified().await }).await });
+    started.notified().await; // a batch is in flight
+    stop.notify_one(); // ask to stop while it is
+    release.add_permits(5);
+    let report = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("relay stopped")
+        .unwrap();
+    assert_eq!(report.published, 5, "the batch in flight was finished");
+    let t = store.stats().await.unwrap().total();
+    assert_eq!(
+        (t.sent, t.pending),
+        (5, 0),
+        "and recorded before the relay returned"
+    );
+    assert_eq!(rec.count(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_function_call_is_retried_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let functions = FunctionPublisher::new().register("charge_card", move |env: Envelope| {
+        let c = c.clone();
+        async move {
+            let args: serde_json::Value = serde_json::from_slice(&env.message.payload)?;
+            assert_eq!(args["cents"], 1250);
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(Error::transient("payment API timed out"));
+            }
+            Ok(())
+        }
+    });
+    let outbox = Outbox::builder(store.clone(), functions)
+        .retry(outbox::RetryPolicy {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let tx = conn.transaction().unwrap();
+    let call = outbox
+        .call("charge_card", &serde_json::json!({"cents": 1250}))
+        .unwrap();
+    let pending = store.enqueue(&tx, &outbox, [call]).unwrap();
+    tx.commit().unwrap();
+    let report = pending.publish().await;
+    assert_eq!(report.failed, 1, "the first call failed after the commit");
+    let relay = outbox.relay().build().unwrap();
+    eventually(
+        "the relay retries the call",
+        Duration::from_secs(30),
+        || async {
+            relay.run_once().await.unwrap();
+            store.stats().await.unwrap().total().sent == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "called once more, not more"
+    );
+}
