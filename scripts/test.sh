@@ -10,3 +10,8 @@ export OUTBOX_MYSQL_URL="${OUTBOX_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
 export OUTBOX_REDIS_URL="${OUTBOX_REDIS_URL:-redis://127.0.0.1:6379/}"
 export OUTBOX_AMQP_URL="${OUTBOX_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 cargo test --workspace --all-features "$@"
+
+# Every example runs and exits 0.
+cargo run -q --example quickstart >/dev/null
+cargo run -q --example postgres_relay --features postgres >/dev/null
+echo "examples: quickstart, postgres_relay ran"

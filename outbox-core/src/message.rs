@@ -116,6 +116,12 @@ impl Message {
                 truncate(&self.stream)
             ));
         }
+        if self.content_type.is_empty()
+            || self.content_type.len() > 255
+            || self.content_type.chars().any(char::is_control)
+        {
+            return bad("content type must be 1-255 bytes without control characters".into());
+        }
         if let Some(key) = &self.key {
             if key.len() > 255 || key.contains('\0') {
                 return bad("key must be at most 255 bytes without NUL".into());

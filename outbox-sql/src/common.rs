@@ -1,0 +1,153 @@
+//! What the PostgreSQL and MySQL stores share: error mapping, row decoding, URL redaction.
+
+use std::collections::BTreeMap;
+
+use outbox_core::{
+    from_millis, Envelope, Error, ErrorKind, Message, MessageId, Retry, StoredMessage,
+};
+use sqlx::Row;
+
+/// Map a sqlx error: connection and pool problems, deadlocks, serialization failures and
+/// lock timeouts are transient; the rest is permanent.
+pub fn map_err(e: sqlx::Error) -> Error {
+    let (kind, retry) = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => (ErrorKind::Store, Retry::Transient),
+        sqlx::Error::Configuration(_) | sqlx::Error::Tls(_) => {
+            (ErrorKind::Config, Retry::Permanent)
+        }
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: serialization failure, deadlock, admin shutdown, cannot connect now;
+            // MySQL/MariaDB: lock wait timeout, deadlock, server gone.
+            let transient = matches!(
+                &*code,
+                "40001"
+                    | "40P01"
+                    | "57P01"
+                    | "57P03"
+                    | "08006"
+                    | "08003"
+                    | "1205"
+                    | "1213"
+                    | "2006"
+                    | "2013"
+            ) || code.starts_with("08");
+            (
+                ErrorKind::Store,
+                if transient {
+                    Retry::Transient
+                } else {
+                    Retry::Permanent
+                },
+            )
+        }
+        _ => (ErrorKind::Store, Retry::Permanent),
+    };
+    Error::new(kind, retry, "database error").with_source(e)
+}
+
+/// `scheme://user:***@host/db`: the password of a URL never reaches a log or an error.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<unparseable url>".into();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let path = path.split('?').next().unwrap_or("");
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => format!("{scheme}://{authority}{path}"),
+    }
+}
+
+/// Decode a row of: seq, id, stream, destination, msg_key, payload, content_type, headers,
+/// strategy, status, attempts, created_at, next_attempt_at, last_error, sent_at, signature
+/// (the id and headers as text).
+pub(crate) fn decode<R>(row: &R) -> outbox_core::Result<StoredMessage>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get(1).map_err(map_err)?;
+    let headers: String = row.try_get(7).map_err(map_err)?;
+    let strategy: String = row.try_get(8).map_err(map_err)?;
+    let status: String = row.try_get(9).map_err(map_err)?;
+    let headers: BTreeMap<String, String> = serde_json::from_str(&headers)?;
+    Ok(StoredMessage {
+        seq: row.try_get(0).map_err(map_err)?,
+        envelope: Envelope {
+            id: id.trim().parse::<MessageId>()?,
+            created_at: from_millis(row.try_get(11).map_err(map_err)?),
+            message: Message {
+                stream: row.try_get(2).map_err(map_err)?,
+                destination: row.try_get(3).map_err(map_err)?,
+                key: row.try_get::<Option<String>, _>(4).map_err(map_err)?,
+                payload: row.try_get(5).map_err(map_err)?,
+                content_type: row.try_get(6).map_err(map_err)?,
+                headers,
+            },
+        },
+        strategy: strategy.parse()?,
+        status: status.parse()?,
+        attempts: row.try_get::<i32, _>(10).map_err(map_err)?.max(0) as u32,
+        next_attempt_at: from_millis(row.try_get(12).map_err(map_err)?),
+        last_error: row.try_get(13).map_err(map_err)?,
+        sent_at: row
+            .try_get::<Option<i64>, _>(14)
+            .map_err(map_err)?
+            .map(from_millis),
+        signature: row.try_get(15).map_err(map_err)?,
+    })
+}
+
+/// The distinct keep-order units of a batch, sorted (a fixed lock order avoids deadlocks
+/// between two transactions that write the same units).
+pub(crate) fn keep_order_units(rows: &[outbox_core::NewMessage]) -> Vec<(String, String)> {
+    let mut units: Vec<(String, String)> = rows
+        .iter()
+        .filter(|r| r.strategy == outbox_core::Strategy::KeepOrder)
+        .map(|r| {
+            let m = &r.envelope.message;
+            (m.stream.clone(), m.key.clone().unwrap_or_default())
+        })
+        .collect();
+    units.sort();
+    units.dedup();
+    units
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/shop?sslmode=require"),
+            "postgres://app:***@db:5432/shop"
+        );
+        assert_eq!(
+            redact_url("mysql://root@127.0.0.1/test"),
+            "mysql://root@127.0.0.1/test"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_url("p:a@b"), "<unparseable url>");
+        assert!(!redact_url("amqp://u:p%40ss@h/").contains("p%40ss"));
+    }
+}

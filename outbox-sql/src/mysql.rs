@@ -1,0 +1,579 @@
+//! MySQL / MariaDB store: enqueue in the caller's sqlx transaction, claims serialized per
+//! table with leases. MySQL has no `NOTIFY`: relays in other processes poll; relays in the
+//! committing process are woken at once.
+//!
+//! Requires MySQL 8.0+ or MariaDB 10.6+ (InnoDB).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{
+    to_millis, validate_identifier, Claim, Error, Failure, Message, NewMessage, Outbox, Outcome,
+    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
+};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{MySql, MySqlConnection, Transaction};
+use tokio::sync::Notify;
+
+use crate::common::{decode, keep_order_units, redact_url};
+
+pub use crate::common::map_err;
+/// The sqlx this store is built with, for the application's own queries and transactions.
+pub use sqlx;
+
+/// The columns of `decode`, with the binary-collated ones converted so they read as text.
+const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT(msg_key USING utf8mb4), payload, \
+                    content_type, headers, strategy, status, attempts, created_at, next_attempt_at, last_error, \
+                    sent_at, signature";
+
+/// The database clock in milliseconds.
+const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+/// Settings of a [`MySqlStore`].
+#[derive(Debug, Clone)]
+pub struct MySqlOptions {
+    /// Table name (validated, never interpolated raw; at most 57 characters so that the
+    /// `<table>_locks` companion table fits). Default: `outbox`.
+    pub table: String,
+    /// Pool size. Default: 5.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection (and the first one at start-up). Default: 5 s.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for MySqlOptions {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            max_connections: 5,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Inner {
+    pool: MySqlPool,
+    table: String,
+    notify: Notify,
+}
+
+/// The MySQL / MariaDB outbox store. Cheap to clone.
+#[derive(Clone)]
+pub struct MySqlStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MySqlStore")
+            .field("table", &self.inner.table)
+            .finish_non_exhaustive()
+    }
+}
+
+fn list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+impl MySqlStore {
+    /// Connect with the default options (table `outbox`). A malformed URL is a
+    /// [`outbox_core::ErrorKind::Config`] error, an unreachable server a transient
+    /// [`outbox_core::ErrorKind::Store`] error.
+    pub async fn connect(url: &str) -> outbox_core::Result<Self> {
+        Self::connect_with(url, MySqlOptions::default()).await
+    }
+
+    /// Connect with options.
+    pub async fn connect_with(url: &str, options: MySqlOptions) -> outbox_core::Result<Self> {
+        let connect: MySqlConnectOptions = url.parse().map_err(|e| {
+            Error::config(format!("invalid MySQL URL {}", redact_url(url))).with_source(e)
+        })?;
+        validate_identifier(&options.table)?;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| {
+                let mapped = map_err(e);
+                Error::new(
+                    mapped.kind(),
+                    Retry::Transient,
+                    format!("cannot connect to MySQL at {}", redact_url(url)),
+                )
+                .with_source(mapped)
+            })?;
+        Self::from_pool(pool, &options.table)
+    }
+
+    /// Use an existing pool.
+    pub fn from_pool(pool: MySqlPool, table: &str) -> outbox_core::Result<Self> {
+        validate_identifier(table)?;
+        if table.len() > 57 {
+            return Err(Error::new(
+                outbox_core::ErrorKind::InvalidIdentifier,
+                Retry::Permanent,
+                format!("MySQL table name {table:?} is over 57 characters"),
+            ));
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                table: table.to_owned(),
+                notify: Notify::new(),
+            }),
+        })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.inner.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// A second store on the same table with its own pool (as another process would have).
+    pub async fn reopen(&self) -> outbox_core::Result<Self> {
+        let options = self.inner.pool.connect_options().as_ref().clone();
+        let pool = MySqlPoolOptions::new()
+            .max_connections(5)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Self::from_pool(pool, &self.inner.table)
+    }
+
+    /// Write `messages` in the caller's transaction (pass `&mut tx`), in one `INSERT`.
+    /// Either all are written or, on error, none. Keep-order rows lock their ordering unit
+    /// (a row of `<table>_locks`) until the transaction ends.
+    pub async fn enqueue(
+        &self,
+        conn: &mut MySqlConnection,
+        outbox: &Outbox,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> outbox_core::Result<Pending> {
+        let prepared = outbox.prepare(messages)?;
+        let t = &self.inner.table;
+        for (stream, key) in keep_order_units(prepared.rows()) {
+            sqlx::query(&format!("INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE okey = okey"))
+                .bind(stream)
+                .bind(key)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_err)?;
+        }
+        let seqs = insert(&mut *conn, t, prepared.rows()).await?;
+        prepared.into_pending(seqs)
+    }
+}
+
+/// Commit `tx`, then publish its publish-on-commit messages in the background.
+pub async fn commit(tx: Transaction<'_, MySql>, pending: Pending) -> outbox_core::Result<()> {
+    tx.commit().await.map_err(map_err)?;
+    pending.dispatch();
+    Ok(())
+}
+
+async fn insert(
+    conn: &mut MySqlConnection,
+    t: &str,
+    rows: &[NewMessage],
+) -> outbox_core::Result<Vec<i64>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let one = format!(
+        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW} + ?, ?, IF(? IS NULL, NULL, {NOW} + ?), ?, ?)"
+    );
+    let sql = format!(
+        "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, status,
+           attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature) VALUES {}",
+        vec![one.as_str(); rows.len()].join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for r in rows {
+        let m = &r.envelope.message;
+        let lease = r.lease.as_ref().map(|(_, d)| d.as_millis() as i64);
+        q = q
+            .bind(r.envelope.id.to_string())
+            .bind(&m.stream)
+            .bind(&m.destination)
+            .bind(&m.key)
+            .bind(m.key.clone().unwrap_or_default())
+            .bind(&m.payload)
+            .bind(&m.content_type)
+            .bind(serde_json::to_string(&m.headers)?)
+            .bind(r.strategy.as_str())
+            .bind(r.status.as_str())
+            .bind(r.attempts as i32)
+            .bind(to_millis(r.envelope.created_at))
+            .bind(r.retry_after.as_millis() as i64)
+            .bind(r.lease.as_ref().map(|(o, _)| o.clone()))
+            .bind(lease)
+            .bind(lease)
+            .bind(&r.last_error)
+            .bind(&r.signature);
+    }
+    q.execute(&mut *conn).await.map_err(map_err)?;
+    let ids: Vec<String> = rows.iter().map(|r| r.envelope.id.to_string()).collect();
+    let sql = format!("SELECT seq, id FROM {t} WHERE id IN ({})", list(ids.len()));
+    let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
+    for id in &ids {
+        q = q.bind(id);
+    }
+    let by_id: std::collections::HashMap<String, i64> = q
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?
+        .into_iter()
+        .map(|(s, id)| (id, s))
+        .collect();
+    ids.iter()
+        .map(|id| {
+            by_id
+                .get(id)
+                .copied()
+                .ok_or_else(|| Error::store("insert did not return every row"))
+        })
+        .collect()
+}
+
+fn selector(sel: &Selector) -> (String, Vec<sqlx_value::V>) {
+    match sel {
+        Selector::All => (String::new(), vec![]),
+        Selector::Stream(s) => (" AND stream = ?".into(), vec![sqlx_value::V::S(s.clone())]),
+        Selector::Seqs(seqs) if seqs.is_empty() => (" AND 1 = 0".into(), vec![]),
+        Selector::Seqs(seqs) => (
+            format!(" AND seq IN ({})", list(seqs.len())),
+            seqs.iter().map(|s| sqlx_value::V::I(*s)).collect(),
+        ),
+    }
+}
+
+mod sqlx_value {
+    /// A bind value for dynamically built statements.
+    pub enum V {
+        S(String),
+        I(i64),
+    }
+
+    pub fn bind<'q>(
+        mut q: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+        vals: &'q [V],
+    ) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+        for v in vals {
+            q = match v {
+                V::S(s) => q.bind(s),
+                V::I(i) => q.bind(i),
+            };
+        }
+        q
+    }
+}
+
+#[async_trait]
+impl Store for MySqlStore {
+    async fn migrate(&self) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let statements = [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                    id CHAR(36) NOT NULL,
+                    stream VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+                    destination VARCHAR(512) NOT NULL,
+                    msg_key VARCHAR(255) COLLATE utf8mb4_bin NULL,
+                    okey VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+                    payload LONGBLOB NOT NULL,
+                    content_type VARCHAR(255) NOT NULL,
+                    headers LONGTEXT NOT NULL,
+                    strategy VARCHAR(16) NOT NULL,
+                    status VARCHAR(16) NOT NULL,
+                    attempts INT NOT NULL DEFAULT 0,
+                    created_at BIGINT NOT NULL,
+                    next_attempt_at BIGINT NOT NULL,
+                    locked_by VARCHAR(64) NULL,
+                    locked_until BIGINT NULL,
+                    last_error TEXT NULL,
+                    sent_at BIGINT NULL,
+                    signature VARCHAR(255) NULL,
+                    UNIQUE KEY {t}_id (id),
+                    KEY {t}_unit (status, stream, okey, seq),
+                    KEY {t}_sent (status, sent_at)
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+            ),
+            // Ordering-unit locks for enqueue, and the ('', 'claim') row that serializes claims.
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_locks (
+                    stream VARCHAR(255) NOT NULL,
+                    okey VARCHAR(255) NOT NULL,
+                    PRIMARY KEY (stream, okey)
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin"
+            ),
+            format!("INSERT IGNORE INTO {t}_locks (stream, okey) VALUES ('', 'claim')"),
+        ];
+        for s in statements {
+            sqlx::query(&s)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let seqs = insert(&mut tx, &self.inner.table, rows).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(seqs)
+    }
+
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+        let t = &self.inner.table;
+        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
+        // Each statement sees the latest committed leases.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
+        sqlx::query(&format!(
+            "SELECT okey FROM {t}_locks WHERE stream = '' AND okey = 'claim' FOR UPDATE"
+        ))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        let (filter, streams) = match &claim.streams {
+            StreamFilter::All => (String::new(), vec![]),
+            StreamFilter::Only(s) => (format!(" AND o.stream IN ({})", list(s.len())), s.clone()),
+        };
+        let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let select = format!(
+            "SELECT o.seq FROM {t} o
+             WHERE o.status = 'pending'{filter}
+               AND (o.locked_until IS NULL OR o.locked_until <= ?) AND o.next_attempt_at <= ?
+               AND (o.strategy = 'on_commit' OR NOT EXISTS (
+                 SELECT 1 FROM {t} p
+                 WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
+                   AND p.strategy = 'keep_order' AND (p.locked_until > ? OR p.next_attempt_at > ?)))
+             ORDER BY o.seq LIMIT ?"
+        );
+        let mut q = sqlx::query_scalar::<_, i64>(&select);
+        for s in &streams {
+            q = q.bind(s);
+        }
+        let seqs: Vec<i64> = q
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(now)
+            .bind(claim.limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        if seqs.is_empty() {
+            tx.commit().await.map_err(map_err)?;
+            return Ok(Vec::new());
+        }
+        let update = format!(
+            "UPDATE {t} SET locked_by = ?, locked_until = ? WHERE seq IN ({})",
+            list(seqs.len())
+        );
+        let mut q = sqlx::query(&update)
+            .bind(&claim.owner)
+            .bind(now + claim.lease.as_millis() as i64);
+        for s in &seqs {
+            q = q.bind(s);
+        }
+        q.execute(&mut *tx).await.map_err(map_err)?;
+        let fetch = format!(
+            "SELECT {COLS} FROM {t} WHERE seq IN ({}) ORDER BY seq",
+            list(seqs.len())
+        );
+        let mut q = sqlx::query(&fetch);
+        for s in &seqs {
+            q = q.bind(s);
+        }
+        let rows = q.fetch_all(&mut *tx).await.map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        for chunk in seqs.chunks(1000) {
+            let sql = if delete {
+                format!("DELETE FROM {t} WHERE seq IN ({})", list(chunk.len()))
+            } else {
+                format!(
+                    "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
+                     WHERE seq IN ({})",
+                    list(chunk.len())
+                )
+            };
+            let mut q = sqlx::query(&sql);
+            for s in chunk {
+                q = q.bind(s);
+            }
+            q.execute(&self.inner.pool).await.map_err(map_err)?;
+        }
+        Ok(())
+    }
+
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let retry = format!(
+            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = {NOW} + ?,
+               locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
+        );
+        let dead = format!(
+            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
+               locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
+        );
+        let release = format!(
+            "UPDATE {t} SET locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
+        );
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        for f in failures {
+            let q = match f.outcome {
+                Outcome::Retry { after } => sqlx::query(&retry)
+                    .bind(&f.error)
+                    .bind(after.as_millis() as i64),
+                Outcome::Dead => sqlx::query(&dead).bind(&f.error),
+                Outcome::Release => sqlx::query(&release),
+            };
+            q.bind(f.seq)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
+        let (clause, vals) = selector(sel);
+        let sql = format!(
+            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
+               locked_until = NULL WHERE status = 'dead'{clause}",
+            self.inner.table
+        );
+        let n = sqlx_value::bind(sqlx::query(&sql), &vals)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        self.inner.notify.notify_one();
+        Ok(n)
+    }
+
+    async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {
+        let (clause, vals) = selector(sel);
+        let sql = format!(
+            "DELETE FROM {} WHERE status = 'dead'{clause}",
+            self.inner.table
+        );
+        Ok(sqlx_value::bind(sqlx::query(&sql), &vals)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?
+            .rows_affected())
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        let sql = format!(
+            "SELECT {COLS} FROM {} WHERE status = 'dead' AND (? IS NULL OR stream = ?) ORDER BY seq LIMIT ?",
+            self.inner.table
+        );
+        let rows = sqlx::query(&sql)
+            .bind(stream)
+            .bind(stream)
+            .bind(limit as i64)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn clean(
+        &self,
+        sent_before: SystemTime,
+        limit: usize,
+        include_dead: bool,
+    ) -> outbox_core::Result<u64> {
+        // MySQL cannot DELETE with a LIMITed subquery on the same table; DELETE ... LIMIT is fine.
+        let dead = if include_dead {
+            " OR (status = 'dead' AND created_at < ?)"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "DELETE FROM {} WHERE (status = 'sent' AND sent_at < ?){dead} ORDER BY seq LIMIT ?",
+            self.inner.table
+        );
+        let before = to_millis(sent_before);
+        let mut q = sqlx::query(&sql).bind(before);
+        if include_dead {
+            q = q.bind(before);
+        }
+        Ok(q.bind(limit as i64)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?
+            .rows_affected())
+    }
+
+    async fn stats(&self) -> outbox_core::Result<Stats> {
+        let sql = format!(
+            "SELECT CONVERT(stream USING utf8mb4), CAST(SUM(status = 'pending') AS SIGNED), CAST(SUM(status = 'sent') AS SIGNED),
+               CAST(SUM(status = 'dead') AS SIGNED), MIN(CASE WHEN status = 'pending' THEN created_at END)
+             FROM {} GROUP BY stream ORDER BY stream",
+            self.inner.table
+        );
+        let rows: Vec<(String, i64, i64, i64, Option<i64>)> = sqlx::query_as(&sql)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(Stats {
+            streams: rows
+                .into_iter()
+                .map(|(stream, p, s, d, oldest)| StreamStats {
+                    stream,
+                    pending: p as u64,
+                    sent: s as u64,
+                    dead: d as u64,
+                    oldest_pending: oldest.map(outbox_core::from_millis),
+                })
+                .collect(),
+        })
+    }
+
+    async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
+        let sql = format!("SELECT {COLS} FROM {} WHERE seq = ?", self.inner.table);
+        let row = sqlx::query(&sql)
+            .bind(seq)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.inner.notify.notify_one();
+    }
+}

@@ -1,0 +1,646 @@
+//! PostgreSQL store: enqueue in the caller's sqlx transaction, claims serialized per table
+//! with leases, `LISTEN/NOTIFY` wake-up.
+//!
+//! ```no_run
+//! use outbox_core::{Message, Outbox, StdoutPublisher, Strategy};
+//! use outbox_sql::postgres::PgStore;
+//! # async fn demo() -> outbox_core::Result<()> {
+//! let store = PgStore::connect("postgres://app@127.0.0.1/shop").await?;   // table "outbox"
+//! outbox_core::Store::migrate(&store).await?;
+//! let outbox = Outbox::builder(store.clone(), StdoutPublisher::default())
+//!     .strategy(Strategy::KeepOrder)
+//!     .build()?;
+//!
+//! let mut tx = store.pool().begin().await.map_err(outbox_sql::postgres::map_err)?;
+//! // ... business writes on &mut *tx ...
+//! let pending = store.enqueue(&mut tx, &outbox, [Message::json("orders.placed", &1)?]).await?;
+//! outbox_sql::postgres::commit(tx, pending).await?;   // commit, then publish on commit
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{
+    to_millis, validate_identifier, Claim, Error, Failure, Message, NewMessage, Outbox, Outcome,
+    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
+};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
+use sqlx::{PgConnection, Postgres, Transaction};
+use tokio::sync::Notify;
+
+use crate::common::{decode, keep_order_units, redact_url};
+
+pub use crate::common::map_err;
+/// The sqlx this store is built with, for the application's own queries and transactions.
+pub use sqlx;
+
+/// The database clock in milliseconds.
+const NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+fn cols(prefix: &str) -> String {
+    format!(
+        "{p}seq, {p}id::text, {p}stream, {p}destination, {p}msg_key, {p}payload, {p}content_type, {p}headers::text, \
+         {p}strategy, {p}status, {p}attempts, {p}created_at, {p}next_attempt_at, {p}last_error, {p}sent_at, {p}signature",
+        p = prefix
+    )
+}
+
+/// Settings of a [`PgStore`].
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Table name (validated, never interpolated raw). Default: `outbox`.
+    pub table: String,
+    /// Pool size. Default: 5.
+    pub max_connections: u32,
+    /// How long to wait for a pooled connection (and for the first connection at start-up).
+    /// Default: 5 s.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            table: "outbox".into(),
+            max_connections: 5,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Inner {
+    pool: PgPool,
+    table: String,
+    sql: Sql,
+    notify: Arc<Notify>,
+    listening: AtomicBool,
+}
+
+/// The PostgreSQL outbox store. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("table", &self.inner.table)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connect with the default options (table `outbox`). Fails at once, with a typed error,
+    /// on a malformed URL ([`outbox_core::ErrorKind::Config`]) or an unreachable server
+    /// ([`outbox_core::ErrorKind::Store`], transient).
+    pub async fn connect(url: &str) -> outbox_core::Result<Self> {
+        Self::connect_with(url, PgOptions::default()).await
+    }
+
+    /// Connect with options.
+    pub async fn connect_with(url: &str, options: PgOptions) -> outbox_core::Result<Self> {
+        validate_identifier(&options.table)?;
+        let connect: PgConnectOptions = url.parse().map_err(|e| {
+            Error::config(format!("invalid PostgreSQL URL {}", redact_url(url))).with_source(e)
+        })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(|e| {
+                let mapped = map_err(e);
+                Error::new(
+                    mapped.kind(),
+                    Retry::Transient,
+                    format!("cannot connect to PostgreSQL at {}", redact_url(url)),
+                )
+                .with_source(mapped)
+            })?;
+        Self::from_pool(pool, &options.table)
+    }
+
+    /// Use an existing pool (the application's own).
+    pub fn from_pool(pool: PgPool, table: &str) -> outbox_core::Result<Self> {
+        validate_identifier(table)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                table: table.to_owned(),
+                sql: Sql::new(table),
+                notify: Arc::new(Notify::new()),
+                listening: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The pool (for the application's transactions).
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// Write `messages` in the caller's transaction (pass `&mut tx`), in one statement.
+    /// Either all are written or, on error, none. Keep-order rows lock their ordering unit
+    /// until the transaction ends and send `NOTIFY` on commit.
+    ///
+    /// Do the business writes that lock shared rows *before* enqueueing, as usual: a
+    /// transaction that waits for a unit lock while holding a row another writer of that unit
+    /// needs deadlocks, and PostgreSQL aborts one of the two.
+    pub async fn enqueue(
+        &self,
+        conn: &mut PgConnection,
+        outbox: &Outbox,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> outbox_core::Result<Pending> {
+        let prepared = outbox.prepare(messages)?;
+        let rows = prepared.rows();
+        let units = keep_order_units(rows);
+        for (stream, key) in &units {
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2 || chr(31) || $3))",
+            )
+            .bind(&self.inner.table)
+            .bind(stream)
+            .bind(key)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        }
+        let seqs = insert(&mut *conn, &self.inner.sql, rows).await?;
+        if !units.is_empty() {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(&self.inner.table)
+                .execute(&mut *conn)
+                .await
+                .map_err(map_err)?;
+        }
+        prepared.into_pending(seqs)
+    }
+
+    fn start_listener(&self) {
+        if self.inner.listening.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pool = self.inner.pool.clone();
+        let channel = self.inner.table.clone();
+        let notify: Weak<Notify> = Arc::downgrade(&self.inner.notify);
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let mut listener = match PgListener::connect_with(&pool).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "LISTEN connection failed; relays poll until it is back");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                };
+                if let Err(e) = listener.listen(&channel).await {
+                    tracing::warn!(error = %e, "LISTEN failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+                pause = Duration::from_millis(100);
+                loop {
+                    let Some(n) = notify.upgrade() else { return };
+                    match listener.try_recv().await {
+                        Ok(Some(_)) => n.notify_one(),
+                        // The connection dropped: notifications may have been missed, so make
+                        // the relay look now; try_recv reconnects on the next call.
+                        Ok(None) => n.notify_one(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                            n.notify_one();
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Commit `tx`, then publish its publish-on-commit messages in the background. Nothing is
+/// published if the commit fails.
+pub async fn commit(tx: Transaction<'_, Postgres>, pending: Pending) -> outbox_core::Result<()> {
+    tx.commit().await.map_err(map_err)?;
+    pending.dispatch();
+    Ok(())
+}
+
+struct Sql {
+    schema: String,
+    insert: String,
+    claim: String,
+    complete_mark: String,
+    complete_delete: String,
+    fail: String,
+    get: String,
+}
+
+impl Sql {
+    fn new(t: &str) -> Self {
+        Self {
+            schema: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    seq BIGSERIAL PRIMARY KEY,
+                    id UUID NOT NULL UNIQUE,
+                    stream TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    msg_key TEXT,
+                    okey TEXT NOT NULL,
+                    payload BYTEA NOT NULL,
+                    content_type TEXT NOT NULL,
+                    headers JSONB NOT NULL,
+                    strategy TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    created_at BIGINT NOT NULL,
+                    next_attempt_at BIGINT NOT NULL,
+                    locked_by TEXT,
+                    locked_until BIGINT,
+                    last_error TEXT,
+                    sent_at BIGINT,
+                    signature TEXT
+                );
+                CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
+                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
+            ),
+            insert: format!(
+                "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
+                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
+                 SELECT u.id::uuid, u.stream, u.destination, u.msg_key, COALESCE(u.msg_key, ''), u.payload,
+                    u.content_type, u.headers::jsonb, u.strategy, u.status, u.attempts, u.created_at,
+                    {NOW} + u.retry_ms, u.locked_by, {NOW} + u.lease_ms, u.last_error, u.signature
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[],
+                    $8::text[], $9::text[], $10::int4[], $11::int8[], $12::int8[], $13::text[], $14::int8[],
+                    $15::text[], $16::text[])
+                   AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
+                        attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature)
+                 RETURNING seq, id::text"
+            ),
+            // Runs after the per-table claim lock: see the crate docs for why.
+            claim: format!(
+                "WITH now AS (SELECT {NOW} AS ms),
+                 c AS (
+                   SELECT o.seq FROM {t} o, now
+                   WHERE o.status = 'pending' AND ($4::text[] IS NULL OR o.stream = ANY($4))
+                     AND (o.locked_until IS NULL OR o.locked_until <= now.ms) AND o.next_attempt_at <= now.ms
+                     AND (o.strategy = 'on_commit' OR NOT EXISTS (
+                       SELECT 1 FROM {t} p
+                       WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
+                         AND p.strategy = 'keep_order'
+                         AND (p.locked_until > now.ms OR p.next_attempt_at > now.ms)))
+                   ORDER BY o.seq LIMIT $2
+                   FOR UPDATE OF o SKIP LOCKED)
+                 UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3
+                 FROM c WHERE {t}.seq = c.seq
+                 RETURNING {cols}",
+                cols = cols(&format!("{t}."))
+            ),
+            complete_mark: format!(
+                "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
+                 WHERE seq = ANY($1)"
+            ),
+            complete_delete: format!("DELETE FROM {t} WHERE seq = ANY($1)"),
+            fail: format!(
+                "UPDATE {t} SET
+                   attempts = CASE WHEN f.kind = 'release' THEN {t}.attempts ELSE {t}.attempts + 1 END,
+                   last_error = CASE WHEN f.kind = 'release' THEN {t}.last_error ELSE f.err END,
+                   next_attempt_at = CASE WHEN f.kind = 'retry' THEN {NOW} + f.after_ms ELSE {t}.next_attempt_at END,
+                   status = CASE WHEN f.kind = 'dead' THEN 'dead' ELSE {t}.status END,
+                   locked_by = NULL, locked_until = NULL
+                 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int8[]) AS f(seq, kind, err, after_ms)
+                 WHERE {t}.seq = f.seq AND {t}.locked_by = $5 AND {t}.status = 'pending'"
+            ),
+            get: format!("SELECT {} FROM {t} WHERE seq = $1", cols("")),
+        }
+    }
+}
+
+async fn insert(
+    conn: &mut PgConnection,
+    sql: &Sql,
+    rows: &[NewMessage],
+) -> outbox_core::Result<Vec<i64>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let n = rows.len();
+    let mut ids = Vec::with_capacity(n);
+    let (mut streams, mut dests, mut keys, mut payloads) = (vec![], vec![], vec![], vec![]);
+    let (mut ctypes, mut headers, mut strategies, mut statuses) = (vec![], vec![], vec![], vec![]);
+    let (mut attempts, mut created, mut retry, mut lockers) = (vec![], vec![], vec![], vec![]);
+    let (mut leases, mut errors, mut sigs) = (vec![], vec![], vec![]);
+    for r in rows {
+        let m = &r.envelope.message;
+        ids.push(r.envelope.id.to_string());
+        streams.push(m.stream.clone());
+        dests.push(m.destination.clone());
+        keys.push(m.key.clone());
+        payloads.push(m.payload.clone());
+        ctypes.push(m.content_type.clone());
+        headers.push(serde_json::to_string(&m.headers)?);
+        strategies.push(r.strategy.as_str());
+        statuses.push(r.status.as_str());
+        attempts.push(r.attempts as i32);
+        created.push(to_millis(r.envelope.created_at));
+        retry.push(r.retry_after.as_millis() as i64);
+        lockers.push(r.lease.as_ref().map(|(o, _)| o.clone()));
+        leases.push(r.lease.as_ref().map(|(_, d)| d.as_millis() as i64));
+        errors.push(r.last_error.clone());
+        sigs.push(r.signature.clone());
+    }
+    let returned: Vec<(i64, String)> = sqlx::query_as(&sql.insert)
+        .bind(&ids)
+        .bind(streams)
+        .bind(dests)
+        .bind(keys)
+        .bind(payloads)
+        .bind(ctypes)
+        .bind(headers)
+        .bind(strategies)
+        .bind(statuses)
+        .bind(attempts)
+        .bind(created)
+        .bind(retry)
+        .bind(lockers)
+        .bind(leases)
+        .bind(errors)
+        .bind(sigs)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
+    let by_id: std::collections::HashMap<String, i64> =
+        returned.into_iter().map(|(s, id)| (id, s)).collect();
+    ids.iter()
+        .map(|id| {
+            by_id
+                .get(id)
+                .copied()
+                .ok_or_else(|| Error::store("insert did not return every row"))
+        })
+        .collect()
+}
+
+fn selector(sel: &Selector) -> (&'static str, Option<String>, Option<Vec<i64>>) {
+    match sel {
+        Selector::All => ("", None, None),
+        Selector::Stream(s) => (" AND stream = $1", Some(s.clone()), None),
+        Selector::Seqs(seqs) => (" AND seq = ANY($1)", None, Some(seqs.clone())),
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn migrate(&self) -> outbox_core::Result<()> {
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        // Several processes may migrate at once: one at a time.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate'), hashtext($1))")
+            .bind(&self.inner.table)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        for statement in self
+            .inner
+            .sql
+            .schema
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            sqlx::query(statement)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
+        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
+        insert(&mut conn, &self.inner.sql, rows).await
+    }
+
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+        let streams: Option<Vec<String>> = match &claim.streams {
+            StreamFilter::All => None,
+            StreamFilter::Only(s) => Some(s.clone()),
+        };
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-claim'), hashtext($1))")
+            .bind(&self.inner.table)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let rows = sqlx::query(&self.inner.sql.claim)
+            .bind(&claim.owner)
+            .bind(claim.limit as i64)
+            .bind(claim.lease.as_millis() as i64)
+            .bind(streams)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        let mut out = rows
+            .iter()
+            .map(decode)
+            .collect::<outbox_core::Result<Vec<_>>>()?;
+        out.sort_by_key(|r| r.seq);
+        Ok(out)
+    }
+
+    async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
+        let sql = if delete {
+            &self.inner.sql.complete_delete
+        } else {
+            &self.inner.sql.complete_mark
+        };
+        sqlx::query(sql)
+            .bind(seqs)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
+        let mut seqs = Vec::with_capacity(failures.len());
+        let (mut kinds, mut errs, mut afters) = (vec![], vec![], vec![]);
+        for f in failures {
+            seqs.push(f.seq);
+            let (kind, after) = match f.outcome {
+                Outcome::Retry { after } => ("retry", after.as_millis() as i64),
+                Outcome::Dead => ("dead", 0),
+                Outcome::Release => ("release", 0),
+            };
+            kinds.push(kind);
+            afters.push(after);
+            errs.push(f.error.clone());
+        }
+        sqlx::query(&self.inner.sql.fail)
+            .bind(seqs)
+            .bind(kinds)
+            .bind(errs)
+            .bind(afters)
+            .bind(owner)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
+        let (clause, stream, seqs) = selector(sel);
+        let t = &self.inner.table;
+        let sql = format!(
+            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
+               locked_until = NULL WHERE status = 'dead'{clause}"
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(s) = stream {
+            q = q.bind(s);
+        }
+        if let Some(s) = seqs {
+            q = q.bind(s);
+        }
+        let n = q
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(t)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        self.inner.notify.notify_one();
+        Ok(n)
+    }
+
+    async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {
+        let (clause, stream, seqs) = selector(sel);
+        let sql = format!(
+            "DELETE FROM {} WHERE status = 'dead'{clause}",
+            self.inner.table
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(s) = stream {
+            q = q.bind(s);
+        }
+        if let Some(s) = seqs {
+            q = q.bind(s);
+        }
+        Ok(q.execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?
+            .rows_affected())
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        let sql = format!(
+            "SELECT {} FROM {} WHERE status = 'dead' AND ($1::text IS NULL OR stream = $1) ORDER BY seq LIMIT $2",
+            cols(""),
+            self.inner.table
+        );
+        let rows = sqlx::query(&sql)
+            .bind(stream)
+            .bind(limit as i64)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        rows.iter().map(decode).collect()
+    }
+
+    async fn clean(
+        &self,
+        sent_before: SystemTime,
+        limit: usize,
+        include_dead: bool,
+    ) -> outbox_core::Result<u64> {
+        let sql = format!(
+            "DELETE FROM {t} WHERE seq IN (SELECT seq FROM {t} WHERE (status = 'sent' AND sent_at < $1)
+               OR ($2 AND status = 'dead' AND created_at < $1) ORDER BY seq LIMIT $3)",
+            t = self.inner.table
+        );
+        let r = sqlx::query(&sql)
+            .bind(to_millis(sent_before))
+            .bind(include_dead)
+            .bind(limit as i64)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn stats(&self) -> outbox_core::Result<Stats> {
+        let sql = format!(
+            "SELECT stream, COUNT(*) FILTER (WHERE status = 'pending'), COUNT(*) FILTER (WHERE status = 'sent'),
+               COUNT(*) FILTER (WHERE status = 'dead'), MIN(created_at) FILTER (WHERE status = 'pending')
+             FROM {} GROUP BY stream ORDER BY stream",
+            self.inner.table
+        );
+        let rows: Vec<(String, i64, i64, i64, Option<i64>)> = sqlx::query_as(&sql)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(Stats {
+            streams: rows
+                .into_iter()
+                .map(|(stream, p, s, d, oldest)| StreamStats {
+                    stream,
+                    pending: p as u64,
+                    sent: s as u64,
+                    dead: d as u64,
+                    oldest_pending: oldest.map(outbox_core::from_millis),
+                })
+                .collect(),
+        })
+    }
+
+    async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
+        let row = sqlx::query(&self.inner.sql.get)
+            .bind(seq)
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        row.as_ref().map(decode).transpose()
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.start_listener();
+        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.inner.notify.notify_one();
+    }
+}
+
+impl PgStore {
+    /// A second store on the same table with its own pool (as another process would have).
+    pub async fn reopen(&self) -> outbox_core::Result<Self> {
+        let options = self.inner.pool.connect_options().as_ref().clone();
+        let pool = PgPoolOptions::new()
+            .max_connections(5)
+            .connect_with(options)
+            .await
+            .map_err(map_err)?;
+        Self::from_pool(pool, &self.inner.table)
+    }
+}
