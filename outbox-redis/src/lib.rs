@@ -1,2 +1,221 @@
-//! Placeholder: implemented in the publishers issue.
+//! Redis publisher for the `outbox` framework: Redis Streams (`XADD`, the default) or
+//! Pub/Sub (`PUBLISH`).
+//!
+//! **Streams** keep everything a consumer needs: each entry has the fields `id` (the outbox
+//! message id, for de-duplication), `stream`, `key` (when set), `content-type`, `payload`,
+//! and one `h:<name>` field per header. The destination is the Redis stream key. An optional
+//! `MAXLEN ~ n` caps the stream. A batch is one pipeline: one round trip.
+//!
+//! **Pub/Sub** publishes the raw payload to the channel named by the destination; Redis
+//! Pub/Sub carries no headers or id, and a message with no subscriber is dropped by Redis
+//! itself. With [`RedisPublisher::require_subscribers`] a publish that reached nobody is a
+//! transient error, so the relay retries it.
+//!
+//! The connection is a [`redis::aio::ConnectionManager`]: after a Redis restart it reconnects
+//! by itself; publishes that failed meanwhile are transient errors, retried by the relay.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use async_trait::async_trait;
+use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
+use redis::aio::ConnectionManager;
+
+/// How messages are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `XADD destination [MAXLEN ~ n] * field value ...`
+    Streams {
+        /// Approximate cap on the stream length. Default: none.
+        maxlen: Option<usize>,
+    },
+    /// `PUBLISH destination payload`
+    PubSub,
+}
+
+/// Publishes to Redis. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub struct RedisPublisher {
+    conn: ConnectionManager,
+    mode: Mode,
+    require_subscribers: bool,
+}
+
+impl std::fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Map a redis error: connection, timeout, loading, failover and cluster-state errors are
+/// transient; command errors (wrong type, bad arguments) permanent.
+pub fn map_err(e: redis::RedisError) -> Error {
+    use redis::ErrorKind as K;
+    let transient = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            K::BusyLoadingError | K::TryAgain | K::ClusterDown | K::MasterDown | K::ReadOnly
+        );
+    let retry = if transient {
+        Retry::Transient
+    } else {
+        Retry::Permanent
+    };
+    Error::new(ErrorKind::Publish, retry, "redis").with_source(e)
+}
+
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+impl RedisPublisher {
+    /// Connect to `url` (`redis://[:password@]host:port/db`) in Streams mode. An invalid URL
+    /// is a `Config` error; an unreachable server a transient `Publish` error.
+    pub async fn connect(url: &str) -> outbox_core::Result<Self> {
+        let client = redis::Client::open(url).map_err(|e| {
+            Error::config(format!("invalid Redis URL {}", redact(url))).with_source(e)
+        })?;
+        // Fail fast and let the relay's own backoff do the retrying: a couple of quick
+        // reconnect attempts per failed request, bounded connect and response times.
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(2)
+            .set_factor(10)
+            .set_max_delay(1_000)
+            .set_connection_timeout(std::time::Duration::from_secs(5))
+            .set_response_timeout(std::time::Duration::from_secs(30));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Publish,
+                    Retry::Transient,
+                    format!("cannot connect to Redis at {}", redact(url)),
+                )
+                .with_source(e)
+            })?;
+        Ok(Self {
+            conn,
+            mode: Mode::Streams { maxlen: None },
+            require_subscribers: false,
+        })
+    }
+
+    /// Write with `XADD` (the default); `maxlen` caps each stream approximately.
+    pub fn streams(mut self, maxlen: Option<usize>) -> Self {
+        self.mode = Mode::Streams { maxlen };
+        self
+    }
+
+    /// Write with `PUBLISH` instead.
+    pub fn pubsub(mut self) -> Self {
+        self.mode = Mode::PubSub;
+        self
+    }
+
+    /// Pub/Sub: treat a message that reached no subscriber as a transient failure.
+    pub fn require_subscribers(mut self, yes: bool) -> Self {
+        self.require_subscribers = yes;
+        self
+    }
+
+    fn add(&self, pipe: &mut redis::Pipeline, env: &Envelope) {
+        let m = &env.message;
+        match self.mode {
+            Mode::Streams { maxlen } => {
+                let cmd = pipe.cmd("XADD").arg(&m.destination);
+                if let Some(n) = maxlen {
+                    cmd.arg("MAXLEN").arg("~").arg(n);
+                }
+                cmd.arg("*")
+                    .arg("id")
+                    .arg(env.id.to_string())
+                    .arg("stream")
+                    .arg(&m.stream);
+                if let Some(k) = &m.key {
+                    cmd.arg("key").arg(k);
+                }
+                cmd.arg("content-type")
+                    .arg(&m.content_type)
+                    .arg("payload")
+                    .arg(&m.payload[..]);
+                for (name, value) in &m.headers {
+                    cmd.arg(format!("h:{name}")).arg(value);
+                }
+            }
+            Mode::PubSub => {
+                pipe.cmd("PUBLISH").arg(&m.destination).arg(&m.payload[..]);
+            }
+        }
+    }
+
+    fn check(&self, reply: redis::Value) -> outbox_core::Result<()> {
+        match (self.mode, reply) {
+            (_, redis::Value::ServerError(e)) => Err(map_err(e.into())),
+            (Mode::PubSub, redis::Value::Int(0)) if self.require_subscribers => Err(
+                Error::transient("published to a Redis channel with no subscriber"),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisPublisher {
+    async fn publish(&self, envelope: &Envelope) -> outbox_core::Result<()> {
+        self.publish_batch(&[envelope])
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    /// One pipeline for the whole batch; each command's reply is checked on its own.
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
+        let mut pipe = redis::pipe();
+        for env in batch {
+            self.add(&mut pipe, env);
+        }
+        let mut conn = self.conn.clone();
+        // req_packed_commands keeps each command's reply (a WRONGTYPE on one stream fails
+        // that message only, not the batch).
+        match redis::aio::ConnectionLike::req_packed_commands(&mut conn, &pipe, 0, batch.len())
+            .await
+        {
+            Ok(replies) if replies.len() == batch.len() => {
+                replies.into_iter().map(|r| self.check(r)).collect()
+            }
+            Ok(replies) => {
+                let n = replies.len();
+                batch
+                    .iter()
+                    .map(|_| {
+                        Err(Error::transient(format!(
+                            "redis returned {n} replies for {}",
+                            batch.len()
+                        )))
+                    })
+                    .collect()
+            }
+            Err(e) => {
+                let retry = map_err(e).retry();
+                batch
+                    .iter()
+                    .map(|_| {
+                        Err(Error::new(
+                            ErrorKind::Publish,
+                            retry,
+                            "redis pipeline failed",
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+}

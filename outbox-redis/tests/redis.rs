@@ -1,0 +1,352 @@
+//! Against the real Redis on loopback (OUTBOX_REDIS_URL, default redis://127.0.0.1:6379/),
+//! each test on its own stream keys; the restart test runs a private redis-server.
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outbox_core::conformance::eventually;
+use outbox_core::{
+    Envelope, ErrorKind, Message, MessageId, Outbox, Publisher, RecordingPublisher, Relay, Store,
+    Strategy,
+};
+use outbox_redis::RedisPublisher;
+use outbox_sqlite::SqliteStore;
+use redis::AsyncCommands;
+
+fn url() -> String {
+    std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn env(dest: &str, payload: &str) -> Envelope {
+    Envelope {
+        id: MessageId::new(),
+        created_at: std::time::SystemTime::now(),
+        message: Message::new(dest, payload.as_bytes().to_vec()),
+    }
+}
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis must be reachable")
+}
+
+type Entry = (String, HashMap<String, Vec<u8>>);
+
+async fn entries(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Entry> {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
+    reply
+        .ids
+        .into_iter()
+        .map(|e| {
+            let fields = e
+                .map
+                .into_iter()
+                .map(|(k, v)| (k, redis::from_redis_value::<Vec<u8>>(&v).unwrap()))
+                .collect();
+            (e.id, fields)
+        })
+        .collect()
+}
+
+fn text(fields: &HashMap<String, Vec<u8>>, name: &str) -> String {
+    String::from_utf8(fields.get(name).cloned().unwrap_or_default()).unwrap()
+}
+
+#[tokio::test]
+async fn streams_carry_id_stream_key_headers_and_payload() {
+    let publisher = RedisPublisher::connect(&url()).await.unwrap();
+    let key = unique("orders");
+    let mut a = env(&key, r#"{"n":1}"#);
+    a.message = a
+        .message
+        .clone()
+        .stream("orders")
+        .key("customer-7")
+        .header("trace", "abc")
+        .content_type("application/json");
+    let b = env(&key, "plain");
+    let out = publisher.publish_batch(&[&a, &b]).await;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+
+    let mut conn = raw(&url()).await;
+    let got = entries(&mut conn, &key).await;
+    assert_eq!(got.len(), 2);
+    let f = &got[0].1;
+    assert_eq!(text(f, "id"), a.id.to_string());
+    assert_eq!(text(f, "stream"), "orders");
+    assert_eq!(text(f, "key"), "customer-7");
+    assert_eq!(text(f, "content-type"), "application/json");
+    assert_eq!(text(f, "h:trace"), "abc");
+    assert_eq!(f["payload"], br#"{"n":1}"#.to_vec());
+    assert_eq!(text(&got[1].1, "id"), b.id.to_string());
+    assert!(
+        !got[1].1.contains_key("key"),
+        "no key field when the message has none"
+    );
+    let _: () = conn.del(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn maxlen_caps_the_stream() {
+    let publisher = RedisPublisher::connect(&url())
+        .await
+        .unwrap()
+        .streams(Some(10));
+    let key = unique("capped");
+    let batch: Vec<Envelope> = (0..500).map(|i| env(&key, &i.to_string())).collect();
+    let refs: Vec<&Envelope> = batch.iter().collect();
+    assert!(publisher
+        .publish_batch(&refs)
+        .await
+        .iter()
+        .all(|r| r.is_ok()));
+    let mut conn = raw(&url()).await;
+    let len: usize = conn.xlen(&key).await.unwrap();
+    assert!(len < 500, "MAXLEN ~ 10 trimmed nothing: {len}");
+    let _: () = conn.del(&key).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_command_fails_only_its_message_permanently() {
+    let publisher = RedisPublisher::connect(&url()).await.unwrap();
+    let (good, bad) = (unique("good"), unique("string-key"));
+    let mut conn = raw(&url()).await;
+    let _: () = conn.set(&bad, "not a stream").await.unwrap();
+    let batch = [env(&good, "1"), env(&bad, "2"), env(&good, "3")];
+    let out = publisher
+        .publish_batch(&batch.iter().collect::<Vec<_>>())
+        .await;
+    assert!(out[0].is_ok() && out[2].is_ok(), "{out:?}");
+    let e = out[1].as_ref().unwrap_err();
+    assert!(!e.is_transient(), "WRONGTYPE is permanent: {e}");
+    assert_eq!(entries(&mut conn, &good).await.len(), 2);
+    let _: () = conn.del(&[&good, &bad]).await.unwrap();
+}
+
+#[tokio::test]
+async fn pubsub_publishes_the_payload_and_can_require_subscribers() {
+    let channel = unique("chan");
+    let publisher = RedisPublisher::connect(&url())
+        .await
+        .unwrap()
+        .pubsub()
+        .require_subscribers(true);
+    let e = publisher.publish(&env(&channel, "lost")).await.unwrap_err();
+    assert!(e.is_transient(), "no subscriber: retry later");
+
+    let mut sub = redis::Client::open(url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    sub.subscribe(&channel).await.unwrap();
+    publisher.publish(&env(&channel, "hello")).await.unwrap();
+    use futures_util::StreamExt;
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.on_message().next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.get_payload_bytes(), b"hello");
+}
+
+#[tokio::test]
+async fn bad_url_and_unreachable_server_are_typed_errors() {
+    assert_eq!(
+        RedisPublisher::connect("nope://x")
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Config
+    );
+    let e = RedisPublisher::connect("redis://:sekrit@127.0.0.1:1/")
+        .await
+        .unwrap_err();
+    assert!(e.is_transient());
+    assert!(!format!("{e} {e:?}").contains("sekrit"));
+}
+
+/// A private redis-server with an fsync-always AOF, so acknowledged writes survive SIGKILL.
+struct PrivateRedis {
+    child: Child,
+    port: u16,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl PrivateRedis {
+    fn start(port: u16, dir: tempfile::TempDir) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh installs it)");
+        Self {
+            child,
+            port,
+            dir: Some(dir),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILL; returns the data directory for a restart.
+    fn kill(mut self) -> tempfile::TempDir {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        self.dir.take().unwrap()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn up(url: &str) -> bool {
+    match redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+    {
+        Ok(mut c) => redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = PrivateRedis::start(port, tempfile::tempdir().unwrap());
+    let url = server.url();
+    eventually("private redis up", Duration::from_secs(20), || up(&url)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
+    store.migrate_now().unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let n = 300usize;
+    let mut conn = store.connect().unwrap();
+    for chunk in 0..10 {
+        let tx = conn.transaction().unwrap();
+        let msgs: Vec<Message> = (0..n / 10)
+            .map(|i| {
+                let i = chunk * (n / 10) + i;
+                Message::new("events", i.to_string().into_bytes()).key(format!("k{}", i % 5))
+            })
+            .collect();
+        store.enqueue(&tx, &outbox, msgs).unwrap().dispatch();
+        tx.commit().unwrap();
+    }
+
+    let publisher = RedisPublisher::connect(&url).await.unwrap();
+    let relay = Relay::builder(store.clone(), publisher)
+        .batch_size(10)
+        .poll_interval(Duration::from_millis(20))
+        .publish_timeout(Duration::from_secs(2))
+        .retry(outbox_core::RetryPolicy {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+            max_attempts: 10_000,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+
+    // Kill Redis once part of the backlog is through, keep it down a moment, bring it back.
+    let check = raw(&url).await;
+    eventually("some messages published", Duration::from_secs(30), || {
+        let mut c = check.clone();
+        async move { c.xlen::<_, usize>("events").await.unwrap_or(0) >= 60 }
+    })
+    .await;
+    let data = server.kill();
+    let outage = std::time::Instant::now();
+    eventually(
+        "the relay notices the outage",
+        Duration::from_secs(30),
+        || async { outage.elapsed() > Duration::from_millis(300) },
+    )
+    .await;
+    let pending_during_outage = store.stats().await.unwrap().total().pending;
+    let server = PrivateRedis::start(port, data);
+    eventually("redis back", Duration::from_secs(20), || up(&url)).await;
+    eventually(
+        "backlog drained after the restart",
+        Duration::from_secs(60),
+        || async { store.stats().await.unwrap().total().pending == 0 },
+    )
+    .await;
+    stop_tx.send(true).unwrap();
+    let report = run.await.unwrap();
+
+    let mut check = raw(&url).await;
+    let got = entries(&mut check, "events").await;
+    let mut seen = std::collections::HashSet::new();
+    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
+    for (_, f) in &got {
+        if !seen.insert(text(f, "id")) {
+            continue; // a duplicate: consumers de-duplicate on the id
+        }
+        let i: usize = String::from_utf8(f["payload"].clone())
+            .unwrap()
+            .parse()
+            .unwrap();
+        per_key.entry(text(f, "key")).or_default().push(i);
+    }
+    let duplicates = got.len() - seen.len();
+    println!(
+        "redis restart: {n} messages, {} entries, {duplicates} duplicates, {} failed attempts, {pending_during_outage} pending during the outage",
+        got.len(),
+        report.failed
+    );
+    assert_eq!(seen.len(), n, "every message reached Redis");
+    assert!(pending_during_outage > 0, "the outage happened mid-run");
+    assert!(
+        duplicates <= 10,
+        "at most one batch duplicated by the kill, got {duplicates}"
+    );
+    for (key, ids) in per_key {
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "key {key} out of order");
+    }
+    drop(server);
+}
