@@ -1,2 +1,251 @@
-//! Placeholder: implemented in the publishers issue.
+//! RabbitMQ publisher for the `outbox` framework (lapin, AMQP 0-9-1).
+//!
+//! - **Destination**: `exchange/routing-key`, or a bare `queue-name` for the default
+//!   exchange (routing key = queue name).
+//! - **Durability**: publisher confirms on, persistent delivery (`delivery_mode = 2`); a
+//!   publish succeeds only when the broker confirmed it.
+//! - **No silent drop**: every publish is `mandatory`, so a message no queue is bound for is
+//!   returned by the broker and fails permanently ([`outbox_core::ErrorKind::Unroutable`])
+//!   instead of vanishing.
+//! - **Metadata**: `message_id` = the outbox id (consumers de-duplicate on it),
+//!   `content_type`, `timestamp`, and headers: the message's own plus `x-outbox-stream` and
+//!   `x-outbox-key`.
+//! - **Batches**: all messages are sent, then all confirms awaited: one round trip per batch.
+//! - **Reconnect**: a lost connection or channel is re-established on the next publish; the
+//!   failed publishes are transient errors the relay retries.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::Confirmation;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
+use tokio::sync::Mutex;
+
+/// Map a lapin error: I/O, connection and channel state errors are transient (a reconnect
+/// fixes them); protocol-level refusals such as a missing exchange are permanent.
+pub fn map_err(e: lapin::Error) -> Error {
+    let permanent_refusal =
+        matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if is_permanent_soft(p));
+    let retry = if e.can_be_recovered() && !permanent_refusal {
+        Retry::Transient
+    } else {
+        Retry::Permanent
+    };
+    Error::new(ErrorKind::Publish, retry, "amqp").with_source(e)
+}
+
+fn is_permanent_soft(p: &lapin::protocol::AMQPError) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(
+        p.kind(),
+        AMQPErrorKind::Soft(
+            AMQPSoftError::NOTFOUND
+                | AMQPSoftError::ACCESSREFUSED
+                | AMQPSoftError::PRECONDITIONFAILED
+        )
+    )
+}
+
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Publishes to RabbitMQ with publisher confirms.
+pub struct AmqpPublisher {
+    url: String,
+    state: Mutex<Option<(Connection, Channel)>>,
+}
+
+impl std::fmt::Debug for AmqpPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpPublisher")
+            .field("url", &redact(&self.url))
+            .finish_non_exhaustive()
+    }
+}
+
+/// `exchange/routing-key`, or `queue` for the default exchange.
+pub fn parse_destination(destination: &str) -> (&str, &str) {
+    match destination.split_once('/') {
+        Some((exchange, routing_key)) => (exchange, routing_key),
+        None => ("", destination),
+    }
+}
+
+impl AmqpPublisher {
+    /// Connect to `url` (`amqp://user:pass@host:5672/%2f`) and open a confirming channel. A
+    /// malformed URL is a `Config` error; an unreachable broker a transient `Publish` error.
+    pub async fn connect(url: &str) -> outbox_core::Result<Self> {
+        url.parse::<lapin::uri::AMQPUri>()
+            .map_err(|e| Error::config(format!("invalid AMQP URL {}: {e}", redact(url))))?;
+        let publisher = Self {
+            url: url.to_owned(),
+            state: Mutex::new(None),
+        };
+        publisher.channel().await?;
+        Ok(publisher)
+    }
+
+    async fn open(&self) -> outbox_core::Result<(Connection, Channel)> {
+        let wrap = |e: lapin::Error| {
+            let retry = map_err(e);
+            Error::new(
+                ErrorKind::Publish,
+                Retry::Transient,
+                format!("cannot connect to RabbitMQ at {}", redact(&self.url)),
+            )
+            .with_source(retry)
+        };
+        let conn = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .map_err(wrap)?;
+        let channel = conn.create_channel().await.map_err(wrap)?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(wrap)?;
+        Ok((conn, channel))
+    }
+
+    /// The current channel, reconnecting if the connection or channel was lost.
+    async fn channel(&self) -> outbox_core::Result<Channel> {
+        let mut state = self.state.lock().await;
+        if let Some((conn, channel)) = state.as_ref() {
+            if conn.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            tracing::info!("RabbitMQ connection or channel lost; reconnecting");
+        }
+        let (conn, channel) = self.open().await?;
+        *state = Some((conn, channel.clone()));
+        Ok(channel)
+    }
+
+    fn properties(envelope: &Envelope) -> BasicProperties {
+        let m = &envelope.message;
+        let mut headers = FieldTable::default();
+        for (name, value) in &m.headers {
+            headers.insert(
+                name.as_str().into(),
+                AMQPValue::LongString(value.as_str().into()),
+            );
+        }
+        headers.insert(
+            "x-outbox-stream".into(),
+            AMQPValue::LongString(m.stream.as_str().into()),
+        );
+        if let Some(key) = &m.key {
+            headers.insert(
+                "x-outbox-key".into(),
+                AMQPValue::LongString(key.as_str().into()),
+            );
+        }
+        let timestamp = envelope
+            .created_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        BasicProperties::default()
+            .with_message_id(envelope.id.to_string().into())
+            .with_content_type(m.content_type.as_str().into())
+            .with_delivery_mode(2)
+            .with_timestamp(timestamp)
+            .with_headers(headers)
+    }
+}
+
+fn confirmation(c: Result<Confirmation, lapin::Error>) -> outbox_core::Result<()> {
+    match c {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => Err(Error::new(
+            ErrorKind::Unroutable,
+            Retry::Permanent,
+            format!(
+                "RabbitMQ returned the message: {} {} (exchange {:?}, routing key {:?})",
+                returned.reply_code,
+                returned.reply_text,
+                returned.delivery.exchange,
+                returned.delivery.routing_key
+            ),
+        )),
+        Ok(Confirmation::Nack(_)) => Err(Error::transient("RabbitMQ nacked the message")),
+        Ok(Confirmation::NotRequested) => Err(Error::transient(
+            "publisher confirms are not enabled on the channel",
+        )),
+        Err(e) => Err(map_err(e)),
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn publish(&self, envelope: &Envelope) -> outbox_core::Result<()> {
+        self.publish_batch(&[envelope])
+            .await
+            .pop()
+            .unwrap_or(Ok(()))
+    }
+
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = e.to_string();
+                return batch
+                    .iter()
+                    .map(|_| Err(Error::transient(msg.clone())))
+                    .collect();
+            }
+        };
+        // Send everything, then await every confirm.
+        let mut pending = Vec::with_capacity(batch.len());
+        for env in batch {
+            let (exchange, routing_key) = parse_destination(&env.message.destination);
+            let sent = channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &env.message.payload,
+                    Self::properties(env),
+                )
+                .await;
+            pending.push(sent);
+        }
+        let mut results = Vec::with_capacity(batch.len());
+        for sent in pending {
+            results.push(match sent {
+                Ok(confirm) => confirmation(confirm.await),
+                Err(e) => Err(map_err(e)),
+            });
+        }
+        results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        assert_eq!(parse_destination("orders"), ("", "orders"));
+        assert_eq!(
+            parse_destination("events/orders.placed"),
+            ("events", "orders.placed")
+        );
+        assert_eq!(parse_destination("events/a/b"), ("events", "a/b"));
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672/%2f"),
+            "amqp://***@h:5672/%2f"
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! Against the real RabbitMQ on loopback (OUTBOX_AMQP_URL, default
+//! amqp://guest:guest@127.0.0.1:5672/%2f), each test with its own queues and exchanges.
+
+use std::time::Duration;
+
+use lapin::options::{
+    BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use outbox_amqp::AmqpPublisher;
+use outbox_core::{Envelope, ErrorKind, Message, MessageId, Publisher};
+
+fn url() -> String {
+    std::env::var("OUTBOX_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::now_v7().simple())
+}
+
+fn env(dest: &str, payload: &str) -> Envelope {
+    Envelope {
+        id: MessageId::new(),
+        created_at: std::time::SystemTime::now(),
+        message: Message::new(dest, payload.as_bytes().to_vec()),
+    }
+}
+
+async fn admin() -> (Connection, Channel) {
+    let conn = Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ must be reachable");
+    let ch = conn.create_channel().await.unwrap();
+    (conn, ch)
+}
+
+async fn queue(ch: &Channel, name: &str) {
+    ch.queue_declare(
+        name.into(),
+        QueueDeclareOptions {
+            auto_delete: false,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn get(ch: &Channel, q: &str) -> Option<lapin::message::BasicGetMessage> {
+    ch.basic_get(q.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+}
+
+fn header(props: &lapin::BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn default_exchange_carries_id_headers_and_persistence() {
+    let (_c, ch) = admin().await;
+    let q = unique("orders");
+    queue(&ch, &q).await;
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    let mut a = env(&q, r#"{"n":1}"#);
+    a.message = a
+        .message
+        .clone()
+        .stream("orders")
+        .key("customer-7")
+        .header("trace", "abc")
+        .content_type("application/json");
+    let b = env(&q, "second");
+    let out = publisher.publish_batch(&[&a, &b]).await;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+
+    let m = get(&ch, &q).await.expect("first message");
+    let p = &m.delivery.properties;
+    assert_eq!(m.delivery.data, br#"{"n":1}"#.to_vec());
+    assert_eq!(p.message_id().as_ref().unwrap().as_str(), a.id.to_string());
+    assert_eq!(
+        p.content_type().as_ref().unwrap().as_str(),
+        "application/json"
+    );
+    assert_eq!(*p.delivery_mode(), Some(2), "persistent");
+    assert_eq!(header(p, "trace").as_deref(), Some("abc"));
+    assert_eq!(header(p, "x-outbox-stream").as_deref(), Some("orders"));
+    assert_eq!(header(p, "x-outbox-key").as_deref(), Some("customer-7"));
+    let m2 = get(&ch, &q).await.expect("second message, in order");
+    assert_eq!(m2.delivery.data, b"second".to_vec());
+    assert!(header(&m2.delivery.properties, "x-outbox-key").is_none());
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn exchange_and_routing_key_from_the_destination() {
+    let (_c, ch) = admin().await;
+    let (ex, q) = (unique("events"), unique("placed"));
+    ch.exchange_declare(
+        ex.as_str().into(),
+        ExchangeKind::Topic,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    queue(&ch, &q).await;
+    ch.queue_bind(
+        q.as_str().into(),
+        ex.as_str().into(),
+        "orders.*".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    publisher
+        .publish(&env(&format!("{ex}/orders.placed"), "x"))
+        .await
+        .unwrap();
+    let m = get(&ch, &q).await.expect("routed through the exchange");
+    assert_eq!(m.delivery.routing_key.as_str(), "orders.placed");
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unroutable_message_is_a_permanent_error_not_a_silent_drop() {
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    let e = publisher
+        .publish(&env(&unique("no-such-queue"), "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    assert!(!e.is_transient());
+}
+
+#[tokio::test]
+async fn a_missing_exchange_fails_and_the_publisher_recovers() {
+    let (_c, ch) = admin().await;
+    let q = unique("after");
+    queue(&ch, &q).await;
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    let e = publisher
+        .publish(&env(&format!("{}/rk", unique("no-such-exchange")), "x"))
+        .await
+        .unwrap_err();
+    assert!(!e.is_transient(), "NOT_FOUND is permanent: {e}");
+    // The broker closed the channel; the next publish reopens it.
+    let mut ok = false;
+    for _ in 0..50 {
+        if publisher.publish(&env(&q, "y")).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "publisher did not recover");
+    assert!(get(&ch, &q).await.is_some());
+    ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn bad_url_and_unreachable_broker_are_typed_errors() {
+    assert_eq!(
+        AmqpPublisher::connect("amqp://[bad")
+            .await
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Config
+    );
+    let e = AmqpPublisher::connect("amqp://u:sekrit@127.0.0.1:1/%2f")
+        .await
+        .unwrap_err();
+    assert!(e.is_transient());
+    assert!(!format!("{e} {e:?}").contains("sekrit"));
+}
