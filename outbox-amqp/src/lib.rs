@@ -17,6 +17,9 @@
 #![warn(missing_docs)]
 
 use async_trait::async_trait;
+
+/// The lapin version this publisher is built with.
+pub use lapin;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Confirmation;
@@ -169,9 +172,9 @@ fn confirmation(c: Result<Confirmation, lapin::Error>) -> outbox_core::Result<()
             format!(
                 "RabbitMQ returned the message: {} {} (exchange {:?}, routing key {:?})",
                 returned.reply_code,
-                returned.reply_text,
-                returned.delivery.exchange,
-                returned.delivery.routing_key
+                returned.reply_text.as_str(),
+                returned.delivery.exchange.as_str(),
+                returned.delivery.routing_key.as_str()
             ),
         )),
         Ok(Confirmation::Nack(_)) => Err(Error::transient("RabbitMQ nacked the message")),

@@ -20,6 +20,9 @@ use async_trait::async_trait;
 use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
 use redis::aio::ConnectionManager;
 
+/// The redis crate this publisher is built with.
+pub use redis;
+
 /// How messages are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
