@@ -96,8 +96,13 @@ pub(crate) struct Observers(pub(crate) Vec<Arc<dyn Observer>>);
 impl Observers {
     pub(crate) fn emit(&self, event: &Event<'_>) {
         match event {
-            Event::Published { path, .. } => {
+            Event::Published { envelope, path } => {
                 metrics::counter!("outbox_published_total", "path" => path.as_str()).increment(1);
+                // Commit-to-publish lag (enqueue time to broker acknowledgement).
+                if let Ok(lag) = envelope.created_at.elapsed() {
+                    metrics::histogram!("outbox_delivery_lag_seconds", "path" => path.as_str())
+                        .record(lag.as_secs_f64());
+                }
             }
             Event::Failed {
                 envelope,

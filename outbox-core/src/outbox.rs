@@ -311,7 +311,10 @@ pub(crate) async fn publish_with_timeout(
     timeout: Duration,
 ) -> Vec<Result<()>> {
     let n = envs.len();
-    let mut results = match tokio::time::timeout(timeout, publisher.publish_batch(envs)).await {
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(timeout, publisher.publish_batch(envs)).await;
+    metrics::histogram!("outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+    let mut results = match outcome {
         Ok(r) => r,
         Err(_) => {
             return (0..n)

@@ -136,6 +136,18 @@ impl MySqlStore {
         &self.inner.table
     }
 
+    /// Whether the outbox table exists in the current database.
+    pub async fn table_exists(&self) -> outbox_core::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ?",
+        )
+        .bind(&self.inner.table)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(n > 0)
+    }
+
     /// A second store on the same table with its own pool (as another process would have).
     pub async fn reopen(&self) -> outbox_core::Result<Self> {
         let options = self.inner.pool.connect_options().as_ref().clone();

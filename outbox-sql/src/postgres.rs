@@ -147,6 +147,16 @@ impl PgStore {
         &self.inner.table
     }
 
+    /// Whether the outbox table exists in the connection's search path.
+    pub async fn table_exists(&self) -> outbox_core::Result<bool> {
+        let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(&self.inner.table)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(found.is_some())
+    }
+
     /// Write `messages` in the caller's transaction (pass `&mut tx`), in one statement.
     /// Either all are written or, on error, none. Keep-order rows lock their ordering unit
     /// until the transaction ends and send `NOTIFY` on commit.

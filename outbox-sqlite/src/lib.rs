@@ -137,6 +137,18 @@ impl SqliteStore {
         &self.shared.options.table
     }
 
+    /// Whether the outbox table exists (it does once [`Store::migrate`] ran).
+    pub fn table_exists(&self) -> outbox_core::Result<bool> {
+        let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+        conn.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [self.table()],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+        .map_err(map_err)
+    }
+
     /// Create the table and indexes now (synchronous; [`Store::migrate`] does the same).
     pub fn migrate_now(&self) -> outbox_core::Result<()> {
         let conn = self.shared.conn.lock().unwrap();

@@ -1,0 +1,440 @@
+//! `outbox`: run the relay as a process (or a cron job), clean old rows, show counts, manage
+//! dead letters, create the table.
+//!
+//! Settings come from flags, then `OUTBOX_*` environment variables, then an optional TOML
+//! file (`--config`), then the defaults. Errors are one line on stderr and a non-zero exit.
+#![forbid(unsafe_code)]
+
+mod backends;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox_core::{Cleaner, Error, Relay, RelayConfig, RetryPolicy, Selector, Store, StreamFilter};
+use serde::Deserialize;
+
+use crate::backends::{open_publisher, AnyStore};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "outbox",
+    version,
+    about = "Transactional outbox: relay, clean, stats, dead letters, migrate"
+)]
+struct Cli {
+    /// TOML file with settings (flags and environment variables win over it).
+    #[arg(long, env = "OUTBOX_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Store URL: sqlite://PATH, postgres://…, mysql://…
+    #[arg(long, env = "OUTBOX_STORE", global = true)]
+    store: Option<String>,
+    /// Outbox table name [default: outbox]
+    #[arg(long, env = "OUTBOX_TABLE", global = true)]
+    table: Option<String>,
+    /// Log format [default: human]
+    #[arg(long, env = "OUTBOX_LOG_FORMAT", global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Publish pending messages (once, or in a loop with --loop).
+    Relay(RelayArgs),
+    /// Delete sent rows older than a retention.
+    Clean(CleanArgs),
+    /// Pending / sent / dead counts per stream and the oldest pending age.
+    Stats,
+    /// List, requeue or purge dead letters.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+    /// Create the outbox table and indexes (idempotent).
+    Migrate,
+}
+
+#[derive(Args, Debug, Default)]
+struct RelayArgs {
+    /// Publisher URL: stdout, kafka://…, amqp://…, redis://…
+    #[arg(long, env = "OUTBOX_PUBLISHER")]
+    publisher: Option<String>,
+    /// Keep running (jaiminho's --run-in-loop); without it, publish until nothing is due.
+    #[arg(long = "loop", env = "OUTBOX_LOOP")]
+    run_loop: bool,
+    /// Idle poll interval in loop mode, e.g. 500ms, 1s [default: 1s]
+    #[arg(long, env = "OUTBOX_INTERVAL", value_parser = humantime::parse_duration)]
+    interval: Option<Duration>,
+    /// Serve only these streams (repeatable) [default: all]
+    #[arg(long = "stream", env = "OUTBOX_STREAMS", value_delimiter = ',')]
+    streams: Vec<String>,
+    /// Rows per batch [default: 100]
+    #[arg(long, env = "OUTBOX_BATCH")]
+    batch: Option<usize>,
+    /// Lease on claimed rows [default: 30s]
+    #[arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration)]
+    lease: Option<Duration>,
+    /// Attempts before dead-lettering (publish-on-commit) or reporting stuck (keep-order) [default: 10]
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
+    /// Delete rows once published instead of marking them sent.
+    #[arg(long, env = "OUTBOX_DELETE_AFTER_SEND")]
+    delete_after_send: bool,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9000), path /metrics.
+    #[arg(long, env = "OUTBOX_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Args, Debug)]
+struct CleanArgs {
+    /// Retention, e.g. 7d, 12h [default: 7d]
+    #[arg(long, env = "OUTBOX_OLDER_THAN", value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
+    /// Also delete dead letters older than the retention.
+    #[arg(long)]
+    include_dead: bool,
+    /// Rows per DELETE [default: 1000]
+    #[arg(long)]
+    batch: Option<usize>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DeadCommand {
+    /// Show dead letters, oldest first.
+    List {
+        #[arg(long)]
+        stream: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Move dead letters back to pending (attempts reset).
+    Requeue(SelectArgs),
+    /// Delete dead letters.
+    Purge(SelectArgs),
+}
+
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct SelectArgs {
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+    /// The dead letters of one stream.
+    #[arg(long)]
+    stream: Option<String>,
+    /// These rows (repeatable).
+    #[arg(long = "seq", value_delimiter = ',')]
+    seqs: Vec<i64>,
+}
+
+impl SelectArgs {
+    fn selector(&self) -> Selector {
+        match (&self.stream, self.seqs.is_empty()) {
+            (Some(s), _) => Selector::Stream(s.clone()),
+            (None, false) => Selector::Seqs(self.seqs.clone()),
+            _ => Selector::All,
+        }
+    }
+}
+
+/// The TOML file: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    store: Option<String>,
+    table: Option<String>,
+    log_format: Option<LogFormat>,
+    #[serde(default)]
+    relay: FileRelay,
+    #[serde(default)]
+    clean: FileClean,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRelay {
+    publisher: Option<String>,
+    interval: Option<String>,
+    streams: Option<Vec<String>>,
+    batch: Option<usize>,
+    lease: Option<String>,
+    max_attempts: Option<u32>,
+    delete_after_send: Option<bool>,
+    metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClean {
+    older_than: Option<String>,
+    batch: Option<usize>,
+}
+
+fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, Error> {
+    let Some(path) = path else {
+        return Ok(FileConfig::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::config(format!("cannot read config file {}", path.display())).with_source(e)
+    })?;
+    toml::from_str(&text).map_err(|e| {
+        Error::config(format!(
+            "malformed config file {}: {}",
+            path.display(),
+            e.message().trim()
+        ))
+    })
+}
+
+fn duration(field: &str, value: Option<String>) -> Result<Option<Duration>, Error> {
+    value
+        .map(|v| {
+            humantime::parse_duration(&v)
+                .map_err(|e| Error::config(format!("{field} = {v:?}: {e}")))
+        })
+        .transpose()
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("stop requested; finishing the batch in flight");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let file = match load_file(&cli.config) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(
+        cli.log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Human),
+    );
+    match run(cli, file).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
+    let store_url = cli.store.or(file.store).ok_or_else(|| {
+        Error::config("no store: pass --store URL, set OUTBOX_STORE, or set store in --config")
+    })?;
+    let table = cli.table.or(file.table).unwrap_or_else(|| "outbox".into());
+    let store = AnyStore::open(&store_url, &table).await?;
+    match cli.command {
+        Command::Migrate => {
+            store.store().migrate().await?;
+            println!("table {table} is ready");
+            Ok(())
+        }
+        Command::Relay(args) => {
+            store.require_table().await?;
+            relay(store, args, file.relay).await
+        }
+        Command::Clean(args) => {
+            store.require_table().await?;
+            let older_than = args
+                .older_than
+                .or(duration("clean.older_than", file.clean.older_than)?);
+            let mut cleaner = Cleaner::new(store.store()).include_dead(args.include_dead);
+            if let Some(r) = older_than {
+                cleaner = cleaner.retention(r);
+            }
+            if let Some(b) = args.batch.or(file.clean.batch) {
+                cleaner = cleaner.batch_size(b)?;
+            }
+            let n = cleaner.run_once().await?;
+            println!("deleted {n} rows");
+            Ok(())
+        }
+        Command::Stats => {
+            store.require_table().await?;
+            let stats = store.store().stats().await?;
+            println!(
+                "{:<24} {:>10} {:>10} {:>10}  oldest pending",
+                "stream", "pending", "sent", "dead"
+            );
+            let now = SystemTime::now();
+            let mut rows = stats.streams.clone();
+            rows.push(stats.total());
+            for s in rows {
+                let age = s
+                    .oldest_pending
+                    .and_then(|t| now.duration_since(t).ok())
+                    .map(|d| {
+                        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+                    })
+                    .unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<24} {:>10} {:>10} {:>10}  {age}",
+                    s.stream, s.pending, s.sent, s.dead
+                );
+            }
+            Ok(())
+        }
+        Command::Dead { command } => {
+            store.require_table().await?;
+            let s = store.store();
+            match command {
+                DeadCommand::List { stream, limit } => {
+                    for m in s.dead_letters(stream.as_deref(), limit).await? {
+                        println!(
+                            "seq={} id={} stream={} destination={} attempts={} error={}",
+                            m.seq,
+                            m.envelope.id,
+                            m.envelope.message.stream,
+                            m.envelope.message.destination,
+                            m.attempts,
+                            m.last_error.unwrap_or_default().replace('\n', " ")
+                        );
+                    }
+                }
+                DeadCommand::Requeue(sel) => {
+                    println!("requeued {}", s.requeue(&sel.selector()).await?)
+                }
+                DeadCommand::Purge(sel) => {
+                    println!("purged {}", s.purge_dead(&sel.selector()).await?)
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), Error> {
+    let publisher_url = args.publisher.or(file.publisher).ok_or_else(|| {
+        Error::config(
+            "no publisher: pass --publisher URL, set OUTBOX_PUBLISHER, or set relay.publisher",
+        )
+    })?;
+    if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|e| Error::config(format!("cannot serve metrics on {addr}: {e}")))?;
+        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+    }
+    let publisher = open_publisher(&publisher_url).await?;
+    let defaults = RelayConfig::default();
+    let streams = if !args.streams.is_empty() {
+        args.streams
+    } else {
+        file.streams.unwrap_or_default()
+    };
+    let config = RelayConfig {
+        streams: if streams.is_empty() {
+            StreamFilter::All
+        } else {
+            StreamFilter::Only(streams)
+        },
+        batch_size: args.batch.or(file.batch).unwrap_or(defaults.batch_size),
+        lease: args
+            .lease
+            .or(duration("relay.lease", file.lease)?)
+            .unwrap_or(defaults.lease),
+        poll_interval: args
+            .interval
+            .or(duration("relay.interval", file.interval)?)
+            .unwrap_or(defaults.poll_interval),
+        delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
+        retry: RetryPolicy {
+            max_attempts: args
+                .max_attempts
+                .or(file.max_attempts)
+                .unwrap_or(defaults.retry.max_attempts),
+            ..defaults.retry.clone()
+        },
+        ..defaults
+    };
+    let s = store.store();
+    let relay = Relay::builder(s.clone(), publisher)
+        .config(config)
+        .build()?;
+    tracing::info!(
+        table = store.table(),
+        owner = relay.owner(),
+        "relay starting"
+    );
+    if !args.run_loop {
+        let report = relay.run_once().await?;
+        tracing::info!(?report, "relay finished");
+        return Ok(());
+    }
+    // Backlog gauges, refreshed every poll interval.
+    let gauges = tokio::spawn(backlog_gauges(s.clone(), relay.config().poll_interval));
+    let report = relay.run(shutdown_signal()).await;
+    gauges.abort();
+    tracing::info!(?report, "relay stopped");
+    Ok(())
+}
+
+async fn backlog_gauges(store: Arc<dyn Store>, every: Duration) {
+    let every = every.max(Duration::from_secs(1));
+    loop {
+        if let Ok(stats) = store.stats().await {
+            let now = SystemTime::now();
+            for s in stats.streams {
+                metrics::gauge!("outbox_backlog", "stream" => s.stream.clone())
+                    .set(s.pending as f64);
+                metrics::gauge!("outbox_dead", "stream" => s.stream.clone()).set(s.dead as f64);
+                let age = s
+                    .oldest_pending
+                    .and_then(|t| now.duration_since(t).ok())
+                    .unwrap_or_default();
+                metrics::gauge!("outbox_oldest_pending_seconds", "stream" => s.stream)
+                    .set(age.as_secs_f64());
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -1,0 +1,389 @@
+//! The `outbox` binary end to end, against SQLite files and the real PostgreSQL.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use outbox_core::{Error, FaultyPublisher, Message, Outbox, RecordingPublisher, Strategy};
+use outbox_sql::postgres::{PgOptions, PgStore};
+use outbox_sqlite::SqliteStore;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for var in [
+        "OUTBOX_CONFIG",
+        "OUTBOX_STORE",
+        "OUTBOX_TABLE",
+        "OUTBOX_PUBLISHER",
+        "OUTBOX_STREAMS",
+        "RUST_LOG",
+    ] {
+        c.env_remove(var);
+    }
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "outbox {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Exits non-zero with one `error:` line on stderr; returns that line.
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "expected a failure, got success");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line expected in: {stderr}");
+    errors[0].to_owned()
+}
+
+fn payloads(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter(|l| l.starts_with("published "))
+        .map(|l| l.rsplit("payload=").next().unwrap().to_owned())
+        .collect()
+}
+
+fn sqlite_enqueue(path: &std::path::Path, msgs: Vec<Message>, strategy: Strategy) {
+    let store = SqliteStore::open(path).unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(strategy)
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let tx = conn.transaction().unwrap();
+    drop(store.enqueue(&tx, &outbox, msgs).unwrap());
+    tx.commit().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migrate_relay_stats_dead_letters_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let store_url = format!("sqlite://{}", db.display());
+    let s = store_url.as_str();
+    assert!(ok(&["--store", s, "migrate"]).contains("ready"));
+
+    let msgs = (0..5)
+        .map(|i| {
+            Message::new("orders.placed", i.to_string().into_bytes())
+                .stream("orders")
+                .key("c1")
+        })
+        .collect();
+    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    // A dead letter: a permanent failure on the publish-on-commit path.
+    {
+        let store = SqliteStore::open(&db).unwrap();
+        let failing = FaultyPublisher::new(RecordingPublisher::new(), |_| {
+            Some(Error::permanent("rejected"))
+        });
+        let outbox = Outbox::builder(store.clone(), failing).build().unwrap();
+        let mut conn = store.connect().unwrap();
+        let tx = conn.transaction().unwrap();
+        let pending = store
+            .enqueue(
+                &tx,
+                &outbox,
+                [Message::new("emails", b"dead".to_vec()).stream("emails")],
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(pending.publish().await.failed, 1);
+    }
+
+    let out = ok(&["--store", s, "relay", "--publisher", "stdout"]);
+    assert_eq!(
+        payloads(&out),
+        vec!["0", "1", "2", "3", "4"],
+        "in commit order: {out}"
+    );
+    let stats = ok(&["--store", s, "stats"]);
+    let orders = stats.lines().find(|l| l.starts_with("orders")).unwrap();
+    let cols: Vec<&str> = orders.split_whitespace().collect();
+    assert_eq!(&cols[1..4], &["0", "5", "0"], "{stats}");
+    let emails: Vec<&str> = stats
+        .lines()
+        .find(|l| l.starts_with("emails"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(&emails[1..4], &["0", "0", "1"], "{stats}");
+
+    let dead = ok(&["--store", s, "dead", "list"]);
+    assert!(
+        dead.contains("stream=emails") && dead.contains("rejected"),
+        "{dead}"
+    );
+    assert_eq!(
+        ok(&["--store", s, "dead", "requeue", "--stream", "emails"]).trim(),
+        "requeued 1"
+    );
+    assert_eq!(
+        payloads(&ok(&["--store", s, "relay", "--publisher", "stdout"])),
+        vec!["dead"]
+    );
+    assert_eq!(
+        ok(&["--store", s, "dead", "purge", "--all"]).trim(),
+        "purged 0"
+    );
+    assert_eq!(
+        ok(&["--store", s, "clean"]).trim(),
+        "deleted 0 rows",
+        "7-day default retention"
+    );
+    assert_eq!(
+        ok(&["--store", s, "clean", "--older-than", "0s"]).trim(),
+        "deleted 6 rows"
+    );
+    assert!(
+        run(&["--store", s, "dead", "requeue"]).status.code() == Some(2),
+        "requeue needs a selection"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_then_env_then_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let cfg = dir.path().join("outbox.toml");
+    std::fs::write(
+        &cfg,
+        format!("store = \"sqlite://{}\"\n[relay]\npublisher = \"stdout\"\nstreams = [\"a\"]\ninterval = \"100ms\"\n", db.display()),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    ok(&["--config", c, "migrate"]);
+    let msgs = ["a", "b", "c"]
+        .iter()
+        .map(|s| Message::new("d", s.as_bytes().to_vec()).stream(*s))
+        .collect();
+    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+
+    assert_eq!(
+        payloads(&ok(&["--config", c, "relay"])),
+        vec!["a"],
+        "the file's stream filter"
+    );
+    let env = bin()
+        .args(["--config", c, "relay"])
+        .env("OUTBOX_STREAMS", "b")
+        .output()
+        .unwrap();
+    assert_eq!(
+        payloads(&String::from_utf8(env.stdout).unwrap()),
+        vec!["b"],
+        "env wins over the file"
+    );
+    assert_eq!(
+        payloads(&ok(&["--config", c, "relay", "--stream", "c"])),
+        vec!["c"],
+        "flags win over env and file"
+    );
+
+    // JSON logs on request, on stderr.
+    let out = bin()
+        .args(["--config", c, "--log-format", "json", "relay"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with('{') && first.contains("\"level\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("x.db").display());
+
+    let e = fails(bin().args(["--store", &db, "stats"]));
+    assert!(
+        e.contains("does not exist") && e.contains("outbox migrate"),
+        "{e}"
+    );
+    let e = fails(bin().args(["--store", "bogus://x", "stats"]));
+    assert!(e.contains("unsupported store URL"), "{e}");
+    let e = fails(bin().args(["--store", "postgres://app:hunter2@127.0.0.1:1/db", "stats"]));
+    assert!(
+        e.contains("cannot connect") && e.contains("app:***@") && !e.contains("hunter2"),
+        "{e}"
+    );
+    let e = fails(bin().args(["stats"]));
+    assert!(e.contains("no store"), "{e}");
+    assert!(ok(&["--store", &db, "migrate"]).contains("ready"));
+    let e = fails(bin().args(["--store", &db, "relay", "--publisher", "nats://x"]));
+    assert!(e.contains("unsupported publisher"), "{e}");
+    let e = fails(bin().args([
+        "--store",
+        &db,
+        "relay",
+        "--publisher",
+        "redis://:s3cret@127.0.0.1:1/",
+    ]));
+    assert!(
+        e.contains("cannot connect to Redis") && !e.contains("s3cret"),
+        "{e}"
+    );
+    let e = fails(bin().args(["--store", &db, "--table", "x;drop", "stats"]));
+    assert!(e.contains("invalid table name"), "{e}");
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "store = 1\n").unwrap();
+    let e = fails(bin().args(["--config", cfg.to_str().unwrap(), "stats"]));
+    assert!(e.contains("malformed config file"), "{e}");
+    std::fs::write(&cfg, "[relay]\nintervall = \"1s\"\n").unwrap();
+    let e = fails(bin().args(["--config", cfg.to_str().unwrap(), "--store", &db, "stats"]));
+    assert!(
+        e.contains("unknown field"),
+        "a typo in the file is an error: {e}"
+    );
+    let out = run(&[
+        "--store",
+        &db,
+        "relay",
+        "--publisher",
+        "stdout",
+        "--interval",
+        "soon",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad duration is a usage error"
+    );
+}
+
+fn pg_url() -> String {
+    std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
+    let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
+    let url = pg_url();
+    assert!(ok(&["--store", &url, "--table", &table, "migrate"]).contains("ready"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let mut child = bin()
+        .args([
+            "--store",
+            &url,
+            "--table",
+            &table,
+            "relay",
+            "--publisher",
+            "stdout",
+            "--loop",
+            "--interval",
+            "60s",
+        ])
+        .args(["--metrics-addr", &metrics])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    let store = PgStore::connect_with(
+        &url,
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await; // the relay is up and listening
+    let mut tx_db = store.pool().begin().await.unwrap();
+    let msgs: Vec<Message> = (0..3)
+        .map(|i| Message::new("d", i.to_string().into_bytes()).key("k"))
+        .collect();
+    drop(store.enqueue(&mut tx_db, &outbox, msgs).await.unwrap());
+    tx_db.commit().await.unwrap();
+
+    // A 60 s poll interval: only NOTIFY gets these out within the deadline.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("relay published within the deadline");
+        if let Some(p) = line
+            .rsplit("payload=")
+            .next()
+            .filter(|_| line.starts_with("published "))
+        {
+            got.push(p.to_owned());
+        }
+    }
+    assert_eq!(got, vec!["0", "1", "2"]);
+
+    let body = http_get(&metrics, "/metrics").await;
+    assert!(body.contains("outbox_published_total"), "{body}");
+    assert!(body.contains("outbox_publish_seconds"), "{body}");
+
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "relay did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "graceful stop exits 0: {status:?}");
+    let stats = ok(&["--store", &url, "--table", &table, "stats"]);
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("default") && l.split_whitespace().nth(2) == Some("3")),
+        "{stats}"
+    );
+}
