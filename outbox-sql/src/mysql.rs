@@ -315,6 +315,8 @@ impl Store for MySqlStore {
                     signature VARCHAR(255) NULL,
                     UNIQUE KEY {t}_id (id),
                     KEY {t}_unit (status, stream, okey, seq),
+                    KEY {t}_leased (status, locked_until),
+                    KEY {t}_backoff (status, next_attempt_at),
                     KEY {t}_sent (status, sent_at)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
             ),
@@ -367,23 +369,25 @@ impl Store for MySqlStore {
             .fetch_one(&mut *tx)
             .await
             .map_err(map_err)?;
+        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it.
         let select = format!(
-            "SELECT o.seq FROM {t} o
+            "WITH blocked AS (
+               SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
+               WHERE b.status = 'pending' AND b.strategy = 'keep_order' AND (b.locked_until > ? OR (b.attempts > 0 AND b.next_attempt_at > ?))
+               GROUP BY b.stream, b.okey)
+             SELECT o.seq FROM {t} o
              WHERE o.status = 'pending'{filter}
                AND (o.locked_until IS NULL OR o.locked_until <= ?) AND o.next_attempt_at <= ?
                AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                 SELECT 1 FROM {t} p
-                 WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
-                   AND p.strategy = 'keep_order' AND (p.locked_until > ? OR p.next_attempt_at > ?)))
+                 SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey AND blocked.seq < o.seq))
              ORDER BY o.seq LIMIT ?"
         );
-        let mut q = sqlx::query_scalar::<_, i64>(&select);
+        // Placeholders in order: the CTE's two `now`s, the stream filter, two `now`s, the limit.
+        let mut q = sqlx::query_scalar::<_, i64>(&select).bind(now).bind(now);
         for s in &streams {
             q = q.bind(s);
         }
         let seqs: Vec<i64> = q
-            .bind(now)
-            .bind(now)
             .bind(now)
             .bind(now)
             .bind(claim.limit as i64)

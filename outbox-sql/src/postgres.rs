@@ -284,6 +284,8 @@ impl Sql {
                 );
                 CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_leased ON {t} (locked_until) WHERE status = 'pending' AND locked_until IS NOT NULL;
+                CREATE INDEX IF NOT EXISTS {t}_backoff ON {t} (next_attempt_at) WHERE status = 'pending' AND attempts > 0;
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
                 CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
             ),
@@ -301,17 +303,24 @@ impl Sql {
                  RETURNING seq, id::text"
             ),
             // Runs after the per-table claim lock: see the crate docs for why.
+            // Blocked rows (leased or backing off) are few: find each unit's first blocked
+            // seq, then take free, due rows in seq order that come before it. A correlated
+            // NOT EXISTS over all earlier pending rows degrades to a pending x pending join on
+            // large backlogs.
             claim: format!(
                 "WITH now AS (SELECT {NOW} AS ms),
+                 blocked AS MATERIALIZED (
+                   SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b, now
+                   WHERE b.status = 'pending' AND b.strategy = 'keep_order'
+                     AND (b.locked_until > now.ms OR (b.attempts > 0 AND b.next_attempt_at > now.ms))
+                   GROUP BY b.stream, b.okey),
                  c AS (
                    SELECT o.seq FROM {t} o, now
                    WHERE o.status = 'pending' AND ($4::text[] IS NULL OR o.stream = ANY($4))
                      AND (o.locked_until IS NULL OR o.locked_until <= now.ms) AND o.next_attempt_at <= now.ms
                      AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                       SELECT 1 FROM {t} p
-                       WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
-                         AND p.strategy = 'keep_order'
-                         AND (p.locked_until > now.ms OR p.next_attempt_at > now.ms)))
+                       SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
+                         AND blocked.seq < o.seq))
                    ORDER BY o.seq LIMIT $2
                    FOR UPDATE OF o SKIP LOCKED)
                  UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3

@@ -249,6 +249,8 @@ impl Sql {
                     signature TEXT
                 );
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_leased ON {t} (locked_until) WHERE status = 'pending' AND locked_until IS NOT NULL;
+                CREATE INDEX IF NOT EXISTS {t}_backoff ON {t} (next_attempt_at) WHERE status = 'pending' AND attempts > 0;
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
                 CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
             ),
@@ -259,16 +261,21 @@ impl Sql {
             ),
             // A keep-order row is claimable only when no earlier pending row of its unit is
             // leased or backing off; ordering by seq with a limit keeps each unit a prefix.
+            // Each unit's first blocked (leased or backing-off) seq, then free, due rows in
+            // seq order before it; ordering by seq with a limit keeps each unit a prefix.
             claim_head: format!(
-                "UPDATE {t} SET locked_by = ?1, locked_until = ?2 WHERE seq IN (
+                "WITH blocked AS MATERIALIZED (
+                   SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
+                   WHERE b.status = 'pending' AND b.strategy = 'keep_order'
+                     AND ((b.locked_until IS NOT NULL AND b.locked_until > ?3) OR (b.attempts > 0 AND b.next_attempt_at > ?3))
+                   GROUP BY b.stream, b.okey)
+                 UPDATE {t} SET locked_by = ?1, locked_until = ?2 WHERE seq IN (
                    SELECT o.seq FROM {t} o
                    WHERE o.status = 'pending' {{filter}}
                      AND (o.locked_until IS NULL OR o.locked_until <= ?3) AND o.next_attempt_at <= ?3
                      AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                       SELECT 1 FROM {t} p
-                       WHERE p.status = 'pending' AND p.stream = o.stream AND p.okey = o.okey AND p.seq < o.seq
-                         AND p.strategy = 'keep_order'
-                         AND ((p.locked_until IS NOT NULL AND p.locked_until > ?3) OR p.next_attempt_at > ?3)))
+                       SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
+                         AND blocked.seq < o.seq))
                    ORDER BY o.seq LIMIT ?4)
                  RETURNING {COLS}"
             ),
