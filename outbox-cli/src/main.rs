@@ -86,6 +86,9 @@ struct RelayArgs {
     /// Lease on claimed rows [default: 30s]
     #[arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration)]
     lease: Option<Duration>,
+    /// Deadline of one publish call; must be under 90% of the lease [default: 10s]
+    #[arg(long, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
+    publish_timeout: Option<Duration>,
     /// Attempts before dead-lettering (publish-on-commit) or reporting stuck (keep-order) [default: 10]
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
     max_attempts: Option<u32>,
@@ -170,6 +173,7 @@ struct FileRelay {
     streams: Option<Vec<String>>,
     batch: Option<usize>,
     lease: Option<String>,
+    publish_timeout: Option<String>,
     max_attempts: Option<u32>,
     delete_after_send: Option<bool>,
     metrics_addr: Option<SocketAddr>,
@@ -386,6 +390,10 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
             .interval
             .or(duration("relay.interval", file.interval)?)
             .unwrap_or(defaults.poll_interval),
+        publish_timeout: args
+            .publish_timeout
+            .or(duration("relay.publish_timeout", file.publish_timeout)?)
+            .unwrap_or(defaults.publish_timeout),
         delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
         retry: RetryPolicy {
             max_attempts: args
