@@ -183,6 +183,12 @@ async fn a_broker_restart_in_the_middle_of_a_relay_run_loses_nothing() {
     );
     assert_eq!(seen.len(), n, "every message reached the queue");
     assert!(pending_during_outage > 0, "the restart happened mid-run");
+    // Backoff, not a busy loop.
+    assert!(
+        report.failed <= 500,
+        "{} failed attempts during the restart",
+        report.failed
+    );
     assert!(
         duplicates <= 10,
         "at most one batch duplicated, got {duplicates}"

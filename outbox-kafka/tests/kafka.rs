@@ -259,6 +259,11 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     );
     assert_eq!(seen.len(), n, "every message reached the topic");
     assert!(pending_during_outage > 0);
+    // Backoff, not a busy loop.
+    assert!(
+        failures.load(Ordering::SeqCst) <= 500,
+        "too many failed attempts during the outage"
+    );
     assert!(got.len() - seen.len() <= 10, "at most one batch duplicated");
     for (key, mut v) in per_key {
         v.sort();

@@ -1,0 +1,159 @@
+//! PostgreSQL restarted under a running relay process: the relay recovers by itself and
+//! publishes everything committed before and after the restart. Its own test binary: cargo
+//! runs test binaries one at a time, so the restart disturbs no other test.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outbox_core::conformance::eventually;
+use outbox_core::{Message, Outbox, RecordingPublisher, Store, Strategy};
+use outbox_redis::redis::{self, AsyncCommands};
+use outbox_sql::postgres::{PgOptions, PgStore};
+
+struct Relay(Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn restart_postgres() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("PostgreSQL cluster config in /etc/postgresql")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+        .unwrap();
+    let out = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        .output()
+        .expect("pg_ctlcluster");
+    assert!(
+        out.status.success(),
+        "restart failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn commit_with_retry(store: &PgStore, outbox: &Outbox, msgs: Vec<Message>) -> usize {
+    let mut failures = 0;
+    loop {
+        let attempt = async {
+            let mut tx = store
+                .pool()
+                .begin()
+                .await
+                .map_err(outbox_sql::postgres::map_err)?;
+            drop(store.enqueue(&mut tx, outbox, msgs.clone()).await?);
+            tx.commit().await.map_err(outbox_sql::postgres::map_err)
+        };
+        match attempt.await {
+            Ok(()) => return failures,
+            Err(e) => {
+                assert!(e.is_transient(), "a restart is a transient error: {e}");
+                failures += 1;
+                assert!(failures < 500, "database did not come back");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_recovers_from_a_postgres_restart() {
+    let url = std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let redis_url =
+        std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let table = format!("outbox_restart{}", uuid::Uuid::now_v7().simple());
+    let store = PgStore::connect_with(
+        &url,
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let key = format!("restart-{}", uuid::Uuid::now_v7().simple());
+    let relay = Relay(
+        Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args([
+                "--store",
+                &url,
+                "--table",
+                &table,
+                "relay",
+                "--loop",
+                "--publisher",
+                &redis_url,
+            ])
+            .args(["--interval", "200ms", "--max-attempts", "100000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let batch = |from: usize| -> Vec<Message> {
+        (from..from + 50)
+            .map(|i| {
+                Message::new(key.clone(), i.to_string().into_bytes()).key(format!("k{}", i % 3))
+            })
+            .collect()
+    };
+    commit_with_retry(&store, &outbox, batch(0)).await;
+    eventually("first half published", Duration::from_secs(30), || async {
+        store
+            .stats()
+            .await
+            .map(|s| s.total().pending == 0)
+            .unwrap_or(false)
+    })
+    .await;
+
+    restart_postgres();
+    let producer_failures = commit_with_retry(&store, &outbox, batch(50)).await;
+    eventually(
+        "second half published after the restart",
+        Duration::from_secs(60),
+        || async {
+            store
+                .stats()
+                .await
+                .map(|s| s.total().pending == 0 && s.total().sent == 100)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let mut relay = relay;
+    assert!(
+        relay.0.try_wait().unwrap().is_none(),
+        "the relay process kept running through the restart"
+    );
+
+    let mut conn = redis::Client::open(redis_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(&key).await.unwrap();
+    let _: () = conn.del(&key).await.unwrap();
+    let ids: HashSet<String> = reply
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("id").unwrap())
+        .collect();
+    println!(
+        "postgres restart: 100 committed, {} published entries, {} distinct, producer retried {producer_failures} times",
+        reply.ids.len(),
+        ids.len()
+    );
+    assert_eq!(ids.len(), 100);
+}
