@@ -125,12 +125,13 @@ fn split_query(url: &str) -> (&str, Vec<(String, String)>) {
     }
 }
 
-/// `stdout`, `kafka://host:9092[,host2:9092][?librdkafka.setting=value…]`,
+/// `stdout`, `null` (discards; for benchmarks), `kafka://host:9092[,host2:9092][?librdkafka.setting=value…]`,
 /// `amqp://user:pass@host:5672/vhost`, `redis://host:6379/db[?mode=pubsub|streams&maxlen=N]`.
 pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
         "stdout" => Ok(Arc::new(StdoutPublisher::default())),
+        "null" => Ok(Arc::new(outbox_core::NullPublisher)),
         "kafka" => {
             let (base, settings) = split_query(url);
             let bootstrap = base.trim_start_matches("kafka://");

@@ -251,6 +251,21 @@ impl Publisher for StdoutPublisher {
     }
 }
 
+/// Accepts and discards everything (benchmarks: the relay's own cost without a broker).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullPublisher;
+
+#[async_trait]
+impl Publisher for NullPublisher {
+    async fn publish(&self, _envelope: &Envelope) -> Result<()> {
+        Ok(())
+    }
+
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
+        batch.iter().map(|_| Ok(())).collect()
+    }
+}
+
 /// Records every successful publish, in order (for tests and examples).
 #[derive(Debug, Default, Clone)]
 pub struct RecordingPublisher {
