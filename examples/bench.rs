@@ -18,8 +18,8 @@ use outbox::postgres::{PgOptions, PgStore};
 use outbox::redis::RedisPublisher;
 use outbox::sqlite::{SqliteOptions, SqliteStore};
 use outbox::{
-    async_trait, Claim, Envelope, Failure, Message, MessageId, NewMessage, NullPublisher, Outbox, Publisher, Relay,
-    Selector, Stats, Status, Store, StoredMessage, Strategy, StreamFilter,
+    async_trait, Claim, Envelope, Failure, Message, MessageId, NewMessage, NullPublisher, Outbox,
+    Publisher, Relay, Selector, Stats, Status, Store, StoredMessage, Strategy, StreamFilter,
 };
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -52,31 +52,60 @@ fn uuid_like() -> String {
 }
 
 /// A store under test, plus how to drop its table afterwards.
+type Cleanup =
+    Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
+
 struct Bench {
     name: &'static str,
     store: Arc<dyn Store>,
-    cleanup: Option<Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>>,
+    cleanup: Option<Cleanup>,
 }
 
 async fn stores(dir: &std::path::Path) -> Res<Vec<Bench>> {
-    let sqlite = SqliteStore::open_with(dir.join("bench.db"), SqliteOptions { table: "outbox".into(), ..Default::default() })?;
+    let sqlite = SqliteStore::open_with(
+        dir.join("bench.db"),
+        SqliteOptions {
+            table: "outbox".into(),
+            ..Default::default()
+        },
+    )?;
     sqlite.migrate_now()?;
     let pg_table = unique("outbox_bench");
-    let pg = PgStore::connect_with(&pg_url(), PgOptions { table: pg_table.clone(), ..Default::default() }).await?;
+    let pg = PgStore::connect_with(
+        &pg_url(),
+        PgOptions {
+            table: pg_table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     pg.migrate().await?;
     let my_table = unique("outbox_bench");
-    let my = MySqlStore::connect_with(&mysql_url(), MySqlOptions { table: my_table.clone(), ..Default::default() }).await?;
+    let my = MySqlStore::connect_with(
+        &mysql_url(),
+        MySqlOptions {
+            table: my_table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     my.migrate().await?;
     let (pg2, my2) = (pg.clone(), my.clone());
     Ok(vec![
-        Bench { name: "sqlite", store: Arc::new(sqlite), cleanup: None },
+        Bench {
+            name: "sqlite",
+            store: Arc::new(sqlite),
+            cleanup: None,
+        },
         Bench {
             name: "postgres",
             store: Arc::new(pg),
             cleanup: Some(Box::new(move || {
                 let (pg, t) = (pg2.clone(), pg_table.clone());
                 Box::pin(async move {
-                    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {t}")).execute(pg.pool()).await;
+                    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {t}"))
+                        .execute(pg.pool())
+                        .await;
                 })
             })),
         },
@@ -86,7 +115,9 @@ async fn stores(dir: &std::path::Path) -> Res<Vec<Bench>> {
             cleanup: Some(Box::new(move || {
                 let (my, t) = (my2.clone(), my_table.clone());
                 Box::pin(async move {
-                    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {t}, {t}_locks")).execute(my.pool()).await;
+                    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {t}, {t}_locks"))
+                        .execute(my.pool())
+                        .await;
                 })
             })),
         },
@@ -98,8 +129,11 @@ fn row(destination: &str, i: usize) -> NewMessage {
         envelope: Envelope {
             id: MessageId::new(),
             created_at: SystemTime::now(),
-            message: Message::new(destination, format!("{{\"n\":{i},\"pad\":\"0123456789abcdef0123456789abcdef\"}}").into_bytes())
-                .content_type("application/json"),
+            message: Message::new(
+                destination,
+                format!("{{\"n\":{i},\"pad\":\"0123456789abcdef0123456789abcdef\"}}").into_bytes(),
+            )
+            .content_type("application/json"),
         },
         strategy: Strategy::PublishOnCommit,
         signature: None,
@@ -114,7 +148,9 @@ fn row(destination: &str, i: usize) -> NewMessage {
 async fn fill(store: &dyn Store, n: usize, destination: &str) -> Res {
     let mut i = 0;
     while i < n {
-        let chunk: Vec<NewMessage> = (i..(i + 2000).min(n)).map(|j| row(destination, j)).collect();
+        let chunk: Vec<NewMessage> = (i..(i + 2000).min(n))
+            .map(|j| row(destination, j))
+            .collect();
         i += chunk.len();
         store.insert(&chunk).await?;
     }
@@ -123,7 +159,12 @@ async fn fill(store: &dyn Store, n: usize, destination: &str) -> Res {
 
 /// Raw baseline: the same claim + delete statements, nothing published.
 async fn claim_delete(store: &dyn Store) -> Res<usize> {
-    let claim = Claim { owner: "baseline".into(), streams: StreamFilter::All, limit: BATCH, lease: Duration::from_secs(60) };
+    let claim = Claim {
+        owner: "baseline".into(),
+        streams: StreamFilter::All,
+        limit: BATCH,
+        lease: Duration::from_secs(60),
+    };
     let mut n = 0;
     loop {
         let rows = store.claim(&claim).await?;
@@ -136,8 +177,16 @@ async fn claim_delete(store: &dyn Store) -> Res<usize> {
     }
 }
 
-async fn relay_drain(store: Arc<dyn Store>, publisher: Arc<dyn Publisher>) -> Res<usize> {
-    let relay = Relay::builder(store, publisher).batch_size(BATCH).delete_after_send(true).build()?;
+async fn relay_drain(
+    store: Arc<dyn Store>,
+    publisher: Arc<dyn Publisher>,
+    concurrency: usize,
+) -> Res<usize> {
+    let relay = Relay::builder(store, publisher)
+        .batch_size(BATCH)
+        .delete_after_send(true)
+        .concurrency(concurrency)
+        .build()?;
     let r = relay.run_once().await?;
     assert_eq!(r.failed, 0, "publish failures during the benchmark");
     Ok(r.published)
@@ -238,7 +287,11 @@ impl<S: Store> Store for Counting<S> {
     async fn purge_dead(&self, s: &Selector) -> outbox::Result<u64> {
         self.inner.purge_dead(s).await
     }
-    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> outbox::Result<Vec<StoredMessage>> {
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox::Result<Vec<StoredMessage>> {
         self.inner.dead_letters(stream, limit).await
     }
     async fn clean(&self, before: SystemTime, limit: usize, dead: bool) -> outbox::Result<u64> {
@@ -260,22 +313,33 @@ impl<S: Store> Store for Counting<S> {
 
 async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
     println!("\n## Relay throughput: drain a backlog of {rows} messages (batch {BATCH}, delete after send)\n");
-    let redis = Arc::new(RedisPublisher::connect(&redis_url()).await?.streams(Some(100_000)));
+    let redis = Arc::new(
+        RedisPublisher::connect(&redis_url())
+            .await?
+            .streams(Some(100_000)),
+    );
     let amqp = Arc::new(AmqpPublisher::connect(&amqp_url()).await?);
     let stream_key = unique("outbox-bench-");
     let queue = unique("outbox-bench-");
-    let admin = lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
+    let admin =
+        lapin::Connection::connect(&amqp_url(), lapin::ConnectionProperties::default()).await?;
     let ch = admin.create_channel().await?;
-    ch.queue_declare(queue.as_str().into(), Default::default(), Default::default()).await?;
+    ch.queue_declare(
+        queue.as_str().into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await?;
 
     // Broker baselines, store-independent.
     let (_, null_raw) = timed(publish_loop(&NullPublisher, rows, "x")).await?;
     let (_, redis_raw) = timed(publish_loop(redis.as_ref(), rows, &stream_key)).await?;
     let (_, amqp_raw) = timed(publish_loop(amqp.as_ref(), rows, &queue)).await?;
-    ch.queue_purge(queue.as_str().into(), Default::default()).await?;
+    ch.queue_purge(queue.as_str().into(), Default::default())
+        .await?;
     println!("raw publish loop: null {null_raw:.0} msg/s, redis {redis_raw:.0} msg/s, rabbitmq {amqp_raw:.0} msg/s\n");
-    println!("| store | raw claim+delete | publisher | raw publish | relay | relay / claim+delete | relay / publish |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| store | raw claim+delete | publisher | raw publish | relay, concurrency 1 | relay, concurrency 2 | best / claim+delete | best / publish | best / min(raw) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for b in stores(dir).await? {
         fill(b.store.as_ref(), rows, "x").await?;
         let (_, cd) = timed(claim_delete(b.store.as_ref())).await?;
@@ -286,31 +350,44 @@ async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
         ];
         for (pname, p, dest, raw) in publishers {
             fill(b.store.as_ref(), rows, &dest).await?;
-            let (n, r) = timed(relay_drain(b.store.clone(), p)).await?;
-            assert_eq!(n, rows);
+            let (n1, r1) = timed(relay_drain(b.store.clone(), p.clone(), 1)).await?;
+            fill(b.store.as_ref(), rows, &dest).await?;
+            let (n2, r2) = timed(relay_drain(b.store.clone(), p, 2)).await?;
+            assert_eq!((n1, n2), (rows, rows));
+            let r = r1.max(r2);
             println!(
-                "| {} | {cd:.0} msg/s | {pname} | {raw:.0} msg/s | {r:.0} msg/s | {:.2} | {:.2} |",
+                "| {} | {cd:.0} msg/s | {pname} | {raw:.0} msg/s | {r1:.0} msg/s | {r2:.0} msg/s | {:.2} | {:.2} | {:.2} |",
                 b.name,
                 r / cd,
-                r / raw
+                r / raw,
+                r / cd.min(raw)
             );
             if pname == "rabbitmq" {
-                ch.queue_purge(queue.as_str().into(), Default::default()).await?;
+                ch.queue_purge(queue.as_str().into(), Default::default())
+                    .await?;
             }
         }
         if let Some(c) = &b.cleanup {
             c().await;
         }
     }
-    ch.queue_delete(queue.as_str().into(), Default::default()).await?;
-    let mut conn = outbox::redis::redis::Client::open(redis_url())?.get_multiplexed_async_connection().await?;
+    ch.queue_delete(queue.as_str().into(), Default::default())
+        .await?;
+    let mut conn = outbox::redis::redis::Client::open(redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
     let _: () = outbox::redis::redis::AsyncCommands::del(&mut conn, &stream_key).await?;
     println!("\nTargets: relay >= 0.85 x raw claim+delete (null publisher) and >= 0.70 x raw broker loop; PostgreSQL -> Redis >= 30k msg/s.");
     Ok(())
 }
 
 /// Offer `rate` single-message transactions per second for `secs`, return sorted latencies.
-async fn offered_load<F, Fut>(rate: u32, secs: u64, samples: Arc<Mutex<Vec<Duration>>>, mut commit: F) -> Res<Vec<Duration>>
+async fn offered_load<F, Fut>(
+    rate: u32,
+    secs: u64,
+    samples: Arc<Mutex<Vec<Duration>>>,
+    mut commit: F,
+) -> Res<Vec<Duration>>
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = Res>,
@@ -337,41 +414,88 @@ async fn latency() -> Res {
     println!("| path | p50 | p99 | max | delivered |");
     println!("|---|---|---|---|---|");
     let key = unique("outbox-lat-");
-    let redis = RedisPublisher::connect(&redis_url()).await?.streams(Some(10_000));
+    let redis = RedisPublisher::connect(&redis_url())
+        .await?
+        .streams(Some(10_000));
 
     // Publish-on-commit (PostgreSQL).
     let table = unique("outbox_lat");
-    let pg = PgStore::connect_with(&pg_url(), PgOptions { table: table.clone(), ..Default::default() }).await?;
+    let pg = PgStore::connect_with(
+        &pg_url(),
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     pg.migrate().await?;
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let outbox = Outbox::builder(pg.clone(), Latency { inner: redis.clone(), samples: samples.clone() }).build()?;
+    let outbox = Outbox::builder(
+        pg.clone(),
+        Latency {
+            inner: redis.clone(),
+            samples: samples.clone(),
+        },
+    )
+    .build()?;
     let s = offered_load(rate, secs, samples.clone(), |i| {
         let (pg, outbox, key) = (pg.clone(), outbox.clone(), key.clone());
         async move {
             let mut tx = pg.pool().begin().await?;
-            let p = pg.enqueue(&mut tx, &outbox, [Message::new(key, i.to_string().into_bytes())]).await?;
+            let p = pg
+                .enqueue(
+                    &mut tx,
+                    &outbox,
+                    [Message::new(key, i.to_string().into_bytes())],
+                )
+                .await?;
             outbox::postgres::commit(tx, p).await?;
             Ok(())
         }
     })
     .await?;
-    print_latency("publish-on-commit (PostgreSQL)", &s, rate as usize * secs as usize);
+    print_latency(
+        "publish-on-commit (PostgreSQL)",
+        &s,
+        rate as usize * secs as usize,
+    );
 
     // Keep-order, relay in another "process" woken by NOTIFY (60 s poll interval).
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let outbox = Outbox::builder(pg.clone(), NullPublisher).strategy(Strategy::KeepOrder).build()?;
-    let relay_store = pg.reopen().await?;
-    let relay = Relay::builder(relay_store, Latency { inner: redis.clone(), samples: samples.clone() })
-        .poll_interval(Duration::from_secs(60))
+    let outbox = Outbox::builder(pg.clone(), NullPublisher)
+        .strategy(Strategy::KeepOrder)
         .build()?;
+    let relay_store = pg.reopen().await?;
+    let relay = Relay::builder(
+        relay_store,
+        Latency {
+            inner: redis.clone(),
+            samples: samples.clone(),
+        },
+    )
+    .poll_interval(Duration::from_secs(60))
+    .build()?;
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let h = tokio::spawn(async move { relay.run(async move { let _ = stop_rx.wait_for(|s| *s).await; }).await });
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let s = offered_load(rate, secs, samples.clone(), |i| {
         let (pg, outbox, key) = (pg.clone(), outbox.clone(), key.clone());
         async move {
             let mut tx = pg.pool().begin().await?;
-            drop(pg.enqueue(&mut tx, &outbox, [Message::new(key, i.to_string().into_bytes()).key("k")]).await?);
+            drop(
+                pg.enqueue(
+                    &mut tx,
+                    &outbox,
+                    [Message::new(key, i.to_string().into_bytes()).key("k")],
+                )
+                .await?,
+            );
             tx.commit().await?;
             Ok(())
         }
@@ -379,25 +503,59 @@ async fn latency() -> Res {
     .await?;
     stop.send(true)?;
     h.await?;
-    print_latency("keep-order, NOTIFY wake-up (PostgreSQL)", &s, rate as usize * secs as usize);
-    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}")).execute(pg.pool()).await;
+    print_latency(
+        "keep-order, NOTIFY wake-up (PostgreSQL)",
+        &s,
+        rate as usize * secs as usize,
+    );
+    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(pg.pool())
+        .await;
 
     // Keep-order, polling every 100 ms (MariaDB has no NOTIFY).
     let table = unique("outbox_lat");
-    let my = MySqlStore::connect_with(&mysql_url(), MySqlOptions { table: table.clone(), ..Default::default() }).await?;
+    let my = MySqlStore::connect_with(
+        &mysql_url(),
+        MySqlOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     my.migrate().await?;
     let samples = Arc::new(Mutex::new(Vec::new()));
-    let outbox = Outbox::builder(my.clone(), NullPublisher).strategy(Strategy::KeepOrder).build()?;
-    let relay = Relay::builder(my.reopen().await?, Latency { inner: redis.clone(), samples: samples.clone() })
-        .poll_interval(Duration::from_millis(100))
+    let outbox = Outbox::builder(my.clone(), NullPublisher)
+        .strategy(Strategy::KeepOrder)
         .build()?;
+    let relay = Relay::builder(
+        my.reopen().await?,
+        Latency {
+            inner: redis.clone(),
+            samples: samples.clone(),
+        },
+    )
+    .poll_interval(Duration::from_millis(100))
+    .build()?;
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let h = tokio::spawn(async move { relay.run(async move { let _ = stop_rx.wait_for(|s| *s).await; }).await });
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
     let s = offered_load(rate, secs, samples.clone(), |i| {
         let (my, outbox, key) = (my.clone(), outbox.clone(), key.clone());
         async move {
             let mut tx = my.pool().begin().await?;
-            drop(my.enqueue(&mut tx, &outbox, [Message::new(key, i.to_string().into_bytes()).key("k")]).await?);
+            drop(
+                my.enqueue(
+                    &mut tx,
+                    &outbox,
+                    [Message::new(key, i.to_string().into_bytes()).key("k")],
+                )
+                .await?,
+            );
             tx.commit().await?;
             Ok(())
         }
@@ -405,9 +563,17 @@ async fn latency() -> Res {
     .await?;
     stop.send(true)?;
     h.await?;
-    print_latency("keep-order, polling 100 ms (MariaDB)", &s, rate as usize * secs as usize);
-    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {table}, {table}_locks")).execute(my.pool()).await;
-    let mut conn = outbox::redis::redis::Client::open(redis_url())?.get_multiplexed_async_connection().await?;
+    print_latency(
+        "keep-order, polling 100 ms (MariaDB)",
+        &s,
+        rate as usize * secs as usize,
+    );
+    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {table}, {table}_locks"))
+        .execute(my.pool())
+        .await;
+    let mut conn = outbox::redis::redis::Client::open(redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
     let _: () = outbox::redis::redis::AsyncCommands::del(&mut conn, &key).await?;
     println!("\nTargets: NOTIFY p50 <= 2 ms, p99 <= 10 ms.");
     Ok(())
@@ -425,21 +591,40 @@ fn print_latency(name: &str, s: &[Duration], expected: usize) {
 
 fn summary(mut v: Vec<Duration>, total: Duration) -> (Duration, Duration, f64) {
     v.sort();
-    (percentile(&v, 0.5), percentile(&v, 0.99), v.len() as f64 / total.as_secs_f64())
+    (
+        percentile(&v, 0.5),
+        percentile(&v, 0.99),
+        v.len() as f64 / total.as_secs_f64(),
+    )
 }
 
 async fn write_overhead(dir: &std::path::Path) -> Res {
     let n = 2000;
     println!("\n## Business transaction cost with and without the outbox row ({n} sequential transactions each)\n");
-    println!("| store | without: p50 / p99 / tx/s | with outbox: p50 / p99 / tx/s | overhead (p50) |");
+    println!(
+        "| store | without: p50 / p99 / tx/s | with outbox: p50 / p99 / tx/s | overhead (p50) |"
+    );
     println!("|---|---|---|---|");
 
     // PostgreSQL
     let table = unique("outbox_w");
-    let pg = PgStore::connect_with(&pg_url(), PgOptions { table: table.clone(), ..Default::default() }).await?;
+    let pg = PgStore::connect_with(
+        &pg_url(),
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     pg.migrate().await?;
-    outbox::postgres::sqlx::query(&format!("CREATE TABLE {table}_biz (id BIGSERIAL PRIMARY KEY, body TEXT)")).execute(pg.pool()).await?;
-    let outbox = Outbox::builder(pg.clone(), NullPublisher).strategy(Strategy::KeepOrder).build()?;
+    outbox::postgres::sqlx::query(&format!(
+        "CREATE TABLE {table}_biz (id BIGSERIAL PRIMARY KEY, body TEXT)"
+    ))
+    .execute(pg.pool())
+    .await?;
+    let outbox = Outbox::builder(pg.clone(), NullPublisher)
+        .strategy(Strategy::KeepOrder)
+        .build()?;
     let mut results = Vec::new();
     for with in [false, true] {
         let mut v = Vec::with_capacity(n);
@@ -452,7 +637,15 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                 .execute(&mut *tx)
                 .await?;
             if with {
-                drop(pg.enqueue(&mut tx, &outbox, [Message::new("orders", i.to_string().into_bytes()).key(format!("c{}", i % 100))]).await?);
+                drop(
+                    pg.enqueue(
+                        &mut tx,
+                        &outbox,
+                        [Message::new("orders", i.to_string().into_bytes())
+                            .key(format!("c{}", i % 100))],
+                    )
+                    .await?,
+                );
             }
             tx.commit().await?;
             v.push(t.elapsed());
@@ -460,16 +653,29 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
         results.push(summary(v, start.elapsed()));
     }
     print_overhead("postgres", &results);
-    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}, {table}_biz")).execute(pg.pool()).await;
+    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}, {table}_biz"))
+        .execute(pg.pool())
+        .await;
 
     // MariaDB
     let table = unique("outbox_w");
-    let my = MySqlStore::connect_with(&mysql_url(), MySqlOptions { table: table.clone(), ..Default::default() }).await?;
+    let my = MySqlStore::connect_with(
+        &mysql_url(),
+        MySqlOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     my.migrate().await?;
-    outbox::mysql::sqlx::query(&format!("CREATE TABLE {table}_biz (id BIGINT AUTO_INCREMENT PRIMARY KEY, body TEXT)"))
-        .execute(my.pool())
-        .await?;
-    let outbox = Outbox::builder(my.clone(), NullPublisher).strategy(Strategy::KeepOrder).build()?;
+    outbox::mysql::sqlx::query(&format!(
+        "CREATE TABLE {table}_biz (id BIGINT AUTO_INCREMENT PRIMARY KEY, body TEXT)"
+    ))
+    .execute(my.pool())
+    .await?;
+    let outbox = Outbox::builder(my.clone(), NullPublisher)
+        .strategy(Strategy::KeepOrder)
+        .build()?;
     let mut results = Vec::new();
     for with in [false, true] {
         let mut v = Vec::with_capacity(n);
@@ -482,7 +688,15 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                 .execute(&mut *tx)
                 .await?;
             if with {
-                drop(my.enqueue(&mut tx, &outbox, [Message::new("orders", i.to_string().into_bytes()).key(format!("c{}", i % 100))]).await?);
+                drop(
+                    my.enqueue(
+                        &mut tx,
+                        &outbox,
+                        [Message::new("orders", i.to_string().into_bytes())
+                            .key(format!("c{}", i % 100))],
+                    )
+                    .await?,
+                );
             }
             tx.commit().await?;
             v.push(t.elapsed());
@@ -490,12 +704,16 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
         results.push(summary(v, start.elapsed()));
     }
     print_overhead("mariadb", &results);
-    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {table}, {table}_locks, {table}_biz")).execute(my.pool()).await;
+    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {table}, {table}_locks, {table}_biz"))
+        .execute(my.pool())
+        .await;
 
     // SQLite
     let store = SqliteStore::open(dir.join("write.db"))?;
     store.migrate_now()?;
-    let outbox = Outbox::builder(store.clone(), NullPublisher).strategy(Strategy::KeepOrder).build()?;
+    let outbox = Outbox::builder(store.clone(), NullPublisher)
+        .strategy(Strategy::KeepOrder)
+        .build()?;
     let mut conn = store.connect()?;
     conn.execute_batch("CREATE TABLE biz (id INTEGER PRIMARY KEY, body TEXT)")?;
     let mut results = Vec::new();
@@ -507,7 +725,14 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
             let tx = conn.transaction()?;
             tx.execute("INSERT INTO biz (body) VALUES (?1)", [format!("order {i}")])?;
             if with {
-                drop(store.enqueue(&tx, &outbox, [Message::new("orders", i.to_string().into_bytes()).key(format!("c{}", i % 100))])?);
+                drop(
+                    store.enqueue(
+                        &tx,
+                        &outbox,
+                        [Message::new("orders", i.to_string().into_bytes())
+                            .key(format!("c{}", i % 100))],
+                    )?,
+                );
             }
             tx.commit()?;
             v.push(t.elapsed());
@@ -536,12 +761,24 @@ fn print_overhead(name: &str, r: &[(Duration, Duration, f64)]) {
 /// Child process: drain the SQLite backlog at `path` with a null publisher, print peak RSS.
 async fn rss_child(path: &str) -> Res {
     let store = SqliteStore::open(path)?;
-    let relay = Relay::builder(store, NullPublisher).batch_size(BATCH).delete_after_send(true).build()?;
+    let relay = Relay::builder(store, NullPublisher)
+        .batch_size(BATCH)
+        .delete_after_send(true)
+        .build()?;
     let t = Instant::now();
     let r = relay.run_once().await?;
     let status = std::fs::read_to_string("/proc/self/status")?;
-    let hwm = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").to_owned();
-    println!("{} {} {:.0}", r.published, hwm.split_whitespace().nth(1).unwrap_or("?"), rate(r.published, t.elapsed()));
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?")
+        .to_owned();
+    println!(
+        "{} {} {:.0}",
+        r.published,
+        hwm.split_whitespace().nth(1).unwrap_or("?"),
+        rate(r.published, t.elapsed())
+    );
     Ok(())
 }
 
@@ -553,11 +790,20 @@ async fn memory_and_idle(dir: &std::path::Path, rss_rows: usize) -> Res {
     let t = Instant::now();
     fill(&store, rss_rows, "x").await?;
     let filled = t.elapsed();
-    let out = std::process::Command::new(std::env::current_exe()?).args(["--rss-child", path.to_str().unwrap()]).output()?;
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(["--rss-child", path.to_str().unwrap()])
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut parts = text.split_whitespace();
-    let (published, hwm_kb, r) = (parts.next().unwrap_or("?"), parts.next().unwrap_or("?"), parts.next().unwrap_or("?"));
-    let mb = hwm_kb.parse::<f64>().map(|k| k / 1024.0).unwrap_or(f64::NAN);
+    let (published, hwm_kb, r) = (
+        parts.next().unwrap_or("?"),
+        parts.next().unwrap_or("?"),
+        parts.next().unwrap_or("?"),
+    );
+    let mb = hwm_kb
+        .parse::<f64>()
+        .map(|k| k / 1024.0)
+        .unwrap_or(f64::NAN);
     println!(
         "- peak RSS of a relay process draining a {rss_rows}-row SQLite backlog (filled in {:.1} s): {mb:.1} MB ({published} published at {r} msg/s) - {}",
         filled.as_secs_f64(),
@@ -565,19 +811,37 @@ async fn memory_and_idle(dir: &std::path::Path, rss_rows: usize) -> Res {
     );
 
     let table = unique("outbox_idle");
-    let pg = PgStore::connect_with(&pg_url(), PgOptions { table: table.clone(), ..Default::default() }).await?;
+    let pg = PgStore::connect_with(
+        &pg_url(),
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
     pg.migrate().await?;
-    let counting = Arc::new(Counting { inner: pg.clone(), claims: AtomicU64::new(0) });
+    let counting = Arc::new(Counting {
+        inner: pg.clone(),
+        claims: AtomicU64::new(0),
+    });
     let relay = Relay::builder(counting.clone(), NullPublisher).build()?; // default 1 s poll interval
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
-    let h = tokio::spawn(async move { relay.run(async move { let _ = stop_rx.wait_for(|s| *s).await; }).await });
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
     let idle = Duration::from_secs(10);
     tokio::time::sleep(idle).await;
     stop.send(true)?;
     h.await?;
     let q = counting.claims.load(Ordering::Relaxed) as f64 / idle.as_secs_f64();
     println!("- idle relay (PostgreSQL, default 1 s poll interval, LISTEN for wake-up): {q:.2} claim queries/s");
-    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}")).execute(pg.pool()).await;
+    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(pg.pool())
+        .await;
     Ok(())
 }
 
@@ -589,13 +853,20 @@ async fn main() -> Res {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let arg = |name: &str, default: usize| -> usize {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let rows = arg("--rows", if quick { 10_000 } else { 100_000 });
     let rss_rows = arg("--rss-rows", if quick { 100_000 } else { 1_000_000 });
     let dir = tempfile::tempdir()?;
     println!("# outbox benchmarks");
-    println!("\nmachine: {} cores; all services on loopback; release build", std::thread::available_parallelism()?.get());
+    println!(
+        "\nmachine: {} cores; all services on loopback; release build",
+        std::thread::available_parallelism()?.get()
+    );
     throughput(dir.path(), rows).await?;
     latency().await?;
     write_overhead(dir.path()).await?;

@@ -83,6 +83,9 @@ struct RelayArgs {
     /// Rows per batch [default: 100]
     #[arg(long, env = "OUTBOX_BATCH")]
     batch: Option<usize>,
+    /// Batches in flight at once (overlaps claiming and publishing) [default: 1]
+    #[arg(long, env = "OUTBOX_CONCURRENCY")]
+    concurrency: Option<usize>,
     /// Lease on claimed rows [default: 30s]
     #[arg(long, env = "OUTBOX_LEASE", value_parser = humantime::parse_duration)]
     lease: Option<Duration>,
@@ -172,6 +175,7 @@ struct FileRelay {
     interval: Option<String>,
     streams: Option<Vec<String>>,
     batch: Option<usize>,
+    concurrency: Option<usize>,
     lease: Option<String>,
     publish_timeout: Option<String>,
     max_attempts: Option<u32>,
@@ -382,6 +386,10 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
             StreamFilter::Only(streams)
         },
         batch_size: args.batch.or(file.batch).unwrap_or(defaults.batch_size),
+        concurrency: args
+            .concurrency
+            .or(file.concurrency)
+            .unwrap_or(defaults.concurrency),
         lease: args
             .lease
             .or(duration("relay.lease", file.lease)?)

@@ -471,16 +471,19 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
 
     let mut handles = Vec::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    for (i, s) in [store.clone(), h.reopen(&store).await]
-        .into_iter()
-        .enumerate()
-    {
+    let mut relays = vec![store.clone()];
+    for _ in 0..3 {
+        relays.push(h.reopen(&store).await);
+    }
+    assert_eq!(relays.len(), 4);
+    for (i, s) in relays.into_iter().enumerate() {
         let relay = Relay::builder(
             s,
-            FaultyPublisher::random(broker.clone(), 0.3, 7 + i as u64),
+            FaultyPublisher::random(broker.clone(), 0.25, 7 + i as u64),
         )
         .retry(fast_retry(1_000))
-        .batch_size(7)
+        .batch_size(5)
+        .concurrency(2)
         .poll_interval(Duration::from_millis(20))
         .build()
         .unwrap();
@@ -812,6 +815,7 @@ pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
     for _ in 0..3 {
         let relay = Relay::builder(h.reopen(&store).await, broker.clone())
             .batch_size(8)
+            .concurrency(3)
             .poll_interval(Duration::from_millis(20))
             .build()
             .unwrap();

@@ -55,8 +55,8 @@ pub use message::{
 pub use observer::{Event, Observer, PublishPath};
 pub use outbox::{Config, DispatchReport, Outbox, OutboxBuilder, Pending, Prepared};
 pub use publisher::{
-    FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher, Router,
-    StdoutPublisher,
+    FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher,
+    Router, StdoutPublisher,
 };
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};

@@ -435,6 +435,15 @@ impl Prepared {
         &self.rows
     }
 
+    /// Whether [`into_pending`](Self::into_pending) needs the real `seq`s: only
+    /// publish-on-commit rows are acknowledged by `seq` after publishing. When false, a backend
+    /// may skip reading them back and pass any values of the right length.
+    pub fn needs_seqs(&self) -> bool {
+        self.rows
+            .iter()
+            .any(|r| r.strategy == Strategy::PublishOnCommit)
+    }
+
     /// After the backend wrote [`rows`](Self::rows) and got their `seq`s (same order).
     pub fn into_pending(self, seqs: Vec<i64>) -> Result<Pending> {
         if seqs.len() != self.rows.len() {

@@ -41,6 +41,10 @@ pub struct RelayConfig {
     pub signer: Option<Signer>,
     /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
     pub max_error_backoff: Duration,
+    /// Batches in flight at once. Each claims its own rows (leases keep batches apart, and a
+    /// keep-order unit in flight holds back its later rows), so one batch's claim and
+    /// acknowledgement overlap another's publishing. Default: 1.
+    pub concurrency: usize,
 }
 
 impl Default for RelayConfig {
@@ -57,6 +61,7 @@ impl Default for RelayConfig {
             dead_letter_keep_order: c.dead_letter_keep_order,
             signer: None,
             max_error_backoff: Duration::from_secs(30),
+            concurrency: 1,
         }
     }
 }
@@ -315,6 +320,15 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// Publish until nothing is due (jaiminho's relay command without `--run-in-loop`; a
     /// cron job). Messages backing off are left for a later run.
     pub async fn run_once(&self) -> Result<BatchReport> {
+        let drains = (0..self.config.concurrency).map(|_| self.drain());
+        let mut total = BatchReport::default();
+        for r in futures_util::future::join_all(drains).await {
+            total += r?;
+        }
+        Ok(total)
+    }
+
+    async fn drain(&self) -> Result<BatchReport> {
         let mut total = BatchReport::default();
         loop {
             let r = self.step().await?;
@@ -325,13 +339,40 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Publish in a loop until `shutdown` completes. A batch in flight is finished first.
+    /// Publish in a loop until `shutdown` completes. Batches in flight are finished first.
     /// Store errors are logged and retried with a growing pause; the relay never gives up.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> BatchReport {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let loops = futures_util::future::join_all(
+            (0..self.config.concurrency).map(|_| self.run_loop(stopped.clone())),
+        );
+        tokio::pin!(loops);
         tokio::pin!(shutdown);
+        let mut asked = false;
+        loop {
+            tokio::select! {
+                reports = &mut loops => {
+                    let mut total = BatchReport::default();
+                    for r in reports {
+                        total += r;
+                    }
+                    return total;
+                }
+                _ = &mut shutdown, if !asked => {
+                    asked = true;
+                    let _ = stop.send(true);
+                }
+            }
+        }
+    }
+
+    async fn run_loop(&self, mut stopped: tokio::sync::watch::Receiver<bool>) -> BatchReport {
         let mut total = BatchReport::default();
         let mut error_pause = Duration::from_millis(100);
         loop {
+            if *stopped.borrow() {
+                return total;
+            }
             let pause = match self.step().await {
                 Ok(r) => {
                     total += r;
@@ -346,20 +387,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     Some(p)
                 }
             };
-            match pause {
-                Some(p) => {
-                    tokio::select! {
-                        biased;
-                        _ = &mut shutdown => return total,
-                        _ = self.store.wait_for_work(p) => {}
-                    }
-                }
-                None => {
-                    tokio::select! {
-                        biased;
-                        _ = &mut shutdown => return total,
-                        _ = std::future::ready(()) => {}
-                    }
+            if let Some(p) = pause {
+                tokio::select! {
+                    biased;
+                    _ = stopped.wait_for(|s| *s) => return total,
+                    _ = self.store.wait_for_work(p) => {}
                 }
             }
         }
@@ -441,6 +473,12 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self
     }
 
+    /// Batches in flight at once (see [`RelayConfig::concurrency`]).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.config.concurrency = n;
+        self
+    }
+
     /// Verify signatures.
     pub fn signer(mut self, signer: Signer) -> Self {
         self.config.signer = Some(signer);
@@ -463,8 +501,10 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
     pub fn build(self) -> Result<Relay<S, P>> {
         let c = &self.config;
         c.retry.validate()?;
-        if c.batch_size == 0 {
-            return Err(Error::config("batch_size must be at least 1"));
+        if c.batch_size == 0 || c.concurrency == 0 {
+            return Err(Error::config(
+                "batch_size and concurrency must be at least 1",
+            ));
         }
         if matches!(&c.streams, StreamFilter::Only(s) if s.is_empty()) {
             return Err(Error::config(

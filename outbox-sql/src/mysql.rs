@@ -178,7 +178,12 @@ impl MySqlStore {
                 .await
                 .map_err(map_err)?;
         }
-        let seqs = insert(&mut *conn, t, prepared.rows()).await?;
+        let seqs = if prepared.needs_seqs() {
+            insert(&mut *conn, t, prepared.rows()).await?
+        } else {
+            insert_only(&mut *conn, t, prepared.rows()).await?;
+            vec![0; prepared.rows().len()]
+        };
         prepared.into_pending(seqs)
     }
 }
@@ -190,13 +195,14 @@ pub async fn commit(tx: Transaction<'_, MySql>, pending: Pending) -> outbox_core
     Ok(())
 }
 
-async fn insert(
+/// One multi-row INSERT.
+async fn insert_only(
     conn: &mut MySqlConnection,
     t: &str,
     rows: &[NewMessage],
-) -> outbox_core::Result<Vec<i64>> {
+) -> outbox_core::Result<()> {
     if rows.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let one = format!(
         "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW} + ?, ?, IF(? IS NULL, NULL, {NOW} + ?), ?, ?)"
@@ -231,6 +237,19 @@ async fn insert(
             .bind(&r.signature);
     }
     q.execute(&mut *conn).await.map_err(map_err)?;
+    Ok(())
+}
+
+/// Insert and read the `seq`s back (by id: a multi-row insert's ids need not be contiguous).
+async fn insert(
+    conn: &mut MySqlConnection,
+    t: &str,
+    rows: &[NewMessage],
+) -> outbox_core::Result<Vec<i64>> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    insert_only(&mut *conn, t, rows).await?;
     let ids: Vec<String> = rows.iter().map(|r| r.envelope.id.to_string()).collect();
     let sql = format!("SELECT seq, id FROM {t} WHERE id IN ({})", list(ids.len()));
     let mut q = sqlx::query_as::<_, (i64, String)>(&sql);

@@ -172,26 +172,11 @@ impl PgStore {
     ) -> outbox_core::Result<Pending> {
         let prepared = outbox.prepare(messages)?;
         let rows = prepared.rows();
-        let units = keep_order_units(rows);
-        for (stream, key) in &units {
-            sqlx::query(
-                "SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2 || chr(31) || $3))",
-            )
-            .bind(&self.inner.table)
-            .bind(stream)
-            .bind(key)
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        }
-        let seqs = insert(&mut *conn, &self.inner.sql, rows).await?;
-        if !units.is_empty() {
-            sqlx::query("SELECT pg_notify($1, '')")
-                .bind(&self.inner.table)
-                .execute(&mut *conn)
-                .await
-                .map_err(map_err)?;
-        }
+        let units: Vec<String> = keep_order_units(rows)
+            .into_iter()
+            .map(|(stream, key)| format!("{stream}\u{1f}{key}"))
+            .collect();
+        let seqs = insert(&mut *conn, &self.inner.sql, rows, &units).await?;
         prepared.into_pending(seqs)
     }
 
@@ -289,8 +274,13 @@ impl Sql {
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
                 CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
             ),
+            // One round trip: the keep-order unit locks ($17 units) and the NOTIFY ($18) are taken
+            // by a CTE that a one-time filter evaluates before the first row is inserted.
             insert: format!(
-                "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
+                "WITH locks AS MATERIALIZED (
+                   SELECT pg_advisory_xact_lock(hashtext('{t}'), hashtext(u)) FROM unnest($17::text[]) AS u
+                   UNION ALL SELECT pg_notify('{t}', '') WHERE $18::bool)
+                 INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
                  SELECT u.id::uuid, u.stream, u.destination, u.msg_key, COALESCE(u.msg_key, ''), u.payload,
                     u.content_type, u.headers::jsonb, u.strategy, u.status, u.attempts, u.created_at,
@@ -300,6 +290,7 @@ impl Sql {
                     $15::text[], $16::text[])
                    AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
                         attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature)
+                 WHERE (SELECT count(*) FROM locks) >= 0
                  RETURNING seq, id::text"
             ),
             // Runs after the per-table claim lock: see the crate docs for why.
@@ -348,10 +339,13 @@ impl Sql {
     }
 }
 
+/// Insert `rows` in one statement; `units` (keep-order ordering units, sorted) are locked until
+/// the transaction ends and, when there are any, relays are notified at commit.
 async fn insert(
     conn: &mut PgConnection,
     sql: &Sql,
     rows: &[NewMessage],
+    units: &[String],
 ) -> outbox_core::Result<Vec<i64>> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -398,6 +392,8 @@ async fn insert(
         .bind(leases)
         .bind(errors)
         .bind(sigs)
+        .bind(units)
+        .bind(!units.is_empty())
         .fetch_all(&mut *conn)
         .await
         .map_err(map_err)?;
@@ -449,7 +445,7 @@ impl Store for PgStore {
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
         let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
-        insert(&mut conn, &self.inner.sql, rows).await
+        insert(&mut conn, &self.inner.sql, rows, &[]).await
     }
 
     async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {

@@ -125,3 +125,65 @@ async fn bad_config_is_a_typed_error_and_never_leaks_the_password() {
     assert!(!text.contains("hunter2secret"), "{text}");
     assert!(text.contains("app:***@127.0.0.1:1"), "{text}");
 }
+
+/// Two transactions write the same key concurrently; the first to enqueue commits last. The
+/// unit lock makes the second wait, so publish order is commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_key_publish_in_commit_order() {
+    use outbox_core::{RecordingPublisher, Relay, Strategy};
+    use std::time::Duration;
+
+    let store = My.fresh().await;
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+
+    let mut t1 = store.pool().begin().await.unwrap();
+    drop(
+        store
+            .enqueue(
+                &mut t1,
+                &outbox,
+                [Message::new("d", b"t1".to_vec()).key("k")],
+            )
+            .await
+            .unwrap(),
+    );
+    let (s2, o2, order2) = (store.clone(), outbox.clone(), order.clone());
+    let t2 = tokio::spawn(async move {
+        let mut t2 = s2.pool().begin().await.unwrap();
+        drop(
+            s2.enqueue(&mut t2, &o2, [Message::new("d", b"t2".to_vec()).key("k")])
+                .await
+                .unwrap(),
+        );
+        t2.commit().await.unwrap();
+        order2.lock().unwrap().push("t2");
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await; // t2 is waiting (or, without the lock, done)
+    t1.commit().await.unwrap();
+    order.lock().unwrap().push("t1");
+    t2.await.unwrap();
+
+    let broker = RecordingPublisher::new();
+    Relay::builder(store.clone(), broker.clone())
+        .build()
+        .unwrap()
+        .run_once()
+        .await
+        .unwrap();
+    let published: Vec<String> = broker
+        .published()
+        .into_iter()
+        .map(|e| String::from_utf8(e.message.payload).unwrap())
+        .collect();
+    let committed = order.lock().unwrap().clone();
+    assert_eq!(published, committed, "published in commit order");
+    assert_eq!(
+        committed,
+        vec!["t1", "t2"],
+        "the second writer waited for the first"
+    );
+}
