@@ -341,8 +341,13 @@ async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
     println!("| store | raw claim+delete | publisher | raw publish | relay, concurrency 1 | relay, concurrency 2 | best / claim+delete | best / publish | best / min(raw) |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for b in stores(dir).await? {
-        fill(b.store.as_ref(), rows, "x").await?;
-        let (_, cd) = timed(claim_delete(b.store.as_ref())).await?;
+        // Raw baseline, best of two passes (the first pass over freshly written rows pays for
+        // stale planner statistics and hint-bit writes; the relay runs after it would not).
+        let mut cd: f64 = 0.0;
+        for _ in 0..2 {
+            fill(b.store.as_ref(), rows, "x").await?;
+            cd = cd.max(timed(claim_delete(b.store.as_ref())).await?.1);
+        }
         let publishers: [(&str, Arc<dyn Publisher>, String, f64); 3] = [
             ("null", Arc::new(NullPublisher), "x".into(), null_raw),
             ("redis", redis.clone(), stream_key.clone(), redis_raw),
@@ -601,10 +606,8 @@ fn summary(mut v: Vec<Duration>, total: Duration) -> (Duration, Duration, f64) {
 async fn write_overhead(dir: &std::path::Path) -> Res {
     let n = 2000;
     println!("\n## Business transaction cost with and without the outbox row ({n} sequential transactions each)\n");
-    println!(
-        "| store | without: p50 / p99 / tx/s | with outbox: p50 / p99 / tx/s | overhead (p50) |"
-    );
-    println!("|---|---|---|---|");
+    println!("| store | without outbox: p50 / p99 / tx/s | + keep-order row | overhead (p50) | + publish-on-commit row | overhead (p50) |");
+    println!("|---|---|---|---|---|---|");
 
     // PostgreSQL
     let table = unique("outbox_w");
@@ -625,8 +628,9 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     let outbox = Outbox::builder(pg.clone(), NullPublisher)
         .strategy(Strategy::KeepOrder)
         .build()?;
+    let on_commit = Outbox::builder(pg.clone(), NullPublisher).build()?;
     let mut results = Vec::new();
-    for with in [false, true] {
+    for mode in 0..3 {
         let mut v = Vec::with_capacity(n);
         let start = Instant::now();
         for i in 0..n {
@@ -636,11 +640,11 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                 .bind(format!("order {i}"))
                 .execute(&mut *tx)
                 .await?;
-            if with {
+            if mode > 0 {
                 drop(
                     pg.enqueue(
                         &mut tx,
-                        &outbox,
+                        if mode == 1 { &outbox } else { &on_commit },
                         [Message::new("orders", i.to_string().into_bytes())
                             .key(format!("c{}", i % 100))],
                     )
@@ -676,8 +680,9 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     let outbox = Outbox::builder(my.clone(), NullPublisher)
         .strategy(Strategy::KeepOrder)
         .build()?;
+    let on_commit = Outbox::builder(my.clone(), NullPublisher).build()?;
     let mut results = Vec::new();
-    for with in [false, true] {
+    for mode in 0..3 {
         let mut v = Vec::with_capacity(n);
         let start = Instant::now();
         for i in 0..n {
@@ -687,11 +692,11 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                 .bind(format!("order {i}"))
                 .execute(&mut *tx)
                 .await?;
-            if with {
+            if mode > 0 {
                 drop(
                     my.enqueue(
                         &mut tx,
-                        &outbox,
+                        if mode == 1 { &outbox } else { &on_commit },
                         [Message::new("orders", i.to_string().into_bytes())
                             .key(format!("c{}", i % 100))],
                     )
@@ -714,21 +719,22 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     let outbox = Outbox::builder(store.clone(), NullPublisher)
         .strategy(Strategy::KeepOrder)
         .build()?;
+    let on_commit = Outbox::builder(store.clone(), NullPublisher).build()?;
     let mut conn = store.connect()?;
     conn.execute_batch("CREATE TABLE biz (id INTEGER PRIMARY KEY, body TEXT)")?;
     let mut results = Vec::new();
-    for with in [false, true] {
+    for mode in 0..3 {
         let mut v = Vec::with_capacity(n);
         let start = Instant::now();
         for i in 0..n {
             let t = Instant::now();
             let tx = conn.transaction()?;
             tx.execute("INSERT INTO biz (body) VALUES (?1)", [format!("order {i}")])?;
-            if with {
+            if mode > 0 {
                 drop(
                     store.enqueue(
                         &tx,
-                        &outbox,
+                        if mode == 1 { &outbox } else { &on_commit },
                         [Message::new("orders", i.to_string().into_bytes())
                             .key(format!("c{}", i % 100))],
                     )?,
@@ -745,16 +751,16 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
 }
 
 fn print_overhead(name: &str, r: &[(Duration, Duration, f64)]) {
-    let (a, b) = (r[0], r[1]);
-    let overhead = (b.0.as_secs_f64() / a.0.as_secs_f64() - 1.0) * 100.0;
+    let cell = |x: (Duration, Duration, f64)| format!("{} / {} / {:.0}", ms(x.0), ms(x.1), x.2);
+    let over =
+        |x: (Duration, Duration, f64)| (x.0.as_secs_f64() / r[0].0.as_secs_f64() - 1.0) * 100.0;
     println!(
-        "| {name} | {} / {} / {:.0} | {} / {} / {:.0} | {overhead:+.1}% |",
-        ms(a.0),
-        ms(a.1),
-        a.2,
-        ms(b.0),
-        ms(b.1),
-        b.2
+        "| {name} | {} | {} | {:+.1}% | {} | {:+.1}% |",
+        cell(r[0]),
+        cell(r[1]),
+        over(r[1]),
+        cell(r[2]),
+        over(r[2])
     );
 }
 

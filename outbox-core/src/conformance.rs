@@ -115,6 +115,34 @@ fn msg(stream: &str, key: Option<&str>, n: usize) -> Message {
     }
 }
 
+/// A relay running in a background task until [`stop`](Self::stop) (which lets the batches
+/// in flight finish).
+pub struct RunningRelay {
+    stop: tokio::sync::watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<crate::BatchReport>,
+}
+
+impl RunningRelay {
+    /// Start `relay.run` on the current runtime.
+    pub fn spawn<S: Store + 'static, P: crate::Publisher + 'static>(relay: Relay<S, P>) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let handle = tokio::spawn(async move {
+            relay
+                .run(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        Self { stop, handle }
+    }
+
+    /// Ask it to stop and wait; returns what it did.
+    pub async fn stop(self) -> crate::BatchReport {
+        let _ = self.stop.send(true);
+        self.handle.await.expect("relay task panicked")
+    }
+}
+
 /// Records observer events as (kind, message id).
 #[derive(Clone, Default)]
 pub struct EventLog(Arc<Mutex<Vec<LoggedEvent>>>);
@@ -469,8 +497,7 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     }
     let expected = keys.len() * per_key + per_key / 4;
 
-    let mut handles = Vec::new();
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut running = Vec::new();
     let mut relays = vec![store.clone()];
     for _ in 0..3 {
         relays.push(h.reopen(&store).await);
@@ -487,22 +514,14 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
         .poll_interval(Duration::from_millis(20))
         .build()
         .unwrap();
-        let mut stop = stop_rx.clone();
-        handles.push(tokio::spawn(async move {
-            relay
-                .run(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        running.push(RunningRelay::spawn(relay));
     }
     eventually("all keep-order messages published", DEADLINE, || async {
         broker.count() >= expected
     })
     .await;
-    stop_tx.send(true).unwrap();
-    for h in handles {
-        h.await.unwrap();
+    for r in running {
+        r.stop().await;
     }
     let mut seen: HashMap<(String, Option<String>), Vec<usize>> = HashMap::new();
     for e in broker.published() {
@@ -810,8 +829,7 @@ pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
         // on-commit messages are "orphaned" (committer died): relays race for them
         drop(h.transact(&store, &outbox, batch, true).await.unwrap());
     }
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut handles = Vec::new();
+    let mut running = Vec::new();
     for _ in 0..3 {
         let relay = Relay::builder(h.reopen(&store).await, broker.clone())
             .batch_size(8)
@@ -819,22 +837,14 @@ pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
             .poll_interval(Duration::from_millis(20))
             .build()
             .unwrap();
-        let mut stop = stop_rx.clone();
-        handles.push(tokio::spawn(async move {
-            relay
-                .run(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
-                .await
-        }));
+        running.push(RunningRelay::spawn(relay));
     }
     eventually("every message published", DEADLINE, || async {
         broker.count() >= n
     })
     .await;
-    stop_tx.send(true).unwrap();
-    for h in handles {
-        h.await.unwrap();
+    for r in running {
+        r.stop().await;
     }
     let mut ids: Vec<_> = broker.published().into_iter().map(|e| e.id).collect();
     ids.sort();
@@ -1065,14 +1075,7 @@ pub async fn wakeup_on_commit<H: Harness>(h: &H) {
         .poll_interval(Duration::from_secs(120))
         .build()
         .unwrap();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let handle = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let running = RunningRelay::spawn(relay);
     for i in 0..3 {
         // Let the relay reach its idle wait, then commit.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1088,6 +1091,5 @@ pub async fn wakeup_on_commit<H: Harness>(h: &H) {
         )
         .await;
     }
-    stop_tx.send(true).unwrap();
-    handle.await.unwrap();
+    running.stop().await;
 }

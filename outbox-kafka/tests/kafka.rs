@@ -204,14 +204,7 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
         })
         .build()
         .unwrap();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let running = outbox_core::conformance::RunningRelay::spawn(relay);
 
     eventually("some published", Duration::from_secs(30), || async {
         store.stats().await.unwrap().total().sent >= 40
@@ -232,8 +225,7 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
         || async { store.stats().await.unwrap().total().pending == 0 },
     )
     .await;
-    stop_tx.send(true).unwrap();
-    run.await.unwrap();
+    running.stop().await;
 
     let got = consume(cluster.bootstrap_servers(), "events".into(), n).await;
     let mut seen = std::collections::HashSet::new();

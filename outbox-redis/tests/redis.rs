@@ -281,14 +281,7 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing() {
         })
         .build()
         .unwrap();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let running = outbox_core::conformance::RunningRelay::spawn(relay);
 
     // Kill Redis once part of the backlog is through, keep it down a moment, bring it back.
     let check = raw(&url).await;
@@ -314,8 +307,7 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing() {
         || async { store.stats().await.unwrap().total().pending == 0 },
     )
     .await;
-    stop_tx.send(true).unwrap();
-    let report = run.await.unwrap();
+    let report = running.stop().await;
 
     let mut check = raw(&url).await;
     let got = entries(&mut check, "events").await;

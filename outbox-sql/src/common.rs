@@ -116,6 +116,26 @@ where
     })
 }
 
+/// Per-stream counts from rows of (stream, pending, sent, dead, oldest pending ms).
+pub(crate) fn stats_from_rows(
+    rows: Vec<(String, i64, i64, i64, Option<i64>)>,
+) -> outbox_core::Stats {
+    outbox_core::Stats {
+        streams: rows
+            .into_iter()
+            .map(
+                |(stream, pending, sent, dead, oldest)| outbox_core::StreamStats {
+                    stream,
+                    pending: pending as u64,
+                    sent: sent as u64,
+                    dead: dead as u64,
+                    oldest_pending: oldest.map(from_millis),
+                },
+            )
+            .collect(),
+    }
+}
+
 /// The distinct keep-order units of a batch, sorted (a fixed lock order avoids deadlocks
 /// between two transactions that write the same units).
 pub(crate) fn keep_order_units(rows: &[outbox_core::NewMessage]) -> Vec<(String, String)> {

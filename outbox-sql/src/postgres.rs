@@ -25,13 +25,13 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use outbox_core::{
     to_millis, validate_identifier, Claim, Error, Failure, Message, NewMessage, Outbox, Outcome,
-    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
+    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use crate::common::{decode, keep_order_units, redact_url};
+use crate::common::{decode, keep_order_units, redact_url, stats_from_rows};
 
 pub use crate::common::map_err;
 /// The sqlx this store is built with, for the application's own queries and transactions.
@@ -614,18 +614,7 @@ impl Store for PgStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        Ok(Stats {
-            streams: rows
-                .into_iter()
-                .map(|(stream, p, s, d, oldest)| StreamStats {
-                    stream,
-                    pending: p as u64,
-                    sent: s as u64,
-                    dead: d as u64,
-                    oldest_pending: oldest.map(outbox_core::from_millis),
-                })
-                .collect(),
-        })
+        Ok(stats_from_rows(rows))
     }
 
     async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {

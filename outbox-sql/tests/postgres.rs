@@ -147,14 +147,7 @@ async fn notify_wakes_a_relay_in_another_process() {
         .poll_interval(Duration::from_secs(120))
         .build()
         .unwrap();
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let running = outbox_core::conformance::RunningRelay::spawn(relay);
     for i in 0..3usize {
         tokio::time::sleep(Duration::from_millis(200)).await; // let the relay reach its idle wait
         let msg = Message::new("d", i.to_string().into_bytes());
@@ -166,8 +159,7 @@ async fn notify_wakes_a_relay_in_another_process() {
         )
         .await;
     }
-    stop_tx.send(true).unwrap();
-    run.await.unwrap();
+    running.stop().await;
 }
 
 /// Two transactions write the same key concurrently; the first to enqueue commits last. The
