@@ -52,13 +52,37 @@ fn uuid_like() -> String {
 }
 
 /// A store under test, plus how to drop its table afterwards.
-type Cleanup =
-    Box<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> + Send + Sync>;
-
 struct Bench {
     name: &'static str,
     store: Arc<dyn Store>,
-    cleanup: Option<Cleanup>,
+    /// SQL run between measurements (VACUUM / ANALYZE), so each run starts from the same
+    /// state: autovacuum after a 100k-row drain otherwise lands on whichever run comes next.
+    maintain: Vec<String>,
+    /// SQL that drops the benchmark's tables.
+    cleanup: Vec<String>,
+    pg: Option<PgStore>,
+    my: Option<MySqlStore>,
+}
+
+impl Bench {
+    async fn exec(&self, statements: &[String]) {
+        for sql in statements {
+            if let Some(pg) = &self.pg {
+                let _ = outbox::postgres::sqlx::query(sql).execute(pg.pool()).await;
+            }
+            if let Some(my) = &self.my {
+                let _ = outbox::mysql::sqlx::query(sql).execute(my.pool()).await;
+            }
+        }
+    }
+
+    async fn maintain(&self) {
+        self.exec(&self.maintain).await;
+    }
+
+    async fn cleanup(&self) {
+        self.exec(&self.cleanup).await;
+    }
 }
 
 async fn stores(dir: &std::path::Path) -> Res<Vec<Bench>> {
@@ -90,36 +114,30 @@ async fn stores(dir: &std::path::Path) -> Res<Vec<Bench>> {
     )
     .await?;
     my.migrate().await?;
-    let (pg2, my2) = (pg.clone(), my.clone());
     Ok(vec![
         Bench {
             name: "sqlite",
             store: Arc::new(sqlite),
-            cleanup: None,
+            maintain: vec![],
+            cleanup: vec![],
+            pg: None,
+            my: None,
         },
         Bench {
             name: "postgres",
-            store: Arc::new(pg),
-            cleanup: Some(Box::new(move || {
-                let (pg, t) = (pg2.clone(), pg_table.clone());
-                Box::pin(async move {
-                    let _ = outbox::postgres::sqlx::query(&format!("DROP TABLE {t}"))
-                        .execute(pg.pool())
-                        .await;
-                })
-            })),
+            store: Arc::new(pg.clone()),
+            maintain: vec![format!("VACUUM ANALYZE {pg_table}")],
+            cleanup: vec![format!("DROP TABLE {pg_table}")],
+            pg: Some(pg),
+            my: None,
         },
         Bench {
             name: "mariadb",
-            store: Arc::new(my),
-            cleanup: Some(Box::new(move || {
-                let (my, t) = (my2.clone(), my_table.clone());
-                Box::pin(async move {
-                    let _ = outbox::mysql::sqlx::query(&format!("DROP TABLE {t}, {t}_locks"))
-                        .execute(my.pool())
-                        .await;
-                })
-            })),
+            store: Arc::new(my.clone()),
+            maintain: vec![format!("ANALYZE TABLE {my_table}")],
+            cleanup: vec![format!("DROP TABLE {my_table}, {my_table}_locks")],
+            pg: None,
+            my: Some(my),
         },
     ])
 }
@@ -345,7 +363,9 @@ async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
         // stale planner statistics and hint-bit writes; the relay runs after it would not).
         let mut cd: f64 = 0.0;
         for _ in 0..2 {
+            b.maintain().await;
             fill(b.store.as_ref(), rows, "x").await?;
+            b.maintain().await;
             cd = cd.max(timed(claim_delete(b.store.as_ref())).await?.1);
         }
         let publishers: [(&str, Arc<dyn Publisher>, String, f64); 3] = [
@@ -354,9 +374,13 @@ async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
             ("rabbitmq", amqp.clone(), queue.clone(), amqp_raw),
         ];
         for (pname, p, dest, raw) in publishers {
+            b.maintain().await;
             fill(b.store.as_ref(), rows, &dest).await?;
+            b.maintain().await;
             let (n1, r1) = timed(relay_drain(b.store.clone(), p.clone(), 1)).await?;
+            b.maintain().await;
             fill(b.store.as_ref(), rows, &dest).await?;
+            b.maintain().await;
             let (n2, r2) = timed(relay_drain(b.store.clone(), p, 2)).await?;
             assert_eq!((n1, n2), (rows, rows));
             let r = r1.max(r2);
@@ -372,9 +396,7 @@ async fn throughput(dir: &std::path::Path, rows: usize) -> Res {
                     .await?;
             }
         }
-        if let Some(c) = &b.cleanup {
-            c().await;
-        }
+        b.cleanup().await;
     }
     ch.queue_delete(queue.as_str().into(), Default::default())
         .await?;

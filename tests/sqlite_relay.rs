@@ -132,3 +132,37 @@ async fn deferred_function_call_is_retried_until_it_succeeds() {
         "called once more, not more"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_header_injector_adds_trace_context_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir);
+    let broker = RecordingPublisher::new();
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let outbox = Outbox::builder(store.clone(), broker.clone())
+        .stream_strategy("ordered", Strategy::KeepOrder)
+        .header_injector(move |m| {
+            m.headers.insert("traceparent".into(), traceparent.into());
+        })
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let tx = conn.transaction().unwrap();
+    let msgs = [
+        Message::new("d", b"now".to_vec()),
+        Message::new("d", b"later".to_vec()).stream("ordered"),
+    ];
+    let pending = store.enqueue(&tx, &outbox, msgs).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(pending.publish().await.published, 1);
+    outbox.relay().build().unwrap().run_once().await.unwrap();
+    let got = broker.published();
+    assert_eq!(got.len(), 2);
+    for e in got {
+        assert_eq!(
+            e.message.headers.get("traceparent").map(String::as_str),
+            Some(traceparent),
+            "{e:?}"
+        );
+    }
+}

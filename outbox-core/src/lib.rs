@@ -53,7 +53,9 @@ pub use message::{
     StoredMessage, Strategy, DEFAULT_STREAM,
 };
 pub use observer::{Event, Observer, PublishPath};
-pub use outbox::{Config, DispatchReport, Outbox, OutboxBuilder, Pending, Prepared};
+pub use outbox::{
+    Config, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Pending, Prepared,
+};
 pub use publisher::{
     FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher,
     Router, StdoutPublisher,

@@ -102,7 +102,11 @@ pub struct Outbox {
     inner: Arc<Inner>,
 }
 
+/// Adds headers to every message at enqueue (trace context, tenant, ...).
+pub type HeaderInjector = dyn Fn(&mut Message) + Send + Sync;
+
 struct Inner {
+    injector: Option<Arc<HeaderInjector>>,
     store: Arc<dyn Store>,
     publisher: Arc<dyn Publisher>,
     config: Config,
@@ -114,6 +118,7 @@ struct Inner {
 
 /// Builds an [`Outbox`].
 pub struct OutboxBuilder {
+    injector: Option<Arc<HeaderInjector>>,
     store: Arc<dyn Store>,
     publisher: Arc<dyn Publisher>,
     config: Config,
@@ -128,6 +133,7 @@ impl Outbox {
         publisher: impl Publisher + 'static,
     ) -> OutboxBuilder {
         OutboxBuilder {
+            injector: None,
             store: Arc::new(store),
             publisher: Arc::new(publisher),
             config: Config::default(),
@@ -169,7 +175,10 @@ impl Outbox {
         let mut rows = Vec::new();
         let mut deferred = Vec::new();
         let now = SystemTime::now();
-        for message in messages {
+        for mut message in messages {
+            if let Some(inject) = &self.inner.injector {
+                inject(&mut message);
+            }
             message.validate(cfg.max_payload_bytes)?;
             let strategy = cfg.strategy_for(&message.stream);
             let envelope = Envelope {
@@ -403,12 +412,35 @@ impl OutboxBuilder {
         self
     }
 
+    /// Run `inject` on every message at enqueue, before validation. This is where W3C trace
+    /// context goes: with OpenTelemetry, inject the current context's `traceparent` /
+    /// `tracestate` here, and every publisher carries them to the broker as headers.
+    ///
+    /// ```
+    /// # use outbox_core::{MemoryStore, Outbox, RecordingPublisher};
+    /// let outbox = Outbox::builder(MemoryStore::new(), RecordingPublisher::new())
+    ///     .header_injector(|m| {
+    ///         // e.g. opentelemetry's TraceContextPropagator::inject_context(&cx, &mut injector)
+    ///         m.headers.entry("traceparent".into()).or_insert_with(|| "00-...-01".into());
+    ///     })
+    ///     .build()?;
+    /// # Ok::<(), outbox_core::Error>(())
+    /// ```
+    pub fn header_injector(
+        mut self,
+        inject: impl Fn(&mut Message) + Send + Sync + 'static,
+    ) -> Self {
+        self.injector = Some(Arc::new(inject));
+        self
+    }
+
     /// Check the settings and build.
     pub fn build(self) -> Result<Outbox> {
         self.config.validate()?;
         let permits = Arc::new(Semaphore::new(self.config.on_commit_concurrency));
         Ok(Outbox {
             inner: Arc::new(Inner {
+                injector: self.injector,
                 store: self.store,
                 publisher: self.publisher,
                 encoder: self.encoder,
