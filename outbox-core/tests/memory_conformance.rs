@@ -54,3 +54,55 @@ impl Harness for Mem {
 }
 
 outbox_core::conformance_tests!(Mem::default());
+
+/// A relay that is running out of lease mid-batch gives the rest of the batch back instead of
+/// publishing after its lease could have expired; the rest follows in order.
+#[tokio::test]
+async fn a_batch_running_out_of_lease_gives_the_rest_back() {
+    use outbox_core::{async_trait, Envelope, Publisher, RecordingPublisher, Relay, Strategy};
+    use std::time::Duration;
+
+    struct Slow(RecordingPublisher);
+    #[async_trait]
+    impl Publisher for Slow {
+        async fn publish(&self, e: &Envelope) -> Result<()> {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            self.0.publish(e).await
+        }
+    }
+
+    let store = MemoryStore::new();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut tx = store.begin();
+    tx.enqueue(
+        &outbox,
+        (0..8u8).map(|i| Message::new("d", vec![i]).key("k")),
+    )
+    .unwrap();
+    tx.commit().unwrap().dispatch();
+
+    let broker = RecordingPublisher::new();
+    // One unit of 8: 8 waves of 150 ms, but the lease allows ~2 before 0.9 x lease is reached.
+    let relay = Relay::builder(store.clone(), Slow(broker.clone()))
+        .lease(Duration::from_millis(700))
+        .publish_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let first = relay.step().await.unwrap();
+    assert_eq!(first.claimed, 8);
+    assert!(
+        first.published < 8 && first.released == 8 - first.published,
+        "{first:?}"
+    );
+    let rest = relay.run_once().await.unwrap();
+    assert_eq!(first.published + rest.published, 8);
+    let order: Vec<u8> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload[0])
+        .collect();
+    assert_eq!(order, (0..8).collect::<Vec<u8>>());
+}

@@ -223,3 +223,39 @@ async fn concurrent_writers_of_one_key_publish_in_commit_order() {
         "the second writer waited for the first"
     );
 }
+
+/// Several processes may run `migrate` at once on a new table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_safe() {
+    let first = Pg.fresh().await;
+    let table = format!("{}_m", first.table());
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let table = table.clone();
+        handles.push(tokio::spawn(async move {
+            let store = PgStore::connect_with(
+                &url(),
+                PgOptions {
+                    table: table.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            outbox_core::Store::migrate(&store).await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().expect("concurrent migrate");
+    }
+    let store = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(store.table_exists().await.unwrap());
+}
