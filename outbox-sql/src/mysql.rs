@@ -374,27 +374,25 @@ impl Store for MySqlStore {
             .await
             .map_err(map_err)?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
-        sqlx::query(&format!(
-            "SELECT okey FROM {t}_locks WHERE stream = '' AND okey = 'claim' FOR UPDATE"
+        // The claim lock and the database clock in one round trip.
+        let now: i64 = sqlx::query_scalar(&format!(
+            "SELECT {NOW} FROM {t}_locks WHERE stream = '' AND okey = 'claim' FOR UPDATE"
         ))
-        .execute(&mut *tx)
+        .fetch_one(&mut *tx)
         .await
         .map_err(map_err)?;
         let (filter, streams) = match &claim.streams {
             StreamFilter::All => (String::new(), vec![]),
             StreamFilter::Only(s) => (format!(" AND o.stream IN ({})", list(s.len())), s.clone()),
         };
-        let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW}"))
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it.
+        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it;
+        // the rows themselves come back here, the lease is written next.
         let select = format!(
             "WITH blocked AS (
                SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
                WHERE b.status = 'pending' AND b.strategy = 'keep_order' AND (b.locked_until > ? OR (b.attempts > 0 AND b.next_attempt_at > ?))
                GROUP BY b.stream, b.okey)
-             SELECT o.seq FROM {t} o
+             SELECT {COLS} FROM {t} o
              WHERE o.status = 'pending'{filter}
                AND (o.locked_until IS NULL OR o.locked_until <= ?) AND o.next_attempt_at <= ?
                AND (o.strategy = 'on_commit' OR NOT EXISTS (
@@ -402,43 +400,36 @@ impl Store for MySqlStore {
              ORDER BY o.seq LIMIT ?"
         );
         // Placeholders in order: the CTE's two `now`s, the stream filter, two `now`s, the limit.
-        let mut q = sqlx::query_scalar::<_, i64>(&select).bind(now).bind(now);
+        let mut q = sqlx::query(&select).bind(now).bind(now);
         for s in &streams {
             q = q.bind(s);
         }
-        let seqs: Vec<i64> = q
+        let rows = q
             .bind(now)
             .bind(now)
             .bind(claim.limit as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        if seqs.is_empty() {
-            tx.commit().await.map_err(map_err)?;
-            return Ok(Vec::new());
+        let rows = rows
+            .iter()
+            .map(decode)
+            .collect::<outbox_core::Result<Vec<_>>>()?;
+        if !rows.is_empty() {
+            let update = format!(
+                "UPDATE {t} SET locked_by = ?, locked_until = ? WHERE seq IN ({})",
+                list(rows.len())
+            );
+            let mut q = sqlx::query(&update)
+                .bind(&claim.owner)
+                .bind(now + claim.lease.as_millis() as i64);
+            for r in &rows {
+                q = q.bind(r.seq);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
         }
-        let update = format!(
-            "UPDATE {t} SET locked_by = ?, locked_until = ? WHERE seq IN ({})",
-            list(seqs.len())
-        );
-        let mut q = sqlx::query(&update)
-            .bind(&claim.owner)
-            .bind(now + claim.lease.as_millis() as i64);
-        for s in &seqs {
-            q = q.bind(s);
-        }
-        q.execute(&mut *tx).await.map_err(map_err)?;
-        let fetch = format!(
-            "SELECT {COLS} FROM {t} WHERE seq IN ({}) ORDER BY seq",
-            list(seqs.len())
-        );
-        let mut q = sqlx::query(&fetch);
-        for s in &seqs {
-            q = q.bind(s);
-        }
-        let rows = q.fetch_all(&mut *tx).await.map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
-        rows.iter().map(decode).collect()
+        Ok(rows)
     }
 
     async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {

@@ -235,6 +235,8 @@ pub async fn commit(tx: Transaction<'_, Postgres>, pending: Pending) -> outbox_c
 struct Sql {
     schema: String,
     insert: String,
+    /// The same INSERT without the unit locks and NOTIFY (no keep-order row in the batch).
+    insert_plain: String,
     claim: String,
     complete_mark: String,
     complete_delete: String,
@@ -244,7 +246,16 @@ struct Sql {
 
 impl Sql {
     fn new(t: &str) -> Self {
+        let mut sql = Self::build(t);
+        let insert = &sql.insert;
+        let start = insert.find("INSERT INTO").expect("insert statement");
+        sql.insert_plain = insert[start..].replace("WHERE (SELECT count(*) FROM locks) >= 0", "");
+        sql
+    }
+
+    fn build(t: &str) -> Self {
         Self {
+            insert_plain: String::new(),
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     seq BIGSERIAL PRIMARY KEY,
@@ -375,28 +386,32 @@ async fn insert(
         errors.push(r.last_error.clone());
         sigs.push(r.signature.clone());
     }
-    let returned: Vec<(i64, String)> = sqlx::query_as(&sql.insert)
-        .bind(&ids)
-        .bind(streams)
-        .bind(dests)
-        .bind(keys)
-        .bind(payloads)
-        .bind(ctypes)
-        .bind(headers)
-        .bind(strategies)
-        .bind(statuses)
-        .bind(attempts)
-        .bind(created)
-        .bind(retry)
-        .bind(lockers)
-        .bind(leases)
-        .bind(errors)
-        .bind(sigs)
-        .bind(units)
-        .bind(!units.is_empty())
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(map_err)?;
+    let locked = !units.is_empty();
+    let mut q = sqlx::query_as::<_, (i64, String)>(if locked {
+        &sql.insert
+    } else {
+        &sql.insert_plain
+    })
+    .bind(&ids)
+    .bind(streams)
+    .bind(dests)
+    .bind(keys)
+    .bind(payloads)
+    .bind(ctypes)
+    .bind(headers)
+    .bind(strategies)
+    .bind(statuses)
+    .bind(attempts)
+    .bind(created)
+    .bind(retry)
+    .bind(lockers)
+    .bind(leases)
+    .bind(errors)
+    .bind(sigs);
+    if locked {
+        q = q.bind(units).bind(true);
+    }
+    let returned = q.fetch_all(&mut *conn).await.map_err(map_err)?;
     let by_id: std::collections::HashMap<String, i64> =
         returned.into_iter().map(|(s, id)| (id, s)).collect();
     ids.iter()
