@@ -554,8 +554,9 @@ impl Pending {
     }
 
     /// Publish in the background on the current Tokio runtime, at most
-    /// `on_commit_concurrency` batches at once per outbox, and wake local relays.
-    /// Must be called from within a Tokio runtime.
+    /// `on_commit_concurrency` batches at once per outbox, and wake local relays. Outside a
+    /// Tokio runtime nothing is published now (an error is logged): persisted rows are
+    /// published by a relay once the committer's lease expires.
     pub fn dispatch(self) {
         let Some(outbox) = self.outbox.clone() else {
             return;
@@ -566,8 +567,17 @@ impl Pending {
             }
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Never panic after a commit: persisted rows go to a relay once the committer's
+            // lease expires; unpersisted ones (persist_all = false) cannot be saved.
+            tracing::error!(
+                count = self.items.len(),
+                "Pending::dispatch called outside a Tokio runtime: not published now; persisted rows are left to the relay"
+            );
+            return;
+        };
         let permits = outbox.inner.permits.clone();
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let _permit = permits.acquire_owned().await;
             self.publish().await;
         });

@@ -106,3 +106,25 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
         .collect();
     assert_eq!(order, (0..8).collect::<Vec<u8>>());
 }
+
+/// `dispatch` outside a Tokio runtime does not panic; the persisted row is left to the relay.
+#[test]
+fn dispatch_outside_a_runtime_leaves_the_row_to_the_relay() {
+    use outbox_core::{RecordingPublisher, Store};
+    let store = MemoryStore::new();
+    let broker = RecordingPublisher::new();
+    let outbox = Outbox::builder(store.clone(), broker.clone())
+        .build()
+        .unwrap();
+    let mut tx = store.begin();
+    tx.enqueue(&outbox, [Message::new("d", b"x".to_vec())])
+        .unwrap();
+    tx.commit().unwrap().dispatch(); // no runtime here
+    assert_eq!(broker.count(), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let pending = rt.block_on(store.stats()).unwrap().total().pending;
+    assert_eq!(pending, 1, "still there for the relay");
+}
