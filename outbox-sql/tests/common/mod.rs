@@ -1,0 +1,223 @@
+//! What the PostgreSQL and MariaDB test files share: the conformance harness and the tests
+//! every SQL store runs, generated per dialect.
+
+/// Generates, for one SQL store: `url()`, a conformance `Harness` named `$harness`, the whole
+/// conformance suite, and the SQL-store tests (config errors and password redaction,
+/// concurrent writers of one key, concurrent migrations).
+macro_rules! sql_store_tests {
+    (
+        harness: $harness:ident,
+        store: $store:ident,
+        options: $options:ident,
+        module: $module:ident,
+        url_env: $env:literal,
+        default_url: $default:literal,
+        unreachable_url: $unreachable:literal,
+        business_ddl: $business_ddl:literal,
+        business_insert: $business_insert:literal,
+        tamper: $tamper:literal $(,)?
+    ) => {
+        use std::sync::Arc;
+
+        use outbox_core::conformance::Harness;
+        use outbox_core::{
+            async_trait, ErrorKind, Message, Outbox, Pending, RecordingPublisher, Relay, Result,
+            Strategy,
+        };
+        use outbox_sql::$module::{map_err, $options, $store};
+
+        fn url() -> String {
+            std::env::var($env).unwrap_or_else(|_| $default.into())
+        }
+
+        async fn connect(table: &str) -> $store {
+            $store::connect_with(
+                &url(),
+                $options {
+                    table: table.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("the database must be reachable (scripts/setup.sh starts it)")
+        }
+
+        struct $harness;
+
+        #[async_trait]
+        impl Harness for $harness {
+            type Store = $store;
+
+            async fn fresh(&self) -> Arc<$store> {
+                let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
+                let store = connect(&table).await;
+                outbox_core::Store::migrate(&store).await.unwrap();
+                sqlx::query(&format!(
+                    "CREATE TABLE {table}_business ({})",
+                    $business_ddl
+                ))
+                .execute(store.pool())
+                .await
+                .unwrap();
+                Arc::new(store)
+            }
+
+            async fn reopen(&self, store: &$store) -> Arc<$store> {
+                Arc::new(store.reopen().await.unwrap())
+            }
+
+            async fn transact(
+                &self,
+                store: &$store,
+                outbox: &Outbox,
+                messages: Vec<Message>,
+                commit: bool,
+            ) -> Result<Pending> {
+                let mut tx = store.pool().begin().await.map_err(map_err)?;
+                sqlx::query(&format!($business_insert, store.table()))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+                match store.enqueue(&mut tx, outbox, messages).await {
+                    Ok(pending) if commit => {
+                        tx.commit().await.map_err(map_err)?;
+                        Ok(pending)
+                    }
+                    Ok(_) => {
+                        tx.rollback().await.map_err(map_err)?;
+                        Ok(Pending::empty())
+                    }
+                    Err(e) => {
+                        tx.commit().await.map_err(map_err)?;
+                        Err(e)
+                    }
+                }
+            }
+
+            async fn business_rows(&self, store: &$store) -> i64 {
+                sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}_business", store.table()))
+                    .fetch_one(store.pool())
+                    .await
+                    .unwrap()
+            }
+
+            async fn tamper(&self, store: &$store, seq: i64) {
+                let r = sqlx::query(&format!($tamper, store.table()))
+                    .bind(seq)
+                    .execute(store.pool())
+                    .await
+                    .unwrap();
+                assert_eq!(r.rows_affected(), 1);
+            }
+        }
+
+        outbox_core::conformance_tests!($harness);
+
+        #[tokio::test]
+        async fn bad_config_is_a_typed_error_and_never_leaks_the_password() {
+            let e = $store::connect("not a url").await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            let e = $store::connect_with(
+                &url(),
+                $options {
+                    table: "x; drop table y".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidIdentifier);
+            // Nothing listens on port 1.
+            let e = $store::connect_with(
+                $unreachable,
+                $options {
+                    acquire_timeout: std::time::Duration::from_secs(2),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Store);
+            assert!(e.is_transient());
+            let text = format!("{e} {e:?}");
+            assert!(!text.contains("hunter2secret"), "{text}");
+            assert!(text.contains("app:***@127.0.0.1:1"), "{text}");
+        }
+
+        /// Two transactions write the same key concurrently; the first to enqueue commits
+        /// last. The unit lock makes the second wait, so publish order is commit order.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_writers_of_one_key_publish_in_commit_order() {
+            let store = $harness.fresh().await;
+            let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+                .strategy(Strategy::KeepOrder)
+                .build()
+                .unwrap();
+            let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+
+            let mut t1 = store.pool().begin().await.unwrap();
+            drop(
+                store
+                    .enqueue(
+                        &mut t1,
+                        &outbox,
+                        [Message::new("d", b"t1".to_vec()).key("k")],
+                    )
+                    .await
+                    .unwrap(),
+            );
+            let (s2, o2, order2) = (store.clone(), outbox.clone(), order.clone());
+            let t2 = tokio::spawn(async move {
+                let mut t2 = s2.pool().begin().await.unwrap();
+                drop(
+                    s2.enqueue(&mut t2, &o2, [Message::new("d", b"t2".to_vec()).key("k")])
+                        .await
+                        .unwrap(),
+                );
+                t2.commit().await.unwrap();
+                order2.lock().unwrap().push("t2");
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await; // t2 waits (or, without the lock, is done)
+            t1.commit().await.unwrap();
+            order.lock().unwrap().push("t1");
+            t2.await.unwrap();
+
+            let broker = RecordingPublisher::new();
+            Relay::builder(store.clone(), broker.clone())
+                .build()
+                .unwrap()
+                .run_once()
+                .await
+                .unwrap();
+            let published: Vec<String> = broker
+                .published()
+                .into_iter()
+                .map(|e| String::from_utf8(e.message.payload).unwrap())
+                .collect();
+            let committed = order.lock().unwrap().clone();
+            assert_eq!(published, committed, "published in commit order");
+            assert_eq!(
+                committed,
+                vec!["t1", "t2"],
+                "the second writer waited for the first"
+            );
+        }
+
+        /// Several processes may run `migrate` at once on a new table.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_migrations_are_safe() {
+            let table = format!("outbox_m{}", uuid::Uuid::now_v7().simple());
+            let mut handles = Vec::new();
+            for _ in 0..4 {
+                let table = table.clone();
+                handles.push(tokio::spawn(async move {
+                    outbox_core::Store::migrate(&connect(&table).await).await
+                }));
+            }
+            for h in handles {
+                h.await.unwrap().expect("concurrent migrate");
+            }
+            assert!(connect(&table).await.table_exists().await.unwrap());
+        }
+    };
+}
