@@ -2,7 +2,6 @@
 //! loses nothing. Its own test binary: cargo runs test binaries one at a time, so the restart
 //! disturbs no other test.
 
-use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
@@ -140,15 +139,12 @@ async fn a_broker_restart_in_the_middle_of_a_relay_run_loses_nothing() {
     // Drain the durable queue: every id present, duplicates only around the restart.
     let admin = connect().await;
     let ch = admin.create_channel().await.unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
-    let mut total = 0;
+    let mut d = outbox_core::conformance::Deliveries::default();
     while let Some(m) = ch
         .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
         .await
         .unwrap()
     {
-        total += 1;
         let id = m
             .delivery
             .properties
@@ -156,24 +152,22 @@ async fn a_broker_restart_in_the_middle_of_a_relay_run_loses_nothing() {
             .as_ref()
             .unwrap()
             .to_string();
-        if !seen.insert(id) {
-            continue;
-        }
         let i: usize = String::from_utf8(m.delivery.data.clone())
             .unwrap()
             .parse()
             .unwrap();
-        per_key.entry(format!("k{}", i % 4)).or_default().push(i);
+        d.record(id, format!("k{}", i % 4), i);
     }
     ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
         .await
         .unwrap();
-    let duplicates = total - seen.len();
+    let duplicates = d.duplicates();
     println!(
-        "rabbitmq restart: {n} messages, {total} delivered, {duplicates} duplicates, {} failed attempts, {pending_during_outage} pending during the outage",
+        "rabbitmq restart: {n} messages, {} delivered, {duplicates} duplicates, {} failed attempts, {pending_during_outage} pending during the outage",
+        d.received(),
         report.failed
     );
-    assert_eq!(seen.len(), n, "every message reached the queue");
+    assert_eq!(d.distinct(), n, "every message reached the queue");
     assert!(pending_during_outage > 0, "the restart happened mid-run");
     // Backoff, not a busy loop.
     assert!(
@@ -185,9 +179,5 @@ async fn a_broker_restart_in_the_middle_of_a_relay_run_loses_nothing() {
         duplicates <= 10,
         "at most one batch duplicated, got {duplicates}"
     );
-    for (key, ids) in per_key {
-        let mut sorted = ids.clone();
-        sorted.sort();
-        assert_eq!(ids, sorted, "key {key} out of order");
-    }
+    assert_eq!(d.order_violations(), 0, "keys out of order");
 }

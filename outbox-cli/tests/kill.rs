@@ -3,7 +3,6 @@
 //! published at least once, duplicates stay within one batch per kill, and keep-order keys
 //! keep their order.
 
-use std::collections::{HashMap, HashSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -169,29 +168,24 @@ async fn sigkill_relays_while_committing(
         .unwrap();
     let reply: redis::streams::StreamRangeReply = conn.xrange_all(&stream_key).await.unwrap();
     let _: () = conn.del(&stream_key).await.unwrap();
-    let mut seen = HashSet::new();
-    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut d = outbox_core::conformance::Deliveries::default();
     for e in &reply.ids {
-        let id: String = e.get("id").unwrap();
-        if !seen.insert(id) {
-            continue;
-        }
         let i: usize = e.get::<String>("payload").unwrap().parse().unwrap();
-        per_key.entry(e.get("key").unwrap()).or_default().push(i);
+        d.record(
+            e.get::<String>("id").unwrap(),
+            e.get::<String>("key").unwrap(),
+            i,
+        );
     }
     let n = txs * per_tx;
-    let duplicates = reply.ids.len() - seen.len();
-    let mut violations = 0;
-    for ids in per_key.values() {
-        violations += ids.windows(2).filter(|w| w[0] > w[1]).count();
-    }
+    let (duplicates, violations) = (d.duplicates(), d.order_violations());
     println!(
         "[{name}] SIGKILL test: {n} committed, {} published entries, {kills} kills, {duplicates} duplicates, {violations} order violations",
         reply.ids.len()
     );
     assert!(kills >= 5, "the test killed too rarely ({kills})");
     assert_eq!(
-        seen.len(),
+        d.distinct(),
         n,
         "every committed message published at least once"
     );

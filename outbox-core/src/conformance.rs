@@ -143,6 +143,50 @@ impl RunningRelay {
     }
 }
 
+/// What a consumer received, in delivery order: each message's outbox id, its ordering key,
+/// and the number its producer gave it (increasing per key in commit order). At-least-once
+/// delivery allows duplicates; consumers de-duplicate on the id, so order is checked on first
+/// occurrences.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    received: usize,
+    seen: std::collections::HashSet<String>,
+    per_key: HashMap<String, Vec<usize>>,
+}
+
+impl Deliveries {
+    /// Record one received message.
+    pub fn record(&mut self, id: impl Into<String>, key: impl Into<String>, n: usize) {
+        self.received += 1;
+        if self.seen.insert(id.into()) {
+            self.per_key.entry(key.into()).or_default().push(n);
+        }
+    }
+
+    /// Messages received, duplicates included.
+    pub fn received(&self) -> usize {
+        self.received
+    }
+
+    /// Distinct message ids received.
+    pub fn distinct(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// Redeliveries of an id already received.
+    pub fn duplicates(&self) -> usize {
+        self.received - self.seen.len()
+    }
+
+    /// First occurrences that came after a later message of the same key.
+    pub fn order_violations(&self) -> usize {
+        self.per_key
+            .values()
+            .map(|ns| ns.windows(2).filter(|w| w[0] > w[1]).count())
+            .sum()
+    }
+}
+
 /// Records observer events as (kind, message id).
 #[derive(Clone, Default)]
 pub struct EventLog(Arc<Mutex<Vec<LoggedEvent>>>);

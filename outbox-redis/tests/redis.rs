@@ -311,25 +311,21 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing() {
 
     let mut check = raw(&url).await;
     let got = entries(&mut check, "events").await;
-    let mut seen = std::collections::HashSet::new();
-    let mut per_key: HashMap<String, Vec<usize>> = HashMap::new();
+    let mut d = outbox_core::conformance::Deliveries::default();
     for (_, f) in &got {
-        if !seen.insert(text(f, "id")) {
-            continue; // a duplicate: consumers de-duplicate on the id
-        }
-        let i: usize = String::from_utf8(f["payload"].clone())
-            .unwrap()
-            .parse()
-            .unwrap();
-        per_key.entry(text(f, "key")).or_default().push(i);
+        d.record(
+            text(f, "id"),
+            text(f, "key"),
+            text(f, "payload").parse().unwrap(),
+        );
     }
-    let duplicates = got.len() - seen.len();
+    let duplicates = d.duplicates();
     println!(
         "redis restart: {n} messages, {} entries, {duplicates} duplicates, {} failed attempts, {pending_during_outage} pending during the outage",
         got.len(),
         report.failed
     );
-    assert_eq!(seen.len(), n, "every message reached Redis");
+    assert_eq!(d.distinct(), n, "every message reached Redis");
     assert!(pending_during_outage > 0, "the outage happened mid-run");
     // Backoff, not a busy loop: a relay retrying without pause fails thousands of times here.
     assert!(
@@ -341,10 +337,6 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing() {
         duplicates <= 10,
         "at most one batch duplicated by the kill, got {duplicates}"
     );
-    for (key, ids) in per_key {
-        let mut sorted = ids.clone();
-        sorted.sort();
-        assert_eq!(ids, sorted, "key {key} out of order");
-    }
+    assert_eq!(d.order_violations(), 0, "keys out of order");
     drop(server);
 }
