@@ -145,15 +145,17 @@ macro_rules! sql_store_tests {
         }
 
         /// Two transactions write the same key concurrently; the first to enqueue commits
-        /// last. The unit lock makes the second wait, so publish order is commit order.
+        /// last. The unit lock makes the second wait until the first commits, so seq order
+        /// is commit order and the relay publishes the first writer's message first.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_writers_of_one_key_publish_in_commit_order() {
+            use std::sync::atomic::{AtomicBool, Ordering};
             let store = $harness.fresh().await;
             let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
                 .strategy(Strategy::KeepOrder)
                 .build()
                 .unwrap();
-            let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let t1_committing = Arc::new(AtomicBool::new(false));
 
             let mut t1 = store.pool().begin().await.unwrap();
             drop(
@@ -166,7 +168,7 @@ macro_rules! sql_store_tests {
                     .await
                     .unwrap(),
             );
-            let (s2, o2, order2) = (store.clone(), outbox.clone(), order.clone());
+            let (s2, o2, flag) = (store.clone(), outbox.clone(), t1_committing.clone());
             let t2 = tokio::spawn(async move {
                 let mut t2 = s2.pool().begin().await.unwrap();
                 drop(
@@ -174,13 +176,18 @@ macro_rules! sql_store_tests {
                         .await
                         .unwrap(),
                 );
+                // Without the unit lock the enqueue returns at once, long before t1 commits.
+                let waited = flag.load(Ordering::SeqCst);
                 t2.commit().await.unwrap();
-                order2.lock().unwrap().push("t2");
+                waited
             });
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await; // t2 waits (or, without the lock, is done)
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            t1_committing.store(true, Ordering::SeqCst);
             t1.commit().await.unwrap();
-            order.lock().unwrap().push("t1");
-            t2.await.unwrap();
+            assert!(
+                t2.await.unwrap(),
+                "the second writer of the key waited for the first to commit"
+            );
 
             let broker = RecordingPublisher::new();
             Relay::builder(store.clone(), broker.clone())
@@ -194,13 +201,7 @@ macro_rules! sql_store_tests {
                 .into_iter()
                 .map(|e| String::from_utf8(e.message.payload).unwrap())
                 .collect();
-            let committed = order.lock().unwrap().clone();
-            assert_eq!(published, committed, "published in commit order");
-            assert_eq!(
-                committed,
-                vec!["t1", "t2"],
-                "the second writer waited for the first"
-            );
+            assert_eq!(published, vec!["t1", "t2"], "published in commit order");
         }
 
         /// Several processes may run `migrate` at once on a new table.
