@@ -426,20 +426,25 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         tracing::info!(?report, "relay finished");
         return Ok(());
     }
-    // Backlog gauges, refreshed every poll interval.
-    let gauges = tokio::spawn(backlog_gauges(s.clone(), relay.config().poll_interval));
+    let gauges = tokio::spawn(backlog_gauges(s.clone()));
     let report = relay.run(shutdown_signal()).await;
     gauges.abort();
     tracing::info!(?report, "relay stopped");
     Ok(())
 }
 
-async fn backlog_gauges(store: Arc<dyn Store>, every: Duration) {
-    let every = every.max(Duration::from_secs(1));
+/// How often the backlog gauges are refreshed: one stats query, independent of the poll
+/// interval (a relay woken by NOTIFY may poll only every minute).
+const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
+/// Backlog gauges per stream, plus the total under stream "*" (present even on an empty
+/// table, so dashboards and alerts see 0 rather than nothing).
+async fn backlog_gauges(store: Arc<dyn Store>) {
     loop {
         if let Ok(stats) = store.stats().await {
             let now = SystemTime::now();
-            for s in stats.streams {
+            let total = stats.total();
+            for s in stats.streams.into_iter().chain([total]) {
                 metrics::gauge!("outbox_backlog", "stream" => s.stream.clone())
                     .set(s.pending as f64);
                 metrics::gauge!("outbox_dead", "stream" => s.stream.clone()).set(s.dead as f64);
@@ -451,6 +456,6 @@ async fn backlog_gauges(store: Arc<dyn Store>, every: Duration) {
                     .set(age.as_secs_f64());
             }
         }
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(GAUGE_REFRESH).await;
     }
 }

@@ -363,6 +363,10 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     let body = http_get(&metrics, "/metrics").await;
     assert!(body.contains("outbox_published_total"), "{body}");
     assert!(body.contains("outbox_publish_seconds"), "{body}");
+    assert!(
+        body.contains("outbox_backlog{stream=\"*\"}"),
+        "backlog gauge exported: {body}"
+    );
 
     let pid = child.id().to_string();
     assert!(Command::new("kill")

@@ -128,3 +128,92 @@ fn dispatch_outside_a_runtime_leaves_the_row_to_the_relay() {
     let pending = rt.block_on(store.stats()).unwrap().total().pending;
     assert_eq!(pending, 1, "still there for the relay");
 }
+
+/// `OutboxBuilder::encoder` replaces the default JSON encoder (jaiminho's DEFAULT_ENCODER).
+#[test]
+fn a_custom_encoder_encodes_payloads() {
+    use outbox_core::{Encoder, RecordingPublisher};
+
+    /// JSON with a trailing newline and its own content type (NDJSON).
+    struct Ndjson;
+    impl Encoder for Ndjson {
+        fn content_type(&self) -> &str {
+            "application/x-ndjson"
+        }
+        fn encode(&self, value: &dyn erased_serde::Serialize) -> Result<Vec<u8>> {
+            let mut out = serde_json::to_vec(value)?;
+            out.push(b'\n');
+            Ok(out)
+        }
+    }
+
+    let outbox = Outbox::builder(MemoryStore::new(), RecordingPublisher::new())
+        .encoder(Ndjson)
+        .build()
+        .unwrap();
+    let m = outbox.message("d", &serde_json::json!({"a": 1})).unwrap();
+    assert_eq!(m.payload, b"{\"a\":1}\n");
+    assert_eq!(m.content_type, "application/x-ndjson");
+    let call = outbox.call("f", &[1, 2]).unwrap();
+    assert_eq!(call.payload, b"[1,2]\n");
+    let default = Outbox::builder(MemoryStore::new(), RecordingPublisher::new())
+        .build()
+        .unwrap();
+    assert_eq!(
+        default.message("d", &1).unwrap().content_type,
+        "application/json"
+    );
+}
+
+/// Publish-on-commit runs at most `on_commit_concurrency` batches at once, however many
+/// transactions commit together; the rest wait their turn and are all published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_commit_publishing_is_bounded() {
+    use outbox_core::conformance::eventually;
+    use outbox_core::{async_trait, Config, Envelope, Publisher};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[derive(Default)]
+    struct Gauge {
+        now: AtomicUsize,
+        max: AtomicUsize,
+        done: AtomicUsize,
+    }
+    struct Slow(Arc<Gauge>);
+    #[async_trait]
+    impl Publisher for Slow {
+        async fn publish(&self, _e: &Envelope) -> Result<()> {
+            let n = self.0.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.0.max.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+            self.0.done.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    let gauge = Arc::new(Gauge::default());
+    let store = MemoryStore::new();
+    let outbox = Outbox::builder(store.clone(), Slow(gauge.clone()))
+        .config(Config {
+            on_commit_concurrency: 3,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    for i in 0..20u8 {
+        let mut tx = store.begin();
+        tx.enqueue(&outbox, [Message::new("d", vec![i])]).unwrap();
+        tx.commit().unwrap().dispatch();
+    }
+    eventually("all 20 published", Duration::from_secs(30), || async {
+        gauge.done.load(Ordering::SeqCst) == 20
+    })
+    .await;
+    let max = gauge.max.load(Ordering::SeqCst);
+    assert!(
+        (2..=3).contains(&max),
+        "{max} publishes in flight at once; the bound is 3"
+    );
+}
