@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod backends;
+mod signing;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ struct Cli {
     #[arg(long, env = "OUTBOX_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Store URL: sqlite://PATH, postgres://…, mysql://…
-    #[arg(long, env = "OUTBOX_STORE", global = true)]
+    #[arg(long, env = "OUTBOX_STORE", global = true, hide_env_values = true)]
     store: Option<String>,
     /// Outbox table name [default: outbox]
     #[arg(long, env = "OUTBOX_TABLE", global = true)]
@@ -69,7 +70,7 @@ enum Command {
 #[derive(Args, Debug, Default)]
 struct RelayArgs {
     /// Publisher URL: stdout, kafka://…, amqp://…, redis://…
-    #[arg(long, env = "OUTBOX_PUBLISHER")]
+    #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
     publisher: Option<String>,
     /// Keep running (jaiminho's --run-in-loop); without it, publish until nothing is due.
     #[arg(long = "loop", env = "OUTBOX_LOOP")]
@@ -101,6 +102,14 @@ struct RelayArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9000), path /metrics.
     #[arg(long, env = "OUTBOX_METRICS_ADDR")]
     metrics_addr: Option<SocketAddr>,
+    /// File of signature verification keys, one `id:secret` per line, the active key first
+    /// ('#' comments). Keys can also come from OUTBOX_SIGNING_KEYS or the config file, never
+    /// from a flag. Signed rows that do not verify are never published.
+    #[arg(long, env = "OUTBOX_SIGNING_KEYS_FILE")]
+    signing_keys_file: Option<PathBuf>,
+    /// Also refuse rows that carry no signature (needs verification keys).
+    #[arg(long, env = "OUTBOX_REQUIRE_SIGNATURES")]
+    require_signatures: bool,
 }
 
 #[derive(Args, Debug)]
@@ -181,6 +190,9 @@ struct FileRelay {
     max_attempts: Option<u32>,
     delete_after_send: Option<bool>,
     metrics_addr: Option<SocketAddr>,
+    signing_keys_file: Option<PathBuf>,
+    signing_keys: Option<Vec<String>>,
+    require_signatures: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -412,13 +424,44 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         },
         ..defaults
     };
+    let signer = signing::load(
+        args.signing_keys_file.as_deref(),
+        std::env::var("OUTBOX_SIGNING_KEYS").ok().as_deref(),
+        file.signing_keys_file.as_deref(),
+        file.signing_keys.as_deref(),
+    )?;
+    let require_signatures = args.require_signatures || file.require_signatures.unwrap_or(false);
+    if require_signatures && signer.is_none() {
+        return Err(Error::config(
+            "--require-signatures needs verification keys: --signing-keys-file, OUTBOX_SIGNING_KEYS or relay.signing_keys",
+        ));
+    }
+    let config = RelayConfig {
+        signer,
+        require_signatures,
+        ..config
+    };
     let s = store.store();
     let relay = Relay::builder(s.clone(), publisher)
         .config(config)
         .build()?;
+    let verification = match &relay.config().signer {
+        None => "off: signed rows are refused as unverifiable".to_owned(),
+        Some(signer) => format!(
+            "{} key(s) loaded ({}); unsigned rows are {}",
+            signer.key_ids().count(),
+            signer.key_ids().collect::<Vec<_>>().join(", "),
+            if require_signatures {
+                "refused"
+            } else {
+                "published (pass --require-signatures to refuse them)"
+            }
+        ),
+    };
     tracing::info!(
         table = store.table(),
         owner = relay.owner(),
+        signatures = %verification,
         "relay starting"
     );
     if !args.run_loop {

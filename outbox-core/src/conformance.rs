@@ -60,7 +60,8 @@ macro_rules! conformance_tests {
             keep_order_failing_head_blocks_only_its_unit, backoff_delays_retries,
             dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
             concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
-            signing_tamper_and_rotation, stream_filter, strategy_per_stream, wakeup_on_commit);
+            signing_tamper_and_rotation, signature_policy, panicking_publisher_is_a_failure,
+            stream_filter, strategy_per_stream, wakeup_on_commit);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1136,4 +1137,275 @@ pub async fn wakeup_on_commit<H: Harness>(h: &H) {
         .await;
     }
     running.stop().await;
+}
+
+/// Contract point 9: A signature nobody can check is never trusted: a relay without keys refuses
+/// signed rows (unverifiable); a relay with keys publishes unsigned rows only while
+/// `require_signatures` is off.
+pub async fn signature_policy<H: Harness>(h: &H) {
+    let key = SigningKey::new("k1", b"policy-secret-0123456789".to_vec()).unwrap();
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let events = EventLog::default();
+    let signing = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .signer(Signer::new(key.clone()))
+        .build()
+        .unwrap();
+    let plain = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    h.transact(&store, &signing, vec![msg("signed", None, 1)], true)
+        .await
+        .unwrap()
+        .dispatch();
+    h.transact(&store, &plain, vec![msg("unsigned", None, 2)], true)
+        .await
+        .unwrap()
+        .dispatch();
+
+    // No key: the unsigned row goes out, the signed one is unverifiable and stays.
+    let keyless = Relay::builder(store.clone(), broker.clone())
+        .retry(fast_retry(5))
+        .observer(events.observer())
+        .build()
+        .unwrap();
+    keyless.run_once().await.unwrap();
+    let got: Vec<_> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.stream)
+        .collect();
+    assert_eq!(
+        got,
+        ["unsigned"],
+        "a signed row was published without a key"
+    );
+    assert_eq!(events.count("tampered"), 1);
+    let signed = find_by_payload(store.as_ref(), b"1").await;
+    assert_eq!(signed.status, Status::Pending, "kept, blocking its unit");
+    assert!(signed
+        .last_error
+        .unwrap_or_default()
+        .contains("unverifiable"));
+
+    // With the key, the signed row verifies (the unit unblocks once its backoff ends).
+    let keyed = Relay::builder(store.clone(), broker.clone())
+        .signer(Signer::new(key.clone()))
+        .build()
+        .unwrap();
+    eventually(
+        "the signed row is published with its key",
+        DEADLINE,
+        || async {
+            keyed.run_once().await.unwrap();
+            broker.count() == 2
+        },
+    )
+    .await;
+
+    // require_signatures refuses an unsigned row; without it, an unsigned row passes a keyed relay.
+    h.transact(&store, &plain, vec![msg("late", None, 3)], true)
+        .await
+        .unwrap()
+        .dispatch();
+    let strict_events = EventLog::default();
+    let strict = Relay::builder(store.clone(), broker.clone())
+        .signer(Signer::new(key.clone()))
+        .observer(strict_events.observer())
+        .build()
+        .unwrap();
+    assert!(
+        strict.config().require_signatures,
+        "signer() requires signatures"
+    );
+    strict.run_once().await.unwrap();
+    assert_eq!(
+        broker.count(),
+        2,
+        "unsigned row published under require_signatures"
+    );
+    assert_eq!(strict_events.count("tampered"), 1);
+    let lenient = Relay::builder(store.clone(), broker.clone())
+        .signer(Signer::new(key))
+        .require_signatures(false)
+        .build()
+        .unwrap();
+    eventually(
+        "the unsigned row passes a lenient relay",
+        DEADLINE,
+        || async {
+            lenient.run_once().await.unwrap();
+            broker.count() == 3
+        },
+    )
+    .await;
+    let e = Relay::builder(store.clone(), broker.clone())
+        .require_signatures(true)
+        .build()
+        .err()
+        .expect("require_signatures without a key is a config error");
+    assert_eq!(e.kind(), ErrorKind::Config);
+}
+
+/// A publisher whose `publish_batch` override publishes in order and panics on a message
+/// whose payload starts with "boom" (the messages before it in the batch went out).
+struct PanicsInBatch(RecordingPublisher);
+
+fn boom(e: &Envelope) -> bool {
+    e.message.payload.starts_with(b"boom")
+}
+
+#[async_trait]
+impl crate::Publisher for PanicsInBatch {
+    async fn publish(&self, envelope: &Envelope) -> crate::Result<()> {
+        assert!(!boom(envelope), "bug in publish: {}", envelope.id);
+        self.0.publish(envelope).await
+    }
+
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<crate::Result<()>> {
+        let mut out = Vec::new();
+        for e in batch {
+            assert!(!boom(e), "bug in publish_batch: {}", e.id);
+            out.push(self.0.publish(e).await);
+        }
+        out
+    }
+}
+
+/// A publisher that panics on one message is a failure of that message, on both paths: the
+/// rest of the batch is published, the failure is reported and retried, and the message is
+/// dead-lettered (publish-on-commit) or its unit reported stuck (keep-order) after
+/// `max_attempts`. With `persist_all = false` the panicking message is written for the relay.
+pub async fn panicking_publisher_is_a_failure<H: Harness>(h: &H) {
+    for batch_override in [false, true] {
+        let broker = RecordingPublisher::new();
+        let publisher: Arc<dyn crate::Publisher> = if batch_override {
+            Arc::new(PanicsInBatch(broker.clone()))
+        } else {
+            Arc::new(FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+                assert!(!boom(e), "bug in publish: {}", e.id);
+                None
+            }))
+        };
+        let published = |payload: &[u8]| {
+            broker
+                .published()
+                .iter()
+                .any(|e| e.message.payload == payload)
+        };
+
+        // Publish-on-commit, persisted: the committer's batch has the panicking message third.
+        let store = h.fresh().await;
+        let events = EventLog::default();
+        let outbox = base(dyn_store(&store), publisher.clone())
+            .retry(fast_retry(3))
+            .observer(events.observer())
+            .build()
+            .unwrap();
+        let msgs = ["p1", "p2", "boom-p", "p4", "p5"]
+            .iter()
+            .map(|p| Message::new("d", p.as_bytes().to_vec()).stream("s"))
+            .collect();
+        let report = h
+            .transact(&store, &outbox, msgs, true)
+            .await
+            .unwrap()
+            .publish()
+            .await;
+        assert_eq!(
+            (report.published, report.failed),
+            (4, 1),
+            "{batch_override}"
+        );
+        assert!(["p1", "p2", "p4", "p5"]
+            .iter()
+            .all(|p| published(p.as_bytes())));
+        assert_eq!(events.count("failed"), 1);
+        let row = find_by_payload(store.as_ref(), b"boom-p").await;
+        assert_eq!((row.status, row.attempts), (Status::Pending, 1));
+        assert!(
+            row.last_error.as_deref().unwrap_or("").contains("panicked"),
+            "{:?}",
+            row.last_error
+        );
+        let relay = outbox.relay().build().unwrap();
+        eventually(
+            "the panicking message is dead-lettered",
+            DEADLINE,
+            || async {
+                relay.run_once().await.unwrap();
+                find_by_payload(store.as_ref(), b"boom-p").await.status == Status::Dead
+            },
+        )
+        .await;
+        assert_eq!(find_by_payload(store.as_ref(), b"boom-p").await.attempts, 3);
+        assert_eq!(events.count("dead"), 1);
+        assert!(!published(b"boom-p"));
+        let t = total(store.as_ref()).await;
+        assert_eq!((t.sent, t.dead, t.pending), (4, 1, 0));
+
+        // persist_all = false: the panicking message is written after the fact, not lost.
+        let store = h.fresh().await;
+        let outbox = base(dyn_store(&store), publisher.clone())
+            .persist_all(false)
+            .build()
+            .unwrap();
+        let msgs = ["q1", "boom-q"]
+            .iter()
+            .map(|p| Message::new("d", p.as_bytes().to_vec()).stream("s"))
+            .collect();
+        let report = h
+            .transact(&store, &outbox, msgs, true)
+            .await
+            .unwrap()
+            .publish()
+            .await;
+        assert_eq!((report.published, report.failed, report.lost), (1, 1, 0));
+        let row = find_by_payload(store.as_ref(), b"boom-q").await;
+        assert_eq!((row.status, row.attempts), (Status::Pending, 1));
+        assert!(published(b"q1"));
+
+        // Keep-order on the relay path: the panicking head blocks its own key only.
+        let store = h.fresh().await;
+        let events = EventLog::default();
+        let outbox = base(dyn_store(&store), publisher.clone())
+            .strategy(Strategy::KeepOrder)
+            .retry(fast_retry(2))
+            .observer(events.observer())
+            .build()
+            .unwrap();
+        let msgs = vec![
+            Message::new("d", b"x1".to_vec()).stream("k").key("x"),
+            Message::new("d", b"boom-x2".to_vec()).stream("k").key("x"),
+            Message::new("d", b"x3".to_vec()).stream("k").key("x"),
+            Message::new("d", b"y1".to_vec()).stream("k").key("y"),
+            Message::new("d", b"y2".to_vec()).stream("k").key("y"),
+        ];
+        h.transact(&store, &outbox, msgs, true)
+            .await
+            .unwrap()
+            .dispatch();
+        let relay = outbox.relay().build().unwrap();
+        eventually("the panicking head is reported stuck", DEADLINE, || async {
+            relay.run_once().await.unwrap();
+            events.count("stuck") >= 1
+        })
+        .await;
+        assert!(["x1", "y1", "y2"].iter().all(|p| published(p.as_bytes())));
+        assert!(!published(b"x3"), "x3 overtook its panicking head");
+        assert!(!published(b"boom-x2"));
+        let head = find_by_payload(store.as_ref(), b"boom-x2").await;
+        assert_eq!(head.status, Status::Pending);
+        assert!(head.attempts >= 2);
+        let distinct: std::collections::HashSet<_> =
+            broker.published().into_iter().map(|e| e.id).collect();
+        assert!(
+            broker.count() - distinct.len() <= 8,
+            "duplicates only from re-sent batches: {} of {}",
+            broker.count() - distinct.len(),
+            broker.count()
+        );
+    }
 }

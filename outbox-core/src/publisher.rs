@@ -21,7 +21,11 @@ use crate::message::Envelope;
 ///   with backoff, a permanent one dead-letters the message (or blocks a keep-order unit).
 /// - `publish_batch` returns exactly one result per input, in input order. Implementations
 ///   should send all messages and then await all acknowledgements (one round trip per batch,
-///   not per message). The default publishes one by one.
+///   not per message). The default publishes one by one, and a panic in one `publish` call
+///   becomes that message's error only.
+/// - A panic is never fatal: the relay and the publish-on-commit path turn it into a transient
+///   failure of the message (an attempt, then retries and dead letters as for any error). If a
+///   `publish_batch` override panics, each message of the batch is published again on its own.
 /// - Messages of one ordering unit never appear twice in one batch: the relay sends a unit's
 ///   next message only after the previous one was acknowledged.
 #[async_trait]
@@ -33,10 +37,30 @@ pub trait Publisher: Send + Sync {
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
         let mut out = Vec::with_capacity(batch.len());
         for envelope in batch {
-            out.push(self.publish(envelope).await);
+            out.push(catch_panic(self.publish(envelope)).await.and_then(|r| r));
         }
         out
     }
+}
+
+/// Run `fut`, turning a panic into an error that carries the panic message.
+pub(crate) async fn catch_panic<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(fut)
+        .catch_unwind()
+        .await
+        .map_err(|payload| {
+            let what = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string payload".to_owned());
+            Error::new(
+                ErrorKind::Publish,
+                Retry::Transient,
+                format!("publisher panicked: {what}"),
+            )
+        })
 }
 
 macro_rules! forward_publisher {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result, Retry};
 use crate::message::{Envelope, StoredMessage, Strategy};
 use crate::observer::{Event, Observer, Observers, PublishPath};
 use crate::outbox::{publish_with_timeout, Config};
@@ -37,8 +37,15 @@ pub struct RelayConfig {
     pub delete_after_send: bool,
     /// Dead-letter keep-order heads instead of blocking. Default: false.
     pub dead_letter_keep_order: bool,
-    /// Verify every row's signature before publishing. Default: off.
+    /// Keys to verify signed rows with. A row that carries a signature is published only if
+    /// it verifies with one of these keys: a changed row, a row signed with an unknown key, or
+    /// a signed row while no key is configured is reported [`Event::Tampered`] and never
+    /// published. Default: none.
     pub signer: Option<Signer>,
+    /// Also refuse rows that carry no signature (an attacker who can write the table could
+    /// otherwise strip a signature). Needs `signer`. Default: false; set by
+    /// [`RelayBuilder::signer`] and by relays built from an outbox that signs.
+    pub require_signatures: bool,
     /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
     pub max_error_backoff: Duration,
     /// Batches in flight at once. Each claims its own rows (leases keep batches apart, and a
@@ -60,6 +67,7 @@ impl Default for RelayConfig {
             delete_after_send: c.delete_after_send,
             dead_letter_keep_order: c.dead_letter_keep_order,
             signer: None,
+            require_signatures: false,
             max_error_backoff: Duration::from_secs(30),
             concurrency: 1,
         }
@@ -262,9 +270,21 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 
     fn verify(&self, m: &StoredMessage) -> Result<()> {
-        match &self.config.signer {
-            Some(signer) => signer.verify(&m.envelope, m.signature.as_deref()),
-            None => Ok(()),
+        let cfg = &self.config;
+        match (&cfg.signer, m.signature.as_deref()) {
+            (Some(signer), Some(signature)) => signer.verify(&m.envelope, Some(signature)),
+            (Some(_), None) if !cfg.require_signatures => Ok(()),
+            (Some(signer), None) => signer.verify(&m.envelope, None),
+            // A signature nobody can check is not a reason to trust the row.
+            (None, Some(_)) => Err(Error::new(
+                ErrorKind::Tampered,
+                Retry::Permanent,
+                format!(
+                    "message {}: unverifiable: the row is signed but this relay has no verification key",
+                    m.envelope.id
+                ),
+            )),
+            (None, None) => Ok(()),
         }
     }
 
@@ -416,6 +436,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self.config.delete_after_send = c.delete_after_send;
         self.config.dead_letter_keep_order = c.dead_letter_keep_order;
         self.config.signer = c.signer.clone();
+        self.config.require_signatures = c.signer.is_some();
         self
     }
 
@@ -479,9 +500,17 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self
     }
 
-    /// Verify signatures.
+    /// Verify signatures with `signer`'s keys, and refuse unsigned rows (undo with
+    /// [`require_signatures(false)`](Self::require_signatures) while older rows drain).
     pub fn signer(mut self, signer: Signer) -> Self {
         self.config.signer = Some(signer);
+        self.config.require_signatures = true;
+        self
+    }
+
+    /// Refuse rows that carry no signature (see [`RelayConfig::require_signatures`]).
+    pub fn require_signatures(mut self, yes: bool) -> Self {
+        self.config.require_signatures = yes;
         self
     }
 
@@ -516,6 +545,11 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
                 "lease ({:?}) must exceed publish_timeout ({:?}) by more than 10%",
                 c.lease, c.publish_timeout
             )));
+        }
+        if c.require_signatures && c.signer.is_none() {
+            return Err(Error::config(
+                "require_signatures needs at least one verification key",
+            ));
         }
         if c.poll_interval.is_zero() {
             return Err(Error::config("poll_interval must be positive"));

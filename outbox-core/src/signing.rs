@@ -39,6 +39,26 @@ impl SigningKey {
         &self.id
     }
 
+    /// A key from its text form `id:secret` (the form the `outbox` command reads from its
+    /// keys file, `OUTBOX_SIGNING_KEYS` or its config file): the id up to the first `:`, and
+    /// the secret's UTF-8 bytes after it, so `SigningKey::parse("k1:s3cret…")` equals
+    /// `SigningKey::new("k1", "s3cret…")`. Errors never contain the secret.
+    ///
+    /// ```
+    /// let key = outbox_core::SigningKey::parse("k1:0123456789abcdef-secret").unwrap();
+    /// assert_eq!(key.id(), "k1");
+    /// assert!(outbox_core::SigningKey::parse("no-colon-here").is_err());
+    /// ```
+    pub fn parse(spec: &str) -> Result<Self> {
+        let Some((id, secret)) = spec.split_once(':') else {
+            return Err(Error::config(
+                "signing key must be written id:secret (no ':' found)",
+            ));
+        };
+        Self::new(id.trim(), secret.as_bytes().to_vec())
+            .map_err(|e| Error::config(format!("signing key {:?}: {e}", id.trim())))
+    }
+
     fn mac(&self, envelope: &Envelope) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
         let m = &envelope.message;
@@ -90,6 +110,33 @@ impl Signer {
             active,
             previous: Vec::new(),
         }
+    }
+
+    /// A signer over `keys`: the first signs and verifies, the others only verify (keys being
+    /// retired). Fails on an empty list or a repeated key id.
+    pub fn from_keys(keys: impl IntoIterator<Item = SigningKey>) -> Result<Self> {
+        let mut keys = keys.into_iter();
+        let Some(active) = keys.next() else {
+            return Err(Error::config("no signing key given"));
+        };
+        let mut signer = Self::new(active);
+        for key in keys {
+            if signer.key_ids().any(|id| id == key.id) {
+                return Err(Error::config(format!(
+                    "signing key id {:?} is given twice",
+                    key.id
+                )));
+            }
+            signer.previous.push(key);
+        }
+        Ok(signer)
+    }
+
+    /// The ids of every key, the active one first (ids are not secret).
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&self.active)
+            .chain(&self.previous)
+            .map(|k| k.id.as_str())
     }
 
     /// Also accept signatures made with `key` (a retired key during rotation).
@@ -205,5 +252,24 @@ mod tests {
         assert!(format!("{rotated:?}").contains("redacted"));
         assert!(!format!("{rotated:?}").contains("0123456789"));
         assert!(SigningKey::new("k", b"short".to_vec()).is_err());
+    }
+
+    #[test]
+    fn parse_keys_without_leaking_secrets() {
+        let k = SigningKey::parse("k1:0123456789abcdef:with-colon").unwrap();
+        assert_eq!(k.id(), "k1");
+        assert_eq!(k.secret, b"0123456789abcdef:with-colon");
+        for bad in ["k1", ":0123456789abcdef", "k1:short-secret"] {
+            let e = SigningKey::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Config);
+            assert!(!e.to_string().contains("short-secret"), "{e}");
+            assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
+        }
+        let a = SigningKey::parse("a:0123456789abcdef-a").unwrap();
+        let b = SigningKey::parse("b:0123456789abcdef-b").unwrap();
+        let s = Signer::from_keys([a.clone(), b]).unwrap();
+        assert_eq!(s.key_ids().collect::<Vec<_>>(), ["a", "b"]);
+        assert!(Signer::from_keys([a.clone(), a]).is_err());
+        assert!(Signer::from_keys([]).is_err());
     }
 }
