@@ -52,16 +52,13 @@ fn is_permanent_soft(p: &lapin::protocol::AMQPError) -> bool {
     )
 }
 
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
-        _ => url.to_owned(),
-    }
-}
+use outbox_core::redact_url as redact;
+use outbox_core::tls::TlsFiles;
 
 /// Publishes to RabbitMQ with publisher confirms.
 pub struct AmqpPublisher {
     url: String,
+    tls: lapin::tcp::OwnedTLSConfig,
     state: Mutex<Option<(Connection, Channel)>>,
 }
 
@@ -82,13 +79,42 @@ pub fn parse_destination(destination: &str) -> (&str, &str) {
 }
 
 impl AmqpPublisher {
-    /// Connect to `url` (`amqp://user:pass@host:5672/%2f`) and open a confirming channel. A
-    /// malformed URL is a `Config` error; an unreachable broker a transient `Publish` error.
+    /// Connect to `url` (`amqp://user:pass@host:5672/%2f`, or `amqps://…` for TLS) and open a
+    /// confirming channel. A malformed URL or TLS file is a `Config` error; an unreachable
+    /// broker or a failed TLS handshake a transient `Publish` error.
+    ///
+    /// TLS (`amqps://`, feature `tls`) verifies the server against the system's roots, or
+    /// against the PEM bundle named by `?cacertfile=PATH`; `&certfile=PATH&keyfile=PATH` add a
+    /// client certificate (RabbitMQ's URI parameter names). The files are read and checked here.
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
-        url.parse::<lapin::uri::AMQPUri>()
-            .map_err(|e| Error::config(format!("invalid AMQP URL {}: {e}", redact(url))))?;
+        let (url, files) = TlsFiles::from_url(url);
+        let uri = url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_err(|_| Error::config(format!("invalid AMQP URL {}", redact(&url))))?;
+        let tls_scheme = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+        if !files.is_empty() && !tls_scheme {
+            return Err(Error::config(format!(
+                "{} are TLS settings: use an amqps:// URL",
+                TlsFiles::PARAMS.join(", ")
+            )));
+        }
+        if tls_scheme && !cfg!(feature = "tls") {
+            return Err(Error::config(
+                "amqps:// needs outbox-amqp's `tls` feature (on by default)",
+            ));
+        }
+        let material = files.load()?;
+        let tls = lapin::tcp::OwnedTLSConfig {
+            identity: material
+                .identity
+                .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+            cert_chain: material
+                .ca
+                .map(|ca| String::from_utf8_lossy(&ca).into_owned()),
+        };
         let publisher = Self {
-            url: url.to_owned(),
+            url,
+            tls,
             state: Mutex::new(None),
         };
         publisher.channel().await?;
@@ -105,9 +131,15 @@ impl AmqpPublisher {
             )
             .with_source(retry)
         };
-        let conn = Connection::connect(&self.url, ConnectionProperties::default())
-            .await
-            .map_err(wrap)?;
+        let runtime = lapin::runtime::default_runtime().map_err(wrap)?;
+        let conn = Connection::connect_with_config(
+            &self.url,
+            ConnectionProperties::default(),
+            self.tls.clone(),
+            runtime,
+        )
+        .await
+        .map_err(wrap)?;
         let channel = conn.create_channel().await.map_err(wrap)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -248,7 +280,7 @@ mod tests {
         assert_eq!(parse_destination("events/a/b"), ("events", "a/b"));
         assert_eq!(
             redact("amqp://guest:secret@h:5672/%2f"),
-            "amqp://***@h:5672/%2f"
+            "amqp://guest:***@h:5672/%2f"
         );
     }
 }

@@ -37,10 +37,12 @@ mod message;
 mod observer;
 mod outbox;
 mod publisher;
+mod redact;
 mod relay;
 mod retry;
 mod signing;
 mod store;
+pub mod tls;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
@@ -60,6 +62,7 @@ pub use publisher::{
     FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher,
     Router, StdoutPublisher,
 };
+pub use redact::{is_secret_param, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
 pub use signing::{Signer, SigningKey};

@@ -55,6 +55,57 @@ pub fn map_err(e: KafkaError) -> Error {
     Error::new(kind, retry, "kafka").with_source(e)
 }
 
+/// A producer-creation error without the offending value: librdkafka's own text repeats it,
+/// and the value may be a password (`sasl.password`, `ssl.key.password`).
+fn config_error(e: KafkaError) -> Error {
+    match e {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            if outbox_core::is_secret_param(&key) || (!value.is_empty() && description.contains(&value)) {
+                Error::config(format!("invalid Kafka setting {key}"))
+            } else {
+                Error::config(format!("invalid Kafka setting {key}: {description}"))
+            }
+        }
+        other => {
+            let code = other
+                .rdkafka_error_code()
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_else(|| "no code".into());
+            Error::config(format!("cannot create the Kafka producer ({code}); check the settings"))
+        }
+    }
+}
+
+/// `ssl.ca.location`, `ssl.certificate.location` and `ssl.key.location` are read and checked
+/// at start-up, so a missing or malformed file is a `Config` error naming the setting.
+fn check_tls_files(config: &ClientConfig) -> outbox_core::Result<()> {
+    use outbox_core::tls::{read_pem, PemKind};
+    let file = |key: &str| {
+        config
+            .get(key)
+            .filter(|v| !v.is_empty() && *v != "probe")
+            .map(std::path::PathBuf::from)
+            .filter(|p| !p.is_dir())
+    };
+    if let Some(ca) = file("ssl.ca.location") {
+        read_pem("ssl.ca.location", &ca, PemKind::Certificates)?;
+    }
+    if let Some(cert) = file("ssl.certificate.location") {
+        read_pem("ssl.certificate.location", &cert, PemKind::Certificates)?;
+    }
+    if let Some(key) = file("ssl.key.location") {
+        // An encrypted key is fine here: librdkafka decrypts it with ssl.key.password.
+        if config.get("ssl.key.password").is_none() {
+            read_pem("ssl.key.location", &key, PemKind::PrivateKey)?;
+        } else {
+            std::fs::metadata(&key).map_err(|e| {
+                Error::config(format!("ssl.key.location: cannot read {}: {e}", key.display()))
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Publishes to Kafka.
 pub struct KafkaPublisher {
     producer: FutureProducer,
@@ -92,14 +143,8 @@ impl KafkaPublisher {
                 config.set(key, value);
             }
         }
-        let producer: FutureProducer = config.create().map_err(|e| {
-            let retry = map_err(e);
-            Error::config(format!(
-                "invalid Kafka producer settings: {}",
-                retry.message()
-            ))
-            .with_source(retry)
-        })?;
+        check_tls_files(&config)?;
+        let producer: FutureProducer = config.create().map_err(config_error)?;
         Ok(Self {
             producer,
             unkeyed_by_stream: true,

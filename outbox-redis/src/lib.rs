@@ -71,20 +71,58 @@ pub fn map_err(e: redis::RedisError) -> Error {
     Error::new(ErrorKind::Publish, retry, "redis").with_source(e)
 }
 
-fn redact(url: &str) -> String {
-    match (url.split_once("://"), url.rfind('@')) {
-        (Some((scheme, _)), Some(at)) => format!("{scheme}://***@{}", &url[at + 1..]),
-        _ => url.to_owned(),
+use outbox_core::redact_url as redact;
+use outbox_core::tls::TlsFiles;
+
+/// A client for `url`, with the TLS files of its query (see [`RedisPublisher::connect`]).
+fn client(url: &str) -> outbox_core::Result<redis::Client> {
+    let (url, files) = TlsFiles::from_url(url);
+    let invalid = |e: redis::RedisError| {
+        Error::config(format!("invalid Redis URL {}", redact(&url))).with_source(e)
+    };
+    let tls = url.starts_with("rediss://");
+    if !files.is_empty() && !tls {
+        return Err(Error::config(format!(
+            "{} are TLS settings: use a rediss:// URL",
+            TlsFiles::PARAMS.join(", ")
+        )));
     }
+    #[cfg(feature = "tls")]
+    if tls {
+        let material = files.load()?;
+        return redis::Client::build_with_tls(
+            url.as_str(),
+            redis::TlsCertificates {
+                client_tls: material
+                    .identity
+                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                        client_cert,
+                        client_key,
+                    }),
+                root_cert: material.ca,
+            },
+        )
+        .map_err(invalid);
+    }
+    if tls {
+        return Err(Error::config(
+            "rediss:// needs outbox-redis's `tls` feature (on by default)",
+        ));
+    }
+    redis::Client::open(url.as_str()).map_err(invalid)
 }
 
 impl RedisPublisher {
-    /// Connect to `url` (`redis://[:password@]host:port/db`) in Streams mode. An invalid URL
-    /// is a `Config` error; an unreachable server a transient `Publish` error.
+    /// Connect to `url` (`redis://[[user]:password@]host:port/db`) in Streams mode. An invalid
+    /// URL or TLS file is a `Config` error; an unreachable server or a failed TLS handshake a
+    /// transient `Publish` error.
+    ///
+    /// TLS: `rediss://host:6380/0` (feature `tls`) verifies the server against the system's
+    /// roots, or against the PEM bundle named by `?cacertfile=PATH`; `&certfile=PATH&keyfile=PATH`
+    /// add a client certificate (for `tls-auth-clients yes`). The files are read and checked
+    /// here. `#insecure` at the end skips verification (never in production).
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| {
-            Error::config(format!("invalid Redis URL {}", redact(url))).with_source(e)
-        })?;
+        let client = client(url)?;
         // Fail fast and let the relay's own backoff do the retrying: a couple of quick
         // reconnect attempts per failed request, bounded connect and response times.
         let config = redis::aio::ConnectionManagerConfig::new()

@@ -49,28 +49,7 @@ pub fn map_err(e: sqlx::Error) -> Error {
     Error::new(kind, retry, "database error").with_source(e)
 }
 
-/// `scheme://user:***@host/db`: the password of a URL never reaches a log or an error.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return "<unparseable url>".into();
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let path = path.split('?').next().unwrap_or("");
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            if userinfo.contains(':') {
-                format!("{scheme}://{user}:***@{host}{path}")
-            } else {
-                format!("{scheme}://{user}@{host}{path}")
-            }
-        }
-        None => format!("{scheme}://{authority}{path}"),
-    }
-}
+pub use outbox_core::redact_url;
 
 /// Decode a row of: seq, id, stream, destination, msg_key, payload, content_type, headers,
 /// strategy, status, attempts, created_at, next_attempt_at, last_error, sent_at, signature
@@ -152,22 +131,81 @@ pub(crate) fn keep_order_units(rows: &[outbox_core::NewMessage]) -> Vec<(String,
     units
 }
 
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
+/// The TLS parameters of one dialect's URL: the mode's name and accepted values, and the
+/// names of the CA, client certificate and client key files (each with its aliases).
+pub(crate) struct TlsParams {
+    pub mode: (&'static [&'static str], &'static [&'static str]),
+    pub ca: &'static [&'static str],
+    pub cert: &'static [&'static str],
+    pub key: &'static [&'static str],
+    /// Modes that need TLS (a configuration error when the crate is built without it).
+    pub needs_tls: &'static [&'static str],
+}
 
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://app:s3cret@db:5432/shop?sslmode=require"),
-            "postgres://app:***@db:5432/shop"
-        );
-        assert_eq!(
-            redact_url("mysql://root@127.0.0.1/test"),
-            "mysql://root@127.0.0.1/test"
-        );
-        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
-        assert_eq!(redact_url("p:a@b"), "<unparseable url>");
-        assert!(!redact_url("amqp://u:p%40ss@h/").contains("p%40ss"));
+pub(crate) const PG_TLS: TlsParams = TlsParams {
+    mode: (
+        &["sslmode", "ssl-mode"],
+        &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+    ),
+    ca: &["sslrootcert", "ssl-root-cert", "ssl-ca"],
+    cert: &["sslcert", "ssl-cert"],
+    key: &["sslkey", "ssl-key"],
+    needs_tls: &["require", "verify-ca", "verify-full"],
+};
+
+pub(crate) const MYSQL_TLS: TlsParams = TlsParams {
+    mode: (
+        &["ssl-mode", "sslmode"],
+        &["disabled", "preferred", "required", "verify_ca", "verify_identity"],
+    ),
+    ca: &["ssl-ca", "sslca"],
+    cert: &["ssl-cert", "sslcert"],
+    key: &["ssl-key", "sslkey"],
+    needs_tls: &["required", "verify_ca", "verify_identity"],
+};
+
+/// Check a store URL's TLS parameters before connecting: an unsupported mode, or a CA,
+/// certificate or key file that is missing, unreadable or not PEM, is a `Config` error naming
+/// the parameter (at start-up, not at the first connection the pool opens).
+pub(crate) fn check_tls_params(url: &str, p: &TlsParams) -> outbox_core::Result<()> {
+    use outbox_core::tls::{read_pem, take_params, PemKind};
+    let names: Vec<&str> = [p.mode.0, p.ca, p.cert, p.key].concat();
+    let (_, params) = take_params(url, &names);
+    let mut has_cert = None;
+    let mut has_key = None;
+    for (name, value) in &params {
+        if p.mode.0.contains(&name.as_str()) {
+            let mode = value.to_ascii_lowercase();
+            if !p.mode.1.contains(&mode.as_str()) {
+                return Err(outbox_core::Error::config(format!(
+                    "{name}={value:?} is not supported: use one of {}",
+                    p.mode.1.join(", ")
+                )));
+            }
+            if !cfg!(feature = "tls") && p.needs_tls.contains(&mode.as_str()) {
+                return Err(outbox_core::Error::config(format!(
+                    "{name}={value} needs outbox-sql's `tls` feature (on by default)"
+                )));
+            }
+        } else if p.ca.contains(&name.as_str()) {
+            read_pem(name, value.as_ref(), PemKind::Certificates)?;
+        } else if p.cert.contains(&name.as_str()) {
+            read_pem(name, value.as_ref(), PemKind::Certificates)?;
+            has_cert = Some(name.clone());
+        } else {
+            read_pem(name, value.as_ref(), PemKind::PrivateKey)?;
+            has_key = Some(name.clone());
+        }
+    }
+    match (has_cert, has_key) {
+        (Some(c), None) => Err(outbox_core::Error::config(format!(
+            "{c} needs a client key ({})",
+            p.key[0]
+        ))),
+        (None, Some(k)) => Err(outbox_core::Error::config(format!(
+            "{k} needs a client certificate ({})",
+            p.cert[0]
+        ))),
+        _ => Ok(()),
     }
 }

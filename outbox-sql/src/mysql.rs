@@ -80,12 +80,18 @@ impl MySqlStore {
     /// Connect with the default options (table `outbox`). A malformed URL is a
     /// [`outbox_core::ErrorKind::Config`] error, an unreachable server a transient
     /// [`outbox_core::ErrorKind::Store`] error.
+    ///
+    /// TLS (feature `tls`, on by default): `ssl-mode` `DISABLED`, `PREFERRED` (the default),
+    /// `REQUIRED`, `VERIFY_CA` (signed by `ssl-ca`, else the system's roots),
+    /// `VERIFY_IDENTITY` (and the host name matches); `ssl-cert` + `ssl-key` for a client
+    /// certificate. Bad modes and files are `Config` errors naming the parameter.
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
         Self::connect_with(url, MySqlOptions::default()).await
     }
 
     /// Connect with options.
     pub async fn connect_with(url: &str, options: MySqlOptions) -> outbox_core::Result<Self> {
+        crate::common::check_tls_params(url, &crate::common::MYSQL_TLS)?;
         let connect: MySqlConnectOptions = url.parse().map_err(|e| {
             Error::config(format!("invalid MySQL URL {}", redact_url(url))).with_source(e)
         })?;

@@ -96,6 +96,14 @@ impl PgStore {
     /// Connect with the default options (table `outbox`). Fails at once, with a typed error,
     /// on a malformed URL ([`outbox_core::ErrorKind::Config`]) or an unreachable server
     /// ([`outbox_core::ErrorKind::Store`], transient).
+    ///
+    /// TLS (feature `tls`, on by default) follows libpq's parameters: `sslmode` `disable`,
+    /// `allow`, `prefer` (the default: TLS when the server offers it), `require` (encrypted,
+    /// not verified), `verify-ca` (signed by `sslrootcert`, else the system's roots),
+    /// `verify-full` (and the host name matches); `sslcert` + `sslkey` for a client
+    /// certificate. An unsupported mode or an unreadable or malformed file is a `Config`
+    /// error naming the parameter, before any connection is tried; a failed handshake (wrong
+    /// CA, expired certificate, wrong host name) is a transient `Store` error saying why.
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
         Self::connect_with(url, PgOptions::default()).await
     }
@@ -103,6 +111,7 @@ impl PgStore {
     /// Connect with options.
     pub async fn connect_with(url: &str, options: PgOptions) -> outbox_core::Result<Self> {
         validate_identifier(&options.table)?;
+        crate::common::check_tls_params(url, &crate::common::PG_TLS)?;
         let connect: PgConnectOptions = url.parse().map_err(|e| {
             Error::config(format!("invalid PostgreSQL URL {}", redact_url(url))).with_source(e)
         })?;
