@@ -74,8 +74,10 @@ pub fn map_err(e: redis::RedisError) -> Error {
 use outbox_core::redact_url as redact;
 use outbox_core::tls::TlsFiles;
 
-/// A client for `url`, with the TLS files of its query (see [`RedisPublisher::connect`]).
-fn client(url: &str) -> outbox_core::Result<redis::Client> {
+/// A redis client for `url` with the same rules as [`RedisPublisher::connect`] (`rediss://`,
+/// and the `cacertfile`, `certfile`, `keyfile` query parameters): for a consumer, or a check,
+/// that must reach the same server the same way.
+pub fn client(url: &str) -> outbox_core::Result<redis::Client> {
     let (url, files) = TlsFiles::from_url(url);
     let invalid = |e: redis::RedisError| {
         Error::config(format!("invalid Redis URL {}", redact(&url))).with_source(e)

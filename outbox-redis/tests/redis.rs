@@ -13,6 +13,7 @@ use outbox_core::{
 };
 use outbox_redis::RedisPublisher;
 use outbox_sqlite::SqliteStore;
+use outbox_testkit::{Issued, Pki, RedisTls};
 use redis::AsyncCommands;
 
 fn url() -> String {
@@ -32,7 +33,7 @@ fn env(dest: &str, payload: &str) -> Envelope {
 }
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
+    outbox_redis::client(url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -174,24 +175,29 @@ async fn bad_url_and_unreachable_server_are_typed_errors() {
     assert!(!format!("{e} {e:?}").contains("sekrit"));
 }
 
-/// A private redis-server with an fsync-always AOF, so acknowledged writes survive SIGKILL.
+/// A private redis-server with an fsync-always AOF, so acknowledged writes survive SIGKILL;
+/// with `tls`, it listens for TLS only, with a certificate from the test's own CA.
 struct PrivateRedis {
     child: Child,
     port: u16,
     dir: Option<tempfile::TempDir>,
+    tls: Option<Arc<(Pki, Issued)>>,
 }
 
 impl PrivateRedis {
-    fn start(port: u16, dir: tempfile::TempDir) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
+    fn start(port: u16, dir: tempfile::TempDir, tls: Option<Arc<(Pki, Issued)>>) -> Self {
+        let mut cmd = Command::new("redis-server");
+        match &tls {
+            None => cmd.args(["--port", &port.to_string()]),
+            Some(t) => cmd
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--tls-auth-clients", "no", "--tls-cert-file"])
+                .arg(&t.1.cert)
+                .arg("--tls-key-file")
+                .arg(&t.1.key),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
             .arg(dir.path())
             .stdout(Stdio::null())
@@ -201,11 +207,19 @@ impl PrivateRedis {
             child,
             port,
             dir: Some(dir),
+            tls,
         }
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.tls {
+            None => format!("redis://127.0.0.1:{}/", self.port),
+            Some(t) => format!(
+                "rediss://127.0.0.1:{}/?cacertfile={}",
+                self.port,
+                t.0.ca_path().display()
+            ),
+        }
     }
 
     /// SIGKILL; returns the data directory for a restart.
@@ -224,7 +238,7 @@ impl Drop for PrivateRedis {
 }
 
 async fn up(url: &str) -> bool {
-    match redis::Client::open(url)
+    match outbox_redis::client(url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
@@ -266,7 +280,31 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_sqlite() {
             .dispatch();
         tx.commit().unwrap();
     }
-    redis_restart("sqlite", Arc::new(store)).await;
+    redis_restart("sqlite", Arc::new(store), None).await;
+}
+
+/// The same outage over TLS: the publisher reconnects with a new TLS handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_over_tls_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
+    store.migrate_now().unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    for chunk in 0..10 {
+        let tx = conn.transaction().unwrap();
+        store
+            .enqueue(&tx, &outbox, backlog_messages(chunk))
+            .unwrap()
+            .dispatch();
+        tx.commit().unwrap();
+    }
+    let pki = Pki::new("outbox test CA");
+    let cert = pki.server("redis", &["127.0.0.1"], false);
+    redis_restart("sqlite over TLS", Arc::new(store), Some(Arc::new((pki, cert)))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,19 +336,19 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_postgres() {
             .dispatch();
         tx.commit().await.unwrap();
     }
-    redis_restart("postgres", Arc::new(store)).await;
+    redis_restart("postgres", Arc::new(store), None).await;
 }
 
 /// Relay `store`'s backlog into a private Redis, SIGKILL Redis mid-run, restart it, and check
 /// that everything arrives once at least, in per-key order, without a busy loop meanwhile.
-async fn redis_restart(name: &str, store: Arc<dyn Store>) {
+async fn redis_restart(name: &str, store: Arc<dyn Store>, tls: Option<Arc<(Pki, Issued)>>) {
     let n = BACKLOG;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-    let server = PrivateRedis::start(port, tempfile::tempdir().unwrap());
+    let server = PrivateRedis::start(port, tempfile::tempdir().unwrap(), tls.clone());
     let url = server.url();
     eventually("private redis up", Duration::from_secs(20), || up(&url)).await;
 
@@ -345,7 +383,7 @@ async fn redis_restart(name: &str, store: Arc<dyn Store>) {
     )
     .await;
     let pending_during_outage = store.stats().await.unwrap().total().pending;
-    let server = PrivateRedis::start(port, data);
+    let server = PrivateRedis::start(port, data, tls);
     eventually("redis back", Duration::from_secs(20), || up(&url)).await;
     eventually(
         "backlog drained after the restart",
@@ -385,4 +423,63 @@ async fn redis_restart(name: &str, store: Arc<dyn Store>) {
     );
     assert_eq!(d.order_violations(), 0, "keys out of order");
     drop(server);
+}
+
+/// rediss:// verifies the server against the CA file, refuses another CA, and presents a
+/// client certificate when the server requires one; TLS files are checked at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_verifies_the_server_and_presents_client_certificates() {
+    let pki = Pki::new("outbox test CA");
+    let cert = pki.server("redis", &["localhost", "127.0.0.1"], false);
+    let ca = pki.ca_path().display().to_string();
+    let server = RedisTls::start(&pki, &cert, false);
+    let key = unique("tls");
+    let url = format!("rediss://localhost:{}/0?cacertfile={ca}", server.port);
+    let publisher = RedisPublisher::connect(&url).await.unwrap();
+    publisher.publish(&env(&key, "over-tls")).await.unwrap();
+    let mut check = raw(&url).await;
+    let got = entries(&mut check, &key).await;
+    assert_eq!(text(&got[0].1, "payload"), "over-tls");
+
+    // Another CA's bundle: the handshake fails, as a transient error that says why.
+    let stranger = Pki::new("some other CA");
+    let e = RedisPublisher::connect(&format!(
+        "rediss://localhost:{}/0?cacertfile={}",
+        server.port,
+        stranger.ca_path().display()
+    ))
+    .await
+    .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert!(e.to_string().contains("cannot connect to Redis"), "{e}");
+
+    // A server that requires client certificates.
+    let strict = RedisTls::start(&pki, &cert, true);
+    let base = format!("rediss://127.0.0.1:{}/0?cacertfile={ca}", strict.port);
+    let refused = match RedisPublisher::connect(&base).await {
+        Err(_) => true,
+        Ok(p) => p.publish(&env(&key, "x")).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    let client = pki.client("client", "outbox-relay");
+    let with_cert = format!(
+        "{base}&certfile={}&keyfile={}",
+        client.cert.display(),
+        client.key.display()
+    );
+    let p = RedisPublisher::connect(&with_cert).await.unwrap();
+    p.publish(&env(&key, "with-client-cert")).await.unwrap();
+
+    // Bad TLS settings are configuration errors naming the parameter.
+    for (url, says) in [
+        (format!("redis://127.0.0.1:6379/?cacertfile={ca}"), "rediss://"),
+        ("rediss://127.0.0.1:6379/?cacertfile=/nonexistent.pem".to_owned(), "cacertfile"),
+        (format!("rediss://127.0.0.1:6379/?certfile={ca}"), "go together"),
+        (format!("rediss://:pw@127.0.0.1:6379/?cacertfile={}", client.key.display()), "cacertfile"),
+    ] {
+        let e = RedisPublisher::connect(&url).await.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");
+        assert!(e.to_string().contains(says), "{url}: {e}");
+        assert!(!e.to_string().contains(":pw@"), "{e}");
+    }
 }
