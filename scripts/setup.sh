@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up for the test suite on a fresh Debian machine with Rust: the system
-# packages the Kafka client build needs, and the services the integration tests talk to
-# (PostgreSQL, MariaDB, Redis, RabbitMQ on loopback). Starts only what is not running.
+# packages the Kafka client build needs (cmake, curl, and OpenSSL for librdkafka's TLS), and
+# the services the integration tests talk to (PostgreSQL with ssl = on, MariaDB, Redis,
+# RabbitMQ on loopback). The TLS tests also start redis-server and mariadbd instances of
+# their own with certificates they make. Starts only what is not running.
 set -euo pipefail
 
 log() { printf '[setup] %s\n' "$*"; }
@@ -10,6 +12,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 need_pkgs=()
 command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
 dpkg -s libcurl4-openssl-dev >/dev/null 2>&1 || need_pkgs+=(libcurl4-openssl-dev)
+dpkg -s libssl-dev >/dev/null 2>&1 || need_pkgs+=(libssl-dev)
+command -v pkg-config >/dev/null 2>&1 || need_pkgs+=(pkg-config)
+dpkg -s ssl-cert >/dev/null 2>&1 || need_pkgs+=(ssl-cert)
 command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
@@ -35,6 +40,15 @@ if ! port_open 5432; then
   as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
 fi
 wait_port PostgreSQL 5432 60
+# The TLS tests connect with sslmode=require: Debian's server has ssl = on with the snakeoil
+# certificate; turn it on (a reload, no restart) where it is off.
+if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show ssl' 2>/dev/null)" = "off" ] \
+   && [ -r /etc/ssl/certs/ssl-cert-snakeoil.pem ]; then
+  log "enabling TLS on PostgreSQL"
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "ALTER SYSTEM SET ssl_cert_file = '/etc/ssl/certs/ssl-cert-snakeoil.pem'" \
+    -c "ALTER SYSTEM SET ssl_key_file = '/etc/ssl/private/ssl-cert-snakeoil.key'" \
+    -c "ALTER SYSTEM SET ssl = on" -c "SELECT pg_reload_conf()" >/dev/null
+fi
 
 if ! port_open 3306; then
   log "starting MariaDB"

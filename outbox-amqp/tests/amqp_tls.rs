@@ -24,12 +24,20 @@ fn parts() -> (String, std::net::SocketAddr, String) {
 }
 
 async fn proxy(pki: &Pki, cert: &Issued, client_auth: bool) -> TlsProxy {
-    TlsProxy::start(parts().1, Protocol::Tls, pki.server_config(cert, client_auth)).await
+    TlsProxy::start(
+        parts().1,
+        Protocol::Tls,
+        pki.server_config(cert, client_auth),
+    )
+    .await
 }
 
 fn amqps(host: &str, proxy: &TlsProxy, query: &str) -> String {
     let (auth, _, vhost) = parts();
-    format!("amqps://{auth}@{host}:{}/{vhost}?{query}", proxy.addr.port())
+    format!(
+        "amqps://{auth}@{host}:{}/{vhost}?{query}",
+        proxy.addr.port()
+    )
 }
 
 fn env(dest: &str, payload: &str) -> Envelope {
@@ -60,7 +68,9 @@ async fn amqps_verifies_the_broker_and_presents_client_certificates() {
 
     // The right CA: published over TLS, confirmed, and on the queue.
     let endpoint = proxy(&pki, &cert, false).await;
-    let publisher = AmqpPublisher::connect(&amqps("localhost", &endpoint, &ca)).await.unwrap();
+    let publisher = AmqpPublisher::connect(&amqps("localhost", &endpoint, &ca))
+        .await
+        .unwrap();
     publisher.publish(&env(&q, "over-tls")).await.unwrap();
     let got = ch
         .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
@@ -82,27 +92,43 @@ async fn amqps_verifies_the_broker_and_presents_client_certificates() {
         assert!(e.is_transient(), "{e}");
         let text = e.to_string();
         assert!(text.contains("cannot connect to RabbitMQ"), "{text}");
-        assert!(!text.contains("guest:guest"), "password in the error: {text}");
+        assert!(
+            !text.contains("guest:guest"),
+            "password in the error: {text}"
+        );
     }
 
     // A broker that requires a client certificate.
     let strict = proxy(&pki, &cert, true).await;
-    assert!(AmqpPublisher::connect(&amqps("localhost", &strict, &ca)).await.is_err());
+    assert!(AmqpPublisher::connect(&amqps("localhost", &strict, &ca))
+        .await
+        .is_err());
     let client = pki.client("client", "outbox-relay");
     let with_cert = format!(
         "{ca}&certfile={}&keyfile={}",
         client.cert.display(),
         client.key.display()
     );
-    let p = AmqpPublisher::connect(&amqps("localhost", &strict, &with_cert)).await.unwrap();
+    let p = AmqpPublisher::connect(&amqps("localhost", &strict, &with_cert))
+        .await
+        .unwrap();
     p.publish(&env(&q, "with-client-cert")).await.unwrap();
 
     // Bad TLS settings: configuration errors naming the parameter, before any connection.
     let (auth, _, _) = parts();
     for (url, says) in [
         (format!("amqp://{auth}@127.0.0.1:1/%2f?{ca}"), "amqps://"),
-        (format!("amqps://{auth}@127.0.0.1:1/%2f?cacertfile=/nonexistent.pem"), "cacertfile"),
-        (format!("amqps://{auth}@127.0.0.1:1/%2f?keyfile={}", client.key.display()), "go together"),
+        (
+            format!("amqps://{auth}@127.0.0.1:1/%2f?cacertfile=/nonexistent.pem"),
+            "cacertfile",
+        ),
+        (
+            format!(
+                "amqps://{auth}@127.0.0.1:1/%2f?keyfile={}",
+                client.key.display()
+            ),
+            "go together",
+        ),
     ] {
         let e = AmqpPublisher::connect(&url).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");

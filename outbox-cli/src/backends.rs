@@ -107,7 +107,7 @@ impl AnyStore {
     }
 }
 
-/// Split `?k=v&k2=v2` off a URL.
+/// Split `?k=v&k2=v2` off a URL (values as written).
 fn split_query(url: &str) -> (&str, Vec<(String, String)>) {
     match url.split_once('?') {
         None => (url, Vec::new()),
@@ -125,8 +125,9 @@ fn split_query(url: &str) -> (&str, Vec<(String, String)>) {
     }
 }
 
-/// `stdout`, `null` (discards; for benchmarks), `kafka://host:9092[,host2:9092][?librdkafka.setting=value…]`,
-/// `amqp://user:pass@host:5672/vhost`, `redis://host:6379/db[?mode=pubsub|streams&maxlen=N]`.
+/// `stdout`, `null` (discards; for benchmarks), `kafka://host:9092[,host2:9092][?librdkafka.setting=value…]`
+/// (values percent-decoded), `amqp[s]://user:pass@host:5672/vhost[?cacertfile=…]`,
+/// `redis[s]://host:6379/db[?mode=pubsub|streams&maxlen=N&cacertfile=…]`.
 pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
     let scheme = url.split("://").next().unwrap_or("");
     match scheme {
@@ -141,7 +142,7 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             let mut config = outbox_kafka::rdkafka::ClientConfig::new();
             config.set("bootstrap.servers", bootstrap);
             for (k, v) in settings {
-                config.set(k, v);
+                config.set(k, outbox_core::tls::percent_decode(&v));
             }
             Ok(Arc::new(outbox_kafka::KafkaPublisher::from_config(config)?))
         }

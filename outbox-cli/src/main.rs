@@ -30,9 +30,13 @@ struct Cli {
     /// TOML file with settings (flags and environment variables win over it).
     #[arg(long, env = "OUTBOX_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Store URL: sqlite://PATH, postgres://…, mysql://…
+    /// Store URL: sqlite://PATH, postgres://…, mysql://… (a password in a flag shows in `ps`:
+    /// prefer OUTBOX_STORE, --store-file or the config file)
     #[arg(long, env = "OUTBOX_STORE", global = true, hide_env_values = true)]
     store: Option<String>,
+    /// File holding the store URL (a mounted secret); read once at start-up.
+    #[arg(long, env = "OUTBOX_STORE_FILE", global = true)]
+    store_file: Option<PathBuf>,
     /// Outbox table name [default: outbox]
     #[arg(long, env = "OUTBOX_TABLE", global = true)]
     table: Option<String>,
@@ -69,9 +73,12 @@ enum Command {
 
 #[derive(Args, Debug, Default)]
 struct RelayArgs {
-    /// Publisher URL: stdout, kafka://…, amqp://…, redis://…
+    /// Publisher URL: stdout, null, kafka://…, amqp(s)://…, redis(s)://…
     #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
     publisher: Option<String>,
+    /// File holding the publisher URL (a mounted secret: SASL or broker passwords).
+    #[arg(long, env = "OUTBOX_PUBLISHER_FILE")]
+    publisher_file: Option<PathBuf>,
     /// Keep running (jaiminho's --run-in-loop); without it, publish until nothing is due.
     #[arg(long = "loop", env = "OUTBOX_LOOP")]
     run_loop: bool,
@@ -169,6 +176,7 @@ impl SelectArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     store: Option<String>,
+    store_file: Option<PathBuf>,
     table: Option<String>,
     log_format: Option<LogFormat>,
     #[serde(default)]
@@ -181,6 +189,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileRelay {
     publisher: Option<String>,
+    publisher_file: Option<PathBuf>,
     interval: Option<String>,
     streams: Option<Vec<String>>,
     batch: Option<usize>,
@@ -216,6 +225,38 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, Error> {
             e.message().trim()
         ))
     })
+}
+
+/// A URL from, in order: the flag or its environment variable, the file named by the `-file`
+/// flag or variable, the config file's value, the file the config file names. A URL read from
+/// a file loses surrounding whitespace (a trailing newline).
+fn first_of(
+    value: Option<String>,
+    value_file: &Option<PathBuf>,
+    config_value: Option<String>,
+    config_file: &Option<PathBuf>,
+    what: &str,
+) -> Result<Option<String>, Error> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| {
+                Error::config(format!(
+                    "cannot read the {what} URL file {}: {e}",
+                    path.display()
+                ))
+            })
+    };
+    if value.is_some() {
+        return Ok(value);
+    }
+    if let Some(p) = value_file {
+        return read(p).map(Some);
+    }
+    if config_value.is_some() {
+        return Ok(config_value);
+    }
+    config_file.as_ref().map(read).transpose()
 }
 
 fn duration(field: &str, value: Option<String>) -> Result<Option<Duration>, Error> {
@@ -286,8 +327,17 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
-    let store_url = cli.store.or(file.store).ok_or_else(|| {
-        Error::config("no store: pass --store URL, set OUTBOX_STORE, or set store in --config")
+    let store_url = first_of(
+        cli.store,
+        &cli.store_file,
+        file.store.clone(),
+        &file.store_file,
+        "store",
+    )?
+    .ok_or_else(|| {
+        Error::config(
+            "no store: pass --store URL or --store-file PATH, set OUTBOX_STORE or OUTBOX_STORE_FILE, or set store in --config",
+        )
     })?;
     let table = cli.table.or(file.table).unwrap_or_else(|| "outbox".into());
     let store = AnyStore::open(&store_url, &table).await?;
@@ -372,9 +422,16 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
 }
 
 async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), Error> {
-    let publisher_url = args.publisher.or(file.publisher).ok_or_else(|| {
+    let publisher_url = first_of(
+        args.publisher,
+        &args.publisher_file,
+        file.publisher.clone(),
+        &file.publisher_file,
+        "publisher",
+    )?
+    .ok_or_else(|| {
         Error::config(
-            "no publisher: pass --publisher URL, set OUTBOX_PUBLISHER, or set relay.publisher",
+            "no publisher: pass --publisher URL or --publisher-file PATH, set OUTBOX_PUBLISHER or OUTBOX_PUBLISHER_FILE, or set relay.publisher",
         )
     })?;
     if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {

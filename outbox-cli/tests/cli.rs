@@ -16,6 +16,10 @@ fn bin() -> Command {
         "OUTBOX_TABLE",
         "OUTBOX_PUBLISHER",
         "OUTBOX_STREAMS",
+        "OUTBOX_STORE_FILE",
+        "OUTBOX_PUBLISHER_FILE",
+        "OUTBOX_SIGNING_KEYS",
+        "OUTBOX_SIGNING_KEYS_FILE",
         "RUST_LOG",
     ] {
         c.env_remove(var);

@@ -92,8 +92,17 @@ mod tests {
 
     #[test]
     fn passwords_with_any_character_are_hidden() {
-        for password in ["hunter2", "Abc/Def=", "p?ss", "p#ss", "p@ss", "a:b", "x/y?z#w@v:u"] {
-            let url = format!("postgres://app:{password}@db.internal:5432/shop?sslmode=verify-full");
+        for password in [
+            "hunter2",
+            "Abc/Def=",
+            "p?ss",
+            "p#ss",
+            "p@ss",
+            "a:b",
+            "x/y?z#w@v:u",
+        ] {
+            let url =
+                format!("postgres://app:{password}@db.internal:5432/shop?sslmode=verify-full");
             let r = redact_url(&url);
             assert_eq!(
                 r, "postgres://app:***@db.internal:5432/shop?sslmode=verify-full",

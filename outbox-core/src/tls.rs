@@ -119,13 +119,19 @@ pub fn take_params(url: &str, names: &[&str]) -> (String, Vec<(String, String)>)
     (out, taken)
 }
 
-fn percent_decode(s: &str) -> String {
+/// Decode `%XX` escapes (URL query values: a password holding `&`, `=` or `#` is written
+/// `%26`, `%3D`, `%23`).
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+        match (
+            b[i],
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -157,9 +163,8 @@ pub enum PemKind {
 /// ```
 pub fn read_pem(option: &str, path: &Path, kind: PemKind) -> Result<Vec<u8>> {
     let shown = path.display();
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::config(format!("{option}: cannot read {shown}: {e}")).with_source(e)
-    })?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| Error::config(format!("{option}: cannot read {shown}: {e}")).with_source(e))?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| Error::config(format!("{option}: {shown} is not a PEM file")))?;
     let blocks = pem_blocks(text)
@@ -173,7 +178,10 @@ pub fn read_pem(option: &str, path: &Path, kind: PemKind) -> Result<Vec<u8>> {
             }
         }
         PemKind::PrivateKey => {
-            if blocks.iter().any(|(label, _)| label.starts_with("ENCRYPTED")) {
+            if blocks
+                .iter()
+                .any(|(label, _)| label.starts_with("ENCRYPTED"))
+            {
                 return Err(Error::config(format!(
                     "{option}: {shown} holds an encrypted private key; decrypt it (openssl pkey) and protect the file instead"
                 )));
@@ -263,7 +271,10 @@ mod tests {
         );
         assert_eq!(url, "amqps://u:p@h/%2f?heartbeat=10#x");
         assert_eq!(files.ca.unwrap(), PathBuf::from("/etc/ca dir/ca.pem"));
-        assert_eq!((files.cert.unwrap(), files.key.unwrap()), ("c".into(), "k".into()));
+        assert_eq!(
+            (files.cert.unwrap(), files.key.unwrap()),
+            ("c".into(), "k".into())
+        );
         let (url, files) = TlsFiles::from_url("rediss://h:6380/0");
         assert_eq!(url, "rediss://h:6380/0");
         assert!(files.is_empty());
@@ -293,14 +304,23 @@ mod tests {
             p
         };
         // "MAA=" is DER for an empty SEQUENCE: enough for the shape check.
-        let cert = write("c.pem", "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n");
-        let key = write("k.pem", "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n");
+        let cert = write(
+            "c.pem",
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n",
+        );
+        let key = write(
+            "k.pem",
+            "-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n",
+        );
         let enc = write(
             "e.pem",
             "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMAA=\n-----END ENCRYPTED PRIVATE KEY-----\n",
         );
         let junk = write("j.pem", "not a certificate");
-        let broken = write("b.pem", "-----BEGIN CERTIFICATE-----\nM$A=\n-----END CERTIFICATE-----\n");
+        let broken = write(
+            "b.pem",
+            "-----BEGIN CERTIFICATE-----\nM$A=\n-----END CERTIFICATE-----\n",
+        );
         assert!(read_pem("ca", &cert, PemKind::Certificates).is_ok());
         assert!(read_pem("key", &key, PemKind::PrivateKey).is_ok());
         for (path, kind, says) in [

@@ -60,7 +60,9 @@ pub fn map_err(e: KafkaError) -> Error {
 fn config_error(e: KafkaError) -> Error {
     match e {
         KafkaError::ClientConfig(_, description, key, value) => {
-            if outbox_core::is_secret_param(&key) || (!value.is_empty() && description.contains(&value)) {
+            if outbox_core::is_secret_param(&key)
+                || (!value.is_empty() && description.contains(&value))
+            {
                 Error::config(format!("invalid Kafka setting {key}"))
             } else {
                 Error::config(format!("invalid Kafka setting {key}: {description}"))
@@ -71,7 +73,9 @@ fn config_error(e: KafkaError) -> Error {
                 .rdkafka_error_code()
                 .map(|c| format!("{c:?}"))
                 .unwrap_or_else(|| "no code".into());
-            Error::config(format!("cannot create the Kafka producer ({code}); check the settings"))
+            Error::config(format!(
+                "cannot create the Kafka producer ({code}); check the settings"
+            ))
         }
     }
 }
@@ -99,7 +103,10 @@ fn check_tls_files(config: &ClientConfig) -> outbox_core::Result<()> {
             read_pem("ssl.key.location", &key, PemKind::PrivateKey)?;
         } else {
             std::fs::metadata(&key).map_err(|e| {
-                Error::config(format!("ssl.key.location: cannot read {}: {e}", key.display()))
+                Error::config(format!(
+                    "ssl.key.location: cannot read {}: {e}",
+                    key.display()
+                ))
             })?;
         }
     }

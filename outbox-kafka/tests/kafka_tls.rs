@@ -48,8 +48,7 @@ async fn publishes_over_tls_and_refuses_a_wrong_ca() {
     .await;
     let bootstrap = endpoint.addr.to_string();
 
-    let publisher =
-        KafkaPublisher::from_config(tls_config(&bootstrap, &pki.ca_path())).unwrap();
+    let publisher = KafkaPublisher::from_config(tls_config(&bootstrap, &pki.ca_path())).unwrap();
     let batch = [env("secure", "one"), env("secure", "two")];
     let refs: Vec<&Envelope> = batch.iter().collect();
     for r in publisher.publish_batch(&refs).await {
@@ -81,7 +80,10 @@ async fn publishes_over_tls_and_refuses_a_wrong_ca() {
     let stranger = Pki::new("some other CA");
     let publisher =
         KafkaPublisher::from_config(tls_config(&bootstrap, &stranger.ca_path())).unwrap();
-    let e = publisher.publish(&env("secure", "never")).await.unwrap_err();
+    let e = publisher
+        .publish(&env("secure", "never"))
+        .await
+        .unwrap_err();
     assert!(e.is_transient(), "{e}");
 }
 
@@ -127,5 +129,8 @@ fn bad_tls_files_and_settings_are_config_errors_without_values() {
     c.set("bootstrap.servers", "127.0.0.1:1")
         .set("sasl.pasword", "kafka-secret-pw");
     let e = KafkaPublisher::from_config(c).unwrap_err().to_string();
-    assert!(e.contains("sasl.pasword") && !e.contains("kafka-secret-pw"), "{e}");
+    assert!(
+        e.contains("sasl.pasword") && !e.contains("kafka-secret-pw"),
+        "{e}"
+    );
 }

@@ -95,12 +95,12 @@ pub fn client(url: &str) -> outbox_core::Result<redis::Client> {
         return redis::Client::build_with_tls(
             url.as_str(),
             redis::TlsCertificates {
-                client_tls: material
-                    .identity
-                    .map(|(client_cert, client_key)| redis::ClientTlsConfig {
+                client_tls: material.identity.map(|(client_cert, client_key)| {
+                    redis::ClientTlsConfig {
                         client_cert,
                         client_key,
-                    }),
+                    }
+                }),
                 root_cert: material.ca,
             },
         )

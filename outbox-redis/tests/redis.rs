@@ -304,7 +304,12 @@ async fn a_redis_restart_over_tls_loses_nothing() {
     }
     let pki = Pki::new("outbox test CA");
     let cert = pki.server("redis", &["127.0.0.1"], false);
-    redis_restart("sqlite over TLS", Arc::new(store), Some(Arc::new((pki, cert)))).await;
+    redis_restart(
+        "sqlite over TLS",
+        Arc::new(store),
+        Some(Arc::new((pki, cert))),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,10 +477,25 @@ async fn rediss_verifies_the_server_and_presents_client_certificates() {
 
     // Bad TLS settings are configuration errors naming the parameter.
     for (url, says) in [
-        (format!("redis://127.0.0.1:6379/?cacertfile={ca}"), "rediss://"),
-        ("rediss://127.0.0.1:6379/?cacertfile=/nonexistent.pem".to_owned(), "cacertfile"),
-        (format!("rediss://127.0.0.1:6379/?certfile={ca}"), "go together"),
-        (format!("rediss://:pw@127.0.0.1:6379/?cacertfile={}", client.key.display()), "cacertfile"),
+        (
+            format!("redis://127.0.0.1:6379/?cacertfile={ca}"),
+            "rediss://",
+        ),
+        (
+            "rediss://127.0.0.1:6379/?cacertfile=/nonexistent.pem".to_owned(),
+            "cacertfile",
+        ),
+        (
+            format!("rediss://127.0.0.1:6379/?certfile={ca}"),
+            "go together",
+        ),
+        (
+            format!(
+                "rediss://:pw@127.0.0.1:6379/?cacertfile={}",
+                client.key.display()
+            ),
+            "cacertfile",
+        ),
     ] {
         let e = RedisPublisher::connect(&url).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config, "{url}: {e}");

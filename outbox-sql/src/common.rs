@@ -145,7 +145,14 @@ pub(crate) struct TlsParams {
 pub(crate) const PG_TLS: TlsParams = TlsParams {
     mode: (
         &["sslmode", "ssl-mode"],
-        &["disable", "allow", "prefer", "require", "verify-ca", "verify-full"],
+        &[
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ],
     ),
     ca: &["sslrootcert", "ssl-root-cert", "ssl-ca"],
     cert: &["sslcert", "ssl-cert"],
@@ -156,7 +163,13 @@ pub(crate) const PG_TLS: TlsParams = TlsParams {
 pub(crate) const MYSQL_TLS: TlsParams = TlsParams {
     mode: (
         &["ssl-mode", "sslmode"],
-        &["disabled", "preferred", "required", "verify_ca", "verify_identity"],
+        &[
+            "disabled",
+            "preferred",
+            "required",
+            "verify_ca",
+            "verify_identity",
+        ],
     ),
     ca: &["ssl-ca", "sslca"],
     cert: &["ssl-cert", "sslcert"],

@@ -48,7 +48,9 @@ async fn pg_roundtrip(store: &PgStore) {
     let mut tx = store.pool().begin().await.unwrap();
     drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
     tx.commit().await.unwrap();
-    let relay = Relay::builder(store.clone(), broker.clone()).build().unwrap();
+    let relay = Relay::builder(store.clone(), broker.clone())
+        .build()
+        .unwrap();
     assert_eq!(relay.run_once().await.unwrap().published, 3);
 }
 
@@ -73,24 +75,36 @@ async fn postgres_sslmode_require_encrypts_against_the_real_server() {
 /// The local server's address (the proxy's upstream) and the URL's user and database.
 fn pg_parts() -> (std::net::SocketAddr, String, String) {
     let o: sqlx::postgres::PgConnectOptions = pg_url().parse().unwrap();
-    let host = if o.get_host() == "localhost" { "127.0.0.1" } else { o.get_host() };
+    let host = if o.get_host() == "localhost" {
+        "127.0.0.1"
+    } else {
+        o.get_host()
+    };
     let addr = format!("{host}:{}", o.get_port()).parse().unwrap();
     let db = o.get_database().unwrap_or("test").to_owned();
     (addr, o.get_username().to_owned(), db)
 }
 
 async fn pg_proxy(pki: &Pki, cert: &Issued, client_auth: bool) -> TlsProxy {
-    TlsProxy::start(pg_parts().0, Protocol::Postgres, pki.server_config(cert, client_auth)).await
+    TlsProxy::start(
+        pg_parts().0,
+        Protocol::Postgres,
+        pki.server_config(cert, client_auth),
+    )
+    .await
 }
 
 fn pg_tls_url(host: &str, proxy: &TlsProxy, query: &str) -> String {
     let (_, user, db) = pg_parts();
-    format!("postgres://{user}@{host}:{}/{db}?{query}", proxy.addr.port())
+    format!(
+        "postgres://{user}@{host}:{}/{db}?{query}",
+        proxy.addr.port()
+    )
 }
 
 /// A failed handshake is a transient store error on one line that says what was wrong.
 fn handshake_failure(result: outbox_core::Result<PgStore>, why: &str) -> String {
-    let e = result.err().expect("the connection must fail");
+    let e = result.expect_err("the connection must fail");
     let text = e.to_string();
     assert_eq!(e.kind(), ErrorKind::Store, "{text}");
     assert!(e.is_transient(), "{text}");
@@ -108,7 +122,11 @@ async fn postgres_verify_full_wrong_ca_expired_wrong_host_and_client_certificate
     // Right CA, right name: verify-full works, by IP and by name.
     let proxy = pg_proxy(&pki, &good, false).await;
     for host in ["127.0.0.1", "localhost"] {
-        let url = pg_tls_url(host, &proxy, &format!("sslmode=verify-full&sslrootcert={ca}"));
+        let url = pg_tls_url(
+            host,
+            &proxy,
+            &format!("sslmode=verify-full&sslrootcert={ca}"),
+        );
         pg_roundtrip(&pg(&url).await.unwrap()).await;
     }
 
@@ -117,33 +135,57 @@ async fn postgres_verify_full_wrong_ca_expired_wrong_host_and_client_certificate
     let url = pg_tls_url(
         "127.0.0.1",
         &proxy,
-        &format!("sslmode=verify-ca&sslrootcert={}", stranger.ca_path().display()),
+        &format!(
+            "sslmode=verify-ca&sslrootcert={}",
+            stranger.ca_path().display()
+        ),
     );
     handshake_failure(pg(&url).await, "unknownissuer");
     // sslmode=require does not verify: the same endpoint is accepted.
-    pg(&pg_tls_url("127.0.0.1", &proxy, "sslmode=require")).await.unwrap();
+    pg(&pg_tls_url("127.0.0.1", &proxy, "sslmode=require"))
+        .await
+        .unwrap();
 
     // An expired certificate.
     let expired = pki.server("expired", &["localhost", "127.0.0.1"], true);
     let old = pg_proxy(&pki, &expired, false).await;
-    let url = pg_tls_url("127.0.0.1", &old, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let url = pg_tls_url(
+        "127.0.0.1",
+        &old,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
     handshake_failure(pg(&url).await, "expired");
 
     // A certificate for another host: verify-full refuses it.
     let other = pki.server("other", &["db.example.com"], false);
     let elsewhere = pg_proxy(&pki, &other, false).await;
-    let url = pg_tls_url("127.0.0.1", &elsewhere, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    let url = pg_tls_url(
+        "127.0.0.1",
+        &elsewhere,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
     handshake_failure(pg(&url).await, "not valid for name");
     // Known limitation (README): with sqlx 0.8.6 and rustls >= 0.23.24, verify-ca checks the
     // host name too (sqlx issue 3793, fixed after 0.8.6). It fails closed; this assertion
     // flags the change when sqlx is upgraded.
-    let url = pg_tls_url("127.0.0.1", &elsewhere, &format!("sslmode=verify-ca&sslrootcert={ca}"));
+    let url = pg_tls_url(
+        "127.0.0.1",
+        &elsewhere,
+        &format!("sslmode=verify-ca&sslrootcert={ca}"),
+    );
     handshake_failure(pg(&url).await, "not valid for name");
 
     // A server that requires a client certificate.
     let strict = pg_proxy(&pki, &good, true).await;
-    let url = pg_tls_url("127.0.0.1", &strict, &format!("sslmode=verify-full&sslrootcert={ca}"));
-    assert!(pg(&url).await.is_err(), "no client certificate was accepted");
+    let url = pg_tls_url(
+        "127.0.0.1",
+        &strict,
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    );
+    assert!(
+        pg(&url).await.is_err(),
+        "no client certificate was accepted"
+    );
     let client = pki.client("client", "outbox-relay");
     let url = format!(
         "{url}&sslcert={}&sslkey={}",
@@ -162,10 +204,19 @@ async fn bad_tls_parameters_are_config_errors_naming_the_parameter() {
     let base = "postgres://u:hunter2@127.0.0.1:1/db";
     let cases = [
         ("sslmode=bogus".to_owned(), "sslmode"),
-        ("sslmode=verify-full&sslrootcert=/nonexistent/ca.pem".to_owned(), "sslrootcert"),
-        (format!("sslmode=verify-full&sslrootcert={}", junk.display()), "sslrootcert"),
+        (
+            "sslmode=verify-full&sslrootcert=/nonexistent/ca.pem".to_owned(),
+            "sslrootcert",
+        ),
+        (
+            format!("sslmode=verify-full&sslrootcert={}", junk.display()),
+            "sslrootcert",
+        ),
         (format!("sslcert={}", client.cert.display()), "sslcert"),
-        (format!("sslcert={0}&sslkey={0}", client.cert.display()), "sslkey"),
+        (
+            format!("sslcert={0}&sslkey={0}", client.cert.display()),
+            "sslkey",
+        ),
     ];
     for (query, option) in cases {
         let e = pg(&format!("{base}?{query}")).await.err().unwrap();
@@ -173,12 +224,15 @@ async fn bad_tls_parameters_are_config_errors_naming_the_parameter() {
         assert!(e.to_string().contains(option), "{query}: {e}");
         assert!(!e.to_string().contains("hunter2"));
     }
-    let e = MySqlStore::connect(&format!("mysql://root:hunter2@127.0.0.1:1/db?ssl-mode=sometimes"))
+    let e = MySqlStore::connect("mysql://root:hunter2@127.0.0.1:1/db?ssl-mode=sometimes")
         .await
         .err()
         .unwrap();
     assert_eq!(e.kind(), ErrorKind::Config, "{e}");
-    assert!(e.to_string().contains("ssl-mode") && !e.to_string().contains("hunter2"), "{e}");
+    assert!(
+        e.to_string().contains("ssl-mode") && !e.to_string().contains("hunter2"),
+        "{e}"
+    );
     let e = MySqlStore::connect("mysql://root@127.0.0.1:1/db?ssl-ca=/nonexistent/ca.pem")
         .await
         .err()
@@ -208,7 +262,9 @@ async fn mysql_roundtrip(store: &MySqlStore) {
     let mut tx = store.pool().begin().await.unwrap();
     drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
     tx.commit().await.unwrap();
-    let relay = Relay::builder(store.clone(), broker.clone()).build().unwrap();
+    let relay = Relay::builder(store.clone(), broker.clone())
+        .build()
+        .unwrap();
     assert_eq!(relay.run_once().await.unwrap().published, 3);
 }
 
@@ -228,9 +284,12 @@ async fn mariadb_with_tls_required_verified_and_refused() {
     assert!(!cipher.is_empty(), "ssl-mode=REQUIRED without TLS");
     mysql_roundtrip(&store).await;
 
-    let verified = mysql(&url("127.0.0.1", &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}")))
-        .await
-        .unwrap();
+    let verified = mysql(&url(
+        "127.0.0.1",
+        &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}"),
+    ))
+    .await
+    .unwrap();
     mysql_roundtrip(&verified).await;
 
     let stranger = Pki::new("some other CA");
@@ -239,19 +298,29 @@ async fn mariadb_with_tls_required_verified_and_refused() {
         &format!("ssl-mode=VERIFY_CA&ssl-ca={}", stranger.ca_path().display()),
     ))
     .await
-    .err()
-    .expect("a certificate from another CA was accepted");
+    .expect_err("a certificate from another CA was accepted");
     assert_eq!(e.kind(), ErrorKind::Store, "{e}");
-    assert!(e.to_string().to_lowercase().contains("unknownissuer"), "{e}");
+    assert!(
+        e.to_string().to_lowercase().contains("unknownissuer"),
+        "{e}"
+    );
 
     // The certificate names 127.0.0.1 only.
-    let e = mysql(&url("localhost", &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}")))
-        .await
-        .err()
-        .expect("a certificate for another name was accepted");
-    assert!(e.to_string().to_lowercase().contains("not valid for name"), "{e}");
+    let e = mysql(&url(
+        "localhost",
+        &format!("ssl-mode=VERIFY_IDENTITY&ssl-ca={ca}"),
+    ))
+    .await
+    .expect_err("a certificate for another name was accepted");
+    assert!(
+        e.to_string().to_lowercase().contains("not valid for name"),
+        "{e}"
+    );
     // Known limitation (README): VERIFY_CA checks the name too with sqlx 0.8.6 (fails closed).
-    assert!(mysql(&url("localhost", &format!("ssl-mode=VERIFY_CA&ssl-ca={ca}")))
-        .await
-        .is_err());
+    assert!(mysql(&url(
+        "localhost",
+        &format!("ssl-mode=VERIFY_CA&ssl-ca={ca}")
+    ))
+    .await
+    .is_err());
 }

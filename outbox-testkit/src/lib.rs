@@ -164,7 +164,11 @@ impl Drop for TlsProxy {
 
 impl TlsProxy {
     /// Listen on a free loopback port and relay each connection to `upstream`.
-    pub async fn start(upstream: SocketAddr, protocol: Protocol, config: Arc<ServerConfig>) -> Self {
+    pub async fn start(
+        upstream: SocketAddr,
+        protocol: Protocol,
+        config: Arc<ServerConfig>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = TlsAcceptor::from(config);
@@ -199,7 +203,7 @@ async fn serve(
                     break;
                 }
                 80877104 => client.write_all(b"N").await?, // GSSENCRequest: no
-                _ => return Ok(()),                         // plain startup: refuse
+                _ => return Ok(()),                        // plain startup: refuse
             }
         }
     }
@@ -267,7 +271,10 @@ pub fn free_port() -> u16 {
 pub fn wait_for_port(port: u16, within: Duration) {
     let deadline = Instant::now() + within;
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on port {port} after {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on port {port} after {within:?}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -335,11 +342,23 @@ pub struct RedisTls {
 impl RedisTls {
     /// Start one.
     pub fn start(pki: &Pki, cert: &Issued, client_auth: bool) -> Self {
+        Self::start_with(pki, cert, client_auth, &[])
+    }
+
+    /// Start one with more `redis-server` arguments (`--requirepass`, ...).
+    pub fn start_with(pki: &Pki, cert: &Issued, client_auth: bool, extra: &[&str]) -> Self {
         let port = free_port();
         let log = pki.dir().join(format!("redis-{port}.log"));
         let s = |p: &Path| p.display().to_string();
         let args: Vec<String> = [
-            "--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--port",
+            "0",
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
         ]
         .iter()
         .map(|a| a.to_string())
@@ -357,6 +376,7 @@ impl RedisTls {
             "--dir".into(),
             s(pki.dir()),
         ])
+        .chain(extra.iter().map(|a| a.to_string()))
         .collect();
         let server = Server::spawn("redis-server", &args, &log);
         wait_for_port(port, Duration::from_secs(20));
@@ -385,7 +405,11 @@ impl MariaDbTls {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let status = Command::new("mariadb-install-db")
-            .args(["--no-defaults", "--user=root", "--auth-root-authentication-method=normal"])
+            .args([
+                "--no-defaults",
+                "--user=root",
+                "--auth-root-authentication-method=normal",
+            ])
             .arg(format!("--datadir={}", data.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -1,0 +1,157 @@
+//! The `outbox` binary over TLS: a relay reading a PostgreSQL store with `sslmode=require`
+//! and publishing to a Redis that only speaks TLS and requires a password, both URLs read
+//! from files (mounted secrets), never printed; a wrong CA fails with one clear line.
+
+use std::process::Command;
+
+use outbox_core::{Message, Outbox, RecordingPublisher, Strategy};
+use outbox_sql::postgres::{PgOptions, PgStore};
+use outbox_testkit::{Pki, RedisTls};
+use redis::AsyncCommands;
+
+const REDIS_PASSWORD: &str = "r3d/is?pa#ss@word";
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("OUTBOX_") && var != "OUTBOX_PG_URL" || var == "RUST_LOG" {
+            c.env_remove(var);
+        }
+    }
+    c
+}
+
+fn pg_url() -> String {
+    std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_over_tls_with_urls_from_files() {
+    let pki = Pki::new("outbox test CA");
+    let cert = pki.server("redis", &["127.0.0.1"], false);
+    let redis = RedisTls::start_with(&pki, &cert, false, &["--requirepass", REDIS_PASSWORD]);
+    let table = format!("outbox_clitls{}", uuid::Uuid::now_v7().simple());
+    let store_url = format!("{}?sslmode=require", pg_url());
+    let publisher_url = format!(
+        "rediss://:{}@127.0.0.1:{}/0?cacertfile={}",
+        encode(REDIS_PASSWORD),
+        redis.port,
+        pki.ca_path().display()
+    );
+    let store_file = pki.dir().join("store-url");
+    let publisher_file = pki.dir().join("publisher-url");
+    std::fs::write(&store_file, format!("{store_url}\n")).unwrap();
+    std::fs::write(&publisher_file, format!("{publisher_url}\n")).unwrap();
+
+    let out = bin()
+        .args(["--table", &table, "migrate"])
+        .env("OUTBOX_STORE_FILE", &store_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let store = PgStore::connect_with(
+        &store_url,
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let key = format!("tls-{}", uuid::Uuid::now_v7().simple());
+    let mut tx = store.pool().begin().await.unwrap();
+    let msgs: Vec<Message> = (0..5)
+        .map(|i| Message::new(key.as_str(), i.to_string().into_bytes()).key("k"))
+        .collect();
+    drop(store.enqueue(&mut tx, &outbox, msgs).await.unwrap());
+    tx.commit().await.unwrap();
+
+    let out = bin()
+        .args(["--table", &table, "relay", "--publisher-file"])
+        .arg(&publisher_file)
+        .env("OUTBOX_STORE_FILE", &store_file)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    for secret in [REDIS_PASSWORD, &encode(REDIS_PASSWORD)] {
+        assert!(
+            !stdout.contains(secret) && !stderr.contains(secret),
+            "{stderr}"
+        );
+    }
+    let mut check = outbox_redis::client(&publisher_url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let len: usize = check.xlen(&key).await.unwrap();
+    assert_eq!(len, 5, "every message reached Redis over TLS");
+
+    // The wrong CA: one clear error line, exit code non-zero, no password.
+    let stranger = Pki::new("some other CA");
+    let wrong = publisher_url.replace(
+        &pki.ca_path().display().to_string(),
+        &stranger.ca_path().display().to_string(),
+    );
+    std::fs::write(&publisher_file, wrong).unwrap();
+    let out = bin()
+        .args(["--table", &table, "relay", "--publisher-file"])
+        .arg(&publisher_file)
+        .env("OUTBOX_STORE_FILE", &store_file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("cannot connect to Redis"), "{stderr}");
+    assert!(!stderr.contains(REDIS_PASSWORD) && !stderr.contains(&encode(REDIS_PASSWORD)));
+}
+
+#[test]
+fn passwords_with_url_delimiters_never_reach_the_output() {
+    for password in ["Abc/Def=", "p?ss#word", "p@ss:w/rd"] {
+        let url = format!("postgres://app:{password}@127.0.0.1:1/shop?sslmode=require");
+        let out = bin().args(["--store", &url, "stats"]).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success());
+        assert!(text.contains("app:***@"), "{text}");
+        assert!(!text.contains(password), "{password} printed: {text}");
+    }
+    let out = bin()
+        .args(["--store-file", "/nonexistent/url", "stats"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read the store URL file"),
+        "{stderr}"
+    );
+}
