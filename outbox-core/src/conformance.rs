@@ -61,6 +61,7 @@ macro_rules! conformance_tests {
             dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
             concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
             signing_tamper_and_rotation, signature_policy, panicking_publisher_is_a_failure,
+            names_are_exact,
             stream_filter, strategy_per_stream, wakeup_on_commit);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
@@ -1408,4 +1409,158 @@ pub async fn panicking_publisher_is_a_failure<H: Harness>(h: &H) {
             broker.count()
         );
     }
+}
+
+/// Contract point 12: streams, keys and units compare byte for byte on every store: names that
+/// differ by case, by Unicode normalization, or (rows written around the validation) by a
+/// trailing space are distinct streams and distinct units; 4-byte characters round-trip; a
+/// name with leading or trailing whitespace is refused at enqueue.
+pub async fn names_are_exact<H: Harness>(h: &H) {
+    let (precomposed, decomposed) = ("\u{e9}t\u{e9}", "e\u{301}te\u{301}");
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+        (e.message.destination == "poison").then(|| Error::transient("consumer down"))
+    });
+    let outbox = base(dyn_store(&store), publisher)
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+
+    // Streams.
+    let streams = ["a", "A", precomposed, decomposed, "\u{1f980}"];
+    let msgs = streams
+        .iter()
+        .map(|s| {
+            Message::new("d", s.as_bytes().to_vec())
+                .stream(*s)
+                .key("\u{1f511}")
+        })
+        .collect();
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    for s in streams {
+        let before = broker.count();
+        let relay = outbox.relay().streams([s]).build().unwrap();
+        relay.run_once().await.unwrap();
+        let got: Vec<String> = broker.published()[before..]
+            .iter()
+            .map(|e| e.message.stream.clone())
+            .collect();
+        assert_eq!(got, [s], "a relay of stream {s:?} published {got:?}");
+    }
+    let crab = find_by_payload(store.as_ref(), "\u{1f980}".as_bytes()).await;
+    assert_eq!(crab.envelope.message.stream, "\u{1f980}");
+    assert_eq!(crab.envelope.message.key.as_deref(), Some("\u{1f511}"));
+
+    // Units: a blocked head on key "k" holds back only "k".
+    let keys = ["k", "K", precomposed, decomposed];
+    let mut msgs = vec![Message::new("poison", b"k-head".to_vec())
+        .stream("u")
+        .key("k")];
+    for k in keys {
+        msgs.push(
+            Message::new("d", format!("{k}-next").into_bytes())
+                .stream("u")
+                .key(k),
+        );
+    }
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let relay = outbox.relay().streams(["u"]).build().unwrap();
+    relay.run_once().await.unwrap();
+    let published: Vec<Vec<u8>> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    for k in &keys[1..] {
+        assert!(
+            published.contains(&format!("{k}-next").into_bytes()),
+            "unit {k:?} was held back by the blocked unit \"k\""
+        );
+    }
+    assert!(
+        !published.contains(&b"k-next".to_vec()),
+        "k-next overtook its head"
+    );
+
+    // Leading or trailing whitespace is refused at enqueue, with nothing written.
+    let before = total(store.as_ref()).await.pending;
+    for bad in [
+        Message::new("d", b"x".to_vec()).stream("a "),
+        Message::new("d", b"x".to_vec()).stream(" a"),
+        Message::new("d", b"x".to_vec()).stream("u").key("k "),
+    ] {
+        let e = h
+            .transact(&store, &outbox, vec![bad], true)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{e}");
+    }
+    assert_eq!(total(store.as_ref()).await.pending, before);
+
+    // Rows written around the validation (another service, SQL) keep their exact names: a
+    // relay of "a" never publishes stream "a ", and unit ("u", "k ") is not unit ("u", "k").
+    let raw = |stream: &str, key: &str, payload: &str| {
+        let message = Message::new("d", payload.as_bytes().to_vec())
+            .stream(stream)
+            .key(key);
+        crate::NewMessage {
+            envelope: Envelope {
+                id: MessageId::new(),
+                created_at: SystemTime::now(),
+                message,
+            },
+            strategy: Strategy::KeepOrder,
+            signature: None,
+            status: Status::Pending,
+            attempts: 0,
+            retry_after: Duration::ZERO,
+            last_error: None,
+            lease: None,
+        }
+    };
+    store
+        .insert(&[
+            raw("a ", "x", "padded-stream"),
+            raw("u", "k ", "padded-key"),
+        ])
+        .await
+        .unwrap();
+    let before = broker.count();
+    outbox
+        .relay()
+        .streams(["a"])
+        .build()
+        .unwrap()
+        .run_once()
+        .await
+        .unwrap();
+    assert_eq!(
+        broker.count(),
+        before,
+        "a relay of \"a\" published stream \"a \""
+    );
+    relay.run_once().await.unwrap();
+    let got: Vec<Vec<u8>> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    assert!(
+        got.contains(&b"padded-key".to_vec()),
+        "unit (\"u\", \"k \") was blocked by unit (\"u\", \"k\")"
+    );
+    assert!(!got.contains(&b"k-next".to_vec()));
+    let padded = find_by_payload(store.as_ref(), b"padded-stream").await;
+    assert_eq!(
+        padded.envelope.message.stream, "a ",
+        "the name kept its trailing space"
+    );
 }

@@ -122,9 +122,21 @@ impl Message {
         {
             return bad("content type must be 1-255 bytes without control characters".into());
         }
+        if self.stream.trim() != self.stream {
+            return bad(format!(
+                "stream {:?} starts or ends with whitespace (names are compared byte for byte: \"a \" would be another stream than \"a\")",
+                truncate(&self.stream)
+            ));
+        }
         if let Some(key) = &self.key {
             if key.len() > 255 || key.contains('\0') {
                 return bad("key must be at most 255 bytes without NUL".into());
+            }
+            if key.trim() != key {
+                return bad(format!(
+                    "key {:?} starts or ends with whitespace (names are compared byte for byte)",
+                    truncate(key)
+                ));
             }
         }
         if self.payload.len() > max_payload {

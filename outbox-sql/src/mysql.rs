@@ -312,19 +312,77 @@ mod sqlx_value {
     }
 }
 
+impl MySqlStore {
+    /// The server's NO PAD binary collation: names compare byte for byte, so `a` and `a `
+    /// (and `a` and `A`, `é` and `e` + combining accent) are different streams and units.
+    /// `utf8mb4_bin` is PAD SPACE: `=` and unique keys ignore trailing spaces.
+    async fn exact_collation(&self) -> outbox_core::Result<&'static str> {
+        let version: String = sqlx::query_scalar("SELECT VERSION()")
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+            "utf8mb4_nopad_bin"
+        } else {
+            "utf8mb4_0900_bin"
+        })
+    }
+
+    /// Tables made before names were exact used `utf8mb4_bin`: convert their name columns and
+    /// the lock table. Stored values keep their bytes (PAD SPACE affects comparisons, not
+    /// storage), so rows whose names differed only by trailing spaces get their own streams
+    /// and units back; no row moves and `seq` order is kept.
+    async fn convert_to_exact_names(&self, c: &str) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let stale: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME IN (?, ?)
+               AND COLUMN_NAME IN ('stream', 'msg_key', 'okey', 'locked_by')
+               AND (COLLATION_NAME IS NULL OR COLLATION_NAME <> ?)",
+        )
+        .bind(t)
+        .bind(format!("{t}_locks"))
+        .bind(c)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        if stale == 0 {
+            return Ok(());
+        }
+        tracing::info!(table = %t, collation = c, "converting name columns to a byte-exact collation");
+        for statement in [
+            format!(
+                "ALTER TABLE {t}
+                    MODIFY stream VARCHAR(255) COLLATE {c} NOT NULL,
+                    MODIFY msg_key VARCHAR(255) COLLATE {c} NULL,
+                    MODIFY okey VARCHAR(255) COLLATE {c} NOT NULL,
+                    MODIFY locked_by VARCHAR(64) COLLATE {c} NULL"
+            ),
+            format!("ALTER TABLE {t}_locks CONVERT TO CHARACTER SET utf8mb4 COLLATE {c}"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Store for MySqlStore {
     async fn migrate(&self) -> outbox_core::Result<()> {
         let t = &self.inner.table;
+        let c = self.exact_collation().await?;
         let statements = [
             format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
                     id CHAR(36) NOT NULL,
-                    stream VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+                    stream VARCHAR(255) COLLATE {c} NOT NULL,
                     destination VARCHAR(512) NOT NULL,
-                    msg_key VARCHAR(255) COLLATE utf8mb4_bin NULL,
-                    okey VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+                    msg_key VARCHAR(255) COLLATE {c} NULL,
+                    okey VARCHAR(255) COLLATE {c} NOT NULL,
                     payload LONGBLOB NOT NULL,
                     content_type VARCHAR(255) NOT NULL,
                     headers LONGTEXT NOT NULL,
@@ -333,7 +391,7 @@ impl Store for MySqlStore {
                     attempts INT NOT NULL DEFAULT 0,
                     created_at BIGINT NOT NULL,
                     next_attempt_at BIGINT NOT NULL,
-                    locked_by VARCHAR(64) NULL,
+                    locked_by VARCHAR(64) COLLATE {c} NULL,
                     locked_until BIGINT NULL,
                     last_error TEXT NULL,
                     sent_at BIGINT NULL,
@@ -351,9 +409,8 @@ impl Store for MySqlStore {
                     stream VARCHAR(255) NOT NULL,
                     okey VARCHAR(255) NOT NULL,
                     PRIMARY KEY (stream, okey)
-                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin"
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
             ),
-            format!("INSERT IGNORE INTO {t}_locks (stream, okey) VALUES ('', 'claim')"),
         ];
         for s in statements {
             sqlx::query(&s)
@@ -361,6 +418,13 @@ impl Store for MySqlStore {
                 .await
                 .map_err(map_err)?;
         }
+        self.convert_to_exact_names(c).await?;
+        sqlx::query(&format!(
+            "INSERT IGNORE INTO {t}_locks (stream, okey) VALUES ('', 'claim')"
+        ))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
         Ok(())
     }
 

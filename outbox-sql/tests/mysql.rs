@@ -16,3 +16,89 @@ sql_store_tests! {
     business_insert: "INSERT INTO {}_business () VALUES ()",
     tamper: "UPDATE {} SET payload = 'tampered' WHERE seq = ?",
 }
+
+/// A table created before names were exact (`utf8mb4_bin`, PAD SPACE: `a` = `a `) is
+/// converted by `migrate`: rows keep their names, statuses and `seq` order, and streams that
+/// differed only by a trailing space are separate again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_makes_names_exact_on_an_old_table() {
+    use outbox_core::{Envelope, MessageId, NewMessage, Status, Store};
+    use std::time::{Duration, SystemTime};
+
+    let table = format!("outbox_old{}", uuid::Uuid::now_v7().simple());
+    let store = connect(&table).await;
+    store.migrate().await.unwrap();
+    for statement in [
+        format!(
+            "ALTER TABLE {table} MODIFY stream VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+             MODIFY msg_key VARCHAR(255) COLLATE utf8mb4_bin NULL,
+             MODIFY okey VARCHAR(255) COLLATE utf8mb4_bin NOT NULL,
+             MODIFY locked_by VARCHAR(64) NULL"
+        ),
+        format!("ALTER TABLE {table}_locks CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
+    ] {
+        sqlx::query(&statement).execute(store.pool()).await.unwrap();
+    }
+    let row = |stream: &str, payload: &str, status: Status| NewMessage {
+        envelope: Envelope {
+            id: MessageId::new(),
+            created_at: SystemTime::now(),
+            message: Message::new("d", payload.as_bytes().to_vec())
+                .stream(stream)
+                .key("k"),
+        },
+        strategy: Strategy::KeepOrder,
+        signature: None,
+        status,
+        attempts: 0,
+        retry_after: Duration::ZERO,
+        last_error: None,
+        lease: None,
+    };
+    store
+        .insert(&[
+            row("a", "a1", Status::Pending),
+            row("a ", "s1", Status::Pending),
+            row("a", "a2", Status::Pending),
+            row("a ", "s2", Status::Pending),
+            row("a ", "dead", Status::Dead),
+        ])
+        .await
+        .unwrap();
+    let count_a = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {table} WHERE stream = 'a'"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        count_a().await,
+        5,
+        "the old collation merges \"a\" and \"a \""
+    );
+
+    store.migrate().await.unwrap();
+    assert_eq!(
+        count_a().await,
+        2,
+        "after migrate, \"a \" is its own stream"
+    );
+    let stats = store.stats().await.unwrap().total();
+    assert_eq!((stats.pending, stats.dead), (4, 1), "every row survived");
+
+    let broker = RecordingPublisher::new();
+    for (stream, want) in [("a", ["a1", "a2"]), ("a ", ["s1", "s2"])] {
+        let before = broker.count();
+        let relay = Relay::builder(store.clone(), broker.clone())
+            .streams([stream])
+            .build()
+            .unwrap();
+        relay.run_once().await.unwrap();
+        let got: Vec<String> = broker.published()[before..]
+            .iter()
+            .map(|e| String::from_utf8(e.message.payload.clone()).unwrap())
+            .collect();
+        assert_eq!(got, want, "stream {stream:?}: its own rows, in seq order");
+    }
+    store.migrate().await.unwrap(); // idempotent once converted
+}
