@@ -190,7 +190,13 @@ async fn claim_delete(store: &dyn Store) -> Res<usize> {
             return Ok(n);
         }
         n += rows.len();
-        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        let seqs: Vec<i64> = rows
+            .iter()
+            .map(|r| match r {
+                Ok(m) => m.seq,
+                Err(q) => q.seq,
+            })
+            .collect();
         store.complete(&seqs, true).await?;
     }
 }
@@ -289,7 +295,7 @@ impl<S: Store> Store for Counting<S> {
     async fn insert(&self, rows: &[NewMessage]) -> outbox::Result<Vec<i64>> {
         self.inner.insert(rows).await
     }
-    async fn claim(&self, claim: &Claim) -> outbox::Result<Vec<StoredMessage>> {
+    async fn claim(&self, claim: &Claim) -> outbox::Result<Vec<outbox::Claimed>> {
         self.claims.fetch_add(1, Ordering::Relaxed);
         self.inner.claim(claim).await
     }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use outbox_core::{Cleaner, Error, Relay, RelayConfig, RetryPolicy, Selector, Store, StreamFilter};
+use outbox_core::{
+    printable, Cleaner, Error, Relay, RelayConfig, RetryPolicy, Selector, Store, StreamFilter,
+};
 use serde::Deserialize;
 
 use crate::backends::{open_publisher, AnyStore};
@@ -387,7 +389,10 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
                     .unwrap_or_else(|| "-".into());
                 println!(
                     "{:<24} {:>10} {:>10} {:>10}  {age}",
-                    s.stream, s.pending, s.sent, s.dead
+                    printable(&s.stream),
+                    s.pending,
+                    s.sent,
+                    s.dead
                 );
             }
             Ok(())
@@ -402,10 +407,10 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
                             "seq={} id={} stream={} destination={} attempts={} error={}",
                             m.seq,
                             m.envelope.id,
-                            m.envelope.message.stream,
-                            m.envelope.message.destination,
+                            printable(&m.envelope.message.stream),
+                            printable(&m.envelope.message.destination),
                             m.attempts,
-                            m.last_error.unwrap_or_default().replace('\n', " ")
+                            printable(&m.last_error.unwrap_or_default())
                         );
                     }
                 }

@@ -395,3 +395,38 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
         "{stats}"
     );
 }
+
+/// A row whose stream carries a terminal escape sequence (written by SQL) is quarantined by
+/// the relay, and `relay`, `dead list` and `stats` print it escaped, never raw.
+#[test]
+fn hostile_text_in_rows_is_quarantined_and_printed_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let store_url = format!("sqlite://{}", db.display());
+    let s = store_url.as_str();
+    ok(&["--store", s, "migrate"]);
+    let msgs = (0..3)
+        .map(|i| Message::new("d", format!("m{i}").into_bytes()).stream("orders"))
+        .collect();
+    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "UPDATE outbox SET stream = 'evil' || char(27) || '[2J' WHERE payload = CAST('m1' AS BLOB)",
+            [],
+        )
+        .unwrap();
+    let out = run(&["--store", s, "relay", "--publisher", "stdout"]);
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    );
+    assert_eq!(payloads(&stdout), vec!["m0", "m2"], "{stdout}");
+    assert!(stderr.contains("quarantined"), "{stderr}");
+    for args in [vec!["dead", "list"], vec!["stats"]] {
+        let text = ok(&[&["--store", s][..], &args[..]].concat());
+        assert!(!text.contains('\u{1b}'), "raw ESC printed by {args:?}");
+        assert!(text.contains("evil\\u{1b}[2J"), "{args:?}: {text}");
+    }
+}

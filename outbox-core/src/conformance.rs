@@ -47,6 +47,62 @@ pub trait Harness: Send + Sync + 'static {
 
     /// Change a stored row's payload behind the outbox's back.
     async fn tamper(&self, store: &Self::Store, seq: i64);
+
+    /// Break row `seq` the way `kind` says, with the store's own SQL (as another service or
+    /// an operator would). Returns false when the store cannot hold such a row (a typed
+    /// column refuses it). The default holds none.
+    async fn corrupt(&self, store: &Self::Store, seq: i64, kind: Corruption) -> bool {
+        let _ = (store, seq, kind);
+        false
+    }
+}
+
+/// Ways a row written around the outbox can be broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corruption {
+    /// `headers` holds JSON that is not an object of strings (`[1,2]`).
+    HeadersNotAMap,
+    /// `strategy` holds an unknown name.
+    UnknownStrategy,
+    /// `id` is not a UUID.
+    IdNotUuid,
+    /// `msg_key` holds bytes that are not UTF-8.
+    KeyNotUtf8,
+    /// `stream` holds a BLOB.
+    StreamBlob,
+    /// `attempts` is negative.
+    NegativeAttempts,
+    /// `destination` holds a CR LF (header injection in a text protocol).
+    DestinationNewline,
+    /// `stream` starts and ends with spaces.
+    StreamWhitespace,
+}
+
+impl Corruption {
+    /// Every kind.
+    pub const ALL: [Corruption; 8] = [
+        Corruption::HeadersNotAMap,
+        Corruption::UnknownStrategy,
+        Corruption::IdNotUuid,
+        Corruption::KeyNotUtf8,
+        Corruption::StreamBlob,
+        Corruption::NegativeAttempts,
+        Corruption::DestinationNewline,
+        Corruption::StreamWhitespace,
+    ];
+
+    /// The column the quarantine reason must name.
+    pub fn column(self) -> &'static str {
+        match self {
+            Corruption::HeadersNotAMap => "headers",
+            Corruption::UnknownStrategy => "strategy",
+            Corruption::IdNotUuid => "id",
+            Corruption::KeyNotUtf8 => "msg_key",
+            Corruption::StreamBlob | Corruption::StreamWhitespace => "stream",
+            Corruption::NegativeAttempts => "attempts",
+            Corruption::DestinationNewline => "destination",
+        }
+    }
 }
 
 /// Expand one `#[tokio::test]` per contract point for a harness expression.
@@ -61,7 +117,7 @@ macro_rules! conformance_tests {
             dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
             concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
             signing_tamper_and_rotation, signature_policy, panicking_publisher_is_a_failure,
-            names_are_exact,
+            names_are_exact, bad_rows_are_quarantined,
             stream_filter, strategy_per_stream, wakeup_on_commit);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
@@ -207,6 +263,7 @@ impl EventLog {
                 Event::DeadLettered { envelope, .. } => ("dead", Some(envelope.id)),
                 Event::Stuck { envelope, .. } => ("stuck", Some(envelope.id)),
                 Event::Tampered { id, .. } => ("tampered", Some(*id)),
+                Event::Quarantined { id, .. } => ("quarantined", id.and_then(|i| i.parse().ok())),
             };
             log.lock().unwrap().push(entry);
         }
@@ -803,7 +860,13 @@ pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
         limit: 10,
         lease: Duration::from_millis(300),
     };
-    let taken = store.claim(&claim).await.unwrap();
+    let taken: Vec<crate::StoredMessage> = store
+        .claim(&claim)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("a row written by the outbox decodes"))
+        .collect();
     assert_eq!(taken.len(), 3);
     let other = h.reopen(&store).await;
     assert!(
@@ -1506,7 +1569,9 @@ pub async fn names_are_exact<H: Harness>(h: &H) {
     assert_eq!(total(store.as_ref()).await.pending, before);
 
     // Rows written around the validation (another service, SQL) keep their exact names: a
-    // relay of "a" never publishes stream "a ", and unit ("u", "k ") is not unit ("u", "k").
+    // relay of "a" never claims stream "a ", and unit ("u", "k ") is not unit ("u", "k"): it
+    // is claimed while "k" is blocked (and then quarantined, since it breaks the enqueue
+    // rules; merged with "k", it would wait behind k's head, pending).
     let raw = |stream: &str, key: &str, payload: &str| {
         let message = Message::new("d", payload.as_bytes().to_vec())
             .stream(stream)
@@ -1533,34 +1598,119 @@ pub async fn names_are_exact<H: Harness>(h: &H) {
         ])
         .await
         .unwrap();
-    let before = broker.count();
-    outbox
-        .relay()
-        .streams(["a"])
-        .build()
-        .unwrap()
-        .run_once()
-        .await
-        .unwrap();
+    let only_a = outbox.relay().streams(["a"]).build().unwrap();
     assert_eq!(
-        broker.count(),
-        before,
-        "a relay of \"a\" published stream \"a \""
+        only_a.run_once().await.unwrap().claimed,
+        0,
+        "a relay of \"a\" claimed \"a \""
     );
+    let padded = find_by_payload(store.as_ref(), b"padded-stream").await;
+    assert_eq!(
+        padded.envelope.message.stream, "a ",
+        "the name kept its trailing space"
+    );
+    assert_eq!(padded.status, Status::Pending);
     relay.run_once().await.unwrap();
+    let padded_key = find_by_payload(store.as_ref(), b"padded-key").await;
+    assert_eq!(
+        padded_key.status,
+        Status::Dead,
+        "unit (\"u\", \"k \") was held back by unit (\"u\", \"k\")"
+    );
+    assert!(padded_key
+        .last_error
+        .unwrap_or_default()
+        .contains("whitespace"));
     let got: Vec<Vec<u8>> = broker
         .published()
         .into_iter()
         .map(|e| e.message.payload)
         .collect();
     assert!(
-        got.contains(&b"padded-key".to_vec()),
-        "unit (\"u\", \"k \") was blocked by unit (\"u\", \"k\")"
+        !got.contains(&b"k-next".to_vec()),
+        "k-next overtook its head"
     );
-    assert!(!got.contains(&b"k-next".to_vec()));
-    let padded = find_by_payload(store.as_ref(), b"padded-stream").await;
+}
+
+/// Contract point 14: rows are untrusted input. Each kind of broken row the store can hold is
+/// quarantined (dead, with the column and the reason, reported), and every other row of the
+/// batch (its own unit's next row included) is published.
+pub async fn bad_rows_are_quarantined<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let events = EventLog::default();
+    let outbox = base(dyn_store(&store), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .observer(events.observer())
+        .build()
+        .unwrap();
+    let m =
+        |payload: String, key: String| Message::new("d", payload.into_bytes()).stream("s").key(key);
+    let mut msgs = Vec::new();
+    for i in 0..Corruption::ALL.len() {
+        msgs.push(m(format!("victim-{i}"), format!("k{i}")));
+        msgs.push(m(format!("after-{i}"), format!("k{i}")));
+    }
+    for j in 0..40 {
+        msgs.push(m(format!("good-{j}"), format!("g{}", j % 4)));
+    }
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let mut corrupted = Vec::new();
+    for (i, kind) in Corruption::ALL.into_iter().enumerate() {
+        let victim = find_by_payload(store.as_ref(), format!("victim-{i}").as_bytes()).await;
+        if h.corrupt(&store, victim.seq, kind).await {
+            corrupted.push((i, kind, victim.seq));
+        }
+    }
+
+    let relay = outbox.relay().build().unwrap();
+    let report = relay.run_once().await.unwrap();
+    let published: std::collections::HashSet<Vec<u8>> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    for j in 0..40 {
+        assert!(
+            published.contains(format!("good-{j}").as_bytes()),
+            "good-{j} not published"
+        );
+    }
+    for i in 0..Corruption::ALL.len() {
+        assert!(
+            published.contains(format!("after-{i}").as_bytes()),
+            "after-{i} held back by a broken row"
+        );
+        let victim_out = published.contains(format!("victim-{i}").as_bytes());
+        let broken = corrupted.iter().any(|(c, ..)| *c == i);
+        assert_eq!(
+            victim_out, !broken,
+            "victim-{i}: published {victim_out}, broken {broken}"
+        );
+    }
+    for (_, kind, seq) in &corrupted {
+        let row = store
+            .get(*seq)
+            .await
+            .unwrap()
+            .expect("the broken row is kept");
+        assert_eq!(row.status, Status::Dead, "{kind:?}");
+        let error = row.last_error.unwrap_or_default();
+        assert!(
+            error.contains("quarantined") && error.contains(kind.column()),
+            "{kind:?}: {error}"
+        );
+    }
+    assert_eq!(report.quarantined, corrupted.len());
+    assert_eq!(events.count("quarantined"), corrupted.len());
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.pending, t.dead), (0, corrupted.len() as u64));
+    // Listing dead letters shows the broken rows too.
     assert_eq!(
-        padded.envelope.message.stream, "a ",
-        "the name kept its trailing space"
+        store.dead_letters(None, 100).await.unwrap().len(),
+        corrupted.len()
     );
 }

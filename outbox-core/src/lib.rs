@@ -62,12 +62,13 @@ pub use publisher::{
     FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher,
     Router, StdoutPublisher,
 };
-pub use redact::{is_secret_param, redact_url};
+pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
 pub use signing::{Signer, SigningKey};
 pub use store::{
-    Claim, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamFilter, StreamStats,
+    Claim, Claimed, Failure, NewMessage, Outcome, Quarantined, Selector, Stats, Store,
+    StreamFilter, StreamStats,
 };
 
 /// Re-exported for backends and users implementing the traits.

@@ -10,7 +10,9 @@ use tokio::sync::Notify;
 use crate::error::Result;
 use crate::message::{Status, StoredMessage, Strategy};
 use crate::outbox::{Outbox, Pending, Prepared};
-use crate::store::{Claim, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamStats};
+use crate::store::{
+    Claim, Claimed, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamStats,
+};
 
 #[derive(Debug)]
 struct Row {
@@ -50,6 +52,14 @@ impl MemoryStore {
     pub fn tamper(&self, seq: i64, payload: Vec<u8>) {
         if let Some(r) = self.state.lock().unwrap().rows.get_mut(&seq) {
             r.stored.envelope.message.payload = payload;
+        }
+    }
+
+    /// Change a stored message behind the outbox's back (tests of what the relay does with
+    /// rows it did not write).
+    pub fn alter(&self, seq: i64, change: impl FnOnce(&mut StoredMessage)) {
+        if let Some(r) = self.state.lock().unwrap().rows.get_mut(&seq) {
+            change(&mut r.stored);
         }
     }
 
@@ -138,7 +148,7 @@ impl Store for MemoryStore {
         Ok(Self::insert_locked(&mut self.state.lock().unwrap(), rows))
     }
 
-    async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>> {
+    async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>> {
         let now = SystemTime::now();
         let mut state = self.state.lock().unwrap();
         let mut blocked: HashSet<(String, String)> = HashSet::new();
@@ -167,7 +177,7 @@ impl Store for MemoryStore {
             }
             row.locked_by = Some(claim.owner.clone());
             row.locked_until = Some(now + claim.lease);
-            out.push(row.stored.clone());
+            out.push(Ok(row.stored.clone()));
         }
         Ok(out)
     }

@@ -317,6 +317,37 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
+    /// Stands for a row that does not decode, in listings ([`Store::get`](crate::Store::get),
+    /// [`Store::dead_letters`](crate::Store::dead_letters)): nil id, stream `<unreadable>`,
+    /// empty payload, and the row's `status` and `last_error` when those could be read
+    /// (`why` is appended to the error).
+    pub fn unreadable(
+        seq: i64,
+        status: Option<Status>,
+        last_error: Option<String>,
+        why: &str,
+    ) -> Self {
+        let error = match last_error {
+            Some(e) if !e.is_empty() => format!("{e} (unreadable row: {why})"),
+            _ => format!("unreadable row: {why}"),
+        };
+        Self {
+            seq,
+            envelope: Envelope {
+                id: MessageId(uuid::Uuid::nil()),
+                created_at: SystemTime::UNIX_EPOCH,
+                message: Message::new("", Vec::new()).stream("<unreadable>"),
+            },
+            strategy: Strategy::KeepOrder,
+            status: status.unwrap_or(Status::Dead),
+            attempts: 0,
+            next_attempt_at: SystemTime::UNIX_EPOCH,
+            last_error: Some(error),
+            sent_at: None,
+            signature: None,
+        }
+    }
+
     /// The ordering unit: (stream, key or "").
     pub fn ordering_unit(&self) -> (&str, &str) {
         let m = &self.envelope.message;

@@ -66,6 +66,17 @@ pub enum Event<'a> {
         /// Attempts so far.
         attempts: u32,
     },
+    /// A claimed row could not be read back, or broke the enqueue rules (a destination with
+    /// a line break, a name with whitespace around it, an oversized payload, ...): it was
+    /// dead-lettered without being published, and the rest of its batch went on.
+    Quarantined {
+        /// The row's sequence number.
+        seq: i64,
+        /// The row's id as stored, when readable.
+        id: Option<&'a str>,
+        /// Which column or rule failed, and why.
+        reason: &'a str,
+    },
     /// A stored row's signature did not verify; it will never be published.
     Tampered {
         /// The row's sequence number.
@@ -130,6 +141,10 @@ impl Observers {
             } => {
                 metrics::counter!("outbox_stuck_total").increment(1);
                 tracing::error!(id = %envelope.id, stream = %envelope.message.stream, key = envelope.message.key.as_deref().unwrap_or(""), attempts, %error, "keep-order unit is stuck behind this message");
+            }
+            Event::Quarantined { seq, id, reason } => {
+                metrics::counter!("outbox_quarantined_total").increment(1);
+                tracing::error!(seq, id = id.unwrap_or("<unreadable>"), %reason, "quarantined a row that is not a valid message: dead-lettered, not published");
             }
             Event::Tampered { seq, id, error } => {
                 metrics::counter!("outbox_tampered_total").increment(1);

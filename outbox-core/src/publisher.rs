@@ -260,13 +260,15 @@ pub struct StdoutPublisher {
 impl Publisher for StdoutPublisher {
     async fn publish(&self, envelope: &Envelope) -> Result<()> {
         let m = &envelope.message;
+        // Control characters are escaped: the text came from a row, not from us.
+        let p = crate::redact::printable;
         let line = format!(
             "published id={} stream={} destination={} key={} payload={}\n",
             envelope.id,
-            m.stream,
-            m.destination,
-            m.key.as_deref().unwrap_or("-"),
-            String::from_utf8_lossy(&m.payload)
+            p(&m.stream),
+            p(&m.destination),
+            p(m.key.as_deref().unwrap_or("-")),
+            p(&String::from_utf8_lossy(&m.payload))
         );
         std::io::stdout()
             .lock()

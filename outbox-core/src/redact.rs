@@ -86,9 +86,34 @@ pub fn is_secret_param(name: &str) -> bool {
     SECRET_PARAMS.iter().any(|p| name.contains(p))
 }
 
+/// `text` safe for a terminal or a log line: control characters (ESC sequences, CR, LF, ...)
+/// are written as escapes (`\u{1b}`, `\r`, `\n`), everything else as is. Rows are input: a
+/// stream name or an error written by someone else must not drive the operator's terminal.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{printable, redact_url};
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(printable("orders"), "orders");
+        assert_eq!(printable("a\u{1b}[31mred\r\n"), "a\\u{1b}[31mred\\r\\n");
+        assert_eq!(printable("é🦀\ttab"), "é🦀\\ttab");
+    }
 
     #[test]
     fn passwords_with_any_character_are_hidden() {

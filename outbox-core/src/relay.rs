@@ -48,6 +48,10 @@ pub struct RelayConfig {
     pub require_signatures: bool,
     /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
     pub max_error_backoff: Duration,
+    /// Largest payload a claimed row may carry; a larger one is quarantined (dead-lettered
+    /// unpublished). Default: 1 MiB, the enqueue limit ([`Config::max_payload_bytes`], copied
+    /// by [`RelayBuilder::with_config`]).
+    pub max_payload_bytes: usize,
     /// Batches in flight at once. Each claims its own rows (leases keep batches apart, and a
     /// keep-order unit in flight holds back its later rows), so one batch's claim and
     /// acknowledgement overlap another's publishing. Default: 1.
@@ -69,6 +73,7 @@ impl Default for RelayConfig {
             signer: None,
             require_signatures: false,
             max_error_backoff: Duration::from_secs(30),
+            max_payload_bytes: c.max_payload_bytes,
             concurrency: 1,
         }
     }
@@ -87,6 +92,8 @@ pub struct BatchReport {
     pub dead: usize,
     /// Rows released without an attempt (behind a failed keep-order head, or lease budget).
     pub released: usize,
+    /// Rows that could not be read back or broke the enqueue rules: dead-lettered unpublished.
+    pub quarantined: usize,
 }
 
 impl std::ops::AddAssign for BatchReport {
@@ -96,6 +103,7 @@ impl std::ops::AddAssign for BatchReport {
         self.failed += o.failed;
         self.dead += o.dead;
         self.released += o.released;
+        self.quarantined += o.quarantined;
     }
 }
 
@@ -158,12 +166,47 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         if claimed.is_empty() {
             return Ok(report);
         }
+        let mut failures = Vec::new();
+
+        // Rows are input: one that does not decode, or that breaks the enqueue rules, is
+        // dead-lettered unpublished and the rest of the batch goes on.
+        let mut messages = Vec::with_capacity(claimed.len());
+        for row in claimed {
+            let checked =
+                row.and_then(
+                    |m| match m.envelope.message.validate(cfg.max_payload_bytes) {
+                        Ok(()) => Ok(m),
+                        Err(e) => Err(crate::store::Quarantined {
+                            seq: m.seq,
+                            id: Some(m.envelope.id.to_string()),
+                            reason: format!("breaks the enqueue rules: {}", e.message()),
+                        }),
+                    },
+                );
+            match checked {
+                Ok(m) => messages.push(m),
+                Err(q) => {
+                    self.observers.emit(&Event::Quarantined {
+                        seq: q.seq,
+                        id: q.id.as_deref(),
+                        reason: &q.reason,
+                    });
+                    report.quarantined += 1;
+                    report.dead += 1;
+                    failures.push(Failure {
+                        seq: q.seq,
+                        error: format!("quarantined: {}", q.reason),
+                        outcome: Outcome::Dead,
+                    });
+                }
+            }
+        }
 
         // Units: a keep-order unit is all claimed rows of one (stream, key), in seq order;
         // every publish-on-commit row is a unit of its own.
         let mut units: Vec<Vec<StoredMessage>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
-        for m in claimed {
+        for m in messages {
             if m.strategy == Strategy::KeepOrder {
                 let (s, k) = m.ordering_unit();
                 let unit = (s.to_owned(), k.to_owned());
@@ -182,7 +225,6 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // Waves: wave k holds the k-th row of every unit still going, so a unit's next row
         // is sent only after the previous one was acknowledged.
         let mut done = Vec::new();
-        let mut failures = Vec::new();
         let mut cursor = vec![0usize; units.len()];
         let mut alive: Vec<usize> = (0..units.len()).collect();
         while !alive.is_empty() {
@@ -353,7 +395,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         loop {
             let r = self.step().await?;
             total += r;
-            if r.claimed == 0 || r.published + r.released == 0 {
+            if r.claimed == 0 || r.published + r.released + r.quarantined == 0 {
                 return Ok(total);
             }
         }
@@ -437,6 +479,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self.config.dead_letter_keep_order = c.dead_letter_keep_order;
         self.config.signer = c.signer.clone();
         self.config.require_signatures = c.signer.is_some();
+        self.config.max_payload_bytes = c.max_payload_bytes;
         self
     }
 
@@ -530,9 +573,9 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
     pub fn build(self) -> Result<Relay<S, P>> {
         let c = &self.config;
         c.retry.validate()?;
-        if c.batch_size == 0 || c.concurrency == 0 {
+        if c.batch_size == 0 || c.concurrency == 0 || c.max_payload_bytes == 0 {
             return Err(Error::config(
-                "batch_size and concurrency must be at least 1",
+                "batch_size, concurrency and max_payload_bytes must be at least 1",
             ));
         }
         if matches!(&c.streams, StreamFilter::Only(s) if s.is_empty()) {

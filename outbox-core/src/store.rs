@@ -41,6 +41,24 @@ pub struct Claim {
     pub lease: Duration,
 }
 
+/// A claimed row that cannot be read back as a message (a column that does not decode:
+/// headers that are not a JSON map of strings, an unknown strategy, an id that is not a UUID,
+/// a name that is not UTF-8, a negative count, ...). Rows are input: another service, an
+/// operator or an attacker may have written them. The relay dead-letters a quarantined row
+/// with `reason` as its error and goes on with the rest of the batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The row's sequence number.
+    pub seq: i64,
+    /// The row's id as stored, when it could be read as text.
+    pub id: Option<String>,
+    /// Which column failed and why.
+    pub reason: String,
+}
+
+/// One row of a claim: the message, or why it could not be read.
+pub type Claimed = std::result::Result<StoredMessage, Quarantined>;
+
 /// A row to insert: built by [`Outbox::prepare`](crate::Outbox::prepare), written by a backend.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -150,7 +168,9 @@ impl Stats {
 /// the admin commands need is here.
 ///
 /// # Contract
-/// - `claim` returns due, unleased, pending rows and leases them to `claim.owner`.
+/// - `claim` returns due, unleased, pending rows and leases them to `claim.owner`. Rows are
+///   decoded one by one: a row that does not decode comes back as [`Quarantined`] (still
+///   leased) and never fails the other rows of the claim.
 ///   Publish-on-commit rows come in `seq` order. A keep-order row is returned only when every
 ///   earlier pending row of its ordering unit (stream + key) is also returned in the same
 ///   claim; so a unit whose head is leased elsewhere or backing off yields nothing, and the
@@ -168,7 +188,7 @@ pub trait Store: Send + Sync {
     async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>>;
 
     /// Lease a batch of due messages (see the contract above).
-    async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>>;
+    async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>>;
 
     /// Mark these rows sent, or delete them when `delete` is true. One statement per batch.
     async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()>;
@@ -182,7 +202,7 @@ pub trait Store: Send + Sync {
     /// Delete dead letters. Returns how many.
     async fn purge_dead(&self, selector: &Selector) -> Result<u64>;
 
-    /// List dead letters, oldest first.
+    /// List dead letters, oldest first (undecodable ones as [`StoredMessage::unreadable`]).
     async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>>;
 
     /// Delete at most `limit` sent rows published before `sent_before` (and dead rows
@@ -193,7 +213,8 @@ pub trait Store: Send + Sync {
     /// Counts per stream.
     async fn stats(&self) -> Result<Stats>;
 
-    /// One row by `seq`, whatever its status.
+    /// One row by `seq`, whatever its status. A row that does not decode comes back as
+    /// [`StoredMessage::unreadable`] (its status and error, when those decode).
     async fn get(&self, seq: i64) -> Result<Option<StoredMessage>>;
 
     /// Wait until new work may be there, or `timeout` passes. The default sleeps; stores that
@@ -213,7 +234,7 @@ macro_rules! forward_store {
         impl<T: Store + ?Sized> Store for $ty {
             async fn migrate(&self) -> Result<()> { (**self).migrate().await }
             async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>> { (**self).insert(rows).await }
-            async fn claim(&self, claim: &Claim) -> Result<Vec<StoredMessage>> { (**self).claim(claim).await }
+            async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>> { (**self).claim(claim).await }
             async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> { (**self).complete(seqs, delete).await }
             async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> { (**self).fail(owner, failures).await }
             async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }

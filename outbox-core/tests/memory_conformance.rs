@@ -2,7 +2,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use outbox_core::conformance::Harness;
+use outbox_core::conformance::{Corruption, Harness};
 use outbox_core::{async_trait, MemoryStore, Message, Outbox, Pending, Result};
 
 /// Memory store plus a business "table" that shares its transactions.
@@ -50,6 +50,20 @@ impl Harness for Mem {
 
     async fn tamper(&self, store: &MemoryStore, seq: i64) {
         store.tamper(seq, b"tampered".to_vec());
+    }
+
+    async fn corrupt(&self, store: &MemoryStore, seq: i64, kind: Corruption) -> bool {
+        // Typed fields: only what a String can hold.
+        match kind {
+            Corruption::DestinationNewline => {
+                store.alter(seq, |m| m.envelope.message.destination = "a\r\nb".into())
+            }
+            Corruption::StreamWhitespace => {
+                store.alter(seq, |m| m.envelope.message.stream = " padded ".into())
+            }
+            _ => return false,
+        }
+        true
     }
 }
 

@@ -51,10 +51,10 @@ pub fn map_err(e: sqlx::Error) -> Error {
 
 pub use outbox_core::redact_url;
 
-/// Decode a row of: seq, id, stream, destination, msg_key, payload, content_type, headers,
-/// strategy, status, attempts, created_at, next_attempt_at, last_error, sent_at, signature
-/// (the id and headers as text).
-pub(crate) fn decode<R>(row: &R) -> outbox_core::Result<StoredMessage>
+/// Decode one row (columns in the order of the stores' `cols`); the error names the column
+/// that does not decode. Rows are input: another service, an operator or an attacker may
+/// have written them.
+pub(crate) fn decode<R>(row: &R) -> Result<StoredMessage, String>
 where
     R: Row,
     usize: sqlx::ColumnIndex<R>,
@@ -63,36 +63,93 @@ where
     for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
-    let id: String = row.try_get(1).map_err(map_err)?;
-    let headers: String = row.try_get(7).map_err(map_err)?;
-    let strategy: String = row.try_get(8).map_err(map_err)?;
-    let status: String = row.try_get(9).map_err(map_err)?;
-    let headers: BTreeMap<String, String> = serde_json::from_str(&headers)?;
+    fn col<R, T>(row: &R, i: usize, name: &str) -> Result<T, String>
+    where
+        R: Row,
+        usize: sqlx::ColumnIndex<R>,
+        T: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        row.try_get(i).map_err(|e| match e {
+            sqlx::Error::ColumnDecode { source, .. } => format!("column {name}: {source}"),
+            other => format!("column {name}: {other}"),
+        })
+    }
+    let id: String = col(row, 1, "id")?;
+    let headers: String = col(row, 7, "headers")?;
+    let headers: BTreeMap<String, String> = serde_json::from_str(&headers)
+        .map_err(|e| format!("column headers: not a JSON object of strings: {e}"))?;
+    let strategy: String = col(row, 8, "strategy")?;
+    let status: String = col(row, 9, "status")?;
+    let attempts: i32 = col(row, 10, "attempts")?;
     Ok(StoredMessage {
-        seq: row.try_get(0).map_err(map_err)?,
+        seq: col(row, 0, "seq")?,
         envelope: Envelope {
-            id: id.trim().parse::<MessageId>()?,
-            created_at: from_millis(row.try_get(11).map_err(map_err)?),
+            id: id
+                .trim()
+                .parse::<MessageId>()
+                .map_err(|_| format!("column id: {id:?} is not a UUID"))?,
+            created_at: from_millis(col(row, 11, "created_at")?),
             message: Message {
-                stream: row.try_get(2).map_err(map_err)?,
-                destination: row.try_get(3).map_err(map_err)?,
-                key: row.try_get::<Option<String>, _>(4).map_err(map_err)?,
-                payload: row.try_get(5).map_err(map_err)?,
-                content_type: row.try_get(6).map_err(map_err)?,
+                stream: col(row, 2, "stream")?,
+                destination: col(row, 3, "destination")?,
+                key: col::<R, Option<String>>(row, 4, "msg_key")?,
+                payload: col(row, 5, "payload")?,
+                content_type: col(row, 6, "content_type")?,
                 headers,
             },
         },
-        strategy: strategy.parse()?,
-        status: status.parse()?,
-        attempts: row.try_get::<i32, _>(10).map_err(map_err)?.max(0) as u32,
-        next_attempt_at: from_millis(row.try_get(12).map_err(map_err)?),
-        last_error: row.try_get(13).map_err(map_err)?,
-        sent_at: row
-            .try_get::<Option<i64>, _>(14)
-            .map_err(map_err)?
-            .map(from_millis),
-        signature: row.try_get(15).map_err(map_err)?,
+        strategy: strategy
+            .parse()
+            .map_err(|_| format!("column strategy: unknown strategy {strategy:?}"))?,
+        status: status
+            .parse()
+            .map_err(|_| format!("column status: unknown status {status:?}"))?,
+        attempts: u32::try_from(attempts)
+            .map_err(|_| format!("column attempts: {attempts} is negative"))?,
+        next_attempt_at: from_millis(col(row, 12, "next_attempt_at")?),
+        last_error: col(row, 13, "last_error")?,
+        sent_at: col::<R, Option<i64>>(row, 14, "sent_at")?.map(from_millis),
+        signature: col(row, 15, "signature")?,
     })
+}
+
+/// A claimed row: decoded, or quarantined with the reason.
+pub(crate) fn claimed<R>(row: &R) -> outbox_core::Result<outbox_core::Claimed>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let seq: i64 = row.try_get(0).map_err(map_err)?; // the primary key: always an integer
+    Ok(decode(row).map_err(|reason| outbox_core::Quarantined {
+        seq,
+        id: row.try_get::<String, _>(1).ok(),
+        reason,
+    }))
+}
+
+/// A row for listings: decoded, or a placeholder that keeps its status and error.
+pub(crate) fn listed<R>(row: &R) -> outbox_core::Result<StoredMessage>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i32: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let seq: i64 = row.try_get(0).map_err(map_err)?;
+    Ok(decode(row).unwrap_or_else(|why| {
+        let status = row
+            .try_get::<String, _>(9)
+            .ok()
+            .and_then(|s| s.parse().ok());
+        let error = row.try_get::<Option<String>, _>(13).ok().flatten();
+        StoredMessage::unreadable(seq, status, error, &why)
+    }))
 }
 
 /// Per-stream counts from rows of (stream, pending, sent, dead, oldest pending ms).

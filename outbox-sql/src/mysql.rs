@@ -16,7 +16,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, MySqlConnection, Transaction};
 use tokio::sync::Notify;
 
-use crate::common::{decode, keep_order_units, redact_url, stats_from_rows};
+use crate::common::{claimed, keep_order_units, listed, redact_url, stats_from_rows};
 
 pub use crate::common::map_err;
 /// The sqlx this store is built with, for the application's own queries and transactions.
@@ -435,7 +435,7 @@ impl Store for MySqlStore {
         Ok(seqs)
     }
 
-    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<outbox_core::Claimed>> {
         let t = &self.inner.table;
         let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
         // Each statement sees the latest committed leases.
@@ -483,7 +483,7 @@ impl Store for MySqlStore {
             .map_err(map_err)?;
         let rows = rows
             .iter()
-            .map(decode)
+            .map(claimed)
             .collect::<outbox_core::Result<Vec<_>>>()?;
         if !rows.is_empty() {
             let update = format!(
@@ -494,7 +494,10 @@ impl Store for MySqlStore {
                 .bind(&claim.owner)
                 .bind(now + claim.lease.as_millis() as i64);
             for r in &rows {
-                q = q.bind(r.seq);
+                q = q.bind(match r {
+                    Ok(m) => m.seq,
+                    Err(q) => q.seq,
+                });
             }
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
@@ -599,7 +602,7 @@ impl Store for MySqlStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        rows.iter().map(decode).collect()
+        rows.iter().map(listed).collect()
     }
 
     async fn clean(
@@ -651,7 +654,7 @@ impl Store for MySqlStore {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        row.as_ref().map(decode).transpose()
+        row.as_ref().map(listed).transpose()
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

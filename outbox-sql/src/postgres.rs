@@ -31,7 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use crate::common::{decode, keep_order_units, redact_url, stats_from_rows};
+use crate::common::{claimed, keep_order_units, listed, redact_url, stats_from_rows};
 
 pub use crate::common::map_err;
 /// The sqlx this store is built with, for the application's own queries and transactions.
@@ -472,7 +472,7 @@ impl Store for PgStore {
         insert(&mut conn, &self.inner.sql, rows, &[]).await
     }
 
-    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<outbox_core::Claimed>> {
         let streams: Option<Vec<String>> = match &claim.streams {
             StreamFilter::All => None,
             StreamFilter::Only(s) => Some(s.clone()),
@@ -494,9 +494,12 @@ impl Store for PgStore {
         tx.commit().await.map_err(map_err)?;
         let mut out = rows
             .iter()
-            .map(decode)
+            .map(claimed)
             .collect::<outbox_core::Result<Vec<_>>>()?;
-        out.sort_by_key(|r| r.seq);
+        out.sort_by_key(|r| match r {
+            Ok(m) => m.seq,
+            Err(q) => q.seq,
+        });
         Ok(out)
     }
 
@@ -603,7 +606,7 @@ impl Store for PgStore {
             .fetch_all(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        rows.iter().map(decode).collect()
+        rows.iter().map(listed).collect()
     }
 
     async fn clean(
@@ -647,7 +650,7 @@ impl Store for PgStore {
             .fetch_optional(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        row.as_ref().map(decode).transpose()
+        row.as_ref().map(listed).transpose()
     }
 
     async fn wait_for_work(&self, timeout: Duration) {

@@ -15,6 +15,18 @@ sql_store_tests! {
     business_ddl: "id BIGSERIAL PRIMARY KEY",
     business_insert: "INSERT INTO {}_business DEFAULT VALUES",
     tamper: "UPDATE {} SET payload = 'tampered'::bytea WHERE seq = $1",
+    corrupt: |kind| {
+        use outbox_core::conformance::Corruption as C;
+        match kind {
+            C::HeadersNotAMap => Some("headers = '[1,2]'::jsonb"),
+            C::UnknownStrategy => Some("strategy = 'teleport'"),
+            C::NegativeAttempts => Some("attempts = -5"),
+            C::DestinationNewline => Some("destination = E'a\\r\\nb'"),
+            C::StreamWhitespace => Some("stream = ' padded '"),
+            // UUID and TEXT columns refuse these.
+            C::IdNotUuid | C::KeyNotUtf8 | C::StreamBlob => None,
+        }
+    },
 }
 
 /// LISTEN/NOTIFY: a relay in "another process" (its own pool, no in-process notification)

@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use outbox_core::{
-    async_trait, from_millis, to_millis, validate_identifier, Claim, Envelope, Error, Failure,
-    Message, MessageId, NewMessage, Outbox, Outcome, Pending, Retry, Selector, Stats, Store,
-    StoredMessage, StreamFilter, StreamStats,
+    async_trait, from_millis, to_millis, validate_identifier, Claim, Claimed, Envelope, Error,
+    Failure, Message, MessageId, NewMessage, Outbox, Outcome, Pending, Quarantined, Retry,
+    Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
 };
 use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
@@ -336,38 +336,76 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
     Ok(seqs)
 }
 
-fn read_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
-    let bad = |i: usize, e: Error| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+/// Decode one row; the error names the column that does not decode. Rows are input: another
+/// service, an operator or an attacker may have written them.
+fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
+    use rusqlite::types::{FromSql, ValueRef};
+    fn col<T: FromSql>(row: &rusqlite::Row<'_>, i: usize, name: &str) -> Result<T, String> {
+        row.get(i).map_err(|e| format!("column {name}: {e}"))
+    }
+    let id: String = col(row, 1, "id")?;
+    let headers: String = col(row, 7, "headers")?;
+    let headers: BTreeMap<String, String> = serde_json::from_str(&headers)
+        .map_err(|e| format!("column headers: not a JSON object of strings: {e}"))?;
+    let strategy: String = col(row, 8, "strategy")?;
+    let status: String = col(row, 9, "status")?;
+    // The payload is bytes: a BLOB, or TEXT written by hand.
+    let payload = match row.get_ref(5).map_err(|e| format!("column payload: {e}"))? {
+        ValueRef::Blob(b) | ValueRef::Text(b) => b.to_vec(),
+        other => {
+            return Err(format!(
+                "column payload: {:?} is not bytes",
+                other.data_type()
+            ))
+        }
     };
-    let id: String = row.get(1)?;
-    let headers: String = row.get(7)?;
-    let strategy: String = row.get(8)?;
-    let status: String = row.get(9)?;
-    let headers: BTreeMap<String, String> =
-        serde_json::from_str(&headers).map_err(|e| bad(7, Error::from(e)))?;
     Ok(StoredMessage {
-        seq: row.get(0)?,
+        seq: col(row, 0, "seq")?,
         envelope: Envelope {
-            id: id.parse::<MessageId>().map_err(|e| bad(1, e))?,
-            created_at: from_millis(row.get(11)?),
+            id: id
+                .parse::<MessageId>()
+                .map_err(|_| format!("column id: {id:?} is not a UUID"))?,
+            created_at: from_millis(col(row, 11, "created_at")?),
             message: Message {
-                stream: row.get(2)?,
-                destination: row.get(3)?,
-                key: row.get(4)?,
-                payload: row.get(5)?,
-                content_type: row.get(6)?,
+                stream: col(row, 2, "stream")?,
+                destination: col(row, 3, "destination")?,
+                key: col(row, 4, "msg_key")?,
+                payload,
+                content_type: col(row, 6, "content_type")?,
                 headers,
             },
         },
-        strategy: strategy.parse().map_err(|e| bad(8, e))?,
-        status: status.parse().map_err(|e| bad(9, e))?,
-        attempts: row.get(10)?,
-        next_attempt_at: from_millis(row.get(12)?),
-        last_error: row.get(13)?,
-        sent_at: row.get::<_, Option<i64>>(14)?.map(from_millis),
-        signature: row.get(15)?,
+        strategy: strategy
+            .parse()
+            .map_err(|_| format!("column strategy: unknown strategy {strategy:?}"))?,
+        status: status
+            .parse()
+            .map_err(|_| format!("column status: unknown status {status:?}"))?,
+        attempts: col(row, 10, "attempts")?,
+        next_attempt_at: from_millis(col(row, 12, "next_attempt_at")?),
+        last_error: col(row, 13, "last_error")?,
+        sent_at: col::<Option<i64>>(row, 14, "sent_at")?.map(from_millis),
+        signature: col(row, 15, "signature")?,
     })
+}
+
+/// A claimed row: decoded, or quarantined with the reason.
+fn claimed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
+    let seq: i64 = row.get(0)?; // INTEGER PRIMARY KEY: always an integer
+    Ok(decode(row).map_err(|reason| Quarantined {
+        seq,
+        id: row.get::<_, String>(1).ok(),
+        reason,
+    }))
+}
+
+/// A row for listings: decoded, or a placeholder that keeps its status and error.
+fn listed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    let seq: i64 = row.get(0)?;
+    Ok(decode(row).unwrap_or_else(|why| {
+        let status = row.get::<_, String>(9).ok().and_then(|s| s.parse().ok());
+        StoredMessage::unreadable(seq, status, row.get(13).ok().flatten(), &why)
+    }))
 }
 
 fn placeholders(n: usize, first: usize) -> String {
@@ -411,7 +449,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<StoredMessage>> {
+    async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<Claimed>> {
         let claim = claim.clone();
         self.blocking(move |conn, sql| {
             use rusqlite::types::Value;
@@ -438,12 +476,15 @@ impl Store for SqliteStore {
             let mut rows = {
                 let mut stmt = tx.prepare_cached(&text).map_err(map_err)?;
                 let rows = stmt
-                    .query_map(params_from_iter(args), read_row)
+                    .query_map(params_from_iter(args), claimed_row)
                     .map_err(map_err)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
             };
             tx.commit().map_err(map_err)?;
-            rows.sort_by_key(|r| r.seq);
+            rows.sort_by_key(|r| match r {
+                Ok(m) => m.seq,
+                Err(q) => q.seq,
+            });
             Ok(rows)
         })
         .await
@@ -543,7 +584,7 @@ impl Store for SqliteStore {
                 sql.table
             );
             let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
-            let rows = stmt.query_map(params![stream, limit as i64], read_row).map_err(map_err)?;
+            let rows = stmt.query_map(params![stream, limit as i64], listed_row).map_err(map_err)?;
             rows.collect::<Result<Vec<_>, _>>().map_err(map_err)
         })
         .await
@@ -579,8 +620,15 @@ impl Store for SqliteStore {
             let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
             let rows = stmt
                 .query_map([], |r| {
+                    // A name written around the outbox may be a BLOB or not UTF-8.
+                    let stream = match r.get_ref(0)? {
+                        rusqlite::types::ValueRef::Text(b) | rusqlite::types::ValueRef::Blob(b) => {
+                            String::from_utf8_lossy(b).into_owned()
+                        }
+                        other => format!("<{:?}>", other.data_type()),
+                    };
                     Ok(StreamStats {
-                        stream: r.get(0)?,
+                        stream,
                         pending: r.get::<_, i64>(1)? as u64,
                         sent: r.get::<_, i64>(2)? as u64,
                         dead: r.get::<_, i64>(3)? as u64,
@@ -598,7 +646,7 @@ impl Store for SqliteStore {
     async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
         self.blocking(move |conn, sql| {
             conn.prepare_cached(&sql.get)
-                .and_then(|mut s| s.query_row([seq], read_row).optional())
+                .and_then(|mut s| s.query_row([seq], listed_row).optional())
                 .map_err(map_err)
         })
         .await

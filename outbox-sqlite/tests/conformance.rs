@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use outbox_core::conformance::Harness;
+use outbox_core::conformance::{Corruption, Harness};
 use outbox_core::{async_trait, Message, Outbox, Pending, Result};
 use outbox_sqlite::{map_err, SqliteOptions, SqliteStore};
 
@@ -103,6 +103,23 @@ impl Harness for Sqlite {
             )
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    async fn corrupt(&self, store: &SqliteStore, seq: i64, kind: Corruption) -> bool {
+        let set = match kind {
+            Corruption::HeadersNotAMap => "headers = '[1,2]'",
+            Corruption::UnknownStrategy => "strategy = 'teleport'",
+            Corruption::IdNotUuid => "id = 'not-a-uuid-' || seq",
+            Corruption::KeyNotUtf8 => "msg_key = CAST(X'FFFE41' AS TEXT)",
+            Corruption::StreamBlob => "stream = X'00FF'",
+            Corruption::NegativeAttempts => "attempts = -5",
+            Corruption::DestinationNewline => "destination = 'a' || char(13) || char(10) || 'b'",
+            Corruption::StreamWhitespace => "stream = ' padded '",
+        };
+        let conn = store.connect().unwrap();
+        let sql = format!("UPDATE {} SET {set} WHERE seq = ?1", store.table());
+        assert_eq!(conn.execute(&sql, [seq]).unwrap(), 1);
+        true
     }
 }
 

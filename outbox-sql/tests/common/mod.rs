@@ -15,7 +15,8 @@ macro_rules! sql_store_tests {
         unreachable_url: $unreachable:literal,
         business_ddl: $business_ddl:literal,
         business_insert: $business_insert:literal,
-        tamper: $tamper:literal $(,)?
+        tamper: $tamper:literal,
+        corrupt: $corrupt:expr $(,)?
     ) => {
         use std::sync::Arc;
 
@@ -108,6 +109,23 @@ macro_rules! sql_store_tests {
                     .await
                     .unwrap();
                 assert_eq!(r.rows_affected(), 1);
+            }
+
+            async fn corrupt(
+                &self,
+                store: &$store,
+                seq: i64,
+                kind: outbox_core::conformance::Corruption,
+            ) -> bool {
+                let set: Option<&str> = ($corrupt)(kind);
+                let Some(set) = set else { return false };
+                let sql = format!("UPDATE {} SET {set} WHERE seq = {seq}", store.table());
+                // A typed or checked column may refuse the value: then the store cannot hold
+                // such a row.
+                match sqlx::query(&sql).execute(store.pool()).await {
+                    Ok(r) => r.rows_affected() == 1,
+                    Err(_) => false,
+                }
             }
         }
 
