@@ -20,21 +20,15 @@ pub fn map_err(e: sqlx::Error) -> Error {
         }
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
-            // PostgreSQL: serialization failure, deadlock, admin shutdown, cannot connect now;
-            // MySQL/MariaDB: lock wait timeout, deadlock, server gone.
+            // PostgreSQL: serialization failure, deadlock, lock timeout, admin shutdown, cannot
+            // connect now; MySQL/MariaDB (by error number): lock wait timeout, deadlock, server
+            // gone.
             let transient = matches!(
                 &*code,
-                "40001"
-                    | "40P01"
-                    | "57P01"
-                    | "57P03"
-                    | "08006"
-                    | "08003"
-                    | "1205"
-                    | "1213"
-                    | "2006"
-                    | "2013"
-            ) || code.starts_with("08");
+                "40001" | "40P01" | "55P03" | "57P01" | "57P03" | "08006" | "08003"
+            ) || code.starts_with("08")
+                || mysql_number(db.as_ref())
+                    .is_some_and(|n| matches!(n, 1205 | 1213 | 2006 | 2013));
             (
                 ErrorKind::Store,
                 if transient {
@@ -50,6 +44,18 @@ pub fn map_err(e: sqlx::Error) -> Error {
 }
 
 pub use outbox_core::redact_url;
+
+/// MySQL's error number (its SQLSTATE is often just `HY000`).
+#[cfg(feature = "mysql")]
+fn mysql_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(|e| e.number())
+}
+
+#[cfg(not(feature = "mysql"))]
+fn mysql_number(_: &dyn sqlx::error::DatabaseError) -> Option<u16> {
+    None
+}
 
 /// Decode one row (columns in the order of the stores' `cols`); the error names the column
 /// that does not decode. Rows are input: another service, an operator or an attacker may

@@ -5,12 +5,15 @@
 //! short transaction, acknowledge a batch in one statement, and keep commit order per
 //! ordering unit with several relays at once:
 //!
-//! - **Enqueue**: keep-order rows first take a transaction-scoped lock on their ordering unit
-//!   (PostgreSQL: `pg_advisory_xact_lock`; MySQL: a row of the `<table>_locks` table), so two
-//!   transactions writing the same unit are serialized and `seq` order is commit order.
-//!   Transactions on different units never wait for each other.
-//! - **Claim**: claims on one table are serialized by a transaction-scoped lock and commit
-//!   their lease before the next claim reads. `FOR UPDATE SKIP LOCKED` alone is not enough:
+//! - **Enqueue**: keep-order rows first lock their ordering unit's row (PostgreSQL:
+//!   `<table>_units`; MySQL: `<table>_locks`) until the transaction ends, so two transactions
+//!   writing the same unit are serialized and `seq` order is commit order. Transactions on
+//!   different units never wait for each other.
+//! - **Claim**: claims on one table are serialized by the one row of `<table>_claim`, waited
+//!   for at most `lock_timeout` (a longer wait is a transient error the relay logs and
+//!   retries), and commit their lease before the next claim reads. Every lock the stores take
+//!   is a row of the outbox's own tables: a role without privileges on them cannot take it,
+//!   so it cannot stall relays or writers. `FOR UPDATE SKIP LOCKED` alone is not enough:
 //!   a second relay would see message 2 of a unit as free while message 1 is locked but not
 //!   yet leased, and publish it first. Claims are one short statement; publishing, the slow
 //!   part, runs in parallel across relays.

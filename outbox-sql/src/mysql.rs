@@ -40,6 +40,9 @@ pub struct MySqlOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and the first one at start-up). Default: 5 s.
     pub acquire_timeout: Duration,
+    /// Longest wait for the claim lock (whole seconds, at least 1): a lock held longer
+    /// becomes a logged, retried store error instead of a silent stall. Default: 5 s.
+    pub lock_timeout: Duration,
 }
 
 impl Default for MySqlOptions {
@@ -48,11 +51,17 @@ impl Default for MySqlOptions {
             table: "outbox".into(),
             max_connections: 5,
             acquire_timeout: Duration::from_secs(5),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
         }
     }
 }
 
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Inner {
+    lock_timeout: Duration,
+    /// Whether the server is MariaDB (else MySQL), asked once.
+    mariadb: tokio::sync::OnceCell<bool>,
     pool: MySqlPool,
     table: String,
     notify: Notify,
@@ -110,7 +119,11 @@ impl MySqlStore {
                 )
                 .with_source(mapped)
             })?;
-        Self::from_pool(pool, &options.table)
+        let mut store = Self::from_pool(pool, &options.table)?;
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner.lock_timeout = options.lock_timeout;
+        }
+        Ok(store)
     }
 
     /// Use an existing pool.
@@ -125,6 +138,8 @@ impl MySqlStore {
         }
         Ok(Self {
             inner: Arc::new(Inner {
+                lock_timeout: DEFAULT_LOCK_TIMEOUT,
+                mariadb: tokio::sync::OnceCell::new(),
                 pool,
                 table: table.to_owned(),
                 notify: Notify::new(),
@@ -317,14 +332,38 @@ impl MySqlStore {
     /// (and `a` and `A`, `é` and `e` + combining accent) are different streams and units.
     /// `utf8mb4_bin` is PAD SPACE: `=` and unique keys ignore trailing spaces.
     async fn exact_collation(&self) -> outbox_core::Result<&'static str> {
-        let version: String = sqlx::query_scalar("SELECT VERSION()")
-            .fetch_one(&self.inner.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(if version.to_ascii_lowercase().contains("mariadb") {
+        Ok(if self.is_mariadb().await? {
             "utf8mb4_nopad_bin"
         } else {
             "utf8mb4_0900_bin"
+        })
+    }
+
+    async fn is_mariadb(&self) -> outbox_core::Result<bool> {
+        self.inner
+            .mariadb
+            .get_or_try_init(|| async {
+                let version: String = sqlx::query_scalar("SELECT VERSION()")
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+                Ok(version.to_ascii_lowercase().contains("mariadb"))
+            })
+            .await
+            .copied()
+    }
+
+    /// The claim lock, with the database clock, waiting at most `lock_timeout`: the one row
+    /// of `<table>_claim`, a table nothing else writes (enqueues lock rows of `<table>_locks`).
+    async fn claim_lock_sql(&self) -> outbox_core::Result<String> {
+        let t = &self.inner.table;
+        let secs = self.inner.lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
+        Ok(if self.is_mariadb().await? {
+            format!("SELECT {NOW} FROM {t}_claim WHERE id = 1 FOR UPDATE WAIT {secs}")
+        } else {
+            format!(
+                "SELECT /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */ {NOW} FROM {t}_claim WHERE id = 1 FOR UPDATE"
+            )
         })
     }
 
@@ -403,7 +442,7 @@ impl Store for MySqlStore {
                     KEY {t}_sent (status, sent_at)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
             ),
-            // Ordering-unit locks for enqueue, and the ('', 'claim') row that serializes claims.
+            // Ordering-unit locks for enqueue.
             format!(
                 "CREATE TABLE IF NOT EXISTS {t}_locks (
                     stream VARCHAR(255) NOT NULL,
@@ -419,12 +458,18 @@ impl Store for MySqlStore {
                 .map_err(map_err)?;
         }
         self.convert_to_exact_names(c).await?;
-        sqlx::query(&format!(
-            "INSERT IGNORE INTO {t}_locks (stream, okey) VALUES ('', 'claim')"
-        ))
-        .execute(&self.inner.pool)
-        .await
-        .map_err(map_err)?;
+        // The row that serializes claims, in a table of its own: no enqueue can hold it.
+        for statement in [
+            format!(
+                "CREATE TABLE IF NOT EXISTS {t}_claim (id TINYINT NOT NULL PRIMARY KEY) ENGINE = InnoDB"
+            ),
+            format!("INSERT IGNORE INTO {t}_claim (id) VALUES (1)"),
+        ] {
+            sqlx::query(&statement)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        }
         Ok(())
     }
 
@@ -443,14 +488,13 @@ impl Store for MySqlStore {
             .execute(&mut *conn)
             .await
             .map_err(map_err)?;
+        let lock = self.claim_lock_sql().await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
         // The claim lock and the database clock in one round trip.
-        let now: i64 = sqlx::query_scalar(&format!(
-            "SELECT {NOW} FROM {t}_locks WHERE stream = '' AND okey = 'claim' FOR UPDATE"
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(map_err)?;
+        let now: i64 = sqlx::query_scalar(&lock)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
         let (filter, streams) = match &claim.streams {
             StreamFilter::All => (String::new(), vec![]),
             StreamFilter::Only(s) => (format!(" AND o.stream IN ({})", list(s.len())), s.clone()),

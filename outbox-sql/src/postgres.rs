@@ -58,6 +58,9 @@ pub struct PgOptions {
     /// How long to wait for a pooled connection (and for the first connection at start-up).
     /// Default: 5 s.
     pub acquire_timeout: Duration,
+    /// Longest wait for the claim lock (`lock_timeout` of the claim transaction): a lock held
+    /// longer becomes a logged, retried store error instead of a silent stall. Default: 5 s.
+    pub lock_timeout: Duration,
 }
 
 impl Default for PgOptions {
@@ -66,11 +69,15 @@ impl Default for PgOptions {
             table: "outbox".into(),
             max_connections: 5,
             acquire_timeout: Duration::from_secs(5),
+            lock_timeout: DEFAULT_LOCK_TIMEOUT,
         }
     }
 }
 
+const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Inner {
+    lock_timeout: Duration,
     pool: PgPool,
     table: String,
     sql: Sql,
@@ -129,7 +136,11 @@ impl PgStore {
                 )
                 .with_source(mapped)
             })?;
-        Self::from_pool(pool, &options.table)
+        let mut store = Self::from_pool(pool, &options.table)?;
+        if let Some(inner) = Arc::get_mut(&mut store.inner) {
+            inner.lock_timeout = options.lock_timeout;
+        }
+        Ok(store)
     }
 
     /// Use an existing pool (the application's own).
@@ -137,6 +148,7 @@ impl PgStore {
         validate_identifier(table)?;
         Ok(Self {
             inner: Arc::new(Inner {
+                lock_timeout: DEFAULT_LOCK_TIMEOUT,
                 pool,
                 table: table.to_owned(),
                 sql: Sql::new(table),
@@ -181,10 +193,7 @@ impl PgStore {
     ) -> outbox_core::Result<Pending> {
         let prepared = outbox.prepare(messages)?;
         let rows = prepared.rows();
-        let units: Vec<String> = keep_order_units(rows)
-            .into_iter()
-            .map(|(stream, key)| format!("{stream}\u{1f}{key}"))
-            .collect();
+        let units = keep_order_units(rows);
         let seqs = insert(&mut *conn, &self.inner.sql, rows, &units).await?;
         prepared.into_pending(seqs)
     }
@@ -247,6 +256,7 @@ struct Sql {
     /// The same INSERT without the unit locks and NOTIFY (no keep-order row in the batch).
     insert_plain: String,
     claim: String,
+    claim_lock: String,
     complete_mark: String,
     complete_delete: String,
     fail: String,
@@ -257,8 +267,11 @@ impl Sql {
     fn new(t: &str) -> Self {
         let mut sql = Self::build(t);
         let insert = &sql.insert;
-        let start = insert.find("INSERT INTO").expect("insert statement");
-        sql.insert_plain = insert[start..].replace("WHERE (SELECT count(*) FROM locks) >= 0", "");
+        let start = insert.rfind("INSERT INTO").expect("insert statement");
+        sql.insert_plain = insert[start..].replace(
+            "WHERE (SELECT count(*) FROM locks) >= 0 AND (SELECT count(*) FROM wake) >= 0",
+            "",
+        );
         sql
     }
 
@@ -292,14 +305,24 @@ impl Sql {
                 CREATE INDEX IF NOT EXISTS {t}_leased ON {t} (locked_until) WHERE status = 'pending' AND locked_until IS NOT NULL;
                 CREATE INDEX IF NOT EXISTS {t}_backoff ON {t} (next_attempt_at) WHERE status = 'pending' AND attempts > 0;
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
-                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
+                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';
+                CREATE TABLE IF NOT EXISTS {t}_units (
+                    stream TEXT NOT NULL,
+                    okey TEXT NOT NULL,
+                    PRIMARY KEY (stream, okey)
+                );
+                CREATE TABLE IF NOT EXISTS {t}_claim (id SMALLINT PRIMARY KEY CHECK (id = 1));
+                INSERT INTO {t}_claim (id) VALUES (1) ON CONFLICT DO NOTHING"
             ),
-            // One round trip: the keep-order unit locks ($17 units) and the NOTIFY ($18) are taken
-            // by a CTE that a one-time filter evaluates before the first row is inserted.
+            // One round trip: the keep-order unit locks (rows of <table>_units for the units in
+            // $17/$18, sorted, so writers never deadlock on them; only roles that can write the
+            // outbox's tables can take them) and the NOTIFY ($19) are taken by CTEs that a
+            // one-time filter evaluates before the first row is inserted.
             insert: format!(
-                "WITH locks AS MATERIALIZED (
-                   SELECT pg_advisory_xact_lock(hashtext('{t}'), hashtext(u)) FROM unnest($17::text[]) AS u
-                   UNION ALL SELECT pg_notify('{t}', '') WHERE $18::bool)
+                "WITH locks AS (
+                   INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($17::text[], $18::text[])
+                   ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey RETURNING 1),
+                 wake AS (SELECT pg_notify('{t}', '') WHERE $19::bool)
                  INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
                  SELECT u.id::uuid, u.stream, u.destination, u.msg_key, COALESCE(u.msg_key, ''), u.payload,
@@ -310,7 +333,7 @@ impl Sql {
                     $15::text[], $16::text[])
                    AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
                         attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature)
-                 WHERE (SELECT count(*) FROM locks) >= 0
+                 WHERE (SELECT count(*) FROM locks) >= 0 AND (SELECT count(*) FROM wake) >= 0
                  RETURNING seq, id::text"
             ),
             // Runs after the per-table claim lock: see the crate docs for why.
@@ -339,6 +362,7 @@ impl Sql {
                  RETURNING {cols}",
                 cols = cols(&format!("{t}."))
             ),
+            claim_lock: format!("SELECT id FROM {t}_claim WHERE id = 1 FOR UPDATE"),
             complete_mark: format!(
                 "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
                  WHERE seq = ANY($1)"
@@ -360,12 +384,13 @@ impl Sql {
 }
 
 /// Insert `rows` in one statement; `units` (keep-order ordering units, sorted) are locked until
-/// the transaction ends and, when there are any, relays are notified at commit.
+/// the transaction ends (their rows in `<table>_units`) and, when there are any, relays are
+/// notified at commit.
 async fn insert(
     conn: &mut PgConnection,
     sql: &Sql,
     rows: &[NewMessage],
-    units: &[String],
+    units: &[(String, String)],
 ) -> outbox_core::Result<Vec<i64>> {
     if rows.is_empty() {
         return Ok(Vec::new());
@@ -418,7 +443,9 @@ async fn insert(
     .bind(errors)
     .bind(sigs);
     if locked {
-        q = q.bind(units).bind(true);
+        let (unit_streams, unit_keys): (Vec<&str>, Vec<&str>) =
+            units.iter().map(|(s, k)| (s.as_str(), k.as_str())).unzip();
+        q = q.bind(unit_streams).bind(unit_keys).bind(true);
     }
     let returned = q.fetch_all(&mut *conn).await.map_err(map_err)?;
     let by_id: std::collections::HashMap<String, i64> =
@@ -478,8 +505,15 @@ impl Store for PgStore {
             StreamFilter::Only(s) => Some(s.clone()),
         };
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-claim'), hashtext($1))")
-            .bind(&self.inner.table)
+        // Claims are serialized on the one row of <table>_claim (see the crate docs for why):
+        // a lock only roles with privileges on the outbox's tables can take, waited for at most
+        // `lock_timeout`.
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        sqlx::query(&self.inner.sql.claim_lock)
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;

@@ -126,3 +126,61 @@ async fn migrate_makes_names_exact_on_an_old_table() {
     assert!(dead.iter().all(|m| m.envelope.message.stream == "a "));
     store.migrate().await.unwrap(); // idempotent once converted
 }
+
+/// The claim lock is a row of a table of its own, which no enqueue writes: a business
+/// transaction holding any unit lock (the old claim row included) never stalls a claim, and a
+/// session holding the claim row makes a claim give up after `lock_timeout`, transiently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_lock_is_private_and_waits_are_bounded() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use std::time::Duration;
+
+    let h = My;
+    let store = h.fresh().await;
+    let table = store.table().to_owned();
+    let claim = Claim {
+        owner: "r".into(),
+        streams: StreamFilter::All,
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    // The row that used to serialize claims, held by a long business transaction.
+    let mut business = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {table}_locks (stream, okey) VALUES ('', 'claim')
+         ON DUPLICATE KEY UPDATE okey = okey"
+    ))
+    .execute(&mut *business)
+    .await
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(20), store.claim(&claim))
+        .await
+        .expect("a claim waited on a row that enqueues write")
+        .unwrap();
+    business.rollback().await.unwrap();
+
+    let impatient = MySqlStore::connect_with(
+        &url(),
+        MySqlOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT id FROM {table}_claim WHERE id = 1 FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), impatient.claim(&claim))
+        .await
+        .expect("the claim waited without a bound")
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    holder.rollback().await.unwrap();
+    assert!(impatient.claim(&claim).await.is_ok());
+}

@@ -63,3 +63,111 @@ async fn notify_wakes_a_relay_in_another_process() {
     }
     running.stop().await;
 }
+
+/// Locks that only roles with privileges on the outbox's tables can take: a role with no
+/// privilege holding the advisory keys the store used to lock on stalls nothing, and cannot
+/// take the claim or unit locks; a privileged session holding the claim lock makes a claim
+/// give up after `lock_timeout` with a transient error instead of stalling.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_need_privileges_and_claim_waits_are_bounded() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use sqlx::Connection;
+    use std::time::Duration;
+
+    let h = Pg;
+    let store = h.fresh().await;
+    let table = store.table().to_owned();
+    let role = format!(
+        "intruder_{}",
+        &uuid::Uuid::now_v7().simple().to_string()[20..]
+    );
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let options: sqlx::postgres::PgConnectOptions = url().parse().unwrap();
+    let mut intruder = sqlx::PgConnection::connect_with(&options.username(&role))
+        .await
+        .unwrap();
+    for (a, b) in [
+        ("outbox-claim", table.as_str()),
+        (table.as_str(), "s\u{1f}k"),
+    ] {
+        sqlx::query("SELECT pg_advisory_lock(hashtext($1), hashtext($2))")
+            .bind(a)
+            .bind(b)
+            .execute(&mut intruder)
+            .await
+            .unwrap();
+    }
+    for sql in [
+        format!("SELECT id FROM {table}_claim FOR UPDATE"),
+        format!("INSERT INTO {table}_units (stream, okey) VALUES ('s', 'k')"),
+    ] {
+        let e = sqlx::query(&sql).execute(&mut intruder).await.unwrap_err();
+        assert!(e.to_string().contains("permission denied"), "{sql}: {e}");
+    }
+
+    // Writers and relays are not held up by the intruder.
+    let broker = RecordingPublisher::new();
+    let outbox = Outbox::builder(store.clone(), broker.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let msgs = (0..3)
+        .map(|i| Message::new("d", vec![i]).stream("s").key("k"))
+        .collect();
+    let work = async {
+        h.transact(&store, &outbox, msgs, true)
+            .await
+            .unwrap()
+            .dispatch();
+        Relay::builder(store.clone(), broker.clone())
+            .build()
+            .unwrap()
+            .run_once()
+            .await
+            .unwrap()
+    };
+    let report = tokio::time::timeout(Duration::from_secs(20), work)
+        .await
+        .expect("stalled by a role without privileges");
+    assert_eq!(report.published, 3);
+
+    // A session that may lock the claim row and holds it: claims give up, transiently.
+    let impatient = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!("SELECT id FROM {table}_claim FOR UPDATE"))
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let claim = Claim {
+        owner: "r".into(),
+        streams: StreamFilter::All,
+        limit: 10,
+        lease: Duration::from_secs(30),
+    };
+    let e = tokio::time::timeout(Duration::from_secs(20), impatient.claim(&claim))
+        .await
+        .expect("the claim waited without a bound")
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    assert!(e.to_string().contains("lock timeout"), "{e}");
+    holder.rollback().await.unwrap();
+    assert!(impatient.claim(&claim).await.is_ok());
+
+    drop(intruder);
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
