@@ -221,12 +221,38 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, Error> {
         Error::config(format!("cannot read config file {}", path.display())).with_source(e)
     })?;
     toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map(|s| format!(" (line {})", text[..s.start].lines().count().max(1)))
+            .unwrap_or_default();
         Error::config(format!(
-            "malformed config file {}: {}",
+            "malformed config file {}{line}: {}",
             path.display(),
-            e.message().trim()
+            without_values(e.message().trim())
         ))
     })
+}
+
+/// A TOML error message without the values it quotes (`invalid type: string "k1:s3cret",
+/// expected a sequence`): the value may be a secret. Names of unknown keys are kept.
+fn without_values(message: &str) -> String {
+    if !message.contains("invalid") {
+        return message.to_owned();
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut quote = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => {
+                quote = None;
+                out.push_str("<value>");
+            }
+            Some(_) => {}
+            None if c == '"' || c == '`' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    out
 }
 
 /// A URL from, in order: the flag or its environment variable, the file named by the `-file`
@@ -271,8 +297,20 @@ fn duration(field: &str, value: Option<String>) -> Result<Option<Duration>, Erro
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The AMQP client logs its connection handshake at trace level, SASL credentials included:
+    // never below debug, whatever RUST_LOG asks.
+    for target in [
+        "lapin",
+        "amq_protocol",
+        "amq_protocol_tcp",
+        "amq_protocol_types",
+    ] {
+        if let Ok(d) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -304,9 +342,32 @@ async fn shutdown_signal() {
     tracing::info!("stop requested; finishing the batch in flight");
 }
 
+/// Warn when a URL with a password came from a flag: flags show in `ps` and shell history.
+fn warn_about_flag_secrets(matches: &clap::ArgMatches) {
+    let check = |m: &clap::ArgMatches, id: &str, instead: &str| {
+        let from_flag = m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        if let (true, Some(url)) = (from_flag, m.get_one::<String>(id)) {
+            if outbox_core::redact_url(url) != *url {
+                tracing::warn!(
+                    "--{id} carries a password, which other users can read in the process list; use {instead}"
+                );
+            }
+        }
+    };
+    check(matches, "store", "OUTBOX_STORE or --store-file");
+    if let Some(("relay", relay)) = matches.subcommand() {
+        check(relay, "publisher", "OUTBOX_PUBLISHER or --publisher-file");
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let file = match load_file(&cli.config) {
         Ok(f) => f,
         Err(e) => {
@@ -319,6 +380,7 @@ async fn main() -> ExitCode {
             .or(file.log_format)
             .unwrap_or(LogFormat::Human),
     );
+    warn_about_flag_secrets(&matches);
     match run(cli, file).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

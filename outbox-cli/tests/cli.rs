@@ -430,3 +430,50 @@ fn hostile_text_in_rows_is_quarantined_and_printed_escaped() {
         assert!(text.contains("evil\\u{1b}[2J"), "{args:?}: {text}");
     }
 }
+
+/// Settings out of range are one clear `Config` error line, never a wrap, a panic or a huge
+/// allocation.
+#[test]
+fn settings_out_of_range_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("x.db").display());
+    assert!(ok(&["--store", &db, "migrate"]).contains("ready"));
+    for (args, says) in [
+        (
+            vec![
+                "relay",
+                "--publisher",
+                "stdout",
+                "--lease",
+                "18446744073709551615s",
+            ],
+            "lease",
+        ),
+        (
+            vec![
+                "relay",
+                "--publisher",
+                "stdout",
+                "--concurrency",
+                "100000000",
+            ],
+            "concurrency",
+        ),
+        (
+            vec!["relay", "--publisher", "stdout", "--batch", "1000000000"],
+            "batch_size",
+        ),
+        (
+            vec!["relay", "--publisher", "stdout", "--max-attempts", "0"],
+            "max_attempts",
+        ),
+        (
+            vec!["clean", "--older-than", "1000000000years"],
+            "retention",
+        ),
+        (vec!["clean", "--batch", "0"], "batch_size"),
+    ] {
+        let e = fails(bin().args(["--store", &db]).args(&args));
+        assert!(e.contains(says) && e.contains("Config"), "{args:?}: {e}");
+    }
+}

@@ -155,3 +155,51 @@ fn passwords_with_url_delimiters_never_reach_the_output() {
         "{stderr}"
     );
 }
+
+/// A password given as a flag draws a warning (flags show in `ps`), and a config file whose
+/// value has the wrong type is reported without the value.
+#[test]
+fn flag_passwords_warn_and_config_errors_hide_values() {
+    let out = bin()
+        .args([
+            "--store",
+            "postgres://app:flag-pw-123@127.0.0.1:1/shop",
+            "stats",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("process list") && stderr.contains("OUTBOX_STORE"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("flag-pw-123"), "{stderr}");
+    let quiet = bin()
+        .args(["stats"])
+        .env("OUTBOX_STORE", "postgres://app:env-pw-123@127.0.0.1:1/shop")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&quiet.stderr);
+    assert!(
+        !stderr.contains("process list") && !stderr.contains("env-pw-123"),
+        "{stderr}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("outbox.toml");
+    std::fs::write(
+        &cfg,
+        "store = \"sqlite://x.db\"\n[relay]\nsigning_keys = \"k1:toml-secret-0123456789\"\n",
+    )
+    .unwrap();
+    let out = bin()
+        .args(["--config", cfg.to_str().unwrap(), "stats"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("malformed config file") && stderr.contains("line 3"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("toml-secret"), "{stderr}");
+}

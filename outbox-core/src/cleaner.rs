@@ -30,17 +30,16 @@ impl<S: Store> Cleaner<S> {
         }
     }
 
-    /// Keep sent rows this long.
+    /// Keep sent rows this long (at most 100 years: a longer one is checked by
+    /// [`run_once`](Self::run_once), which then fails with a `Config` error).
     pub fn retention(mut self, retention: Duration) -> Self {
         self.retention = retention;
         self
     }
 
-    /// Delete at most this many rows per statement.
+    /// Delete at most this many rows per statement (1 to 100 000).
     pub fn batch_size(mut self, n: usize) -> Result<Self> {
-        if n == 0 {
-            return Err(Error::config("cleaner batch_size must be at least 1"));
-        }
+        crate::error::in_range("cleaner batch_size", n, 1, 100_000)?;
         self.batch_size = n;
         Ok(self)
     }
@@ -53,7 +52,15 @@ impl<S: Store> Cleaner<S> {
 
     /// Delete everything past the retention, one bounded batch at a time. Returns how many.
     pub async fn run_once(&self) -> Result<u64> {
-        let before = SystemTime::now() - self.retention;
+        crate::error::in_range(
+            "cleaner retention",
+            self.retention,
+            Duration::ZERO,
+            Duration::from_secs(100 * 365 * 24 * 3600),
+        )?;
+        let before = SystemTime::now()
+            .checked_sub(self.retention)
+            .ok_or_else(|| Error::config("cleaner retention reaches before the epoch"))?;
         let mut total = 0;
         loop {
             let n = self

@@ -46,6 +46,22 @@ pub struct Error {
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
+/// A `Config` error unless `value` is within `min..=max` (durations and sizes given by users:
+/// a huge one must not wrap a database integer, overflow a clock or allocate gigabytes).
+pub(crate) fn in_range<T: PartialOrd + std::fmt::Debug>(
+    name: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<()> {
+    if value < min || value > max {
+        return Err(Error::config(format!(
+            "{name} = {value:?} is out of range: use {min:?} to {max:?}"
+        )));
+    }
+    Ok(())
+}
+
 /// Result alias with [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

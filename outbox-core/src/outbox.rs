@@ -91,6 +91,22 @@ impl Config {
                 "on_commit_lease must be longer than publish_timeout, which must be positive",
             ));
         }
+        use crate::error::in_range;
+        const HOUR: Duration = Duration::from_secs(3600);
+        in_range("max_payload_bytes", self.max_payload_bytes, 1, 1 << 30)?;
+        in_range(
+            "publish_timeout",
+            self.publish_timeout,
+            Duration::from_millis(1),
+            HOUR,
+        )?;
+        in_range(
+            "on_commit_lease",
+            self.on_commit_lease,
+            Duration::from_millis(10),
+            24 * HOUR,
+        )?;
+        in_range("on_commit_concurrency", self.on_commit_concurrency, 1, 4096)?;
         Ok(())
     }
 }

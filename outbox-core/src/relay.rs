@@ -597,6 +597,30 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         if c.poll_interval.is_zero() {
             return Err(Error::config("poll_interval must be positive"));
         }
+        use crate::error::in_range;
+        const HOUR: Duration = Duration::from_secs(3600);
+        in_range("batch_size", c.batch_size, 1, 10_000)?;
+        in_range("concurrency", c.concurrency, 1, 256)?;
+        in_range("lease", c.lease, Duration::from_millis(10), 24 * HOUR)?;
+        in_range(
+            "publish_timeout",
+            c.publish_timeout,
+            Duration::from_millis(1),
+            HOUR,
+        )?;
+        in_range(
+            "poll_interval",
+            c.poll_interval,
+            Duration::from_millis(1),
+            24 * HOUR,
+        )?;
+        in_range(
+            "max_error_backoff",
+            c.max_error_backoff,
+            Duration::from_millis(1),
+            HOUR,
+        )?;
+        in_range("max_payload_bytes", c.max_payload_bytes, 1, 1 << 30)?;
         Ok(Relay {
             store: self.store,
             publisher: self.publisher,

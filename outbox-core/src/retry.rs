@@ -70,6 +70,10 @@ impl RetryPolicy {
         if self.initial > self.max {
             return Err(Error::config("retry.initial must not exceed retry.max"));
         }
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        crate::error::in_range("retry.max", self.max, Duration::ZERO, DAY)?;
+        crate::error::in_range("retry.multiplier", self.multiplier, 1.0, 1000.0)?;
+        crate::error::in_range("retry.max_attempts", self.max_attempts, 1, 1_000_000)?;
         Ok(())
     }
 }
