@@ -18,7 +18,8 @@ pub enum AnyStore {
 impl AnyStore {
     /// `sqlite://PATH` (or `sqlite:PATH`), `postgres://…` / `postgresql://…`,
     /// `mysql://…` / `mariadb://…`.
-    pub async fn open(url: &str, table: &str) -> Result<Self> {
+    /// Only `create` (the `migrate` command) may create a SQLite database file.
+    pub async fn open(url: &str, table: &str, create: bool) -> Result<Self> {
         let scheme = url.split(':').next().unwrap_or("");
         match scheme {
             "sqlite" => {
@@ -32,6 +33,7 @@ impl AnyStore {
                     path,
                     SqliteOptions {
                         table: table.into(),
+                        create,
                         ..Default::default()
                     },
                 )?))

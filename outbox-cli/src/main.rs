@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod backends;
+mod metrics_endpoint;
 mod signing;
 
 use std::net::SocketAddr;
@@ -404,7 +405,8 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
         )
     })?;
     let table = cli.table.or(file.table).unwrap_or_else(|| "outbox".into());
-    let store = AnyStore::open(&store_url, &table).await?;
+    let create = matches!(cli.command, Command::Migrate);
+    let store = AnyStore::open(&store_url, &table, create).await?;
     match cli.command {
         Command::Migrate => {
             store.store().migrate().await?;
@@ -502,11 +504,8 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         )
     })?;
     if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|e| Error::config(format!("cannot serve metrics on {addr}: {e}")))?;
-        tracing::info!(%addr, "serving Prometheus metrics on /metrics");
+        metrics_endpoint::serve(addr).await?;
+        tracing::info!(%addr, "serving Prometheus metrics on GET /metrics");
     }
     let publisher = open_publisher(&publisher_url).await?;
     let defaults = RelayConfig::default();
@@ -604,22 +603,40 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
 /// interval (a relay woken by NOTIFY may poll only every minute).
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
 
+/// Per-stream gauge series are capped at this many streams (the largest backlogs); the rest
+/// are summed under stream "(other)", so a table with 20 000 streams does not make 60 000 series.
+const MAX_STREAM_SERIES: usize = 100;
+
 /// Backlog gauges per stream, plus the total under stream "*" (present even on an empty
-/// table, so dashboards and alerts see 0 rather than nothing).
+/// table, so dashboards and alerts see 0 rather than nothing). Series of streams that are
+/// gone stop being refreshed and expire (see `metrics_endpoint`).
 async fn backlog_gauges(store: Arc<dyn Store>) {
     loop {
         if let Ok(stats) = store.stats().await {
             let now = SystemTime::now();
             let total = stats.total();
-            for s in stats.streams.into_iter().chain([total]) {
-                metrics::gauge!("outbox_backlog", "stream" => s.stream.clone())
-                    .set(s.pending as f64);
-                metrics::gauge!("outbox_dead", "stream" => s.stream.clone()).set(s.dead as f64);
+            let mut streams = stats.streams;
+            streams.sort_by_key(|s| std::cmp::Reverse(s.pending + s.dead));
+            let mut rows: Vec<_> = streams
+                .drain(..streams.len().min(MAX_STREAM_SERIES))
+                .collect();
+            if !streams.is_empty() {
+                let rest = outbox_core::Stats { streams }.total();
+                rows.push(outbox_core::StreamStats {
+                    stream: "(other)".into(),
+                    ..rest
+                });
+            }
+            rows.push(total);
+            for s in rows {
+                let stream = printable(&s.stream).into_owned();
+                metrics::gauge!("outbox_backlog", "stream" => stream.clone()).set(s.pending as f64);
+                metrics::gauge!("outbox_dead", "stream" => stream.clone()).set(s.dead as f64);
                 let age = s
                     .oldest_pending
                     .and_then(|t| now.duration_since(t).ok())
                     .unwrap_or_default();
-                metrics::gauge!("outbox_oldest_pending_seconds", "stream" => s.stream)
+                metrics::gauge!("outbox_oldest_pending_seconds", "stream" => stream)
                     .set(age.as_secs_f64());
             }
         }

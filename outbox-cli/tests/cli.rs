@@ -216,7 +216,7 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
 
     let e = fails(bin().args(["--store", &db, "stats"]));
     assert!(
-        e.contains("does not exist") && e.contains("outbox migrate"),
+        e.contains("no SQLite database") && e.contains("outbox migrate"),
         "{e}"
     );
     let e = fails(bin().args(["--store", "bogus://x", "stats"]));
@@ -476,4 +476,105 @@ fn settings_out_of_range_are_config_errors() {
         let e = fails(bin().args(["--store", &db]).args(&args));
         assert!(e.contains(says) && e.contains("Config"), "{args:?}: {e}");
     }
+}
+
+/// SQLite databases are created readable by their owner only, and only by `migrate`: a
+/// mistyped path in `stats` or `relay` is an error, not a new empty database.
+#[cfg(unix)]
+#[test]
+fn sqlite_files_are_private_and_only_migrate_creates_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("typo.db");
+    let url = format!("sqlite://{}", db.display());
+    for args in [
+        vec!["stats"],
+        vec!["relay", "--publisher", "stdout"],
+        vec!["dead", "list"],
+    ] {
+        let e = fails(bin().args(["--store", &url]).args(&args));
+        assert!(e.contains("no SQLite database"), "{args:?}: {e}");
+        assert!(!db.exists(), "{args:?} created {}", db.display());
+    }
+    ok(&["--store", &url, "migrate"]);
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "database mode {mode:o}");
+    // A table that exists: a table missing in an existing file is still its own error.
+    let e = fails(bin().args(["--store", &url, "--table", "other", "stats"]));
+    assert!(
+        e.contains("does not exist") && e.contains("outbox migrate"),
+        "{e}"
+    );
+}
+
+async fn http(addr: &str, method: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// The metrics endpoint answers `GET /metrics` only, and per-stream gauge series are capped
+/// (the rest summed under "(other)") however many streams the table holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_is_get_only_and_series_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let store_url = format!("sqlite://{}", db.display());
+    ok(&["--store", &store_url, "migrate"]);
+    let msgs = (0..150)
+        .map(|i| Message::new("d", b"x".to_vec()).stream(format!("s{i:03}")))
+        .collect();
+    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = bin()
+        .args([
+            "--store",
+            &store_url,
+            "relay",
+            "--publisher",
+            "null",
+            "--loop",
+        ])
+        .args(["--metrics-addr", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        if let Ok(true) = tokio::net::TcpStream::connect(&addr).await.map(|_| true) {
+            let body = http(&addr, "GET", "/metrics").await;
+            if body.contains("outbox_backlog{stream=\"*\"}") {
+                break body;
+            }
+        }
+        assert!(Instant::now() < deadline, "no backlog gauges served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let series = body
+        .lines()
+        .filter(|l| l.starts_with("outbox_backlog{"))
+        .count();
+    assert_eq!(series, 102, "100 streams, (other) and *: {series}");
+    assert!(body.contains("outbox_backlog{stream=\"(other)\"}"));
+    assert!(http(&addr, "POST", "/metrics")
+        .await
+        .starts_with("HTTP/1.1 405"));
+    assert!(http(&addr, "GET", "/").await.starts_with("HTTP/1.1 404"));
+    assert!(http(&addr, "GET", "/admin")
+        .await
+        .starts_with("HTTP/1.1 404"));
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -64,6 +64,10 @@ pub struct SqliteOptions {
     pub table: String,
     /// How long a statement waits for another writer. Default: 5 s.
     pub busy_timeout: Duration,
+    /// Create the database file when it does not exist, readable by its owner only (mode
+    /// 0600 on Unix). With false, a missing file is a `Config` error (a mistyped path must not
+    /// quietly become an empty database). Default: true.
+    pub create: bool,
 }
 
 impl Default for SqliteOptions {
@@ -71,6 +75,7 @@ impl Default for SqliteOptions {
         Self {
             table: "outbox".into(),
             busy_timeout: Duration::from_secs(5),
+            create: true,
         }
     }
 }
@@ -192,6 +197,19 @@ pub fn commit(tx: Transaction<'_>, pending: Pending) -> outbox_core::Result<()> 
 }
 
 fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connection> {
+    let on_disk = !(path.as_os_str() == ":memory:" || path.to_string_lossy().starts_with("file:"));
+    if on_disk && !path.exists() {
+        if !options.create {
+            return Err(Error::config(format!(
+                "no SQLite database at {}: run `outbox migrate` first, or check the path",
+                path.display()
+            )));
+        }
+        create_private(path).map_err(|e| {
+            Error::config(format!("cannot create SQLite database {}", path.display()))
+                .with_source(e)
+        })?;
+    }
     let conn = Connection::open(path).map_err(|e| {
         Error::new(
             outbox_core::ErrorKind::Store,
@@ -204,6 +222,23 @@ fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connec
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(map_err)?;
     Ok(conn)
+}
+
+/// Create an empty database file readable by its owner only (SQLite gives its -wal and -shm
+/// files the same mode).
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 const COLS: &str =
