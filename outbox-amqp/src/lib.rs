@@ -195,6 +195,36 @@ impl AmqpPublisher {
     }
 }
 
+/// Largest header table sent: RabbitMQ's default frame_max is 128 KiB, and a content header
+/// over it closes the connection (on every retry).
+pub const MAX_HEADER_TABLE_BYTES: usize = 64 * 1024;
+
+/// What RabbitMQ would refuse by closing the channel or the connection, which fails every
+/// other message in flight: `CC` / `BCC` headers (sender-selected distribution, which RabbitMQ
+/// interprets), and a header table too large for a frame. Permanent errors of this message.
+fn check(env: &Envelope) -> outbox_core::Result<()> {
+    let headers = &env.message.headers;
+    if let Some(name) = headers
+        .keys()
+        .find(|k| k.eq_ignore_ascii_case("cc") || k.eq_ignore_ascii_case("bcc"))
+    {
+        return Err(Error::new(
+            ErrorKind::Publish,
+            Retry::Permanent,
+            format!("header {name:?} is interpreted by RabbitMQ (sender-selected distribution): not sent"),
+        ));
+    }
+    let size: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 6).sum();
+    if size > MAX_HEADER_TABLE_BYTES {
+        return Err(Error::new(
+            ErrorKind::Publish,
+            Retry::Permanent,
+            format!("headers take {size} bytes: over the {MAX_HEADER_TABLE_BYTES} bytes an AMQP frame holds"),
+        ));
+    }
+    Ok(())
+}
+
 fn confirmation(c: Result<Confirmation, lapin::Error>) -> outbox_core::Result<()> {
     match c {
         Ok(Confirmation::Ack(None)) => Ok(()),
@@ -237,9 +267,14 @@ impl Publisher for AmqpPublisher {
                     .collect();
             }
         };
-        // Send everything, then await every confirm.
+        // Send everything, then await every confirm. A message RabbitMQ would answer by
+        // closing the channel fails alone, before anything is sent.
         let mut pending = Vec::with_capacity(batch.len());
         for env in batch {
+            if let Err(e) = check(env) {
+                pending.push(Err(e));
+                continue;
+            }
             let (exchange, routing_key) = parse_destination(&env.message.destination);
             let sent = channel
                 .basic_publish(
@@ -253,13 +288,14 @@ impl Publisher for AmqpPublisher {
                     Self::properties(env),
                 )
                 .await;
-            pending.push(sent);
+            pending.push(Ok(sent));
         }
         let mut results = Vec::with_capacity(batch.len());
         for sent in pending {
             results.push(match sent {
-                Ok(confirm) => confirmation(confirm.await),
-                Err(e) => Err(map_err(e)),
+                Err(refused) => Err(refused),
+                Ok(Ok(confirm)) => confirmation(confirm.await),
+                Ok(Err(e)) => Err(map_err(e)),
             });
         }
         results

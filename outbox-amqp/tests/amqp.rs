@@ -188,3 +188,46 @@ async fn bad_url_and_unreachable_broker_are_typed_errors() {
     assert!(e.is_transient());
     assert!(!format!("{e} {e:?}").contains("sekrit"));
 }
+
+/// Headers RabbitMQ would answer by closing the channel (CC / BCC) or the connection (a header
+/// table over a frame) fail their own message, permanently, before anything is sent: the
+/// other messages of the batch are delivered.
+#[tokio::test]
+async fn hostile_headers_fail_only_their_own_message() {
+    let (_conn, ch) = admin().await;
+    let q = unique("hdr");
+    queue(&ch, &q).await;
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    let mut cc = env(&q, "cc");
+    cc.message.headers.insert("CC".into(), "other-queue".into());
+    let mut bcc = env(&q, "bcc");
+    bcc.message
+        .headers
+        .insert("bcc".into(), "other-queue".into());
+    let mut big = env(&q, "big");
+    for i in 0..9 {
+        big.message
+            .headers
+            .insert(format!("h{i}"), "v".repeat(8 * 1024));
+    }
+    let batch = [
+        env(&q, "one"),
+        cc,
+        env(&q, "two"),
+        bcc,
+        big,
+        env(&q, "three"),
+    ];
+    let refs: Vec<&Envelope> = batch.iter().collect();
+    let results = publisher.publish_batch(&refs).await;
+    let ok: Vec<bool> = results.iter().map(|r| r.is_ok()).collect();
+    assert_eq!(ok, [true, false, true, false, false, true], "{results:?}");
+    for r in results.iter().filter(|r| r.is_err()) {
+        assert!(!r.as_ref().unwrap_err().is_transient());
+    }
+    let mut got = Vec::new();
+    while let Some(m) = get(&ch, &q).await {
+        got.push(String::from_utf8(m.delivery.data).unwrap());
+    }
+    assert_eq!(got, ["one", "two", "three"]);
+}

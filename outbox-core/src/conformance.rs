@@ -377,6 +377,15 @@ pub async fn invalid_input_writes_nothing<H: Harness>(h: &H) {
             msg("s", None, 1),
             Message::new("d", b"x".to_vec()).stream(""),
         ],
+        // Headers: counted in the size limit, capped in number, reserved names refused.
+        vec![Message::new("d", b"0123456789".to_vec()).header("h", "0123456")],
+        vec![
+            (0..=crate::MAX_HEADERS).fold(Message::new("d", Vec::new()), |m, i| {
+                m.header(format!("h{i}"), "")
+            }),
+        ],
+        vec![Message::new("d", b"x".to_vec()).header("OUTBOX-ID", "forged")],
+        vec![Message::new("d", b"x".to_vec()).header("Content-Type", "text/html")],
     ];
     for (i, batch) in bad_batches.into_iter().enumerate() {
         let err = match h.transact(&store, &outbox, batch, true).await {

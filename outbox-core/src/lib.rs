@@ -52,7 +52,7 @@ pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{
     from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,
-    StoredMessage, Strategy, DEFAULT_STREAM,
+    StoredMessage, Strategy, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, RESERVED_HEADERS,
 };
 pub use observer::{Event, Observer, PublishPath};
 pub use outbox::{

@@ -95,7 +95,11 @@ impl Message {
         self
     }
 
-    /// Check the message against the limits; nothing is written when this fails.
+    /// Check the message against the limits; nothing is written when this fails. The relay
+    /// checks every claimed row again with the same rules. Limits: names 1-255 bytes without
+    /// control characters or surrounding whitespace, destination up to 512 bytes, at most
+    /// [`MAX_HEADERS`] headers with values up to [`MAX_HEADER_VALUE`] bytes and no
+    /// [`RESERVED_HEADERS`], and payload plus headers within `max_payload` bytes.
     pub fn validate(&self, max_payload: usize) -> Result<()> {
         let bad = |m: String| Err(Error::invalid_message(m));
         if self.destination.trim().is_empty() {
@@ -139,13 +143,34 @@ impl Message {
                 ));
             }
         }
-        if self.payload.len() > max_payload {
+        if self.headers.len() > MAX_HEADERS {
             return bad(format!(
-                "payload of {} bytes is over the limit of {max_payload} bytes",
+                "{} headers: at most {MAX_HEADERS} are allowed",
+                self.headers.len()
+            ));
+        }
+        let header_bytes: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if self.payload.len() + header_bytes > max_payload {
+            return bad(format!(
+                "payload ({} bytes) and headers ({header_bytes} bytes) are over the limit of {max_payload} bytes",
                 self.payload.len()
             ));
         }
         for (name, value) in &self.headers {
+            if RESERVED_HEADERS
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(name))
+            {
+                return bad(format!(
+                    "header {name:?} is reserved: the publishers set it themselves"
+                ));
+            }
+            if value.len() > MAX_HEADER_VALUE {
+                return bad(format!(
+                    "header {name:?} has a value of {} bytes: at most {MAX_HEADER_VALUE}",
+                    value.len()
+                ));
+            }
             let name_ok = !name.is_empty()
                 && name.len() <= 255
                 && name.chars().all(|c| c.is_ascii_graphic() && c != ':');
@@ -164,6 +189,20 @@ impl Message {
         Ok(())
     }
 }
+
+/// Most headers a message may carry.
+pub const MAX_HEADERS: usize = 64;
+/// Longest header value, in bytes.
+pub const MAX_HEADER_VALUE: usize = 8 * 1024;
+/// Header names the publishers set themselves (compared without case): a message cannot
+/// override the id consumers de-duplicate on, its stream, its key or its content type.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "outbox-id",
+    "outbox-stream",
+    "x-outbox-stream",
+    "x-outbox-key",
+    "content-type",
+];
 
 fn truncate(s: &str) -> String {
     s.chars().take(64).collect()
@@ -395,6 +434,36 @@ pub fn from_millis(ms: i64) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn header_limits() {
+        let big = 1 << 20;
+        let ok = Message::new("d", b"x".to_vec()).header("h", "v".repeat(MAX_HEADER_VALUE));
+        assert!(ok.validate(big).is_ok());
+        let long = Message::new("d", b"x".to_vec()).header("h", "v".repeat(MAX_HEADER_VALUE + 1));
+        assert!(long
+            .validate(big)
+            .unwrap_err()
+            .to_string()
+            .contains("at most"));
+        let many = (0..=MAX_HEADERS).fold(Message::new("d", Vec::new()), |m, i| {
+            m.header(format!("h{i}"), "v")
+        });
+        assert!(many.validate(big).is_err());
+        for name in RESERVED_HEADERS {
+            let m = Message::new("d", Vec::new()).header(name.to_uppercase(), "v");
+            assert!(m
+                .validate(big)
+                .unwrap_err()
+                .to_string()
+                .contains("reserved"));
+        }
+        // Headers count toward the size limit.
+        let m = Message::new("d", vec![0; 10]).header("abc", "defgh");
+        assert!(m.validate(18).is_ok());
+        assert!(m.validate(17).is_err());
+    }
+
     use super::*;
 
     #[test]
