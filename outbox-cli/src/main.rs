@@ -120,6 +120,9 @@ struct RelayArgs {
     /// Also refuse rows that carry no signature (needs verification keys).
     #[arg(long, env = "OUTBOX_REQUIRE_SIGNATURES")]
     require_signatures: bool,
+    /// Deployment label bound into signatures (`Signer::label` of the writers) [default: none]
+    #[arg(long, env = "OUTBOX_SIGNING_LABEL")]
+    signing_label: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -205,6 +208,7 @@ struct FileRelay {
     signing_keys_file: Option<PathBuf>,
     signing_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
+    signing_label: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -553,6 +557,10 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         file.signing_keys_file.as_deref(),
         file.signing_keys.as_deref(),
     )?;
+    let signer = match args.signing_label.or(file.signing_label) {
+        Some(label) => signer.map(|s| s.label(label)),
+        None => signer,
+    };
     let require_signatures = args.require_signatures || file.require_signatures.unwrap_or(false);
     if require_signatures && signer.is_none() {
         return Err(Error::config(

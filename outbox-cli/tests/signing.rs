@@ -363,3 +363,53 @@ fn key_errors_are_clear_and_secrets_stay_out_of_help() {
         assert!(!out.contains(secret), "--help printed a secret: {out}");
     }
 }
+
+/// Signatures bind the writers' deployment label: a relay without the label (or with another)
+/// refuses the row; with `--signing-label` it publishes it. Each case on a database of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deployment_label_is_bound() {
+    for (label, published) in [
+        (None, false),
+        (Some("billing-staging"), false),
+        (Some("billing-prod"), true),
+    ] {
+        let t = Target::sqlite();
+        let out = bin().args(t.store_args()).arg("migrate").output().unwrap();
+        assert!(out.status.success());
+        let Target::Sqlite(_, db) = &t else {
+            unreachable!()
+        };
+        let sqlite = SqliteStore::open(db).unwrap();
+        let signer = Signer::new(SigningKey::parse(K1).unwrap()).label("billing-prod");
+        let outbox = Outbox::builder(sqlite.clone(), RecordingPublisher::new())
+            .strategy(Strategy::KeepOrder)
+            .signer(signer)
+            .build()
+            .unwrap();
+        let mut conn = sqlite.connect().unwrap();
+        let tx = conn.transaction().unwrap();
+        let msgs = vec![Message::new("d", b"labelled".to_vec()).stream("orders")];
+        drop(sqlite.enqueue(&tx, &outbox, msgs).unwrap());
+        tx.commit().unwrap();
+
+        let mut cmd = bin();
+        cmd.args(t.store_args())
+            .args(["relay", "--publisher", "stdout"])
+            .env("OUTBOX_SIGNING_KEYS", K1);
+        if let Some(l) = label {
+            cmd.args(["--signing-label", l]);
+        }
+        let out = cmd.output().unwrap();
+        let (stdout, stderr) = text(&out);
+        assert_eq!(
+            stdout.contains("payload=labelled"),
+            published,
+            "label {label:?}: {stdout}"
+        );
+        assert_eq!(
+            stderr.contains("signature does not verify"),
+            !published,
+            "label {label:?}: {stderr}"
+        );
+    }
+}

@@ -76,11 +76,13 @@ pub enum Corruption {
     DestinationNewline,
     /// `stream` starts and ends with spaces.
     StreamWhitespace,
+    /// The ordering-unit column no longer matches the key (the row moved to another unit).
+    UnitMoved,
 }
 
 impl Corruption {
     /// Every kind.
-    pub const ALL: [Corruption; 8] = [
+    pub const ALL: [Corruption; 9] = [
         Corruption::HeadersNotAMap,
         Corruption::UnknownStrategy,
         Corruption::IdNotUuid,
@@ -89,6 +91,7 @@ impl Corruption {
         Corruption::NegativeAttempts,
         Corruption::DestinationNewline,
         Corruption::StreamWhitespace,
+        Corruption::UnitMoved,
     ];
 
     /// The column the quarantine reason must name.
@@ -101,6 +104,7 @@ impl Corruption {
             Corruption::StreamBlob | Corruption::StreamWhitespace => "stream",
             Corruption::NegativeAttempts => "attempts",
             Corruption::DestinationNewline => "destination",
+            Corruption::UnitMoved => "okey",
         }
     }
 }

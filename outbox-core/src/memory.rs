@@ -140,6 +140,10 @@ fn selected(sel: &Selector, r: &StoredMessage) -> bool {
 
 #[async_trait]
 impl Store for MemoryStore {
+    fn signing_scope(&self) -> String {
+        "memory".into()
+    }
+
     async fn migrate(&self) -> Result<()> {
         Ok(())
     }

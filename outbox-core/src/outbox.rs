@@ -202,7 +202,10 @@ impl Outbox {
                 created_at: now,
                 message,
             };
-            let signature = cfg.signer.as_ref().map(|s| s.sign(&envelope));
+            let signature = cfg
+                .signer
+                .as_ref()
+                .map(|s| s.sign(&envelope, strategy, &self.inner.store.signing_scope()));
             let on_commit = strategy == Strategy::PublishOnCommit;
             let row = NewMessage {
                 envelope,

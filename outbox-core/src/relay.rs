@@ -115,6 +115,8 @@ pub struct Relay<S, P> {
     config: RelayConfig,
     observers: Observers,
     owner: String,
+    /// The store's signing scope (its table).
+    scope: String,
 }
 
 /// Builds a [`Relay`].
@@ -314,9 +316,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     fn verify(&self, m: &StoredMessage) -> Result<()> {
         let cfg = &self.config;
         match (&cfg.signer, m.signature.as_deref()) {
-            (Some(signer), Some(signature)) => signer.verify(&m.envelope, Some(signature)),
+            (Some(signer), Some(signature)) => {
+                signer.verify(&m.envelope, m.strategy, &self.scope, Some(signature))
+            }
             (Some(_), None) if !cfg.require_signatures => Ok(()),
-            (Some(signer), None) => signer.verify(&m.envelope, None),
+            (Some(signer), None) => signer.verify(&m.envelope, m.strategy, &self.scope, None),
             // A signature nobody can check is not a reason to trust the row.
             (None, Some(_)) => Err(Error::new(
                 ErrorKind::Tampered,
@@ -622,6 +626,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         )?;
         in_range("max_payload_bytes", c.max_payload_bytes, 1, 1 << 30)?;
         Ok(Relay {
+            scope: self.store.signing_scope(),
             store: self.store,
             publisher: self.publisher,
             config: self.config,

@@ -7,7 +7,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::message::Envelope;
+use crate::message::{to_millis, Envelope, Strategy};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -59,14 +59,21 @@ impl SigningKey {
             .map_err(|e| Error::config(format!("signing key {:?}: {e}", id.trim())))
     }
 
-    fn mac(&self, envelope: &Envelope) -> HmacSha256 {
+    fn mac(&self, envelope: &Envelope, signed: &Signed<'_>) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key length");
         let m = &envelope.message;
         let mut field = |bytes: &[u8]| {
             mac.update(&(bytes.len() as u64).to_be_bytes());
             mac.update(bytes);
         };
+        // Version 2: a domain label, then everything that decides what is published, where,
+        // in which unit, in which order and under which strategy.
+        field(b"outbox-mac-v2");
+        field(signed.label.as_bytes());
+        field(signed.scope.as_bytes());
         field(envelope.id.to_string().as_bytes());
+        field(&to_millis(envelope.created_at).to_be_bytes());
+        field(signed.strategy.as_str().as_bytes());
         field(m.stream.as_bytes());
         field(m.destination.as_bytes());
         match &m.key {
@@ -87,6 +94,14 @@ impl SigningKey {
     }
 }
 
+/// What a signature binds besides the message: the strategy it was enqueued under, the
+/// signer's deployment label and the store's scope (its table).
+struct Signed<'a> {
+    strategy: Strategy,
+    label: &'a str,
+    scope: &'a str,
+}
+
 impl fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SigningKey")
@@ -97,10 +112,17 @@ impl fmt::Debug for SigningKey {
 }
 
 /// Signs with one active key and verifies with the active key plus older ones.
+///
+/// A signature (`key-id:v2:hex`) covers the message id, `created_at`, strategy, stream,
+/// destination, key, content type, headers and payload, the signer's
+/// [`label`](Self::label) and the store's table: a row changed in any of these, or copied into
+/// another outbox table or deployment, does not verify. Replaying a signed row in the same
+/// table (after it was sent) is possible; consumers de-duplicate on the message id.
 #[derive(Debug, Clone)]
 pub struct Signer {
     active: SigningKey,
     previous: Vec<SigningKey>,
+    label: String,
 }
 
 impl Signer {
@@ -109,6 +131,7 @@ impl Signer {
         Self {
             active,
             previous: Vec::new(),
+            label: String::new(),
         }
     }
 
@@ -132,6 +155,13 @@ impl Signer {
         Ok(signer)
     }
 
+    /// A deployment label bound into every signature (say `"billing-prod"`), so rows signed
+    /// by one deployment never verify in another that shares the key. Default: empty.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
     /// The ids of every key, the active one first (ids are not secret).
     pub fn key_ids(&self) -> impl Iterator<Item = &str> {
         std::iter::once(&self.active)
@@ -145,20 +175,34 @@ impl Signer {
         self
     }
 
-    /// `key-id:hex(hmac)` over id, stream, destination, key, content type, headers, payload.
-    pub fn sign(&self, envelope: &Envelope) -> String {
-        let tag = self.active.mac(envelope).finalize().into_bytes();
-        let mut out = String::with_capacity(self.active.id.len() + 65);
+    /// `key-id:v2:hex(hmac)` over the message, its `strategy`, this signer's label and `scope`
+    /// (the store's [`signing_scope`](crate::Store::signing_scope)).
+    pub fn sign(&self, envelope: &Envelope, strategy: Strategy, scope: &str) -> String {
+        let signed = Signed {
+            strategy,
+            label: &self.label,
+            scope,
+        };
+        let tag = self.active.mac(envelope, &signed).finalize().into_bytes();
+        let mut out = String::with_capacity(self.active.id.len() + 68);
         out.push_str(&self.active.id);
-        out.push(':');
+        out.push_str(":v2:");
         for b in tag {
             out.push_str(&format!("{b:02x}"));
         }
         out
     }
 
-    /// Check a stored signature; any failure is an [`ErrorKind::Tampered`] error.
-    pub fn verify(&self, envelope: &Envelope, signature: Option<&str>) -> Result<()> {
+    /// Check a stored signature; any failure is an [`ErrorKind::Tampered`] error. Signatures
+    /// of the first format (`key-id:hex`, which covered neither strategy, time nor table)
+    /// are refused.
+    pub fn verify(
+        &self,
+        envelope: &Envelope,
+        strategy: Strategy,
+        scope: &str,
+        signature: Option<&str>,
+    ) -> Result<()> {
         let tampered = |why: &str| {
             Err(Error::new(
                 ErrorKind::Tampered,
@@ -169,8 +213,11 @@ impl Signer {
         let Some(sig) = signature else {
             return tampered("no signature while signing is required");
         };
-        let Some((key_id, hex)) = sig.split_once(':') else {
+        let Some((key_id, rest)) = sig.split_once(':') else {
             return tampered("malformed signature");
+        };
+        let Some(hex) = rest.strip_prefix("v2:") else {
+            return tampered("signature of an older format, which does not cover strategy, time and table: re-sign or requeue from the source");
         };
         let Some(key) = std::iter::once(&self.active)
             .chain(&self.previous)
@@ -181,8 +228,13 @@ impl Signer {
         let Some(bytes) = decode_hex(hex) else {
             return tampered("malformed signature");
         };
+        let signed = Signed {
+            strategy,
+            label: &self.label,
+            scope,
+        };
         // verify_slice compares in constant time.
-        key.mac(envelope)
+        key.mac(envelope, &signed)
             .verify_slice(&bytes)
             .or_else(|_| tampered("signature does not match its content"))
     }
@@ -218,16 +270,22 @@ mod tests {
         let old = SigningKey::new("k1", b"0123456789abcdef-old".to_vec()).unwrap();
         let new = SigningKey::new("k2", b"0123456789abcdef-new".to_vec()).unwrap();
         let e = env();
-        let sig_old = Signer::new(old.clone()).sign(&e);
-        assert!(sig_old.starts_with("k1:"));
+        let ko = Strategy::KeepOrder;
+        let sig_old = Signer::new(old.clone()).sign(&e, ko, "outbox");
+        assert!(sig_old.starts_with("k1:v2:"));
 
-        let rotated = Signer::new(new.clone()).accept(old);
-        assert!(rotated.verify(&e, Some(&sig_old)).is_ok());
-        assert!(rotated.verify(&e, Some(&rotated.sign(&e))).is_ok());
+        let rotated = Signer::new(new.clone()).accept(old.clone());
+        assert!(rotated.verify(&e, ko, "outbox", Some(&sig_old)).is_ok());
+        assert!(rotated
+            .verify(&e, ko, "outbox", Some(&rotated.sign(&e, ko, "outbox")))
+            .is_ok());
         // Retired key dropped: old signatures are refused.
         let only_new = Signer::new(new);
         assert_eq!(
-            only_new.verify(&e, Some(&sig_old)).unwrap_err().kind(),
+            only_new
+                .verify(&e, ko, "outbox", Some(&sig_old))
+                .unwrap_err()
+                .kind(),
             ErrorKind::Tampered
         );
 
@@ -235,20 +293,46 @@ mod tests {
             |e: &mut Envelope| e.message.payload.push(b'!'),
             |e: &mut Envelope| e.message.destination.push('x'),
             |e: &mut Envelope| e.message.key = None,
+            |e: &mut Envelope| e.message.stream.push('x'),
+            |e: &mut Envelope| e.message.content_type.push('x'),
             |e: &mut Envelope| {
                 e.message.headers.insert("h".into(), "w".into());
             },
             |e: &mut Envelope| e.id = MessageId::new(),
+            |e: &mut Envelope| e.created_at -= std::time::Duration::from_secs(1),
         ] {
             let mut t = e.clone();
             change(&mut t);
             assert_eq!(
-                rotated.verify(&t, Some(&sig_old)).unwrap_err().kind(),
+                rotated
+                    .verify(&t, ko, "outbox", Some(&sig_old))
+                    .unwrap_err()
+                    .kind(),
                 ErrorKind::Tampered
             );
         }
-        assert!(rotated.verify(&e, None).is_err());
-        assert!(rotated.verify(&e, Some("k1:zz")).is_err());
+        // The strategy, the table and the deployment label are bound too.
+        assert!(rotated
+            .verify(&e, Strategy::PublishOnCommit, "outbox", Some(&sig_old))
+            .is_err());
+        assert!(rotated
+            .verify(&e, ko, "outbox_copy", Some(&sig_old))
+            .is_err());
+        let labelled = Signer::new(old.clone()).label("billing-prod");
+        assert!(labelled.verify(&e, ko, "outbox", Some(&sig_old)).is_err());
+        let sig = labelled.sign(&e, ko, "outbox");
+        assert!(labelled.verify(&e, ko, "outbox", Some(&sig)).is_ok());
+        assert!(Signer::new(old)
+            .label("billing-staging")
+            .verify(&e, ko, "outbox", Some(&sig))
+            .is_err());
+        // The first format is refused.
+        let v1 = format!("k1:{}", &sig_old["k1:v2:".len()..]);
+        let err = rotated.verify(&e, ko, "outbox", Some(&v1)).unwrap_err();
+        assert!(err.to_string().contains("older format"), "{err}");
+
+        assert!(rotated.verify(&e, ko, "outbox", None).is_err());
+        assert!(rotated.verify(&e, ko, "outbox", Some("k1:v2:zz")).is_err());
         assert!(format!("{rotated:?}").contains("redacted"));
         assert!(!format!("{rotated:?}").contains("0123456789"));
         assert!(SigningKey::new("k", b"short".to_vec()).is_err());

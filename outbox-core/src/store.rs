@@ -226,6 +226,13 @@ pub trait Store: Send + Sync {
     /// Tell waiting relays in this process that rows were committed. Called after commit by
     /// [`Pending`](crate::Pending); the default does nothing.
     fn notify_committed(&self) {}
+
+    /// What signatures are bound to besides the message (with the
+    /// [`Signer`](crate::Signer)'s label): the table's name, so a signed row copied into
+    /// another outbox table does not verify. The default is empty.
+    fn signing_scope(&self) -> String {
+        String::new()
+    }
 }
 
 macro_rules! forward_store {
@@ -245,6 +252,7 @@ macro_rules! forward_store {
             async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
             async fn wait_for_work(&self, timeout: Duration) { (**self).wait_for_work(timeout).await }
             fn notify_committed(&self) { (**self).notify_committed() }
+            fn signing_scope(&self) -> String { (**self).signing_scope() }
         }
     )*};
 }

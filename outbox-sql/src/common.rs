@@ -87,6 +87,13 @@ where
     let strategy: String = col(row, 8, "strategy")?;
     let status: String = col(row, 9, "status")?;
     let attempts: i32 = col(row, 10, "attempts")?;
+    let key: Option<String> = col::<R, Option<String>>(row, 4, "msg_key")?;
+    let okey: String = col(row, 16, "okey")?;
+    if okey != key.as_deref().unwrap_or("") {
+        return Err(format!(
+            "column okey: {okey:?} is not the row's key: the row was moved to another ordering unit"
+        ));
+    }
     Ok(StoredMessage {
         seq: col(row, 0, "seq")?,
         envelope: Envelope {
@@ -98,7 +105,7 @@ where
             message: Message {
                 stream: col(row, 2, "stream")?,
                 destination: col(row, 3, "destination")?,
-                key: col::<R, Option<String>>(row, 4, "msg_key")?,
+                key,
                 payload: col(row, 5, "payload")?,
                 content_type: col(row, 6, "content_type")?,
                 headers,

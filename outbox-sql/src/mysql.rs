@@ -25,7 +25,7 @@ pub use sqlx;
 /// The columns of `decode`, with the binary-collated ones converted so they read as text.
 const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT(msg_key USING utf8mb4), payload, \
                     content_type, headers, strategy, status, attempts, created_at, next_attempt_at, last_error, \
-                    sent_at, signature";
+                    sent_at, signature, CONVERT(okey USING utf8mb4)";
 
 /// The database clock in milliseconds.
 const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
@@ -410,6 +410,10 @@ impl MySqlStore {
 
 #[async_trait]
 impl Store for MySqlStore {
+    fn signing_scope(&self) -> String {
+        self.inner.table.clone()
+    }
+
     async fn migrate(&self) -> outbox_core::Result<()> {
         let t = &self.inner.table;
         let c = self.exact_collation().await?;

@@ -43,7 +43,8 @@ const NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 fn cols(prefix: &str) -> String {
     format!(
         "{p}seq, {p}id::text, {p}stream, {p}destination, {p}msg_key, {p}payload, {p}content_type, {p}headers::text, \
-         {p}strategy, {p}status, {p}attempts, {p}created_at, {p}next_attempt_at, {p}last_error, {p}sent_at, {p}signature",
+         {p}strategy, {p}status, {p}attempts, {p}created_at, {p}next_attempt_at, {p}last_error, {p}sent_at, {p}signature, \
+         {p}okey",
         p = prefix
     )
 }
@@ -470,6 +471,10 @@ fn selector(sel: &Selector) -> (&'static str, Option<String>, Option<Vec<i64>>) 
 
 #[async_trait]
 impl Store for PgStore {
+    fn signing_scope(&self) -> String {
+        self.inner.table.clone()
+    }
+
     async fn migrate(&self) -> outbox_core::Result<()> {
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
         // Several processes may migrate at once: one at a time.

@@ -26,6 +26,7 @@ sql_store_tests! {
             C::NegativeAttempts => "attempts = -5",
             C::DestinationNewline => "destination = CONCAT('a', CHAR(13), CHAR(10), 'b')",
             C::StreamWhitespace => "stream = ' padded '",
+            C::UnitMoved => "okey = 'another-unit'",
         })
     },
 }

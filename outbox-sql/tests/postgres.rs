@@ -23,6 +23,7 @@ sql_store_tests! {
             C::NegativeAttempts => Some("attempts = -5"),
             C::DestinationNewline => Some("destination = E'a\\r\\nb'"),
             C::StreamWhitespace => Some("stream = ' padded '"),
+            C::UnitMoved => Some("okey = 'another-unit'"),
             // UUID and TEXT columns refuse these.
             C::IdNotUuid | C::KeyNotUtf8 | C::StreamBlob => None,
         }

@@ -206,8 +206,12 @@ fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connec
             )));
         }
         create_private(path).map_err(|e| {
-            Error::config(format!("cannot create SQLite database {}", path.display()))
-                .with_source(e)
+            Error::new(
+                outbox_core::ErrorKind::Store,
+                Retry::Transient,
+                format!("cannot create SQLite database {}", path.display()),
+            )
+            .with_source(e)
         })?;
     }
     let conn = Connection::open(path).map_err(|e| {
@@ -243,7 +247,7 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 const COLS: &str =
     "seq, id, stream, destination, msg_key, payload, content_type, headers, strategy, status, \
-                    attempts, created_at, next_attempt_at, last_error, sent_at, signature";
+                    attempts, created_at, next_attempt_at, last_error, sent_at, signature, okey";
 
 struct Sql {
     schema: String,
@@ -394,6 +398,13 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
             ))
         }
     };
+    let key: Option<String> = col(row, 4, "msg_key")?;
+    let okey: String = col(row, 16, "okey")?;
+    if okey != key.as_deref().unwrap_or("") {
+        return Err(format!(
+            "column okey: {okey:?} is not the row's key: the row was moved to another ordering unit"
+        ));
+    }
     Ok(StoredMessage {
         seq: col(row, 0, "seq")?,
         envelope: Envelope {
@@ -404,7 +415,7 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
             message: Message {
                 stream: col(row, 2, "stream")?,
                 destination: col(row, 3, "destination")?,
-                key: col(row, 4, "msg_key")?,
+                key,
                 payload,
                 content_type: col(row, 6, "content_type")?,
                 headers,
@@ -468,6 +479,10 @@ fn selector_clause(sel: &Selector) -> (String, Vec<rusqlite::types::Value>) {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn signing_scope(&self) -> String {
+        self.shared.options.table.clone()
+    }
+
     async fn migrate(&self) -> outbox_core::Result<()> {
         self.blocking(|conn, sql| conn.execute_batch(&sql.schema).map_err(map_err))
             .await

@@ -115,6 +115,7 @@ impl Harness for Sqlite {
             Corruption::NegativeAttempts => "attempts = -5",
             Corruption::DestinationNewline => "destination = 'a' || char(13) || char(10) || 'b'",
             Corruption::StreamWhitespace => "stream = ' padded '",
+            Corruption::UnitMoved => "okey = 'another-unit'",
         };
         let conn = store.connect().unwrap();
         let sql = format!("UPDATE {} SET {set} WHERE seq = ?1", store.table());
