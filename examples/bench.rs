@@ -177,12 +177,12 @@ async fn fill(store: &dyn Store, n: usize, destination: &str) -> Res {
 
 /// Raw baseline: the same claim + delete statements, nothing published.
 async fn claim_delete(store: &dyn Store) -> Res<usize> {
-    let claim = Claim {
-        owner: "baseline".into(),
-        streams: StreamFilter::All,
-        limit: BATCH,
-        lease: Duration::from_secs(60),
-    };
+    let claim = Claim::new(
+        "baseline",
+        StreamFilter::All,
+        BATCH,
+        Duration::from_secs(60),
+    );
     let mut n = 0;
     loop {
         let rows = store.claim(&claim).await?;

@@ -68,7 +68,7 @@ pub use retry::{Decision, RetryPolicy};
 pub use signing::{Signer, SigningKey};
 pub use store::{
     Claim, Claimed, Failure, NewMessage, Outcome, Quarantined, Selector, Stats, Store,
-    StreamFilter, StreamStats,
+    StreamFilter, StreamStats, DEFAULT_MAX_BATCH_BYTES,
 };
 
 /// Re-exported for backends and users implementing the traits.

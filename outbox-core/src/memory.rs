@@ -157,6 +157,7 @@ impl Store for MemoryStore {
         let mut state = self.state.lock().unwrap();
         let mut blocked: HashSet<(String, String)> = HashSet::new();
         let mut out = Vec::new();
+        let (mut bytes, mut taken_any) = (0usize, false);
         for row in state.rows.values_mut() {
             if out.len() >= claim.limit {
                 break;
@@ -179,9 +180,31 @@ impl Store for MemoryStore {
             } else if !free {
                 continue;
             }
+            let m = &row.stored.envelope.message;
+            let size = m.payload.len()
+                + m.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            let oversized = size > claim.max_row_bytes;
+            if !oversized {
+                if taken_any && bytes + size > claim.max_batch_bytes {
+                    break; // in seq order: each unit stays a prefix
+                }
+                bytes += size;
+                taken_any = true;
+            }
             row.locked_by = Some(claim.owner.clone());
             row.locked_until = Some(now + claim.lease);
-            out.push(Ok(row.stored.clone()));
+            out.push(if oversized {
+                Err(crate::store::Quarantined {
+                    seq: row.stored.seq,
+                    id: Some(row.stored.envelope.id.to_string()),
+                    reason: claim.oversized(size),
+                })
+            } else {
+                Ok(row.stored.clone())
+            });
         }
         Ok(out)
     }

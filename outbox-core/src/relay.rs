@@ -52,6 +52,9 @@ pub struct RelayConfig {
     /// unpublished). Default: 1 MiB, the enqueue limit ([`Config::max_payload_bytes`], copied
     /// by [`RelayBuilder::with_config`]).
     pub max_payload_bytes: usize,
+    /// Byte budget of one batch (payload plus headers): a claim takes rows while they fit, at
+    /// least one. Default: 32 MiB.
+    pub max_batch_bytes: usize,
     /// Batches in flight at once. Each claims its own rows (leases keep batches apart, and a
     /// keep-order unit in flight holds back its later rows), so one batch's claim and
     /// acknowledgement overlap another's publishing. Default: 1.
@@ -74,6 +77,7 @@ impl Default for RelayConfig {
             require_signatures: false,
             max_error_backoff: Duration::from_secs(30),
             max_payload_bytes: c.max_payload_bytes,
+            max_batch_bytes: crate::store::DEFAULT_MAX_BATCH_BYTES,
             concurrency: 1,
         }
     }
@@ -117,6 +121,9 @@ pub struct Relay<S, P> {
     owner: String,
     /// The store's signing scope (its table).
     scope: String,
+    /// Rows to claim next: `batch_size`, halved after a batch ran out of lease, grown back
+    /// after batches that did not.
+    limit: std::sync::atomic::AtomicUsize,
 }
 
 /// Builds a [`Relay`].
@@ -143,6 +150,32 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         &self.config
     }
 
+    fn batch_limit(&self) -> usize {
+        self.limit.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// After a batch: halve the next claim if this one ran out of lease, else grow it back.
+    fn adapt(&self, ran_out_of_lease: usize, claimed: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.batch_limit();
+        let next = if ran_out_of_lease > 0 {
+            let next = (now / 2).max(1);
+            tracing::warn!(
+                released = ran_out_of_lease,
+                claimed,
+                next_batch = next,
+                lease = ?self.config.lease,
+                "the batch ran out of lease before it was published; the rest was given back and the next batch is smaller"
+            );
+            next
+        } else if claimed >= now {
+            (now * 2).min(self.config.batch_size)
+        } else {
+            now
+        };
+        self.limit.store(next, Relaxed);
+    }
+
     /// Claim one batch and publish it.
     pub async fn step(&self) -> Result<BatchReport> {
         let span = tracing::debug_span!("outbox.relay.batch", owner = %self.owner);
@@ -157,8 +190,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             .claim(&Claim {
                 owner: self.owner.clone(),
                 streams: cfg.streams.clone(),
-                limit: cfg.batch_size,
+                limit: self.batch_limit(),
                 lease: cfg.lease,
+                max_row_bytes: cfg.max_payload_bytes,
+                max_batch_bytes: cfg.max_batch_bytes,
             })
             .await?;
         let mut report = BatchReport {
@@ -227,6 +262,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // Waves: wave k holds the k-th row of every unit still going, so a unit's next row
         // is sent only after the previous one was acknowledged.
         let mut done = Vec::new();
+        let mut out_of_lease = 0usize;
         let mut cursor = vec![0usize; units.len()];
         let mut alive: Vec<usize> = (0..units.len()).collect();
         while !alive.is_empty() {
@@ -234,6 +270,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 // Not enough lease left for another publish: give the rest back.
                 for &u in &alive {
                     for m in &units[u][cursor[u]..] {
+                        out_of_lease += 1;
                         report.released += 1;
                         failures.push(Failure {
                             seq: m.seq,
@@ -310,6 +347,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             self.store.fail(&self.owner, &failures).await?;
         }
         metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
+        self.adapt(out_of_lease, report.claimed);
         Ok(report)
     }
 
@@ -399,7 +437,16 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         loop {
             let r = self.step().await?;
             total += r;
-            if r.claimed == 0 || r.published + r.released + r.quarantined == 0 {
+            if r.claimed == 0 {
+                return Ok(total);
+            }
+            if r.published + r.released + r.quarantined == 0 {
+                tracing::info!(
+                    claimed = r.claimed,
+                    failed = r.failed,
+                    dead = r.dead,
+                    "stopping: a batch published nothing (its rows failed and back off, or were dead-lettered); they are retried later"
+                );
                 return Ok(total);
             }
         }
@@ -625,7 +672,9 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             HOUR,
         )?;
         in_range("max_payload_bytes", c.max_payload_bytes, 1, 1 << 30)?;
+        in_range("max_batch_bytes", c.max_batch_bytes, 1, 1 << 32)?;
         Ok(Relay {
+            limit: std::sync::atomic::AtomicUsize::new(self.config.batch_size),
             scope: self.store.signing_scope(),
             store: self.store,
             publisher: self.publisher,

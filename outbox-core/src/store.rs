@@ -39,7 +39,65 @@ pub struct Claim {
     pub limit: usize,
     /// How long the lease lasts; after that another relay may take the rows.
     pub lease: Duration,
+    /// A row whose payload plus headers take more bytes is returned [`Quarantined`] without
+    /// its payload being read.
+    pub max_row_bytes: usize,
+    /// The rows of one claim take at most this many bytes (payload plus headers), or one row
+    /// when a single row is larger; the rest waits for the next claim.
+    pub max_batch_bytes: usize,
 }
+
+impl Claim {
+    /// A claim with the default byte limits (1 MiB a row, 32 MiB a batch).
+    pub fn new(
+        owner: impl Into<String>,
+        streams: StreamFilter,
+        limit: usize,
+        lease: Duration,
+    ) -> Self {
+        Self {
+            owner: owner.into(),
+            streams,
+            limit,
+            lease,
+            max_row_bytes: 1024 * 1024,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+        }
+    }
+
+    /// Which of `sizes` (in claim order) this claim takes: oversized rows are always taken
+    /// (to be quarantined; they cost nothing), the others while the running total stays within
+    /// `max_batch_bytes` (always at least one).
+    pub fn within_budget(&self, sizes: &[usize]) -> Vec<bool> {
+        let mut total = 0usize;
+        let mut any = false;
+        sizes
+            .iter()
+            .map(|&size| {
+                if size > self.max_row_bytes {
+                    return true;
+                }
+                let fits = !any || total + size <= self.max_batch_bytes;
+                if fits {
+                    total += size;
+                    any = true;
+                }
+                fits
+            })
+            .collect()
+    }
+
+    /// The reason a row of `size` bytes is quarantined.
+    pub fn oversized(&self, size: usize) -> String {
+        format!(
+            "payload and headers take {size} bytes, over the limit of {} bytes (not loaded)",
+            self.max_row_bytes
+        )
+    }
+}
+
+/// Default byte budget of one claim.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// A claimed row that cannot be read back as a message (a column that does not decode:
 /// headers that are not a JSON map of strings, an unknown strategy, an id that is not a UUID,
@@ -170,7 +228,10 @@ impl Stats {
 /// # Contract
 /// - `claim` returns due, unleased, pending rows and leases them to `claim.owner`. Rows are
 ///   decoded one by one: a row that does not decode comes back as [`Quarantined`] (still
-///   leased) and never fails the other rows of the claim.
+///   leased) and never fails the other rows of the claim. Row sizes (payload plus headers)
+///   are read first: a row over `max_row_bytes` comes back [`Quarantined`] without its payload
+///   being loaded, and the others are taken in order while they fit `max_batch_bytes`
+///   ([`Claim::within_budget`]).
 ///   Publish-on-commit rows come in `seq` order. A keep-order row is returned only when every
 ///   earlier pending row of its ordering unit (stream + key) is also returned in the same
 ///   claim; so a unit whose head is leased elsewhere or backing off yields nothing, and the

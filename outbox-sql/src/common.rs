@@ -126,8 +126,12 @@ where
     })
 }
 
-/// A claimed row: decoded, or quarantined with the reason.
-pub(crate) fn claimed<R>(row: &R) -> outbox_core::Result<outbox_core::Claimed>
+/// A claimed row: decoded, or quarantined with the reason. A claim's rows carry their size
+/// after the decoded columns (index 17), and no payload when it is over the row limit.
+pub(crate) fn claimed<R>(
+    row: &R,
+    claim: &outbox_core::Claim,
+) -> outbox_core::Result<outbox_core::Claimed>
 where
     R: Row,
     usize: sqlx::ColumnIndex<R>,
@@ -137,9 +141,21 @@ where
     for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let seq: i64 = row.try_get(0).map_err(map_err)?; // the primary key: always an integer
+    let id = || row.try_get::<String, _>(1).ok();
+    if let Ok(None) = row.try_get::<Option<Vec<u8>>, _>(5) {
+        let size = row
+            .try_get::<i64, _>(17)
+            .or_else(|_| row.try_get::<i32, _>(17).map(i64::from))
+            .unwrap_or(-1);
+        return Ok(Err(outbox_core::Quarantined {
+            seq,
+            id: id(),
+            reason: claim.oversized(size.max(0) as usize),
+        }));
+    }
     Ok(decode(row).map_err(|reason| outbox_core::Quarantined {
         seq,
-        id: row.try_get::<String, _>(1).ok(),
+        id: id(),
         reason,
     }))
 }

@@ -503,14 +503,14 @@ impl Store for MySqlStore {
             StreamFilter::All => (String::new(), vec![]),
             StreamFilter::Only(s) => (format!(" AND o.stream IN ({})", list(s.len())), s.clone()),
         };
-        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it;
-        // the rows themselves come back here, the lease is written next.
+        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it,
+        // with their sizes only: payloads are read once the byte budget chose the rows.
         let select = format!(
             "WITH blocked AS (
                SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
                WHERE b.status = 'pending' AND b.strategy = 'keep_order' AND (b.locked_until > ? OR (b.attempts > 0 AND b.next_attempt_at > ?))
                GROUP BY b.stream, b.okey)
-             SELECT {COLS} FROM {t} o
+             SELECT o.seq, CAST(LENGTH(o.payload) + LENGTH(o.headers) AS SIGNED) FROM {t} o
              WHERE o.status = 'pending'{filter}
                AND (o.locked_until IS NULL OR o.locked_until <= ?) AND o.next_attempt_at <= ?
                AND (o.strategy = 'on_commit' OR NOT EXISTS (
@@ -518,21 +518,47 @@ impl Store for MySqlStore {
              ORDER BY o.seq LIMIT ?"
         );
         // Placeholders in order: the CTE's two `now`s, the stream filter, two `now`s, the limit.
-        let mut q = sqlx::query(&select).bind(now).bind(now);
+        let mut q = sqlx::query_as::<_, (i64, i64)>(&select).bind(now).bind(now);
         for s in &streams {
             q = q.bind(s);
         }
-        let rows = q
+        let candidates = q
             .bind(now)
             .bind(now)
             .bind(claim.limit as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
-        let rows = rows
+        let sizes: Vec<usize> = candidates
             .iter()
-            .map(claimed)
-            .collect::<outbox_core::Result<Vec<_>>>()?;
+            .map(|(_, n)| (*n).max(0) as usize)
+            .collect();
+        let seqs: Vec<i64> = candidates
+            .iter()
+            .zip(claim.within_budget(&sizes))
+            .take_while(|(_, fits)| *fits)
+            .map(|((seq, _), _)| *seq)
+            .collect();
+        let mut rows = Vec::with_capacity(seqs.len());
+        if !seqs.is_empty() {
+            let load = format!(
+                "SELECT {cols}, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED) FROM {t}
+                 WHERE seq IN ({}) ORDER BY seq",
+                list(seqs.len()),
+                cols = COLS.replacen(
+                    "payload,",
+                    "CASE WHEN LENGTH(payload) + LENGTH(headers) > ? THEN NULL ELSE payload END,",
+                    1
+                )
+            );
+            let mut q = sqlx::query(&load).bind(claim.max_row_bytes as i64);
+            for seq in &seqs {
+                q = q.bind(seq);
+            }
+            for row in q.fetch_all(&mut *tx).await.map_err(map_err)? {
+                rows.push(claimed(&row, claim)?);
+            }
+        }
         if !rows.is_empty() {
             let update = format!(
                 "UPDATE {t} SET locked_by = ?, locked_until = ? WHERE seq IN ({})",

@@ -350,18 +350,30 @@ impl Sql {
                      AND (b.locked_until > now.ms OR (b.attempts > 0 AND b.next_attempt_at > now.ms))
                    GROUP BY b.stream, b.okey),
                  c AS (
-                   SELECT o.seq FROM {t} o, now
+                   SELECT o.seq, octet_length(o.payload) + octet_length(o.headers::text) AS size
+                   FROM {t} o, now
                    WHERE o.status = 'pending' AND ($4::text[] IS NULL OR o.stream = ANY($4))
                      AND (o.locked_until IS NULL OR o.locked_until <= now.ms) AND o.next_attempt_at <= now.ms
                      AND (o.strategy = 'on_commit' OR NOT EXISTS (
                        SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
                          AND blocked.seq < o.seq))
                    ORDER BY o.seq LIMIT $2
-                   FOR UPDATE OF o SKIP LOCKED)
+                   FOR UPDATE OF o SKIP LOCKED),
+                 -- The byte budget ($6), in seq order (so each unit stays a prefix): oversized
+                 -- rows ($5) cost nothing (they are not loaded), the first other row always fits.
+                 b AS (
+                   SELECT seq, size, SUM(CASE WHEN size > $5 THEN 0 ELSE size END) OVER (ORDER BY seq) AS running
+                   FROM c),
+                 taken AS (
+                   SELECT seq, size FROM b
+                   WHERE running - CASE WHEN size > $5 THEN 0 ELSE size END = 0 OR running <= $6)
                  UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3
-                 FROM c WHERE {t}.seq = c.seq
-                 RETURNING {cols}",
-                cols = cols(&format!("{t}."))
+                 FROM taken WHERE {t}.seq = taken.seq
+                 RETURNING {cols}, taken.size",
+                cols = cols(&format!("{t}.")).replace(
+                    &format!("{t}.payload,"),
+                    &format!("CASE WHEN taken.size > $5 THEN NULL ELSE {t}.payload END,")
+                )
             ),
             claim_lock: format!("SELECT id FROM {t}_claim WHERE id = 1 FOR UPDATE"),
             complete_mark: format!(
@@ -527,13 +539,15 @@ impl Store for PgStore {
             .bind(claim.limit as i64)
             .bind(claim.lease.as_millis() as i64)
             .bind(streams)
+            .bind(claim.max_row_bytes.min(i32::MAX as usize) as i32)
+            .bind(claim.max_batch_bytes.min(i64::MAX as usize) as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(map_err)?;
         tx.commit().await.map_err(map_err)?;
         let mut out = rows
             .iter()
-            .map(claimed)
+            .map(|r| claimed(r, claim))
             .collect::<outbox_core::Result<Vec<_>>>()?;
         out.sort_by_key(|r| match r {
             Ok(m) => m.seq,

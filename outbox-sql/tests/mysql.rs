@@ -139,12 +139,7 @@ async fn claim_lock_is_private_and_waits_are_bounded() {
     let h = My;
     let store = h.fresh().await;
     let table = store.table().to_owned();
-    let claim = Claim {
-        owner: "r".into(),
-        streams: StreamFilter::All,
-        limit: 10,
-        lease: Duration::from_secs(30),
-    };
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
     // The row that used to serialize claims, held by a long business transaction.
     let mut business = store.pool().begin().await.unwrap();
     sqlx::query(&format!(

@@ -151,12 +151,7 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let claim = Claim {
-        owner: "r".into(),
-        streams: StreamFilter::All,
-        limit: 10,
-        lease: Duration::from_secs(30),
-    };
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
     let e = tokio::time::timeout(Duration::from_secs(20), impatient.claim(&claim))
         .await
         .expect("the claim waited without a bound")

@@ -302,6 +302,9 @@ impl Sql {
             // leased or backing off; ordering by seq with a limit keeps each unit a prefix.
             // Each unit's first blocked (leased or backing-off) seq, then free, due rows in
             // seq order before it; ordering by seq with a limit keeps each unit a prefix.
+            // The byte budget (?6), in seq order so each unit stays a prefix: sizes are read
+            // first (octet_length does not load a BLOB), oversized rows (?5) cost nothing and
+            // come back without their payload, the first other row always fits.
             claim_head: format!(
                 "WITH blocked AS MATERIALIZED (
                    SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
@@ -309,14 +312,23 @@ impl Sql {
                      AND ((b.locked_until IS NOT NULL AND b.locked_until > ?3) OR (b.attempts > 0 AND b.next_attempt_at > ?3))
                    GROUP BY b.stream, b.okey)
                  UPDATE {t} SET locked_by = ?1, locked_until = ?2 WHERE seq IN (
-                   SELECT o.seq FROM {t} o
-                   WHERE o.status = 'pending' {{filter}}
-                     AND (o.locked_until IS NULL OR o.locked_until <= ?3) AND o.next_attempt_at <= ?3
-                     AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                       SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
-                         AND blocked.seq < o.seq))
-                   ORDER BY o.seq LIMIT ?4)
-                 RETURNING {COLS}"
+                   SELECT seq FROM (
+                     SELECT seq, size, SUM(CASE WHEN size > ?5 THEN 0 ELSE size END) OVER (ORDER BY seq) AS running
+                     FROM (
+                       SELECT o.seq, octet_length(o.payload) + octet_length(o.headers) AS size FROM {t} o
+                       WHERE o.status = 'pending' {{filter}}
+                         AND (o.locked_until IS NULL OR o.locked_until <= ?3) AND o.next_attempt_at <= ?3
+                         AND (o.strategy = 'on_commit' OR NOT EXISTS (
+                           SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
+                             AND blocked.seq < o.seq))
+                       ORDER BY o.seq LIMIT ?4))
+                   WHERE running - CASE WHEN size > ?5 THEN 0 ELSE size END = 0 OR running <= ?6)
+                 RETURNING {cols}, octet_length(payload) + octet_length(headers)",
+                cols = COLS.replacen(
+                    "payload,",
+                    "CASE WHEN octet_length(payload) + octet_length(headers) > ?5 THEN NULL ELSE payload END,",
+                    1
+                )
             ),
             complete_mark: format!(
                 "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({{in}})"
@@ -435,12 +447,22 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
     })
 }
 
-/// A claimed row: decoded, or quarantined with the reason.
-fn claimed_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
+/// A claimed row: decoded, or quarantined with the reason (without its payload, which the
+/// claim did not load, when it is over the row limit; its size follows the columns).
+fn claimed_row(row: &rusqlite::Row<'_>, claim: &Claim) -> rusqlite::Result<Claimed> {
     let seq: i64 = row.get(0)?; // INTEGER PRIMARY KEY: always an integer
+    let id = || row.get::<_, String>(1).ok();
+    if let Ok(rusqlite::types::ValueRef::Null) = row.get_ref(5) {
+        let size: i64 = row.get(17).unwrap_or(-1);
+        return Ok(Err(Quarantined {
+            seq,
+            id: id(),
+            reason: claim.oversized(size.max(0) as usize),
+        }));
+    }
     Ok(decode(row).map_err(|reason| Quarantined {
         seq,
-        id: row.get::<_, String>(1).ok(),
+        id: id(),
         reason,
     }))
 }
@@ -509,11 +531,13 @@ impl Store for SqliteStore {
                 Value::Integer(now + claim.lease.as_millis() as i64),
                 Value::Integer(now),
                 Value::Integer(claim.limit as i64),
+                Value::Integer(claim.max_row_bytes as i64),
+                Value::Integer(claim.max_batch_bytes.min(i64::MAX as usize) as i64),
             ];
             let filter = match &claim.streams {
                 StreamFilter::All => String::new(),
                 StreamFilter::Only(streams) => {
-                    let list = placeholders(streams.len(), 5);
+                    let list = placeholders(streams.len(), 7);
                     args.extend(streams.iter().map(|s| Value::Text(s.clone())));
                     format!("AND o.stream IN ({list})")
                 }
@@ -526,7 +550,7 @@ impl Store for SqliteStore {
             let mut rows = {
                 let mut stmt = tx.prepare_cached(&text).map_err(map_err)?;
                 let rows = stmt
-                    .query_map(params_from_iter(args), claimed_row)
+                    .query_map(params_from_iter(args), |row| claimed_row(row, &claim))
                     .map_err(map_err)?;
                 rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
             };
