@@ -28,16 +28,23 @@ use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
 use tokio::sync::Mutex;
 
 /// Map a lapin error: I/O, connection and channel state errors are transient (a reconnect
-/// fixes them); protocol-level refusals such as a missing exchange are permanent.
+/// fixes them); protocol-level refusals such as a missing exchange, and `FRAME_ERROR`, are
+/// permanent.
 pub fn map_err(e: lapin::Error) -> Error {
-    let permanent_refusal =
-        matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if is_permanent_soft(p));
+    let permanent_refusal = matches!(e.kind(), lapin::ErrorKind::ProtocolError(p) if is_permanent_soft(p) || is_frame_error(p));
     let retry = if e.can_be_recovered() && !permanent_refusal {
         Retry::Transient
     } else {
         Retry::Permanent
     };
     Error::new(ErrorKind::Publish, retry, "amqp").with_source(e)
+}
+
+/// The broker closed the connection over a frame it could not take (a header table over
+/// `frame_max`, ...): sending the same message again fails the same way.
+fn is_frame_error(p: &lapin::protocol::AMQPError) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError};
+    matches!(p.kind(), AMQPErrorKind::Hard(AMQPHardError::FRAMEERROR))
 }
 
 fn is_permanent_soft(p: &lapin::protocol::AMQPError) -> bool {

@@ -711,9 +711,12 @@ pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
         } else {
             assert_eq!(got.len(), 3, "B and t flow: {got:?}");
             assert!(!got.contains(&b"a2".to_vec()), "a2 must wait behind a1");
-            assert_eq!((a1.status, a1.attempts), (Status::Pending, 1));
+            // At least one attempt: the head's short backoff may end within run_once.
+            assert_eq!(a1.status, Status::Pending);
+            assert!(a1.attempts >= 1);
             assert_eq!(find_by_payload(store.as_ref(), b"a2").await.attempts, 0);
-            assert_eq!(events.count("stuck"), 1, "the blocked head is reported");
+            let reported = events.count("stuck");
+            assert!(reported >= 1, "the blocked head is reported");
             assert_eq!(events.count("dead"), 0, "nothing dead-lettered by default");
             // Still blocked later, still reported.
             eventually(
@@ -721,7 +724,7 @@ pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
                 DEADLINE,
                 || async {
                     relay.run_once().await.unwrap();
-                    events.count("stuck") >= 2
+                    events.count("stuck") > reported
                 },
             )
             .await;
