@@ -264,6 +264,38 @@ impl Publisher for AmqpPublisher {
     }
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
+        let mut results = self.send(batch).await;
+        // When the broker closes the channel over one message (a missing exchange, ...),
+        // lapin reports that message's error to every confirm pending on the channel, sent
+        // before it or after: the errors say nothing about the other messages. Send each
+        // failed message again on its own (a fresh channel when needed), so each gets its own
+        // outcome and only the culprit fails. (A duplicate is possible for a message the
+        // broker had taken before the close; consumers de-duplicate on message_id.)
+        let closed = results.iter().any(|r| {
+            r.as_ref()
+                .is_err_and(|e| !e.is_transient() && e.kind() != ErrorKind::Unroutable)
+        });
+        if closed {
+            for i in 0..batch.len() {
+                if results[i]
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != ErrorKind::Unroutable)
+                {
+                    results[i] = self
+                        .send(&[batch[i]])
+                        .await
+                        .pop()
+                        .unwrap_or_else(|| Err(Error::transient("no result")));
+                }
+            }
+        }
+        results
+    }
+}
+
+impl AmqpPublisher {
+    /// Send `batch` on the current channel (reopened if lost), then await every confirm.
+    async fn send(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(e) => {
@@ -312,6 +344,19 @@ impl Publisher for AmqpPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frame_errors_are_permanent_connection_losses_transient() {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPHardError};
+        let protocol = |hard: AMQPHardError| {
+            lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+                AMQPErrorKind::Hard(hard),
+                "closed".into(),
+            )))
+        };
+        assert!(!map_err(protocol(AMQPHardError::FRAMEERROR)).is_transient());
+        assert!(map_err(protocol(AMQPHardError::CONNECTIONFORCED)).is_transient());
+    }
 
     #[test]
     fn destinations() {
