@@ -262,9 +262,9 @@ fn backlog_messages(chunk: usize) -> Vec<Message> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
+/// A SQLite store holding the backlog, committed in ten transactions (the directory lives as
+/// long as the store is used).
+fn sqlite_backlog(dir: &tempfile::TempDir) -> SqliteStore {
     let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
     store.migrate_now().unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
@@ -280,6 +280,13 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_sqlite() {
             .dispatch();
         tx.commit().unwrap();
     }
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite_backlog(&dir);
     redis_restart("sqlite", Arc::new(store), None).await;
 }
 
@@ -287,21 +294,7 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_over_tls_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
-    store.migrate_now().unwrap();
-    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
-        .build()
-        .unwrap();
-    let mut conn = store.connect().unwrap();
-    for chunk in 0..10 {
-        let tx = conn.transaction().unwrap();
-        store
-            .enqueue(&tx, &outbox, backlog_messages(chunk))
-            .unwrap()
-            .dispatch();
-        tx.commit().unwrap();
-    }
+    let store = sqlite_backlog(&dir);
     let pki = Pki::new("outbox test CA");
     let cert = pki.server("redis", &["127.0.0.1"], false);
     redis_restart(
