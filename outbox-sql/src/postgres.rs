@@ -317,12 +317,13 @@ impl Sql {
             ),
             // One round trip: the keep-order unit locks (rows of <table>_units for the units in
             // $17/$18, sorted, so writers never deadlock on them; only roles that can write the
-            // outbox's tables can take them) and the NOTIFY ($19) are taken by CTEs that a
-            // one-time filter evaluates before the first row is inserted.
+            // outbox's tables can take them; `DO UPDATE ... WHERE false` locks an existing row
+            // without writing a new version of it) and the NOTIFY ($19) are taken by CTEs that
+            // a one-time filter evaluates before the first row is inserted.
             insert: format!(
                 "WITH locks AS (
                    INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($17::text[], $18::text[])
-                   ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey RETURNING 1),
+                   ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
                  wake AS (SELECT pg_notify('{t}', '') WHERE $19::bool)
                  INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)

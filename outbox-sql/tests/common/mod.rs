@@ -174,6 +174,20 @@ macro_rules! sql_store_tests {
                 .build()
                 .unwrap();
             let t1_committing = Arc::new(AtomicBool::new(false));
+            // The unit exists already (its lock row too): the writers below must wait on its
+            // lock, not merely on the insert of a new unit.
+            let mut t0 = store.pool().begin().await.unwrap();
+            drop(
+                store
+                    .enqueue(
+                        &mut t0,
+                        &outbox,
+                        [Message::new("d", b"t0".to_vec()).key("k")],
+                    )
+                    .await
+                    .unwrap(),
+            );
+            t0.commit().await.unwrap();
 
             let mut t1 = store.pool().begin().await.unwrap();
             drop(
@@ -219,7 +233,11 @@ macro_rules! sql_store_tests {
                 .into_iter()
                 .map(|e| String::from_utf8(e.message.payload).unwrap())
                 .collect();
-            assert_eq!(published, vec!["t1", "t2"], "published in commit order");
+            assert_eq!(
+                published,
+                vec!["t0", "t1", "t2"],
+                "published in commit order"
+            );
         }
 
         /// Several processes may run `migrate` at once on a new table.
