@@ -526,13 +526,14 @@ impl Store for PgStore {
         // Claims are serialized on the one row of <table>_claim (see the crate docs for why):
         // a lock only roles with privileges on the outbox's tables can take, waited for at most
         // `lock_timeout`.
-        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
-            .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)))
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        sqlx::query(&self.inner.sql.claim_lock)
-            .execute(&mut *tx)
+        // One round trip (simple query protocol): both statements are ours, the timeout a
+        // number.
+        let lock = format!(
+            "SET LOCAL lock_timeout = '{}ms'; {}",
+            self.inner.lock_timeout.as_millis().max(1),
+            self.inner.sql.claim_lock
+        );
+        sqlx::Executor::execute(&mut *tx, lock.as_str())
             .await
             .map_err(map_err)?;
         let rows = sqlx::query(&self.inner.sql.claim)
