@@ -228,6 +228,7 @@ pub(crate) struct TlsParams {
     pub needs_tls: &'static [&'static str],
 }
 
+#[cfg(feature = "postgres")]
 pub(crate) const PG_TLS: TlsParams = TlsParams {
     mode: (
         &["sslmode", "ssl-mode"],
@@ -246,6 +247,7 @@ pub(crate) const PG_TLS: TlsParams = TlsParams {
     needs_tls: &["require", "verify-ca", "verify-full"],
 };
 
+#[cfg(feature = "mysql")]
 pub(crate) const MYSQL_TLS: TlsParams = TlsParams {
     mode: (
         &["ssl-mode", "sslmode"],
