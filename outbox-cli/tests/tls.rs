@@ -203,3 +203,44 @@ fn flag_passwords_warn_and_config_errors_hide_values() {
     );
     assert!(!stderr.contains("toml-secret"), "{stderr}");
 }
+
+/// `RUST_LOG=trace` never prints a broker password: a relay connecting to RabbitMQ as a user
+/// of the test's own (so the password differs from the user name) logs at trace level.
+#[test]
+fn trace_logs_carry_no_broker_password() {
+    let (user, password) = ("outbox_trace_probe", "trace-probe-secret-pw");
+    for args in [
+        vec!["add_user", user, password],
+        vec!["set_permissions", "-p", "/", user, ".*", ".*", ".*"],
+    ] {
+        // add_user fails when the user exists from an earlier run: that is fine.
+        let _ = Command::new("rabbitmqctl").args(&args).output();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("a.db").display());
+    assert!(bin()
+        .args(["--store", &store, "migrate"])
+        .status()
+        .unwrap()
+        .success());
+    let out = bin()
+        .args(["--store", &store, "relay", "--publisher"])
+        .arg(format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"))
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("TRACE") || text.contains("DEBUG"),
+        "trace logging is on: {text}"
+    );
+    assert!(
+        !text.contains(password),
+        "password in the trace output: {text}"
+    );
+}
