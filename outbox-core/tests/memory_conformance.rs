@@ -103,6 +103,7 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
     let relay = Relay::builder(store.clone(), Slow(broker.clone()))
         .lease(Duration::from_millis(700))
         .publish_timeout(Duration::from_millis(300))
+        .batch_size(8)
         .build()
         .unwrap();
     let first = relay.step().await.unwrap();
@@ -111,8 +112,11 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
         first.published < 8 && first.released == 8 - first.published,
         "{first:?}"
     );
+    // A batch that ran out of lease halves the next claim.
+    let second = relay.step().await.unwrap();
+    assert_eq!(second.claimed, 4, "{second:?}");
     let rest = relay.run_once().await.unwrap();
-    assert_eq!(first.published + rest.published, 8);
+    assert_eq!(first.published + second.published + rest.published, 8);
     let order: Vec<u8> = broker
         .published()
         .into_iter()
