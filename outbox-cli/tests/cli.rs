@@ -275,19 +275,6 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-async fn http_get(addr: &str, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
@@ -364,7 +351,7 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     }
     assert_eq!(got, vec!["0", "1", "2"]);
 
-    let body = http_get(&metrics, "/metrics").await;
+    let body = http(&metrics, "GET", "/metrics").await;
     assert!(body.contains("outbox_published_total"), "{body}");
     assert!(body.contains("outbox_publish_seconds"), "{body}");
     assert!(
@@ -510,9 +497,11 @@ fn sqlite_files_are_private_and_only_migrate_creates_them() {
 async fn http(addr: &str, method: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
     body

@@ -349,6 +349,19 @@ fn key_errors_are_clear_and_secrets_stay_out_of_help() {
     std::fs::write(&keys, "k1:fine-secret-0123456789\nbroken-line\n").unwrap();
     let e = relay(&["--signing-keys-file", keys.to_str().unwrap()], &[]);
     assert!(e.contains("line 2") && !e.contains("fine-secret"), "{e}");
+    // A keys file other users can read draws a warning; a private one does not.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let warning = "readable by other users";
+        std::fs::write(&keys, "k1:fine-secret-0123456789\n").unwrap();
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let log = relay(&["--signing-keys-file", keys.to_str().unwrap()], &[]);
+        assert!(log.contains(warning), "{log}");
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let log = relay(&["--signing-keys-file", keys.to_str().unwrap()], &[]);
+        assert!(!log.contains(warning) && !log.contains("error:"), "{log}");
+    }
 
     let help = bin()
         .args(["relay", "--help"])

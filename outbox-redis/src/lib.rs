@@ -122,7 +122,7 @@ impl RedisPublisher {
     /// TLS: `rediss://host:6380/0` (feature `tls`) verifies the server against the system's
     /// roots, or against the PEM bundle named by `?cacertfile=PATH`; `&certfile=PATH&keyfile=PATH`
     /// add a client certificate (for `tls-auth-clients yes`). The files are read and checked
-    /// here. `#insecure` at the end skips verification (never in production).
+    /// here.
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
         let client = client(url)?;
         // Fail fast and let the relay's own backoff do the retrying: a couple of quick

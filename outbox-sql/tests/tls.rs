@@ -37,21 +37,25 @@ fn msgs() -> Vec<Message> {
         .collect()
 }
 
-/// Migrate, enqueue three keep-order messages in a transaction, relay them.
-async fn pg_roundtrip(store: &PgStore) {
-    store.migrate().await.unwrap();
-    let broker = RecordingPublisher::new();
-    let outbox = Outbox::builder(store.clone(), broker.clone())
-        .strategy(Strategy::KeepOrder)
-        .build()
-        .unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
-    tx.commit().await.unwrap();
-    let relay = Relay::builder(store.clone(), broker.clone())
-        .build()
-        .unwrap();
-    assert_eq!(relay.run_once().await.unwrap().published, 3);
+/// Migrate, enqueue three keep-order messages in a transaction, relay them (either store:
+/// both enqueue in `&mut` of a transaction of their own pool).
+macro_rules! roundtrip {
+    ($store:expr) => {{
+        let store = $store;
+        store.migrate().await.unwrap();
+        let broker = RecordingPublisher::new();
+        let outbox = Outbox::builder(store.clone(), broker.clone())
+            .strategy(Strategy::KeepOrder)
+            .build()
+            .unwrap();
+        let mut tx = store.pool().begin().await.unwrap();
+        drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
+        tx.commit().await.unwrap();
+        let relay = Relay::builder(store.clone(), broker.clone())
+            .build()
+            .unwrap();
+        assert_eq!(relay.run_once().await.unwrap().published, 3);
+    }};
 }
 
 async fn pg_ssl_in_use(store: &PgStore) -> bool {
@@ -66,7 +70,7 @@ async fn postgres_sslmode_require_encrypts_against_the_real_server() {
     let base = pg_url();
     let store = pg(&format!("{base}?sslmode=require")).await.unwrap();
     assert!(pg_ssl_in_use(&store).await, "sslmode=require without TLS");
-    pg_roundtrip(&store).await;
+    roundtrip!(&store);
     // The check can fail: without TLS the server says so.
     let plain = pg(&format!("{base}?sslmode=disable")).await.unwrap();
     assert!(!pg_ssl_in_use(&plain).await);
@@ -127,7 +131,7 @@ async fn postgres_verify_full_wrong_ca_expired_wrong_host_and_client_certificate
             &proxy,
             &format!("sslmode=verify-full&sslrootcert={ca}"),
         );
-        pg_roundtrip(&pg(&url).await.unwrap()).await;
+        roundtrip!(&pg(&url).await.unwrap());
     }
 
     // A CA that did not sign the server's certificate.
@@ -192,7 +196,7 @@ async fn postgres_verify_full_wrong_ca_expired_wrong_host_and_client_certificate
         client.cert.display(),
         client.key.display()
     );
-    pg_roundtrip(&pg(&url).await.unwrap()).await;
+    roundtrip!(&pg(&url).await.unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -252,22 +256,6 @@ async fn mysql(url: &str) -> outbox_core::Result<MySqlStore> {
     .await
 }
 
-async fn mysql_roundtrip(store: &MySqlStore) {
-    store.migrate().await.unwrap();
-    let broker = RecordingPublisher::new();
-    let outbox = Outbox::builder(store.clone(), broker.clone())
-        .strategy(Strategy::KeepOrder)
-        .build()
-        .unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
-    tx.commit().await.unwrap();
-    let relay = Relay::builder(store.clone(), broker.clone())
-        .build()
-        .unwrap();
-    assert_eq!(relay.run_once().await.unwrap().published, 3);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_with_tls_required_verified_and_refused() {
     let pki = Pki::new("outbox test CA");
@@ -282,7 +270,7 @@ async fn mariadb_with_tls_required_verified_and_refused() {
         .await
         .unwrap();
     assert!(!cipher.is_empty(), "ssl-mode=REQUIRED without TLS");
-    mysql_roundtrip(&store).await;
+    roundtrip!(&store);
 
     let verified = mysql(&url(
         "127.0.0.1",
@@ -290,7 +278,7 @@ async fn mariadb_with_tls_required_verified_and_refused() {
     ))
     .await
     .unwrap();
-    mysql_roundtrip(&verified).await;
+    roundtrip!(&verified);
 
     let stranger = Pki::new("some other CA");
     let e = mysql(&url(
