@@ -340,11 +340,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             alive.retain(|&u| cursor[u] < units[u].len());
         }
 
-        if !done.is_empty() {
-            self.store.complete(&done, cfg.delete_after_send).await?;
-        }
-        if !failures.is_empty() {
-            self.store.fail(&self.owner, &failures).await?;
+        if !done.is_empty() || !failures.is_empty() {
+            self.store
+                .settle(&self.owner, &done, cfg.delete_after_send, &failures)
+                .await?;
         }
         metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
         self.adapt(out_of_lease, report.claimed);

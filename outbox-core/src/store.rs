@@ -257,6 +257,27 @@ pub trait Store: Send + Sync {
     /// Record failures (retry later, dead-letter, or release). One round trip per batch.
     async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()>;
 
+    /// Record a whole batch's outcome: `done` published (marked sent, or deleted when
+    /// `delete`), `failures` as in [`fail`](Store::fail). The relay calls this once per batch.
+    /// The default calls `complete` then `fail`; stores that keep per-unit state override it
+    /// to settle a unit in one step (a unit whose head failed is never seen free between the
+    /// two calls) and in one round trip.
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> Result<()> {
+        if !done.is_empty() {
+            self.complete(done, delete).await?;
+        }
+        if !failures.is_empty() {
+            self.fail(owner, failures).await?;
+        }
+        Ok(())
+    }
+
     /// Move dead letters back to pending with zero attempts. Returns how many.
     async fn requeue(&self, selector: &Selector) -> Result<u64>;
 
@@ -305,6 +326,7 @@ macro_rules! forward_store {
             async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>> { (**self).claim(claim).await }
             async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> { (**self).complete(seqs, delete).await }
             async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> { (**self).fail(owner, failures).await }
+            async fn settle(&self, owner: &str, done: &[i64], delete: bool, failures: &[Failure]) -> Result<()> { (**self).settle(owner, done, delete, failures).await }
             async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }
             async fn purge_dead(&self, selector: &Selector) -> Result<u64> { (**self).purge_dead(selector).await }
             async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> { (**self).dead_letters(stream, limit).await }

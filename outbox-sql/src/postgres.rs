@@ -59,8 +59,10 @@ pub struct PgOptions {
     /// How long to wait for a pooled connection (and for the first connection at start-up).
     /// Default: 5 s.
     pub acquire_timeout: Duration,
-    /// Longest wait for the claim lock (`lock_timeout` of the claim transaction): a lock held
-    /// longer becomes a logged, retried store error instead of a silent stall. Default: 5 s.
+    /// Longest wait of a claim for a row lock (`lock_timeout` of the claim statement): a lock
+    /// held longer becomes a logged, retried store error instead of a silent stall. Claims
+    /// take no table-wide lock; they wait only for a row another statement is settling.
+    /// Default: 5 s.
     pub lock_timeout: Duration,
 }
 
@@ -77,8 +79,13 @@ impl Default for PgOptions {
 
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a store looks for keep-order rows whose unit it does not know.
+const ADOPT_EVERY: Duration = Duration::from_secs(60);
+
 struct Inner {
     lock_timeout: Duration,
+    /// When orphaned units were last looked for (see `Sql::adopt`).
+    adopted: std::sync::Mutex<Option<std::time::Instant>>,
     pool: PgPool,
     table: String,
     sql: Sql,
@@ -150,6 +157,7 @@ impl PgStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 lock_timeout: DEFAULT_LOCK_TIMEOUT,
+                adopted: std::sync::Mutex::new(None),
                 pool,
                 table: table.to_owned(),
                 sql: Sql::new(table),
@@ -257,21 +265,28 @@ struct Sql {
     /// The same INSERT without the unit locks and NOTIFY (no keep-order row in the batch).
     insert_plain: String,
     claim: String,
-    claim_lock: String,
-    complete_mark: String,
-    complete_delete: String,
-    fail: String,
+    settle_mark: String,
+    settle_delete: String,
+    adopt: String,
     get: String,
 }
 
+/// The claim's per-unit part and the settle statement share the lateral lookup of a unit's
+/// first pending rows through `<table>_unit (stream, okey, seq)`.
 impl Sql {
     fn new(t: &str) -> Self {
         let mut sql = Self::build(t);
         let insert = &sql.insert;
         let start = insert.rfind("INSERT INTO").expect("insert statement");
         sql.insert_plain = insert[start..].replace(
-            "WHERE (SELECT count(*) FROM locks) >= 0 AND (SELECT count(*) FROM wake) >= 0",
+            "WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0",
             "",
+        );
+        sql.settle_delete = sql.settle_mark.replace(
+            &format!(
+                "done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL"
+            ),
+            &format!("done AS (DELETE FROM {t}"),
         );
         sql
     }
@@ -279,6 +294,12 @@ impl Sql {
     fn build(t: &str) -> Self {
         Self {
             insert_plain: String::new(),
+            settle_delete: String::new(),
+            // `<table>_units`: one row per keep-order unit with pending rows, locked by writers
+            // for the whole transaction (commit order). `<table>_due`: the same units as the
+            // claim sees them, with when each may be claimed next (`next_at`: now when free, the
+            // lease's end when leased, the head's retry time when backing off), so a claim
+            // picks due units through `<table>_due_next` and never reads a blocked unit's rows.
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     seq BIGSERIAL PRIMARY KEY,
@@ -301,96 +322,185 @@ impl Sql {
                     sent_at BIGINT,
                     signature TEXT
                 );
-                CREATE INDEX IF NOT EXISTS {t}_pending ON {t} (seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
-                CREATE INDEX IF NOT EXISTS {t}_leased ON {t} (locked_until) WHERE status = 'pending' AND locked_until IS NOT NULL;
-                CREATE INDEX IF NOT EXISTS {t}_backoff ON {t} (next_attempt_at) WHERE status = 'pending' AND attempts > 0;
+                CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
                 CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';
+                DROP INDEX IF EXISTS {t}_pending;
+                DROP INDEX IF EXISTS {t}_leased;
+                DROP INDEX IF EXISTS {t}_backoff;
+                DROP TABLE IF EXISTS {t}_claim;
                 CREATE TABLE IF NOT EXISTS {t}_units (
                     stream TEXT NOT NULL,
                     okey TEXT NOT NULL,
                     PRIMARY KEY (stream, okey)
                 );
-                CREATE TABLE IF NOT EXISTS {t}_claim (id SMALLINT PRIMARY KEY CHECK (id = 1));
-                INSERT INTO {t}_claim (id) VALUES (1) ON CONFLICT DO NOTHING"
+                CREATE TABLE IF NOT EXISTS {t}_due (
+                    stream TEXT NOT NULL,
+                    okey TEXT NOT NULL,
+                    next_at BIGINT NOT NULL,
+                    leased_by TEXT,
+                    PRIMARY KEY (stream, okey)
+                );
+                CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
+                UPDATE {t} SET next_attempt_at = locked_until
+                  WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at"
             ),
             // One round trip: the keep-order unit locks (rows of <table>_units for the units in
             // $17/$18, sorted, so writers never deadlock on them; only roles that can write the
             // outbox's tables can take them; `DO UPDATE ... WHERE false` locks an existing row
-            // without writing a new version of it) and the NOTIFY ($19) are taken by CTEs that
-            // a one-time filter evaluates before the first row is inserted.
+            // without writing a new version of it), then, under those locks, the units' rows of
+            // <table>_due (written only for a unit that had none), and the NOTIFY ($19), are
+            // taken by CTEs that one-time filters evaluate in that order before the first row
+            // is inserted.
             insert: format!(
                 "WITH locks AS (
                    INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($17::text[], $18::text[])
                    ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
+                 due AS (
+                   INSERT INTO {t}_due (stream, okey, next_at)
+                   SELECT s, k, {NOW} FROM unnest($17::text[], $18::text[]) AS x(s, k)
+                   WHERE (SELECT count(*) FROM locks) >= 0
+                   ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
                  wake AS (SELECT pg_notify('{t}', '') WHERE $19::bool)
                  INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
                  SELECT u.id::uuid, u.stream, u.destination, u.msg_key, COALESCE(u.msg_key, ''), u.payload,
                     u.content_type, u.headers::jsonb, u.strategy, u.status, u.attempts, u.created_at,
-                    {NOW} + u.retry_ms, u.locked_by, {NOW} + u.lease_ms, u.last_error, u.signature
+                    {NOW} + GREATEST(u.retry_ms, COALESCE(u.lease_ms, 0)), u.locked_by, {NOW} + u.lease_ms,
+                    u.last_error, u.signature
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[],
                     $8::text[], $9::text[], $10::int4[], $11::int8[], $12::int8[], $13::text[], $14::int8[],
                     $15::text[], $16::text[])
                    AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
                         attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature)
-                 WHERE (SELECT count(*) FROM locks) >= 0 AND (SELECT count(*) FROM wake) >= 0
+                 WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
                  RETURNING seq, id::text"
             ),
-            // Runs after the per-table claim lock: see the crate docs for why.
-            // Blocked rows (leased or backing off) are few: find each unit's first blocked
-            // seq, then take free, due rows in seq order that come before it. A correlated
-            // NOT EXISTS over all earlier pending rows degrades to a pending x pending join on
-            // large backlogs.
+            // One statement, no table-wide lock: due keep-order units are locked with SKIP
+            // LOCKED (a unit is claimed by one relay at a time, so a second relay never sees
+            // message 2 free while message 1 is being leased), and each unit's first rows are
+            // read through <table>_unit: a blocked unit's rows are never read. Publish-on-commit
+            // rows left for the relay are due through <table>_oc (their `next_attempt_at` is
+            // the lease's end while leased). Sizes first; payloads only for the rows taken.
             claim: format!(
-                "WITH now AS (SELECT {NOW} AS ms),
-                 blocked AS MATERIALIZED (
-                   SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b, now
-                   WHERE b.status = 'pending' AND b.strategy = 'keep_order'
-                     AND (b.locked_until > now.ms OR (b.attempts > 0 AND b.next_attempt_at > now.ms))
-                   GROUP BY b.stream, b.okey),
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
+                 now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
+                 u AS MATERIALIZED (
+                   SELECT d.stream, d.okey FROM {t}_due d
+                   WHERE d.next_at <= (SELECT ms FROM now) AND ($4::text[] IS NULL OR d.stream = ANY($4))
+                   ORDER BY d.next_at LIMIT $2
+                   FOR UPDATE SKIP LOCKED),
+                 per AS (SELECT GREATEST(1, $2 / GREATEST(count(*), 1)) AS n FROM u),
+                 k AS MATERIALIZED (
+                   SELECT m.* FROM u CROSS JOIN LATERAL (
+                     SELECT o.seq, o.stream, o.okey, octet_length(o.payload) + octet_length(o.headers::text) AS size,
+                       CASE WHEN o.locked_until > (SELECT ms FROM now) THEN 0
+                            WHEN o.next_attempt_at > (SELECT ms FROM now) THEN o.next_attempt_at END AS blocked
+                     FROM {t} o
+                     WHERE o.stream = u.stream AND o.okey = u.okey AND o.status = 'pending' AND o.strategy <> 'on_commit'
+                     ORDER BY o.seq LIMIT (SELECT n FROM per)) m),
+                 kf AS (
+                   SELECT k.*, MIN(CASE WHEN blocked IS NOT NULL THEN seq END) OVER (PARTITION BY stream, okey) AS first_blocked
+                   FROM k),
+                 oc AS (
+                   SELECT o.seq, octet_length(o.payload) + octet_length(o.headers::text) AS size FROM {t} o
+                   WHERE o.status = 'pending' AND o.strategy = 'on_commit' AND o.next_attempt_at <= (SELECT ms FROM now)
+                     AND (o.locked_until IS NULL OR o.locked_until <= (SELECT ms FROM now))
+                     AND ($4::text[] IS NULL OR o.stream = ANY($4))
+                   ORDER BY o.next_attempt_at LIMIT $2
+                   FOR UPDATE SKIP LOCKED),
                  c AS (
-                   SELECT o.seq, octet_length(o.payload) + octet_length(o.headers::text) AS size
-                   FROM {t} o, now
-                   WHERE o.status = 'pending' AND ($4::text[] IS NULL OR o.stream = ANY($4))
-                     AND (o.locked_until IS NULL OR o.locked_until <= now.ms) AND o.next_attempt_at <= now.ms
-                     AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                       SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
-                         AND blocked.seq < o.seq))
-                   ORDER BY o.seq LIMIT $2
-                   FOR UPDATE OF o SKIP LOCKED),
+                   SELECT seq, size FROM (
+                     SELECT seq, size FROM kf WHERE first_blocked IS NULL OR seq < first_blocked
+                     UNION ALL SELECT seq, size FROM oc) all_rows
+                   ORDER BY seq LIMIT $2),
                  -- The byte budget ($6), in seq order (so each unit stays a prefix): oversized
                  -- rows ($5) cost nothing (they are not loaded), the first other row always fits.
                  b AS (
                    SELECT seq, size, SUM(CASE WHEN size > $5 THEN 0 ELSE size END) OVER (ORDER BY seq) AS running
                    FROM c),
-                 taken AS (
+                 taken AS MATERIALIZED (
                    SELECT seq, size FROM b
-                   WHERE running - CASE WHEN size > $5 THEN 0 ELSE size END = 0 OR running <= $6)
-                 UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3
-                 FROM taken WHERE {t}.seq = taken.seq
-                 RETURNING {cols}, taken.size",
+                   WHERE running - CASE WHEN size > $5 THEN 0 ELSE size END = 0 OR running <= $6),
+                 -- Units: leased while rows were taken; a head backing off makes its unit due at
+                 -- the head's retry time; otherwise unchanged.
+                 units AS (
+                   UPDATE {t}_due d SET next_at = x.next_at, leased_by = x.leased_by
+                   FROM (
+                     SELECT kf.stream, kf.okey,
+                       CASE WHEN bool_or(taken.seq IS NOT NULL) THEN (SELECT ms FROM now) + $3
+                            ELSE MAX(CASE WHEN kf.seq = kf.first_blocked THEN kf.blocked END) END AS next_at,
+                       CASE WHEN bool_or(taken.seq IS NOT NULL) THEN $1 END AS leased_by
+                     FROM kf LEFT JOIN taken ON taken.seq = kf.seq
+                     GROUP BY kf.stream, kf.okey) x
+                   WHERE d.stream = x.stream AND d.okey = x.okey AND x.next_at > 0
+                   RETURNING 1),
+                 upd AS (
+                   UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3,
+                     next_attempt_at = CASE WHEN {t}.strategy = 'on_commit' THEN (SELECT ms FROM now) + $3
+                                            ELSE {t}.next_attempt_at END
+                   FROM taken WHERE {t}.seq = taken.seq AND (SELECT count(*) FROM units) >= 0
+                   RETURNING {cols}, taken.size)
+                 SELECT * FROM upd
+                 UNION ALL
+                 SELECT NULL::bigint, NULL, u.stream, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   NULL, NULL, NULL, u.okey, -1
+                 FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)",
                 cols = cols(&format!("{t}.")).replace(
                     &format!("{t}.payload,"),
                     &format!("CASE WHEN taken.size > $5 THEN NULL ELSE {t}.payload END,")
                 )
             ),
-            claim_lock: format!("SELECT id FROM {t}_claim WHERE id = 1 FOR UPDATE"),
-            complete_mark: format!(
-                "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
-                 WHERE seq = ANY($1)"
-            ),
-            complete_delete: format!("DELETE FROM {t} WHERE seq = ANY($1)"),
-            fail: format!(
-                "UPDATE {t} SET
+            // One statement for a batch's outcome: the units first (a unit whose head failed
+            // gets its retry time, the others are free again), only while this relay still
+            // holds them ($5; NULL for `complete`, which settles whoever holds the rows), then
+            // the published rows ($1), then the failures ($2..).
+            settle_mark: format!(
+                "WITH now AS MATERIALIZED (SELECT {NOW} AS ms),
+                 f AS (SELECT * FROM UNNEST($2::int8[], $3::text[], $4::text[], $6::int8[]) AS f(seq, kind, err, after_ms)),
+                 r AS (SELECT o.seq, o.stream, o.okey FROM {t} o
+                       WHERE (o.seq = ANY($1) OR o.seq IN (SELECT seq FROM f)) AND o.strategy <> 'on_commit'),
+                 units AS (
+                   UPDATE {t}_due d SET leased_by = NULL,
+                     next_at = (SELECT ms FROM now) + x.delay
+                   FROM (SELECT r.stream, r.okey, MAX(CASE WHEN f.kind = 'retry' THEN f.after_ms ELSE 0 END) AS delay
+                         FROM r LEFT JOIN f ON f.seq = r.seq GROUP BY r.stream, r.okey) x
+                   WHERE d.stream = x.stream AND d.okey = x.okey AND ($5::text IS NULL OR d.leased_by = $5)
+                   RETURNING 1),
+                 done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL
+                   WHERE seq = ANY($1) AND (SELECT count(*) FROM units) >= 0 RETURNING 1)
+                 UPDATE {t} SET
                    attempts = CASE WHEN f.kind = 'release' THEN {t}.attempts ELSE {t}.attempts + 1 END,
                    last_error = CASE WHEN f.kind = 'release' THEN {t}.last_error ELSE f.err END,
-                   next_attempt_at = CASE WHEN f.kind = 'retry' THEN {NOW} + f.after_ms ELSE {t}.next_attempt_at END,
+                   next_attempt_at = CASE WHEN f.kind = 'retry' THEN (SELECT ms FROM now) + f.after_ms
+                                          WHEN {t}.strategy = 'on_commit' THEN (SELECT ms FROM now)
+                                          ELSE {t}.next_attempt_at END,
                    status = CASE WHEN f.kind = 'dead' THEN 'dead' ELSE {t}.status END,
                    locked_by = NULL, locked_until = NULL
-                 FROM UNNEST($1::int8[], $2::text[], $3::text[], $4::int8[]) AS f(seq, kind, err, after_ms)
-                 WHERE {t}.seq = f.seq AND {t}.locked_by = $5 AND {t}.status = 'pending'"
+                 FROM f
+                 WHERE {t}.seq = f.seq AND {t}.locked_by = $5 AND {t}.status = 'pending'
+                   AND (SELECT count(*) FROM units) >= 0 AND (SELECT count(*) FROM done) >= 0"
+            ),
+            // Keep-order rows whose unit the claim does not know (written by an older
+            // version, by SQL, or moved to another unit by hand): walk the distinct units of
+            // <table>_unit (one index probe per unit, never the rows) and add the missing ones.
+            adopt: format!(
+                "WITH RECURSIVE walk AS (
+                   (SELECT stream, okey FROM {t} WHERE status = 'pending' ORDER BY stream, okey LIMIT 1)
+                   UNION ALL
+                   SELECT n.stream, n.okey FROM walk w CROSS JOIN LATERAL (
+                     SELECT stream, okey FROM {t}
+                     WHERE status = 'pending' AND (stream, okey) > (w.stream, w.okey)
+                     ORDER BY stream, okey LIMIT 1) n),
+                 orphans AS MATERIALIZED (
+                   SELECT w.stream, w.okey FROM walk w
+                   WHERE NOT EXISTS (SELECT 1 FROM {t}_due d WHERE d.stream = w.stream AND d.okey = w.okey)
+                     AND EXISTS (SELECT 1 FROM {t} o WHERE o.stream = w.stream AND o.okey = w.okey
+                                 AND o.status = 'pending' AND o.strategy <> 'on_commit')),
+                 lockable AS (INSERT INTO {t}_units (stream, okey) SELECT * FROM orphans ON CONFLICT DO NOTHING)
+                 INSERT INTO {t}_due (stream, okey, next_at) SELECT stream, okey, 0 FROM orphans
+                 ON CONFLICT DO NOTHING"
             ),
             get: format!("SELECT {} FROM {t} WHERE seq = $1", cols("")),
         }
@@ -509,12 +619,18 @@ impl Store for PgStore {
                 .await
                 .map_err(map_err)?;
         }
+        sqlx::query(&self.inner.sql.adopt)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         tx.commit().await.map_err(map_err)
     }
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
-        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
-        insert(&mut conn, &self.inner.sql, rows, &[]).await
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let seqs = insert(&mut tx, &self.inner.sql, rows, &keep_order_units(rows)).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(seqs)
     }
 
     async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<outbox_core::Claimed>> {
@@ -522,106 +638,112 @@ impl Store for PgStore {
             StreamFilter::All => None,
             StreamFilter::Only(s) => Some(s.clone()),
         };
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        // Claims are serialized on the one row of <table>_claim (see the crate docs for why):
-        // a lock only roles with privileges on the outbox's tables can take, waited for at most
-        // `lock_timeout`.
-        // One round trip (simple query protocol): both statements are ours, the timeout a
-        // number.
-        let lock = format!(
-            "SET LOCAL lock_timeout = '{}ms'; {}",
-            self.inner.lock_timeout.as_millis().max(1),
-            self.inner.sql.claim_lock
-        );
-        sqlx::Executor::execute(&mut *tx, lock.as_str())
-            .await
-            .map_err(map_err)?;
-        let rows = sqlx::query(&self.inner.sql.claim)
-            .bind(&claim.owner)
-            .bind(claim.limit as i64)
-            .bind(claim.lease.as_millis() as i64)
-            .bind(streams)
-            .bind(claim.max_row_bytes.min(i32::MAX as usize) as i32)
-            .bind(claim.max_batch_bytes.min(i64::MAX as usize) as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        tx.commit().await.map_err(map_err)?;
-        let mut out = rows
-            .iter()
-            .map(|r| claimed(r, claim))
-            .collect::<outbox_core::Result<Vec<_>>>()?;
-        out.sort_by_key(|r| match r {
-            Ok(m) => m.seq,
-            Err(q) => q.seq,
-        });
-        Ok(out)
+        self.adopt_orphans(false).await?;
+        // Empty units (no pending row left) are forgotten between two claims; a claim that
+        // found only those looks again, so it never reports "nothing to do" while units wait.
+        for _ in 0..3 {
+            // One statement, its own transaction: row locks are waited for at most
+            // `lock_timeout` (set for this statement only).
+            let rows = sqlx::query(&self.inner.sql.claim)
+                .bind(&claim.owner)
+                .bind(claim.limit as i64)
+                .bind(claim.lease.as_millis() as i64)
+                .bind(&streams)
+                .bind(claim.max_row_bytes.min(i32::MAX as usize) as i32)
+                .bind(claim.max_batch_bytes.min(i64::MAX as usize) as i64)
+                .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)))
+                .fetch_all(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut empty: (Vec<String>, Vec<String>) = (vec![], vec![]);
+            for r in &rows {
+                if sqlx::Row::try_get::<Option<i64>, _>(r, 0)
+                    .map_err(map_err)?
+                    .is_none()
+                {
+                    empty.0.push(sqlx::Row::try_get(r, 2).map_err(map_err)?);
+                    empty.1.push(sqlx::Row::try_get(r, 16).map_err(map_err)?);
+                } else {
+                    out.push(claimed(r, claim)?);
+                }
+            }
+            let retry = out.is_empty() && !empty.0.is_empty();
+            if !empty.0.is_empty() {
+                self.forget_empty_units(&empty.0, &empty.1).await?;
+            }
+            if !retry {
+                out.sort_by_key(|r| match r {
+                    Ok(m) => m.seq,
+                    Err(q) => q.seq,
+                });
+                return Ok(out);
+            }
+        }
+        Ok(Vec::new())
     }
 
     async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
-        let sql = if delete {
-            &self.inner.sql.complete_delete
-        } else {
-            &self.inner.sql.complete_mark
-        };
-        sqlx::query(sql)
-            .bind(seqs)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
+        self.settle_rows(None, seqs, delete, &[]).await
     }
 
     async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
-        let mut seqs = Vec::with_capacity(failures.len());
-        let (mut kinds, mut errs, mut afters) = (vec![], vec![], vec![]);
-        for f in failures {
-            seqs.push(f.seq);
-            let (kind, after) = match f.outcome {
-                Outcome::Retry { after } => ("retry", after.as_millis() as i64),
-                Outcome::Dead => ("dead", 0),
-                Outcome::Release => ("release", 0),
-            };
-            kinds.push(kind);
-            afters.push(after);
-            errs.push(f.error.clone());
-        }
-        sqlx::query(&self.inner.sql.fail)
-            .bind(seqs)
-            .bind(kinds)
-            .bind(errs)
-            .bind(afters)
-            .bind(owner)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(map_err)?;
-        Ok(())
+        self.settle_rows(Some(owner), &[], false, failures).await
+    }
+
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        self.settle_rows(Some(owner), done, delete, failures).await
     }
 
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, stream, seqs) = selector(sel);
         let t = &self.inner.table;
-        let sql = format!(
-            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
-               locked_until = NULL WHERE status = 'dead'{clause}"
+        // Keep-order rows come back to their unit: under the units' writer locks (as an enqueue
+        // takes them), the rows turn pending and their units become due.
+        let lock = format!(
+            "INSERT INTO {t}_units (stream, okey)
+               SELECT DISTINCT stream, okey FROM {t} WHERE status = 'dead' AND strategy <> 'on_commit'{clause}
+               ORDER BY 1, 2
+             ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false"
         );
-        let mut q = sqlx::query(&sql);
-        if let Some(s) = stream {
-            q = q.bind(s);
+        let sql = format!(
+            "WITH rq AS (
+               UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
+                 locked_until = NULL WHERE status = 'dead'{clause} RETURNING stream, okey, strategy),
+             due AS (
+               INSERT INTO {t}_due (stream, okey, next_at)
+               SELECT DISTINCT stream, okey, {NOW} FROM rq WHERE strategy <> 'on_commit'
+               ON CONFLICT (stream, okey) DO UPDATE SET next_at = LEAST({t}_due.next_at, EXCLUDED.next_at))
+             SELECT count(*) FROM rq"
+        );
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let mut n = 0;
+        for (i, statement) in [lock, sql].iter().enumerate() {
+            let mut q = sqlx::query_scalar::<_, i64>(statement);
+            if let Some(s) = &stream {
+                q = q.bind(s);
+            }
+            if let Some(s) = &seqs {
+                q = q.bind(s);
+            }
+            if i == 0 {
+                q.fetch_all(&mut *tx).await.map_err(map_err)?;
+            } else {
+                n = q.fetch_one(&mut *tx).await.map_err(map_err)? as u64;
+            }
         }
-        if let Some(s) = seqs {
-            q = q.bind(s);
-        }
-        let n = q
-            .execute(&self.inner.pool)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
         sqlx::query("SELECT pg_notify($1, '')")
             .bind(t)
-            .execute(&self.inner.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
     }
@@ -719,6 +841,108 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// Give keep-order rows without a known unit one (see `Sql::adopt`): on the first claim,
+    /// then at most once every [`ADOPT_EVERY`], or now when `force`.
+    async fn adopt_orphans(&self, force: bool) -> outbox_core::Result<()> {
+        {
+            let last = self.inner.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && last.is_some_and(|t| t.elapsed() < ADOPT_EVERY) {
+                return Ok(());
+            }
+        }
+        sqlx::query(&self.inner.sql.adopt)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        *self.inner.adopted.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// One statement for a batch's outcome (see `Sql::settle_mark`).
+    async fn settle_rows(
+        &self,
+        owner: Option<&str>,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        if done.is_empty() && failures.is_empty() {
+            return Ok(());
+        }
+        let mut seqs = Vec::with_capacity(failures.len());
+        let (mut kinds, mut errs, mut afters) = (vec![], vec![], vec![]);
+        for f in failures {
+            seqs.push(f.seq);
+            let (kind, after) = match f.outcome {
+                Outcome::Retry { after } => ("retry", after.as_millis() as i64),
+                Outcome::Dead => ("dead", 0),
+                Outcome::Release => ("release", 0),
+            };
+            kinds.push(kind);
+            afters.push(after);
+            errs.push(f.error.clone());
+        }
+        let sql = if delete {
+            &self.inner.sql.settle_delete
+        } else {
+            &self.inner.sql.settle_mark
+        };
+        sqlx::query(sql)
+            .bind(done)
+            .bind(seqs)
+            .bind(kinds)
+            .bind(errs)
+            .bind(owner)
+            .bind(afters)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Forget units a claim found with no pending row. Writers add a unit's row of
+    /// `<table>_due` while they hold its row of `<table>_units`: so this takes the units'
+    /// writer locks first (skipping a unit a writer holds: it is not empty for long), then,
+    /// in a second statement whose snapshot sees every writer that committed before, deletes
+    /// the units that still have no pending row.
+    async fn forget_empty_units(
+        &self,
+        streams: &[String],
+        keys: &[String],
+    ) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let locked: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT u.stream, u.okey FROM {t}_units u JOIN unnest($1::text[], $2::text[]) AS x(s, k)
+               ON u.stream = x.s AND u.okey = x.k
+             ORDER BY u.stream, u.okey FOR UPDATE OF u SKIP LOCKED"
+        ))
+        .bind(streams)
+        .bind(keys)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if !locked.is_empty() {
+            let (s, k): (Vec<String>, Vec<String>) = locked.into_iter().unzip();
+            sqlx::query(&format!(
+                "WITH gone AS (
+                   DELETE FROM {t}_due d USING unnest($1::text[], $2::text[]) AS x(s, k)
+                   WHERE d.stream = x.s AND d.okey = x.k AND NOT EXISTS (
+                     SELECT 1 FROM {t} o WHERE o.stream = x.s AND o.okey = x.k AND o.status = 'pending'
+                       AND o.strategy <> 'on_commit')
+                   RETURNING d.stream, d.okey)
+                 DELETE FROM {t}_units u USING gone WHERE u.stream = gone.stream AND u.okey = gone.okey"
+            ))
+            .bind(s)
+            .bind(k)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
     /// A second store on the same table with its own pool (as another process would have).
     pub async fn reopen(&self) -> outbox_core::Result<Self> {
         let options = self.inner.pool.connect_options().as_ref().clone();

@@ -67,8 +67,8 @@ async fn notify_wakes_a_relay_in_another_process() {
 
 /// Locks that only roles with privileges on the outbox's tables can take: a role with no
 /// privilege holding the advisory keys the store used to lock on stalls nothing, and cannot
-/// take the claim or unit locks; a privileged session holding the claim lock makes a claim
-/// give up after `lock_timeout` with a transient error instead of stalling.
+/// take the unit locks; a privileged session holding a pending row's lock makes a claim give
+/// up after `lock_timeout` with a transient error instead of stalling.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_need_privileges_and_claim_waits_are_bounded() {
     use outbox_core::{Claim, Store, StreamFilter};
@@ -102,7 +102,7 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
             .unwrap();
     }
     for sql in [
-        format!("SELECT id FROM {table}_claim FOR UPDATE"),
+        format!("SELECT next_at FROM {table}_due FOR UPDATE"),
         format!("INSERT INTO {table}_units (stream, okey) VALUES ('s', 'k')"),
     ] {
         let e = sqlx::query(&sql).execute(&mut intruder).await.unwrap_err();
@@ -135,7 +135,22 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
         .expect("stalled by a role without privileges");
     assert_eq!(report.published, 3);
 
-    // A session that may lock the claim row and holds it: claims give up, transiently.
+    // A session that may lock a pending row and holds it: claims give up, transiently.
+    h.transact(
+        &store,
+        &outbox,
+        vec![Message::new("d", b"held".to_vec()).stream("s").key("k")],
+        true,
+    )
+    .await
+    .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT seq FROM {table} WHERE status = 'pending' FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
     let impatient = PgStore::connect_with(
         &url(),
         PgOptions {
@@ -146,11 +161,6 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
     )
     .await
     .unwrap();
-    let mut holder = store.pool().begin().await.unwrap();
-    sqlx::query(&format!("SELECT id FROM {table}_claim FOR UPDATE"))
-        .execute(&mut *holder)
-        .await
-        .unwrap();
     let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
     let e = tokio::time::timeout(Duration::from_secs(20), impatient.claim(&claim))
         .await
@@ -159,7 +169,7 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
     assert!(e.is_transient(), "{e}");
     assert!(e.to_string().contains("lock timeout"), "{e}");
     holder.rollback().await.unwrap();
-    assert!(impatient.claim(&claim).await.is_ok());
+    assert_eq!(impatient.claim(&claim).await.unwrap().len(), 1);
 
     drop(intruder);
     sqlx::query(&format!("DROP ROLE {role}"))
