@@ -13,7 +13,7 @@ use outbox_core::{
     Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::{MySql, MySqlConnection, Transaction};
+use sqlx::{MySql, MySqlConnection, Row, Transaction};
 use tokio::sync::Notify;
 
 use crate::common::{claimed, keep_order_units, listed, redact_url, stats_from_rows};
@@ -58,8 +58,25 @@ impl Default for MySqlOptions {
 
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a store looks for keep-order rows whose unit it does not know.
+const ADOPT_EVERY: Duration = Duration::from_secs(60);
+
+/// A keep-order unit: (stream, key).
+type Unit = (String, String);
+
+/// A row a claim considers: seq, its unit (keep-order only), size, and for keep-order rows
+/// when it is blocked (0: leased; else its retry time).
+struct Candidate {
+    seq: i64,
+    unit: Option<usize>,
+    size: usize,
+    blocked: Option<i64>,
+}
+
 struct Inner {
     lock_timeout: Duration,
+    /// When orphaned units were last looked for (see `adopt_orphans`).
+    adopted: std::sync::Mutex<Option<std::time::Instant>>,
     /// Whether the server is MariaDB (else MySQL), asked once.
     mariadb: tokio::sync::OnceCell<bool>,
     pool: MySqlPool,
@@ -139,6 +156,7 @@ impl MySqlStore {
         Ok(Self {
             inner: Arc::new(Inner {
                 lock_timeout: DEFAULT_LOCK_TIMEOUT,
+                adopted: std::sync::Mutex::new(None),
                 mariadb: tokio::sync::OnceCell::new(),
                 pool,
                 table: table.to_owned(),
@@ -191,14 +209,7 @@ impl MySqlStore {
     ) -> outbox_core::Result<Pending> {
         let prepared = outbox.prepare(messages)?;
         let t = &self.inner.table;
-        for (stream, key) in keep_order_units(prepared.rows()) {
-            sqlx::query(&format!("INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE okey = okey"))
-                .bind(stream)
-                .bind(key)
-                .execute(&mut *conn)
-                .await
-                .map_err(map_err)?;
-        }
+        lock_units(&mut *conn, t, &keep_order_units(prepared.rows())).await?;
         let seqs = if prepared.needs_seqs() {
             insert(&mut *conn, t, prepared.rows()).await?
         } else {
@@ -207,6 +218,42 @@ impl MySqlStore {
         };
         prepared.into_pending(seqs)
     }
+}
+
+/// Take the writer locks of keep-order units (sorted: writers never deadlock on them), rows
+/// of `<table>_locks` held until the transaction ends. A unit seen for the first time also
+/// gets its row of `<table>_due`, which claims pick units from. A unit's two rows exist
+/// together: they are created here and deleted together, under this lock, once the unit is
+/// empty, so a writer that found the lock row knows the claim knows the unit, and never
+/// touches (or waits for) the row claims lock.
+async fn lock_units(
+    conn: &mut MySqlConnection,
+    t: &str,
+    units: &[(String, String)],
+) -> outbox_core::Result<()> {
+    for (stream, key) in units {
+        let created = sqlx::query(&format!(
+            "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE okey = okey"
+        ))
+        .bind(stream)
+        .bind(key)
+        .execute(&mut *conn)
+        .await
+        .map_err(map_err)?
+        .rows_affected()
+            == 1;
+        if created {
+            sqlx::query(&format!(
+                "INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, {NOW})"
+            ))
+            .bind(stream)
+            .bind(key)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        }
+    }
+    Ok(())
 }
 
 /// Commit `tx`, then publish its publish-on-commit messages in the background.
@@ -353,18 +400,445 @@ impl MySqlStore {
             .copied()
     }
 
-    /// The claim lock, with the database clock, waiting at most `lock_timeout`: the one row
-    /// of `<table>_claim`, a table nothing else writes (enqueues lock rows of `<table>_locks`).
-    async fn claim_lock_sql(&self) -> outbox_core::Result<String> {
-        let t = &self.inner.table;
+    /// `statement` waiting at most `lock_timeout` for a row lock.
+    async fn bounded(&self, statement: &str) -> outbox_core::Result<String> {
         let secs = self.inner.lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
         Ok(if self.is_mariadb().await? {
-            format!("SELECT {NOW} FROM {t}_claim WHERE id = 1 FOR UPDATE WAIT {secs}")
+            format!("SET STATEMENT innodb_lock_wait_timeout = {secs} FOR {statement}")
         } else {
-            format!(
-                "SELECT /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */ {NOW} FROM {t}_claim WHERE id = 1 FOR UPDATE"
+            statement.replacen(
+                "UPDATE ",
+                &format!("UPDATE /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */ "),
+                1,
             )
         })
+    }
+
+    async fn index_exists(&self, name: &str) -> outbox_core::Result<bool> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.STATISTICS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?",
+        )
+        .bind(&self.inner.table)
+        .bind(name)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        Ok(n > 0)
+    }
+
+    /// Keep-order rows whose unit the claim does not know (written by an older version, by
+    /// SQL, or moved to another unit by hand) get their unit rows: the distinct units of
+    /// `<table>_unit` (a loose index scan, never the rows). On the first claim, then at most
+    /// once every [`ADOPT_EVERY`], or now when `force`.
+    async fn adopt_orphans(&self, force: bool) -> outbox_core::Result<()> {
+        {
+            let last = self.inner.adopted.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && last.is_some_and(|t| t.elapsed() < ADOPT_EVERY) {
+                return Ok(());
+            }
+        }
+        let t = &self.inner.table;
+        let orphans: Vec<Unit> = sqlx::query_as(&format!(
+            "SELECT CONVERT(w.stream USING utf8mb4), CONVERT(w.okey USING utf8mb4)
+             FROM (SELECT DISTINCT stream, okey FROM {t} WHERE status = 'pending') w
+             WHERE NOT EXISTS (SELECT 1 FROM {t}_due d WHERE d.stream = w.stream AND d.okey = w.okey)
+               AND EXISTS (SELECT 1 FROM {t} o WHERE o.status = 'pending' AND o.stream = w.stream
+                           AND o.okey = w.okey AND o.strategy <> 'on_commit')"
+        ))
+        .fetch_all(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        for (stream, key) in &orphans {
+            for table in ["locks", "due"] {
+                let sql = if table == "due" {
+                    format!("INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, 0)")
+                } else {
+                    format!("INSERT IGNORE INTO {t}_locks (stream, okey) VALUES (?, ?)")
+                };
+                sqlx::query(&sql)
+                    .bind(stream)
+                    .bind(key)
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        if !force {
+            *self.inner.adopted.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    /// One claim transaction: lock due units (SKIP LOCKED: a unit is claimed by one relay at a
+    /// time), read each unit's first rows through `<table>_unit` (a blocked unit's rows are
+    /// never read) and the due publish-on-commit rows through `<table>_oc`, take them in `seq`
+    /// order within the limit and the byte budget, lease them and their units. Returns the
+    /// rows and the units that had no pending row.
+    async fn claim_once(
+        &self,
+        claim: &Claim,
+    ) -> outbox_core::Result<(Vec<outbox_core::Claimed>, Vec<Unit>)> {
+        let t = &self.inner.table;
+        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
+        // Each statement sees the latest committed rows.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let update_rows = self
+            .bounded(&format!(
+                "UPDATE {t} SET locked_by = ?, locked_until = ?,
+                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
+                 WHERE seq IN "
+            ))
+            .await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
+        let (filter, streams) = match &claim.streams {
+            StreamFilter::All => (String::new(), vec![]),
+            StreamFilter::Only(s) => (format!(" AND stream IN ({})", list(s.len())), s.clone()),
+        };
+        let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let due = format!(
+            "SELECT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}_due
+             WHERE next_at <= ?{filter} ORDER BY next_at LIMIT ? FOR UPDATE SKIP LOCKED"
+        );
+        let mut q = sqlx::query_as::<_, Unit>(&due).bind(now);
+        for s in &streams {
+            q = q.bind(s);
+        }
+        let units: Vec<Unit> = q
+            .bind(claim.limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let mut candidates: Vec<Candidate> = Vec::new();
+        let mut seen = vec![false; units.len()];
+        if !units.is_empty() {
+            let per = (claim.limit / units.len()).max(1) as i64;
+            let one = format!(
+                "(SELECT seq, CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4),
+                   CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED),
+                   CASE WHEN locked_until > ? THEN 0 WHEN next_attempt_at > ? THEN next_attempt_at END
+                 FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ? AND strategy <> 'on_commit'
+                 ORDER BY seq LIMIT ?)"
+            );
+            let sql = vec![one.as_str(); units.len()].join(" UNION ALL ");
+            let mut q = sqlx::query_as::<_, (i64, String, String, i64, Option<i64>)>(&sql);
+            for (stream, key) in &units {
+                q = q.bind(now).bind(now).bind(stream).bind(key).bind(per);
+            }
+            let index: std::collections::HashMap<&Unit, usize> =
+                units.iter().enumerate().map(|(i, u)| (u, i)).collect();
+            for (seq, stream, key, size, blocked) in q.fetch_all(&mut *tx).await.map_err(map_err)? {
+                let unit = index.get(&(stream, key)).copied();
+                if let Some(u) = unit {
+                    seen[u] = true;
+                }
+                candidates.push(Candidate {
+                    seq,
+                    unit,
+                    size: size.max(0) as usize,
+                    blocked,
+                });
+            }
+        }
+        // A unit yields its rows before its first blocked one.
+        candidates.sort_by_key(|c| c.seq);
+        let mut stopped = vec![None::<i64>; units.len()];
+        candidates.retain(|c| match (c.unit, c.blocked) {
+            (Some(u), _) if stopped[u].is_some() => false,
+            (Some(u), Some(until)) => {
+                stopped[u] = Some(until);
+                false
+            }
+            _ => true,
+        });
+        let on_commit = format!(
+            "SELECT seq, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED) FROM {t}
+             WHERE strategy = 'on_commit' AND status = 'pending' AND next_attempt_at <= ?
+               AND (locked_until IS NULL OR locked_until <= ?){filter}
+             ORDER BY next_attempt_at LIMIT ? FOR UPDATE SKIP LOCKED"
+        );
+        let mut q = sqlx::query_as::<_, (i64, i64)>(&on_commit)
+            .bind(now)
+            .bind(now);
+        for s in &streams {
+            q = q.bind(s);
+        }
+        for (seq, size) in q
+            .bind(claim.limit as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+        {
+            candidates.push(Candidate {
+                seq,
+                unit: None,
+                size: size.max(0) as usize,
+                blocked: None,
+            });
+        }
+        candidates.sort_by_key(|c| c.seq);
+        candidates.truncate(claim.limit);
+        let sizes: Vec<usize> = candidates.iter().map(|c| c.size).collect();
+        let fits = claim.within_budget(&sizes);
+        let taken: Vec<&Candidate> = candidates
+            .iter()
+            .zip(fits)
+            .take_while(|(_, fits)| *fits)
+            .map(|(c, _)| c)
+            .collect();
+        let mut rows = Vec::with_capacity(taken.len());
+        if !taken.is_empty() {
+            let load = format!(
+                "SELECT {cols}, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED) FROM {t}
+                 WHERE seq IN ({}) ORDER BY seq",
+                list(taken.len()),
+                cols = COLS.replacen(
+                    "payload,",
+                    "CASE WHEN LENGTH(payload) + LENGTH(headers) > ? THEN NULL ELSE payload END,",
+                    1
+                )
+            );
+            let mut q = sqlx::query(&load).bind(claim.max_row_bytes as i64);
+            for c in &taken {
+                q = q.bind(c.seq);
+            }
+            for row in q.fetch_all(&mut *tx).await.map_err(map_err)? {
+                rows.push(claimed(&row, claim)?);
+            }
+            let until = now + claim.lease.as_millis() as i64;
+            let update = format!("{update_rows}({})", list(taken.len()));
+            let mut q = sqlx::query(&update)
+                .bind(&claim.owner)
+                .bind(until)
+                .bind(until);
+            for c in &taken {
+                q = q.bind(c.seq);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
+            // The units rows were taken from are leased with them.
+            let mut leased: Vec<usize> = taken.iter().filter_map(|c| c.unit).collect();
+            leased.sort_unstable();
+            leased.dedup();
+            if !leased.is_empty() {
+                let sql = format!(
+                    "UPDATE {t}_due SET next_at = ?, leased_by = ? WHERE {}",
+                    vec!["(stream = ? AND okey = ?)"; leased.len()].join(" OR ")
+                );
+                let mut q = sqlx::query(&sql).bind(until).bind(&claim.owner);
+                for &u in &leased {
+                    q = q.bind(&units[u].0).bind(&units[u].1);
+                }
+                q.execute(&mut *tx).await.map_err(map_err)?;
+            }
+            for &u in &leased {
+                stopped[u] = None;
+            }
+        }
+        // A unit whose head backs off is due at the head's retry time.
+        for (u, until) in stopped.iter().enumerate() {
+            if let Some(until) = until.filter(|&until| until > 0) {
+                sqlx::query(&format!(
+                    "UPDATE {t}_due SET next_at = ? WHERE stream = ? AND okey = ?"
+                ))
+                .bind(until)
+                .bind(&units[u].0)
+                .bind(&units[u].1)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+        }
+        tx.commit().await.map_err(map_err)?;
+        let empty = units
+            .into_iter()
+            .zip(seen)
+            .filter(|(_, seen)| !seen)
+            .map(|(u, _)| u)
+            .collect();
+        Ok((rows, empty))
+    }
+
+    /// Forget units a claim found with no pending row: under the units' writer locks (skipping
+    /// a unit a writer holds: it is not empty for long), a fresh read confirms each is still
+    /// empty before its two rows go.
+    async fn forget_empty_units(&self, units: &[Unit]) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
+        for (stream, key) in units {
+            let locked: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM {t}_locks WHERE stream = ? AND okey = ? FOR UPDATE SKIP LOCKED"
+            ))
+            .bind(stream)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if locked.is_none() {
+                continue;
+            }
+            let pending: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT seq FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
+                   AND strategy <> 'on_commit' LIMIT 1"
+            ))
+            .bind(stream)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if pending.is_some() {
+                continue;
+            }
+            for table in ["due", "locks"] {
+                sqlx::query(&format!(
+                    "DELETE FROM {t}_{table} WHERE stream = ? AND okey = ?"
+                ))
+                .bind(stream)
+                .bind(key)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    /// A batch's outcome in one transaction: the units first (a unit whose head failed gets
+    /// its retry time, the others are free again; only while `owner` still holds them, any
+    /// holder for `complete`), then the published rows, then the failures.
+    async fn settle_rows(
+        &self,
+        owner: Option<&str>,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        if done.is_empty() && failures.is_empty() {
+            return Ok(());
+        }
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let all: Vec<i64> = done
+            .iter()
+            .copied()
+            .chain(failures.iter().map(|f| f.seq))
+            .collect();
+        let now: i64 = sqlx::query_scalar(&format!("SELECT {NOW}"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        // Each unit's delay: the longest retry among its failures, else none.
+        let mut delays: std::collections::BTreeMap<Unit, i64> = Default::default();
+        for chunk in all.chunks(1000) {
+            let sql = format!(
+                "SELECT seq, CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}
+                 WHERE seq IN ({}) AND strategy <> 'on_commit'",
+                list(chunk.len())
+            );
+            let mut q = sqlx::query_as::<_, (i64, String, String)>(&sql);
+            for seq in chunk {
+                q = q.bind(seq);
+            }
+            for (seq, stream, key) in q.fetch_all(&mut *tx).await.map_err(map_err)? {
+                let delay = failures
+                    .iter()
+                    .filter(|f| f.seq == seq)
+                    .map(|f| match f.outcome {
+                        Outcome::Retry { after } => after.as_millis() as i64,
+                        _ => 0,
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let d = delays.entry((stream, key)).or_insert(0);
+                *d = (*d).max(delay);
+            }
+        }
+        for ((stream, key), delay) in &delays {
+            sqlx::query(&format!(
+                "UPDATE {t}_due SET next_at = ?, leased_by = NULL
+                 WHERE stream = ? AND okey = ? AND (? IS NULL OR leased_by = ?)"
+            ))
+            .bind(now + delay)
+            .bind(stream)
+            .bind(key)
+            .bind(owner)
+            .bind(owner)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        for chunk in done.chunks(1000) {
+            let sql = if delete {
+                format!("DELETE FROM {t} WHERE seq IN ({})", list(chunk.len()))
+            } else {
+                format!(
+                    "UPDATE {t} SET status = 'sent', sent_at = ?, locked_by = NULL, locked_until = NULL
+                     WHERE seq IN ({})",
+                    list(chunk.len())
+                )
+            };
+            let mut q = sqlx::query(&sql);
+            if !delete {
+                q = q.bind(now);
+            }
+            for s in chunk {
+                q = q.bind(s);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let owner = owner.unwrap_or_default();
+        let released: Vec<i64> = failures
+            .iter()
+            .filter(|f| f.outcome == Outcome::Release)
+            .map(|f| f.seq)
+            .collect();
+        for chunk in released.chunks(1000) {
+            let sql = format!(
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
+                 WHERE seq IN ({}) AND locked_by = ? AND status = 'pending'",
+                list(chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for s in chunk {
+                q = q.bind(s);
+            }
+            q.bind(owner).execute(&mut *tx).await.map_err(map_err)?;
+        }
+        let retry = format!(
+            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
+               locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
+        );
+        let dead = format!(
+            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
+               locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
+        );
+        for f in failures {
+            let q = match f.outcome {
+                Outcome::Retry { after } => sqlx::query(&retry)
+                    .bind(&f.error)
+                    .bind(now + after.as_millis() as i64),
+                Outcome::Dead => sqlx::query(&dead).bind(&f.error),
+                Outcome::Release => continue,
+            };
+            q.bind(f.seq)
+                .bind(owner)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        tx.commit().await.map_err(map_err)
     }
 
     /// Tables made before names were exact used `utf8mb4_bin`: convert their name columns and
@@ -441,8 +915,7 @@ impl Store for MySqlStore {
                     signature VARCHAR(255) NULL,
                     UNIQUE KEY {t}_id (id),
                     KEY {t}_unit (status, stream, okey, seq),
-                    KEY {t}_leased (status, locked_until),
-                    KEY {t}_backoff (status, next_attempt_at),
+                    KEY {t}_oc (strategy, status, next_attempt_at),
                     KEY {t}_sent (status, sent_at)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
             ),
@@ -462,187 +935,138 @@ impl Store for MySqlStore {
                 .map_err(map_err)?;
         }
         self.convert_to_exact_names(c).await?;
-        // The row that serializes claims, in a table of its own: no enqueue can hold it.
+        // Units as claims see them: when each may be claimed next (`next_at`: now when free,
+        // the lease's end when leased, the head's retry time when backing off).
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {t}_due (
+                stream VARCHAR(255) NOT NULL,
+                okey VARCHAR(255) NOT NULL,
+                next_at BIGINT NOT NULL,
+                leased_by VARCHAR(64) NULL,
+                PRIMARY KEY (stream, okey),
+                KEY {t}_due_next (next_at)
+            ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
+        ))
+        .execute(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        // Tables made before claims went by unit: their indexes and the claim lock table go,
+        // publish-on-commit rows get an index of their own, leased ones are due at the
+        // lease's end, and every unit with pending rows gets its rows of the unit tables.
+        for index in ["leased", "backoff"] {
+            if self.index_exists(&format!("{t}_{index}")).await? {
+                sqlx::query(&format!("ALTER TABLE {t} DROP INDEX {t}_{index}"))
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        if !self.index_exists(&format!("{t}_oc")).await? {
+            sqlx::query(&format!(
+                "ALTER TABLE {t} ADD INDEX {t}_oc (strategy, status, next_attempt_at)"
+            ))
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        }
         for statement in [
+            format!("DROP TABLE IF EXISTS {t}_claim"),
             format!(
-                "CREATE TABLE IF NOT EXISTS {t}_claim (id TINYINT NOT NULL PRIMARY KEY) ENGINE = InnoDB"
+                "UPDATE {t} SET next_attempt_at = locked_until
+                 WHERE strategy = 'on_commit' AND status = 'pending' AND locked_until > next_attempt_at"
             ),
-            format!("INSERT IGNORE INTO {t}_claim (id) VALUES (1)"),
         ] {
             sqlx::query(&statement)
                 .execute(&self.inner.pool)
                 .await
                 .map_err(map_err)?;
         }
+        self.adopt_orphans(true).await?;
         Ok(())
     }
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        lock_units(&mut tx, &self.inner.table, &keep_order_units(rows)).await?;
         let seqs = insert(&mut tx, &self.inner.table, rows).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(seqs)
     }
 
     async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<outbox_core::Claimed>> {
-        let t = &self.inner.table;
-        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
-        // Each statement sees the latest committed leases.
-        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-            .execute(&mut *conn)
-            .await
-            .map_err(map_err)?;
-        let lock = self.claim_lock_sql().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
-        // The claim lock and the database clock in one round trip.
-        let now: i64 = sqlx::query_scalar(&lock)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let (filter, streams) = match &claim.streams {
-            StreamFilter::All => (String::new(), vec![]),
-            StreamFilter::Only(s) => (format!(" AND o.stream IN ({})", list(s.len())), s.clone()),
-        };
-        // Each unit's first blocked (leased or backing-off) seq, then free, due rows before it,
-        // with their sizes only: payloads are read once the byte budget chose the rows.
-        let select = format!(
-            "WITH blocked AS (
-               SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
-               WHERE b.status = 'pending' AND b.strategy = 'keep_order' AND (b.locked_until > ? OR (b.attempts > 0 AND b.next_attempt_at > ?))
-               GROUP BY b.stream, b.okey)
-             SELECT o.seq, CAST(LENGTH(o.payload) + LENGTH(o.headers) AS SIGNED) FROM {t} o
-             WHERE o.status = 'pending'{filter}
-               AND (o.locked_until IS NULL OR o.locked_until <= ?) AND o.next_attempt_at <= ?
-               AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                 SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey AND blocked.seq < o.seq))
-             ORDER BY o.seq LIMIT ?"
-        );
-        // Placeholders in order: the CTE's two `now`s, the stream filter, two `now`s, the limit.
-        let mut q = sqlx::query_as::<_, (i64, i64)>(&select).bind(now).bind(now);
-        for s in &streams {
-            q = q.bind(s);
-        }
-        let candidates = q
-            .bind(now)
-            .bind(now)
-            .bind(claim.limit as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        let sizes: Vec<usize> = candidates
-            .iter()
-            .map(|(_, n)| (*n).max(0) as usize)
-            .collect();
-        let seqs: Vec<i64> = candidates
-            .iter()
-            .zip(claim.within_budget(&sizes))
-            .take_while(|(_, fits)| *fits)
-            .map(|((seq, _), _)| *seq)
-            .collect();
-        let mut rows = Vec::with_capacity(seqs.len());
-        if !seqs.is_empty() {
-            let load = format!(
-                "SELECT {cols}, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED) FROM {t}
-                 WHERE seq IN ({}) ORDER BY seq",
-                list(seqs.len()),
-                cols = COLS.replacen(
-                    "payload,",
-                    "CASE WHEN LENGTH(payload) + LENGTH(headers) > ? THEN NULL ELSE payload END,",
-                    1
-                )
-            );
-            let mut q = sqlx::query(&load).bind(claim.max_row_bytes as i64);
-            for seq in &seqs {
-                q = q.bind(seq);
+        self.adopt_orphans(false).await?;
+        // Empty units are forgotten between two claims; a claim that found only those looks
+        // again, so it never reports "nothing to do" while units wait.
+        for _ in 0..3 {
+            let (rows, empty) = self.claim_once(claim).await?;
+            let retry = rows.is_empty() && !empty.is_empty();
+            if !empty.is_empty() {
+                self.forget_empty_units(&empty).await?;
             }
-            for row in q.fetch_all(&mut *tx).await.map_err(map_err)? {
-                rows.push(claimed(&row, claim)?);
+            if !retry {
+                return Ok(rows);
             }
         }
-        if !rows.is_empty() {
-            let update = format!(
-                "UPDATE {t} SET locked_by = ?, locked_until = ? WHERE seq IN ({})",
-                list(rows.len())
-            );
-            let mut q = sqlx::query(&update)
-                .bind(&claim.owner)
-                .bind(now + claim.lease.as_millis() as i64);
-            for r in &rows {
-                q = q.bind(match r {
-                    Ok(m) => m.seq,
-                    Err(q) => q.seq,
-                });
-            }
-            q.execute(&mut *tx).await.map_err(map_err)?;
-        }
-        tx.commit().await.map_err(map_err)?;
-        Ok(rows)
+        Ok(Vec::new())
     }
 
     async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
-        let t = &self.inner.table;
-        for chunk in seqs.chunks(1000) {
-            let sql = if delete {
-                format!("DELETE FROM {t} WHERE seq IN ({})", list(chunk.len()))
-            } else {
-                format!(
-                    "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
-                     WHERE seq IN ({})",
-                    list(chunk.len())
-                )
-            };
-            let mut q = sqlx::query(&sql);
-            for s in chunk {
-                q = q.bind(s);
-            }
-            q.execute(&self.inner.pool).await.map_err(map_err)?;
-        }
-        Ok(())
+        self.settle_rows(None, seqs, delete, &[]).await
     }
 
     async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
-        let t = &self.inner.table;
-        let retry = format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = {NOW} + ?,
-               locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
-        );
-        let dead = format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
-               locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
-        );
-        let release = format!(
-            "UPDATE {t} SET locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
-        );
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        for f in failures {
-            let q = match f.outcome {
-                Outcome::Retry { after } => sqlx::query(&retry)
-                    .bind(&f.error)
-                    .bind(after.as_millis() as i64),
-                Outcome::Dead => sqlx::query(&dead).bind(&f.error),
-                Outcome::Release => sqlx::query(&release),
-            };
-            q.bind(f.seq)
-                .bind(owner)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        }
-        tx.commit().await.map_err(map_err)
+        self.settle_rows(Some(owner), &[], false, failures).await
+    }
+
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        self.settle_rows(Some(owner), done, delete, failures).await
     }
 
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, vals) = selector(sel);
+        let t = &self.inner.table;
+        // Keep-order rows come back to their unit: under the units' writer locks (as an enqueue
+        // takes them), the rows turn pending and their units become due.
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let units_sql = format!(
+            "SELECT DISTINCT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}
+             WHERE status = 'dead' AND strategy <> 'on_commit'{clause} ORDER BY 1, 2"
+        );
+        let units: Vec<Unit> = sqlx_value::bind(sqlx::query(&units_sql), &vals)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(map_err)?;
+        lock_units(&mut tx, t, &units).await?;
+        for (stream, key) in &units {
+            sqlx::query(&format!(
+                "UPDATE {t}_due SET next_at = LEAST(next_at, {NOW}) WHERE stream = ? AND okey = ?"
+            ))
+            .bind(stream)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
         let sql = format!(
-            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
-               locked_until = NULL WHERE status = 'dead'{clause}",
-            self.inner.table
+            "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = {NOW}, locked_by = NULL,
+               locked_until = NULL WHERE status = 'dead'{clause}"
         );
         let n = sqlx_value::bind(sqlx::query(&sql), &vals)
-            .execute(&self.inner.pool)
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?
             .rows_affected();
+        tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
     }

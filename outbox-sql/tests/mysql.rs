@@ -128,9 +128,9 @@ async fn migrate_makes_names_exact_on_an_old_table() {
     store.migrate().await.unwrap(); // idempotent once converted
 }
 
-/// The claim lock is a row of a table of its own, which no enqueue writes: a business
-/// transaction holding any unit lock (the old claim row included) never stalls a claim, and a
-/// session holding the claim row makes a claim give up after `lock_timeout`, transiently.
+/// Claims take no lock that enqueues hold: a business transaction holding any unit lock (the
+/// old claim row included) never stalls a claim, and a session holding a pending row's lock
+/// makes a claim give up after `lock_timeout`, transiently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claim_lock_is_private_and_waits_are_bounded() {
     use outbox_core::{Claim, Store, StreamFilter};
@@ -165,9 +165,24 @@ async fn claim_lock_is_private_and_waits_are_bounded() {
     )
     .await
     .unwrap();
+    let outbox =
+        outbox_core::Outbox::builder(store.clone(), outbox_core::RecordingPublisher::new())
+            .strategy(outbox_core::Strategy::KeepOrder)
+            .build()
+            .unwrap();
+    h.transact(
+        &store,
+        &outbox,
+        vec![outbox_core::Message::new("d", b"held".to_vec())
+            .stream("s")
+            .key("k")],
+        true,
+    )
+    .await
+    .unwrap();
     let mut holder = store.pool().begin().await.unwrap();
     sqlx::query(&format!(
-        "SELECT id FROM {table}_claim WHERE id = 1 FOR UPDATE"
+        "SELECT seq FROM {table} WHERE status = 'pending' FOR UPDATE"
     ))
     .execute(&mut *holder)
     .await
@@ -178,5 +193,5 @@ async fn claim_lock_is_private_and_waits_are_bounded() {
         .unwrap_err();
     assert!(e.is_transient(), "{e}");
     holder.rollback().await.unwrap();
-    assert!(impatient.claim(&claim).await.is_ok());
+    assert_eq!(impatient.claim(&claim).await.unwrap().len(), 1);
 }
