@@ -81,6 +81,8 @@ impl Default for SqliteOptions {
 }
 
 struct Shared {
+    /// When orphaned units were last looked for (see `Sql::adopt`).
+    adopted: Mutex<Option<std::time::Instant>>,
     path: PathBuf,
     options: SqliteOptions,
     sql: Sql,
@@ -117,6 +119,7 @@ impl SqliteStore {
         let sql = Sql::new(&options.table);
         Ok(Self {
             shared: Arc::new(Shared {
+                adopted: Mutex::new(None),
                 path,
                 options,
                 sql,
@@ -172,6 +175,25 @@ impl SqliteStore {
         let prepared = outbox.prepare(messages)?;
         let seqs = insert_rows(tx, &self.shared.sql, prepared.rows())?;
         prepared.into_pending(seqs)
+    }
+
+    async fn settle_rows(
+        &self,
+        owner: Option<&str>,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        if done.is_empty() && failures.is_empty() {
+            return Ok(());
+        }
+        let owner = owner.map(str::to_owned);
+        let done = done.to_vec();
+        let failures = failures.to_vec();
+        self.blocking(move |conn, sql| {
+            settle_rows(conn, sql, owner.as_deref(), &done, delete, &failures)
+        })
+        .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -252,18 +274,23 @@ const COLS: &str =
 struct Sql {
     schema: String,
     insert: String,
-    claim_head: String,
+    /// Give keep-order rows whose unit `<table>_due` does not know (written by an older
+    /// version, by SQL, or moved by hand) their unit: one index probe per distinct unit.
+    adopt: String,
     complete_mark: String,
     complete_delete: String,
-    retry: String,
-    dead: String,
-    release: String,
     get: String,
     table: String,
 }
 
 impl Sql {
     fn new(t: &str) -> Self {
+        let mut sql = Self::build(t);
+        sql.schema = sql.schema.replace("{adopt}", &sql.adopt);
+        sql
+    }
+
+    fn build(t: &str) -> Self {
         Self {
             schema: format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
@@ -288,63 +315,44 @@ impl Sql {
                     signature TEXT
                 );
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
-                CREATE INDEX IF NOT EXISTS {t}_leased ON {t} (locked_until) WHERE status = 'pending' AND locked_until IS NOT NULL;
-                CREATE INDEX IF NOT EXISTS {t}_backoff ON {t} (next_attempt_at) WHERE status = 'pending' AND attempts > 0;
+                CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
-                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';"
+                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';
+                DROP INDEX IF EXISTS {t}_leased;
+                DROP INDEX IF EXISTS {t}_backoff;
+                CREATE TABLE IF NOT EXISTS {t}_due (
+                    stream TEXT NOT NULL,
+                    okey TEXT NOT NULL,
+                    next_at INTEGER NOT NULL,
+                    leased_by TEXT,
+                    PRIMARY KEY (stream, okey)
+                );
+                CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
+                UPDATE {t} SET next_attempt_at = locked_until
+                  WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at;
+                {{adopt}}"
             ),
             insert: format!(
                 "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
             ),
-            // A keep-order row is claimable only when no earlier pending row of its unit is
-            // leased or backing off; ordering by seq with a limit keeps each unit a prefix.
-            // Each unit's first blocked (leased or backing-off) seq, then free, due rows in
-            // seq order before it; ordering by seq with a limit keeps each unit a prefix.
-            // The byte budget (?6), in seq order so each unit stays a prefix: sizes are read
-            // first (octet_length does not load a BLOB), oversized rows (?5) cost nothing and
-            // come back without their payload, the first other row always fits.
-            claim_head: format!(
-                "WITH blocked AS MATERIALIZED (
-                   SELECT b.stream, b.okey, MIN(b.seq) AS seq FROM {t} b
-                   WHERE b.status = 'pending' AND b.strategy = 'keep_order'
-                     AND ((b.locked_until IS NOT NULL AND b.locked_until > ?3) OR (b.attempts > 0 AND b.next_attempt_at > ?3))
-                   GROUP BY b.stream, b.okey)
-                 UPDATE {t} SET locked_by = ?1, locked_until = ?2 WHERE seq IN (
-                   SELECT seq FROM (
-                     SELECT seq, size, SUM(CASE WHEN size > ?5 THEN 0 ELSE size END) OVER (ORDER BY seq) AS running
-                     FROM (
-                       SELECT o.seq, octet_length(o.payload) + octet_length(o.headers) AS size FROM {t} o
-                       WHERE o.status = 'pending' {{filter}}
-                         AND (o.locked_until IS NULL OR o.locked_until <= ?3) AND o.next_attempt_at <= ?3
-                         AND (o.strategy = 'on_commit' OR NOT EXISTS (
-                           SELECT 1 FROM blocked WHERE blocked.stream = o.stream AND blocked.okey = o.okey
-                             AND blocked.seq < o.seq))
-                       ORDER BY o.seq LIMIT ?4))
-                   WHERE running - CASE WHEN size > ?5 THEN 0 ELSE size END = 0 OR running <= ?6)
-                 RETURNING {cols}, octet_length(payload) + octet_length(headers)",
-                cols = COLS.replacen(
-                    "payload,",
-                    "CASE WHEN octet_length(payload) + octet_length(headers) > ?5 THEN NULL ELSE payload END,",
-                    1
-                )
+            adopt: format!(
+                "WITH RECURSIVE walk(seq) AS (
+                   SELECT (SELECT seq FROM {t} WHERE status = 'pending' ORDER BY stream, okey LIMIT 1)
+                   UNION ALL
+                   SELECT (SELECT o.seq FROM {t} o, {t} w0 WHERE w0.seq = walk.seq AND o.status = 'pending'
+                             AND (o.stream, o.okey) > (w0.stream, w0.okey) ORDER BY o.stream, o.okey LIMIT 1)
+                   FROM walk WHERE walk.seq IS NOT NULL)
+                 INSERT OR IGNORE INTO {t}_due (stream, okey, next_at)
+                 SELECT w.stream, w.okey, 0 FROM {t} w WHERE w.seq IN (SELECT seq FROM walk)
+                   AND EXISTS (SELECT 1 FROM {t} o WHERE o.stream = w.stream AND o.okey = w.okey
+                               AND o.status = 'pending' AND o.strategy <> 'on_commit')"
             ),
             complete_mark: format!(
                 "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({{in}})"
             ),
             complete_delete: format!("DELETE FROM {t} WHERE seq IN ({{in}})"),
-            retry: format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, locked_by = NULL,
-                   locked_until = NULL WHERE seq = ?3 AND locked_by = ?4 AND status = 'pending'"
-            ),
-            dead: format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, status = 'dead', locked_by = NULL,
-                   locked_until = NULL WHERE seq = ?2 AND locked_by = ?3 AND status = 'pending'"
-            ),
-            release: format!(
-                "UPDATE {t} SET locked_by = NULL, locked_until = NULL WHERE seq = ?1 AND locked_by = ?2 AND status = 'pending'"
-            ),
             get: format!("SELECT {COLS} FROM {t} WHERE seq = ?1"),
             table: t.to_owned(),
         }
@@ -384,7 +392,326 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
         .map_err(map_err)?;
         seqs.push(conn.last_insert_rowid());
     }
+    // Keep-order units become known to claims (writers are serialized by SQLite's write
+    // lock, so a unit's row is never forgotten while a writer adds to it).
+    let mut unit = conn
+        .prepare_cached(&format!(
+            "INSERT OR IGNORE INTO {}_due (stream, okey, next_at) VALUES (?1, ?2, ?3)",
+            sql.table
+        ))
+        .map_err(map_err)?;
+    let mut units: Vec<(&str, &str)> = rows
+        .iter()
+        .filter(|r| r.strategy == outbox_core::Strategy::KeepOrder)
+        .map(|r| {
+            let m = &r.envelope.message;
+            (m.stream.as_str(), m.key.as_deref().unwrap_or(""))
+        })
+        .collect();
+    units.sort_unstable();
+    units.dedup();
+    for (stream, key) in units {
+        unit.execute(params![stream, key, to_millis(now)])
+            .map_err(map_err)?;
+    }
     Ok(seqs)
+}
+
+/// How often a store looks for keep-order rows whose unit it does not know.
+const ADOPT_EVERY: Duration = Duration::from_secs(60);
+
+/// One claim under `BEGIN IMMEDIATE` (the write lock first, so two relays never read the same
+/// rows): due keep-order units through `<table>_due_next`, each unit's first rows through
+/// `<table>_unit` (a blocked unit's rows are never read), due publish-on-commit rows through
+/// `<table>_oc`; rows taken in `seq` order within the limit and the byte budget. Keep-order
+/// rows are leased through their unit (no row is rewritten, payload included);
+/// publish-on-commit rows carry their own lease. Units with no pending row are forgotten.
+fn claim_rows(
+    conn: &mut Connection,
+    sql: &Sql,
+    claim: &Claim,
+    adopt: bool,
+) -> outbox_core::Result<Vec<Claimed>> {
+    use rusqlite::types::Value;
+    let t = &sql.table;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    if adopt {
+        tx.execute(&sql.adopt, []).map_err(map_err)?;
+    }
+    let now = to_millis(SystemTime::now());
+    let until = now + claim.lease.as_millis() as i64;
+    let (filter, streams) = match &claim.streams {
+        StreamFilter::All => (String::new(), vec![]),
+        StreamFilter::Only(s) => (
+            format!(" AND stream IN ({})", placeholders(s.len(), 3)),
+            s.iter().map(|s| Value::Text(s.clone())).collect::<Vec<_>>(),
+        ),
+    };
+    let units: Vec<(Value, Value)> = {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT stream, okey FROM {t}_due WHERE next_at <= ?1{filter} ORDER BY next_at LIMIT ?2"
+            ))
+            .map_err(map_err)?;
+        let args = [Value::Integer(now), Value::Integer(claim.limit as i64)]
+            .into_iter()
+            .chain(streams.iter().cloned());
+        stmt.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(map_err)?
+    };
+    // (seq, unit, size); per unit, when its head is blocked.
+    let mut candidates: Vec<(i64, Option<usize>, usize)> = Vec::new();
+    let mut blocked: Vec<Option<i64>> = vec![None; units.len()];
+    let mut empty: Vec<usize> = Vec::new();
+    if !units.is_empty() {
+        let per = (claim.limit / units.len()).max(1) as i64;
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT seq, octet_length(payload) + octet_length(headers),
+                   CASE WHEN locked_until > ?1 THEN 0 WHEN next_attempt_at > ?1 THEN next_attempt_at END
+                 FROM {t} WHERE status = 'pending' AND stream = ?2 AND okey = ?3 AND strategy <> 'on_commit'
+                 ORDER BY seq LIMIT ?4"
+            ))
+            .map_err(map_err)?;
+        for (u, (stream, key)) in units.iter().enumerate() {
+            let rows: Vec<(i64, i64, Option<i64>)> = stmt
+                .query_map(params![now, stream, key, per], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
+                .and_then(|rows| rows.collect())
+                .map_err(map_err)?;
+            if rows.is_empty() {
+                empty.push(u);
+            }
+            for (seq, size, until) in rows {
+                if let Some(until) = until {
+                    blocked[u] = Some(until);
+                    break;
+                }
+                candidates.push((seq, Some(u), size.max(0) as usize));
+            }
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT seq, octet_length(payload) + octet_length(headers) FROM {t}
+                 WHERE status = 'pending' AND strategy = 'on_commit' AND next_attempt_at <= ?1
+                   AND (locked_until IS NULL OR locked_until <= ?1){filter}
+                 ORDER BY next_attempt_at LIMIT ?2"
+            ))
+            .map_err(map_err)?;
+        let args = [Value::Integer(now), Value::Integer(claim.limit as i64)]
+            .into_iter()
+            .chain(streams.iter().cloned());
+        let rows: Vec<(i64, i64)> = stmt
+            .query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))
+            .and_then(|rows| rows.collect())
+            .map_err(map_err)?;
+        candidates.extend(
+            rows.into_iter()
+                .map(|(seq, size)| (seq, None, size.max(0) as usize)),
+        );
+    }
+    candidates.sort_by_key(|c| c.0);
+    candidates.truncate(claim.limit);
+    let sizes: Vec<usize> = candidates.iter().map(|c| c.2).collect();
+    let fits = claim.within_budget(&sizes);
+    let taken: Vec<(i64, Option<usize>)> = candidates
+        .iter()
+        .zip(fits)
+        .take_while(|(_, fits)| *fits)
+        .map(|(c, _)| (c.0, c.1))
+        .collect();
+    let mut out = Vec::with_capacity(taken.len());
+    for chunk in taken.chunks(500) {
+        let load = format!(
+            "SELECT {cols}, octet_length(payload) + octet_length(headers) FROM {t} WHERE seq IN ({})",
+            placeholders(chunk.len(), 2),
+            cols = COLS.replacen(
+                "payload,",
+                "CASE WHEN octet_length(payload) + octet_length(headers) > ?1 THEN NULL ELSE payload END,",
+                1
+            )
+        );
+        let args = std::iter::once(claim.max_row_bytes.min(i64::MAX as usize) as i64)
+            .chain(chunk.iter().map(|c| c.0));
+        let mut stmt = tx.prepare(&load).map_err(map_err)?;
+        let rows = stmt
+            .query_map(params_from_iter(args), |row| claimed_row(row, claim))
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(map_err)?;
+        out.extend(rows);
+    }
+    {
+        let mut lease = tx
+            .prepare_cached(&format!(
+                "UPDATE {t} SET locked_by = ?1, locked_until = ?2, next_attempt_at = ?2 WHERE seq = ?3"
+            ))
+            .map_err(map_err)?;
+        for (seq, _) in taken.iter().filter(|c| c.1.is_none()) {
+            lease
+                .execute(params![claim.owner, until, seq])
+                .map_err(map_err)?;
+        }
+        let mut unit = tx
+            .prepare_cached(&format!(
+                "UPDATE {t}_due SET next_at = ?1, leased_by = ?2 WHERE stream = ?3 AND okey = ?4"
+            ))
+            .map_err(map_err)?;
+        let mut leased: Vec<usize> = taken.iter().filter_map(|c| c.1).collect();
+        leased.sort_unstable();
+        leased.dedup();
+        for &u in &leased {
+            unit.execute(params![until, claim.owner, units[u].0, units[u].1])
+                .map_err(map_err)?;
+            blocked[u] = None;
+        }
+        // A head backing off makes its unit due at its retry time.
+        for (u, b) in blocked.iter().enumerate() {
+            if let Some(at) = b.filter(|&at| at > 0) {
+                unit.execute(params![at, Value::Null, units[u].0, units[u].1])
+                    .map_err(map_err)?;
+            }
+        }
+        let mut forget = tx
+            .prepare_cached(&format!(
+                "DELETE FROM {t}_due WHERE stream = ?1 AND okey = ?2"
+            ))
+            .map_err(map_err)?;
+        for &u in &empty {
+            forget
+                .execute(params![units[u].0, units[u].1])
+                .map_err(map_err)?;
+        }
+    }
+    tx.commit().map_err(map_err)?;
+    out.sort_by_key(|r| match r {
+        Ok(m) => m.seq,
+        Err(q) => q.seq,
+    });
+    Ok(out)
+}
+
+/// A batch's outcome in one transaction. Failures apply to rows `owner` still holds: a
+/// publish-on-commit row leased to it, a keep-order row whose unit it leases. Then the units
+/// are settled (a unit whose head failed is due at its retry time, the others now), only
+/// while `owner` holds them (any holder for `complete`).
+fn settle_rows(
+    conn: &mut Connection,
+    sql: &Sql,
+    owner: Option<&str>,
+    done: &[i64],
+    delete: bool,
+    failures: &[Failure],
+) -> outbox_core::Result<()> {
+    let t = &sql.table;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    let now = to_millis(SystemTime::now());
+    // Each keep-order unit touched, with the longest retry delay among its failures.
+    let mut delays: Vec<(rusqlite::types::Value, rusqlite::types::Value, i64)> = Vec::new();
+    {
+        let mut unit = tx
+            .prepare_cached(&format!(
+                "SELECT stream, okey FROM {t} WHERE seq = ?1 AND strategy <> 'on_commit'"
+            ))
+            .map_err(map_err)?;
+        let all = done
+            .iter()
+            .map(|&s| (s, 0))
+            .chain(failures.iter().map(|f| match f.outcome {
+                Outcome::Retry { after } => (f.seq, after.as_millis() as i64),
+                _ => (f.seq, 0),
+            }));
+        for (seq, delay) in all {
+            let found: Option<(rusqlite::types::Value, rusqlite::types::Value)> = unit
+                .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(map_err)?;
+            if let Some((s, k)) = found {
+                match delays.iter_mut().find(|(us, uk, _)| *us == s && *uk == k) {
+                    Some(entry) => entry.2 = entry.2.max(delay),
+                    None => delays.push((s, k, delay)),
+                }
+            }
+        }
+    }
+    let holds = format!(
+        "(locked_by = ?4 OR (strategy <> 'on_commit' AND EXISTS (
+           SELECT 1 FROM {t}_due d WHERE d.stream = {t}.stream AND d.okey = {t}.okey AND d.leased_by = ?4)))"
+    );
+    {
+        let owner = owner.unwrap_or_default();
+        let mut retry = tx
+            .prepare_cached(&format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, locked_by = NULL,
+                   locked_until = NULL WHERE seq = ?3 AND status = 'pending' AND {holds}"
+            ))
+            .map_err(map_err)?;
+        let mut dead = tx
+            .prepare_cached(&format!(
+                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, status = 'dead', locked_by = NULL,
+                   locked_until = NULL WHERE seq = ?3 AND status = 'pending' AND {holds}"
+            ))
+            .map_err(map_err)?;
+        let mut release = tx
+            .prepare_cached(&format!(
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ?2 ELSE next_attempt_at END
+                 WHERE seq = ?3 AND status = 'pending' AND {holds}"
+            ))
+            .map_err(map_err)?;
+        for f in failures {
+            // ?1 error, ?2 time, ?3 seq, ?4 owner (each statement uses what it needs).
+            let r = match &f.outcome {
+                Outcome::Retry { after } => retry.execute(params![
+                    f.error,
+                    now + after.as_millis() as i64,
+                    f.seq,
+                    owner
+                ]),
+                Outcome::Dead => dead.execute(params![f.error, now, f.seq, owner]),
+                Outcome::Release => release.execute(params![f.error, now, f.seq, owner]),
+            };
+            r.map_err(map_err)?;
+        }
+    }
+    for chunk in done.chunks(500) {
+        if delete {
+            let text = sql
+                .complete_delete
+                .replace("{in}", &placeholders(chunk.len(), 1));
+            tx.prepare_cached(&text)
+                .and_then(|mut s| s.execute(params_from_iter(chunk)))
+                .map_err(map_err)?;
+        } else {
+            let text = sql
+                .complete_mark
+                .replace("{in}", &placeholders(chunk.len(), 2));
+            let args = std::iter::once(now).chain(chunk.iter().copied());
+            tx.prepare_cached(&text)
+                .and_then(|mut s| s.execute(params_from_iter(args)))
+                .map_err(map_err)?;
+        }
+    }
+    {
+        let mut unit = tx
+            .prepare_cached(&format!(
+                "UPDATE {t}_due SET next_at = ?1, leased_by = NULL
+                 WHERE stream = ?2 AND okey = ?3 AND (?4 IS NULL OR leased_by = ?4)"
+            ))
+            .map_err(map_err)?;
+        for (s, k, delay) in &delays {
+            unit.execute(params![now + delay, s, k, owner])
+                .map_err(map_err)?;
+        }
+    }
+    tx.commit().map_err(map_err)
 }
 
 /// Decode one row; the error names the column that does not decode. Rows are input: another
@@ -523,98 +850,38 @@ impl Store for SqliteStore {
 
     async fn claim(&self, claim: &Claim) -> outbox_core::Result<Vec<Claimed>> {
         let claim = claim.clone();
-        self.blocking(move |conn, sql| {
-            use rusqlite::types::Value;
-            let now = to_millis(SystemTime::now());
-            let mut args: Vec<Value> = vec![
-                Value::Text(claim.owner.clone()),
-                Value::Integer(now + claim.lease.as_millis() as i64),
-                Value::Integer(now),
-                Value::Integer(claim.limit as i64),
-                Value::Integer(claim.max_row_bytes as i64),
-                Value::Integer(claim.max_batch_bytes.min(i64::MAX as usize) as i64),
-            ];
-            let filter = match &claim.streams {
-                StreamFilter::All => String::new(),
-                StreamFilter::Only(streams) => {
-                    let list = placeholders(streams.len(), 7);
-                    args.extend(streams.iter().map(|s| Value::Text(s.clone())));
-                    format!("AND o.stream IN ({list})")
-                }
-            };
-            let text = sql.claim_head.replace("{filter}", &filter);
-            // IMMEDIATE: take the write lock first, so two relays never read the same rows.
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(map_err)?;
-            let mut rows = {
-                let mut stmt = tx.prepare_cached(&text).map_err(map_err)?;
-                let rows = stmt
-                    .query_map(params_from_iter(args), |row| claimed_row(row, &claim))
-                    .map_err(map_err)?;
-                rows.collect::<Result<Vec<_>, _>>().map_err(map_err)?
-            };
-            tx.commit().map_err(map_err)?;
-            rows.sort_by_key(|r| match r {
-                Ok(m) => m.seq,
-                Err(q) => q.seq,
-            });
-            Ok(rows)
-        })
-        .await
+        let adopt = {
+            let mut last = self
+                .shared
+                .adopted
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let due = last.is_none_or(|t| t.elapsed() >= ADOPT_EVERY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        self.blocking(move |conn, sql| claim_rows(conn, sql, &claim, adopt))
+            .await
     }
 
     async fn complete(&self, seqs: &[i64], delete: bool) -> outbox_core::Result<()> {
-        let seqs = seqs.to_vec();
-        self.blocking(move |conn, sql| {
-            let tx = conn.transaction().map_err(map_err)?;
-            let now = to_millis(SystemTime::now());
-            for chunk in seqs.chunks(500) {
-                if delete {
-                    let text = sql
-                        .complete_delete
-                        .replace("{in}", &placeholders(chunk.len(), 1));
-                    tx.prepare_cached(&text)
-                        .and_then(|mut s| s.execute(params_from_iter(chunk)))
-                        .map_err(map_err)?;
-                } else {
-                    let text = sql
-                        .complete_mark
-                        .replace("{in}", &placeholders(chunk.len(), 2));
-                    let args = std::iter::once(now).chain(chunk.iter().copied());
-                    tx.prepare_cached(&text)
-                        .and_then(|mut s| s.execute(params_from_iter(args)))
-                        .map_err(map_err)?;
-                }
-            }
-            tx.commit().map_err(map_err)
-        })
-        .await
+        self.settle_rows(None, seqs, delete, &[]).await
     }
 
     async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox_core::Result<()> {
-        let owner = owner.to_owned();
-        let failures = failures.to_vec();
-        self.blocking(move |conn, sql| {
-            let tx = conn.transaction().map_err(map_err)?;
-            let now = SystemTime::now();
-            for f in &failures {
-                let r = match &f.outcome {
-                    Outcome::Retry { after } => tx.prepare_cached(&sql.retry).and_then(|mut s| {
-                        s.execute(params![f.error, to_millis(now + *after), f.seq, owner])
-                    }),
-                    Outcome::Dead => tx
-                        .prepare_cached(&sql.dead)
-                        .and_then(|mut s| s.execute(params![f.error, f.seq, owner])),
-                    Outcome::Release => tx
-                        .prepare_cached(&sql.release)
-                        .and_then(|mut s| s.execute(params![f.seq, owner])),
-                };
-                r.map_err(map_err)?;
-            }
-            tx.commit().map_err(map_err)
-        })
-        .await
+        self.settle_rows(Some(owner), &[], false, failures).await
+    }
+
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> outbox_core::Result<()> {
+        self.settle_rows(Some(owner), done, delete, failures).await
     }
 
     async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {
@@ -623,12 +890,34 @@ impl Store for SqliteStore {
             .blocking(move |conn, sql| {
                 let now_idx = args.len() + 1;
                 args.push(rusqlite::types::Value::Integer(to_millis(SystemTime::now())));
+                let t = &sql.table;
+                // Keep-order rows come back to their unit, which becomes due.
                 let text = format!(
-                    "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = ?{now_idx}, locked_by = NULL,
-                       locked_until = NULL WHERE status = 'dead'{clause}",
-                    sql.table
+                    "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = ?{now_idx}, locked_by = NULL,
+                       locked_until = NULL WHERE status = 'dead'{clause}
+                     RETURNING stream, okey, strategy <> 'on_commit'"
                 );
-                conn.execute(&text, params_from_iter(args)).map(|n| n as u64).map_err(map_err)
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+                let rows: Vec<(rusqlite::types::Value, rusqlite::types::Value, bool)> = {
+                    let mut stmt = tx.prepare(&text).map_err(map_err)?;
+                    stmt.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .and_then(|rows| rows.collect())
+                        .map_err(map_err)?
+                };
+                {
+                    let mut due = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO {t}_due (stream, okey, next_at) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (stream, okey) DO UPDATE SET next_at = MIN(next_at, excluded.next_at)"
+                        ))
+                        .map_err(map_err)?;
+                    let now = to_millis(SystemTime::now());
+                    for (stream, key, _) in rows.iter().filter(|r| r.2) {
+                        due.execute(params![stream, key, now]).map_err(map_err)?;
+                    }
+                }
+                tx.commit().map_err(map_err)?;
+                Ok(rows.len() as u64)
             })
             .await?;
         self.shared.notify.notify_one();
