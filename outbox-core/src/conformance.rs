@@ -117,7 +117,8 @@ macro_rules! conformance_tests {
             atomic_enqueue, invalid_input_writes_nothing, publish_on_commit_persist_all,
             publish_on_commit_failure_left_for_relay, publish_on_commit_not_persisted,
             publish_on_commit_crash_recovered_by_relay, keep_order_per_key_under_failures,
-            keep_order_failing_head_blocks_only_its_unit, backoff_delays_retries,
+            keep_order_failing_head_blocks_only_its_unit, stuck_unit_with_a_deep_backlog,
+            backoff_delays_retries,
             dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
             concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
             signing_tamper_and_rotation, signature_policy, panicking_publisher_is_a_failure,
@@ -731,6 +732,205 @@ pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
             assert_eq!(broker.count(), 3);
         }
     }
+}
+
+/// Contract point 4 at depth: a unit whose head keeps failing, with thousands of rows queued
+/// behind it, holds back none of the other units, in any claim; its own rows stay pending and
+/// unpublished, in order, and nothing of it is claimed while its head backs off.
+pub async fn stuck_unit_with_a_deep_backlog<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+        (e.message.destination == "poison").then(|| Error::transient("consumer down"))
+    });
+    let slow = RetryPolicy {
+        initial: Duration::from_secs(600),
+        max: Duration::from_secs(600),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts: 100,
+    };
+    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let behind = 3_000;
+    let mut head = vec![Message::new("poison", b"stuck-head".to_vec())
+        .stream("s")
+        .key("stuck")];
+    head.extend((0..499).map(|i| msg("s", Some("stuck"), i)));
+    h.transact(&store, &outbox, head, true)
+        .await
+        .unwrap()
+        .dispatch();
+    for chunk in 1..behind / 500 {
+        let rows = (0..500)
+            .map(|i| msg("s", Some("stuck"), chunk * 500 + i))
+            .collect();
+        h.transact(&store, &outbox, rows, true)
+            .await
+            .unwrap()
+            .dispatch();
+    }
+    // The stuck unit fails once before the others are even written: its head now backs off.
+    let relay = Relay::builder(store.clone(), publisher)
+        .retry(slow)
+        .batch_size(20)
+        .build()
+        .unwrap();
+    let first = relay.step().await.unwrap();
+    assert_eq!(first.published, 0, "{first:?}");
+    assert!(first.failed == 1, "the head was tried: {first:?}");
+
+    let keys = ["k1", "k2", "k3", "k4", "k5"];
+    let per_key = 40;
+    for round in 0..per_key / 10 {
+        let rows = keys
+            .iter()
+            .flat_map(|k| (0..10).map(move |i| msg("s", Some(k), round * 10 + i)))
+            .collect();
+        h.transact(&store, &outbox, rows, true)
+            .await
+            .unwrap()
+            .dispatch();
+    }
+    let expected = keys.len() * per_key;
+    let claims_with_stuck_rows = std::sync::atomic::AtomicUsize::new(0);
+    eventually("every other unit published", DEADLINE, || async {
+        let r = relay.step().await.unwrap();
+        if r.failed > 0 || r.released > 0 {
+            claims_with_stuck_rows.fetch_add(1, Ordering::SeqCst);
+        }
+        broker.count() >= expected
+    })
+    .await;
+    assert_eq!(
+        claims_with_stuck_rows.load(Ordering::SeqCst),
+        0,
+        "a claim took rows of the backing-off unit"
+    );
+    assert_eq!(broker.count(), expected);
+    let mut seen: HashMap<String, Vec<usize>> = HashMap::new();
+    for e in broker.published() {
+        let key = e.message.key.clone().unwrap_or_default();
+        assert_ne!(key, "stuck", "a row behind the stuck head was published");
+        let n: usize = String::from_utf8(e.message.payload)
+            .unwrap()
+            .parse()
+            .unwrap();
+        seen.entry(key).or_default().push(n);
+    }
+    for (key, ns) in &seen {
+        assert_eq!(
+            ns,
+            &(0..per_key).collect::<Vec<_>>(),
+            "unit {key} out of order"
+        );
+    }
+    let stuck = find_by_payload(store.as_ref(), b"stuck-head").await;
+    assert_eq!((stuck.status, stuck.attempts), (Status::Pending, 1));
+    assert_eq!(total(store.as_ref()).await.pending, behind as u64);
+}
+
+/// Rows a table made by an earlier version holds, as `INSERT` statements for `migrate` tests
+/// (`payload` turns text into the dialect's binary literal). Oldest first: a sent row, a
+/// dead letter, then units `a` (head retried once, due), `b` (head leased by a relay that
+/// died: expired), `h` (head leased by a live relay for an hour) and a publish-on-commit row
+/// whose committer died, interleaved.
+pub fn legacy_rows(table: &str, payload: impl Fn(&str) -> String, now_ms: i64) -> Vec<String> {
+    let past = now_ms - 5_000;
+    let rows: [(&str, &str, &str, &str, i32, Option<(&str, i64)>, i64); 10] = [
+        ("sent0", "a", "keep_order", "sent", 0, None, past),
+        ("dead0", "d", "keep_order", "dead", 5, None, past),
+        ("a0", "a", "keep_order", "pending", 1, None, past),
+        (
+            "b0",
+            "b",
+            "keep_order",
+            "pending",
+            0,
+            Some(("gone-relay", past)),
+            past,
+        ),
+        (
+            "h0",
+            "h",
+            "keep_order",
+            "pending",
+            0,
+            Some(("live-relay", now_ms + 3_600_000)),
+            past,
+        ),
+        ("a1", "a", "keep_order", "pending", 0, None, past),
+        (
+            "o0",
+            "",
+            "on_commit",
+            "pending",
+            0,
+            Some(("committer", past)),
+            past,
+        ),
+        ("b1", "b", "keep_order", "pending", 0, None, past),
+        ("a2", "a", "keep_order", "pending", 0, None, past),
+        ("h1", "h", "keep_order", "pending", 0, None, past),
+    ];
+    rows.iter()
+        .map(|(p, key, strategy, status, attempts, lease, next)| {
+            let (stream, msg_key) = if *strategy == "on_commit" {
+                ("loose", "NULL".to_string())
+            } else {
+                ("s", format!("'{key}'"))
+            };
+            let (by, until) = match lease {
+                Some((by, until)) => (format!("'{by}'"), until.to_string()),
+                None => ("NULL".into(), "NULL".into()),
+            };
+            let sent_at = if *status == "sent" { past.to_string() } else { "NULL".into() };
+            format!(
+                "INSERT INTO {table} (id, stream, destination, msg_key, okey, payload, content_type, headers,
+                   strategy, status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, sent_at)
+                 VALUES ('{id}', '{stream}', 'dest', {msg_key}, '{key}', {payload}, 'text/plain', '{{}}',
+                   '{strategy}', '{status}', {attempts}, {past}, {next}, {by}, {until}, NULL, {sent_at})",
+                id = MessageId::new(),
+                payload = payload(p),
+            )
+        })
+        .collect()
+}
+
+/// After `migrate` on a table holding [`legacy_rows`]: every row survives with its status, the
+/// relay publishes each unit in order (the dead relay's lease has expired, the live relay's
+/// has not), and a requeued dead letter goes out too.
+pub async fn check_legacy_migration<S: Store + 'static>(store: Arc<S>) {
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap(); // idempotent
+    let broker = RecordingPublisher::new();
+    let relay = Relay::builder(store.clone(), broker.clone())
+        .build()
+        .unwrap();
+    relay.run_once().await.unwrap();
+    let got: Vec<String> = broker
+        .published()
+        .into_iter()
+        .map(|e| String::from_utf8(e.message.payload).unwrap())
+        .collect();
+    let pos = |p: &str| got.iter().position(|g| g == p);
+    for p in ["a0", "a1", "a2", "b0", "b1", "o0"] {
+        assert!(pos(p).is_some(), "{p} not published: {got:?}");
+    }
+    assert!(pos("a0") < pos("a1") && pos("a1") < pos("a2"), "{got:?}");
+    assert!(pos("b0") < pos("b1"), "{got:?}");
+    assert_eq!(got.len(), 6, "the live relay's unit waits: {got:?}");
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.pending, t.sent, t.dead), (2, 7, 1));
+    assert_eq!(store.requeue(&Selector::All).await.unwrap(), 1);
+    relay.run_once().await.unwrap();
+    assert_eq!(broker.count(), 7);
+    assert_eq!(
+        broker.published().last().unwrap().message.payload,
+        b"dead0".to_vec()
+    );
 }
 
 /// Contract point 5: Exponential backoff: a failed message is not due before its delay.

@@ -143,7 +143,8 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
         true,
     )
     .await
-    .unwrap();
+    .unwrap()
+    .dispatch();
     let mut holder = store.pool().begin().await.unwrap();
     sqlx::query(&format!(
         "SELECT seq FROM {table} WHERE status = 'pending' FOR UPDATE"
@@ -176,4 +177,26 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
         .execute(store.pool())
         .await
         .unwrap();
+}
+
+/// A table made by 0.1 (claims serialized by `<table>_claim`, rows leased one by one) moves to
+/// unit claims on `migrate` and loses nothing: pending, leased, sent and dead rows survive,
+/// each unit publishes in order, a live lease is still respected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_0_1_table_to_unit_claims() {
+    let table = format!("outbox_old{}", uuid::Uuid::now_v7().simple());
+    let pool = sqlx::PgPool::connect(&url()).await.unwrap();
+    for statement in include_str!("legacy/postgres-0.1.sql")
+        .replace("{t}", &table)
+        .split(';')
+    {
+        sqlx::query(statement).execute(&pool).await.unwrap();
+    }
+    let now = outbox_core::to_millis(std::time::SystemTime::now());
+    for insert in
+        outbox_core::conformance::legacy_rows(&table, |p| format!("convert_to('{p}', 'UTF8')"), now)
+    {
+        sqlx::query(&insert).execute(&pool).await.unwrap();
+    }
+    outbox_core::conformance::check_legacy_migration(Arc::new(connect(&table).await)).await;
 }

@@ -147,3 +147,24 @@ fn unopenable_database_is_a_typed_error() {
     let e = SqliteStore::open("/nonexistent-dir/x/y.db").unwrap_err();
     assert_eq!(e.kind(), outbox_core::ErrorKind::Store);
 }
+
+/// A table made by 0.1 (rows leased one by one) moves to unit claims on `migrate` and loses
+/// nothing: pending, leased, sent and dead rows survive, each unit publishes in order, a live
+/// lease is still respected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_moves_a_0_1_table_to_unit_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(&include_str!("legacy/sqlite-0.1.sql").replace("{t}", "outbox"))
+        .unwrap();
+    let now = outbox_core::to_millis(std::time::SystemTime::now());
+    for insert in
+        outbox_core::conformance::legacy_rows("outbox", |p| format!("CAST('{p}' AS BLOB)"), now)
+    {
+        conn.execute(&insert, []).unwrap();
+    }
+    drop(conn);
+    let store = SqliteStore::open(&path).unwrap();
+    outbox_core::conformance::check_legacy_migration(Arc::new(store)).await;
+}
