@@ -263,6 +263,12 @@ impl Publisher for AmqpPublisher {
             .unwrap_or(Ok(()))
     }
 
+    /// A batch goes out on one channel with confirms, in order; messages sent again after a
+    /// channel closed are sent again in batch order.
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
         let mut results = self.send(batch).await;
         // When the broker closes the channel over one message (a missing exchange, ...),

@@ -260,7 +260,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
 
         // Waves: wave k holds the k-th row of every unit still going, so a unit's next row
-        // is sent only after the previous one was acknowledged.
+        // is sent only after the previous one was acknowledged; a publisher that keeps a
+        // batch's order takes each unit's run in one wave.
+        let ordered = self.publisher.ordered_batches();
         let mut done = Vec::new();
         let mut out_of_lease = 0usize;
         let mut cursor = vec![0usize; units.len()];
@@ -281,47 +283,79 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 }
                 break;
             }
-            let mut sending: Vec<usize> = Vec::with_capacity(alive.len());
+            // Each unit sends its next row, or, to a publisher that keeps a batch's order,
+            // its whole run (up to a row that does not verify).
+            let mut runs: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
+            let mut envs: Vec<&Envelope> = Vec::new();
             let mut stopped: Vec<usize> = Vec::new();
             for &u in &alive {
-                let m = &units[u][cursor[u]];
-                match self.verify(m) {
-                    Ok(()) => sending.push(u),
-                    Err(error) => {
-                        self.observers.emit(&Event::Tampered {
-                            seq: m.seq,
-                            id: m.envelope.id,
-                            error: &error,
-                        });
-                        self.record_failure(m, error, &mut failures, &mut report);
-                        stopped.push(u);
+                // A head that failed before goes alone until it passes.
+                let max = if ordered && units[u][cursor[u]].attempts == 0 {
+                    units[u].len() - cursor[u]
+                } else {
+                    1
+                };
+                let mut len = 0;
+                while len < max {
+                    let m = &units[u][cursor[u] + len];
+                    match self.verify(m) {
+                        Ok(()) => {
+                            envs.push(&m.envelope);
+                            len += 1;
+                        }
+                        Err(error) => {
+                            // Later in a run, the rows before it go first; the next wave
+                            // starts at it and stops the unit there.
+                            if len == 0 {
+                                self.observers.emit(&Event::Tampered {
+                                    seq: m.seq,
+                                    id: m.envelope.id,
+                                    error: &error,
+                                });
+                                self.record_failure(m, error, &mut failures, &mut report);
+                                stopped.push(u);
+                            }
+                            break;
+                        }
                     }
                 }
+                if len > 0 {
+                    runs.push((u, len));
+                }
             }
-            let envs: Vec<&Envelope> = sending
-                .iter()
-                .map(|&u| &units[u][cursor[u]].envelope)
-                .collect();
-            let results = if envs.is_empty() {
+            let mut results = if envs.is_empty() {
                 Vec::new()
             } else {
                 publish_with_timeout(&self.publisher, &envs, cfg.publish_timeout).await
-            };
-            for (&u, result) in sending.iter().zip(results) {
-                let m = &units[u][cursor[u]];
-                match result {
-                    Ok(()) => {
-                        report.published += 1;
-                        done.push(m.seq);
-                        self.observers.emit(&Event::Published {
-                            envelope: &m.envelope,
-                            path: PublishPath::Relay,
-                        });
-                        cursor[u] += 1;
+            }
+            .into_iter();
+            for (u, len) in runs {
+                // A run stops at its first failure: the rows after it are given back, even
+                // those the broker took, and go again after it (order over duplicates).
+                let mut failed = false;
+                for _ in 0..len {
+                    let result = results.next().unwrap_or_else(|| {
+                        Err(Error::transient("the publisher returned too few results"))
+                    });
+                    if failed {
+                        continue;
                     }
-                    Err(error) => {
-                        self.record_failure(m, error, &mut failures, &mut report);
-                        stopped.push(u);
+                    let m = &units[u][cursor[u]];
+                    match result {
+                        Ok(()) => {
+                            report.published += 1;
+                            done.push(m.seq);
+                            self.observers.emit(&Event::Published {
+                                envelope: &m.envelope,
+                                path: PublishPath::Relay,
+                            });
+                            cursor[u] += 1;
+                        }
+                        Err(error) => {
+                            self.record_failure(m, error, &mut failures, &mut report);
+                            stopped.push(u);
+                            failed = true;
+                        }
                     }
                 }
             }

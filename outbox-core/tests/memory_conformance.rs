@@ -235,3 +235,129 @@ async fn on_commit_publishing_is_bounded() {
         "{max} publishes in flight at once; the bound is 3"
     );
 }
+
+/// A publisher that keeps a batch's order gets a keep-order unit's whole claimed run in one
+/// batch; when message i of the run fails, i and everything after it wait for the retry (even
+/// what the broker took), so the last copy of each message arrives in order; the failed head
+/// is then retried alone before the rest goes as a run. One that does not keep order gets one
+/// message of the unit per batch.
+#[tokio::test]
+async fn an_ordered_publisher_takes_a_units_run_in_one_batch() {
+    use outbox_core::{
+        async_trait, Envelope, Error, Publisher, RecordingPublisher, Relay, Strategy,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counted {
+        broker: RecordingPublisher,
+        batches: AtomicUsize,
+        largest: AtomicUsize,
+        ordered: bool,
+        /// Fail the first publish of this payload byte.
+        fail_once: Mutex<Option<u8>>,
+    }
+    #[async_trait]
+    impl Publisher for Counted {
+        async fn publish(&self, e: &Envelope) -> Result<()> {
+            self.publish_batch(&[e]).await.pop().unwrap()
+        }
+        async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
+            self.batches.fetch_add(1, Ordering::SeqCst);
+            self.largest.fetch_max(batch.len(), Ordering::SeqCst);
+            let mut out = Vec::new();
+            for e in batch {
+                let failing = {
+                    let mut fail = self.fail_once.lock().unwrap();
+                    let hit = *fail == Some(e.message.payload[0]);
+                    if hit {
+                        *fail = None;
+                    }
+                    hit
+                };
+                if failing {
+                    out.push(Err(Error::transient("broker hiccup")));
+                } else {
+                    out.push(self.broker.publish(e).await);
+                }
+            }
+            out
+        }
+        fn ordered_batches(&self) -> bool {
+            self.ordered
+        }
+    }
+
+    for ordered in [true, false] {
+        let store = MemoryStore::new();
+        let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+            .strategy(Strategy::KeepOrder)
+            .build()
+            .unwrap();
+        let mut tx = store.begin();
+        tx.enqueue(
+            &outbox,
+            (0..50u8).map(|i| Message::new("d", vec![i]).key("k")),
+        )
+        .unwrap();
+        tx.commit().unwrap().dispatch();
+        let publisher = Arc::new(Counted {
+            broker: RecordingPublisher::new(),
+            batches: AtomicUsize::new(0),
+            largest: AtomicUsize::new(0),
+            ordered,
+            fail_once: Mutex::new(Some(20)),
+        });
+        let relay = Relay::builder(store.clone(), publisher.clone())
+            .retry(outbox_core::RetryPolicy {
+                initial: std::time::Duration::from_millis(1),
+                max: std::time::Duration::from_millis(1),
+                multiplier: 1.0,
+                jitter: 0.0,
+                max_attempts: 10,
+            })
+            .batch_size(50)
+            .build()
+            .unwrap();
+        let first = relay.step().await.unwrap();
+        assert_eq!(first.published, 20, "ordered {ordered}: {first:?}");
+        assert_eq!((first.failed, first.released), (1, 29), "{first:?}");
+        if ordered {
+            assert_eq!(publisher.batches.load(Ordering::SeqCst), 1);
+            assert_eq!(publisher.largest.load(Ordering::SeqCst), 50);
+        } else {
+            assert_eq!(publisher.batches.load(Ordering::SeqCst), 21);
+            assert_eq!(publisher.largest.load(Ordering::SeqCst), 1);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store_pending(&store).await > 0 {
+            assert!(std::time::Instant::now() < deadline, "not drained");
+            relay.run_once().await.unwrap();
+        }
+        // Last copy of each message, in publish order: 0..50.
+        let mut last: Vec<u8> = Vec::new();
+        for e in publisher.broker.published().into_iter().rev() {
+            if !last.contains(&e.message.payload[0]) {
+                last.push(e.message.payload[0]);
+            }
+        }
+        last.reverse();
+        assert_eq!(last, (0..50).collect::<Vec<u8>>(), "ordered {ordered}");
+        let copies = publisher.broker.count();
+        if ordered {
+            // 21..50 went out in the failed batch and again after the retry; the head that
+            // had failed went alone, then the rest as one run.
+            assert_eq!(copies, 50 + 29);
+            assert_eq!(publisher.batches.load(Ordering::SeqCst), 3);
+        } else {
+            assert_eq!(copies, 50);
+        }
+    }
+}
+
+async fn store_pending(store: &MemoryStore) -> u64 {
+    outbox_core::Store::stats(store)
+        .await
+        .unwrap()
+        .total()
+        .pending
+}

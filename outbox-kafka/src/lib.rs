@@ -117,6 +117,8 @@ fn check_tls_files(config: &ClientConfig) -> outbox_core::Result<()> {
 pub struct KafkaPublisher {
     producer: FutureProducer,
     unkeyed_by_stream: bool,
+    /// `enable.idempotence` is on: librdkafka keeps a partition's order across retries.
+    idempotent: bool,
 }
 
 impl std::fmt::Debug for KafkaPublisher {
@@ -151,10 +153,12 @@ impl KafkaPublisher {
             }
         }
         check_tls_files(&config)?;
+        let idempotent = config.get("enable.idempotence") == Some("true");
         let producer: FutureProducer = config.create().map_err(config_error)?;
         Ok(Self {
             producer,
             unkeyed_by_stream: true,
+            idempotent,
         })
     }
 
@@ -202,6 +206,12 @@ impl Publisher for KafkaPublisher {
             .await
             .pop()
             .unwrap_or(Ok(()))
+    }
+
+    /// With idempotence on (the default), one producer keeps each partition's order, retries
+    /// included; a unit's messages share a partition (its key, or its stream when unkeyed).
+    fn ordered_batches(&self) -> bool {
+        self.idempotent && self.unkeyed_by_stream
     }
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {

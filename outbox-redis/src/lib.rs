@@ -220,6 +220,11 @@ impl Publisher for RedisPublisher {
     }
 
     /// One pipeline for the whole batch; each command's reply is checked on its own.
+    /// A batch is one pipeline on one connection: Redis runs its commands in order.
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
         let mut pipe = redis::pipe();
         for env in batch {

@@ -116,6 +116,44 @@ async fn maxlen_caps_the_stream() {
     let _: () = conn.del(&key).await.unwrap();
 }
 
+/// One keep-order unit drains as pipelined runs (the publisher keeps a batch's order): every
+/// message arrives once, in commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_order_unit_drains_as_ordered_pipelines() {
+    let publisher = RedisPublisher::connect(&url()).await.unwrap();
+    assert!(publisher.ordered_batches());
+    let key = unique("one-unit");
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
+    store.migrate_now().unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    for chunk in 0..4 {
+        let tx = conn.transaction().unwrap();
+        let msgs = (0..250)
+            .map(|i| Message::new(&key, (chunk * 250 + i).to_string().into_bytes()).key("one"));
+        let pending = store.enqueue(&tx, &outbox, msgs).unwrap();
+        outbox_sqlite::commit(tx, pending).unwrap();
+    }
+    let relay = Relay::builder(store.clone(), publisher)
+        .batch_size(200)
+        .build()
+        .unwrap();
+    let report = relay.run_once().await.unwrap();
+    assert_eq!(report.published, 1000);
+    let mut redis = raw(&url()).await;
+    let got: Vec<String> = entries(&mut redis, &key)
+        .await
+        .into_iter()
+        .map(|(_, f)| String::from_utf8(f["payload"].clone()).unwrap())
+        .collect();
+    assert_eq!(got, (0..1000).map(|i| i.to_string()).collect::<Vec<_>>());
+    let _: () = redis.del(&key).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_bad_command_fails_only_its_message_permanently() {
     let publisher = RedisPublisher::connect(&url()).await.unwrap();
