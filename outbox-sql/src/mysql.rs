@@ -209,12 +209,27 @@ impl MySqlStore {
     ) -> outbox_core::Result<Pending> {
         let prepared = outbox.prepare(messages)?;
         let t = &self.inner.table;
-        lock_units(&mut *conn, t, &keep_order_units(prepared.rows())).await?;
+        let rows = prepared.rows();
+        let units = keep_order_units(rows);
+        if rows.is_empty() {
+            return prepared.into_pending(Vec::new());
+        }
+        // One keep-order row of a known unit: lock and insert in one round trip.
+        if let ([_], [unit]) = (rows, units.as_slice()) {
+            if insert_only(&mut *conn, t, rows, Some(unit))
+                .await?
+                .rows_affected()
+                == 1
+            {
+                return prepared.into_pending(vec![0]);
+            }
+        }
+        lock_units(&mut *conn, t, &units).await?;
         let seqs = if prepared.needs_seqs() {
-            insert(&mut *conn, t, prepared.rows()).await?
+            insert(&mut *conn, t, rows).await?
         } else {
-            insert_only(&mut *conn, t, prepared.rows()).await?;
-            vec![0; prepared.rows().len()]
+            insert_only(&mut *conn, t, rows, None).await?;
+            vec![0; rows.len()]
         };
         prepared.into_pending(seqs)
     }
@@ -263,23 +278,30 @@ pub async fn commit(tx: Transaction<'_, MySql>, pending: Pending) -> outbox_core
     Ok(())
 }
 
-/// One multi-row INSERT.
+/// One multi-row INSERT. With `unit` (one keep-order row): `INSERT ... SELECT ... FROM
+/// <table>_locks ... FOR UPDATE`, which takes the unit's writer lock and inserts in one round
+/// trip, and inserts nothing when the unit has no lock row yet.
 async fn insert_only(
     conn: &mut MySqlConnection,
     t: &str,
     rows: &[NewMessage],
-) -> outbox_core::Result<()> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let one = format!(
-        "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW} + ?, ?, IF(? IS NULL, NULL, {NOW} + ?), ?, ?)"
+    unit: Option<&(String, String)>,
+) -> outbox_core::Result<sqlx::mysql::MySqlQueryResult> {
+    let values = format!(
+        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW} + GREATEST(?, IFNULL(?, 0)), ?, IF(? IS NULL, NULL, {NOW} + ?), ?, ?"
     );
-    let sql = format!(
-        "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, status,
-           attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature) VALUES {}",
-        vec![one.as_str(); rows.len()].join(", ")
-    );
+    let columns = "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, \
+           status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)"
+        .replace("{t}", t);
+    let sql = match unit {
+        Some(_) => format!(
+            "{columns} SELECT {values} FROM {t}_locks WHERE stream = ? AND okey = ? FOR UPDATE"
+        ),
+        None => format!(
+            "{columns} VALUES {}",
+            vec![format!("({values})"); rows.len()].join(", ")
+        ),
+    };
     let mut q = sqlx::query(&sql);
     for r in rows {
         let m = &r.envelope.message;
@@ -298,14 +320,17 @@ async fn insert_only(
             .bind(r.attempts as i32)
             .bind(to_millis(r.envelope.created_at))
             .bind(r.retry_after.as_millis() as i64)
+            .bind(lease)
             .bind(r.lease.as_ref().map(|(o, _)| o.clone()))
             .bind(lease)
             .bind(lease)
             .bind(&r.last_error)
             .bind(&r.signature);
     }
-    q.execute(&mut *conn).await.map_err(map_err)?;
-    Ok(())
+    if let Some((stream, key)) = unit {
+        q = q.bind(stream).bind(key);
+    }
+    q.execute(&mut *conn).await.map_err(map_err)
 }
 
 /// Insert and read the `seq`s back (by id: a multi-row insert's ids need not be contiguous).
@@ -317,7 +342,10 @@ async fn insert(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    insert_only(&mut *conn, t, rows).await?;
+    let done = insert_only(&mut *conn, t, rows, None).await?;
+    if rows.len() == 1 {
+        return Ok(vec![done.last_insert_id() as i64]);
+    }
     let ids: Vec<String> = rows.iter().map(|r| r.envelope.id.to_string()).collect();
     let sql = format!("SELECT seq, id FROM {t} WHERE id IN ({})", list(ids.len()));
     let mut q = sqlx::query_as::<_, (i64, String)>(&sql);
@@ -489,9 +517,7 @@ impl MySqlStore {
             .map_err(map_err)?;
         let update_rows = self
             .bounded(&format!(
-                "UPDATE {t} SET locked_by = ?, locked_until = ?,
-                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
-                 WHERE seq IN "
+                "UPDATE {t} SET locked_by = ?, locked_until = ?, next_attempt_at = ? WHERE seq IN "
             ))
             .await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
@@ -612,16 +638,25 @@ impl MySqlStore {
             for row in q.fetch_all(&mut *tx).await.map_err(map_err)? {
                 rows.push(claimed(&row, claim)?);
             }
+            // Publish-on-commit rows carry their own lease (locked with SKIP LOCKED above);
+            // keep-order rows are leased through their unit (no row is rewritten).
             let until = now + claim.lease.as_millis() as i64;
-            let update = format!("{update_rows}({})", list(taken.len()));
-            let mut q = sqlx::query(&update)
-                .bind(&claim.owner)
-                .bind(until)
-                .bind(until);
-            for c in &taken {
-                q = q.bind(c.seq);
+            let on_commit: Vec<i64> = taken
+                .iter()
+                .filter(|c| c.unit.is_none())
+                .map(|c| c.seq)
+                .collect();
+            if !on_commit.is_empty() {
+                let update = format!("{update_rows}({})", list(on_commit.len()));
+                let mut q = sqlx::query(&update)
+                    .bind(&claim.owner)
+                    .bind(until)
+                    .bind(until);
+                for seq in &on_commit {
+                    q = q.bind(seq);
+                }
+                q.execute(&mut *tx).await.map_err(map_err)?;
             }
-            q.execute(&mut *tx).await.map_err(map_err)?;
             // The units rows were taken from are leased with them.
             let mut leased: Vec<usize> = taken.iter().filter_map(|c| c.unit).collect();
             leased.sort_unstable();
@@ -740,6 +775,7 @@ impl MySqlStore {
             .map_err(map_err)?;
         // Each unit's delay: the longest retry among its failures, else none.
         let mut delays: std::collections::BTreeMap<Unit, i64> = Default::default();
+        let mut units_of: std::collections::HashMap<i64, Unit> = Default::default();
         for chunk in all.chunks(1000) {
             let sql = format!(
                 "SELECT seq, CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}
@@ -760,23 +796,28 @@ impl MySqlStore {
                     })
                     .max()
                     .unwrap_or(0);
-                let d = delays.entry((stream, key)).or_insert(0);
+                let d = delays.entry((stream.clone(), key.clone())).or_insert(0);
                 *d = (*d).max(delay);
+                units_of.insert(seq, (stream, key));
             }
         }
-        for ((stream, key), delay) in &delays {
-            sqlx::query(&format!(
-                "UPDATE {t}_due SET next_at = ?, leased_by = NULL
-                 WHERE stream = ? AND okey = ? AND (? IS NULL OR leased_by = ?)"
-            ))
-            .bind(now + delay)
-            .bind(stream)
-            .bind(key)
-            .bind(owner)
-            .bind(owner)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        // The units `owner` still holds (locked first: claims lock units, then rows).
+        let mut held: std::collections::BTreeSet<Unit> = Default::default();
+        if let Some(owner) = owner {
+            for (stream, key) in delays.keys() {
+                let mine: Option<i64> = sqlx::query_scalar(&format!(
+                    "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND leased_by = ? FOR UPDATE"
+                ))
+                .bind(stream)
+                .bind(key)
+                .bind(owner)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_err)?;
+                if mine.is_some() {
+                    held.insert((stream.clone(), key.clone()));
+                }
+            }
         }
         for chunk in done.chunks(1000) {
             let sql = if delete {
@@ -797,46 +838,56 @@ impl MySqlStore {
             }
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
-        let owner = owner.unwrap_or_default();
-        let released: Vec<i64> = failures
-            .iter()
-            .filter(|f| f.outcome == Outcome::Release)
-            .map(|f| f.seq)
-            .collect();
-        for chunk in released.chunks(1000) {
-            let sql = format!(
-                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
-                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
-                 WHERE seq IN ({}) AND locked_by = ? AND status = 'pending'",
-                list(chunk.len())
-            );
-            let mut q = sqlx::query(&sql).bind(now);
-            for s in chunk {
-                q = q.bind(s);
-            }
-            q.bind(owner).execute(&mut *tx).await.map_err(map_err)?;
-        }
-        let retry = format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
-               locked_by = NULL, locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
-        );
-        let dead = format!(
-            "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
-               locked_until = NULL WHERE seq = ? AND locked_by = ? AND status = 'pending'"
-        );
+        // A failure applies to a row `owner` holds: a publish-on-commit row leased to it, a
+        // keep-order row of a unit it holds.
+        let owner_name = owner.unwrap_or_default();
         for f in failures {
+            let holds = units_of.get(&f.seq).is_some_and(|u| held.contains(u));
+            let guard = if holds {
+                "(1 = 1 OR locked_by = ?)"
+            } else {
+                "locked_by = ?"
+            };
+            let sql = match f.outcome {
+                Outcome::Retry { .. } => format!(
+                    "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
+                       locked_by = NULL, locked_until = NULL WHERE seq = ? AND status = 'pending' AND {guard}"
+                ),
+                Outcome::Dead => format!(
+                    "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
+                       locked_until = NULL WHERE seq = ? AND status = 'pending' AND {guard}"
+                ),
+                Outcome::Release => format!(
+                    "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                       next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
+                     WHERE seq = ? AND status = 'pending' AND {guard}"
+                ),
+            };
+            let q = sqlx::query(&sql);
             let q = match f.outcome {
-                Outcome::Retry { after } => sqlx::query(&retry)
-                    .bind(&f.error)
-                    .bind(now + after.as_millis() as i64),
-                Outcome::Dead => sqlx::query(&dead).bind(&f.error),
-                Outcome::Release => continue,
+                Outcome::Retry { after } => q.bind(&f.error).bind(now + after.as_millis() as i64),
+                Outcome::Dead => q.bind(&f.error),
+                Outcome::Release => q.bind(now),
             };
             q.bind(f.seq)
-                .bind(owner)
+                .bind(owner_name)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
+        }
+        for ((stream, key), delay) in &delays {
+            if owner.is_some() && !held.contains(&(stream.clone(), key.clone())) {
+                continue;
+            }
+            sqlx::query(&format!(
+                "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE stream = ? AND okey = ?"
+            ))
+            .bind(now + delay)
+            .bind(stream)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
         }
         tx.commit().await.map_err(map_err)
     }

@@ -67,10 +67,10 @@ async fn notify_wakes_a_relay_in_another_process() {
 
 /// Locks that only roles with privileges on the outbox's tables can take: a role with no
 /// privilege holding the advisory keys the store used to lock on stalls nothing, and cannot
-/// take the unit locks; a privileged session holding a pending row's lock makes a claim give
-/// up after `lock_timeout` with a transient error instead of stalling.
+/// take the unit locks; a privileged session holding row locks stalls no claim (claims skip
+/// locked units and lock no keep-order row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn locks_need_privileges_and_claim_waits_are_bounded() {
+async fn locks_need_privileges_and_claims_never_wait() {
     use outbox_core::{Claim, Store, StreamFilter};
     use sqlx::Connection;
     use std::time::Duration;
@@ -135,42 +135,37 @@ async fn locks_need_privileges_and_claim_waits_are_bounded() {
         .expect("stalled by a role without privileges");
     assert_eq!(report.published, 3);
 
-    // A session that may lock a pending row and holds it: claims give up, transiently.
-    h.transact(
-        &store,
-        &outbox,
-        vec![Message::new("d", b"held".to_vec()).stream("s").key("k")],
-        true,
-    )
-    .await
-    .unwrap()
-    .dispatch();
-    let mut holder = store.pool().begin().await.unwrap();
-    sqlx::query(&format!(
-        "SELECT seq FROM {table} WHERE status = 'pending' FOR UPDATE"
-    ))
-    .execute(&mut *holder)
-    .await
-    .unwrap();
-    let impatient = PgStore::connect_with(
-        &url(),
-        PgOptions {
-            table: table.clone(),
-            lock_timeout: Duration::from_millis(200),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
-    let e = tokio::time::timeout(Duration::from_secs(20), impatient.claim(&claim))
+    // A session that may lock rows and holds some (pending messages, one unit's row of
+    // <table>_due): no claim waits for it. The unit it holds is skipped, the other claimed.
+    let msgs = vec![
+        Message::new("d", b"held".to_vec()).stream("s").key("k"),
+        Message::new("d", b"free".to_vec()).stream("s").key("k2"),
+    ];
+    h.transact(&store, &outbox, msgs, true)
         .await
-        .expect("the claim waited without a bound")
-        .unwrap_err();
-    assert!(e.is_transient(), "{e}");
-    assert!(e.to_string().contains("lock timeout"), "{e}");
+        .unwrap()
+        .dispatch();
+    let mut holder = store.pool().begin().await.unwrap();
+    for sql in [
+        format!("SELECT seq FROM {table} WHERE status = 'pending' FOR UPDATE"),
+        format!("SELECT next_at FROM {table}_due WHERE stream = 's' AND okey = 'k' FOR UPDATE"),
+    ] {
+        sqlx::query(&sql).execute(&mut *holder).await.unwrap();
+    }
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+    let got = tokio::time::timeout(Duration::from_secs(20), store.claim(&claim))
+        .await
+        .expect("a claim waited for another session's locks")
+        .unwrap();
+    let payloads: Vec<Vec<u8>> = got
+        .into_iter()
+        .map(|r| r.unwrap().envelope.message.payload)
+        .collect();
+    assert_eq!(payloads, vec![b"free".to_vec()]);
     holder.rollback().await.unwrap();
-    assert_eq!(impatient.claim(&claim).await.unwrap().len(), 1);
+    let got = store.claim(&claim).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].as_ref().unwrap().envelope.message.payload, b"held");
 
     drop(intruder);
     sqlx::query(&format!("DROP ROLE {role}"))

@@ -39,6 +39,10 @@ use rusqlite::{
 };
 use tokio::sync::Notify;
 
+/// The rusqlite this store is built with, for the application's own connections and
+/// transactions.
+pub use rusqlite;
+
 /// Convert a rusqlite error: busy/locked and I/O errors are transient, constraint and
 /// schema errors permanent.
 pub fn map_err(e: rusqlite::Error) -> Error {
