@@ -1023,6 +1023,15 @@ async fn memory_and_idle(dir: &std::path::Path, rss_rows: usize) -> Res {
     Ok(())
 }
 
+/// The stores of the keep-order sections: OUTBOX_BENCH_STORES=postgres,sqlite picks some.
+fn bench_kinds() -> Vec<&'static str> {
+    let only = std::env::var("OUTBOX_BENCH_STORES").unwrap_or_default();
+    ["postgres", "mariadb", "sqlite"]
+        .into_iter()
+        .filter(|k| only.is_empty() || only.split(',').any(|o| o == *k))
+        .collect()
+}
+
 /// A keep-order row of unit `key` on the default stream.
 fn keyed_row(destination: &str, i: usize, key: &str) -> NewMessage {
     let mut r = row(destination, i);
@@ -1083,7 +1092,7 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
     }
     println!(" largest / smallest |");
     println!("|---|{}---|", "---|".repeat(sizes.len()));
-    for kind in ["postgres", "mariadb", "sqlite"] {
+    for kind in bench_kinds() {
         let mut rates = Vec::new();
         for &n in sizes {
             let b = bench_store(kind, dir).await?;
@@ -1112,7 +1121,7 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
     }
     println!(" largest N / N = 0 |");
     println!("|---|{}---|", "---|".repeat(stuck.len()));
-    for kind in ["postgres", "mariadb", "sqlite"] {
+    for kind in bench_kinds() {
         let mut rates = Vec::new();
         for &n in stuck {
             let b = bench_store(kind, dir).await?;
@@ -1341,14 +1350,23 @@ async fn main() -> Res {
         memory_and_idle(dir.path(), rss_rows).await?;
     }
     if run("keep-order") {
-        let (sizes, stuck): (Vec<usize>, Vec<usize>) = if quick {
-            (vec![10_000, 100_000], vec![0, 20_000, 100_000])
-        } else {
-            (
-                vec![10_000, 100_000, 1_000_000],
-                vec![0, 20_000, 200_000, 1_000_000],
-            )
+        let custom = |name: &str| -> Option<Vec<usize>> {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         };
+        let (sizes, stuck): (Vec<usize>, Vec<usize>) =
+            if let (Some(a), Some(b)) = (custom("--backlogs"), custom("--stuck")) {
+                (a, b)
+            } else if quick {
+                (vec![10_000, 100_000], vec![0, 20_000, 100_000])
+            } else {
+                (
+                    vec![10_000, 100_000, 1_000_000],
+                    vec![0, 20_000, 200_000, 1_000_000],
+                )
+            };
         keep_order_scale(dir.path(), &sizes, &stuck).await?;
     }
     if run("one-unit") {

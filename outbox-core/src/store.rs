@@ -236,8 +236,13 @@ impl Stats {
 ///   earlier pending row of its ordering unit (stream + key) is also returned in the same
 ///   claim; so a unit whose head is leased elsewhere or backing off yields nothing, and the
 ///   rows of one unit come in `seq` order. `seq` order is commit order within a unit.
+///   A claim should cost O(batch): not grow with the backlog, nor with the rows queued behind
+///   a blocked unit (the SQL stores pick due units through an index and read only their first
+///   rows).
 /// - `complete` marks rows sent (or deletes them) whoever holds them: they were published.
-/// - `fail` applies only to rows still leased to `owner`, and releases the lease.
+/// - `fail` applies only to rows `owner` still holds (its lease on the row, or, for stores
+///   that lease a keep-order unit as a whole, on the row's unit), and releases them.
+/// - `settle` is `complete` and `fail` of one batch together; a store may apply it atomically.
 /// - Two claims that overlap in time never return the same row while its lease lasts.
 #[async_trait]
 pub trait Store: Send + Sync {

@@ -2,21 +2,24 @@
 //! `outbox` framework, on sqlx.
 //!
 //! Both enqueue inside the caller's own sqlx transaction, claim batches with a lease in one
-//! short transaction, acknowledge a batch in one statement, and keep commit order per
+//! short transaction, settle a batch's outcome in one transaction, and keep commit order per
 //! ordering unit with several relays at once:
 //!
 //! - **Enqueue**: keep-order rows first lock their ordering unit's row (PostgreSQL:
 //!   `<table>_units`; MySQL: `<table>_locks`) until the transaction ends, so two transactions
 //!   writing the same unit are serialized and `seq` order is commit order. Transactions on
 //!   different units never wait for each other.
-//! - **Claim**: claims on one table are serialized by the one row of `<table>_claim`, waited
-//!   for at most `lock_timeout` (a longer wait is a transient error the relay logs and
-//!   retries), and commit their lease before the next claim reads. Every lock the stores take
-//!   is a row of the outbox's own tables: a role without privileges on them cannot take it,
-//!   so it cannot stall relays or writers. `FOR UPDATE SKIP LOCKED` alone is not enough:
-//!   a second relay would see message 2 of a unit as free while message 1 is locked but not
-//!   yet leased, and publish it first. Claims are one short statement; publishing, the slow
-//!   part, runs in parallel across relays.
+//! - **Claim**: no table-wide lock. A claim picks due keep-order *units* from `<table>_due`
+//!   (one row per unit with pending rows, and when it may be claimed next: now when free, the
+//!   lease's end while leased, its head's retry time while backing off) through an index,
+//!   locks them with `FOR UPDATE SKIP LOCKED`, and reads each unit's first rows through the
+//!   unit index; publish-on-commit rows left to the relay come through an index of their own.
+//!   A unit is claimed by one relay at a time (so a second relay never sees message 2 free
+//!   while message 1 is in flight), a blocked unit's rows are never read, and a claim costs
+//!   O(batch) whatever the backlog. Keep-order units are leased as a whole: no keep-order row
+//!   is rewritten by a claim. Every lock the stores take is a row of the outbox's own tables:
+//!   a role without privileges on them cannot take it, so it cannot stall relays or writers,
+//!   and claims skip what they find locked instead of waiting.
 //! - **Wake-up** (PostgreSQL): a keep-order enqueue sends `NOTIFY <table>` in the transaction;
 //!   relays `LISTEN` and wake within milliseconds of the commit, and poll only as a fallback.
 //!

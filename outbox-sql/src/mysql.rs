@@ -1,6 +1,6 @@
-//! MySQL / MariaDB store: enqueue in the caller's sqlx transaction, claims serialized per
-//! table with leases. MySQL has no `NOTIFY`: relays in other processes poll; relays in the
-//! committing process are woken at once.
+//! MySQL / MariaDB store: enqueue in the caller's sqlx transaction, claims by due unit (no
+//! table-wide lock) with leases. MySQL has no `NOTIFY`: relays in other processes poll; relays
+//! in the committing process are woken at once.
 //!
 //! Requires MySQL 8.0+ or MariaDB 10.6+ (InnoDB).
 
@@ -40,8 +40,10 @@ pub struct MySqlOptions {
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and the first one at start-up). Default: 5 s.
     pub acquire_timeout: Duration,
-    /// Longest wait for the claim lock (whole seconds, at least 1): a lock held longer
-    /// becomes a logged, retried store error instead of a silent stall. Default: 5 s.
+    /// Longest wait for a row lock (whole seconds, at least 1): a lock held longer (a session
+    /// holding a unit's row of `<table>_due` while a relay records its batch) becomes a logged,
+    /// retried store error instead of a silent stall. Claims skip locked units and rows, so in
+    /// practice only recording a batch's outcome can wait. Default: 5 s.
     pub lock_timeout: Duration,
 }
 
@@ -428,17 +430,14 @@ impl MySqlStore {
             .copied()
     }
 
-    /// `statement` waiting at most `lock_timeout` for a row lock.
+    /// `statement` (an `UPDATE` or a `SELECT`) waiting at most `lock_timeout` for a row lock.
     async fn bounded(&self, statement: &str) -> outbox_core::Result<String> {
         let secs = self.inner.lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
         Ok(if self.is_mariadb().await? {
             format!("SET STATEMENT innodb_lock_wait_timeout = {secs} FOR {statement}")
         } else {
-            statement.replacen(
-                "UPDATE ",
-                &format!("UPDATE /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */ "),
-                1,
-            )
+            let (verb, rest) = statement.split_at(statement.find(' ').unwrap_or(0));
+            format!("{verb} /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */{rest}")
         })
     }
 
@@ -801,19 +800,23 @@ impl MySqlStore {
                 units_of.insert(seq, (stream, key));
             }
         }
-        // The units `owner` still holds (locked first: claims lock units, then rows).
+        // The units `owner` still holds (locked first: claims lock units, then rows), waiting
+        // at most `lock_timeout` for a session that holds one.
         let mut held: std::collections::BTreeSet<Unit> = Default::default();
+        let held_sql = self
+            .bounded(&format!(
+                "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND leased_by = ? FOR UPDATE"
+            ))
+            .await?;
         if let Some(owner) = owner {
             for (stream, key) in delays.keys() {
-                let mine: Option<i64> = sqlx::query_scalar(&format!(
-                    "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND leased_by = ? FOR UPDATE"
-                ))
-                .bind(stream)
-                .bind(key)
-                .bind(owner)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                let mine: Option<i64> = sqlx::query_scalar(&held_sql)
+                    .bind(stream)
+                    .bind(key)
+                    .bind(owner)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
                 if mine.is_some() {
                     held.insert((stream.clone(), key.clone()));
                 }
@@ -995,7 +998,7 @@ impl Store for MySqlStore {
                 next_at BIGINT NOT NULL,
                 leased_by VARCHAR(64) NULL,
                 PRIMARY KEY (stream, okey),
-                KEY {t}_due_next (next_at)
+                KEY due_next (next_at)
             ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
         ))
         .execute(&self.inner.pool)

@@ -1,5 +1,5 @@
-//! PostgreSQL store: enqueue in the caller's sqlx transaction, claims serialized per table
-//! with leases, `LISTEN/NOTIFY` wake-up.
+//! PostgreSQL store: enqueue in the caller's sqlx transaction, claims by due unit (one
+//! statement, no table-wide lock), `LISTEN/NOTIFY` wake-up.
 //!
 //! ```no_run
 //! use outbox_core::{Message, Outbox, StdoutPublisher, Strategy};
@@ -60,16 +60,18 @@ fn cols(prefix: &str) -> String {
 /// Settings of a [`PgStore`].
 #[derive(Debug, Clone)]
 pub struct PgOptions {
-    /// Table name (validated, never interpolated raw). Default: `outbox`.
+    /// Table name (validated, never interpolated raw; at most 54 characters so that the
+    /// companion tables' and indexes' names fit). Default: `outbox`.
     pub table: String,
     /// Pool size. Default: 5.
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and for the first connection at start-up).
     /// Default: 5 s.
     pub acquire_timeout: Duration,
-    /// Longest wait of a claim for a row lock (`lock_timeout` of the claim statement): a lock
-    /// held longer becomes a logged, retried store error instead of a silent stall. Claims
-    /// take no table-wide lock; they wait only for a row another statement is settling.
+    /// Longest wait for a row lock (`lock_timeout` of the claim and settle statements): a lock
+    /// held longer (a session holding a unit's row of `<table>_due` while a relay records its
+    /// batch) becomes a logged, retried store error instead of a silent stall. Claims skip
+    /// locked units and rows, so in practice only recording a batch's outcome can wait.
     /// Default: 5 s.
     pub lock_timeout: Duration,
 }
@@ -92,6 +94,9 @@ const ADOPT_EVERY: Duration = Duration::from_secs(60);
 
 struct Inner {
     lock_timeout: Duration,
+    /// Whether the pool's connections have JIT on (an application's own pool): then the
+    /// relay's statements run in a transaction with `SET LOCAL jit = off`. Asked once.
+    jit: tokio::sync::OnceCell<bool>,
     /// When orphaned units were last looked for (see `Sql::adopt`).
     adopted: std::sync::Mutex<Option<std::time::Instant>>,
     pool: PgPool,
@@ -138,6 +143,9 @@ impl PgStore {
         let connect: PgConnectOptions = url.parse().map_err(|e| {
             Error::config(format!("invalid PostgreSQL URL {}", redact_url(url))).with_source(e)
         })?;
+        // The relay's statements are short, but their estimates grow with the table: JIT would
+        // compile them for about a second each on a million-row backlog.
+        let connect = connect.options([("jit", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -162,9 +170,18 @@ impl PgStore {
     /// Use an existing pool (the application's own).
     pub fn from_pool(pool: PgPool, table: &str) -> outbox_core::Result<Self> {
         validate_identifier(table)?;
+        // PostgreSQL cuts names at 63 bytes: `<table>_due_next` must fit.
+        if table.len() > 54 {
+            return Err(Error::new(
+                outbox_core::ErrorKind::InvalidIdentifier,
+                Retry::Permanent,
+                format!("PostgreSQL table name {table:?} is over 54 characters"),
+            ));
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 lock_timeout: DEFAULT_LOCK_TIMEOUT,
+                jit: tokio::sync::OnceCell::new(),
                 adopted: std::sync::Mutex::new(None),
                 pool,
                 table: table.to_owned(),
@@ -495,7 +512,8 @@ impl Sql {
             // holds them ($5; NULL for `complete`, which settles whoever holds the rows), then
             // the published rows ($1), then the failures ($2..).
             settle_mark: format!(
-                "WITH now AS MATERIALIZED (SELECT {NOW} AS ms),
+                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
+                 now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
                  f AS (SELECT * FROM UNNEST($2::int8[], $3::text[], $4::text[], $6::int8[]) AS f(seq, kind, err, after_ms)),
                  r AS (SELECT o.seq, o.stream, o.okey FROM {t} o
                        WHERE o.seq = ANY($1::int8[] || $2::int8[]) AND o.strategy <> 'on_commit'),
@@ -729,17 +747,15 @@ impl Store for PgStore {
         for _ in 0..3 {
             // One statement, its own transaction: row locks are waited for at most
             // `lock_timeout` (set for this statement only).
-            let rows = sqlx::query(&self.inner.sql.claim)
+            let q = sqlx::query(&self.inner.sql.claim)
                 .bind(&claim.owner)
                 .bind(claim.limit as i64)
                 .bind(claim.lease.as_millis() as i64)
                 .bind(&streams)
                 .bind(claim.max_row_bytes.min(i32::MAX as usize) as i32)
                 .bind(claim.max_batch_bytes.min(i64::MAX as usize) as i64)
-                .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)))
-                .fetch_all(&self.inner.pool)
-                .await
-                .map_err(map_err)?;
+                .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)));
+            let rows = self.fetch_short(q).await?;
             let mut out = Vec::with_capacity(rows.len());
             let mut empty: (Vec<String>, Vec<String>) = (vec![], vec![]);
             for r in &rows {
@@ -945,6 +961,35 @@ impl PgStore {
         Ok(())
     }
 
+    /// Run one of the relay's statements: on the pool, or, when its connections have JIT on,
+    /// in a transaction that turns it off first.
+    async fn fetch_short(
+        &self,
+        q: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+    ) -> outbox_core::Result<Vec<sqlx::postgres::PgRow>> {
+        let jit = *self
+            .inner
+            .jit
+            .get_or_try_init(|| async {
+                sqlx::query_scalar::<_, bool>("SELECT current_setting('jit') = 'on'")
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(map_err)
+            })
+            .await?;
+        if !jit {
+            return q.fetch_all(&self.inner.pool).await.map_err(map_err);
+        }
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        sqlx::query("SET LOCAL jit = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let rows = q.fetch_all(&mut *tx).await.map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(rows)
+    }
+
     /// One statement for a batch's outcome (see `Sql::settle_mark`).
     async fn settle_rows(
         &self,
@@ -974,16 +1019,15 @@ impl PgStore {
         } else {
             &self.inner.sql.settle_mark
         };
-        sqlx::query(sql)
+        let q = sqlx::query(sql)
             .bind(done)
             .bind(seqs)
             .bind(kinds)
             .bind(errs)
             .bind(owner)
             .bind(afters)
-            .execute(&self.inner.pool)
-            .await
-            .map_err(map_err)?;
+            .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)));
+        self.fetch_short(q).await?;
         Ok(())
     }
 

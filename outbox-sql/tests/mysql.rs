@@ -132,7 +132,7 @@ async fn migrate_makes_names_exact_on_an_old_table() {
 /// old claim row included) never stalls a claim, and a session holding row locks stalls no
 /// claim either (claims skip locked units and lock no keep-order row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_never_wait_for_other_sessions() {
+async fn claims_never_wait_and_settles_wait_a_bounded_time() {
     use outbox_core::{Claim, Store, StreamFilter};
     use std::time::Duration;
 
@@ -194,6 +194,41 @@ async fn claims_never_wait_for_other_sessions() {
     let got = store.claim(&claim).await.unwrap();
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].as_ref().unwrap().envelope.message.payload, b"held");
+
+    // Recording the batch waits for a session holding its unit's row at most `lock_timeout`,
+    // then fails transiently; once the session is gone it goes through.
+    let seq = got[0].as_ref().unwrap().seq;
+    let impatient = MySqlStore::connect_with(
+        &url(),
+        MySqlOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT next_at FROM {table}_due WHERE stream = 's' AND okey = 'k' FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        impatient.settle("r", &[seq], false, &[]),
+    )
+    .await
+    .expect("recording a batch waited without a bound")
+    .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    holder.rollback().await.unwrap();
+    impatient.settle("r", &[seq], false, &[]).await.unwrap();
+    assert_eq!(
+        store.get(seq).await.unwrap().unwrap().status,
+        outbox_core::Status::Sent
+    );
 }
 
 /// A table made by 0.1 (claims serialized by `<table>_claim`, rows leased one by one) moves to

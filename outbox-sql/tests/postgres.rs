@@ -70,7 +70,7 @@ async fn notify_wakes_a_relay_in_another_process() {
 /// take the unit locks; a privileged session holding row locks stalls no claim (claims skip
 /// locked units and lock no keep-order row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn locks_need_privileges_and_claims_never_wait() {
+async fn locks_need_privileges_and_waits_are_bounded() {
     use outbox_core::{Claim, Store, StreamFilter};
     use sqlx::Connection;
     use std::time::Duration;
@@ -167,6 +167,41 @@ async fn locks_need_privileges_and_claims_never_wait() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].as_ref().unwrap().envelope.message.payload, b"held");
 
+    // Recording the batch waits for a session holding its unit's row at most `lock_timeout`,
+    // then fails transiently; once the session is gone it goes through.
+    let seq = got[0].as_ref().unwrap().seq;
+    let impatient = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT next_at FROM {table}_due WHERE stream = 's' AND okey = 'k' FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(
+        Duration::from_secs(20),
+        impatient.settle("r", &[seq], false, &[]),
+    )
+    .await
+    .expect("recording a batch waited without a bound")
+    .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    holder.rollback().await.unwrap();
+    impatient.settle("r", &[seq], false, &[]).await.unwrap();
+    assert_eq!(
+        store.get(seq).await.unwrap().unwrap().status,
+        outbox_core::Status::Sent
+    );
+
     drop(intruder);
     sqlx::query(&format!("DROP ROLE {role}"))
         .execute(store.pool())
@@ -194,4 +229,54 @@ async fn migrate_moves_a_0_1_table_to_unit_claims() {
         sqlx::query(&insert).execute(&pool).await.unwrap();
     }
     outbox_core::conformance::check_legacy_migration(Arc::new(connect(&table).await)).await;
+}
+
+/// JIT is off for the relay's statements: their estimates grow with the table, and JIT
+/// compiled each for about a second on a million-row backlog (BENCHMARKS.md). The store's own
+/// pool connects with `jit=off`; on an application's pool with JIT on, claims and settles
+/// still work (they turn it off in their own transaction).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_statements_run_without_jit() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use std::time::Duration;
+
+    let store = Pg.fresh().await;
+    let jit: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(jit, "off");
+
+    let options: sqlx::postgres::PgConnectOptions = url().parse().unwrap();
+    let app_pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options.options([("jit", "on"), ("jit_above_cost", "0")]))
+        .await
+        .unwrap();
+    let on: String = sqlx::query_scalar("SHOW jit")
+        .fetch_one(&app_pool)
+        .await
+        .unwrap();
+    assert_eq!(on, "on");
+    let app_store = PgStore::from_pool(app_pool, store.table()).unwrap();
+    let outbox = Outbox::builder(app_store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut tx = app_store.pool().begin().await.unwrap();
+    let pending = app_store
+        .enqueue(
+            &mut tx,
+            &outbox,
+            (0..3u8).map(|i| Message::new("d", vec![i]).key("k")),
+        )
+        .await
+        .unwrap();
+    outbox_sql::postgres::commit(tx, pending).await.unwrap();
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+    let rows = app_store.claim(&claim).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    let seqs: Vec<i64> = rows.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    app_store.settle("r", &seqs, true, &[]).await.unwrap();
+    assert_eq!(app_store.stats().await.unwrap().total().pending, 0);
 }

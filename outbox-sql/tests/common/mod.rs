@@ -145,6 +145,53 @@ macro_rules! sql_store_tests {
             .await
             .unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidIdentifier);
+            // A name whose companion tables' and indexes' names would not fit is refused; the
+            // longest one accepted works end to end.
+            let id = uuid::Uuid::now_v7().simple().to_string();
+            let long = |n: usize| format!("t{id}{}", "x".repeat(n - 1 - id.len()));
+            let e = $store::connect_with(
+                &url(),
+                $options {
+                    table: long(63),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidIdentifier);
+            let mut n = 63;
+            let longest = loop {
+                n -= 1;
+                if let Ok(s) = $store::connect_with(
+                    &url(),
+                    $options {
+                        table: long(n),
+                        ..Default::default()
+                    },
+                )
+                .await
+                {
+                    break s;
+                }
+            };
+            outbox_core::Store::migrate(&longest).await.unwrap();
+            let broker = RecordingPublisher::new();
+            let outbox = Outbox::builder(longest.clone(), broker.clone())
+                .strategy(Strategy::KeepOrder)
+                .build()
+                .unwrap();
+            let mut tx = longest.pool().begin().await.unwrap();
+            let pending = longest
+                .enqueue(
+                    &mut tx,
+                    &outbox,
+                    [Message::new("d", b"x".to_vec()).key("k")],
+                )
+                .await
+                .unwrap();
+            outbox_sql::$module::commit(tx, pending).await.unwrap();
+            let report = outbox.relay().build().unwrap().run_once().await.unwrap();
+            assert_eq!((n > 50, report.published), (true, 1));
             // Nothing listens on port 1.
             let e = $store::connect_with(
                 $unreachable,
