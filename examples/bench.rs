@@ -659,7 +659,7 @@ where
 {
     // Modes interleaved transaction by transaction, so drift (autovacuum, checkpoints, other
     // load) spreads over all of them alike.
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); 4];
+    let mut samples: Vec<Vec<Duration>> = (0..4).map(|_| Vec::with_capacity(n)).collect();
     let mut totals = [Duration::ZERO; 4];
     for i in 0..n {
         for mode in 0..4u8 {

@@ -839,7 +839,17 @@ pub async fn stuck_unit_with_a_deep_backlog<H: Harness>(h: &H) {
 /// whose committer died, interleaved.
 pub fn legacy_rows(table: &str, payload: impl Fn(&str) -> String, now_ms: i64) -> Vec<String> {
     let past = now_ms - 5_000;
-    let rows: [(&str, &str, &str, &str, i32, Option<(&str, i64)>, i64); 10] = [
+    // (payload, key, strategy, status, attempts, lease (owner, until), next attempt)
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        &'a str,
+        i32,
+        Option<(&'a str, i64)>,
+        i64,
+    );
+    let rows: [Row; 10] = [
         ("sent0", "a", "keep_order", "sent", 0, None, past),
         ("dead0", "d", "keep_order", "dead", 5, None, past),
         ("a0", "a", "keep_order", "pending", 1, None, past),
