@@ -107,7 +107,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("on commit: {:?}", pending.publish().await);
 
     let relay = outbox.relay().build()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while store.stats().await?.total().pending > 0 {
+        if std::time::Instant::now() > deadline {
+            return Err("the relay did not finish within 30 s".into());
+        }
         tokio::time::sleep(Duration::from_millis(60)).await; // the backoff
         println!("relay: {:?}", relay.run_once().await?);
     }

@@ -64,6 +64,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         postgres::commit(tx, pending).await?;
         // Wait until the relay (60 s poll interval) has published it: NOTIFY woke it.
         while store.stats().await?.total().pending > 0 {
+            if started.elapsed() > Duration::from_secs(30) {
+                return Err("the relay did not publish within 30 s (see its log)".into());
+            }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         println!(

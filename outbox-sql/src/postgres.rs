@@ -389,6 +389,7 @@ impl Sql {
                     head_seq BIGINT NOT NULL DEFAULT 0,
                     PRIMARY KEY (stream, okey)
                 );
+                ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS head_seq BIGINT NOT NULL DEFAULT 0;
                 CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
                 UPDATE {t} SET next_attempt_at = locked_until
                   WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at"
