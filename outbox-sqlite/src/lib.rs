@@ -620,24 +620,35 @@ fn settle_rows(
     // Each keep-order unit touched, with the longest retry delay among its failures.
     let mut delays: Vec<(rusqlite::types::Value, rusqlite::types::Value, i64)> = Vec::new();
     {
-        let mut unit = tx
-            .prepare_cached(&format!(
-                "SELECT stream, okey FROM {t} WHERE seq = ?1 AND strategy <> 'on_commit'"
-            ))
-            .map_err(map_err)?;
-        let all = done
+        let delay_of = |seq: i64| {
+            failures
+                .iter()
+                .filter(|f| f.seq == seq)
+                .map(|f| match f.outcome {
+                    Outcome::Retry { after } => after.as_millis() as i64,
+                    _ => 0,
+                })
+                .max()
+                .unwrap_or(0)
+        };
+        let all: Vec<i64> = done
             .iter()
-            .map(|&s| (s, 0))
-            .chain(failures.iter().map(|f| match f.outcome {
-                Outcome::Retry { after } => (f.seq, after.as_millis() as i64),
-                _ => (f.seq, 0),
-            }));
-        for (seq, delay) in all {
-            let found: Option<(rusqlite::types::Value, rusqlite::types::Value)> = unit
-                .query_row(params![seq], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
+            .copied()
+            .chain(failures.iter().map(|f| f.seq))
+            .collect();
+        for chunk in all.chunks(500) {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT seq, stream, okey FROM {t} WHERE seq IN ({}) AND strategy <> 'on_commit'",
+                    placeholders(chunk.len(), 1)
+                ))
                 .map_err(map_err)?;
-            if let Some((s, k)) = found {
+            let rows: Vec<(i64, rusqlite::types::Value, rusqlite::types::Value)> = stmt
+                .query_map(params_from_iter(chunk), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .and_then(|rows| rows.collect())
+                .map_err(map_err)?;
+            for (seq, s, k) in rows {
+                let delay = delay_of(seq);
                 match delays.iter_mut().find(|(us, uk, _)| *us == s && *uk == k) {
                     Some(entry) => entry.2 = entry.2.max(delay),
                     None => delays.push((s, k, delay)),
