@@ -644,7 +644,9 @@ fn settle_rows(
                 ))
                 .map_err(map_err)?;
             let rows: Vec<(i64, rusqlite::types::Value, rusqlite::types::Value)> = stmt
-                .query_map(params_from_iter(chunk), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .query_map(params_from_iter(chunk), |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                })
                 .and_then(|rows| rows.collect())
                 .map_err(map_err)?;
             for (seq, s, k) in rows {
