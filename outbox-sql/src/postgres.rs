@@ -1063,6 +1063,12 @@ impl PgStore {
                      SELECT 1 FROM {t} o WHERE o.stream = x.s AND o.okey = x.k AND o.status = 'pending'
                        AND o.strategy <> 'on_commit')
                    RETURNING d.stream, d.okey)
+                 , healed AS (
+                   -- A unit that was not empty after all (rows the claim's snapshot did not
+                   -- see): look from its start again.
+                   UPDATE {t}_due d SET head_seq = 0 FROM unnest($1::text[], $2::text[]) AS x(s, k)
+                   WHERE d.stream = x.s AND d.okey = x.k AND d.head_seq > 0
+                     AND NOT EXISTS (SELECT 1 FROM gone WHERE gone.stream = x.s AND gone.okey = x.k))
                  DELETE FROM {t}_units u USING gone WHERE u.stream = gone.stream AND u.okey = gone.okey"
             ))
             .bind(s)

@@ -280,3 +280,40 @@ async fn relay_statements_run_without_jit() {
     app_store.settle("r", &seqs, true, &[]).await.unwrap();
     assert_eq!(app_store.stats().await.unwrap().total().pending, 0);
 }
+
+/// `<table>_due.head_seq` only lets claims skip deleted rows' index entries; if it ever points
+/// past pending rows (a hand edit, a bug), the unit looks empty to a claim, which then finds
+/// its rows again instead of stranding them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_whose_head_points_too_far_heals() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use std::time::Duration;
+
+    let h = Pg;
+    let store = h.fresh().await;
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let msgs = (0..3u8)
+        .map(|i| Message::new("d", vec![i]).key("k"))
+        .collect();
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    sqlx::query(&format!(
+        "UPDATE {}_due SET head_seq = 1000000",
+        store.table()
+    ))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+    let rows = store.claim(&claim).await.unwrap();
+    let got: Vec<u8> = rows
+        .iter()
+        .map(|r| r.as_ref().unwrap().envelope.message.payload[0])
+        .collect();
+    assert_eq!(got, vec![0, 1, 2]);
+}
