@@ -257,10 +257,7 @@ fn confirmation(c: Result<Confirmation, lapin::Error>) -> outbox_core::Result<()
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn publish(&self, envelope: &Envelope) -> outbox_core::Result<()> {
-        self.publish_batch(&[envelope])
-            .await
-            .pop()
-            .unwrap_or(Ok(()))
+        outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
     /// A batch goes out on one channel with confirms, in order; messages sent again after a

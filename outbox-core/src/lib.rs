@@ -59,8 +59,8 @@ pub use outbox::{
     Config, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Pending, Prepared,
 };
 pub use publisher::{
-    FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher, RecordingPublisher,
-    Router, StdoutPublisher,
+    single_result, FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher,
+    RecordingPublisher, Router, StdoutPublisher,
 };
 pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};

@@ -59,6 +59,22 @@ pub trait Publisher: Send + Sync {
     }
 }
 
+/// The one result of a one-message `publish_batch`: a publisher that implements `publish`
+/// through its batch path uses this, so a batch that returns no result (or several) is an
+/// error, never a silent success.
+pub fn single_result(mut results: Vec<Result<()>>) -> Result<()> {
+    match results.len() {
+        1 => results
+            .pop()
+            .unwrap_or_else(|| Err(Error::transient("no result"))),
+        n => Err(Error::new(
+            ErrorKind::Publish,
+            Retry::Transient,
+            format!("the publisher returned {n} results for one message"),
+        )),
+    }
+}
+
 /// Run `fut`, turning a panic into an error that carries the panic message.
 pub(crate) async fn catch_panic<T>(fut: impl std::future::Future<Output = T>) -> Result<T> {
     use futures_util::FutureExt;
@@ -407,6 +423,18 @@ mod tests {
             created_at: std::time::SystemTime::now(),
             message: Message::new(dest, b"x".to_vec()).stream(stream),
         }
+    }
+
+    #[test]
+    fn a_batch_of_one_must_return_one_result() {
+        assert!(single_result(vec![Ok(())]).is_ok());
+        assert!(single_result(vec![Err(Error::permanent("x"))]).is_err());
+        let none = single_result(vec![]).unwrap_err();
+        assert!(
+            none.is_transient() && none.to_string().contains("0 results"),
+            "{none}"
+        );
+        assert!(single_result(vec![Ok(()), Ok(())]).is_err());
     }
 
     #[tokio::test]

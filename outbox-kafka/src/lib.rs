@@ -202,10 +202,7 @@ impl KafkaPublisher {
 #[async_trait]
 impl Publisher for KafkaPublisher {
     async fn publish(&self, envelope: &Envelope) -> outbox_core::Result<()> {
-        self.publish_batch(&[envelope])
-            .await
-            .pop()
-            .unwrap_or(Ok(()))
+        outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
     /// With idempotence on (the default), one producer keeps each partition's order, retries

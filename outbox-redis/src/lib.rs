@@ -213,10 +213,7 @@ impl RedisPublisher {
 #[async_trait]
 impl Publisher for RedisPublisher {
     async fn publish(&self, envelope: &Envelope) -> outbox_core::Result<()> {
-        self.publish_batch(&[envelope])
-            .await
-            .pop()
-            .unwrap_or(Ok(()))
+        outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
     /// One pipeline for the whole batch; each command's reply is checked on its own.
