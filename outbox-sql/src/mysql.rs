@@ -803,23 +803,21 @@ impl MySqlStore {
         // The units `owner` still holds (locked first: claims lock units, then rows), waiting
         // at most `lock_timeout` for a session that holds one.
         let mut held: std::collections::BTreeSet<Unit> = Default::default();
-        let held_sql = self
-            .bounded(&format!(
-                "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND leased_by = ? FOR UPDATE"
-            ))
-            .await?;
         if let Some(owner) = owner {
-            for (stream, key) in delays.keys() {
-                let mine: Option<i64> = sqlx::query_scalar(&held_sql)
-                    .bind(stream)
-                    .bind(key)
-                    .bind(owner)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(map_err)?;
-                if mine.is_some() {
-                    held.insert((stream.clone(), key.clone()));
+            let units: Vec<&Unit> = delays.keys().collect();
+            for chunk in units.chunks(500) {
+                let sql = self
+                    .bounded(&format!(
+                        "SELECT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}_due
+                         WHERE leased_by = ? AND ({}) FOR UPDATE",
+                        vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
+                    ))
+                    .await?;
+                let mut q = sqlx::query_as::<_, Unit>(&sql).bind(owner);
+                for (stream, key) in chunk {
+                    q = q.bind(stream).bind(key);
                 }
+                held.extend(q.fetch_all(&mut *tx).await.map_err(map_err)?);
             }
         }
         for chunk in done.chunks(1000) {
@@ -878,19 +876,26 @@ impl MySqlStore {
                 .await
                 .map_err(map_err)?;
         }
-        for ((stream, key), delay) in &delays {
-            if owner.is_some() && !held.contains(&(stream.clone(), key.clone())) {
-                continue;
+        // The units, one statement per retry delay (all free again but those whose head
+        // failed).
+        let mut by_delay: std::collections::BTreeMap<i64, Vec<&Unit>> = Default::default();
+        for (unit, delay) in &delays {
+            if owner.is_none() || held.contains(unit) {
+                by_delay.entry(*delay).or_default().push(unit);
             }
-            sqlx::query(&format!(
-                "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE stream = ? AND okey = ?"
-            ))
-            .bind(now + delay)
-            .bind(stream)
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
+        }
+        for (delay, units) in by_delay {
+            for chunk in units.chunks(500) {
+                let sql = format!(
+                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE {}",
+                    vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
+                );
+                let mut q = sqlx::query(&sql).bind(now + delay);
+                for (stream, key) in chunk {
+                    q = q.bind(stream).bind(key);
+                }
+                q.execute(&mut *tx).await.map_err(map_err)?;
+            }
         }
         tx.commit().await.map_err(map_err)
     }
