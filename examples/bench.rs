@@ -494,12 +494,8 @@ async fn latency() -> Res {
         let (pg, outbox, key) = (pg.clone(), outbox.clone(), key.clone());
         async move {
             let mut tx = pg.pool().begin().await?;
-            let p = pg
-                .enqueue(
-                    &mut tx,
-                    &outbox,
-                    [Message::new(key, i.to_string().into_bytes())],
-                )
+            let p = outbox
+                .enqueue(&mut tx, [Message::new(key, i.to_string().into_bytes())])
                 .await?;
             outbox::postgres::commit(tx, p).await?;
             Ok(())
@@ -541,12 +537,12 @@ async fn latency() -> Res {
         async move {
             let mut tx = pg.pool().begin().await?;
             drop(
-                pg.enqueue(
-                    &mut tx,
-                    &outbox,
-                    [Message::new(key, i.to_string().into_bytes()).key("k")],
-                )
-                .await?,
+                outbox
+                    .enqueue(
+                        &mut tx,
+                        [Message::new(key, i.to_string().into_bytes()).key("k")],
+                    )
+                    .await?,
             );
             tx.commit().await?;
             Ok(())
@@ -601,12 +597,12 @@ async fn latency() -> Res {
         async move {
             let mut tx = my.pool().begin().await?;
             drop(
-                my.enqueue(
-                    &mut tx,
-                    &outbox,
-                    [Message::new(key, i.to_string().into_bytes()).key("k")],
-                )
-                .await?,
+                outbox
+                    .enqueue(
+                        &mut tx,
+                        [Message::new(key, i.to_string().into_bytes()).key("k")],
+                    )
+                    .await?,
             );
             tx.commit().await?;
             Ok(())
@@ -785,7 +781,8 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                     .await?;
             } else if mode > 0 {
                 drop(
-                    pg.enqueue(&mut tx, &outboxes[mode as usize - 1], [order_message(i)])
+                    outboxes[mode as usize - 1]
+                        .enqueue(&mut tx, [order_message(i)])
                         .await?,
                 );
             }
@@ -861,7 +858,8 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                     .await?;
             } else if mode > 0 {
                 drop(
-                    my.enqueue(&mut tx, &outboxes[mode as usize - 1], [order_message(i)])
+                    outboxes[mode as usize - 1]
+                        .enqueue(&mut tx, [order_message(i)])
                         .await?,
                 );
             }
@@ -894,7 +892,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     // rusqlite is synchronous: each transaction runs inside the call, the future is ready.
     overhead("sqlite", n, |i, mode| {
         let mut run = || -> Res {
-            let tx = conn.transaction()?;
+            let mut tx = conn.transaction()?;
             tx.execute("INSERT INTO biz (body) VALUES (?1)", [format!("order {i}")])?;
             if mode == 3 {
                 let v = BareRow::new(i);
@@ -906,7 +904,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
                     ],
                 )?;
             } else if mode > 0 {
-                drop(store.enqueue(&tx, &outboxes[mode as usize - 1], [order_message(i)])?);
+                drop(outboxes[mode as usize - 1].enqueue_blocking(&mut tx, [order_message(i)])?);
             }
             tx.commit()?;
             Ok(())

@@ -97,14 +97,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
 
     let mut conn = store.connect()?;
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction()?;
     let msgs = [
         Message::json("hooks/order-paid", &serde_json::json!({"order": 1}))?,
         Message::json("bad", &serde_json::json!({"order": "not a number"}))?,
     ];
-    let pending = store.enqueue(&tx, &outbox, msgs)?;
+    let after = outbox.enqueue_blocking(&mut tx, msgs)?;
     tx.commit()?;
-    println!("on commit: {:?}", pending.publish().await);
+    println!("on commit: {:?}", after.publish().await);
 
     let relay = outbox.relay().build()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -41,12 +41,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
 
     let mut conn = store.connect()?;
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction()?;
     let msgs = (0..9).map(|i| {
         Message::new(topic, format!("order {i}").into_bytes()).key(format!("customer-{}", i % 3))
     });
-    store.enqueue(&tx, &outbox, msgs)?.dispatch();
+    let after = outbox.enqueue_blocking(&mut tx, msgs)?;
     tx.commit()?;
+    after.dispatch();
     println!("relayed: {:?}", outbox.relay().build()?.run_once().await?);
 
     let consumer: BaseConsumer = ClientConfig::new()

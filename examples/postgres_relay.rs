@@ -60,8 +60,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 &serde_json::json!({"n": i, "customer": customer}),
             )?
             .key(*customer);
-        let pending = store.enqueue(&mut tx, &outbox, [msg]).await?;
-        postgres::commit(tx, pending).await?;
+        let after = outbox.enqueue(&mut tx, [msg]).await?;
+        postgres::commit(tx, after).await?;
         // Wait until the relay (60 s poll interval) has published it: NOTIFY woke it.
         while store.stats().await?.total().pending > 0 {
             if started.elapsed() > Duration::from_secs(30) {

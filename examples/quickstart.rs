@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         (2, "bob", 990, false),
         (3, "cy", 4200, true),
     ] {
-        let tx = conn.transaction()?;
+        let mut tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO orders VALUES (?1, ?2, ?3)",
             (order_id, customer, total),
@@ -84,16 +84,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )?
                 .stream("emails"),
         ];
-        let pending = store.enqueue(&tx, &outbox, messages)?;
+        let after = outbox.enqueue_blocking(&mut tx, messages)?;
         if commit {
             tx.commit()?;
             println!("order {order_id}: committed; publishing on commit:");
-            // In a service, `outbox::sqlite::commit(tx, pending)` commits and publishes in the
+            // In a service, `outbox::sqlite::commit(tx, after)` commits and publishes in the
             // background; here we await the outcome to print it.
-            let report = pending.publish().await;
+            let report = after.publish().await;
             println!("  on-commit report: {report:?}");
         } else {
-            drop(pending);
+            drop(after);
             tx.rollback()?;
             println!("order {order_id}: rolled back; nothing stored, nothing published");
         }
@@ -115,5 +115,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let orders: i64 = conn.query_row("SELECT COUNT(*) FROM orders", [], |r| r.get(0))?;
     println!("orders table: {orders} rows (order 2 was rolled back)");
+    // Before a service exits: wait for publish-on-commit batches still in flight (those
+    // started by `dispatch`), so none is cut off mid-publish.
+    outbox.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }

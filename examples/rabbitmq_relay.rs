@@ -7,6 +7,8 @@
 //! Run: `cargo run --example rabbitmq_relay --features amqp`
 //! (OUTBOX_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
 
+use std::time::Duration;
+
 use outbox::amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use outbox::amqp::lapin::types::FieldTable;
 use outbox::amqp::AmqpPublisher;
@@ -38,10 +40,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let outbox = Outbox::builder(store.clone(), AmqpPublisher::connect(&url).await?).build()?;
 
     let mut conn = store.connect()?;
-    let tx = conn.transaction()?;
-    let pending = store.enqueue(
-        &tx,
-        &outbox,
+    let mut tx = conn.transaction()?;
+    let after = outbox.enqueue_blocking(
+        &mut tx,
         [
             Message::json(&queue, &serde_json::json!({"event": "signup", "user": 7}))?, // default exchange → queue
             Message::json(
@@ -50,8 +51,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             )?,
         ],
     )?;
-    tx.commit()?;
-    println!("published on commit: {:?}", pending.publish().await);
+    // As a service does: commit, publish in the background, and before exiting wait for what
+    // is still in flight (Outbox::shutdown).
+    outbox::sqlite::commit(tx, after)?;
+    outbox.shutdown(Duration::from_secs(10)).await?;
+    println!("published on commit, shutdown clean");
 
     while let Some(m) = channel
         .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })

@@ -26,7 +26,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut conn = store.connect()?;
     conn.execute_batch("CREATE TABLE payments (id INTEGER PRIMARY KEY, cents INTEGER)")?;
-    let tx = conn.transaction()?;
+    let mut tx = conn.transaction()?;
+    let mut after = outbox::AfterCommit::empty();
     for (id, cents) in [(1, 500), (2, 1200), (3, 90)] {
         tx.execute("INSERT INTO payments VALUES (?1, ?2)", (id, cents))?;
         let msg = Message::json(
@@ -35,9 +36,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )?
         .key(format!("account-{}", id % 2))
         .header("schema", "payment.v1");
-        store.enqueue(&tx, &outbox, [msg])?.dispatch();
+        after.merge(outbox.enqueue_blocking(&mut tx, [msg])?);
     }
     tx.commit()?;
+    after.dispatch(); // keep-order: wakes relays in this process
 
     let report = outbox.relay().build()?.run_once().await?;
     println!("relayed: {report:?}");

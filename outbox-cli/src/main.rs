@@ -507,7 +507,8 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
             "no publisher: pass --publisher URL or --publisher-file PATH, set OUTBOX_PUBLISHER or OUTBOX_PUBLISHER_FILE, or set relay.publisher",
         )
     })?;
-    if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
+    let metrics_addr = args.metrics_addr.or(file.metrics_addr);
+    if let Some(addr) = metrics_addr {
         metrics_endpoint::serve(addr).await?;
         tracing::info!(%addr, "serving Prometheus metrics on GET /metrics");
     }
@@ -537,17 +538,20 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
             .interval
             .or(duration("relay.interval", file.interval)?)
             .unwrap_or(defaults.poll_interval),
-        publish_timeout: args
-            .publish_timeout
-            .or(duration("relay.publish_timeout", file.publish_timeout)?)
-            .unwrap_or(defaults.publish_timeout),
-        delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
-        retry: RetryPolicy {
-            max_attempts: args
-                .max_attempts
-                .or(file.max_attempts)
-                .unwrap_or(defaults.retry.max_attempts),
-            ..defaults.retry.clone()
+        delivery: outbox_core::Delivery {
+            publish_timeout: args
+                .publish_timeout
+                .or(duration("relay.publish_timeout", file.publish_timeout)?)
+                .unwrap_or(defaults.delivery.publish_timeout),
+            delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
+            retry: RetryPolicy {
+                max_attempts: args
+                    .max_attempts
+                    .or(file.max_attempts)
+                    .unwrap_or(defaults.delivery.retry.max_attempts),
+                ..defaults.delivery.retry.clone()
+            },
+            ..defaults.delivery.clone()
         },
         ..defaults
     };
@@ -568,7 +572,10 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         ));
     }
     let config = RelayConfig {
-        signer,
+        delivery: outbox_core::Delivery {
+            signer,
+            ..config.delivery
+        },
         require_signatures,
         ..config
     };
@@ -576,7 +583,7 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
     let relay = Relay::builder(s.clone(), publisher)
         .config(config)
         .build()?;
-    let verification = match &relay.config().signer {
+    let verification = match &relay.config().delivery.signer {
         None => "off: signed rows are refused as unverifiable".to_owned(),
         Some(signer) => format!(
             "{} key(s) loaded ({}); unsigned rows are {}",
@@ -600,16 +607,31 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         tracing::info!(?report, "relay finished");
         return Ok(());
     }
-    let gauges = tokio::spawn(backlog_gauges(s.clone()));
+    // The backlog gauges cost a whole-table stats query: only when someone reads them.
+    let gauges = metrics_addr.map(|_| tokio::spawn(backlog_gauges(s.clone())));
     let report = relay.run(shutdown_signal()).await;
-    gauges.abort();
+    if let Some(g) = gauges {
+        g.abort();
+    }
     tracing::info!(?report, "relay stopped");
     Ok(())
 }
 
-/// How often the backlog gauges are refreshed: one stats query, independent of the poll
-/// interval (a relay woken by NOTIFY may poll only every minute).
+/// How often the backlog gauges are refreshed at most: one stats query, independent of the
+/// poll interval (a relay woken by NOTIFY may poll only every minute).
 const GAUGE_REFRESH: Duration = Duration::from_secs(5);
+
+/// The stats query may take at most this share of the time (and of one connection): on a
+/// large table, where it takes longer, the gauges are refreshed less often.
+const GAUGE_DUTY: u32 = 20;
+
+/// The pause after a stats query that took `took`: at least [`GAUGE_REFRESH`], and
+/// [`GAUGE_DUTY`] times the query, so the gauges never cost more than 1/20 of the time.
+fn gauge_pause(took: Duration) -> Duration {
+    GAUGE_REFRESH
+        .max(took * GAUGE_DUTY)
+        .min(Duration::from_secs(600))
+}
 
 /// Per-stream gauge series are capped at this many streams (the largest backlogs); the rest
 /// are summed under stream "(other)", so a table with 20 000 streams does not make 60 000 series.
@@ -620,7 +642,11 @@ const MAX_STREAM_SERIES: usize = 100;
 /// gone stop being refreshed and expire (see `metrics_endpoint`).
 async fn backlog_gauges(store: Arc<dyn Store>) {
     loop {
-        if let Ok(stats) = store.stats().await {
+        let started = std::time::Instant::now();
+        let stats = store.stats().await;
+        let took = started.elapsed();
+        metrics::gauge!("outbox_stats_query_seconds").set(took.as_secs_f64());
+        if let Ok(stats) = stats {
             let now = SystemTime::now();
             let total = stats.total();
             let mut streams = stats.streams;
@@ -648,6 +674,26 @@ async fn backlog_gauges(store: Arc<dyn Store>) {
                     .set(age.as_secs_f64());
             }
         }
-        tokio::time::sleep(GAUGE_REFRESH).await;
+        tokio::time::sleep(gauge_pause(took)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stats query behind the gauges takes at most 1/20 of the time, however slow it is
+    /// on a large table, and runs at most every 5 s.
+    #[test]
+    fn gauges_back_off_when_the_stats_query_is_slow() {
+        assert_eq!(gauge_pause(Duration::from_millis(3)), GAUGE_REFRESH);
+        assert_eq!(
+            gauge_pause(Duration::from_millis(800)),
+            Duration::from_secs(16)
+        );
+        assert_eq!(
+            gauge_pause(Duration::from_secs(3600)),
+            Duration::from_secs(600)
+        );
     }
 }

@@ -66,8 +66,8 @@ fn sqlite_enqueue(path: &std::path::Path, msgs: Vec<Message>, strategy: Strategy
         .build()
         .unwrap();
     let mut conn = store.connect().unwrap();
-    let tx = conn.transaction().unwrap();
-    drop(store.enqueue(&tx, &outbox, msgs).unwrap());
+    let mut tx = conn.transaction().unwrap();
+    drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
     tx.commit().unwrap();
 }
 
@@ -95,11 +95,10 @@ async fn sqlite_migrate_relay_stats_dead_letters_and_clean() {
         });
         let outbox = Outbox::builder(store.clone(), failing).build().unwrap();
         let mut conn = store.connect().unwrap();
-        let tx = conn.transaction().unwrap();
-        let pending = store
-            .enqueue(
-                &tx,
-                &outbox,
+        let mut tx = conn.transaction().unwrap();
+        let pending = outbox
+            .enqueue_blocking(
+                &mut tx,
                 [Message::new("emails", b"dead".to_vec()).stream("emails")],
             )
             .unwrap();
@@ -286,6 +285,33 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
         .unwrap()
         .port();
     let metrics = format!("127.0.0.1:{port}");
+    let store = PgStore::connect_with(
+        &url,
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let commit = |payloads: std::ops::Range<u8>| {
+        let (store, outbox) = (store.clone(), outbox.clone());
+        async move {
+            let mut tx_db = store.pool().begin().await.unwrap();
+            let msgs: Vec<Message> = payloads
+                .map(|i| Message::new("d", i.to_string().into_bytes()).key("k"))
+                .collect();
+            drop(outbox.enqueue(&mut tx_db, msgs).await.unwrap());
+            tx_db.commit().await.unwrap();
+        }
+    };
+    // Committed before the relay starts: its first claim (after LISTEN) publishes it. Once
+    // it is out, no sleep is needed: every later commit is heard, or waits 60 s.
+    commit(9..10).await;
     let mut child = bin()
         .args([
             "--store",
@@ -312,31 +338,15 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
         }
     });
 
-    let store = PgStore::connect_with(
-        &url,
-        PgOptions {
-            table: table.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
-        .build()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await; // the relay is up and listening
-    let mut tx_db = store.pool().begin().await.unwrap();
-    let msgs: Vec<Message> = (0..3)
-        .map(|i| Message::new("d", i.to_string().into_bytes()).key("k"))
-        .collect();
-    drop(store.enqueue(&mut tx_db, &outbox, msgs).await.unwrap());
-    tx_db.commit().await.unwrap();
-
     // A 60 s poll interval: only NOTIFY gets these out within the deadline.
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut got = Vec::new();
-    while got.len() < 3 {
+    let mut committed = false;
+    while got.len() < 4 {
+        if got == ["9"] && !committed {
+            committed = true;
+            commit(0..3).await;
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
@@ -349,7 +359,7 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
             got.push(p.to_owned());
         }
     }
-    assert_eq!(got, vec!["0", "1", "2"]);
+    assert_eq!(got, vec!["9", "0", "1", "2"]);
 
     let body = http(&metrics, "GET", "/metrics").await;
     assert!(body.contains("outbox_published_total"), "{body}");
@@ -378,7 +388,7 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     assert!(
         stats
             .lines()
-            .any(|l| l.starts_with("default") && l.split_whitespace().nth(2) == Some("3")),
+            .any(|l| l.starts_with("default") && l.split_whitespace().nth(2) == Some("4")),
         "{stats}"
     );
 }

@@ -37,7 +37,7 @@ fn restart_postgres() {
     );
 }
 
-async fn commit_with_retry(store: &PgStore, outbox: &Outbox, msgs: Vec<Message>) -> usize {
+async fn commit_with_retry(store: &PgStore, outbox: &Outbox<PgStore>, msgs: Vec<Message>) -> usize {
     let mut failures = 0;
     loop {
         let attempt = async {
@@ -46,7 +46,7 @@ async fn commit_with_retry(store: &PgStore, outbox: &Outbox, msgs: Vec<Message>)
                 .begin()
                 .await
                 .map_err(outbox_sql::postgres::map_err)?;
-            drop(store.enqueue(&mut tx, outbox, msgs.clone()).await?);
+            drop(outbox.enqueue(&mut tx, msgs.clone()).await?);
             tx.commit().await.map_err(outbox_sql::postgres::map_err)
         };
         match attempt.await {

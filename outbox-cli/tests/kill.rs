@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_core::conformance::eventually;
-use outbox_core::{Message, Outbox, RecordingPublisher, Store, Strategy};
+use outbox_core::{Message, Outbox, Store, Strategy};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
 use outbox_sql::postgres::{PgOptions, PgStore};
@@ -36,22 +36,33 @@ impl Producer {
         }
     }
 
-    async fn commit(&self, outbox: &Outbox, msgs: Vec<Message>) {
+    /// Commit `msgs` through a writer-only keep-order outbox (no publisher: the relays
+    /// under test publish).
+    async fn commit(&self, msgs: Vec<Message>) {
+        fn writer<S: Store + Clone + 'static>(store: &S) -> Outbox<S> {
+            Outbox::writer(store.clone())
+                .strategy(Strategy::KeepOrder)
+                .build()
+                .unwrap()
+        }
         match self {
             Self::Sqlite(s) => {
+                let outbox = writer(s);
                 let mut conn = s.connect().unwrap();
-                let tx = conn.transaction().unwrap();
-                drop(s.enqueue(&tx, outbox, msgs).unwrap());
+                let mut tx = conn.transaction().unwrap();
+                drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
                 tx.commit().unwrap();
             }
             Self::Pg(s) => {
+                let outbox = writer(s);
                 let mut tx = s.pool().begin().await.unwrap();
-                drop(s.enqueue(&mut tx, outbox, msgs).await.unwrap());
+                drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
                 tx.commit().await.unwrap();
             }
             Self::My(s) => {
+                let outbox = writer(s);
                 let mut tx = s.pool().begin().await.unwrap();
-                drop(s.enqueue(&mut tx, outbox, msgs).await.unwrap());
+                drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
                 tx.commit().await.unwrap();
             }
         }
@@ -116,10 +127,6 @@ async fn sigkill_relays_while_committing(
         String::from_utf8_lossy(&migrate.stderr)
     );
     let stream_key = format!("kill-{}", uuid::Uuid::now_v7().simple());
-    let outbox = Outbox::builder(producer.store(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
-        .build()
-        .unwrap();
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let (txs, per_tx, backlog_txs) = (500usize, 16usize, 150usize);
@@ -139,7 +146,7 @@ async fn sigkill_relays_while_committing(
                     .key(format!("k{}", i % 6))
             })
             .collect();
-        producer.commit(&outbox, msgs).await;
+        producer.commit(msgs).await;
         if !relays.0.is_empty() && Instant::now() >= next_kill {
             let victim = rng.gen_range(0..RELAYS);
             relays.0[victim].kill().unwrap(); // SIGKILL

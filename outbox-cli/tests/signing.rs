@@ -80,25 +80,28 @@ impl Target {
 
     /// Commit `msgs` through an outbox that signs with `key` (or does not sign).
     async fn enqueue(&self, key: Option<&str>, msgs: Vec<Message>) {
-        let store = self.store().await;
-        let mut builder =
-            Outbox::builder(store, RecordingPublisher::new()).strategy(Strategy::KeepOrder);
-        if let Some(k) = key {
-            builder = builder.signer(Signer::new(SigningKey::parse(k).unwrap()));
+        fn outbox<S: Store + Clone + 'static>(store: S, key: Option<&str>) -> Outbox<S> {
+            let mut builder =
+                Outbox::builder(store, RecordingPublisher::new()).strategy(Strategy::KeepOrder);
+            if let Some(k) = key {
+                builder = builder.signer(Signer::new(SigningKey::parse(k).unwrap()));
+            }
+            builder.build().unwrap()
         }
-        let outbox = builder.build().unwrap();
         match self {
             Target::Sqlite(_, db) => {
                 let store = SqliteStore::open(db).unwrap();
+                let outbox = outbox(store.clone(), key);
                 let mut conn = store.connect().unwrap();
-                let tx = conn.transaction().unwrap();
-                drop(store.enqueue(&tx, &outbox, msgs).unwrap());
+                let mut tx = conn.transaction().unwrap();
+                drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
                 tx.commit().unwrap();
             }
             Target::Pg { url, table } => {
                 let store = Self::pg_store(url, table).await;
+                let outbox = outbox(store.clone(), key);
                 let mut tx = store.pool().begin().await.unwrap();
-                drop(store.enqueue(&mut tx, &outbox, msgs).await.unwrap());
+                drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
                 tx.commit().await.unwrap();
             }
         }
@@ -400,9 +403,9 @@ async fn the_deployment_label_is_bound() {
             .build()
             .unwrap();
         let mut conn = sqlite.connect().unwrap();
-        let tx = conn.transaction().unwrap();
+        let mut tx = conn.transaction().unwrap();
         let msgs = vec![Message::new("d", b"labelled".to_vec()).stream("orders")];
-        drop(sqlite.enqueue(&tx, &outbox, msgs).unwrap());
+        drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
         tx.commit().unwrap();
 
         let mut cmd = bin();

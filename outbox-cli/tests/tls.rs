@@ -82,7 +82,7 @@ async fn relay_over_tls_with_urls_from_files() {
     let msgs: Vec<Message> = (0..5)
         .map(|i| Message::new(key.as_str(), i.to_string().into_bytes()).key("k"))
         .collect();
-    drop(store.enqueue(&mut tx, &outbox, msgs).await.unwrap());
+    drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
     tx.commit().await.unwrap();
 
     let out = bin()

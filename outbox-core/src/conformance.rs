@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 
 use crate::{
-    Claim, Cleaner, Envelope, Error, ErrorKind, Event, FaultyPublisher, Message, MessageId, Outbox,
-    OutboxBuilder, Pending, RecordingPublisher, Relay, RetryPolicy, Selector, Signer, SigningKey,
-    Status, Store, Strategy, StreamFilter,
+    AfterCommit, Claim, Cleaner, Envelope, Error, ErrorKind, Event, FaultyPublisher, Message,
+    MessageId, Outbox, OutboxBuilder, RecordingPublisher, Relay, RetryPolicy, Selector, Signer,
+    SigningKey, Status, Store, Strategy, StreamFilter,
 };
 
 /// What a backend provides to run the suite.
@@ -37,10 +37,10 @@ pub trait Harness: Send + Sync + 'static {
     async fn transact(
         &self,
         store: &Self::Store,
-        outbox: &Outbox,
+        outbox: &Outbox<Arc<Self::Store>>,
         messages: Vec<Message>,
         commit: bool,
-    ) -> crate::Result<Pending>;
+    ) -> crate::Result<AfterCommit>;
 
     /// Committed business rows.
     async fn business_rows(&self, store: &Self::Store) -> i64;
@@ -166,7 +166,10 @@ fn fast_retry(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-fn base(store: Arc<dyn Store>, publisher: impl crate::Publisher + 'static) -> OutboxBuilder {
+fn base<S: Store + 'static>(
+    store: Arc<S>,
+    publisher: impl crate::Publisher + 'static,
+) -> OutboxBuilder<Arc<S>> {
     Outbox::builder(store, publisher).retry(fast_retry(5))
 }
 
@@ -313,17 +316,13 @@ async fn find_by_payload<S: Store + ?Sized>(store: &S, payload: &[u8]) -> crate:
     unreachable!()
 }
 
-fn dyn_store<S: Store + 'static>(s: &Arc<S>) -> Arc<dyn Store> {
-    s.clone()
-}
-
 // ---------------------------------------------------------------- the contract
 
 /// Contract point 1: Rollback writes nothing and publishes nothing; commit makes the rows durable.
 pub async fn atomic_enqueue<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -363,10 +362,13 @@ pub async fn atomic_enqueue<H: Harness>(h: &H) {
 /// Contract point 11: Bad input: a typed error, and nothing of the batch is written.
 pub async fn invalid_input_writes_nothing<H: Harness>(h: &H) {
     let store = h.fresh().await;
-    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+    let outbox = base(store.clone(), RecordingPublisher::new())
         .config(crate::Config {
-            max_payload_bytes: 16,
-            retry: fast_retry(5),
+            delivery: crate::Delivery {
+                max_payload_bytes: 16,
+                retry: fast_retry(5),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .build()
@@ -415,7 +417,7 @@ pub async fn publish_on_commit_persist_all<H: Harness>(h: &H) {
     for delete in [false, true] {
         let store = h.fresh().await;
         let broker = RecordingPublisher::new();
-        let outbox = base(dyn_store(&store), broker.clone())
+        let outbox = base(store.clone(), broker.clone())
             .delete_after_send(delete)
             .build()
             .unwrap();
@@ -463,7 +465,7 @@ pub async fn publish_on_commit_failure_left_for_relay<H: Harness>(h: &H) {
             .then(|| Error::transient("broker down"))
     });
     let events = EventLog::default();
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .observer(events.observer())
         .build()
         .unwrap();
@@ -507,7 +509,7 @@ pub async fn publish_on_commit_not_persisted<H: Harness>(h: &H) {
         d.load(Ordering::SeqCst)
             .then(|| Error::transient("broker down"))
     });
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .persist_all(false)
         .build()
         .unwrap();
@@ -557,11 +559,14 @@ pub async fn publish_on_commit_not_persisted<H: Harness>(h: &H) {
 pub async fn publish_on_commit_crash_recovered_by_relay<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .config(crate::Config {
             on_commit_lease: Duration::from_millis(400),
-            publish_timeout: Duration::from_millis(100),
-            retry: fast_retry(5),
+            delivery: crate::Delivery {
+                publish_timeout: Duration::from_millis(100),
+                retry: fast_retry(5),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .build()
@@ -591,7 +596,7 @@ pub async fn publish_on_commit_crash_recovered_by_relay<H: Harness>(h: &H) {
 pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+    let outbox = base(store.clone(), RecordingPublisher::new())
         .strategy(Strategy::KeepOrder)
         .retry(fast_retry(1_000))
         .build()
@@ -667,12 +672,15 @@ pub async fn keep_order_failing_head_blocks_only_its_unit<H: Harness>(h: &H) {
             (e.message.destination == "poison").then(|| Error::permanent("rejected"))
         });
         let events = EventLog::default();
-        let outbox = base(dyn_store(&store), publisher)
+        let outbox = base(store.clone(), publisher)
             .strategy(Strategy::KeepOrder)
             .config(crate::Config {
                 default_strategy: Strategy::KeepOrder,
-                dead_letter_keep_order: dead_letter,
-                retry: fast_retry(3),
+                delivery: crate::Delivery {
+                    dead_letter_keep_order: dead_letter,
+                    retry: fast_retry(3),
+                    ..Default::default()
+                },
                 ..Default::default()
             })
             .observer(events.observer())
@@ -750,7 +758,7 @@ pub async fn stuck_unit_with_a_deep_backlog<H: Harness>(h: &H) {
         jitter: 0.0,
         max_attempts: 100,
     };
-    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+    let outbox = base(store.clone(), RecordingPublisher::new())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -956,7 +964,7 @@ pub async fn backoff_delays_retries<H: Harness>(h: &H) {
         jitter: 0.0,
         max_attempts: 10,
     };
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .strategy(Strategy::KeepOrder)
         .retry(retry)
         .build()
@@ -1007,7 +1015,7 @@ pub async fn dead_letter_after_max_attempts_and_requeue<H: Harness>(h: &H) {
         d.load(Ordering::SeqCst).then(|| Error::transient("down"))
     });
     let events = EventLog::default();
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .retry(fast_retry(3))
         .observer(events.observer())
         .build()
@@ -1071,7 +1079,7 @@ pub async fn dead_letter_after_max_attempts_and_requeue<H: Harness>(h: &H) {
 pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -1138,13 +1146,16 @@ pub async fn lease_expiry_hands_over<H: Harness>(h: &H) {
 pub async fn concurrent_relays_publish_each_once<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), RecordingPublisher::new())
+    let outbox = base(store.clone(), RecordingPublisher::new())
         .stream_strategy("ordered", Strategy::KeepOrder)
         .config(crate::Config {
             stream_strategies: [("ordered".to_string(), Strategy::KeepOrder)].into(),
             on_commit_lease: Duration::from_millis(300),
-            publish_timeout: Duration::from_millis(200),
-            retry: fast_retry(5),
+            delivery: crate::Delivery {
+                publish_timeout: Duration::from_millis(200),
+                retry: fast_retry(5),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .build()
@@ -1196,7 +1207,7 @@ pub async fn cleaner_respects_retention_and_status<H: Harness>(h: &H) {
     let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
         (e.message.destination == "poison").then(|| Error::permanent("no"))
     });
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .stream_strategy("later", Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -1255,7 +1266,7 @@ pub async fn signing_tamper_and_rotation<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
     let events = EventLog::default();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .signer(Signer::new(k1.clone()))
         .observer(events.observer())
@@ -1305,7 +1316,7 @@ pub async fn signing_tamper_and_rotation<H: Harness>(h: &H) {
     // A relay that dropped k1 refuses k1's rows.
     let store2 = h.fresh().await;
     let broker2 = RecordingPublisher::new();
-    let outbox2 = base(dyn_store(&store2), broker2.clone())
+    let outbox2 = base(store2.clone(), broker2.clone())
         .signer(Signer::new(
             SigningKey::new("k1", b"first-secret-0123456789".to_vec()).unwrap(),
         ))
@@ -1331,7 +1342,7 @@ pub async fn signing_tamper_and_rotation<H: Harness>(h: &H) {
 pub async fn stream_filter<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -1367,7 +1378,7 @@ pub async fn stream_filter<H: Harness>(h: &H) {
 pub async fn strategy_per_stream<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::PublishOnCommit)
         .stream_strategy("ordered", Strategy::KeepOrder)
         .build()
@@ -1400,34 +1411,45 @@ pub async fn strategy_per_stream<H: Harness>(h: &H) {
 }
 
 /// Contract point 7: A relay sleeping on a long poll interval wakes at once when rows are committed.
+///
+/// No sleep decides the interleaving: a first message, committed before the relay starts, is
+/// published by its first claim; once it is out, the relay is at (or on its way to) its idle
+/// wait, and every later commit must wake it, or a 120 s poll interval misses the deadline.
 pub async fn wakeup_on_commit<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
+    h.transact(&store, &outbox, vec![msg("s", None, 0)], true)
+        .await
+        .unwrap()
+        .dispatch();
     let relay = outbox
         .relay()
         .poll_interval(Duration::from_secs(120))
         .build()
         .unwrap();
     let running = RunningRelay::spawn(relay);
-    for i in 0..3 {
-        // Let the relay reach its idle wait, then commit.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for i in 1..4 {
+        eventually(
+            "relay published what was committed",
+            Duration::from_secs(10),
+            || async { broker.count() == i },
+        )
+        .await;
         h.transact(&store, &outbox, vec![msg("s", None, i)], true)
             .await
             .unwrap()
             .dispatch();
-        // A 120 s poll interval would miss this deadline by far.
-        eventually(
-            "relay woken by the commit",
-            Duration::from_secs(10),
-            || async { broker.count() == i + 1 },
-        )
-        .await;
     }
+    eventually(
+        "relay woken by the last commit",
+        Duration::from_secs(10),
+        || async { broker.count() == 4 },
+    )
+    .await;
     running.stop().await;
 }
 
@@ -1439,12 +1461,12 @@ pub async fn signature_policy<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
     let events = EventLog::default();
-    let signing = base(dyn_store(&store), broker.clone())
+    let signing = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .signer(Signer::new(key.clone()))
         .build()
         .unwrap();
-    let plain = base(dyn_store(&store), broker.clone())
+    let plain = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -1591,7 +1613,7 @@ pub async fn panicking_publisher_is_a_failure<H: Harness>(h: &H) {
         // Publish-on-commit, persisted: the committer's batch has the panicking message third.
         let store = h.fresh().await;
         let events = EventLog::default();
-        let outbox = base(dyn_store(&store), publisher.clone())
+        let outbox = base(store.clone(), publisher.clone())
             .retry(fast_retry(3))
             .observer(events.observer())
             .build()
@@ -1640,7 +1662,7 @@ pub async fn panicking_publisher_is_a_failure<H: Harness>(h: &H) {
 
         // persist_all = false: the panicking message is written after the fact, not lost.
         let store = h.fresh().await;
-        let outbox = base(dyn_store(&store), publisher.clone())
+        let outbox = base(store.clone(), publisher.clone())
             .persist_all(false)
             .build()
             .unwrap();
@@ -1662,7 +1684,7 @@ pub async fn panicking_publisher_is_a_failure<H: Harness>(h: &H) {
         // Keep-order on the relay path: the panicking head blocks its own key only.
         let store = h.fresh().await;
         let events = EventLog::default();
-        let outbox = base(dyn_store(&store), publisher.clone())
+        let outbox = base(store.clone(), publisher.clone())
             .strategy(Strategy::KeepOrder)
             .retry(fast_retry(2))
             .observer(events.observer())
@@ -1713,7 +1735,7 @@ pub async fn names_are_exact<H: Harness>(h: &H) {
     let publisher = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
         (e.message.destination == "poison").then(|| Error::transient("consumer down"))
     });
-    let outbox = base(dyn_store(&store), publisher)
+    let outbox = base(store.clone(), publisher)
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
@@ -1867,7 +1889,7 @@ pub async fn bad_rows_are_quarantined<H: Harness>(h: &H) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
     let events = EventLog::default();
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .observer(events.observer())
         .build()
@@ -1951,7 +1973,7 @@ pub async fn oversized_rows_and_the_byte_budget<H: Harness>(h: &H) {
     let broker = RecordingPublisher::new();
     let events = EventLog::default();
     // The writer accepts up to 1 MiB; the relay only 1000 bytes a row, 3000 a batch.
-    let outbox = base(dyn_store(&store), broker.clone())
+    let outbox = base(store.clone(), broker.clone())
         .strategy(Strategy::KeepOrder)
         .observer(events.observer())
         .build()
@@ -1971,9 +1993,12 @@ pub async fn oversized_rows_and_the_byte_budget<H: Harness>(h: &H) {
     let relay = outbox
         .relay()
         .config(crate::RelayConfig {
-            max_payload_bytes: 1000,
             max_batch_bytes: 3000,
-            retry: fast_retry(5),
+            delivery: crate::Delivery {
+                max_payload_bytes: 1000,
+                retry: fast_retry(5),
+                ..Default::default()
+            },
             ..Default::default()
         })
         .observers(vec![Arc::new(events.observer())])

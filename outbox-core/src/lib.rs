@@ -17,9 +17,12 @@
 //!
 //! // In the business transaction:
 //! let mut tx = store.begin();
-//! tx.enqueue(&outbox, [Message::json("orders.placed", &serde_json::json!({"id": 1}))?.stream("orders")])?;
-//! let pending = tx.commit()?;      // commit the business data and the outbox rows at once
-//! pending.dispatch();              // publish-on-commit messages go now; keep-order wakes relays
+//! let after = outbox.enqueue_blocking(
+//!     &mut tx,
+//!     [Message::json("orders.placed", &serde_json::json!({"id": 1}))?.stream("orders")],
+//! )?;
+//! tx.commit();                     // commit the business data and the outbox rows at once
+//! after.dispatch();                // publish-on-commit messages go now; keep-order wakes relays
 //!
 //! // A relay publishes keep-order streams (and retries failed publish-on-commit messages):
 //! let relay = outbox.relay().build()?;
@@ -40,6 +43,7 @@ mod publisher;
 mod redact;
 mod relay;
 mod retry;
+mod settings;
 mod signing;
 mod store;
 pub mod tls;
@@ -55,9 +59,7 @@ pub use message::{
     StoredMessage, Strategy, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, RESERVED_HEADERS,
 };
 pub use observer::{Event, Observer, PublishPath};
-pub use outbox::{
-    Config, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Pending, Prepared,
-};
+pub use outbox::{AfterCommit, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Prepared};
 pub use publisher::{
     single_result, FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher,
     RecordingPublisher, Router, StdoutPublisher,
@@ -65,10 +67,11 @@ pub use publisher::{
 pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
+pub use settings::{Config, Delivery};
 pub use signing::{Signer, SigningKey};
 pub use store::{
-    Claim, Claimed, Failure, NewMessage, Outcome, Quarantined, Selector, Stats, Store,
-    StreamFilter, StreamStats, DEFAULT_MAX_BATCH_BYTES,
+    Claim, Claimed, Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome, Quarantined, Selector,
+    Stats, Store, StreamFilter, StreamStats, DEFAULT_MAX_BATCH_BYTES,
 };
 
 /// Re-exported for backends and users implementing the traits.

@@ -9,9 +9,9 @@ use tokio::sync::Notify;
 
 use crate::error::Result;
 use crate::message::{Status, StoredMessage, Strategy};
-use crate::outbox::{Outbox, Pending, Prepared};
 use crate::store::{
-    Claim, Claimed, Failure, NewMessage, Outcome, Selector, Stats, Store, StreamStats,
+    Claim, Claimed, EnqueueBlocking, Failure, NewMessage, Outcome, Selector, Stats, Store,
+    StreamStats,
 };
 
 #[derive(Debug)]
@@ -44,7 +44,7 @@ impl MemoryStore {
     pub fn begin(&self) -> MemoryTx {
         MemoryTx {
             store: self.clone(),
-            prepared: Vec::new(),
+            staged: Vec::new(),
         }
     }
 
@@ -69,65 +69,84 @@ impl MemoryStore {
             .map(|r| {
                 state.next_seq += 1;
                 let seq = state.next_seq;
-                let (locked_by, locked_until) = match &r.lease {
-                    Some((owner, d)) => (Some(owner.clone()), Some(now + *d)),
-                    None => (None, None),
-                };
-                state.rows.insert(
-                    seq,
-                    Row {
-                        stored: StoredMessage {
-                            seq,
-                            envelope: r.envelope.clone(),
-                            strategy: r.strategy,
-                            status: r.status,
-                            attempts: r.attempts,
-                            next_attempt_at: now + r.retry_after,
-                            last_error: r.last_error.clone(),
-                            sent_at: None,
-                            signature: r.signature.clone(),
-                        },
-                        locked_by,
-                        locked_until,
-                    },
-                );
+                Self::insert_at(state, seq, r, now);
                 seq
             })
             .collect()
     }
+
+    fn insert_at(state: &mut State, seq: i64, r: &NewMessage, now: SystemTime) {
+        let (locked_by, locked_until) = match &r.lease {
+            Some((owner, d)) => (Some(owner.clone()), Some(now + *d)),
+            None => (None, None),
+        };
+        state.rows.insert(
+            seq,
+            Row {
+                stored: StoredMessage {
+                    seq,
+                    envelope: r.envelope.clone(),
+                    strategy: r.strategy,
+                    status: r.status,
+                    attempts: r.attempts,
+                    next_attempt_at: now + r.retry_after,
+                    last_error: r.last_error.clone(),
+                    sent_at: None,
+                    signature: r.signature.clone(),
+                },
+                locked_by,
+                locked_until,
+            },
+        );
+    }
 }
 
-/// A transaction on a [`MemoryStore`]: all or nothing.
+/// A transaction on a [`MemoryStore`]: all or nothing. Write into it with
+/// [`Outbox::enqueue_blocking`](crate::Outbox::enqueue_blocking).
 #[must_use = "commit or drop (rollback)"]
 pub struct MemoryTx {
     store: MemoryStore,
-    prepared: Vec<Prepared>,
+    /// Rows with the `seq`s reserved for them, inserted at commit.
+    staged: Vec<(i64, NewMessage)>,
 }
 
 impl MemoryTx {
-    /// Enqueue messages in this transaction. Invalid input writes nothing.
-    pub fn enqueue(
-        &mut self,
-        outbox: &Outbox,
-        messages: impl IntoIterator<Item = crate::Message>,
-    ) -> Result<()> {
-        self.prepared.push(outbox.prepare(messages)?);
-        Ok(())
-    }
-
-    /// Make every enqueued row visible at once; returns what to publish on commit.
-    pub fn commit(self) -> Result<Pending> {
+    /// Make every enqueued row visible at once. Then dispatch what `enqueue_blocking`
+    /// returned.
+    pub fn commit(self) {
         let mut state = self.store.state.lock().unwrap();
-        let mut pending = Pending::empty();
-        for p in self.prepared {
-            let seqs = MemoryStore::insert_locked(&mut state, p.rows());
-            pending.merge(p.into_pending(seqs)?);
+        let now = SystemTime::now();
+        for (seq, row) in &self.staged {
+            MemoryStore::insert_at(&mut state, *seq, row, now);
         }
-        Ok(pending)
     }
 
     /// Discard everything (same as dropping).
     pub fn rollback(self) {}
+}
+
+impl EnqueueBlocking<MemoryTx> for MemoryStore {
+    fn write_rows_blocking(
+        &self,
+        tx: &mut MemoryTx,
+        rows: &[NewMessage],
+        _need_seqs: bool,
+    ) -> Result<Vec<i64>> {
+        if !Arc::ptr_eq(&tx.store.state, &self.state) {
+            return Err(crate::Error::config(
+                "this MemoryTx belongs to another MemoryStore",
+            ));
+        }
+        let mut state = self.state.lock().unwrap();
+        Ok(rows
+            .iter()
+            .map(|r| {
+                state.next_seq += 1;
+                tx.staged.push((state.next_seq, r.clone()));
+                state.next_seq
+            })
+            .collect())
+    }
 }
 
 fn selected(sel: &Selector, r: &StoredMessage) -> bool {

@@ -1,7 +1,8 @@
-//! The enqueue side: [`Outbox`] validates, signs and routes messages to a strategy;
-//! [`Pending`] publishes publish-on-commit messages right after the commit.
+//! The enqueue side: [`Outbox`] validates, signs and routes messages to a strategy, and
+//! writes them in the caller's transaction through the store's [`Enqueue`] (or
+//! [`EnqueueBlocking`]) implementation; [`AfterCommit`] publishes publish-on-commit messages
+//! right after the commit, and [`Outbox::shutdown`] waits for those still in flight.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -12,160 +13,124 @@ use tracing::Instrument;
 use crate::error::{Error, ErrorKind, Result, Retry};
 use crate::message::{Encoder, Envelope, JsonEncoder, Message, MessageId, Status, Strategy};
 use crate::observer::{Event, Observer, Observers, PublishPath};
+use crate::publisher::publish_with_timeout;
 use crate::publisher::Publisher;
 use crate::relay::RelayBuilder;
 use crate::retry::{Decision, RetryPolicy};
+pub use crate::settings::Config;
 use crate::signing::Signer;
-use crate::store::{Failure, NewMessage, Outcome, Store};
+use crate::store::{Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome, Store};
 
-/// Settings shared by the enqueue side and the relays built from it.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Strategy of streams without an override. Default: `PublishOnCommit`.
-    pub default_strategy: Strategy,
-    /// Per-stream overrides (jaiminho's `save_to_outbox_stream(stream, strategy)`).
-    /// Default: none.
-    pub stream_strategies: HashMap<String, Strategy>,
-    /// Publish-on-commit: write every message in the transaction (true), or only those whose
-    /// after-commit publish failed (false, jaiminho's default). With false, a crash between
-    /// the commit and the publish LOSES the message. Default: true.
-    pub persist_all: bool,
-    /// Delete rows once published (true) or mark them sent and let the cleaner remove them
-    /// after the retention (false). Default: false.
-    pub delete_after_send: bool,
-    /// Largest accepted payload. Default: 1 MiB.
-    pub max_payload_bytes: usize,
-    /// Deadline of one publish call (one message or one batch). Default: 10 s.
-    pub publish_timeout: Duration,
-    /// Backoff and attempts. Default: [`RetryPolicy::default`].
-    pub retry: RetryPolicy,
-    /// Keep-order heads that exhaust their attempts (or fail permanently) are dead-lettered
-    /// so their unit moves on (true), instead of staying blocked and reported stuck (false).
-    /// Default: false.
-    pub dead_letter_keep_order: bool,
-    /// How long a publish-on-commit row is reserved for the committing process before a
-    /// relay may take it. Default: 30 s.
-    pub on_commit_lease: Duration,
-    /// Publish-on-commit batches in flight at once per [`Outbox`]. Default: 64.
-    pub on_commit_concurrency: usize,
-    /// HMAC signing of every row. Default: off.
-    pub signer: Option<Signer>,
+/// The application's handle: writes messages in the caller's transaction
+/// ([`enqueue`](Self::enqueue)) and publishes publish-on-commit messages after the commit.
+/// `S` is the store's type, so a transaction of the wrong database does not compile. Cheap to
+/// clone.
+///
+/// Built with a publisher ([`Outbox::builder`]) or without one ([`Outbox::writer`]: a
+/// process that only writes relay-published messages needs no broker connection).
+pub struct Outbox<S> {
+    store: S,
+    shared: Arc<Shared>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
+impl<S: Clone> Clone for Outbox<S> {
+    fn clone(&self) -> Self {
         Self {
-            default_strategy: Strategy::PublishOnCommit,
-            stream_strategies: HashMap::new(),
-            persist_all: true,
-            delete_after_send: false,
-            max_payload_bytes: 1024 * 1024,
-            publish_timeout: Duration::from_secs(10),
-            retry: RetryPolicy::default(),
-            dead_letter_keep_order: false,
-            on_commit_lease: Duration::from_secs(30),
-            on_commit_concurrency: 64,
-            signer: None,
+            store: self.store.clone(),
+            shared: self.shared.clone(),
         }
     }
-}
-
-impl Config {
-    /// The strategy of `stream`.
-    pub fn strategy_for(&self, stream: &str) -> Strategy {
-        self.stream_strategies
-            .get(stream)
-            .copied()
-            .unwrap_or(self.default_strategy)
-    }
-
-    fn validate(&self) -> Result<()> {
-        self.retry.validate()?;
-        if self.max_payload_bytes == 0 || self.on_commit_concurrency == 0 {
-            return Err(Error::config(
-                "max_payload_bytes and on_commit_concurrency must be positive",
-            ));
-        }
-        if self.publish_timeout.is_zero() || self.on_commit_lease <= self.publish_timeout {
-            return Err(Error::config(
-                "on_commit_lease must be longer than publish_timeout, which must be positive",
-            ));
-        }
-        use crate::error::in_range;
-        const HOUR: Duration = Duration::from_secs(3600);
-        in_range("max_payload_bytes", self.max_payload_bytes, 1, 1 << 30)?;
-        in_range(
-            "publish_timeout",
-            self.publish_timeout,
-            Duration::from_millis(1),
-            HOUR,
-        )?;
-        in_range(
-            "on_commit_lease",
-            self.on_commit_lease,
-            Duration::from_millis(10),
-            24 * HOUR,
-        )?;
-        in_range("on_commit_concurrency", self.on_commit_concurrency, 1, 4096)?;
-        Ok(())
-    }
-}
-
-/// The application's handle: builds rows for the caller's transaction and publishes
-/// publish-on-commit messages after the commit. Cheap to clone.
-#[derive(Clone)]
-pub struct Outbox {
-    inner: Arc<Inner>,
 }
 
 /// Adds headers to every message at enqueue (trace context, tenant, ...).
 pub type HeaderInjector = dyn Fn(&mut Message) + Send + Sync;
 
-struct Inner {
+/// What an outbox and its [`AfterCommit`] handles share, whatever the store's type.
+struct Shared {
     injector: Option<Arc<HeaderInjector>>,
     store: Arc<dyn Store>,
-    publisher: Arc<dyn Publisher>,
+    publisher: Option<Arc<dyn Publisher>>,
     config: Config,
     encoder: Arc<dyn Encoder>,
     observers: Observers,
     owner: String,
     permits: Arc<Semaphore>,
+    in_flight: InFlight,
+}
+
+/// Counts dispatched publish-on-commit tasks so that [`Outbox::shutdown`] can wait for them.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Held by one dispatched task; its drop (also on panic or cancellation) counts it out.
+struct InFlightGuard(Arc<Shared>);
+
+impl InFlightGuard {
+    fn new(shared: Arc<Shared>) -> Self {
+        shared
+            .in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(shared)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let f = &self.0.in_flight;
+        if f.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            f.idle.notify_waiters();
+        }
+    }
 }
 
 /// Builds an [`Outbox`].
-pub struct OutboxBuilder {
+pub struct OutboxBuilder<S> {
     injector: Option<Arc<HeaderInjector>>,
-    store: Arc<dyn Store>,
-    publisher: Arc<dyn Publisher>,
+    store: S,
+    publisher: Option<Arc<dyn Publisher>>,
     config: Config,
     encoder: Arc<dyn Encoder>,
     observers: Vec<Arc<dyn Observer>>,
 }
 
-impl Outbox {
-    /// Start building an outbox over `store` that publishes with `publisher`.
-    pub fn builder(
-        store: impl Store + 'static,
-        publisher: impl Publisher + 'static,
-    ) -> OutboxBuilder {
+impl<S: Store + Clone + 'static> Outbox<S> {
+    /// Start building an outbox over `store` that publishes publish-on-commit messages with
+    /// `publisher` right after the commit.
+    pub fn builder(store: S, publisher: impl Publisher + 'static) -> OutboxBuilder<S> {
+        let mut b = Self::writer(store);
+        b.publisher = Some(Arc::new(publisher));
+        b
+    }
+
+    /// Start building a writer-only outbox: it needs no broker, and every message goes to a
+    /// relay. Its strategies must all be relay-published ([`Strategy::KeepOrder`]):
+    /// [`build`](OutboxBuilder::build) refuses publish-on-commit without a publisher. Give
+    /// its relays a publisher with [`Outbox::relay_with`].
+    pub fn writer(store: S) -> OutboxBuilder<S> {
         OutboxBuilder {
             injector: None,
-            store: Arc::new(store),
-            publisher: Arc::new(publisher),
+            store,
+            publisher: None,
             config: Config::default(),
             encoder: Arc::new(JsonEncoder),
             observers: Vec::new(),
         }
     }
+}
 
+impl<S> Outbox<S> {
     /// The settings.
     pub fn config(&self) -> &Config {
-        &self.inner.config
+        &self.shared.config
     }
 
     /// The store.
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.inner.store
+    pub fn store(&self) -> &S {
+        &self.store
     }
 
     /// A message whose payload is `value` encoded by the configured encoder.
@@ -174,7 +139,7 @@ impl Outbox {
         destination: impl Into<String>,
         value: &T,
     ) -> Result<Message> {
-        Message::encoded(destination, value, self.inner.encoder.as_ref())
+        Message::encoded(destination, value, self.shared.encoder.as_ref())
     }
 
     /// A deferred call of the function registered as `function` in a
@@ -183,19 +148,62 @@ impl Outbox {
         Ok(self.message(function, args)?.header("outbox-kind", "call"))
     }
 
-    /// Validate, assign ids, resolve strategies and sign. Nothing is written: a backend's
-    /// `enqueue` writes [`Prepared::rows`] in the caller's transaction. Either every message
-    /// is accepted or none is.
+    /// Write `messages` in the caller's transaction `tx` (`&mut tx` of the store's own
+    /// transaction type, such as `sqlx::Transaction<'_, Postgres>`). Either every message is
+    /// written or, on error, none is. Commit `tx`, then [`dispatch`](AfterCommit::dispatch)
+    /// the returned handle (the backends' `commit(tx, after)` does both); on rollback drop it.
+    ///
+    /// Several calls in one transaction are fine: [`merge`](AfterCommit::merge) their handles.
+    pub async fn enqueue<Tx>(
+        &self,
+        tx: &mut Tx,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<AfterCommit>
+    where
+        Tx: Send + ?Sized,
+        S: Enqueue<Tx>,
+    {
+        let prepared = self.prepare(messages)?;
+        let seqs = self
+            .store
+            .write_rows(tx, prepared.rows(), prepared.needs_seqs())
+            .await?;
+        prepared.into_after_commit(seqs)
+    }
+
+    /// [`enqueue`](Self::enqueue) for stores whose transactions are synchronous (SQLite's
+    /// `rusqlite::Transaction`, the memory store's [`MemoryTx`](crate::MemoryTx)).
+    pub fn enqueue_blocking<Tx>(
+        &self,
+        tx: &mut Tx,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<AfterCommit>
+    where
+        Tx: ?Sized,
+        S: EnqueueBlocking<Tx>,
+    {
+        let prepared = self.prepare(messages)?;
+        let seqs = self
+            .store
+            .write_rows_blocking(tx, prepared.rows(), prepared.needs_seqs())?;
+        prepared.into_after_commit(seqs)
+    }
+
+    /// Validate, assign ids, resolve strategies and sign. Nothing is written:
+    /// [`enqueue`](Self::enqueue) does this, then has the store write [`Prepared::rows`].
+    /// Public for stores written outside this project. Either every message is accepted or
+    /// none is.
     pub fn prepare(&self, messages: impl IntoIterator<Item = Message>) -> Result<Prepared> {
-        let cfg = &self.inner.config;
+        let sh = &self.shared;
+        let cfg = &sh.config;
         let mut rows = Vec::new();
         let mut deferred = Vec::new();
         let now = SystemTime::now();
         for mut message in messages {
-            if let Some(inject) = &self.inner.injector {
+            if let Some(inject) = &sh.injector {
                 inject(&mut message);
             }
-            message.validate(cfg.max_payload_bytes)?;
+            message.validate(cfg.delivery.max_payload_bytes)?;
             let strategy = cfg.strategy_for(&message.stream);
             let envelope = Envelope {
                 id: MessageId::new(),
@@ -203,9 +211,10 @@ impl Outbox {
                 message,
             };
             let signature = cfg
+                .delivery
                 .signer
                 .as_ref()
-                .map(|s| s.sign(&envelope, strategy, &self.inner.store.signing_scope()));
+                .map(|s| s.sign(&envelope, strategy, &sh.store.signing_scope()));
             let on_commit = strategy == Strategy::PublishOnCommit;
             let row = NewMessage {
                 envelope,
@@ -215,7 +224,7 @@ impl Outbox {
                 attempts: 0,
                 retry_after: Duration::ZERO,
                 last_error: None,
-                lease: on_commit.then(|| (self.inner.owner.clone(), cfg.on_commit_lease)),
+                lease: on_commit.then(|| (sh.owner.clone(), cfg.on_commit_lease)),
             };
             if on_commit && !cfg.persist_all {
                 deferred.push(row);
@@ -224,25 +233,91 @@ impl Outbox {
             }
         }
         Ok(Prepared {
-            outbox: self.clone(),
+            shared: self.shared.clone(),
             rows,
             deferred,
         })
     }
 
-    /// A relay over the same store, publisher, observers and settings.
+    /// A relay over the same store, publisher, observers and settings. A writer-only outbox
+    /// has no publisher: its relay's [`build`](RelayBuilder::build) fails with a
+    /// configuration error; use [`relay_with`](Self::relay_with).
     pub fn relay(&self) -> RelayBuilder<Arc<dyn Store>, Arc<dyn Publisher>> {
-        let i = &self.inner;
-        RelayBuilder::new(i.store.clone(), i.publisher.clone())
-            .with_config(&i.config)
-            .observers(i.observers.0.clone())
+        let sh = &self.shared;
+        match &sh.publisher {
+            Some(p) => RelayBuilder::new(sh.store.clone(), p.clone())
+                .with_config(&sh.config)
+                .observers(sh.observers.0.clone()),
+            None => RelayBuilder::new(
+                sh.store.clone(),
+                Arc::new(crate::publisher::NullPublisher) as Arc<dyn Publisher>,
+            )
+            .refuse(Error::config(
+                "this outbox was built without a publisher (Outbox::writer): build its relay with relay_with(publisher)",
+            )),
+        }
     }
 
+    /// A relay over the same store, observers and settings that publishes with `publisher`.
+    pub fn relay_with<P: Publisher>(&self, publisher: P) -> RelayBuilder<Arc<dyn Store>, P> {
+        let sh = &self.shared;
+        RelayBuilder::new(sh.store.clone(), publisher)
+            .with_config(&sh.config)
+            .observers(sh.observers.0.clone())
+    }
+
+    /// Publish-on-commit batches dispatched and not finished yet.
+    pub fn in_flight(&self) -> usize {
+        self.shared
+            .in_flight
+            .count
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait, at most `timeout`, until every publish-on-commit batch dispatched so far has
+    /// finished: published and marked sent, or (failed) recorded for the relay. Call it when
+    /// the service stops, after its last commit and before the runtime ends: a dispatched
+    /// task the runtime drops mid-publish leaves its rows leased until `on_commit_lease`
+    /// passes (`persist_all = true`), or loses them (`persist_all = false`).
+    ///
+    /// Returns a [`ErrorKind::Timeout`] error, saying how many batches are still in flight,
+    /// if they do not finish in time.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let f = &self.shared.in_flight;
+        loop {
+            let idle = f.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            let n = f.count.load(std::sync::atomic::Ordering::SeqCst);
+            if n == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                let n = f.count.load(std::sync::atomic::Ordering::SeqCst);
+                if n == 0 {
+                    return Ok(());
+                }
+                return Err(Error::new(
+                    ErrorKind::Timeout,
+                    Retry::Transient,
+                    format!("{n} publish-on-commit batches still in flight after {timeout:?}"),
+                ));
+            }
+        }
+    }
+}
+
+impl Shared {
     async fn publish_on_commit(&self, items: Vec<(Option<i64>, NewMessage)>) -> DispatchReport {
-        let i = &self.inner;
-        let cfg = &i.config;
+        let cfg = &self.config;
+        let Some(publisher) = &self.publisher else {
+            // Unreachable: build() refuses publish-on-commit without a publisher.
+            return DispatchReport::default();
+        };
         let envs: Vec<&Envelope> = items.iter().map(|(_, r)| &r.envelope).collect();
-        let results = publish_with_timeout(i.publisher.as_ref(), &envs, cfg.publish_timeout).await;
+        let results =
+            publish_with_timeout(publisher.as_ref(), &envs, cfg.delivery.publish_timeout).await;
         let mut report = DispatchReport::default();
         let (mut done, mut failures, mut inserts) = (Vec::new(), Vec::new(), Vec::new());
         for ((seq, row), result) in items.into_iter().zip(results) {
@@ -250,7 +325,7 @@ impl Outbox {
             match result {
                 Ok(()) => {
                     report.published += 1;
-                    i.observers.emit(&Event::Published {
+                    self.observers.emit(&Event::Published {
                         envelope: env,
                         path: PublishPath::OnCommit,
                     });
@@ -258,11 +333,14 @@ impl Outbox {
                 }
                 Err(error) => {
                     report.failed += 1;
-                    let decision =
-                        cfg.retry
-                            .decide(row.strategy, 1, &error, cfg.dead_letter_keep_order);
+                    let decision = cfg.delivery.retry.decide(
+                        row.strategy,
+                        1,
+                        &error,
+                        cfg.delivery.dead_letter_keep_order,
+                    );
                     let dead = decision == Decision::Dead;
-                    i.observers.emit(&Event::Failed {
+                    self.observers.emit(&Event::Failed {
                         envelope: env,
                         error: &error,
                         attempts: 1,
@@ -270,7 +348,7 @@ impl Outbox {
                         path: PublishPath::OnCommit,
                     });
                     if dead {
-                        i.observers.emit(&Event::DeadLettered {
+                        self.observers.emit(&Event::DeadLettered {
                             envelope: env,
                             error: &error,
                             path: PublishPath::OnCommit,
@@ -303,19 +381,23 @@ impl Outbox {
             }
         }
         if !done.is_empty() {
-            if let Err(e) = i.store.complete(&done, cfg.delete_after_send).await {
+            if let Err(e) = self
+                .store
+                .complete(&done, cfg.delivery.delete_after_send)
+                .await
+            {
                 // The rows stay leased; a relay republishes them after the lease (a duplicate,
                 // never a loss).
                 tracing::warn!(error = %e, count = done.len(), "could not mark on-commit messages sent");
             }
         }
         if !failures.is_empty() {
-            if let Err(e) = i.store.fail(&i.owner, &failures).await {
+            if let Err(e) = self.store.fail(&self.owner, &failures).await {
                 tracing::warn!(error = %e, count = failures.len(), "could not record on-commit failures; the relay retries them after the lease");
             }
         }
         if !inserts.is_empty() {
-            if let Err(e) = i.store.insert(&inserts).await {
+            if let Err(e) = self.store.insert(&inserts).await {
                 report.lost += inserts.len();
                 tracing::error!(error = %e, count = inserts.len(), "persist_all=false: failed on-commit messages could not be written and are LOST");
             }
@@ -324,81 +406,17 @@ impl Outbox {
     }
 }
 
-impl std::fmt::Debug for Outbox {
+impl<S> std::fmt::Debug for Outbox<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbox")
-            .field("config", &self.inner.config)
-            .field("owner", &self.inner.owner)
+            .field("config", &self.shared.config)
+            .field("owner", &self.shared.owner)
+            .field("publisher", &self.shared.publisher.is_some())
             .finish()
     }
 }
 
-/// Publish `envs` as one batch within `timeout`: one result per envelope, in order.
-///
-/// A panic inside the publisher (a bug in user code, an `unwrap` on a broker reply) is not a
-/// process crash: it becomes a transient [`ErrorKind::Publish`] failure carrying the panic
-/// message, so it counts as an attempt and retries, dead letters and keep-order blocking
-/// apply as for any other failure. When a batch call panics, nobody knows which messages went
-/// out, so each message is published again on its own (a possible duplicate, never a loss),
-/// and only the ones that panic again fail.
-pub(crate) async fn publish_with_timeout(
-    publisher: &dyn Publisher,
-    envs: &[&Envelope],
-    timeout: Duration,
-) -> Vec<Result<()>> {
-    let n = envs.len();
-    let started = std::time::Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let timed_out = || {
-        Err(Error::new(
-            ErrorKind::Timeout,
-            Retry::Transient,
-            format!("publish timed out after {timeout:?}"),
-        ))
-    };
-    let outcome = tokio::time::timeout_at(
-        deadline,
-        crate::publisher::catch_panic(publisher.publish_batch(envs)),
-    )
-    .await;
-    metrics::histogram!("outbox_publish_seconds").record(started.elapsed().as_secs_f64());
-    let mut results = match outcome {
-        Ok(Ok(r)) => r,
-        Err(_) => return (0..n).map(|_| timed_out()).collect(),
-        Ok(Err(panic)) if n == 1 => return vec![Err(panic)],
-        Ok(Err(panic)) => {
-            tracing::warn!(error = %panic, count = n, "publisher panicked on a batch; publishing its messages one by one");
-            let mut out = Vec::with_capacity(n);
-            for env in envs {
-                out.push(
-                    match tokio::time::timeout_at(
-                        deadline,
-                        crate::publisher::catch_panic(publisher.publish(env)),
-                    )
-                    .await
-                    {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(panic)) => Err(panic),
-                        Err(_) => timed_out(),
-                    },
-                );
-            }
-            return out;
-        }
-    };
-    if results.len() != n {
-        let got = results.len();
-        results.truncate(n);
-        while results.len() < n {
-            results.push(Err(Error::permanent(format!(
-                "publisher returned {got} results for {n} messages"
-            ))));
-        }
-    }
-    results
-}
-
-impl OutboxBuilder {
+impl<S: Store + Clone + 'static> OutboxBuilder<S> {
     /// Replace all settings.
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
@@ -427,25 +445,25 @@ impl OutboxBuilder {
 
     /// See [`Config::delete_after_send`].
     pub fn delete_after_send(mut self, yes: bool) -> Self {
-        self.config.delete_after_send = yes;
+        self.config.delivery.delete_after_send = yes;
         self
     }
 
     /// See [`Config::retry`].
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.config.retry = retry;
+        self.config.delivery.retry = retry;
         self
     }
 
     /// See [`Config::dead_letter_keep_order`].
     pub fn dead_letter_keep_order(mut self, yes: bool) -> Self {
-        self.config.dead_letter_keep_order = yes;
+        self.config.delivery.dead_letter_keep_order = yes;
         self
     }
 
     /// Sign every row with `signer`; relays built from this outbox verify.
     pub fn signer(mut self, signer: Signer) -> Self {
-        self.config.signer = Some(signer);
+        self.config.delivery.signer = Some(signer);
         self
     }
 
@@ -483,29 +501,44 @@ impl OutboxBuilder {
         self
     }
 
-    /// Check the settings and build.
-    pub fn build(self) -> Result<Outbox> {
+    /// Check the settings and build. A writer-only outbox ([`Outbox::writer`]) whose
+    /// default or per-stream strategy is publish-on-commit is a configuration error: nobody
+    /// would publish after the commit.
+    pub fn build(self) -> Result<Outbox<S>> {
         self.config.validate()?;
+        if self.publisher.is_none() {
+            let c = &self.config;
+            let on_commit = std::iter::once(("(default)", c.default_strategy))
+                .chain(c.stream_strategies.iter().map(|(k, v)| (k.as_str(), *v)))
+                .find(|(_, s)| *s == Strategy::PublishOnCommit);
+            if let Some((stream, _)) = on_commit {
+                return Err(Error::config(format!(
+                    "stream {stream} is publish-on-commit, which needs a publisher: use Outbox::builder(store, publisher), or make it KeepOrder (relay-published)"
+                )));
+            }
+        }
         let permits = Arc::new(Semaphore::new(self.config.on_commit_concurrency));
         Ok(Outbox {
-            inner: Arc::new(Inner {
+            shared: Arc::new(Shared {
                 injector: self.injector,
-                store: self.store,
+                store: Arc::new(self.store.clone()),
                 publisher: self.publisher,
                 encoder: self.encoder,
                 observers: Observers(self.observers),
                 owner: format!("on-commit:{}", uuid::Uuid::now_v7()),
                 permits,
                 config: self.config,
+                in_flight: InFlight::default(),
             }),
+            store: self.store,
         })
     }
 }
 
 /// Rows to write in the caller's transaction, from [`Outbox::prepare`].
-#[must_use = "write the rows in your transaction, then turn this into a Pending"]
+#[must_use = "write the rows in your transaction, then turn this into an AfterCommit"]
 pub struct Prepared {
-    outbox: Outbox,
+    shared: Arc<Shared>,
     rows: Vec<NewMessage>,
     deferred: Vec<NewMessage>,
 }
@@ -516,7 +549,7 @@ impl Prepared {
         &self.rows
     }
 
-    /// Whether [`into_pending`](Self::into_pending) needs the real `seq`s: only
+    /// Whether [`into_after_commit`](Self::into_after_commit) needs the real `seq`s: only
     /// publish-on-commit rows are acknowledged by `seq` after publishing. When false, a backend
     /// may skip reading them back and pass any values of the right length.
     pub fn needs_seqs(&self) -> bool {
@@ -526,7 +559,7 @@ impl Prepared {
     }
 
     /// After the backend wrote [`rows`](Self::rows) and got their `seq`s (same order).
-    pub fn into_pending(self, seqs: Vec<i64>) -> Result<Pending> {
+    pub fn into_after_commit(self, seqs: Vec<i64>) -> Result<AfterCommit> {
         if seqs.len() != self.rows.len() {
             return Err(Error::store(format!(
                 "store returned {} seqs for {} rows",
@@ -543,8 +576,8 @@ impl Prepared {
             .map(|(r, s)| (Some(s), r))
             .collect();
         items.extend(self.deferred.into_iter().map(|r| (None, r)));
-        Ok(Pending {
-            outbox: Some(self.outbox),
+        Ok(AfterCommit {
+            shared: Some(self.shared),
             items,
             wake,
         })
@@ -560,13 +593,13 @@ impl Prepared {
 /// `persist_all = false` the messages are lost.
 #[must_use = "dispatch() after the commit, or the messages wait for a relay (or are lost with persist_all=false)"]
 #[derive(Default)]
-pub struct Pending {
-    outbox: Option<Outbox>,
+pub struct AfterCommit {
+    shared: Option<Arc<Shared>>,
     items: Vec<(Option<i64>, NewMessage)>,
     wake: bool,
 }
 
-/// What a [`Pending::publish`] did.
+/// What an [`AfterCommit::publish`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DispatchReport {
     /// Accepted by the broker.
@@ -577,7 +610,7 @@ pub struct DispatchReport {
     pub lost: usize,
 }
 
-impl Pending {
+impl AfterCommit {
     /// Nothing to publish.
     pub fn empty() -> Self {
         Self::default()
@@ -594,25 +627,26 @@ impl Pending {
     }
 
     /// Add another transaction part's messages (several `enqueue` calls in one transaction).
-    pub fn merge(&mut self, other: Pending) {
-        if self.outbox.is_none() {
-            self.outbox = other.outbox;
+    pub fn merge(&mut self, other: AfterCommit) {
+        if self.shared.is_none() {
+            self.shared = other.shared;
         }
         self.items.extend(other.items);
         self.wake |= other.wake;
     }
 
     /// Publish in the background on the current Tokio runtime, at most
-    /// `on_commit_concurrency` batches at once per outbox, and wake local relays. Outside a
-    /// Tokio runtime nothing is published now (an error is logged): persisted rows are
-    /// published by a relay once the committer's lease expires.
+    /// `on_commit_concurrency` batches at once per outbox, and wake local relays.
+    /// [`Outbox::shutdown`] waits for these tasks. Outside a Tokio runtime nothing is
+    /// published now (an error is logged): persisted rows are published by a relay once the
+    /// committer's lease expires.
     pub fn dispatch(self) {
-        let Some(outbox) = self.outbox.clone() else {
+        let Some(shared) = self.shared.clone() else {
             return;
         };
         if self.items.is_empty() {
             if self.wake {
-                outbox.inner.store.notify_committed();
+                shared.store.notify_committed();
             }
             return;
         }
@@ -621,29 +655,31 @@ impl Pending {
             // lease expires; unpersisted ones (persist_all = false) cannot be saved.
             tracing::error!(
                 count = self.items.len(),
-                "Pending::dispatch called outside a Tokio runtime: not published now; persisted rows are left to the relay"
+                "AfterCommit::dispatch called outside a Tokio runtime: not published now; persisted rows are left to the relay"
             );
             return;
         };
-        let permits = outbox.inner.permits.clone();
+        // Counted before the spawn, so a shutdown that starts right after this call waits.
+        let guard = InFlightGuard::new(shared.clone());
         runtime.spawn(async move {
-            let _permit = permits.acquire_owned().await;
+            let _guard = guard;
+            let _permit = shared.permits.clone().acquire_owned().await;
             self.publish().await;
         });
     }
 
     /// Publish now and wait for the outcome (also wakes local relays).
     pub async fn publish(self) -> DispatchReport {
-        let Some(outbox) = self.outbox else {
+        let Some(shared) = self.shared else {
             return DispatchReport::default();
         };
         if self.wake {
-            outbox.inner.store.notify_committed();
+            shared.store.notify_committed();
         }
         if self.items.is_empty() {
             return DispatchReport::default();
         }
         let span = tracing::info_span!("outbox.publish_on_commit", count = self.items.len());
-        outbox.publish_on_commit(self.items).instrument(span).await
+        shared.publish_on_commit(self.items).instrument(span).await
     }
 }

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::io::Write;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -410,6 +411,65 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
         }
         self.inner.publish(envelope).await
     }
+}
+
+/// Publish `envs` as one batch within `timeout`: one result per envelope, in order.
+///
+/// A panic inside the publisher (a bug in user code, an `unwrap` on a broker reply) is not a
+/// process crash: it becomes a transient [`ErrorKind::Publish`] failure carrying the panic
+/// message, so it counts as an attempt and retries, dead letters and keep-order blocking
+/// apply as for any other failure. When a batch call panics, nobody knows which messages went
+/// out, so each message is published again on its own (a possible duplicate, never a loss),
+/// and only the ones that panic again fail.
+pub(crate) async fn publish_with_timeout(
+    publisher: &dyn Publisher,
+    envs: &[&Envelope],
+    timeout: Duration,
+) -> Vec<Result<()>> {
+    let n = envs.len();
+    let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let timed_out = || {
+        Err(Error::new(
+            ErrorKind::Timeout,
+            Retry::Transient,
+            format!("publish timed out after {timeout:?}"),
+        ))
+    };
+    let outcome =
+        tokio::time::timeout_at(deadline, catch_panic(publisher.publish_batch(envs))).await;
+    metrics::histogram!("outbox_publish_seconds").record(started.elapsed().as_secs_f64());
+    let mut results = match outcome {
+        Ok(Ok(r)) => r,
+        Err(_) => return (0..n).map(|_| timed_out()).collect(),
+        Ok(Err(panic)) if n == 1 => return vec![Err(panic)],
+        Ok(Err(panic)) => {
+            tracing::warn!(error = %panic, count = n, "publisher panicked on a batch; publishing its messages one by one");
+            let mut out = Vec::with_capacity(n);
+            for env in envs {
+                out.push(
+                    match tokio::time::timeout_at(deadline, catch_panic(publisher.publish(env)))
+                        .await
+                    {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(panic)) => Err(panic),
+                        Err(_) => timed_out(),
+                    },
+                );
+            }
+            return out;
+        }
+    };
+    if results.len() != n {
+        let got = results.len();
+        results.truncate(n);
+        while results.len() < n {
+            results.push(Err(Error::permanent(format!(
+                "publisher returned {got} results for {n} messages"
+            ))));
+        }
+    }
+    results
 }
 
 #[cfg(test)]

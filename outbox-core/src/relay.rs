@@ -11,9 +11,9 @@ use tracing::Instrument;
 use crate::error::{Error, ErrorKind, Result, Retry};
 use crate::message::{Envelope, StoredMessage, Strategy};
 use crate::observer::{Event, Observer, Observers, PublishPath};
-use crate::outbox::{publish_with_timeout, Config};
-use crate::publisher::Publisher;
+use crate::publisher::{publish_with_timeout, Publisher};
 use crate::retry::{Decision, RetryPolicy};
+use crate::settings::{Config, Delivery};
 use crate::signing::Signer;
 use crate::store::{Claim, Failure, Outcome, Store, StreamFilter};
 
@@ -29,29 +29,17 @@ pub struct RelayConfig {
     /// Longest wait between polls when idle (stores that hear commits wake earlier).
     /// Default: 1 s.
     pub poll_interval: Duration,
-    /// Deadline of one publish call. Default: 10 s.
-    pub publish_timeout: Duration,
-    /// Backoff and attempts. Default: [`RetryPolicy::default`].
-    pub retry: RetryPolicy,
-    /// Delete rows once published instead of marking them sent. Default: false.
-    pub delete_after_send: bool,
-    /// Dead-letter keep-order heads instead of blocking. Default: false.
-    pub dead_letter_keep_order: bool,
-    /// Keys to verify signed rows with. A row that carries a signature is published only if
-    /// it verifies with one of these keys: a changed row, a row signed with an unknown key, or
-    /// a signed row while no key is configured is reported [`Event::Tampered`] and never
-    /// published. Default: none.
-    pub signer: Option<Signer>,
+    /// Settings shared with the enqueue side ([`Delivery`]): publish deadline, retries, delete
+    /// after send, dead-lettering keep-order heads, payload limit (a larger claimed row is
+    /// quarantined) and signature verification. [`RelayBuilder::with_config`] copies them
+    /// from an outbox [`Config`].
+    pub delivery: Delivery,
     /// Also refuse rows that carry no signature (an attacker who can write the table could
     /// otherwise strip a signature). Needs `signer`. Default: false; set by
     /// [`RelayBuilder::signer`] and by relays built from an outbox that signs.
     pub require_signatures: bool,
     /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
     pub max_error_backoff: Duration,
-    /// Largest payload a claimed row may carry; a larger one is quarantined (dead-lettered
-    /// unpublished). Default: 1 MiB, the enqueue limit ([`Config::max_payload_bytes`], copied
-    /// by [`RelayBuilder::with_config`]).
-    pub max_payload_bytes: usize,
     /// Byte budget of one batch (payload plus headers): a claim takes rows while they fit, at
     /// least one. Default: 32 MiB.
     pub max_batch_bytes: usize,
@@ -63,20 +51,14 @@ pub struct RelayConfig {
 
 impl Default for RelayConfig {
     fn default() -> Self {
-        let c = Config::default();
         Self {
             streams: StreamFilter::All,
             batch_size: 100,
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
-            publish_timeout: c.publish_timeout,
-            retry: c.retry,
-            delete_after_send: c.delete_after_send,
-            dead_letter_keep_order: c.dead_letter_keep_order,
-            signer: None,
+            delivery: Delivery::default(),
             require_signatures: false,
             max_error_backoff: Duration::from_secs(30),
-            max_payload_bytes: c.max_payload_bytes,
             max_batch_bytes: crate::store::DEFAULT_MAX_BATCH_BYTES,
             concurrency: 1,
         }
@@ -132,6 +114,8 @@ pub struct RelayBuilder<S, P> {
     publisher: P,
     config: RelayConfig,
     observers: Vec<Arc<dyn Observer>>,
+    /// Set when the builder cannot make a working relay (an outbox without a publisher).
+    refused: Option<Error>,
 }
 
 impl<S: Store, P: Publisher> Relay<S, P> {
@@ -192,7 +176,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 streams: cfg.streams.clone(),
                 limit: self.batch_limit(),
                 lease: cfg.lease,
-                max_row_bytes: cfg.max_payload_bytes,
+                max_row_bytes: cfg.delivery.max_payload_bytes,
                 max_batch_bytes: cfg.max_batch_bytes,
             })
             .await?;
@@ -209,17 +193,16 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // dead-lettered unpublished and the rest of the batch goes on.
         let mut messages = Vec::with_capacity(claimed.len());
         for row in claimed {
-            let checked =
-                row.and_then(
-                    |m| match m.envelope.message.validate(cfg.max_payload_bytes) {
-                        Ok(()) => Ok(m),
-                        Err(e) => Err(crate::store::Quarantined {
-                            seq: m.seq,
-                            id: Some(m.envelope.id.to_string()),
-                            reason: format!("breaks the enqueue rules: {}", e.message()),
-                        }),
-                    },
-                );
+            let checked = row.and_then(|m| {
+                match m.envelope.message.validate(cfg.delivery.max_payload_bytes) {
+                    Ok(()) => Ok(m),
+                    Err(e) => Err(crate::store::Quarantined {
+                        seq: m.seq,
+                        id: Some(m.envelope.id.to_string()),
+                        reason: format!("breaks the enqueue rules: {}", e.message()),
+                    }),
+                }
+            });
             match checked {
                 Ok(m) => messages.push(m),
                 Err(q) => {
@@ -268,7 +251,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut cursor = vec![0usize; units.len()];
         let mut alive: Vec<usize> = (0..units.len()).collect();
         while !alive.is_empty() {
-            if started.elapsed() + cfg.publish_timeout >= cfg.lease.mul_f64(0.9) {
+            if started.elapsed() + cfg.delivery.publish_timeout >= cfg.lease.mul_f64(0.9) {
                 // Not enough lease left for another publish: give the rest back.
                 for &u in &alive {
                     for m in &units[u][cursor[u]..] {
@@ -326,7 +309,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let mut results = if envs.is_empty() {
                 Vec::new()
             } else {
-                publish_with_timeout(&self.publisher, &envs, cfg.publish_timeout).await
+                publish_with_timeout(&self.publisher, &envs, cfg.delivery.publish_timeout).await
             }
             .into_iter();
             for (u, len) in runs {
@@ -376,7 +359,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
         if !done.is_empty() || !failures.is_empty() {
             self.store
-                .settle(&self.owner, &done, cfg.delete_after_send, &failures)
+                .settle(
+                    &self.owner,
+                    &done,
+                    cfg.delivery.delete_after_send,
+                    &failures,
+                )
                 .await?;
         }
         metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
@@ -386,7 +374,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     fn verify(&self, m: &StoredMessage) -> Result<()> {
         let cfg = &self.config;
-        match (&cfg.signer, m.signature.as_deref()) {
+        match (&cfg.delivery.signer, m.signature.as_deref()) {
             (Some(signer), Some(signature)) => {
                 signer.verify(&m.envelope, m.strategy, &self.scope, Some(signature))
             }
@@ -414,9 +402,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     ) {
         let cfg = &self.config;
         let attempts = m.attempts.saturating_add(1);
-        let decision = cfg
-            .retry
-            .decide(m.strategy, attempts, &error, cfg.dead_letter_keep_order);
+        let decision = cfg.delivery.retry.decide(
+            m.strategy,
+            attempts,
+            &error,
+            cfg.delivery.dead_letter_keep_order,
+        );
         let env = &m.envelope;
         let dead = decision == Decision::Dead;
         report.failed += 1;
@@ -487,13 +478,23 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// Publish in a loop until `shutdown` completes. Batches in flight are finished first.
     /// Store errors are logged and retried with a growing pause; the relay never gives up.
+    ///
+    /// Before the first claim, the store gets ready to hear commits
+    /// ([`Store::start_listening`]), so no commit made after that waits a poll interval.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> BatchReport {
+        tokio::pin!(shutdown);
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => return BatchReport::default(),
+            r = self.store.start_listening() => if let Err(e) = r {
+                tracing::warn!(error = %e, poll_interval = ?self.config.poll_interval, "cannot hear commits yet; polling meanwhile");
+            },
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let loops = futures_util::future::join_all(
             (0..self.config.concurrency).map(|_| self.run_loop(stopped.clone())),
         );
         tokio::pin!(loops);
-        tokio::pin!(shutdown);
         let mut asked = false;
         loop {
             tokio::select! {
@@ -552,18 +553,20 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             publisher,
             config: RelayConfig::default(),
             observers: Vec::new(),
+            refused: None,
         }
+    }
+
+    /// Make [`build`](Self::build) fail with `error`.
+    pub(crate) fn refuse(mut self, error: Error) -> Self {
+        self.refused = Some(error);
+        self
     }
 
     /// Copy the shared settings of an outbox [`Config`].
     pub fn with_config(mut self, c: &Config) -> Self {
-        self.config.publish_timeout = c.publish_timeout;
-        self.config.retry = c.retry.clone();
-        self.config.delete_after_send = c.delete_after_send;
-        self.config.dead_letter_keep_order = c.dead_letter_keep_order;
-        self.config.signer = c.signer.clone();
-        self.config.require_signatures = c.signer.is_some();
-        self.config.max_payload_bytes = c.max_payload_bytes;
+        self.config.delivery = c.delivery.clone();
+        self.config.require_signatures = c.delivery.signer.is_some();
         self
     }
 
@@ -599,25 +602,25 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
 
     /// Publish deadline.
     pub fn publish_timeout(mut self, timeout: Duration) -> Self {
-        self.config.publish_timeout = timeout;
+        self.config.delivery.publish_timeout = timeout;
         self
     }
 
     /// Retry policy.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
-        self.config.retry = retry;
+        self.config.delivery.retry = retry;
         self
     }
 
     /// Delete rows after publishing.
     pub fn delete_after_send(mut self, yes: bool) -> Self {
-        self.config.delete_after_send = yes;
+        self.config.delivery.delete_after_send = yes;
         self
     }
 
     /// Dead-letter keep-order heads instead of blocking.
     pub fn dead_letter_keep_order(mut self, yes: bool) -> Self {
-        self.config.dead_letter_keep_order = yes;
+        self.config.delivery.dead_letter_keep_order = yes;
         self
     }
 
@@ -630,7 +633,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
     /// Verify signatures with `signer`'s keys, and refuse unsigned rows (undo with
     /// [`require_signatures(false)`](Self::require_signatures) while older rows drain).
     pub fn signer(mut self, signer: Signer) -> Self {
-        self.config.signer = Some(signer);
+        self.config.delivery.signer = Some(signer);
         self.config.require_signatures = true;
         self
     }
@@ -655,9 +658,12 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
 
     /// Check the settings and build.
     pub fn build(self) -> Result<Relay<S, P>> {
+        if let Some(e) = self.refused {
+            return Err(e);
+        }
         let c = &self.config;
-        c.retry.validate()?;
-        if c.batch_size == 0 || c.concurrency == 0 || c.max_payload_bytes == 0 {
+        c.delivery.validate()?;
+        if c.batch_size == 0 || c.concurrency == 0 || c.delivery.max_payload_bytes == 0 {
             return Err(Error::config(
                 "batch_size, concurrency and max_payload_bytes must be at least 1",
             ));
@@ -667,13 +673,15 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
                 "stream filter is empty: name at least one stream, or serve all",
             ));
         }
-        if c.publish_timeout.is_zero() || c.lease.mul_f64(0.9) <= c.publish_timeout {
+        if c.delivery.publish_timeout.is_zero()
+            || c.lease.mul_f64(0.9) <= c.delivery.publish_timeout
+        {
             return Err(Error::config(format!(
                 "lease ({:?}) must exceed publish_timeout ({:?}) by more than 10%",
-                c.lease, c.publish_timeout
+                c.lease, c.delivery.publish_timeout
             )));
         }
-        if c.require_signatures && c.signer.is_none() {
+        if c.require_signatures && c.delivery.signer.is_none() {
             return Err(Error::config(
                 "require_signatures needs at least one verification key",
             ));
@@ -688,7 +696,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         in_range("lease", c.lease, Duration::from_millis(10), 24 * HOUR)?;
         in_range(
             "publish_timeout",
-            c.publish_timeout,
+            c.delivery.publish_timeout,
             Duration::from_millis(1),
             HOUR,
         )?;
@@ -704,7 +712,12 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             Duration::from_millis(1),
             HOUR,
         )?;
-        in_range("max_payload_bytes", c.max_payload_bytes, 1, 1 << 30)?;
+        in_range(
+            "max_payload_bytes",
+            c.delivery.max_payload_bytes,
+            1,
+            1 << 30,
+        )?;
         in_range("max_batch_bytes", c.max_batch_bytes, 1, 1 << 32)?;
         Ok(Relay {
             limit: std::sync::atomic::AtomicUsize::new(self.config.batch_size),

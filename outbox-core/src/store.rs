@@ -310,8 +310,17 @@ pub trait Store: Send + Sync {
         tokio::time::sleep(timeout).await;
     }
 
+    /// Get ready to hear commits, before the first claim: [`Relay::run`](crate::Relay::run)
+    /// calls this once, so a commit made after it returns wakes the relay (PostgreSQL
+    /// establishes `LISTEN` here rather than at the first idle wait, which left a window in
+    /// which a commit waited a whole poll interval). An error is logged and the relay polls.
+    /// The default does nothing.
+    async fn start_listening(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Tell waiting relays in this process that rows were committed. Called after commit by
-    /// [`Pending`](crate::Pending); the default does nothing.
+    /// [`AfterCommit`](crate::AfterCommit); the default does nothing.
     fn notify_committed(&self) {}
 
     /// What signatures are bound to besides the message (with the
@@ -319,6 +328,60 @@ pub trait Store: Send + Sync {
     /// another outbox table does not verify. The default is empty.
     fn signing_scope(&self) -> String {
         String::new()
+    }
+}
+
+/// A store that writes outbox rows in its users' asynchronous transactions of type `Tx`
+/// (`sqlx::Transaction<'_, Postgres>` for the PostgreSQL store, say). Users call
+/// [`Outbox::enqueue`](crate::Outbox::enqueue), which validates, signs and then calls this.
+/// Taking the transaction type (not a bare connection) is the point: a keep-order row's unit
+/// lock lasts until the transaction ends, which an autocommit connection would not do.
+#[async_trait]
+pub trait Enqueue<Tx: Send + ?Sized>: Store {
+    /// Write `rows` in `tx`, in order, all or none. Returns their `seq`s in the same order;
+    /// when `need_seqs` is false the caller does not use them and a store may return any
+    /// values of the right length.
+    async fn write_rows(
+        &self,
+        tx: &mut Tx,
+        rows: &[NewMessage],
+        need_seqs: bool,
+    ) -> Result<Vec<i64>>;
+}
+
+/// [`Enqueue`] for stores whose transactions are synchronous (SQLite's
+/// `rusqlite::Transaction`, [`MemoryTx`](crate::MemoryTx)). Users call
+/// [`Outbox::enqueue_blocking`](crate::Outbox::enqueue_blocking).
+pub trait EnqueueBlocking<Tx: ?Sized>: Store {
+    /// As [`Enqueue::write_rows`].
+    fn write_rows_blocking(
+        &self,
+        tx: &mut Tx,
+        rows: &[NewMessage],
+        need_seqs: bool,
+    ) -> Result<Vec<i64>>;
+}
+
+#[async_trait]
+impl<Tx: Send + ?Sized, S: Enqueue<Tx> + ?Sized> Enqueue<Tx> for Arc<S> {
+    async fn write_rows(
+        &self,
+        tx: &mut Tx,
+        rows: &[NewMessage],
+        need_seqs: bool,
+    ) -> Result<Vec<i64>> {
+        (**self).write_rows(tx, rows, need_seqs).await
+    }
+}
+
+impl<Tx: ?Sized, S: EnqueueBlocking<Tx> + ?Sized> EnqueueBlocking<Tx> for Arc<S> {
+    fn write_rows_blocking(
+        &self,
+        tx: &mut Tx,
+        rows: &[NewMessage],
+        need_seqs: bool,
+    ) -> Result<Vec<i64>> {
+        (**self).write_rows_blocking(tx, rows, need_seqs)
     }
 }
 
@@ -339,6 +402,7 @@ macro_rules! forward_store {
             async fn stats(&self) -> Result<Stats> { (**self).stats().await }
             async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
             async fn wait_for_work(&self, timeout: Duration) { (**self).wait_for_work(timeout).await }
+            async fn start_listening(&self) -> Result<()> { (**self).start_listening().await }
             fn notify_committed(&self) { (**self).notify_committed() }
             fn signing_scope(&self) -> String { (**self).signing_scope() }
         }

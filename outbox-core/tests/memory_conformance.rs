@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use outbox_core::conformance::{Corruption, Harness};
-use outbox_core::{async_trait, MemoryStore, Message, Outbox, Pending, Result};
+use outbox_core::{async_trait, AfterCommit, MemoryStore, Message, Outbox, Result};
 
 /// Memory store plus a business "table" that shares its transactions.
 #[derive(Default)]
@@ -26,21 +26,20 @@ impl Harness for Mem {
     async fn transact(
         &self,
         store: &MemoryStore,
-        outbox: &Outbox,
+        outbox: &Outbox<Arc<MemoryStore>>,
         messages: Vec<Message>,
         commit: bool,
-    ) -> Result<Pending> {
+    ) -> Result<AfterCommit> {
         let mut tx = store.begin();
-        let enqueued = tx.enqueue(outbox, messages);
+        let enqueued = outbox.enqueue_blocking(&mut tx, messages);
         if enqueued.is_err() || commit {
             // the business row commits with the transaction
             *self.business.lock().unwrap() += 1;
-            let pending = tx.commit()?;
-            enqueued?;
-            Ok(pending)
+            tx.commit();
+            enqueued
         } else {
             tx.rollback();
-            Ok(Pending::empty())
+            Ok(AfterCommit::empty())
         }
     }
 
@@ -91,12 +90,14 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
         .build()
         .unwrap();
     let mut tx = store.begin();
-    tx.enqueue(
-        &outbox,
-        (0..8u8).map(|i| Message::new("d", vec![i]).key("k")),
-    )
-    .unwrap();
-    tx.commit().unwrap().dispatch();
+    let after = outbox
+        .enqueue_blocking(
+            &mut tx,
+            (0..8u8).map(|i| Message::new("d", vec![i]).key("k")),
+        )
+        .unwrap();
+    tx.commit();
+    after.dispatch();
 
     let broker = RecordingPublisher::new();
     // One unit of 8: 8 waves of 150 ms, but the lease allows ~2 before 0.9 x lease is reached.
@@ -135,9 +136,11 @@ fn dispatch_outside_a_runtime_leaves_the_row_to_the_relay() {
         .build()
         .unwrap();
     let mut tx = store.begin();
-    tx.enqueue(&outbox, [Message::new("d", b"x".to_vec())])
+    let after = outbox
+        .enqueue_blocking(&mut tx, [Message::new("d", b"x".to_vec())])
         .unwrap();
-    tx.commit().unwrap().dispatch(); // no runtime here
+    tx.commit();
+    after.dispatch(); // no runtime here
     assert_eq!(broker.count(), 0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -222,8 +225,11 @@ async fn on_commit_publishing_is_bounded() {
         .unwrap();
     for i in 0..20u8 {
         let mut tx = store.begin();
-        tx.enqueue(&outbox, [Message::new("d", vec![i])]).unwrap();
-        tx.commit().unwrap().dispatch();
+        let after = outbox
+            .enqueue_blocking(&mut tx, [Message::new("d", vec![i])])
+            .unwrap();
+        tx.commit();
+        after.dispatch();
     }
     eventually("all 20 published", Duration::from_secs(30), || async {
         gauge.done.load(Ordering::SeqCst) == 20
@@ -294,12 +300,14 @@ async fn an_ordered_publisher_takes_a_units_run_in_one_batch() {
             .build()
             .unwrap();
         let mut tx = store.begin();
-        tx.enqueue(
-            &outbox,
-            (0..50u8).map(|i| Message::new("d", vec![i]).key("k")),
-        )
-        .unwrap();
-        tx.commit().unwrap().dispatch();
+        let after = outbox
+            .enqueue_blocking(
+                &mut tx,
+                (0..50u8).map(|i| Message::new("d", vec![i]).key("k")),
+            )
+            .unwrap();
+        tx.commit();
+        after.dispatch();
         let publisher = Arc::new(Counted {
             broker: RecordingPublisher::new(),
             batches: AtomicUsize::new(0),
@@ -360,4 +368,65 @@ async fn store_pending(store: &MemoryStore) -> u64 {
         .unwrap()
         .total()
         .pending
+}
+
+/// A process that only writes relay-published messages needs no publisher; publish-on-commit
+/// without one is refused when the outbox is built, and its relay needs one given.
+#[tokio::test]
+async fn a_writer_only_outbox_needs_no_publisher() {
+    use outbox_core::{ErrorKind, RecordingPublisher, Strategy};
+    let store = MemoryStore::new();
+    let err = Outbox::writer(store.clone()).build().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("needs a publisher"), "{err}");
+    let err = Outbox::writer(store.clone())
+        .strategy(Strategy::KeepOrder)
+        .stream_strategy("payments", Strategy::PublishOnCommit)
+        .build()
+        .unwrap_err();
+    assert!(err.to_string().contains("payments"), "{err}");
+
+    let outbox = Outbox::writer(store.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let mut tx = store.begin();
+    let after = outbox
+        .enqueue_blocking(&mut tx, [Message::new("d", b"x".to_vec()).key("k")])
+        .unwrap();
+    tx.commit();
+    after.dispatch();
+
+    let err = outbox
+        .relay()
+        .build()
+        .err()
+        .expect("no publisher to relay with");
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let broker = RecordingPublisher::new();
+    let relay = outbox.relay_with(broker.clone()).build().unwrap();
+    assert_eq!(relay.run_once().await.unwrap().published, 1);
+    assert_eq!(broker.count(), 1);
+}
+
+/// A transaction of one store cannot write into another store's outbox.
+#[test]
+fn a_transaction_of_another_store_is_refused() {
+    use outbox_core::{RecordingPublisher, Store};
+    let (a, b) = (MemoryStore::new(), MemoryStore::new());
+    let outbox = Outbox::builder(a.clone(), RecordingPublisher::new())
+        .build()
+        .unwrap();
+    let mut tx = b.begin();
+    let err = outbox
+        .enqueue_blocking(&mut tx, [Message::new("d", b"x".to_vec())])
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), outbox_core::ErrorKind::Config);
+    tx.commit();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(a.stats()).unwrap().total().pending, 0);
+    assert_eq!(rt.block_on(b.stats()).unwrap().total().pending, 0);
 }

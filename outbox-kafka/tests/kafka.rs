@@ -170,15 +170,16 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     let n = 400usize;
     let mut conn = store.connect().unwrap();
     for chunk in 0..8 {
-        let tx = conn.transaction().unwrap();
+        let mut tx = conn.transaction().unwrap();
         let msgs: Vec<Message> = (0..n / 8)
             .map(|i| {
                 let i = chunk * (n / 8) + i;
                 Message::new("events", i.to_string().into_bytes()).key(format!("k{}", i % 6))
             })
             .collect();
-        store.enqueue(&tx, &outbox, msgs).unwrap().dispatch();
+        let after = outbox.enqueue_blocking(&mut tx, msgs).unwrap();
         tx.commit().unwrap();
+        after.dispatch();
     }
 
     let mut config = ClientConfig::new();

@@ -132,10 +132,10 @@ async fn a_keep_order_unit_drains_as_ordered_pipelines() {
         .unwrap();
     let mut conn = store.connect().unwrap();
     for chunk in 0..4 {
-        let tx = conn.transaction().unwrap();
+        let mut tx = conn.transaction().unwrap();
         let msgs = (0..250)
             .map(|i| Message::new(&key, (chunk * 250 + i).to_string().into_bytes()).key("one"));
-        let pending = store.enqueue(&tx, &outbox, msgs).unwrap();
+        let pending = outbox.enqueue_blocking(&mut tx, msgs).unwrap();
         outbox_sqlite::commit(tx, pending).unwrap();
     }
     let relay = Relay::builder(store.clone(), publisher)
@@ -311,9 +311,9 @@ fn sqlite_backlog(dir: &tempfile::TempDir) -> SqliteStore {
         .unwrap();
     let mut conn = store.connect().unwrap();
     for chunk in 0..10 {
-        let tx = conn.transaction().unwrap();
-        store
-            .enqueue(&tx, &outbox, backlog_messages(chunk))
+        let mut tx = conn.transaction().unwrap();
+        outbox
+            .enqueue_blocking(&mut tx, backlog_messages(chunk))
             .unwrap()
             .dispatch();
         tx.commit().unwrap();
@@ -365,8 +365,8 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_postgres() {
         .unwrap();
     for chunk in 0..10 {
         let mut tx = store.pool().begin().await.unwrap();
-        store
-            .enqueue(&mut tx, &outbox, backlog_messages(chunk))
+        outbox
+            .enqueue(&mut tx, backlog_messages(chunk))
             .await
             .unwrap()
             .dispatch();

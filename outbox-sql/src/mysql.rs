@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use outbox_core::{
-    to_millis, validate_identifier, Claim, Error, Failure, Message, NewMessage, Outbox, Outcome,
-    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
+    to_millis, validate_identifier, AfterCommit, Claim, Enqueue, Error, Failure, NewMessage,
+    Outcome, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, MySqlConnection, Row, Transaction};
@@ -199,22 +199,25 @@ impl MySqlStore {
             .map_err(map_err)?;
         Self::from_pool(pool, &self.inner.table)
     }
+}
 
-    /// Write `messages` in the caller's transaction (pass `&mut tx`), in one `INSERT`.
-    /// Either all are written or, on error, none. Keep-order rows lock their ordering unit
-    /// (a row of `<table>_locks`) until the transaction ends.
-    pub async fn enqueue(
+/// Rows are written in the caller's transaction, in one `INSERT`; either all are written or,
+/// on error, none. Keep-order rows lock their ordering unit (a row of `<table>_locks`) until
+/// the transaction ends. Only a transaction is accepted: in autocommit the unit lock would
+/// end with the statement, and two writers of a unit could commit out of `seq` order.
+#[async_trait]
+impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
+    async fn write_rows(
         &self,
-        conn: &mut MySqlConnection,
-        outbox: &Outbox,
-        messages: impl IntoIterator<Item = Message>,
-    ) -> outbox_core::Result<Pending> {
-        let prepared = outbox.prepare(messages)?;
+        tx: &mut Transaction<'c, MySql>,
+        rows: &[NewMessage],
+        need_seqs: bool,
+    ) -> outbox_core::Result<Vec<i64>> {
+        let conn: &mut MySqlConnection = tx;
         let t = &self.inner.table;
-        let rows = prepared.rows();
         let units = keep_order_units(rows);
         if rows.is_empty() {
-            return prepared.into_pending(Vec::new());
+            return Ok(Vec::new());
         }
         // One keep-order row of a known unit: lock and insert in one round trip.
         if let ([_], [unit]) = (rows, units.as_slice()) {
@@ -223,17 +226,16 @@ impl MySqlStore {
                 .rows_affected()
                 == 1
             {
-                return prepared.into_pending(vec![0]);
+                return Ok(vec![0]);
             }
         }
         lock_units(&mut *conn, t, &units).await?;
-        let seqs = if prepared.needs_seqs() {
-            insert(&mut *conn, t, rows).await?
+        if need_seqs {
+            insert(&mut *conn, t, rows).await
         } else {
             insert_only(&mut *conn, t, rows, None).await?;
-            vec![0; rows.len()]
-        };
-        prepared.into_pending(seqs)
+            Ok(vec![0; rows.len()])
+        }
     }
 }
 
@@ -274,9 +276,9 @@ async fn lock_units(
 }
 
 /// Commit `tx`, then publish its publish-on-commit messages in the background.
-pub async fn commit(tx: Transaction<'_, MySql>, pending: Pending) -> outbox_core::Result<()> {
+pub async fn commit(tx: Transaction<'_, MySql>, after: AfterCommit) -> outbox_core::Result<()> {
     tx.commit().await.map_err(map_err)?;
-    pending.dispatch();
+    after.dispatch();
     Ok(())
 }
 

@@ -13,8 +13,8 @@
 //!
 //! let mut tx = store.pool().begin().await.map_err(outbox_sql::postgres::map_err)?;
 //! // ... business writes on &mut *tx ...
-//! let pending = store.enqueue(&mut tx, &outbox, [Message::json("orders.placed", &1)?]).await?;
-//! outbox_sql::postgres::commit(tx, pending).await?;   // commit, then publish on commit
+//! let after = outbox.enqueue(&mut tx, [Message::json("orders.placed", &1)?]).await?;
+//! outbox_sql::postgres::commit(tx, after).await?;     // commit, then publish on commit
 //! # Ok(()) }
 //! ```
 
@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use outbox_core::{
-    to_millis, validate_identifier, Claim, Error, Failure, Message, NewMessage, Outbox, Outcome,
-    Pending, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
+    to_millis, validate_identifier, AfterCommit, Claim, Enqueue, Error, Failure, NewMessage,
+    Outcome, Retry, Selector, Stats, Store, StoredMessage, StreamFilter,
 };
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
@@ -92,6 +92,9 @@ const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a store looks for keep-order rows whose unit it does not know.
 const ADOPT_EVERY: Duration = Duration::from_secs(60);
 
+/// How long [`Store::start_listening`] waits for `LISTEN` before the relay starts polling.
+const LISTEN_START: Duration = Duration::from_secs(10);
+
 struct Inner {
     lock_timeout: Duration,
     /// Whether the pool's connections have JIT on (an application's own pool): then the
@@ -104,6 +107,8 @@ struct Inner {
     sql: Sql,
     notify: Arc<Notify>,
     listening: AtomicBool,
+    /// How many times `LISTEN` has been established (0: not yet).
+    listens: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The PostgreSQL outbox store. Cheap to clone.
@@ -188,6 +193,7 @@ impl PgStore {
                 sql: Sql::new(table),
                 notify: Arc::new(Notify::new()),
                 listening: AtomicBool::new(false),
+                listens: Arc::new(tokio::sync::watch::channel(0).0),
             }),
         })
     }
@@ -212,26 +218,10 @@ impl PgStore {
         Ok(found.is_some())
     }
 
-    /// Write `messages` in the caller's transaction (pass `&mut tx`), in one statement.
-    /// Either all are written or, on error, none. Keep-order rows lock their ordering unit
-    /// until the transaction ends and send `NOTIFY` on commit.
-    ///
-    /// Do the business writes that lock shared rows *before* enqueueing, as usual: a
-    /// transaction that waits for a unit lock while holding a row another writer of that unit
-    /// needs deadlocks, and PostgreSQL aborts one of the two.
-    pub async fn enqueue(
-        &self,
-        conn: &mut PgConnection,
-        outbox: &Outbox,
-        messages: impl IntoIterator<Item = Message>,
-    ) -> outbox_core::Result<Pending> {
-        let prepared = outbox.prepare(messages)?;
-        let rows = prepared.rows();
-        let units = keep_order_units(rows);
-        let seqs = insert(&mut *conn, &self.inner.sql, rows, &units).await?;
-        prepared.into_pending(seqs)
-    }
-
+    /// Start the `LISTEN` task once. It holds a connection of its own; after every
+    /// reconnect (not the first connect: the relay claims right after
+    /// [`Store::start_listening`]) it wakes the relay, since commits made while it was
+    /// disconnected were not heard.
     fn start_listener(&self) {
         if self.inner.listening.swap(true, Ordering::SeqCst) {
             return;
@@ -239,9 +229,13 @@ impl PgStore {
         let pool = self.inner.pool.clone();
         let channel = self.inner.table.clone();
         let notify: Weak<Notify> = Arc::downgrade(&self.inner.notify);
+        let listens = Arc::downgrade(&self.inner.listens);
         tokio::spawn(async move {
             let mut pause = Duration::from_millis(100);
             loop {
+                if notify.strong_count() == 0 {
+                    return;
+                }
                 let mut listener = match PgListener::connect_with(&pool).await {
                     Ok(l) => l,
                     Err(e) => {
@@ -254,19 +248,39 @@ impl PgStore {
                 if let Err(e) = listener.listen(&channel).await {
                     tracing::warn!(error = %e, "LISTEN failed; retrying");
                     tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
                     continue;
                 }
                 pause = Duration::from_millis(100);
+                let Some(listens) = listens.upgrade() else {
+                    return;
+                };
+                let mut first = false;
+                listens.send_modify(|n| {
+                    first = *n == 0;
+                    *n += 1;
+                });
+                drop(listens);
+                if !first {
+                    // Commits while we were away sent NOTIFYs nobody heard: look now.
+                    match notify.upgrade() {
+                        Some(n) => n.notify_one(),
+                        None => return,
+                    }
+                }
                 loop {
                     let Some(n) = notify.upgrade() else { return };
                     match listener.try_recv().await {
                         Ok(Some(_)) => n.notify_one(),
-                        // The connection dropped: notifications may have been missed, so make
-                        // the relay look now; try_recv reconnects on the next call.
-                        Ok(None) => n.notify_one(),
+                        // The connection dropped. sqlx would reconnect on the next call, but
+                        // out of our sight: reconnect here instead, so the wake-up above
+                        // happens after LISTEN is back.
+                        Ok(None) => {
+                            tracing::warn!("LISTEN connection lost; reconnecting");
+                            break;
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
-                            n.notify_one();
                             break;
                         }
                     }
@@ -276,11 +290,34 @@ impl PgStore {
     }
 }
 
+/// Rows are written in the caller's transaction, in one statement; either all are written
+/// or, on error, none. Keep-order rows lock their ordering unit until the transaction ends
+/// and send `NOTIFY` on commit.
+///
+/// Only a transaction is accepted (not a bare connection): in autocommit, the unit lock
+/// would end with the statement, and two writers of a unit could commit out of `seq` order.
+///
+/// Do the business writes that lock shared rows *before* enqueueing, as usual: a transaction
+/// that waits for a unit lock while holding a row another writer of that unit needs
+/// deadlocks, and PostgreSQL aborts one of the two.
+#[async_trait]
+impl<'c> Enqueue<Transaction<'c, Postgres>> for PgStore {
+    async fn write_rows(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        rows: &[NewMessage],
+        _need_seqs: bool,
+    ) -> outbox_core::Result<Vec<i64>> {
+        let units = keep_order_units(rows);
+        insert(tx, &self.inner.sql, rows, &units).await
+    }
+}
+
 /// Commit `tx`, then publish its publish-on-commit messages in the background. Nothing is
 /// published if the commit fails.
-pub async fn commit(tx: Transaction<'_, Postgres>, pending: Pending) -> outbox_core::Result<()> {
+pub async fn commit(tx: Transaction<'_, Postgres>, after: AfterCommit) -> outbox_core::Result<()> {
     tx.commit().await.map_err(map_err)?;
-    pending.dispatch();
+    after.dispatch();
     Ok(())
 }
 
@@ -936,6 +973,22 @@ impl Store for PgStore {
     async fn wait_for_work(&self, timeout: Duration) {
         self.start_listener();
         let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
+    }
+
+    async fn start_listening(&self) -> outbox_core::Result<()> {
+        self.start_listener();
+        let mut listens = self.inner.listens.subscribe();
+        let ready = tokio::time::timeout(LISTEN_START, listens.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match ready {
+            true => Ok(()),
+            false => Err(Error::new(
+                outbox_core::ErrorKind::Timeout,
+                Retry::Transient,
+                format!("LISTEN was not established within {LISTEN_START:?}"),
+            )),
+        }
     }
 
     fn notify_committed(&self) {

@@ -32,6 +32,10 @@ sql_store_tests! {
 
 /// LISTEN/NOTIFY: a relay in "another process" (its own pool, no in-process notification)
 /// sleeping on a 120 s poll interval publishes within the deadline of a commit elsewhere.
+/// No sleep: a first message, committed before the relay starts, comes out of its first
+/// claim, which runs only once LISTEN is established; each later commit then needs NOTIFY.
+/// Half-way, the LISTEN connection is killed and a commit lands while it is down: the
+/// listener's reconnect must make the relay look (its NOTIFY went to nobody).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_a_relay_in_another_process() {
     use outbox_core::conformance::eventually;
@@ -46,22 +50,49 @@ async fn notify_wakes_a_relay_in_another_process() {
         .strategy(Strategy::KeepOrder)
         .build()
         .unwrap();
+    let commit = |i: usize| {
+        let (h, writer, outbox) = (&h, writer.clone(), outbox.clone());
+        async move {
+            let msg = Message::new("d", i.to_string().into_bytes());
+            // dropped: no in-process wake-up
+            drop(h.transact(&writer, &outbox, vec![msg], true).await.unwrap());
+        }
+    };
+    let published = |n: usize, what: &'static str| {
+        let broker = broker.clone();
+        async move {
+            eventually(what, Duration::from_secs(15), || async {
+                broker.count() == n
+            })
+            .await
+        }
+    };
+    commit(0).await;
     let relay = Relay::builder(relay_side, broker.clone())
         .poll_interval(Duration::from_secs(120))
         .build()
         .unwrap();
     let running = outbox_core::conformance::RunningRelay::spawn(relay);
-    for i in 0..3usize {
-        tokio::time::sleep(Duration::from_millis(200)).await; // let the relay reach its idle wait
-        let msg = Message::new("d", i.to_string().into_bytes());
-        drop(h.transact(&writer, &outbox, vec![msg], true).await.unwrap()); // no in-process wake-up
-        eventually(
-            "NOTIFY wakes the other relay",
-            Duration::from_secs(10),
-            || async { broker.count() == i + 1 },
-        )
-        .await;
+    published(1, "the first claim").await;
+    for i in 1..3usize {
+        commit(i).await;
+        published(i + 1, "NOTIFY wakes the other relay").await;
     }
+    // Kill the relay's LISTEN connection (the writer's pool never listens), then commit
+    // before it can be back.
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE query ILIKE 'LISTEN%' AND query ILIKE $1",
+    )
+    .bind(format!("%{}%", writer.table()))
+    .fetch_one(writer.pool())
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "one LISTEN connection");
+    commit(3).await;
+    published(4, "the relay looks after LISTEN reconnects").await;
+    commit(4).await;
+    published(5, "NOTIFY heard again after the reconnect").await;
     running.stop().await;
 }
 
@@ -264,10 +295,9 @@ async fn relay_statements_run_without_jit() {
         .build()
         .unwrap();
     let mut tx = app_store.pool().begin().await.unwrap();
-    let pending = app_store
+    let pending = outbox
         .enqueue(
             &mut tx,
-            &outbox,
             (0..3u8).map(|i| Message::new("d", vec![i]).key("k")),
         )
         .await

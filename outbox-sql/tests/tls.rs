@@ -49,7 +49,7 @@ macro_rules! roundtrip {
             .build()
             .unwrap();
         let mut tx = store.pool().begin().await.unwrap();
-        drop(store.enqueue(&mut tx, &outbox, msgs()).await.unwrap());
+        drop(outbox.enqueue(&mut tx, msgs()).await.unwrap());
         tx.commit().await.unwrap();
         let relay = Relay::builder(store.clone(), broker.clone())
             .build()

@@ -14,11 +14,11 @@
 //! let outbox = Outbox::builder(store.clone(), StdoutPublisher::default()).build()?;
 //!
 //! let mut conn = store.connect()?;                   // the application's connection
-//! let tx = conn.transaction().map_err(outbox_sqlite::map_err)?;
+//! let mut tx = conn.transaction().map_err(outbox_sqlite::map_err)?;
 //! tx.execute("CREATE TABLE IF NOT EXISTS orders (id INTEGER)", []).map_err(outbox_sqlite::map_err)?;
 //! tx.execute("INSERT INTO orders (id) VALUES (1)", []).map_err(outbox_sqlite::map_err)?;
-//! let pending = store.enqueue(&tx, &outbox, [Message::json("orders.placed", &1)?])?;
-//! outbox_sqlite::commit(tx, pending)?;               // commit, then publish on commit
+//! let after = outbox.enqueue_blocking(&mut tx, [Message::json("orders.placed", &1)?])?;
+//! outbox_sqlite::commit(tx, after)?;                 // commit, then publish on commit
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use outbox_core::{
-    async_trait, from_millis, to_millis, validate_identifier, Claim, Claimed, Envelope, Error,
-    Failure, Message, MessageId, NewMessage, Outbox, Outcome, Pending, Quarantined, Retry,
-    Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
+    async_trait, from_millis, to_millis, validate_identifier, AfterCommit, Claim, Claimed,
+    EnqueueBlocking, Envelope, Error, Failure, Message, MessageId, NewMessage, Outcome,
+    Quarantined, Retry, Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
 };
 use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
@@ -167,20 +167,6 @@ impl SqliteStore {
         conn.execute_batch(&self.shared.sql.schema).map_err(map_err)
     }
 
-    /// Write `messages` in the caller's transaction. Either all are written or, on error,
-    /// none is. Returns what to publish after the commit: call [`commit`] or
-    /// [`Pending::dispatch`] after `tx.commit()`.
-    pub fn enqueue(
-        &self,
-        tx: &Transaction<'_>,
-        outbox: &Outbox,
-        messages: impl IntoIterator<Item = Message>,
-    ) -> outbox_core::Result<Pending> {
-        let prepared = outbox.prepare(messages)?;
-        let seqs = insert_rows(tx, &self.shared.sql, prepared.rows())?;
-        prepared.into_pending(seqs)
-    }
-
     async fn settle_rows(
         &self,
         owner: Option<&str>,
@@ -214,11 +200,23 @@ impl SqliteStore {
     }
 }
 
+/// Rows are written in the caller's transaction; either all are written or, on error, none.
+impl<'c> EnqueueBlocking<Transaction<'c>> for SqliteStore {
+    fn write_rows_blocking(
+        &self,
+        tx: &mut Transaction<'c>,
+        rows: &[NewMessage],
+        _need_seqs: bool,
+    ) -> outbox_core::Result<Vec<i64>> {
+        insert_rows(tx, &self.shared.sql, rows)
+    }
+}
+
 /// Commit `tx`, then publish its publish-on-commit messages in the background and wake local
 /// relays. Nothing is published if the commit fails.
-pub fn commit(tx: Transaction<'_>, pending: Pending) -> outbox_core::Result<()> {
+pub fn commit(tx: Transaction<'_>, after: AfterCommit) -> outbox_core::Result<()> {
     tx.commit().map_err(map_err)?;
-    pending.dispatch();
+    after.dispatch();
     Ok(())
 }
 

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use outbox_core::conformance::{Corruption, Harness};
-use outbox_core::{async_trait, Message, Outbox, Pending, Result};
+use outbox_core::{async_trait, AfterCommit, Message, Outbox, Result};
 use outbox_sqlite::{map_err, SqliteOptions, SqliteStore};
 
 struct Sqlite {
@@ -54,25 +54,25 @@ impl Harness for Sqlite {
     async fn transact(
         &self,
         store: &SqliteStore,
-        outbox: &Outbox,
+        outbox: &Outbox<Arc<SqliteStore>>,
         messages: Vec<Message>,
         commit: bool,
-    ) -> Result<Pending> {
+    ) -> Result<AfterCommit> {
         let mut conn = store.connect()?;
-        let tx = conn.transaction().map_err(map_err)?;
+        let mut tx = conn.transaction().map_err(map_err)?;
         tx.execute(
             &format!("INSERT INTO {}_business DEFAULT VALUES", store.table()),
             [],
         )
         .map_err(map_err)?;
-        match store.enqueue(&tx, outbox, messages) {
+        match outbox.enqueue_blocking(&mut tx, messages) {
             Ok(pending) if commit => {
                 tx.commit().map_err(map_err)?;
                 Ok(pending)
             }
             Ok(_) => {
                 tx.rollback().map_err(map_err)?;
-                Ok(Pending::empty())
+                Ok(AfterCommit::empty())
             }
             Err(e) => {
                 tx.commit().map_err(map_err)?;

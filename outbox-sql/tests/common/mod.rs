@@ -22,8 +22,8 @@ macro_rules! sql_store_tests {
 
         use outbox_core::conformance::Harness;
         use outbox_core::{
-            async_trait, ErrorKind, Message, Outbox, Pending, RecordingPublisher, Relay, Result,
-            Strategy,
+            async_trait, AfterCommit, ErrorKind, Message, Outbox, RecordingPublisher, Relay,
+            Result, Strategy,
         };
         use outbox_sql::$module::{map_err, $options, $store};
 
@@ -70,23 +70,23 @@ macro_rules! sql_store_tests {
             async fn transact(
                 &self,
                 store: &$store,
-                outbox: &Outbox,
+                outbox: &Outbox<Arc<$store>>,
                 messages: Vec<Message>,
                 commit: bool,
-            ) -> Result<Pending> {
+            ) -> Result<AfterCommit> {
                 let mut tx = store.pool().begin().await.map_err(map_err)?;
                 sqlx::query(&format!($business_insert, store.table()))
                     .execute(&mut *tx)
                     .await
                     .map_err(map_err)?;
-                match store.enqueue(&mut tx, outbox, messages).await {
+                match outbox.enqueue(&mut tx, messages).await {
                     Ok(pending) if commit => {
                         tx.commit().await.map_err(map_err)?;
                         Ok(pending)
                     }
                     Ok(_) => {
                         tx.rollback().await.map_err(map_err)?;
-                        Ok(Pending::empty())
+                        Ok(AfterCommit::empty())
                     }
                     Err(e) => {
                         tx.commit().await.map_err(map_err)?;
@@ -181,12 +181,8 @@ macro_rules! sql_store_tests {
                 .build()
                 .unwrap();
             let mut tx = longest.pool().begin().await.unwrap();
-            let pending = longest
-                .enqueue(
-                    &mut tx,
-                    &outbox,
-                    [Message::new("d", b"x".to_vec()).key("k")],
-                )
+            let pending = outbox
+                .enqueue(&mut tx, [Message::new("d", b"x".to_vec()).key("k")])
                 .await
                 .unwrap();
             outbox_sql::$module::commit(tx, pending).await.unwrap();
@@ -225,12 +221,8 @@ macro_rules! sql_store_tests {
             // lock, not merely on the insert of a new unit.
             let mut t0 = store.pool().begin().await.unwrap();
             drop(
-                store
-                    .enqueue(
-                        &mut t0,
-                        &outbox,
-                        [Message::new("d", b"t0".to_vec()).key("k")],
-                    )
+                outbox
+                    .enqueue(&mut t0, [Message::new("d", b"t0".to_vec()).key("k")])
                     .await
                     .unwrap(),
             );
@@ -238,12 +230,8 @@ macro_rules! sql_store_tests {
 
             let mut t1 = store.pool().begin().await.unwrap();
             drop(
-                store
-                    .enqueue(
-                        &mut t1,
-                        &outbox,
-                        [Message::new("d", b"t1".to_vec()).key("k")],
-                    )
+                outbox
+                    .enqueue(&mut t1, [Message::new("d", b"t1".to_vec()).key("k")])
                     .await
                     .unwrap(),
             );
@@ -251,7 +239,7 @@ macro_rules! sql_store_tests {
             let t2 = tokio::spawn(async move {
                 let mut t2 = s2.pool().begin().await.unwrap();
                 drop(
-                    s2.enqueue(&mut t2, &o2, [Message::new("d", b"t2".to_vec()).key("k")])
+                    o2.enqueue(&mut t2, [Message::new("d", b"t2".to_vec()).key("k")])
                         .await
                         .unwrap(),
                 );
