@@ -842,41 +842,97 @@ impl MySqlStore {
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
         // A failure applies to a row `owner` holds: a publish-on-commit row leased to it, a
-        // keep-order row of a unit it holds.
+        // keep-order row of a unit it holds. One statement for the attempts (retries and dead
+        // letters) and one for the releases, per 500 rows: per-row values by CASE on `seq`.
         let owner_name = owner.unwrap_or_default();
-        for f in failures {
-            let holds = units_of.get(&f.seq).is_some_and(|u| held.contains(u));
-            let guard = if holds {
-                "(1 = 1 OR locked_by = ?)"
+        let (attempted, released): (Vec<&Failure>, Vec<&Failure>) = failures
+            .iter()
+            .partition(|f| !matches!(f.outcome, Outcome::Release));
+        let guard = |chunk: &[&Failure]| -> (String, Vec<i64>) {
+            let mine: Vec<i64> = chunk
+                .iter()
+                .filter(|f| units_of.get(&f.seq).is_some_and(|u| held.contains(u)))
+                .map(|f| f.seq)
+                .collect();
+            let sql = if mine.is_empty() {
+                "locked_by = ?".to_owned()
             } else {
-                "locked_by = ?"
+                format!("(locked_by = ? OR seq IN ({}))", list(mine.len()))
             };
-            let sql = match f.outcome {
-                Outcome::Retry { .. } => format!(
-                    "UPDATE {t} SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,
-                       locked_by = NULL, locked_until = NULL WHERE seq = ? AND status = 'pending' AND {guard}"
-                ),
-                Outcome::Dead => format!(
-                    "UPDATE {t} SET attempts = attempts + 1, last_error = ?, status = 'dead', locked_by = NULL,
-                       locked_until = NULL WHERE seq = ? AND status = 'pending' AND {guard}"
-                ),
-                Outcome::Release => format!(
-                    "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
-                       next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
-                     WHERE seq = ? AND status = 'pending' AND {guard}"
-                ),
+            (sql, mine)
+        };
+        for chunk in attempted.chunks(500) {
+            let (guard_sql, mine) = guard(chunk);
+            let whens = vec!["WHEN ? THEN ?"; chunk.len()].join(" ");
+            let dead: Vec<i64> = chunk
+                .iter()
+                .filter(|f| matches!(f.outcome, Outcome::Dead))
+                .map(|f| f.seq)
+                .collect();
+            let retries: Vec<(i64, i64)> = chunk
+                .iter()
+                .filter_map(|f| match f.outcome {
+                    Outcome::Retry { after } => Some((f.seq, now + after.as_millis() as i64)),
+                    _ => None,
+                })
+                .collect();
+            let next_at = if retries.is_empty() {
+                "next_attempt_at".to_owned()
+            } else {
+                format!(
+                    "CASE seq {} ELSE next_attempt_at END",
+                    vec!["WHEN ? THEN ?"; retries.len()].join(" ")
+                )
             };
-            let q = sqlx::query(&sql);
-            let q = match f.outcome {
-                Outcome::Retry { after } => q.bind(&f.error).bind(now + after.as_millis() as i64),
-                Outcome::Dead => q.bind(&f.error),
-                Outcome::Release => q.bind(now),
+            let status = if dead.is_empty() {
+                "status".to_owned()
+            } else {
+                format!("CASE WHEN seq IN ({}) THEN 'dead' ELSE status END", list(dead.len()))
             };
-            q.bind(f.seq)
-                .bind(owner_name)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            let sql = format!(
+                "UPDATE {t} SET attempts = attempts + 1,
+                   last_error = CASE seq {whens} END,
+                   next_attempt_at = {next_at},
+                   status = {status}, locked_by = NULL, locked_until = NULL
+                 WHERE seq IN ({}) AND status = 'pending' AND {guard_sql}",
+                list(chunk.len())
+            );
+            let mut q = sqlx::query(&sql);
+            for f in chunk {
+                q = q.bind(f.seq).bind(&f.error);
+            }
+            for (seq, next) in &retries {
+                q = q.bind(seq).bind(next);
+            }
+            for seq in &dead {
+                q = q.bind(seq);
+            }
+            for f in chunk {
+                q = q.bind(f.seq);
+            }
+            q = q.bind(owner_name);
+            for seq in &mine {
+                q = q.bind(seq);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
+        }
+        for chunk in released.chunks(500) {
+            let (guard_sql, mine) = guard(chunk);
+            let sql = format!(
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
+                 WHERE seq IN ({}) AND status = 'pending' AND {guard_sql}",
+                list(chunk.len())
+            );
+            let mut q = sqlx::query(&sql).bind(now);
+            for f in chunk {
+                q = q.bind(f.seq);
+            }
+            q = q.bind(owner_name);
+            for seq in &mine {
+                q = q.bind(seq);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
         }
         // The units, one statement per retry delay (all free again but those whose head
         // failed).
