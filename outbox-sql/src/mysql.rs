@@ -887,7 +887,10 @@ impl MySqlStore {
             let status = if dead.is_empty() {
                 "status".to_owned()
             } else {
-                format!("CASE WHEN seq IN ({}) THEN 'dead' ELSE status END", list(dead.len()))
+                format!(
+                    "CASE WHEN seq IN ({}) THEN 'dead' ELSE status END",
+                    list(dead.len())
+                )
             };
             let sql = format!(
                 "UPDATE {t} SET attempts = attempts + 1,

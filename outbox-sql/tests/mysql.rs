@@ -15,6 +15,8 @@ sql_store_tests! {
     business_ddl: "id BIGINT AUTO_INCREMENT PRIMARY KEY",
     business_insert: "INSERT INTO {}_business () VALUES ()",
     tamper: "UPDATE {} SET payload = 'tampered' WHERE seq = ?",
+    session_id: "SELECT CAST(CONNECTION_ID() AS SIGNED)",
+    lock_wait: "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = ? AND trx_state = 'LOCK WAIT'",
     corrupt: |kind| {
         use outbox_core::conformance::Corruption as C;
         Some(match kind {

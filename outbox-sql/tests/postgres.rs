@@ -15,6 +15,8 @@ sql_store_tests! {
     business_ddl: "id BIGSERIAL PRIMARY KEY",
     business_insert: "INSERT INTO {}_business DEFAULT VALUES",
     tamper: "UPDATE {} SET payload = 'tampered'::bytea WHERE seq = $1",
+    session_id: "SELECT pg_backend_pid()::bigint",
+    lock_wait: "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int AND wait_event_type = 'Lock'",
     corrupt: |kind| {
         use outbox_core::conformance::Corruption as C;
         match kind {

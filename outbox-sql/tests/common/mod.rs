@@ -16,6 +16,8 @@ macro_rules! sql_store_tests {
         business_ddl: $business_ddl:literal,
         business_insert: $business_insert:literal,
         tamper: $tamper:literal,
+        session_id: $session_id:literal,
+        lock_wait: $lock_wait:literal,
         corrupt: $corrupt:expr $(,)?
     ) => {
         use std::sync::Arc;
@@ -208,15 +210,20 @@ macro_rules! sql_store_tests {
         /// Two transactions write the same key concurrently; the first to enqueue commits
         /// last. The unit lock makes the second wait until the first commits, so seq order
         /// is commit order and the relay publishes the first writer's message first.
+        ///
+        /// Deterministic, no timing: the second writer's enqueue and commit run in a task
+        /// while the first transaction stays open, and the test waits until the database
+        /// reports the second session waiting for a lock, or the task finishes. Without the
+        /// unit lock the task finishes (the second writer commits first, out of `seq` order)
+        /// and the test fails on the spot.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_writers_of_one_key_publish_in_commit_order() {
-            use std::sync::atomic::{AtomicBool, Ordering};
+            use outbox_core::conformance::eventually;
             let store = $harness.fresh().await;
             let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
                 .strategy(Strategy::KeepOrder)
                 .build()
                 .unwrap();
-            let t1_committing = Arc::new(AtomicBool::new(false));
             // The unit exists already (its lock row too): the writers below must wait on its
             // lock, not merely on the insert of a new unit.
             let mut t0 = store.pool().begin().await.unwrap();
@@ -235,26 +242,42 @@ macro_rules! sql_store_tests {
                     .await
                     .unwrap(),
             );
-            let (s2, o2, flag) = (store.clone(), outbox.clone(), t1_committing.clone());
+            let (session_tx, session_rx) = tokio::sync::oneshot::channel::<i64>();
+            let (s2, o2) = (store.clone(), outbox.clone());
             let t2 = tokio::spawn(async move {
                 let mut t2 = s2.pool().begin().await.unwrap();
+                let id: i64 = sqlx::query_scalar($session_id)
+                    .fetch_one(&mut *t2)
+                    .await
+                    .unwrap();
+                session_tx.send(id).unwrap();
                 drop(
                     o2.enqueue(&mut t2, [Message::new("d", b"t2".to_vec()).key("k")])
                         .await
                         .unwrap(),
                 );
-                // Without the unit lock the enqueue returns at once, long before t1 commits.
-                let waited = flag.load(Ordering::SeqCst);
                 t2.commit().await.unwrap();
-                waited
             });
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-            t1_committing.store(true, Ordering::SeqCst);
+            let session = session_rx.await.unwrap();
+            eventually(
+                "the second writer of the key waits for the first's lock (it must not commit first)",
+                std::time::Duration::from_secs(20),
+                || async {
+                    assert!(
+                        !t2.is_finished(),
+                        "the second writer committed while the first was still open"
+                    );
+                    let waiting: i64 = sqlx::query_scalar($lock_wait)
+                        .bind(session)
+                        .fetch_one(store.pool())
+                        .await
+                        .unwrap();
+                    waiting > 0
+                },
+            )
+            .await;
             t1.commit().await.unwrap();
-            assert!(
-                t2.await.unwrap(),
-                "the second writer of the key waited for the first to commit"
-            );
+            t2.await.unwrap();
 
             let broker = RecordingPublisher::new();
             Relay::builder(store.clone(), broker.clone())
