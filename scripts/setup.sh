@@ -40,6 +40,11 @@ if ! port_open 5432; then
   as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
 fi
 wait_port PostgreSQL 5432 60
+# The restart test makes a cluster of its own and drops it; one left by a killed run goes here.
+for c in $(pg_lsclusters -h 2>/dev/null | awk '$2 ~ /^outbox_restart_/ {print $1 "/" $2}'); do
+  log "dropping leftover test cluster $c"
+  as_root pg_dropcluster --stop "${c%/*}" "${c#*/}" || true
+done
 # The TLS tests connect with sslmode=require: Debian's server has ssl = on with the snakeoil
 # certificate; turn it on (a reload, no restart) where it is off.
 if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show ssl' 2>/dev/null)" = "off" ] \

@@ -1,6 +1,7 @@
 //! PostgreSQL restarted under a running relay process: the relay recovers by itself and
-//! publishes everything committed before and after the restart. Its own test binary: cargo
-//! runs test binaries one at a time, so the restart disturbs no other test.
+//! publishes everything committed before and after the restart. The test makes a PostgreSQL
+//! cluster of its own, on a free port (`pg_createcluster`), and restarts only that one, so the
+//! server every other test uses is never disturbed; the cluster is dropped at the end.
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -20,21 +21,83 @@ impl Drop for Relay {
     }
 }
 
-fn restart_postgres() {
-    let version = std::fs::read_dir("/etc/postgresql")
-        .expect("PostgreSQL cluster config in /etc/postgresql")
-        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
-        .unwrap();
-    let out = Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
-        .output()
-        .expect("pg_ctlcluster");
-    assert!(
-        out.status.success(),
-        "restart failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A PostgreSQL cluster for this test alone (trust auth on loopback), dropped with the value.
+struct Cluster {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl Cluster {
+    fn create() -> Self {
+        let version = std::fs::read_dir("/etc/postgresql")
+            .expect("PostgreSQL cluster config in /etc/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let name = format!("outbox_restart_{}", std::process::id());
+        let cluster = Self {
+            version,
+            name,
+            port,
+        };
+        cluster.ctl(
+            "pg_createcluster",
+            &[
+                "--start",
+                "-p",
+                &port.to_string(),
+                "-o",
+                "fsync=off",
+                &cluster.version,
+                &cluster.name,
+                "--",
+                "--auth=trust",
+            ],
+        );
+        cluster
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn restart(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &self.version,
+                &self.name,
+                "restart",
+            ],
+        );
+    }
+
+    fn ctl(&self, program: &str, args: &[&str]) {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args(["--stop", &self.version, &self.name])
+            .output();
+    }
 }
 
 async fn commit_with_retry(store: &PgStore, outbox: &Outbox<PgStore>, msgs: Vec<Message>) -> usize {
@@ -63,8 +126,8 @@ async fn commit_with_retry(store: &PgStore, outbox: &Outbox<PgStore>, msgs: Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_recovers_from_a_postgres_restart() {
-    let url = std::env::var("OUTBOX_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let cluster = Cluster::create();
+    let url = cluster.url();
     let redis_url =
         std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
     let table = format!("outbox_restart{}", uuid::Uuid::now_v7().simple());
@@ -118,7 +181,7 @@ async fn the_relay_recovers_from_a_postgres_restart() {
     })
     .await;
 
-    restart_postgres();
+    cluster.restart();
     let producer_failures = commit_with_retry(&store, &outbox, batch(50)).await;
     eventually(
         "second half published after the restart",
