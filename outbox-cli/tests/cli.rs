@@ -577,3 +577,19 @@ async fn metrics_endpoint_is_get_only_and_series_are_capped() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `relay --help` names every publisher the command accepts, and each one it names is
+/// accepted (`null` and `stdout` run here; the broker URLs are covered by their own tests).
+#[test]
+fn relay_help_lists_every_publisher() {
+    let help = ok(&["relay", "--help"]);
+    for scheme in ["stdout", "null", "kafka://", "amqp(s)://", "redis(s)://"] {
+        assert!(help.contains(scheme), "{scheme} missing from:\n{help}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("app.db").display());
+    ok(&["--store", &store, "migrate"]);
+    for publisher in ["stdout", "null"] {
+        ok(&["--store", &store, "relay", "--publisher", publisher]);
+    }
+}
