@@ -260,6 +260,11 @@ impl Publisher for AmqpPublisher {
         outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
+    /// An open connection and channel (reconnecting if they were lost).
+    async fn check(&self) -> outbox_core::Result<()> {
+        self.channel().await.map(drop)
+    }
+
     /// A batch goes out on one channel with confirms, in order; messages sent again after a
     /// channel closed are sent again in batch order.
     fn ordered_batches(&self) -> bool {

@@ -52,6 +52,17 @@ impl<S: Store> Cleaner<S> {
 
     /// Delete everything past the retention, one bounded batch at a time. Returns how many.
     pub async fn run_once(&self) -> Result<u64> {
+        Ok(self.run_once_with(|_| true).await?.0)
+    }
+
+    /// [`run_once`](Self::run_once), calling `after_batch` with the running total after each
+    /// batch; it returns false to stop there (an operator's Ctrl-C). Each batch is one
+    /// statement, so a stop leaves no half-done batch. Returns the rows deleted and whether
+    /// everything past the retention is gone.
+    pub async fn run_once_with(
+        &self,
+        mut after_batch: impl FnMut(u64) -> bool,
+    ) -> Result<(u64, bool)> {
         crate::error::in_range(
             "cleaner retention",
             self.retention,
@@ -68,9 +79,12 @@ impl<S: Store> Cleaner<S> {
                 .clean(before, self.batch_size, self.include_dead)
                 .await?;
             total += n;
+            metrics::counter!("outbox_cleaned_total").increment(n);
             if n < self.batch_size as u64 {
-                metrics::counter!("outbox_cleaned_total").increment(total);
-                return Ok(total);
+                return Ok((total, true));
+            }
+            if !after_batch(total) {
+                return Ok((total, false));
             }
         }
     }

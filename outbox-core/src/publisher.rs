@@ -50,6 +50,13 @@ pub trait Publisher: Send + Sync {
         false
     }
 
+    /// Check that the broker is reachable, sending no message (a `PING`, a metadata request,
+    /// an open channel). `outbox doctor` calls it. The default succeeds: a publisher that
+    /// cannot check says nothing.
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Publish a batch; one result per message, in order.
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
         let mut out = Vec::with_capacity(batch.len());
@@ -108,6 +115,9 @@ macro_rules! forward_publisher {
             }
             fn ordered_batches(&self) -> bool {
                 (**self).ordered_batches()
+            }
+            async fn check(&self) -> Result<()> {
+                (**self).check().await
             }
         }
     )*};

@@ -205,6 +205,21 @@ impl Publisher for KafkaPublisher {
         outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
+    /// A metadata request to the cluster (no topic is created or written), within 10 s.
+    async fn check(&self) -> outbox_core::Result<()> {
+        use rdkafka::producer::Producer;
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(None, std::time::Duration::from_secs(10))
+                .map(drop)
+                .map_err(map_err)
+        })
+        .await
+        .map_err(|e| Error::transient("Kafka metadata request failed").with_source(e))?
+    }
+
     /// With idempotence on (the default), one producer keeps each partition's order, retries
     /// included; a unit's messages share a partition (its key, or its stream when unkeyed).
     fn ordered_batches(&self) -> bool {

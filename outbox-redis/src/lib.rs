@@ -216,6 +216,16 @@ impl Publisher for RedisPublisher {
         outbox_core::single_result(self.publish_batch(&[envelope]).await)
     }
 
+    /// `PING`.
+    async fn check(&self) -> outbox_core::Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     /// One pipeline for the whole batch; each command's reply is checked on its own.
     /// A batch is one pipeline on one connection: Redis runs its commands in order.
     fn ordered_batches(&self) -> bool {
