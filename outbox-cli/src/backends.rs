@@ -1,6 +1,7 @@
 //! Stores and publishers from URLs.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use outbox_core::{Error, ErrorKind, Publisher, Result, Retry, StdoutPublisher, Store};
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
@@ -109,6 +110,183 @@ impl AnyStore {
     }
 }
 
+/// What `outbox doctor` found of the schema.
+pub struct Schema {
+    /// Tables and indexes `migrate` makes that are not there.
+    pub missing: Vec<String>,
+    /// Objects of an older version that `migrate` removes.
+    pub legacy: Vec<String>,
+}
+
+impl AnyStore {
+    /// The tables and indexes present, against what `migrate` makes and removes.
+    pub async fn schema(&self) -> Result<Schema> {
+        let t = self.table();
+        let names =
+            |list: &[&str]| -> Vec<String> { list.iter().map(|n| n.replace("{t}", t)).collect() };
+        let (expected, legacy) = match self {
+            Self::Postgres(_) => (
+                names(&[
+                    "{t}",
+                    "{t}_units",
+                    "{t}_due",
+                    "{t}_unit",
+                    "{t}_oc",
+                    "{t}_sent",
+                    "{t}_dead",
+                    "{t}_due_next",
+                ]),
+                names(&["{t}_claim", "{t}_pending", "{t}_leased", "{t}_backoff"]),
+            ),
+            Self::MySql(_) => (
+                names(&[
+                    "{t}",
+                    "{t}_locks",
+                    "{t}_due",
+                    "{t}.{t}_id",
+                    "{t}.{t}_unit",
+                    "{t}.{t}_oc",
+                    "{t}.{t}_sent",
+                    "{t}_due.due_next",
+                ]),
+                names(&["{t}_claim", "{t}.{t}_leased", "{t}.{t}_backoff"]),
+            ),
+            Self::Sqlite(_) => (
+                names(&[
+                    "{t}",
+                    "{t}_due",
+                    "{t}_unit",
+                    "{t}_oc",
+                    "{t}_sent",
+                    "{t}_dead",
+                    "{t}_due_next",
+                ]),
+                names(&["{t}_claim", "{t}_leased", "{t}_backoff"]),
+            ),
+        };
+        let mut missing = Vec::new();
+        for name in &expected {
+            if !self.object_exists(name).await? {
+                missing.push(name.clone());
+            }
+        }
+        let mut old = Vec::new();
+        for name in &legacy {
+            if self.object_exists(name).await? {
+                old.push(name.clone());
+            }
+        }
+        Ok(Schema {
+            missing,
+            legacy: old,
+        })
+    }
+
+    /// A table or index (`table.index` on MySQL, where index names are per table).
+    async fn object_exists(&self, name: &str) -> Result<bool> {
+        use outbox_sql::sqlx;
+        match self {
+            Self::Postgres(s) => {
+                let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                    .bind(name)
+                    .fetch_one(s.pool())
+                    .await
+                    .map_err(outbox_sql::postgres::map_err)?;
+                Ok(found.is_some())
+            }
+            Self::MySql(s) => {
+                let n: i64 = match name.split_once('.') {
+                    None => sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM information_schema.TABLES
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                    )
+                    .bind(name),
+                    Some((table, index)) => sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM information_schema.STATISTICS
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?",
+                    )
+                    .bind(table)
+                    .bind(index),
+                }
+                .fetch_one(s.pool())
+                .await
+                .map_err(outbox_sql::mysql::map_err)?;
+                Ok(n > 0)
+            }
+            Self::Sqlite(s) => {
+                let conn = s.connect()?;
+                let n: i64 = conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM sqlite_master WHERE type IN ('table', 'index') AND name = ?1",
+                        [name],
+                        |r| r.get(0),
+                    )
+                    .map_err(outbox_sqlite::map_err)?;
+                Ok(n > 0)
+            }
+        }
+    }
+
+    /// PostgreSQL: a NOTIFY on a channel of its own heard by a LISTEN connection, as relays
+    /// hear commits. None for stores without cross-process wake-up.
+    pub async fn notify_roundtrip(&self, within: Duration) -> Option<Result<Duration>> {
+        let Self::Postgres(s) = self else {
+            return None;
+        };
+        use outbox_sql::sqlx;
+        let attempt = async {
+            let map = outbox_sql::postgres::map_err;
+            let channel = format!("{}_doctor_{}", s.table(), std::process::id());
+            let mut listener = sqlx::postgres::PgListener::connect_with(s.pool())
+                .await
+                .map_err(map)?;
+            listener.listen(&channel).await.map_err(map)?;
+            let started = std::time::Instant::now();
+            sqlx::query("SELECT pg_notify($1, 'doctor')")
+                .bind(&channel)
+                .execute(s.pool())
+                .await
+                .map_err(map)?;
+            listener.recv().await.map_err(map)?;
+            Ok(started.elapsed())
+        };
+        Some(match tokio::time::timeout(within, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                Retry::Transient,
+                format!("no NOTIFY heard within {within:?}"),
+            )),
+        })
+    }
+
+    /// How far this host's clock is from the database's; None for SQLite (same host).
+    pub async fn clock_skew(&self) -> Option<Result<Duration>> {
+        use outbox_sql::sqlx;
+        let before = std::time::SystemTime::now();
+        let db_ms: Result<i64> = match self {
+            Self::Sqlite(_) => return None,
+            Self::Postgres(s) => {
+                sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+                    .fetch_one(s.pool())
+                    .await
+                    .map_err(outbox_sql::postgres::map_err)
+            }
+            Self::MySql(s) => {
+                sqlx::query_scalar("SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)")
+                    .fetch_one(s.pool())
+                    .await
+                    .map_err(outbox_sql::mysql::map_err)
+            }
+        };
+        let after = std::time::SystemTime::now();
+        Some(db_ms.map(|db| {
+            let mid = outbox_core::to_millis(before) / 2 + outbox_core::to_millis(after) / 2;
+            Duration::from_millis(db.abs_diff(mid))
+        }))
+    }
+}
+
 /// Split `?k=v&k2=v2` off a URL (values as written).
 fn split_query(url: &str) -> (&str, Vec<(String, String)>) {
     match url.split_once('?') {
@@ -184,7 +362,7 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             }))
         }
         _ => Err(Error::config(format!(
-            "unsupported publisher {}: use stdout, kafka://, amqp:// or redis://",
+            "unsupported publisher {}: use stdout, null, kafka://, amqp:// or redis://",
             redact_url(url)
         ))),
     }

@@ -6,7 +6,9 @@
 #![forbid(unsafe_code)]
 
 mod backends;
+mod doctor;
 mod metrics_endpoint;
+mod report;
 mod signing;
 
 use std::net::SocketAddr;
@@ -22,12 +24,14 @@ use outbox_core::{
 use serde::Deserialize;
 
 use crate::backends::{open_publisher, AnyStore};
+use crate::report::{exit, Output};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "outbox",
     version,
-    about = "Transactional outbox: relay, clean, stats, dead letters, migrate"
+    about = "Transactional outbox: relay, clean, stats, dead letters, migrate, doctor",
+    after_help = report::EXIT_CODES_HELP
 )]
 struct Cli {
     /// TOML file with settings (flags and environment variables win over it).
@@ -43,9 +47,15 @@ struct Cli {
     /// Outbox table name [default: outbox]
     #[arg(long, env = "OUTBOX_TABLE", global = true)]
     table: Option<String>,
-    /// Log format [default: human]
+    /// Log format [default: human]; colours only on a terminal and never with NO_COLOR set
     #[arg(long, env = "OUTBOX_LOG_FORMAT", global = true, value_enum)]
     log_format: Option<LogFormat>,
+    /// How stats, dead list, migrate, clean and doctor print their data [default: text]
+    #[arg(long, env = "OUTBOX_OUTPUT", global = true, value_enum)]
+    output: Option<Output>,
+    /// Same as --output json.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +82,29 @@ enum Command {
     },
     /// Create the outbox table and indexes (idempotent).
     Migrate,
+    /// Check the deployment: store, table and schema, NOTIFY, clock, publisher, signing keys.
+    /// One line per check (OK, WARN, FAIL, SKIP); exits 1 when a check fails.
+    Doctor(DoctorArgs),
+    /// Print a shell completion script: `outbox completions bash > /etc/bash_completion.d/outbox`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `outbox man > outbox.1`.
+    Man,
+}
+
+#[derive(Args, Debug, Default)]
+struct DoctorArgs {
+    /// Publisher URL to ping (no message is sent) [default: relay.publisher of --config]
+    #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
+    publisher: Option<String>,
+    /// File holding the publisher URL.
+    #[arg(long, env = "OUTBOX_PUBLISHER_FILE")]
+    publisher_file: Option<PathBuf>,
+    /// Signature verification keys file, as for `relay`.
+    #[arg(long, env = "OUTBOX_SIGNING_KEYS_FILE")]
+    signing_keys_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -185,6 +218,7 @@ struct FileConfig {
     store_file: Option<PathBuf>,
     table: Option<String>,
     log_format: Option<LogFormat>,
+    output: Option<Output>,
     #[serde(default)]
     relay: FileRelay,
     #[serde(default)]
@@ -318,6 +352,7 @@ fn init_logging(format: LogFormat) {
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(report::colour())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -373,29 +408,56 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "outbox",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the manual page: {e}");
+                    ExitCode::from(exit::FAILED)
+                }
+            };
+        }
+        _ => {}
+    }
+    let json_logs = cli.log_format == Some(LogFormat::Json);
     let file = match load_file(&cli.config) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
+            report::print_error(&e, json_logs);
+            return ExitCode::from(report::exit_code(&e));
         }
     };
-    init_logging(
-        cli.log_format
-            .or(file.log_format)
-            .unwrap_or(LogFormat::Human),
-    );
+    let log_format = cli
+        .log_format
+        .or(file.log_format)
+        .unwrap_or(LogFormat::Human);
+    init_logging(log_format);
     warn_about_flag_secrets(&matches);
     match run(cli, file).await {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+            report::print_error(&e, log_format == LogFormat::Json);
+            ExitCode::from(report::exit_code(&e))
         }
     }
 }
 
-async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
+async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
+    let output = if cli.json {
+        Output::Json
+    } else {
+        cli.output.or(file.output).unwrap_or_default()
+    };
     let store_url = first_of(
         cli.store,
         &cli.store_file,
@@ -409,13 +471,51 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
         )
     })?;
     let table = cli.table.or(file.table).unwrap_or_else(|| "outbox".into());
+    if let Command::Doctor(args) = cli.command {
+        let publisher_url = first_of(
+            args.publisher,
+            &args.publisher_file,
+            file.relay.publisher.clone(),
+            &file.relay.publisher_file,
+            "publisher",
+        )?;
+        let signing = signing::load(
+            args.signing_keys_file.as_deref(),
+            std::env::var("OUTBOX_SIGNING_KEYS").ok().as_deref(),
+            file.relay.signing_keys_file.as_deref(),
+            file.relay.signing_keys.as_deref(),
+        );
+        let checks = doctor::examine(doctor::Setup {
+            store_url: &store_url,
+            table: &table,
+            publisher_url,
+            signing,
+        })
+        .await;
+        return Ok(if doctor::print(&checks, output) {
+            exit::OK
+        } else {
+            exit::FAILED
+        });
+    }
     let create = matches!(cli.command, Command::Migrate);
     let store = AnyStore::open(&store_url, &table, create).await?;
+    let json = output == Output::Json;
     match cli.command {
+        Command::Doctor(_) | Command::Completions { .. } | Command::Man => Ok(exit::OK),
         Command::Migrate => {
+            let started = std::time::Instant::now();
+            tracing::info!(table = %table, "migrating (large 0.1 tables are converted in place; this can take a while)");
             store.store().migrate().await?;
-            println!("table {table} is ready");
-            Ok(())
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"table": table, "ready": true, "seconds": started.elapsed().as_secs_f64()})
+                );
+            } else {
+                println!("table {table} is ready");
+            }
+            Ok(exit::OK)
         }
         Command::Relay(args) => {
             store.require_table().await?;
@@ -433,24 +533,66 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
             if let Some(b) = args.batch.or(file.clean.batch) {
                 cleaner = cleaner.batch_size(b)?;
             }
-            let n = cleaner.run_once().await?;
-            println!("deleted {n} rows");
-            Ok(())
+            let interrupt = report::Interrupt::catch();
+            let mut progress = report::Progress::new("clean");
+            let (n, finished) = cleaner
+                .run_once_with(|done| {
+                    progress.update(done);
+                    !interrupt.asked()
+                })
+                .await?;
+            progress.finish();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"deleted": n, "finished": finished})
+                );
+            } else if finished {
+                println!("deleted {n} rows");
+            } else {
+                println!("deleted {n} rows, then stopped (interrupted); run it again to go on");
+            }
+            Ok(if finished {
+                exit::OK
+            } else {
+                exit::INTERRUPTED
+            })
         }
         Command::Stats => {
             store.require_table().await?;
             let stats = store.store().stats().await?;
+            let now = SystemTime::now();
+            let age = |s: &outbox_core::StreamStats| {
+                s.oldest_pending.and_then(|t| now.duration_since(t).ok())
+            };
+            if json {
+                let doc = |s: &outbox_core::StreamStats| {
+                    serde_json::json!({
+                        "stream": s.stream,
+                        "pending": s.pending,
+                        "sent": s.sent,
+                        "dead": s.dead,
+                        "oldest_pending_seconds": age(s).map(|d| d.as_secs_f64()),
+                    })
+                };
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "table": table,
+                        "streams": stats.streams.iter().map(doc).collect::<Vec<_>>(),
+                        "total": doc(&stats.total()),
+                    })
+                );
+                return Ok(exit::OK);
+            }
             println!(
                 "{:<24} {:>10} {:>10} {:>10}  oldest pending",
                 "stream", "pending", "sent", "dead"
             );
-            let now = SystemTime::now();
             let mut rows = stats.streams.clone();
             rows.push(stats.total());
             for s in rows {
-                let age = s
-                    .oldest_pending
-                    .and_then(|t| now.duration_since(t).ok())
+                let age = age(&s)
                     .map(|d| {
                         humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
                     })
@@ -463,14 +605,34 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
                     s.dead
                 );
             }
-            Ok(())
+            Ok(exit::OK)
         }
         Command::Dead { command } => {
             store.require_table().await?;
             let s = store.store();
             match command {
                 DeadCommand::List { stream, limit } => {
-                    for m in s.dead_letters(stream.as_deref(), limit).await? {
+                    let dead = s.dead_letters(stream.as_deref(), limit).await?;
+                    if json {
+                        let rows: Vec<_> = dead
+                            .iter()
+                            .map(|m| {
+                                serde_json::json!({
+                                    "seq": m.seq,
+                                    "id": m.envelope.id.to_string(),
+                                    "stream": m.envelope.message.stream,
+                                    "destination": m.envelope.message.destination,
+                                    "key": m.envelope.message.key,
+                                    "attempts": m.attempts,
+                                    "last_error": m.last_error,
+                                    "created_at_ms": outbox_core::to_millis(m.envelope.created_at),
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::json!({ "dead_letters": rows }));
+                        return Ok(exit::OK);
+                    }
+                    for m in dead {
                         println!(
                             "seq={} id={} stream={} destination={} attempts={} error={}",
                             m.seq,
@@ -481,20 +643,83 @@ async fn run(cli: Cli, file: FileConfig) -> Result<(), Error> {
                             printable(&m.last_error.unwrap_or_default())
                         );
                     }
+                    Ok(exit::OK)
                 }
-                DeadCommand::Requeue(sel) => {
-                    println!("requeued {}", s.requeue(&sel.selector()).await?)
-                }
-                DeadCommand::Purge(sel) => {
-                    println!("purged {}", s.purge_dead(&sel.selector()).await?)
-                }
+                DeadCommand::Requeue(sel) => bulk_dead(s, &sel, true, json).await,
+                DeadCommand::Purge(sel) => bulk_dead(s, &sel, false, json).await,
             }
-            Ok(())
         }
     }
 }
 
-async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), Error> {
+/// Requeue (or purge) dead letters. `--seq` rows in one statement; `--all` and `--stream` in
+/// batches of [`BULK_BATCH`] with progress, each batch its own statement, so Ctrl-C stops
+/// between two batches with every row either changed or not.
+async fn bulk_dead(
+    s: Arc<dyn Store>,
+    sel: &SelectArgs,
+    requeue: bool,
+    json: bool,
+) -> Result<u8, Error> {
+    let verb = if requeue { "requeued" } else { "purged" };
+    let apply = |selector: Selector| {
+        let s = s.clone();
+        async move {
+            if requeue {
+                s.requeue(&selector).await
+            } else {
+                s.purge_dead(&selector).await
+            }
+        }
+    };
+    let (n, finished) = if !sel.seqs.is_empty() {
+        (apply(sel.selector()).await?, true)
+    } else {
+        let interrupt = report::Interrupt::catch();
+        let mut progress = report::Progress::new(if requeue { "requeue" } else { "purge" });
+        let mut n = 0;
+        let finished = loop {
+            let batch: Vec<i64> = s
+                .dead_letters(sel.stream.as_deref(), BULK_BATCH)
+                .await?
+                .iter()
+                .map(|m| m.seq)
+                .collect();
+            if batch.is_empty() {
+                break true;
+            }
+            let changed = apply(Selector::Seqs(batch)).await?;
+            if changed == 0 {
+                // Rows listed but not changed (another operator got there first): done.
+                break true;
+            }
+            n += changed;
+            progress.update(n);
+            if interrupt.asked() {
+                break false;
+            }
+        };
+        progress.finish();
+        (n, finished)
+    };
+    if json {
+        println!("{}", serde_json::json!({ verb: n, "finished": finished }));
+    } else if finished {
+        println!("{verb} {n}");
+    } else {
+        println!("{verb} {n}, then stopped (interrupted); run it again to go on");
+    }
+    Ok(if finished {
+        exit::OK
+    } else {
+        exit::INTERRUPTED
+    })
+}
+
+/// Rows per statement of `dead requeue --all` / `dead purge --all`.
+const BULK_BATCH: usize = 500;
+
+async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<u8, Error> {
     let publisher_url = first_of(
         args.publisher,
         &args.publisher_file,
@@ -605,7 +830,17 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
     if !args.run_loop {
         let report = relay.run_once().await?;
         tracing::info!(?report, "relay finished");
-        return Ok(());
+        let trouble = report.failed + report.dead + report.quarantined;
+        if trouble > 0 {
+            tracing::warn!(
+                failed = report.failed,
+                dead = report.dead,
+                quarantined = report.quarantined,
+                "partly done: some messages were not published (see `outbox dead list` and the log above)"
+            );
+            return Ok(exit::PARTIAL);
+        }
+        return Ok(exit::OK);
     }
     // The backlog gauges cost a whole-table stats query: only when someone reads them.
     let gauges = metrics_addr.map(|_| tokio::spawn(backlog_gauges(s.clone())));
@@ -614,7 +849,7 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<(), 
         g.abort();
     }
     tracing::info!(?report, "relay stopped");
-    Ok(())
+    Ok(exit::OK)
 }
 
 /// How often the backlog gauges are refreshed at most: one stats query, independent of the

@@ -414,7 +414,11 @@ fn hostile_text_in_rows_is_quarantined_and_printed_escaped() {
         )
         .unwrap();
     let out = run(&["--store", s, "relay", "--publisher", "stdout"]);
-    assert!(out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "a run that quarantined a row is partial (exit 4)"
+    );
     let (stdout, stderr) = (
         String::from_utf8(out.stdout).unwrap(),
         String::from_utf8(out.stderr).unwrap(),
@@ -470,8 +474,15 @@ fn settings_out_of_range_are_config_errors() {
         ),
         (vec!["clean", "--batch", "0"], "batch_size"),
     ] {
-        let e = fails(bin().args(["--store", &db]).args(&args));
-        assert!(e.contains(says) && e.contains("Config"), "{args:?}: {e}");
+        let mut cmd = bin();
+        cmd.args(["--store", &db]).args(&args);
+        let e = fails(&mut cmd);
+        assert!(e.contains(says), "{args:?}: {e}");
+        assert_eq!(
+            cmd.status().unwrap().code(),
+            Some(2),
+            "{args:?}: a configuration error"
+        );
     }
 }
 

@@ -223,6 +223,15 @@ pub fn commit(tx: Transaction<'_>, after: AfterCommit) -> outbox_core::Result<()
 fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connection> {
     let on_disk = !(path.as_os_str() == ":memory:" || path.to_string_lossy().starts_with("file:"));
     if on_disk && !path.exists() {
+        if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !folder.is_dir() {
+                return Err(Error::config(format!(
+                    "cannot open the SQLite database {}: the folder {} does not exist",
+                    path.display(),
+                    folder.display()
+                )));
+            }
+        }
         if !options.create {
             return Err(Error::config(format!(
                 "no SQLite database at {}: run `outbox migrate` first, or check the path",

@@ -1,0 +1,208 @@
+//! `outbox doctor`: check a deployment end to end before the relay runs.
+
+use std::time::Duration;
+
+use outbox_core::{redact_url, Publisher};
+use serde::Serialize;
+
+use crate::backends::{open_publisher, AnyStore};
+use crate::report::{describe, Output};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Ok,
+    Warn,
+    Fail,
+    Skip,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Check {
+    pub check: &'static str,
+    pub status: Status,
+    pub detail: String,
+}
+
+/// What the doctor looks at.
+pub struct Setup<'a> {
+    pub store_url: &'a str,
+    pub table: &'a str,
+    pub publisher_url: Option<String>,
+    /// The signing keys as the relay would load them.
+    pub signing: Result<Option<outbox_core::Signer>, outbox_core::Error>,
+}
+
+fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
+    Check {
+        check: name,
+        status,
+        detail: detail.into(),
+    }
+}
+
+/// Run every check; later checks that need an earlier one are skipped when it failed.
+pub async fn examine(setup: Setup<'_>) -> Vec<Check> {
+    let mut out = Vec::new();
+    let shown = redact_url(setup.store_url);
+    match AnyStore::open(setup.store_url, setup.table, false).await {
+        Err(e) => {
+            out.push(check(
+                "store",
+                Status::Fail,
+                format!("{shown}: {}", describe(&e)),
+            ));
+            for name in ["table", "schema", "notify", "clock"] {
+                out.push(check(name, Status::Skip, "the store is not reachable"));
+            }
+        }
+        Ok(store) => {
+            out.push(check("store", Status::Ok, format!("reachable: {shown}")));
+            store_checks(&store, &mut out).await;
+        }
+    }
+    out.push(publisher_check(setup.publisher_url.as_deref()).await);
+    out.push(match setup.signing {
+        Err(e) => check("signing", Status::Fail, describe(&e)),
+        Ok(None) => check(
+            "signing",
+            Status::Ok,
+            "off: signed rows would be refused as unverifiable",
+        ),
+        Ok(Some(s)) => check(
+            "signing",
+            Status::Ok,
+            format!(
+                "{} key(s) loaded: {}",
+                s.key_ids().count(),
+                s.key_ids().collect::<Vec<_>>().join(", ")
+            ),
+        ),
+    });
+    out
+}
+
+async fn store_checks(store: &AnyStore, out: &mut Vec<Check>) {
+    let table = store.table().to_owned();
+    match store.require_table().await {
+        Ok(()) => out.push(check("table", Status::Ok, format!("{table} exists"))),
+        Err(e) => {
+            out.push(check("table", Status::Fail, describe(&e)));
+            out.push(check("schema", Status::Skip, "no table"));
+        }
+    }
+    if out
+        .last()
+        .is_some_and(|c| c.check == "table" && c.status == Status::Ok)
+    {
+        out.push(match store.schema().await {
+            Err(e) => check("schema", Status::Fail, describe(&e)),
+            Ok(s) if !s.missing.is_empty() => check(
+                "schema",
+                Status::Fail,
+                format!("missing {}: run `outbox migrate`", s.missing.join(", ")),
+            ),
+            Ok(s) if !s.legacy.is_empty() => check(
+                "schema",
+                Status::Warn,
+                format!(
+                    "left from an older version: {}; stop old relays, then run `outbox migrate`",
+                    s.legacy.join(", ")
+                ),
+            ),
+            Ok(_) => check(
+                "schema",
+                Status::Ok,
+                "current: every table and index present",
+            ),
+        });
+    }
+    out.push(match store.notify_roundtrip(Duration::from_secs(5)).await {
+        None => check(
+            "notify",
+            Status::Skip,
+            "this store has no cross-process wake-up; relays poll",
+        ),
+        Some(Ok(took)) => check(
+            "notify",
+            Status::Ok,
+            format!("LISTEN/NOTIFY round trip in {took:.1?}"),
+        ),
+        Some(Err(e)) => check(
+            "notify",
+            Status::Warn,
+            format!(
+                "{}: relays fall back to polling (commits wait up to the poll interval)",
+                describe(&e)
+            ),
+        ),
+    });
+    out.push(match store.clock_skew().await {
+        None => check("clock", Status::Ok, "embedded database: this host's clock"),
+        Some(Err(e)) => check("clock", Status::Warn, describe(&e)),
+        Some(Ok(skew)) => {
+            let ms = skew.as_millis();
+            if skew > Duration::from_secs(2) {
+                check(
+                    "clock",
+                    Status::Warn,
+                    format!("this host and the database differ by {ms} ms: message created_at times are this host's; leases use the database clock"),
+                )
+            } else {
+                check("clock", Status::Ok, format!("within {ms} ms of the database"))
+            }
+        }
+    });
+}
+
+async fn publisher_check(url: Option<&str>) -> Check {
+    let Some(url) = url else {
+        return check(
+            "publisher",
+            Status::Skip,
+            "none given (pass --publisher, OUTBOX_PUBLISHER or relay.publisher to check one)",
+        );
+    };
+    let shown = redact_url(url);
+    let attempt = async {
+        let p = open_publisher(url).await?;
+        p.check().await
+    };
+    match tokio::time::timeout(Duration::from_secs(20), attempt).await {
+        Ok(Ok(())) => check("publisher", Status::Ok, format!("reachable: {shown}")),
+        Ok(Err(e)) => check(
+            "publisher",
+            Status::Fail,
+            format!("{shown}: {}", describe(&e)),
+        ),
+        Err(_) => check(
+            "publisher",
+            Status::Fail,
+            format!("{shown}: no answer within 20 s"),
+        ),
+    }
+}
+
+/// Print the checks; true when none failed.
+pub fn print(checks: &[Check], output: Output) -> bool {
+    let ok = checks.iter().all(|c| c.status != Status::Fail);
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "ok": ok, "checks": checks })),
+        Output::Text => {
+            for c in checks {
+                let status = match c.status {
+                    Status::Ok => "OK",
+                    Status::Warn => "WARN",
+                    Status::Fail => "FAIL",
+                    Status::Skip => "SKIP",
+                };
+                println!(
+                    "{status:<5} {:<10} {}",
+                    c.check,
+                    outbox_core::printable(&c.detail)
+                );
+            }
+        }
+    }
+    ok
+}
