@@ -340,6 +340,11 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // The AMQP client logs its connection handshake at trace level, SASL credentials included:
     // never below debug, whatever RUST_LOG asks.
+    // PostgreSQL's "relation … already exists, skipping" notices of an idempotent migrate are
+    // not news.
+    if let Ok(d) = "sqlx::postgres::notice=warn".parse() {
+        filter = filter.add_directive(d);
+    }
     for target in [
         "lapin",
         "amq_protocol",

@@ -209,7 +209,10 @@ async fn relay(t: &Target, extra: &[&str], env: &[(&str, &str)], published: &[&s
     }
     let out = cmd.output().unwrap();
     let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stderr}");
+    // Refused rows make the run partial (exit 4), and the log says so.
+    let partial = out.status.code() == Some(4);
+    assert!(out.status.success() || partial, "{stderr}");
+    assert_eq!(partial, stderr.contains("partly done"), "{stderr}");
     let got: BTreeSet<&str> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("published "))

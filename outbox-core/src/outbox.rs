@@ -17,7 +17,7 @@ use crate::publisher::publish_with_timeout;
 use crate::publisher::Publisher;
 use crate::relay::RelayBuilder;
 use crate::retry::{Decision, RetryPolicy};
-pub use crate::settings::Config;
+use crate::settings::Config;
 use crate::signing::Signer;
 use crate::store::{Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome, Store};
 
