@@ -85,7 +85,7 @@ impl AnyStore {
         }
     }
 
-    async fn table_exists(&self) -> Result<bool> {
+    pub async fn table_exists(&self) -> Result<bool> {
         match self {
             Self::Sqlite(s) => s.table_exists(),
             Self::Postgres(s) => s.table_exists().await,

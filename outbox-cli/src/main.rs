@@ -503,6 +503,9 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             exit::FAILED
         });
     }
+    if let Command::Relay(args) = cli.command {
+        return relay(&store_url, &table, args, file.relay).await;
+    }
     let create = matches!(cli.command, Command::Migrate);
     let store = AnyStore::open(&store_url, &table, create).await?;
     let json = output == Output::Json;
@@ -522,10 +525,7 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             }
             Ok(exit::OK)
         }
-        Command::Relay(args) => {
-            store.require_table().await?;
-            relay(store, args, file.relay).await
-        }
+        Command::Relay(_) => Ok(exit::OK), // handled above
         Command::Clean(args) => {
             store.require_table().await?;
             let older_than = args
@@ -724,7 +724,46 @@ async fn bulk_dead(
 /// Rows per statement of `dead requeue --all` / `dead purge --all`.
 const BULK_BATCH: usize = 500;
 
-async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<u8, Error> {
+/// Open the store for a relay in `--loop` mode: an unreachable database or a table not made
+/// yet (the relay started before `outbox migrate`) is waited for, with a growing pause (to
+/// 30 s), a warning each time and `outbox_store_up` at 0, instead of an exit. None when asked
+/// to stop meanwhile.
+async fn open_until_ready(url: &str, table: &str) -> Result<Option<AnyStore>, Error> {
+    let mut pause = Duration::from_millis(200);
+    let shown = outbox_core::redact_url(url);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        let problem = match AnyStore::open(url, table, false).await {
+            Ok(store) => match store.table_exists().await {
+                Ok(true) => {
+                    metrics::gauge!("outbox_store_up").set(1.0);
+                    return Ok(Some(store));
+                }
+                Ok(false) => format!("table {table:?} does not exist yet (run `outbox migrate`)"),
+                Err(e) if e.is_transient() => report::describe(&e),
+                Err(e) => return Err(e),
+            },
+            Err(e) if e.is_transient() => report::describe(&e),
+            Err(e) => return Err(e),
+        };
+        metrics::gauge!("outbox_store_up").set(0.0);
+        metrics::counter!("outbox_store_unavailable_total").increment(1);
+        tracing::warn!(store = %shown, problem = %problem, retry_in = ?pause, "cannot use the store yet; retrying");
+        tokio::select! {
+            _ = &mut stop => return Ok(None),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn relay(
+    store_url: &str,
+    table: &str,
+    args: RelayArgs,
+    file: FileRelay,
+) -> Result<u8, Error> {
     let publisher_url = first_of(
         args.publisher,
         &args.publisher_file,
@@ -742,6 +781,20 @@ async fn relay(store: AnyStore, args: RelayArgs, file: FileRelay) -> Result<u8, 
         metrics_endpoint::serve(addr).await?;
         tracing::info!(%addr, "serving Prometheus metrics on GET /metrics");
     }
+    // Once: an unreachable store is an error (exit 3). In a loop: it is waited for.
+    let store = if args.run_loop {
+        match open_until_ready(store_url, table).await? {
+            Some(s) => s,
+            None => {
+                tracing::info!("stopped before the store was ready");
+                return Ok(exit::OK);
+            }
+        }
+    } else {
+        let s = AnyStore::open(store_url, table, false).await?;
+        s.require_table().await?;
+        s
+    };
     let publisher = open_publisher(&publisher_url).await?;
     let defaults = RelayConfig::default();
     let streams = if !args.streams.is_empty() {

@@ -147,7 +147,11 @@ fn unopenable_database_is_a_typed_error() {
     // A folder that does not exist is a configuration error that says so.
     let e = SqliteStore::open("/nonexistent-dir/x/y.db").unwrap_err();
     assert_eq!(e.kind(), outbox_core::ErrorKind::Config);
-    assert!(e.to_string().contains("the folder /nonexistent-dir/x does not exist"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("the folder /nonexistent-dir/x does not exist"),
+        "{e}"
+    );
     // A file that cannot be opened as a database is a store error.
     let dir = tempfile::tempdir().unwrap();
     let e = SqliteStore::open(dir.path()).unwrap_err();

@@ -390,18 +390,23 @@ impl RedisTls {
     }
 }
 
-/// A real MariaDB server of the test's own (fresh data directory, root without password,
-/// database `test`) whose TLS certificate is `cert`, signed by `ca`.
-pub struct MariaDbTls {
+/// A real MariaDB server of the test's own (root without a password, database `test`), on a
+/// port of its choosing; it can be restarted under running clients.
+pub struct MariaDb {
     /// The TCP port on 127.0.0.1.
     pub port: u16,
-    _server: Server,
-    _dir: tempfile::TempDir,
+    server: Server,
+    dir: tempfile::TempDir,
 }
 
-impl MariaDbTls {
-    /// Create the data directory and start the server.
-    pub fn start(cert: &Issued, ca: &Path) -> Self {
+impl MariaDb {
+    /// Create a data directory and start the server on a free port.
+    pub fn start() -> Self {
+        Self::start_on(free_port(), &[])
+    }
+
+    /// The same on `port`, with more `mariadbd` arguments (TLS files, ...).
+    pub fn start_on(port: u16, extra: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let status = Command::new("mariadb-install-db")
@@ -416,9 +421,9 @@ impl MariaDbTls {
             .status()
             .expect("mariadb-install-db (scripts/setup.sh installs mariadb-server)");
         assert!(status.success(), "mariadb-install-db failed");
-        let port = free_port();
+        std::fs::create_dir_all(data.join("test")).unwrap();
         let d = |p: &Path| p.display().to_string();
-        let args = vec![
+        let mut args = vec![
             "--no-defaults".to_owned(),
             format!("--datadir={}", d(&data)),
             format!("--port={port}"),
@@ -426,22 +431,55 @@ impl MariaDbTls {
             format!("--socket={}", d(&dir.path().join("sock"))),
             format!("--pid-file={}", d(&dir.path().join("pid"))),
             "--user=root".into(),
-            format!("--ssl-cert={}", d(&cert.cert)),
-            format!("--ssl-key={}", d(&cert.key)),
-            format!("--ssl-ca={}", d(ca)),
             "--skip-log-bin".into(),
             "--innodb-buffer-pool-size=32M".into(),
         ];
+        args.extend(extra.iter().cloned());
         let mariadbd = ["/usr/sbin/mariadbd", "/usr/bin/mariadbd"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("mariadbd");
         let server = Server::spawn(mariadbd, &args, &dir.path().join("log"));
         wait_for_port(port, Duration::from_secs(60));
+        Self { port, server, dir }
+    }
+
+    /// `mysql://root@127.0.0.1:PORT/test`.
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/test", self.port)
+    }
+
+    /// Stop the server and start it again on the same data and port.
+    pub fn restart(&mut self) {
+        let log = self.dir.path().join("log-restarted");
+        self.server.restart(&log);
+        wait_for_port(self.port, Duration::from_secs(60));
+    }
+}
+
+/// A real MariaDB server with TLS (`cert`, clients verified against `ca` when they present a
+/// certificate), on a free port.
+pub struct MariaDbTls {
+    /// The TCP port on 127.0.0.1.
+    pub port: u16,
+    _server: MariaDb,
+}
+
+impl MariaDbTls {
+    /// Create the data directory and start the server.
+    pub fn start(cert: &Issued, ca: &Path) -> Self {
+        let d = |p: &Path| p.display().to_string();
+        let server = MariaDb::start_on(
+            free_port(),
+            &[
+                format!("--ssl-cert={}", d(&cert.cert)),
+                format!("--ssl-key={}", d(&cert.key)),
+                format!("--ssl-ca={}", d(ca)),
+            ],
+        );
         Self {
-            port,
+            port: server.port,
             _server: server,
-            _dir: dir,
         }
     }
 }
