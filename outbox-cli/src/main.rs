@@ -136,6 +136,10 @@ struct RelayArgs {
     /// Deadline of one publish call; must be under 90% of the lease [default: 10s]
     #[arg(long, env = "OUTBOX_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
     publish_timeout: Option<Duration>,
+    /// Deadline of one store call (claim, settle): a database that stops answering without
+    /// closing the connection is given up and retried [default: 30s]
+    #[arg(long, env = "OUTBOX_STORE_TIMEOUT", value_parser = humantime::parse_duration)]
+    store_timeout: Option<Duration>,
     /// Attempts before dead-lettering (publish-on-commit) or reporting stuck (keep-order) [default: 10]
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
     max_attempts: Option<u32>,
@@ -229,6 +233,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct FileRelay {
     publisher: Option<String>,
+    store_timeout: Option<String>,
     publisher_file: Option<PathBuf>,
     interval: Option<String>,
     streams: Option<Vec<String>>,
@@ -821,6 +826,10 @@ async fn relay(
             .interval
             .or(duration("relay.interval", file.interval)?)
             .unwrap_or(defaults.poll_interval),
+        store_timeout: args
+            .store_timeout
+            .or(duration("relay.store_timeout", file.store_timeout)?)
+            .unwrap_or(defaults.store_timeout),
         delivery: outbox_core::Delivery {
             publish_timeout: args
                 .publish_timeout

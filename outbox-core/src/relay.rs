@@ -40,6 +40,12 @@ pub struct RelayConfig {
     pub require_signatures: bool,
     /// Longest pause after a store error (the pause doubles from 100 ms). Default: 30 s.
     pub max_error_backoff: Duration,
+    /// Deadline of one store call (a claim, a batch's settle). A database that stops
+    /// answering without closing the connection (a partition, a black-holed route) is then
+    /// a transient error the relay retries with backoff, instead of a relay hung until the
+    /// operating system gives up on the connection (often 15 minutes or more); leases of a
+    /// batch whose settle timed out expire and its rows are published again. Default: 30 s.
+    pub store_timeout: Duration,
     /// Byte budget of one batch (payload plus headers): a claim takes rows while they fit, at
     /// least one. Default: 32 MiB.
     pub max_batch_bytes: usize,
@@ -59,6 +65,7 @@ impl Default for RelayConfig {
             delivery: Delivery::default(),
             require_signatures: false,
             max_error_backoff: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(30),
             max_batch_bytes: crate::store::DEFAULT_MAX_BATCH_BYTES,
             concurrency: 1,
         }
@@ -170,15 +177,17 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let started = Instant::now();
         let cfg = &self.config;
         let claimed = self
-            .store
-            .claim(&Claim {
-                owner: self.owner.clone(),
-                streams: cfg.streams.clone(),
-                limit: self.batch_limit(),
-                lease: cfg.lease,
-                max_row_bytes: cfg.delivery.max_payload_bytes,
-                max_batch_bytes: cfg.max_batch_bytes,
-            })
+            .store_call(
+                "claim",
+                self.store.claim(&Claim {
+                    owner: self.owner.clone(),
+                    streams: cfg.streams.clone(),
+                    limit: self.batch_limit(),
+                    lease: cfg.lease,
+                    max_row_bytes: cfg.delivery.max_payload_bytes,
+                    max_batch_bytes: cfg.max_batch_bytes,
+                }),
+            )
             .await?;
         let mut report = BatchReport {
             claimed: claimed.len(),
@@ -358,18 +367,40 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
 
         if !done.is_empty() || !failures.is_empty() {
-            self.store
-                .settle(
+            // Past the deadline, what was published stays leased and is published again
+            // after the lease (a duplicate, never a loss).
+            self.store_call(
+                "settle",
+                self.store.settle(
                     &self.owner,
                     &done,
                     cfg.delivery.delete_after_send,
                     &failures,
-                )
-                .await?;
+                ),
+            )
+            .await?;
         }
         metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
         self.adapt(out_of_lease, report.claimed);
         Ok(report)
+    }
+
+    /// A store call within [`RelayConfig::store_timeout`]: a connection that stopped answering
+    /// (a network partition, a black-holed route) is a transient error the loop retries,
+    /// not a relay hung for good. The dropped call drops its connection.
+    async fn store_call<T>(&self, what: &str, call: impl Future<Output = Result<T>>) -> Result<T> {
+        let limit = self.config.store_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(r) => r,
+            Err(_) => {
+                metrics::counter!("outbox_store_timeouts_total").increment(1);
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    Retry::Transient,
+                    format!("store {what} did not answer within {limit:?} (store_timeout)"),
+                ))
+            }
+        }
     }
 
     fn verify(&self, m: &StoredMessage) -> Result<()> {
@@ -624,6 +655,12 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self
     }
 
+    /// Deadline of one store call (see [`RelayConfig::store_timeout`]).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.config.store_timeout = timeout;
+        self
+    }
+
     /// Batches in flight at once (see [`RelayConfig::concurrency`]).
     pub fn concurrency(mut self, n: usize) -> Self {
         self.config.concurrency = n;
@@ -719,6 +756,12 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             1 << 30,
         )?;
         in_range("max_batch_bytes", c.max_batch_bytes, 1, 1 << 32)?;
+        in_range(
+            "store_timeout",
+            c.store_timeout,
+            Duration::from_millis(10),
+            HOUR,
+        )?;
         Ok(Relay {
             limit: std::sync::atomic::AtomicUsize::new(self.config.batch_size),
             scope: self.store.signing_scope(),

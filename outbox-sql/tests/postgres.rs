@@ -349,3 +349,70 @@ async fn a_unit_whose_head_points_too_far_heals() {
         .collect();
     assert_eq!(got, vec![0, 1, 2]);
 }
+
+/// Half-open connections: every connection the relay had to PostgreSQL stops forwarding
+/// without closing (a NAT that lost its flows, a partition on the old route), while new
+/// connections work. The relay's store calls have a deadline (`store_timeout`), so it drops
+/// the dead connections, opens new ones and delivers everything; without the deadline its
+/// claim would wait on a dead connection until the operating system gives up (minutes to
+/// hours), and nothing would be published within this test's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_database_connections_are_given_up_within_store_timeout() {
+    use outbox_core::conformance::{eventually, RunningRelay};
+    use outbox_core::{RecordingPublisher, Relay, Strategy};
+    use std::time::Duration;
+
+    let h = Pg;
+    let writer = h.fresh().await;
+    let target: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = outbox_testkit::BlackholeProxy::start(target).await;
+    let via_proxy = url().replacen("127.0.0.1:5432", &format!("127.0.0.1:{}", proxy.port), 1);
+    assert_ne!(via_proxy, url(), "the test URL points at 127.0.0.1:5432");
+    let relay_side = PgStore::connect_with(
+        &via_proxy,
+        PgOptions {
+            table: writer.table().into(),
+            acquire_timeout: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let broker = RecordingPublisher::new();
+    let relay = Relay::builder(relay_side, broker.clone())
+        .poll_interval(Duration::from_millis(100))
+        .store_timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let running = RunningRelay::spawn(relay);
+    let commit = |from: usize| {
+        let (h, writer, outbox) = (&h, writer.clone(), outbox.clone());
+        async move {
+            let msgs = (from..from + 3)
+                .map(|i| Message::new("d", i.to_string().into_bytes()).key(format!("k{i}")))
+                .collect();
+            drop(h.transact(&writer, &outbox, msgs, true).await.unwrap());
+        }
+    };
+    commit(0).await;
+    eventually(
+        "published through the proxy",
+        Duration::from_secs(20),
+        || async { broker.count() == 3 },
+    )
+    .await;
+
+    proxy.blackhole_existing();
+    commit(3).await;
+    eventually(
+        "published on new connections after the old ones went half-open",
+        Duration::from_secs(45),
+        || async { broker.count() == 6 },
+    )
+    .await;
+    running.stop().await;
+}

@@ -258,6 +258,94 @@ fn replace_all(buf: &mut [u8], from: &[u8], to: &[u8]) {
     }
 }
 
+/// A plain TCP proxy on loopback that can black-hole connections: a held connection stays
+/// open but forwards nothing either way, as after a network partition or a NAT that lost
+/// its flow (no RST, no FIN: a half-open connection its client can notice only by its own
+/// timeouts). [`blackhole`](Self::blackhole) holds every connection, old and new;
+/// [`blackhole_existing`](Self::blackhole_existing) holds those open now while new ones work.
+pub struct BlackholeProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    all: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackholeProxy {
+    /// Forward 127.0.0.1:`port` (a free one) to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let all = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>> =
+            Default::default();
+        let (a, o) = (all.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let this = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                o.lock().unwrap().push(this.clone());
+                let a = a.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    tokio::spawn(Self::pump(cr, sw, a.clone(), this.clone()));
+                    tokio::spawn(Self::pump(sr, cw, a, this));
+                });
+            }
+        });
+        Self {
+            port,
+            all,
+            open,
+            task,
+        }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        all: Arc<std::sync::atomic::AtomicBool>,
+        this: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            while all.load(SeqCst) || this.load(SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Stop forwarding on every connection, old and new (true), or forward again (false;
+    /// connections held by [`blackhole_existing`](Self::blackhole_existing) stay held).
+    pub fn blackhole(&self, on: bool) {
+        self.all.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Hold every connection open now, for good; connections made later work.
+    pub fn blackhole_existing(&self) {
+        for c in self.open.lock().unwrap().iter() {
+            c.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for BlackholeProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (free when asked; bind it soon).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
