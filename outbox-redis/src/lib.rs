@@ -18,6 +18,9 @@
 
 use async_trait::async_trait;
 use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use redis::aio::ConnectionManager;
 
 /// The redis crate this publisher is built with.
@@ -38,9 +41,60 @@ pub enum Mode {
 /// Publishes to Redis. Cheap to clone (clones share the connection).
 #[derive(Clone)]
 pub struct RedisPublisher {
-    conn: ConnectionManager,
+    conn: Arc<Conn>,
     mode: Mode,
     require_subscribers: bool,
+}
+
+/// The connection, and what it takes to replace it. The manager reconnects by itself when
+/// the connection breaks (a reset, an EOF), but not when it merely stops answering (a
+/// half-open connection after a partition): replies time out forever. A request that timed
+/// out, or that the relay gave up on (its publish deadline dropped the call), marks the
+/// connection suspect, and the next request opens a new one.
+struct Conn {
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    current: std::sync::Mutex<ConnectionManager>,
+    suspect: AtomicBool,
+}
+
+impl Conn {
+    async fn get(&self) -> outbox_core::Result<ConnectionManager> {
+        if self.suspect.swap(false, Ordering::SeqCst) {
+            tracing::warn!("a Redis request was abandoned or timed out; opening a new connection");
+            match self
+                .client
+                .get_connection_manager_with_config(self.config.clone())
+                .await
+            {
+                Ok(fresh) => {
+                    *self.current.lock().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+                    return Ok(fresh);
+                }
+                Err(e) => {
+                    self.suspect.store(true, Ordering::SeqCst);
+                    return Err(map_err(e));
+                }
+            }
+        }
+        Ok(self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone())
+    }
+}
+
+/// Marks the connection suspect unless disarmed: dropped mid-request (the caller's deadline)
+/// or after a timeout.
+struct Watch<'a>(&'a AtomicBool, bool);
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisPublisher {
@@ -134,7 +188,7 @@ impl RedisPublisher {
             .set_connection_timeout(std::time::Duration::from_secs(5))
             .set_response_timeout(std::time::Duration::from_secs(30));
         let conn = client
-            .get_connection_manager_with_config(config)
+            .get_connection_manager_with_config(config.clone())
             .await
             .map_err(|e| {
                 Error::new(
@@ -145,7 +199,12 @@ impl RedisPublisher {
                 .with_source(e)
             })?;
         Ok(Self {
-            conn,
+            conn: Arc::new(Conn {
+                client,
+                config,
+                current: std::sync::Mutex::new(conn),
+                suspect: AtomicBool::new(false),
+            }),
             mode: Mode::Streams { maxlen: None },
             require_subscribers: false,
         })
@@ -218,7 +277,7 @@ impl Publisher for RedisPublisher {
 
     /// `PING`.
     async fn check(&self) -> outbox_core::Result<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
@@ -237,12 +296,31 @@ impl Publisher for RedisPublisher {
         for env in batch {
             self.add(&mut pipe, env);
         }
-        let mut conn = self.conn.clone();
+        let mut conn = match self.conn.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                let retry = e.retry();
+                return batch
+                    .iter()
+                    .map(|_| {
+                        Err(Error::new(
+                            ErrorKind::Publish,
+                            retry,
+                            "cannot reconnect to Redis",
+                        ))
+                    })
+                    .collect();
+            }
+        };
+        let mut watch = Watch(&self.conn.suspect, true);
         // req_packed_commands keeps each command's reply (a WRONGTYPE on one stream fails
         // that message only, not the batch).
-        match redis::aio::ConnectionLike::req_packed_commands(&mut conn, &pipe, 0, batch.len())
-            .await
-        {
+        let result =
+            redis::aio::ConnectionLike::req_packed_commands(&mut conn, &pipe, 0, batch.len()).await;
+        // Answered in time: the connection works (a timeout keeps it suspect).
+        watch.1 = matches!(&result, Err(e) if e.is_timeout());
+        drop(watch);
+        match result {
             Ok(replies) if replies.len() == batch.len() => {
                 replies.into_iter().map(|r| self.check(r)).collect()
             }

@@ -534,3 +534,77 @@ async fn rediss_verifies_the_server_and_presents_client_certificates() {
         assert!(!e.to_string().contains(":pw@"), "{e}");
     }
 }
+
+/// Half-open broker connections: the publisher's connection to Redis stops forwarding
+/// without closing (a partition, a NAT that lost its flow) while new connections work. Each
+/// publish fails at `publish_timeout`, and the publisher must give the dead connection up
+/// and open a new one, so everything is delivered; a publisher that kept waiting on the
+/// dead connection would time out forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_redis_connection_is_replaced() {
+    let target: std::net::SocketAddr = url()
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let proxy = outbox_testkit::BlackholeProxy::start(target).await;
+    let publisher = RedisPublisher::connect(&format!("redis://127.0.0.1:{}/", proxy.port))
+        .await
+        .unwrap()
+        .streams(None);
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("t.db")).unwrap();
+    store.migrate_now().unwrap();
+    let key = unique("outbox-halfopen-");
+    let outbox = Outbox::writer(store.clone())
+        .strategy(Strategy::KeepOrder)
+        .build()
+        .unwrap();
+    let commit = |from: usize| {
+        let mut conn = store.connect().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        let msgs: Vec<Message> = (from..from + 3)
+            .map(|i| Message::new(key.clone(), i.to_string().into_bytes()).key(format!("k{i}")))
+            .collect();
+        drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
+        tx.commit().unwrap();
+    };
+    let relay = outbox
+        .relay_with(publisher)
+        .publish_timeout(Duration::from_millis(500))
+        .retry(outbox_core::RetryPolicy {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(200),
+            max_attempts: 1000,
+            ..Default::default()
+        })
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let running = outbox_core::conformance::RunningRelay::spawn(relay);
+    let conn = raw(&url()).await;
+    let count = || {
+        let (mut conn, key) = (conn.clone(), key.clone());
+        async move { entries(&mut conn, &key).await.len() }
+    };
+    commit(0);
+    eventually(
+        "published through the proxy",
+        Duration::from_secs(20),
+        || async { count().await == 3 },
+    )
+    .await;
+    proxy.blackhole_existing();
+    commit(3);
+    eventually(
+        "published on a new connection after the old one went half-open",
+        Duration::from_secs(45),
+        || async { count().await >= 6 },
+    )
+    .await;
+    running.stop().await;
+    let _: () = conn.clone().del(&key).await.unwrap();
+}
