@@ -67,6 +67,21 @@ pub struct AmqpPublisher {
     url: String,
     tls: lapin::tcp::OwnedTLSConfig,
     state: Mutex<Option<(Connection, Channel)>>,
+    /// A batch was abandoned mid-way (the relay's publish deadline dropped it) or timed out:
+    /// the connection may be half-open (a partition: no reset, no EOF, so lapin still calls
+    /// it connected), and the next batch opens a new one.
+    suspect: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the connection suspect when dropped armed (mid-batch, or after a timeout).
+struct Watch<'a>(&'a std::sync::atomic::AtomicBool, bool);
+
+impl Drop for Watch<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
 }
 
 impl std::fmt::Debug for AmqpPublisher {
@@ -123,6 +138,7 @@ impl AmqpPublisher {
             url,
             tls,
             state: Mutex::new(None),
+            suspect: std::sync::atomic::AtomicBool::new(false),
         };
         publisher.channel().await?;
         Ok(publisher)
@@ -158,6 +174,13 @@ impl AmqpPublisher {
     /// The current channel, reconnecting if the connection or channel was lost.
     async fn channel(&self) -> outbox_core::Result<Channel> {
         let mut state = self.state.lock().await;
+        if self
+            .suspect
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+            && state.take().is_some()
+        {
+            tracing::warn!("a RabbitMQ batch was abandoned or timed out; opening a new connection");
+        }
         if let Some((conn, channel)) = state.as_ref() {
             if conn.status().connected() && channel.status().connected() {
                 return Ok(channel.clone());
@@ -272,6 +295,7 @@ impl Publisher for AmqpPublisher {
     }
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
+        let mut watch = Watch(&self.suspect, true);
         let mut results = self.send(batch).await;
         // When the broker closes the channel over one message (a missing exchange, ...),
         // lapin reports that message's error to every confirm pending on the channel, sent
@@ -297,6 +321,10 @@ impl Publisher for AmqpPublisher {
                 }
             }
         }
+        watch.1 = results
+            .iter()
+            .any(|r| r.as_ref().is_err_and(|e| e.kind() == ErrorKind::Timeout));
+        drop(watch);
         results
     }
 }

@@ -269,3 +269,48 @@ async fn a_channel_closed_by_one_message_does_not_fail_the_others() {
     assert_eq!(distinct, ["one", "three", "two"].into(), "{got:?}");
     assert!(got.len() <= 4, "{got:?}");
 }
+
+/// Half-open broker connection: the publisher's connection to RabbitMQ stops forwarding
+/// without closing (a partition, a NAT that lost its flow) while new connections work. The
+/// relay gives up each publish at its deadline (here 500 ms, as `publish_timeout` does);
+/// the publisher must then stop waiting on the dead connection and open a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_replaced() {
+    let target: std::net::SocketAddr = "127.0.0.1:5672".parse().unwrap();
+    assert!(
+        url().contains("127.0.0.1:5672"),
+        "the test URL points at 127.0.0.1:5672"
+    );
+    let proxy = outbox_testkit::BlackholeProxy::start(target).await;
+    let via_proxy = url().replacen("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port), 1);
+    let p = AmqpPublisher::connect(&via_proxy).await.unwrap();
+    let (_conn, ch) = admin().await;
+    let q = unique("outbox-halfopen");
+    queue(&ch, &q).await;
+    p.publish(&env(&q, "before")).await.unwrap();
+
+    proxy.blackhole_existing();
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let e = env(&q, "after");
+        let sent = tokio::time::timeout(Duration::from_millis(500), p.publish(&e)).await;
+        if matches!(sent, Ok(Ok(()))) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still no publish after {attempts} attempts: the publisher keeps the dead connection"
+        );
+    }
+    let mut bodies = Vec::new();
+    while let Some(m) = get(&ch, &q).await {
+        bodies.push(String::from_utf8(m.delivery.data.clone()).unwrap());
+    }
+    assert!(
+        bodies.contains(&"before".to_owned()) && bodies.contains(&"after".to_owned()),
+        "{bodies:?}"
+    );
+    println!("half-open RabbitMQ connection replaced after {attempts} attempts");
+}
