@@ -70,7 +70,7 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Publish pending messages (once, or in a loop with --loop).
-    Relay(RelayArgs),
+    Relay(Box<RelayArgs>),
     /// Delete sent rows older than a retention.
     Clean(CleanArgs),
     /// Pending / sent / dead counts per stream and the oldest pending age.
@@ -140,6 +140,12 @@ struct RelayArgs {
     /// closing the connection is given up and retried [default: 30s]
     #[arg(long, env = "OUTBOX_STORE_TIMEOUT", value_parser = humantime::parse_duration)]
     store_timeout: Option<Duration>,
+    /// First retry delay after a failed publish, doubling per attempt [default: 1s]
+    #[arg(long, env = "OUTBOX_RETRY_INITIAL", value_parser = humantime::parse_duration)]
+    retry_initial: Option<Duration>,
+    /// Longest retry delay [default: 5m]
+    #[arg(long, env = "OUTBOX_RETRY_MAX", value_parser = humantime::parse_duration)]
+    retry_max: Option<Duration>,
     /// Attempts before dead-lettering (publish-on-commit) or reporting stuck (keep-order) [default: 10]
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
     max_attempts: Option<u32>,
@@ -234,6 +240,8 @@ struct FileConfig {
 struct FileRelay {
     publisher: Option<String>,
     store_timeout: Option<String>,
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
     publisher_file: Option<PathBuf>,
     interval: Option<String>,
     streams: Option<Vec<String>>,
@@ -509,7 +517,7 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
         });
     }
     if let Command::Relay(args) = cli.command {
-        return relay(&store_url, &table, args, file.relay).await;
+        return relay(&store_url, &table, *args, file.relay).await;
     }
     let create = matches!(cli.command, Command::Migrate);
     let store = AnyStore::open(&store_url, &table, create).await?;
@@ -841,6 +849,14 @@ async fn relay(
                     .max_attempts
                     .or(file.max_attempts)
                     .unwrap_or(defaults.delivery.retry.max_attempts),
+                initial: args
+                    .retry_initial
+                    .or(duration("relay.retry_initial", file.retry_initial)?)
+                    .unwrap_or(defaults.delivery.retry.initial),
+                max: args
+                    .retry_max
+                    .or(duration("relay.retry_max", file.retry_max)?)
+                    .unwrap_or(defaults.delivery.retry.max),
                 ..defaults.delivery.retry.clone()
             },
             ..defaults.delivery.clone()

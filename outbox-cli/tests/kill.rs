@@ -1,7 +1,10 @@
 //! Relay processes killed with SIGKILL at random moments while producers keep committing, on
 //! SQLite, PostgreSQL and MariaDB, publishing to the real Redis: every committed message is
 //! published at least once, duplicates stay within one batch per kill, and keep-order keys
-//! keep their order.
+//! keep their order, a poisoned key included once it heals.
+//!
+//! The same test is the soak (`scripts/soak.sh`): `OUTBOX_SOAK_KILLS` kills per store
+//! (default 8, the CI run) with `OUTBOX_SOAK_RELAYS` relay processes (default 2).
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,13 +12,20 @@ use std::time::{Duration, Instant};
 use outbox_core::conformance::eventually;
 use outbox_core::{Message, Outbox, Store, Strategy};
 use outbox_redis::redis::{self, AsyncCommands};
+use outbox_redis::RedisPublisher;
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_sqlite::SqliteStore;
 use rand::{Rng, SeedableRng};
 
 const BATCH: usize = 20;
-const RELAYS: usize = 2;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 fn redis_url() -> String {
     std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into())
@@ -27,45 +37,80 @@ enum Producer {
     My(MySqlStore),
 }
 
-impl Producer {
-    fn store(&self) -> std::sync::Arc<dyn Store> {
-        match self {
-            Self::Sqlite(s) => std::sync::Arc::new(s.clone()),
-            Self::Pg(s) => std::sync::Arc::new(s.clone()),
-            Self::My(s) => std::sync::Arc::new(s.clone()),
-        }
-    }
+/// A producer with its outbox: keep-order by default, stream `oc` publish-on-commit to Redis.
+enum Armed {
+    Sqlite(SqliteStore, Outbox<SqliteStore>),
+    Pg(PgStore, Outbox<PgStore>),
+    My(MySqlStore, Outbox<MySqlStore>),
+}
 
-    /// Commit `msgs` through a writer-only keep-order outbox (no publisher: the relays
-    /// under test publish).
-    async fn commit(&self, msgs: Vec<Message>) {
-        fn writer<S: Store + Clone + 'static>(store: &S) -> Outbox<S> {
-            Outbox::writer(store.clone())
+impl Producer {
+    fn arm(self, publisher: RedisPublisher) -> Armed {
+        fn outbox<S: Store + Clone + 'static>(store: &S, p: RedisPublisher) -> Outbox<S> {
+            Outbox::builder(store.clone(), p)
                 .strategy(Strategy::KeepOrder)
+                .stream_strategy("oc", Strategy::PublishOnCommit)
                 .build()
                 .unwrap()
         }
         match self {
             Self::Sqlite(s) => {
-                let outbox = writer(s);
-                let mut conn = s.connect().unwrap();
-                let mut tx = conn.transaction().unwrap();
-                drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
-                tx.commit().unwrap();
+                let o = outbox(&s, publisher);
+                Armed::Sqlite(s, o)
             }
             Self::Pg(s) => {
-                let outbox = writer(s);
-                let mut tx = s.pool().begin().await.unwrap();
-                drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
-                tx.commit().await.unwrap();
+                let o = outbox(&s, publisher);
+                Armed::Pg(s, o)
             }
             Self::My(s) => {
-                let outbox = writer(s);
-                let mut tx = s.pool().begin().await.unwrap();
-                drop(outbox.enqueue(&mut tx, msgs).await.unwrap());
-                tx.commit().await.unwrap();
+                let o = outbox(&s, publisher);
+                Armed::My(s, o)
             }
         }
+    }
+}
+
+impl Armed {
+    fn store(&self) -> std::sync::Arc<dyn Store> {
+        match self {
+            Self::Sqlite(s, _) => std::sync::Arc::new(s.clone()),
+            Self::Pg(s, _) => std::sync::Arc::new(s.clone()),
+            Self::My(s, _) => std::sync::Arc::new(s.clone()),
+        }
+    }
+
+    /// Commit `msgs` in one transaction, then dispatch the publish-on-commit ones.
+    async fn commit(&self, msgs: Vec<Message>) {
+        match self {
+            Self::Sqlite(s, o) => {
+                let mut conn = s.connect().unwrap();
+                let mut tx = conn.transaction().unwrap();
+                let after = o.enqueue_blocking(&mut tx, msgs).unwrap();
+                tx.commit().unwrap();
+                after.dispatch();
+            }
+            Self::Pg(s, o) => {
+                let mut tx = s.pool().begin().await.unwrap();
+                let after = o.enqueue(&mut tx, msgs).await.unwrap();
+                tx.commit().await.unwrap();
+                after.dispatch();
+            }
+            Self::My(s, o) => {
+                let mut tx = s.pool().begin().await.unwrap();
+                let after = o.enqueue(&mut tx, msgs).await.unwrap();
+                tx.commit().await.unwrap();
+                after.dispatch();
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        let r = match self {
+            Self::Sqlite(_, o) => o.shutdown(Duration::from_secs(60)).await,
+            Self::Pg(_, o) => o.shutdown(Duration::from_secs(60)).await,
+            Self::My(_, o) => o.shutdown(Duration::from_secs(60)).await,
+        };
+        r.unwrap();
     }
 }
 
@@ -103,7 +148,14 @@ fn spawn_relay(store_url: &str, table: &str) -> Child {
             "--publish-timeout",
             "1s",
         ])
-        .args(["--max-attempts", "100000"])
+        .args([
+            "--max-attempts",
+            "100000",
+            "--retry-initial",
+            "100ms",
+            "--retry-max",
+            "1s",
+        ])
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -127,74 +179,137 @@ async fn sigkill_relays_while_committing(
         String::from_utf8_lossy(&migrate.stderr)
     );
     let stream_key = format!("kill-{}", uuid::Uuid::now_v7().simple());
+    let (oc_key, poison_key) = (format!("{stream_key}-oc"), format!("{stream_key}-poison"));
+    let (kills_target, relay_count) = (
+        env_usize("OUTBOX_SOAK_KILLS", 8),
+        env_usize("OUTBOX_SOAK_RELAYS", 2),
+    );
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Key k5 goes to a Redis key of the wrong type: every XADD fails (WRONGTYPE), its unit
+    // is stuck and retried, until the key is healed part-way through.
+    let _: () = conn.set(&poison_key, "not a stream").await.unwrap();
+    let producer = producer.arm(
+        RedisPublisher::connect(&redis_url())
+            .await
+            .unwrap()
+            .streams(None),
+    );
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let (txs, per_tx, backlog_txs) = (500usize, 16usize, 150usize);
+    let (min_txs, per_tx, backlog_txs) = (500usize, 16usize, 150usize);
     let mut kills = 0usize;
+    let mut healed = false;
     let mut relays = Relays(Vec::new());
     let mut next_kill = Instant::now();
-    for t in 0..txs {
+    let (mut keep_order, mut on_commit) = (0usize, 0usize);
+    let started = Instant::now();
+    let mut t = 0usize;
+    while t < min_txs || kills < kills_target {
         if t == backlog_txs {
             // Relays start on a backlog, so they are busy (mid-batch) when killed.
-            relays.0 = (0..RELAYS).map(|_| spawn_relay(store_url, table)).collect();
+            relays.0 = (0..relay_count)
+                .map(|_| spawn_relay(store_url, table))
+                .collect();
             next_kill = Instant::now() + Duration::from_millis(rng.gen_range(300..700));
         }
-        let msgs = (0..per_tx)
+        let mut msgs: Vec<Message> = (0..per_tx)
             .map(|j| {
-                let i = t * per_tx + j;
-                Message::new(stream_key.clone(), i.to_string().into_bytes())
-                    .key(format!("k{}", i % 6))
+                let i = keep_order + j;
+                let key = format!("k{}", i % 6);
+                let dest = if key == "k5" {
+                    &poison_key
+                } else {
+                    &stream_key
+                };
+                Message::new(dest.clone(), i.to_string().into_bytes()).key(key)
             })
             .collect();
+        keep_order += per_tx;
+        if t.is_multiple_of(4) {
+            msgs.push(
+                Message::new(oc_key.clone(), on_commit.to_string().into_bytes()).stream("oc"),
+            );
+            on_commit += 1;
+        }
         producer.commit(msgs).await;
         if !relays.0.is_empty() && Instant::now() >= next_kill {
-            let victim = rng.gen_range(0..RELAYS);
+            let victim = rng.gen_range(0..relay_count);
             relays.0[victim].kill().unwrap(); // SIGKILL
             relays.0[victim].wait().unwrap();
             relays.0[victim] = spawn_relay(store_url, table);
             kills += 1;
             next_kill = Instant::now() + Duration::from_millis(rng.gen_range(300..700));
         }
+        if !healed && kills * 10 >= kills_target * 6 {
+            let _: () = conn.del(&poison_key).await.unwrap();
+            healed = true;
+        }
         if !relays.0.is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        t += 1;
     }
+    if !healed {
+        let _: () = conn.del(&poison_key).await.unwrap();
+    }
+    producer.shutdown().await;
     let store = producer.store();
     eventually(
         "every committed message published",
-        Duration::from_secs(120),
+        Duration::from_secs(180),
         || async { store.stats().await.unwrap().total().pending == 0 },
     )
     .await;
     drop(relays);
 
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let reply: redis::streams::StreamRangeReply = conn.xrange_all(&stream_key).await.unwrap();
-    let _: () = conn.del(&stream_key).await.unwrap();
     let mut d = outbox_core::conformance::Deliveries::default();
-    for e in &reply.ids {
-        let i: usize = e.get::<String>("payload").unwrap().parse().unwrap();
-        d.record(
-            e.get::<String>("id").unwrap(),
-            e.get::<String>("key").unwrap(),
-            i,
-        );
+    let mut entries = 0;
+    for key in [&stream_key, &poison_key] {
+        let reply: redis::streams::StreamRangeReply = conn.xrange_all(key).await.unwrap();
+        let _: () = conn.del(key).await.unwrap();
+        entries += reply.ids.len();
+        for e in &reply.ids {
+            let i: usize = e.get::<String>("payload").unwrap().parse().unwrap();
+            d.record(
+                e.get::<String>("id").unwrap(),
+                e.get::<String>("key").unwrap(),
+                i,
+            );
+        }
     }
-    let n = txs * per_tx;
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(&oc_key).await.unwrap();
+    let _: () = conn.del(&oc_key).await.unwrap();
+    let oc_ids: std::collections::HashSet<String> = reply
+        .ids
+        .iter()
+        .map(|e| e.get::<String>("id").unwrap())
+        .collect();
     let (duplicates, violations) = (d.duplicates(), d.order_violations());
+    let lost = (keep_order - d.distinct()) + (on_commit - oc_ids.len());
     println!(
-        "[{name}] SIGKILL test: {n} committed, {} published entries, {kills} kills, {duplicates} duplicates, {violations} order violations",
-        reply.ids.len()
+        "[{name}] SIGKILL soak: {} committed ({keep_order} keep-order, {on_commit} publish-on-commit), {} published entries, {kills} kills of {relay_count} relays in {:.0?}, {duplicates} duplicates ({:.1} per kill), {violations} order violations, {lost} lost",
+        keep_order + on_commit,
+        entries + reply.ids.len(),
+        started.elapsed(),
+        duplicates as f64 / kills.max(1) as f64,
     );
-    assert!(kills >= 5, "the test killed too rarely ({kills})");
+    assert!(
+        kills >= kills_target.min(5),
+        "the test killed too rarely ({kills})"
+    );
     assert_eq!(
         d.distinct(),
-        n,
-        "every committed message published at least once"
+        keep_order,
+        "every keep-order message published at least once"
+    );
+    assert_eq!(
+        oc_ids.len(),
+        on_commit,
+        "every publish-on-commit message published"
     );
     assert!(
         duplicates <= kills * BATCH,
