@@ -147,6 +147,7 @@ impl AnyStore {
                     "{t}.{t}_unit",
                     "{t}.{t}_oc",
                     "{t}.{t}_sent",
+                    "{t}.{t}_dead",
                     "{t}_due.due_next",
                 ]),
                 names(&["{t}_claim", "{t}.{t}_leased", "{t}.{t}_backoff"]),

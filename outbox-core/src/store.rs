@@ -289,7 +289,8 @@ pub trait Store: Send + Sync {
     /// Delete dead letters. Returns how many.
     async fn purge_dead(&self, selector: &Selector) -> Result<u64>;
 
-    /// List dead letters, oldest first (undecodable ones as [`StoredMessage::unreadable`]).
+    /// List dead letters, oldest first (by `created_at`, then `seq`; undecodable ones as
+    /// [`StoredMessage::unreadable`]). SQL stores read a page through an index.
     async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>>;
 
     /// Delete at most `limit` sent rows published before `sent_before` (and dead rows

@@ -1036,7 +1036,8 @@ impl Store for MySqlStore {
                     UNIQUE KEY {t}_id (id),
                     KEY {t}_unit (status, stream, okey, seq),
                     KEY {t}_oc (strategy, status, next_attempt_at),
-                    KEY {t}_sent (status, sent_at)
+                    KEY {t}_sent (status, sent_at),
+                    KEY {t}_dead (status, created_at)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
             ),
             // Ordering-unit locks for enqueue.
@@ -1081,13 +1082,20 @@ impl Store for MySqlStore {
                     .map_err(map_err)?;
             }
         }
-        if !self.index_exists(&format!("{t}_oc")).await? {
-            sqlx::query(&format!(
-                "ALTER TABLE {t} ADD INDEX {t}_oc (strategy, status, next_attempt_at)"
-            ))
-            .execute(&self.inner.pool)
-            .await
-            .map_err(map_err)?;
+        for (index, columns) in [
+            ("oc", "strategy, status, next_attempt_at"),
+            // Dead letters are listed (and bulk-requeued) oldest first in pages: through this
+            // index a page reads its own rows, not every dead row.
+            ("dead", "status, created_at"),
+        ] {
+            if !self.index_exists(&format!("{t}_{index}")).await? {
+                sqlx::query(&format!(
+                    "ALTER TABLE {t} ADD INDEX {t}_{index} ({columns})"
+                ))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+            }
         }
         for statement in [
             format!("DROP TABLE IF EXISTS {t}_claim"),
@@ -1244,7 +1252,7 @@ impl Store for MySqlStore {
         limit: usize,
     ) -> outbox_core::Result<Vec<StoredMessage>> {
         let sql = format!(
-            "SELECT {COLS} FROM {} WHERE status = 'dead' AND (? IS NULL OR stream = ?) ORDER BY seq LIMIT ?",
+            "SELECT {COLS} FROM {} WHERE status = 'dead' AND (? IS NULL OR stream = ?) ORDER BY created_at, seq LIMIT ?",
             self.inner.table
         );
         let rows = sqlx::query(&sql)

@@ -967,7 +967,7 @@ impl Store for SqliteStore {
         let stream = stream.map(str::to_owned);
         self.blocking(move |conn, sql| {
             let text = format!(
-                "SELECT {COLS} FROM {} WHERE status = 'dead' AND (?1 IS NULL OR stream = ?1) ORDER BY seq LIMIT ?2",
+                "SELECT {COLS} FROM {} WHERE status = 'dead' AND (?1 IS NULL OR stream = ?1) ORDER BY created_at, seq LIMIT ?2",
                 sql.table
             );
             let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
