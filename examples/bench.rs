@@ -19,8 +19,9 @@ use outbox::postgres::{PgOptions, PgStore};
 use outbox::redis::RedisPublisher;
 use outbox::sqlite::{SqliteOptions, SqliteStore};
 use outbox::{
-    async_trait, Claim, Envelope, Failure, Message, MessageId, NewMessage, NullPublisher, Outbox,
-    Publisher, Relay, Selector, Stats, Status, Store, StoredMessage, Strategy, StreamFilter,
+    async_trait, Claim, Envelope, Exhausted, Failure, KeepOrder, Message, MessageId, NewMessage,
+    NullPublisher, Order, Outbox, PublishedBy, Publisher, Relay, Selector, Stats, Status, Store,
+    StoredMessage, StreamFilter,
 };
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -172,11 +173,15 @@ fn row(destination: &str, i: usize) -> NewMessage {
             )
             .content_type("application/json"),
         },
-        strategy: Strategy::PublishOnCommit,
+        order: Order::Unordered,
+        unit: String::new(),
+        exhausted: Exhausted::Default,
+        published_by: PublishedBy::Relay,
         signature: None,
         status: Status::Pending,
         attempts: 0,
         retry_after: Duration::ZERO,
+        not_before: None,
         last_error: None,
         lease: None,
     }
@@ -553,7 +558,7 @@ async fn latency() -> Res {
     // Keep-order, relay in another "process" woken by NOTIFY (60 s poll interval).
     let samples = Arc::new(Mutex::new(Vec::new()));
     let outbox = Outbox::builder(pg.clone(), NullPublisher)
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()?;
     let relay_store = pg.reopen().await?;
     let relay = Relay::builder(
@@ -615,7 +620,7 @@ async fn latency() -> Res {
     my.migrate().await?;
     let samples = Arc::new(Mutex::new(Vec::new()));
     let outbox = Outbox::builder(my.clone(), NullPublisher)
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()?;
     let relay = Relay::builder(
         my.reopen().await?,
@@ -790,7 +795,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     let bare = format!("INSERT INTO {table}_bare ({BARE_NAMES}) VALUES ($1::uuid, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, $11, $12, $13)");
     let outboxes = [
         Outbox::builder(pg.clone(), NullPublisher)
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .build()?,
         Outbox::builder(pg.clone(), NullPublisher).build()?,
     ];
@@ -871,7 +876,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     );
     let outboxes = [
         Outbox::builder(my.clone(), NullPublisher)
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .build()?,
         Outbox::builder(my.clone(), NullPublisher).build()?,
     ];
@@ -929,7 +934,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     store.migrate_now()?;
     let outboxes = [
         Outbox::builder(store.clone(), NullPublisher)
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .build()?,
         Outbox::builder(store.clone(), NullPublisher).build()?,
     ];
@@ -1093,7 +1098,8 @@ fn bench_kinds() -> Vec<&'static str> {
 /// A keep-order row of unit `key` on the default stream.
 fn keyed_row(destination: &str, i: usize, key: &str) -> NewMessage {
     let mut r = row(destination, i);
-    r.strategy = Strategy::KeepOrder;
+    r.order = Order::InUnit;
+    r.unit = key.to_owned();
     r.envelope.message = r.envelope.message.key(key);
     r
 }

@@ -14,7 +14,7 @@ use outbox::kafka::rdkafka::message::Message as _;
 use outbox::kafka::rdkafka::mocking::MockCluster;
 use outbox::kafka::KafkaPublisher;
 use outbox::sqlite::SqliteStore;
-use outbox::{Message, Outbox, Strategy};
+use outbox::{KeepOrder, Message, Outbox};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = SqliteStore::open(dir.path().join("app.db"))?;
     store.migrate_now()?;
     let outbox = Outbox::builder(store.clone(), KafkaPublisher::new(&bootstrap)?)
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()?;
 
     let mut conn = store.connect()?;

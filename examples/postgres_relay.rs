@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use outbox::postgres::{self, PgOptions, PgStore};
-use outbox::{Outbox, RecordingPublisher, Relay, StdoutPublisher, Store, Strategy};
+use outbox::{KeepOrder, Outbox, RecordingPublisher, Relay, StdoutPublisher, Store};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,7 +31,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The application side only writes; a relay in another process (here: its own pool)
     // publishes. RecordingPublisher stands in: the app never publishes keep-order streams.
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()?;
     let relay_store = store.reopen().await?;
     let relay = Relay::builder(relay_store, StdoutPublisher::default())

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use outbox::sqlite::SqliteStore;
-use outbox::{Event, FunctionPublisher, Outbox, Router, StdoutPublisher, Strategy};
+use outbox::{
+    Event, FunctionPublisher, KeepOrder, Outbox, PublishOnCommit, Router, StdoutPublisher,
+};
 use serde::Serialize;
 
 #[derive(Serialize)]
@@ -40,8 +42,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .fallback(StdoutPublisher::default());
 
     let outbox = Outbox::builder(store.clone(), publisher)
-        .strategy(Strategy::PublishOnCommit) // default for every stream...
-        .stream_strategy("orders", Strategy::KeepOrder) // ...but orders keep their order
+        .strategy(PublishOnCommit) // default for every stream...
+        .stream_strategy("orders", KeepOrder::default()) // ...but orders keep their order
         .observer(|e: &Event<'_>| {
             if let Event::Failed {
                 envelope, error, ..

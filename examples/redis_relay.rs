@@ -8,7 +8,7 @@
 
 use outbox::redis::RedisPublisher;
 use outbox::sqlite::SqliteStore;
-use outbox::{Message, Outbox, Strategy};
+use outbox::{KeepOrder, Message, Outbox};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stream_key = format!("outbox-example-{}", std::process::id());
     let publisher = RedisPublisher::connect(&url).await?.streams(Some(10_000)); // MAXLEN ~ 10000
     let outbox = Outbox::builder(store.clone(), publisher)
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()?;
 
     let mut conn = store.connect()?;

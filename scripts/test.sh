@@ -12,7 +12,7 @@ export OUTBOX_AMQP_URL="${OUTBOX_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f
 cargo test --workspace --all-features "$@"
 
 # Every example runs and exits 0.
-for example in quickstart custom_publisher "postgres_relay --features postgres" "redis_relay --features redis" \
+for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "redis_relay --features redis" \
                "rabbitmq_relay --features amqp" "kafka_relay --features kafka"; do
   # shellcheck disable=SC2086
   cargo run -q --example $example >/dev/null

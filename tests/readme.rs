@@ -25,10 +25,10 @@ mod snippets {
         store.migrate_now()?;
 
         // step 3
-        use outbox::{Outbox, Strategy, StdoutPublisher};
+        use outbox::{KeepOrder, Outbox, PublishOnCommit, StdoutPublisher};
         let outbox = Outbox::builder(store.clone(), StdoutPublisher::default())
-            .strategy(Strategy::PublishOnCommit)               // default of every stream
-            .stream_strategy("orders", Strategy::KeepOrder)    // per-stream override
+            .strategy(PublishOnCommit)                          // default of every stream
+            .stream_strategy("orders", KeepOrder::default())    // per-stream override
             .build()?;
 
         // step 4
@@ -46,6 +46,9 @@ mod snippets {
         relay.run(async { tokio::signal::ctrl_c().await.ok(); }).await;   // loop, graceful stop
         // or relay.run_once().await? — publish until nothing is due (a cron job)
 
+        let reminder = outbox.message("billing.reminder", &OrderPlaced { id: 42 })?
+            .delay(std::time::Duration::from_secs(3600));     // or .deliver_at(system_time)
+
         // step 6
         outbox.shutdown(std::time::Duration::from_secs(10)).await?;   // on-commit publishes in flight
         outbox::Cleaner::new(store.clone()).run_once().await?;        // sent rows older than 7 days
@@ -53,9 +56,9 @@ mod snippets {
     }
 
     async fn writer_only(store: outbox::sqlite::SqliteStore) -> Res {
-        use outbox::{Outbox, Strategy};
+        use outbox::{KeepOrder, Outbox};
         let outbox = Outbox::writer(store.clone())     // no broker connection in this process
-            .strategy(Strategy::KeepOrder)             // relay-published: required without a publisher
+            .strategy(KeepOrder::default())             // relay-published, in order per key
             .build()?;
         // and, in the relay process: outbox.relay_with(publisher).build()?
         Ok(())
@@ -141,6 +144,7 @@ fn every_readme_snippet_is_compiled_here() {
     for example in [
         include_str!("../examples/custom_publisher.rs"),
         include_str!("../examples/quickstart.rs"),
+        include_str!("../examples/custom_strategy.rs"),
     ] {
         compiled.extend(
             example

@@ -8,8 +8,8 @@ use std::time::Duration;
 use outbox::conformance::eventually;
 use outbox::sqlite::SqliteStore;
 use outbox::{
-    async_trait, Envelope, Error, FunctionPublisher, Message, Outbox, Publisher,
-    RecordingPublisher, Store, Strategy,
+    async_trait, Envelope, Error, FunctionPublisher, KeepOrder, Message, Outbox, Publisher,
+    RecordingPublisher, Store,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -47,7 +47,7 @@ async fn shutdown_finishes_the_batch_in_flight() {
     };
     let (started, release) = (gate.started.clone(), gate.release.clone());
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut conn = store.connect().unwrap();
@@ -244,7 +244,7 @@ async fn the_header_injector_adds_trace_context_on_both_paths() {
     let broker = RecordingPublisher::new();
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let outbox = Outbox::builder(store.clone(), broker.clone())
-        .stream_strategy("ordered", Strategy::KeepOrder)
+        .stream_strategy("ordered", KeepOrder::default())
         .header_injector(move |m| {
             m.headers.insert("traceparent".into(), traceparent.into());
         })

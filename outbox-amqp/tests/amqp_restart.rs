@@ -10,7 +10,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use outbox_amqp::AmqpPublisher;
 use outbox_core::conformance::eventually;
-use outbox_core::{Message, Outbox, RecordingPublisher, Relay, RetryPolicy, Store, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Relay, RetryPolicy, Store};
 use outbox_sqlite::SqliteStore;
 
 fn url() -> String {
@@ -84,7 +84,7 @@ async fn a_broker_restart_in_the_middle_of_a_relay_run_loses_nothing() {
     let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
     store.migrate_now().unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let n = 400usize;

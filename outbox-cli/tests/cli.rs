@@ -4,7 +4,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use outbox_core::{Error, FaultyPublisher, Message, Outbox, RecordingPublisher, Strategy};
+use outbox_core::{
+    Error, FaultyPublisher, KeepOrder, Message, Outbox, RecordingPublisher, Strategy,
+};
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_sqlite::SqliteStore;
 
@@ -59,7 +61,7 @@ fn payloads(stdout: &str) -> Vec<String> {
         .collect()
 }
 
-fn sqlite_enqueue(path: &std::path::Path, msgs: Vec<Message>, strategy: Strategy) {
+fn sqlite_enqueue(path: &std::path::Path, msgs: Vec<Message>, strategy: impl Strategy) {
     let store = SqliteStore::open(path).unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
         .strategy(strategy)
@@ -86,7 +88,7 @@ async fn sqlite_migrate_relay_stats_dead_letters_and_clean() {
                 .key("c1")
         })
         .collect();
-    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    sqlite_enqueue(&db, msgs, KeepOrder::default());
     // A dead letter: a permanent failure on the publish-on-commit path.
     {
         let store = SqliteStore::open(&db).unwrap();
@@ -172,7 +174,7 @@ async fn config_file_then_env_then_flags() {
         .iter()
         .map(|s| Message::new("d", s.as_bytes().to_vec()).stream(*s))
         .collect();
-    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    sqlite_enqueue(&db, msgs, KeepOrder::default());
 
     assert_eq!(
         payloads(&ok(&["--config", c, "relay"])),
@@ -295,7 +297,7 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     .await
     .unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let commit = |payloads: std::ops::Range<u8>| {
@@ -405,7 +407,7 @@ fn hostile_text_in_rows_is_quarantined_and_printed_escaped() {
     let msgs = (0..3)
         .map(|i| Message::new("d", format!("m{i}").into_bytes()).stream("orders"))
         .collect();
-    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    sqlite_enqueue(&db, msgs, KeepOrder::default());
     rusqlite::Connection::open(&db)
         .unwrap()
         .execute(
@@ -539,7 +541,7 @@ async fn metrics_endpoint_is_get_only_and_series_are_capped() {
     let msgs = (0..150)
         .map(|i| Message::new("d", b"x".to_vec()).stream(format!("s{i:03}")))
         .collect();
-    sqlite_enqueue(&db, msgs, Strategy::KeepOrder);
+    sqlite_enqueue(&db, msgs, KeepOrder::default());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

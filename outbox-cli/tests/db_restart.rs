@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outbox_core::conformance::eventually;
-use outbox_core::{Message, Outbox, RecordingPublisher, Store, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Store};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_sql::postgres::{PgOptions, PgStore};
 
@@ -142,7 +142,7 @@ async fn the_relay_recovers_from_a_postgres_restart() {
     .unwrap();
     store.migrate().await.unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let key = format!("restart-{}", uuid::Uuid::now_v7().simple());

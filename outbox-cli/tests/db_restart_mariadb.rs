@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outbox_core::conformance::eventually;
-use outbox_core::{Message, Outbox, Store, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, Store};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
 use outbox_testkit::MariaDb;
@@ -68,7 +68,7 @@ async fn commit(url: &str, table: &str, key: &str, from: usize, n: usize) -> usi
             )
             .await?;
             let outbox = Outbox::writer(s.clone())
-                .strategy(Strategy::KeepOrder)
+                .strategy(KeepOrder::default())
                 .build()?;
             let mut tx = s.pool().begin().await.map_err(outbox_sql::mysql::map_err)?;
             drop(outbox.enqueue(&mut tx, msgs.clone()).await?);

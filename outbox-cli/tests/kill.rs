@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_core::conformance::eventually;
-use outbox_core::{Message, Outbox, Store, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, PublishOnCommit, Store};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_redis::RedisPublisher;
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
@@ -48,8 +48,8 @@ impl Producer {
     fn arm(self, publisher: RedisPublisher) -> Armed {
         fn outbox<S: Store + Clone + 'static>(store: &S, p: RedisPublisher) -> Outbox<S> {
             Outbox::builder(store.clone(), p)
-                .strategy(Strategy::KeepOrder)
-                .stream_strategy("oc", Strategy::PublishOnCommit)
+                .strategy(KeepOrder::default())
+                .stream_strategy("oc", PublishOnCommit)
                 .build()
                 .unwrap()
         }

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use outbox_core::{Error, FaultyPublisher, Message, Outbox, RecordingPublisher, Strategy};
+use outbox_core::{Error, FaultyPublisher, KeepOrder, Message, Outbox, RecordingPublisher};
 use outbox_sqlite::SqliteStore;
 use serde_json::Value;
 
@@ -55,7 +55,7 @@ async fn sqlite_with_rows(dir: &tempfile::TempDir) -> String {
     assert!(run(&["--store", &url, "migrate"]).status.success());
     let store = SqliteStore::open(&db).unwrap();
     let keep = Outbox::writer(store.clone())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let failing = FaultyPublisher::new(RecordingPublisher::new(), |_| {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use outbox_core::{Message, Outbox, RecordingPublisher, Signer, SigningKey, Store, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Signer, SigningKey, Store};
 use outbox_sql::postgres::{sqlx, PgOptions, PgStore};
 use outbox_sqlite::SqliteStore;
 
@@ -82,7 +82,7 @@ impl Target {
     async fn enqueue(&self, key: Option<&str>, msgs: Vec<Message>) {
         fn outbox<S: Store + Clone + 'static>(store: S, key: Option<&str>) -> Outbox<S> {
             let mut builder =
-                Outbox::builder(store, RecordingPublisher::new()).strategy(Strategy::KeepOrder);
+                Outbox::builder(store, RecordingPublisher::new()).strategy(KeepOrder::default());
             if let Some(k) = key {
                 builder = builder.signer(Signer::new(SigningKey::parse(k).unwrap()));
             }
@@ -401,7 +401,7 @@ async fn the_deployment_label_is_bound() {
         let sqlite = SqliteStore::open(db).unwrap();
         let signer = Signer::new(SigningKey::parse(K1).unwrap()).label("billing-prod");
         let outbox = Outbox::builder(sqlite.clone(), RecordingPublisher::new())
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .signer(signer)
             .build()
             .unwrap();

@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use outbox_core::{Message, Outbox, RecordingPublisher, Strategy};
+use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher};
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_testkit::{Pki, RedisTls};
 use redis::AsyncCommands;
@@ -74,7 +74,7 @@ async fn relay_over_tls_with_urls_from_files() {
     .await
     .unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let key = format!("tls-{}", uuid::Uuid::now_v7().simple());

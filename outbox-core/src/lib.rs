@@ -7,12 +7,12 @@
 //! `outbox` facade crate behind features.
 //!
 //! ```
-//! use outbox_core::{MemoryStore, Message, Outbox, RecordingPublisher, Strategy};
+//! use outbox_core::{KeepOrder, MemoryStore, Message, Outbox, RecordingPublisher};
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> outbox_core::Result<()> {
 //! let store = MemoryStore::new();
 //! let broker = RecordingPublisher::new();
 //! let outbox = Outbox::builder(store.clone(), broker.clone())
-//!     .stream_strategy("orders", Strategy::KeepOrder)
+//!     .stream_strategy("orders", KeepOrder::default())
 //!     .build()?;
 //!
 //! // In the business transaction:
@@ -46,6 +46,7 @@ mod retry;
 mod settings;
 mod signing;
 mod store;
+mod strategy;
 pub mod tls;
 
 #[cfg(feature = "testing")]
@@ -56,7 +57,7 @@ pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{
     from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,
-    StoredMessage, Strategy, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, RESERVED_HEADERS,
+    StoredMessage, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, RESERVED_HEADERS,
 };
 pub use observer::{Event, Observer, PublishPath};
 pub use outbox::{AfterCommit, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Prepared};
@@ -68,10 +69,14 @@ pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};
-pub use signing::{Signer, SigningKey};
+pub use signing::{SignedPlan, Signer, SigningKey};
 pub use store::{
     Claim, Claimed, Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome, Quarantined, Selector,
     Stats, Store, StreamFilter, StreamStats, DEFAULT_MAX_BATCH_BYTES,
+};
+pub use strategy::{
+    builtin as builtin_strategy, Exhausted, KeepOrder, Order, Plan, PublishOnCommit, PublishedBy,
+    RelayOnly, Schedule, Strategy, Unit,
 };
 
 /// Re-exported for backends and users implementing the traits.

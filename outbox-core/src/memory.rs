@@ -8,11 +8,12 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 
 use crate::error::Result;
-use crate::message::{Status, StoredMessage, Strategy};
+use crate::message::{Status, StoredMessage};
 use crate::store::{
     Claim, Claimed, EnqueueBlocking, Failure, NewMessage, Outcome, Selector, Stats, Store,
     StreamStats,
 };
+use crate::strategy::Order;
 
 #[derive(Debug)]
 struct Row {
@@ -86,10 +87,14 @@ impl MemoryStore {
                 stored: StoredMessage {
                     seq,
                     envelope: r.envelope.clone(),
-                    strategy: r.strategy,
+                    order: r.order,
+                    unit: r.unit.clone(),
+                    exhausted: r.exhausted,
                     status: r.status,
                     attempts: r.attempts,
-                    next_attempt_at: now + r.retry_after,
+                    next_attempt_at: r
+                        .not_before
+                        .map_or(now + r.retry_after, |t| t.max(now + r.retry_after)),
                     last_error: r.last_error.clone(),
                     sent_at: None,
                     signature: r.signature.clone(),
@@ -186,7 +191,7 @@ impl Store for MemoryStore {
                 continue;
             }
             let free = row.locked_until.is_none_or(|t| t <= now) && s.next_attempt_at <= now;
-            if s.strategy == Strategy::KeepOrder {
+            if s.order == Order::InUnit {
                 let (st, k) = s.ordering_unit();
                 let unit = (st.to_owned(), k.to_owned());
                 if blocked.contains(&unit) {

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
+use crate::strategy::{Exhausted, Order, Schedule};
 
 /// The stream a message belongs to when none is set.
 pub const DEFAULT_STREAM: &str = "default";
@@ -41,6 +42,10 @@ pub struct Message {
     pub content_type: String,
     /// Application headers, carried to the broker.
     pub headers: BTreeMap<String, String>,
+    /// When it may be published first ([`deliver_at`](Self::deliver_at),
+    /// [`delay`](Self::delay)); applied at enqueue (stored as the row's first attempt time),
+    /// so always `None` on messages read back from a store.
+    pub schedule: Option<Schedule>,
 }
 
 impl Message {
@@ -53,6 +58,7 @@ impl Message {
             payload: payload.into(),
             content_type: "application/octet-stream".to_owned(),
             headers: BTreeMap::new(),
+            schedule: None,
         }
     }
 
@@ -86,6 +92,21 @@ impl Message {
     /// Set the content type.
     pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
         self.content_type = content_type.into();
+        self
+    }
+
+    /// Publish no earlier than `time`, by the database's clock. The relay publishes it (also
+    /// on a publish-on-commit stream); in a keep-order unit it holds back the messages behind
+    /// it. At most [`Config::max_delay`](crate::Config::max_delay) ahead.
+    pub fn deliver_at(mut self, time: SystemTime) -> Self {
+        self.schedule = Some(Schedule::At(time));
+        self
+    }
+
+    /// Publish no earlier than `delay` after the enqueue, by the database's clock (see
+    /// [`deliver_at`](Self::deliver_at)).
+    pub fn delay(mut self, delay: std::time::Duration) -> Self {
+        self.schedule = Some(Schedule::After(delay));
         self
     }
 
@@ -246,43 +267,6 @@ impl FromStr for MessageId {
     }
 }
 
-/// How a stream is delivered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Strategy {
-    /// Published right after the commit by the committing process; the relay retries
-    /// failures. No order promise.
-    #[default]
-    PublishOnCommit,
-    /// Always persisted; only the relay publishes, in commit order per ordering unit
-    /// (stream, or stream + key).
-    KeepOrder,
-}
-
-impl Strategy {
-    /// The name stored in the database.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Strategy::PublishOnCommit => "on_commit",
-            Strategy::KeepOrder => "keep_order",
-        }
-    }
-}
-
-impl FromStr for Strategy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "on_commit" | "publish-on-commit" | "publish_on_commit" => {
-                Ok(Strategy::PublishOnCommit)
-            }
-            "keep_order" | "keep-order" => Ok(Strategy::KeepOrder),
-            other => Err(Error::config(format!(
-                "unknown strategy {other:?}: use publish-on-commit or keep-order"
-            ))),
-        }
-    }
-}
-
 /// Where a stored message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Status {
@@ -339,8 +323,12 @@ pub struct StoredMessage {
     pub seq: i64,
     /// Id, creation time and message.
     pub envelope: Envelope,
-    /// Delivery strategy chosen at enqueue time.
-    pub strategy: Strategy,
+    /// How it is claimed (its strategy's unit answer).
+    pub order: Order,
+    /// Its ordering unit within the stream (empty: the stream's unit, or unordered).
+    pub unit: String,
+    /// What exhaustion does (its strategy's answer).
+    pub exhausted: Exhausted,
     /// Status.
     pub status: Status,
     /// Publish attempts so far.
@@ -377,7 +365,9 @@ impl StoredMessage {
                 created_at: SystemTime::UNIX_EPOCH,
                 message: Message::new("", Vec::new()).stream("<unreadable>"),
             },
-            strategy: Strategy::KeepOrder,
+            order: Order::InUnit,
+            unit: String::new(),
+            exhausted: Exhausted::Default,
             status: status.unwrap_or(Status::Dead),
             attempts: 0,
             next_attempt_at: SystemTime::UNIX_EPOCH,
@@ -387,10 +377,18 @@ impl StoredMessage {
         }
     }
 
-    /// The ordering unit: (stream, key or "").
+    /// The strategy answers its signature covers.
+    pub fn signed_plan(&self) -> crate::signing::SignedPlan<'_> {
+        crate::signing::SignedPlan {
+            order: self.order,
+            unit: &self.unit,
+            exhausted: self.exhausted,
+        }
+    }
+
+    /// The ordering unit: (stream, unit).
     pub fn ordering_unit(&self) -> (&str, &str) {
-        let m = &self.envelope.message;
-        (&m.stream, m.key.as_deref().unwrap_or(""))
+        (&self.envelope.message.stream, &self.unit)
     }
 }
 
@@ -485,21 +483,6 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::InvalidMessage, "{m:?}");
             assert!(!e.is_transient());
         }
-    }
-
-    #[test]
-    fn strategy_names_round_trip() {
-        for s in [Strategy::PublishOnCommit, Strategy::KeepOrder] {
-            assert_eq!(s.as_str().parse::<Strategy>().unwrap(), s);
-        }
-        assert_eq!(
-            "keep-order".parse::<Strategy>().unwrap(),
-            Strategy::KeepOrder
-        );
-        assert_eq!(
-            "nope".parse::<Strategy>().unwrap_err().kind(),
-            ErrorKind::Config
-        );
     }
 
     #[test]

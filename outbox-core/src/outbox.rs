@@ -11,15 +11,16 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::message::{Encoder, Envelope, JsonEncoder, Message, MessageId, Status, Strategy};
+use crate::message::{Encoder, Envelope, JsonEncoder, Message, MessageId, Status};
 use crate::observer::{Event, Observer, Observers, PublishPath};
 use crate::publisher::publish_with_timeout;
 use crate::publisher::Publisher;
 use crate::relay::RelayBuilder;
 use crate::retry::{Decision, RetryPolicy};
 use crate::settings::Config;
-use crate::signing::Signer;
+use crate::signing::{SignedPlan, Signer};
 use crate::store::{Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome, Store};
+use crate::strategy::{Plan, PublishedBy, Strategy};
 
 /// The application's handle: writes messages in the caller's transaction
 /// ([`enqueue`](Self::enqueue)) and publishes publish-on-commit messages after the commit.
@@ -107,8 +108,9 @@ impl<S: Store + Clone + 'static> Outbox<S> {
     }
 
     /// Start building a writer-only outbox: it needs no broker, and every message goes to a
-    /// relay. Its strategies must all be relay-published ([`Strategy::KeepOrder`]):
-    /// [`build`](OutboxBuilder::build) refuses publish-on-commit without a publisher. Give
+    /// relay: a message whose strategy answers publish-on-commit is written for the relays
+    /// instead (as with [`RelayOnly`](crate::RelayOnly)), which publish it at once, woken by
+    /// the commit. Give its relays a publisher with [`Outbox::relay_with`]. Give
     /// its relays a publisher with [`Outbox::relay_with`].
     pub fn writer(store: S) -> OutboxBuilder<S> {
         OutboxBuilder {
@@ -204,25 +206,42 @@ impl<S> Outbox<S> {
                 inject(&mut message);
             }
             message.validate(cfg.delivery.max_payload_bytes)?;
-            let strategy = cfg.strategy_for(&message.stream);
+            let mut plan = Plan::resolve(
+                cfg.strategy_for(&message.stream),
+                &message,
+                cfg.max_delay,
+                now,
+            )?;
+            if sh.publisher.is_none() {
+                // A writer-only outbox: nobody here publishes after the commit.
+                plan.published_by = PublishedBy::Relay;
+            }
+            message.schedule = None;
             let envelope = Envelope {
                 id: MessageId::new(),
                 created_at: now,
                 message,
             };
-            let signature = cfg
-                .delivery
-                .signer
-                .as_ref()
-                .map(|s| s.sign(&envelope, strategy, &sh.store.signing_scope()));
-            let on_commit = strategy == Strategy::PublishOnCommit;
+            let signature = cfg.delivery.signer.as_ref().map(|s| {
+                let signed = SignedPlan {
+                    order: plan.order,
+                    unit: &plan.unit,
+                    exhausted: plan.exhausted,
+                };
+                s.sign(&envelope, &signed, &sh.store.signing_scope())
+            });
+            let on_commit = plan.published_by == PublishedBy::Committer;
             let row = NewMessage {
                 envelope,
-                strategy,
+                order: plan.order,
+                unit: std::mem::take(&mut plan.unit),
+                exhausted: plan.exhausted,
+                published_by: plan.published_by,
                 signature,
                 status: Status::Pending,
                 attempts: 0,
-                retry_after: Duration::ZERO,
+                retry_after: plan.delay,
+                not_before: plan.not_before,
                 last_error: None,
                 lease: on_commit.then(|| (sh.owner.clone(), cfg.on_commit_lease)),
             };
@@ -334,7 +353,8 @@ impl Shared {
                 Err(error) => {
                     report.failed += 1;
                     let decision = cfg.delivery.retry.decide(
-                        row.strategy,
+                        row.order,
+                        row.exhausted,
                         1,
                         &error,
                         cfg.delivery.dead_letter_keep_order,
@@ -423,17 +443,24 @@ impl<S: Store + Clone + 'static> OutboxBuilder<S> {
         self
     }
 
-    /// Strategy of streams without an override.
-    pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.config.default_strategy = strategy;
+    /// Strategy of streams without an override ([`PublishOnCommit`](crate::PublishOnCommit)
+    /// unless set).
+    pub fn strategy(mut self, strategy: impl Strategy) -> Self {
+        self.config.default_strategy = Arc::new(strategy);
         self
     }
 
     /// Override the strategy of one stream.
-    pub fn stream_strategy(mut self, stream: impl Into<String>, strategy: Strategy) -> Self {
+    pub fn stream_strategy(mut self, stream: impl Into<String>, strategy: impl Strategy) -> Self {
         self.config
             .stream_strategies
-            .insert(stream.into(), strategy);
+            .insert(stream.into(), Arc::new(strategy));
+        self
+    }
+
+    /// See [`Config::max_delay`].
+    pub fn max_delay(mut self, max: Duration) -> Self {
+        self.config.max_delay = max;
         self
     }
 
@@ -501,22 +528,9 @@ impl<S: Store + Clone + 'static> OutboxBuilder<S> {
         self
     }
 
-    /// Check the settings and build. A writer-only outbox ([`Outbox::writer`]) whose
-    /// default or per-stream strategy is publish-on-commit is a configuration error: nobody
-    /// would publish after the commit.
+    /// Check the settings and build.
     pub fn build(self) -> Result<Outbox<S>> {
         self.config.validate()?;
-        if self.publisher.is_none() {
-            let c = &self.config;
-            let on_commit = std::iter::once(("(default)", c.default_strategy))
-                .chain(c.stream_strategies.iter().map(|(k, v)| (k.as_str(), *v)))
-                .find(|(_, s)| *s == Strategy::PublishOnCommit);
-            if let Some((stream, _)) = on_commit {
-                return Err(Error::config(format!(
-                    "stream {stream} is publish-on-commit, which needs a publisher: use Outbox::builder(store, publisher), or make it KeepOrder (relay-published)"
-                )));
-            }
-        }
         let permits = Arc::new(Semaphore::new(self.config.on_commit_concurrency));
         Ok(Outbox {
             shared: Arc::new(Shared {
@@ -555,7 +569,7 @@ impl Prepared {
     pub fn needs_seqs(&self) -> bool {
         self.rows
             .iter()
-            .any(|r| r.strategy == Strategy::PublishOnCommit)
+            .any(|r| r.published_by == PublishedBy::Committer)
     }
 
     /// After the backend wrote [`rows`](Self::rows) and got their `seq`s (same order).
@@ -567,12 +581,15 @@ impl Prepared {
                 self.rows.len()
             )));
         }
-        let wake = self.rows.iter().any(|r| r.strategy == Strategy::KeepOrder);
+        let wake = self
+            .rows
+            .iter()
+            .any(|r| r.published_by == PublishedBy::Relay && r.retry_after.is_zero());
         let mut items: Vec<(Option<i64>, NewMessage)> = self
             .rows
             .into_iter()
             .zip(seqs)
-            .filter(|(r, _)| r.strategy == Strategy::PublishOnCommit)
+            .filter(|(r, _)| r.published_by == PublishedBy::Committer)
             .map(|(r, s)| (Some(s), r))
             .collect();
         items.extend(self.deferred.into_iter().map(|r| (None, r)));
@@ -597,6 +614,15 @@ pub struct AfterCommit {
     shared: Option<Arc<Shared>>,
     items: Vec<(Option<i64>, NewMessage)>,
     wake: bool,
+}
+
+impl std::fmt::Debug for AfterCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AfterCommit")
+            .field("messages", &self.items.len())
+            .field("wake", &self.wake)
+            .finish()
+    }
 }
 
 /// What an [`AfterCommit::publish`] did.

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::message::{Envelope, StoredMessage, Strategy};
+use crate::message::{Envelope, StoredMessage};
 use crate::observer::{Event, Observer, Observers, PublishPath};
 use crate::publisher::{publish_with_timeout, Publisher};
 use crate::retry::{Decision, RetryPolicy};
 use crate::settings::{Config, Delivery};
 use crate::signing::Signer;
 use crate::store::{Claim, Failure, Outcome, Store, StreamFilter};
+use crate::strategy::Order;
 
 /// Relay settings.
 #[derive(Debug, Clone)]
@@ -236,7 +237,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut units: Vec<Vec<StoredMessage>> = Vec::new();
         let mut index: HashMap<(String, String), usize> = HashMap::new();
         for m in messages {
-            if m.strategy == Strategy::KeepOrder {
+            if m.order == Order::InUnit {
                 let (s, k) = m.ordering_unit();
                 let unit = (s.to_owned(), k.to_owned());
                 match index.get(&unit) {
@@ -407,10 +408,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let cfg = &self.config;
         match (&cfg.delivery.signer, m.signature.as_deref()) {
             (Some(signer), Some(signature)) => {
-                signer.verify(&m.envelope, m.strategy, &self.scope, Some(signature))
+                signer.verify(&m.envelope, &m.signed_plan(), &self.scope, Some(signature))
             }
             (Some(_), None) if !cfg.require_signatures => Ok(()),
-            (Some(signer), None) => signer.verify(&m.envelope, m.strategy, &self.scope, None),
+            (Some(signer), None) => signer.verify(&m.envelope, &m.signed_plan(), &self.scope, None),
             // A signature nobody can check is not a reason to trust the row.
             (None, Some(_)) => Err(Error::new(
                 ErrorKind::Tampered,
@@ -434,7 +435,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let cfg = &self.config;
         let attempts = m.attempts.saturating_add(1);
         let decision = cfg.delivery.retry.decide(
-            m.strategy,
+            m.order,
+            m.exhausted,
             attempts,
             &error,
             cfg.delivery.dead_letter_keep_order,

@@ -5,7 +5,7 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::error::Error;
-use crate::message::Strategy;
+use crate::strategy::{Exhausted, Order};
 
 /// Retry policy shared by the on-commit path and the relay.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,21 +91,24 @@ pub enum Decision {
 }
 
 impl RetryPolicy {
-    /// Decide after a failure. `attempts` includes the one that just failed.
-    /// `dead_letter_keep_order` opts keep-order streams into dead-lettering.
+    /// Decide after a failure. `attempts` includes the one that just failed; `order` and
+    /// `exhausted` are the row's stored answers; `dead_letter_keep_order` is what
+    /// [`Exhausted::Default`] means for an ordered row.
     pub fn decide(
         &self,
-        strategy: Strategy,
+        order: Order,
+        exhausted: Exhausted,
         attempts: u32,
         error: &Error,
         dead_letter_keep_order: bool,
     ) -> Decision {
-        let exhausted = !error.is_transient() || attempts >= self.max_attempts;
-        match (strategy, exhausted) {
-            (_, false) => Decision::Retry(self.delay(attempts)),
-            (Strategy::PublishOnCommit, true) => Decision::Dead,
-            (Strategy::KeepOrder, true) if dead_letter_keep_order => Decision::Dead,
-            (Strategy::KeepOrder, true) => Decision::Stuck(self.delay(attempts)),
+        if error.is_transient() && attempts < self.max_attempts {
+            return Decision::Retry(self.delay(attempts));
+        }
+        match (order, exhausted) {
+            (_, Exhausted::DeadLetter) | (Order::Unordered, Exhausted::Default) => Decision::Dead,
+            (Order::InUnit, Exhausted::Default) if dead_letter_keep_order => Decision::Dead,
+            (_, Exhausted::Default | Exhausted::Block) => Decision::Stuck(self.delay(attempts)),
         }
     }
 }
@@ -155,26 +158,42 @@ mod tests {
         let t = Error::transient("x");
         let perm = Error::permanent("x");
         assert!(matches!(
-            p.decide(Strategy::PublishOnCommit, 1, &t, false),
+            p.decide(Order::Unordered, Exhausted::Default, 1, &t, false),
             Decision::Retry(_)
         ));
         assert_eq!(
-            p.decide(Strategy::PublishOnCommit, 3, &t, false),
+            p.decide(Order::Unordered, Exhausted::Default, 3, &t, false),
             Decision::Dead
         );
         assert_eq!(
-            p.decide(Strategy::PublishOnCommit, 1, &perm, false),
+            p.decide(Order::Unordered, Exhausted::Default, 1, &perm, false),
             Decision::Dead
         );
         assert!(matches!(
-            p.decide(Strategy::KeepOrder, 3, &t, false),
+            p.decide(Order::InUnit, Exhausted::Default, 3, &t, false),
             Decision::Stuck(_)
         ));
         assert!(matches!(
-            p.decide(Strategy::KeepOrder, 1, &perm, false),
+            p.decide(Order::InUnit, Exhausted::Default, 1, &perm, false),
             Decision::Stuck(_)
         ));
-        assert_eq!(p.decide(Strategy::KeepOrder, 3, &t, true), Decision::Dead);
+        assert_eq!(
+            p.decide(Order::InUnit, Exhausted::Default, 3, &t, true),
+            Decision::Dead
+        );
+        // The row's own answer wins over the relay's default.
+        assert_eq!(
+            p.decide(Order::InUnit, Exhausted::DeadLetter, 3, &t, false),
+            Decision::Dead
+        );
+        assert!(matches!(
+            p.decide(Order::InUnit, Exhausted::Block, 3, &t, true),
+            Decision::Stuck(_)
+        ));
+        assert!(matches!(
+            p.decide(Order::InUnit, Exhausted::Block, 1, &t, true),
+            Decision::Retry(_)
+        ));
         assert!(RetryPolicy {
             max_attempts: 0,
             ..Default::default()

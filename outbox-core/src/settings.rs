@@ -5,9 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::error::{in_range, Error, Result};
-use crate::message::Strategy;
+use std::sync::Arc;
+
 use crate::retry::RetryPolicy;
 use crate::signing::Signer;
+use crate::strategy::{PublishOnCommit, Strategy};
 
 /// Settings the enqueue side ([`Config`]) and the relays ([`RelayConfig`](crate::RelayConfig))
 /// share: one home, copied whole by [`RelayBuilder::with_config`](crate::RelayBuilder::with_config)
@@ -66,11 +68,15 @@ impl Delivery {
 /// Enqueue-side settings, with the [`Delivery`] settings its relays share.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Strategy of streams without an override. Default: `PublishOnCommit`.
-    pub default_strategy: Strategy,
+    /// Strategy of streams without an override. Default: [`PublishOnCommit`].
+    pub default_strategy: Arc<dyn Strategy>,
     /// Per-stream overrides (jaiminho's `save_to_outbox_stream(stream, strategy)`).
     /// Default: none.
-    pub stream_strategies: HashMap<String, Strategy>,
+    pub stream_strategies: HashMap<String, Arc<dyn Strategy>>,
+    /// Furthest ahead a message may be scheduled ([`Message::deliver_at`](crate::Message::deliver_at),
+    /// [`Message::delay`](crate::Message::delay)): a schedule beyond it is refused at enqueue,
+    /// so a unit-of-measure mistake does not hold a keep-order unit for years. Default: 30 days.
+    pub max_delay: Duration,
     /// Publish-on-commit: write every message in the transaction (true), or only those whose
     /// after-commit publish failed (false, jaiminho's default). With false, a crash between
     /// the commit and the publish LOSES the message. Default: true.
@@ -87,8 +93,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            default_strategy: Strategy::PublishOnCommit,
+            default_strategy: Arc::new(PublishOnCommit),
             stream_strategies: HashMap::new(),
+            max_delay: Duration::from_secs(30 * 24 * 3600),
             persist_all: true,
             on_commit_lease: Duration::from_secs(30),
             on_commit_concurrency: 64,
@@ -99,11 +106,11 @@ impl Default for Config {
 
 impl Config {
     /// The strategy of `stream`.
-    pub fn strategy_for(&self, stream: &str) -> Strategy {
+    pub fn strategy_for(&self, stream: &str) -> &dyn Strategy {
         self.stream_strategies
             .get(stream)
-            .copied()
-            .unwrap_or(self.default_strategy)
+            .unwrap_or(&self.default_strategy)
+            .as_ref()
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -128,6 +135,12 @@ impl Config {
             24 * HOUR,
         )?;
         in_range("on_commit_concurrency", self.on_commit_concurrency, 1, 4096)?;
+        in_range(
+            "max_delay",
+            self.max_delay,
+            Duration::ZERO,
+            Duration::from_secs(10 * 365 * 24 * 3600),
+        )?;
         Ok(())
     }
 }

@@ -7,7 +7,8 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::message::{to_millis, Envelope, Strategy};
+use crate::message::{to_millis, Envelope};
+use crate::strategy::{Exhausted, Order};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -73,7 +74,7 @@ impl SigningKey {
         field(signed.scope.as_bytes());
         field(envelope.id.to_string().as_bytes());
         field(&to_millis(envelope.created_at).to_be_bytes());
-        field(signed.strategy.as_str().as_bytes());
+        field(signed.plan.order.as_str().as_bytes());
         field(m.stream.as_bytes());
         field(m.destination.as_bytes());
         match &m.key {
@@ -90,14 +91,35 @@ impl SigningKey {
             field(v.as_bytes());
         }
         field(&m.payload);
+        // Answers beyond the first schema's (a unit other than the key, an exhaustion
+        // policy) follow, only when present, so signatures made before they existed verify.
+        let unit_moved = signed.plan.order == Order::InUnit
+            && signed.plan.unit != m.key.as_deref().unwrap_or("");
+        if unit_moved || signed.plan.exhausted != Exhausted::Default {
+            field(b"plan");
+            field(signed.plan.unit.as_bytes());
+            field(signed.plan.exhausted.as_stored().unwrap_or("").as_bytes());
+        }
         mac
     }
 }
 
-/// What a signature binds besides the message: the strategy it was enqueued under, the
-/// signer's deployment label and the store's scope (its table).
+/// The stored strategy answers a signature covers: a row moved to another unit, or made
+/// unordered, or given another exhaustion policy, does not verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignedPlan<'a> {
+    /// How the row is claimed.
+    pub order: Order,
+    /// Its unit.
+    pub unit: &'a str,
+    /// Its exhaustion policy.
+    pub exhausted: Exhausted,
+}
+
+/// What a signature binds besides the message: the strategy's answers, the signer's
+/// deployment label and the store's scope (its table).
 struct Signed<'a> {
-    strategy: Strategy,
+    plan: &'a SignedPlan<'a>,
     label: &'a str,
     scope: &'a str,
 }
@@ -177,9 +199,9 @@ impl Signer {
 
     /// `key-id:v2:hex(hmac)` over the message, its `strategy`, this signer's label and `scope`
     /// (the store's [`signing_scope`](crate::Store::signing_scope)).
-    pub fn sign(&self, envelope: &Envelope, strategy: Strategy, scope: &str) -> String {
+    pub fn sign(&self, envelope: &Envelope, plan: &SignedPlan<'_>, scope: &str) -> String {
         let signed = Signed {
-            strategy,
+            plan,
             label: &self.label,
             scope,
         };
@@ -199,7 +221,7 @@ impl Signer {
     pub fn verify(
         &self,
         envelope: &Envelope,
-        strategy: Strategy,
+        plan: &SignedPlan<'_>,
         scope: &str,
         signature: Option<&str>,
     ) -> Result<()> {
@@ -229,7 +251,7 @@ impl Signer {
             return tampered("malformed signature");
         };
         let signed = Signed {
-            strategy,
+            plan,
             label: &self.label,
             scope,
         };
@@ -270,7 +292,11 @@ mod tests {
         let old = SigningKey::new("k1", b"0123456789abcdef-old".to_vec()).unwrap();
         let new = SigningKey::new("k2", b"0123456789abcdef-new".to_vec()).unwrap();
         let e = env();
-        let ko = Strategy::KeepOrder;
+        let ko = &SignedPlan {
+            order: Order::InUnit,
+            unit: "k",
+            exhausted: Exhausted::Default,
+        };
         let sig_old = Signer::new(old.clone()).sign(&e, ko, "outbox");
         assert!(sig_old.starts_with("k1:v2:"));
 
@@ -311,10 +337,31 @@ mod tests {
                 ErrorKind::Tampered
             );
         }
-        // The strategy, the table and the deployment label are bound too.
-        assert!(rotated
-            .verify(&e, Strategy::PublishOnCommit, "outbox", Some(&sig_old))
-            .is_err());
+        // The strategy's answers, the table and the deployment label are bound too.
+        for plan in [
+            SignedPlan {
+                order: Order::Unordered,
+                ..*ko
+            },
+            SignedPlan {
+                unit: "other-unit",
+                ..*ko
+            },
+            SignedPlan {
+                exhausted: Exhausted::DeadLetter,
+                ..*ko
+            },
+        ] {
+            assert!(rotated.verify(&e, &plan, "outbox", Some(&sig_old)).is_err());
+        }
+        let named = SignedPlan {
+            unit: "tenant-7",
+            exhausted: Exhausted::Block,
+            ..*ko
+        };
+        let sig = rotated.sign(&e, &named, "outbox");
+        assert!(rotated.verify(&e, &named, "outbox", Some(&sig)).is_ok());
+        assert!(rotated.verify(&e, ko, "outbox", Some(&sig)).is_err());
         assert!(rotated
             .verify(&e, ko, "outbox_copy", Some(&sig_old))
             .is_err());
@@ -336,6 +383,38 @@ mod tests {
         assert!(format!("{rotated:?}").contains("redacted"));
         assert!(!format!("{rotated:?}").contains("0123456789"));
         assert!(SigningKey::new("k", b"short".to_vec()).is_err());
+    }
+
+    /// Signatures written before strategies were a trait (and units a column) still verify:
+    /// these vectors were made by that version's `Signer::sign`.
+    #[test]
+    fn signatures_of_earlier_rows_still_verify() {
+        let e = Envelope {
+            id: MessageId("0192e4a0-0000-7000-8000-000000000001".parse().unwrap()),
+            created_at: crate::message::from_millis(1_730_000_000_000),
+            message: Message::new("d", b"payload".to_vec())
+                .key("k")
+                .header("h", "v"),
+        };
+        let s = Signer::new(SigningKey::new("k1", b"0123456789abcdef-old".to_vec()).unwrap());
+        let keep_order = SignedPlan {
+            order: Order::InUnit,
+            unit: "k",
+            exhausted: Exhausted::Default,
+        };
+        let ko = "k1:v2:5fd429b23a15feb7f0f78bad319947dfc013ff90a206d10727dad601daf571a1";
+        assert_eq!(s.sign(&e, &keep_order, "outbox"), ko);
+        assert!(s.verify(&e, &keep_order, "outbox", Some(ko)).is_ok());
+        // An unordered row's unit is not covered (0.x stored the key there; now it is empty).
+        let oc = "k1:v2:d3d10ed2d40aa28ed00b03f99042c7eeb0636a499e05bcf47f9804260b6a4942";
+        for unit in ["k", ""] {
+            let plan = SignedPlan {
+                order: Order::Unordered,
+                unit,
+                exhausted: Exhausted::Default,
+            };
+            assert!(s.verify(&e, &plan, "outbox", Some(oc)).is_ok());
+        }
     }
 
     #[test]

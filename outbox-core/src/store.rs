@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use crate::error::Result;
-use crate::message::{Envelope, Status, StoredMessage, Strategy};
+use crate::message::{Envelope, Status, StoredMessage};
+use crate::strategy::{Exhausted, Order, PublishedBy};
 
 /// Which streams a relay serves.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -122,16 +123,25 @@ pub type Claimed = std::result::Result<StoredMessage, Quarantined>;
 pub struct NewMessage {
     /// Id, creation time and message.
     pub envelope: Envelope,
-    /// Strategy resolved from the stream.
-    pub strategy: Strategy,
+    /// How it is claimed (the strategy's unit answer).
+    pub order: Order,
+    /// Its ordering unit within the stream (empty: the stream's unit, or unordered).
+    pub unit: String,
+    /// What exhaustion does (the strategy's answer).
+    pub exhausted: Exhausted,
+    /// Who publishes it first.
+    pub published_by: PublishedBy,
     /// HMAC signature when signing is on.
     pub signature: Option<String>,
     /// Initial status (pending, or dead for a permanent on-commit failure).
     pub status: Status,
     /// Attempts already made (non-zero only for rows written after a failed on-commit publish).
     pub attempts: u32,
-    /// Delay from now until the first relay attempt.
+    /// Delay from the write until the first relay attempt, by the database's clock (a
+    /// schedule's delay, or the backoff after a failed on-commit publish).
     pub retry_after: Duration,
+    /// And not before this time, by the database's clock ([`Schedule::At`](crate::Schedule::At)).
+    pub not_before: Option<SystemTime>,
     /// The error of the failed on-commit publish.
     pub last_error: Option<String>,
     /// A lease held from the start (publish-on-commit rows are leased to the committing

@@ -60,6 +60,7 @@ impl Harness for Mem {
             Corruption::StreamWhitespace => {
                 store.alter(seq, |m| m.envelope.message.stream = " padded ".into())
             }
+            Corruption::UnitMoved => store.alter(seq, |m| m.unit = "another-unit".into()),
             _ => return false,
         }
         true
@@ -72,7 +73,7 @@ outbox_core::conformance_tests!(Mem::default());
 /// publishing after its lease could have expired; the rest follows in order.
 #[tokio::test]
 async fn a_batch_running_out_of_lease_gives_the_rest_back() {
-    use outbox_core::{async_trait, Envelope, Publisher, RecordingPublisher, Relay, Strategy};
+    use outbox_core::{async_trait, Envelope, KeepOrder, Publisher, RecordingPublisher, Relay};
     use std::time::Duration;
 
     struct Slow(RecordingPublisher);
@@ -86,7 +87,7 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
 
     let store = MemoryStore::new();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut tx = store.begin();
@@ -250,7 +251,7 @@ async fn on_commit_publishing_is_bounded() {
 #[tokio::test]
 async fn an_ordered_publisher_takes_a_units_run_in_one_batch() {
     use outbox_core::{
-        async_trait, Envelope, Error, Publisher, RecordingPublisher, Relay, Strategy,
+        async_trait, Envelope, Error, KeepOrder, Publisher, RecordingPublisher, Relay,
     };
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -296,7 +297,7 @@ async fn an_ordered_publisher_takes_a_units_run_in_one_batch() {
     for ordered in [true, false] {
         let store = MemoryStore::new();
         let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .build()
             .unwrap();
         let mut tx = store.begin();
@@ -370,24 +371,39 @@ async fn store_pending(store: &MemoryStore) -> u64 {
         .pending
 }
 
-/// A process that only writes relay-published messages needs no publisher; publish-on-commit
-/// without one is refused when the outbox is built, and its relay needs one given.
+/// A process that only writes relay-published messages needs no publisher: a message whose
+/// strategy is publish-on-commit is written for the relay (no lease, woken at once), and the
+/// writer's relay needs a publisher given.
 #[tokio::test]
 async fn a_writer_only_outbox_needs_no_publisher() {
-    use outbox_core::{ErrorKind, RecordingPublisher, Strategy};
+    use outbox_core::{ErrorKind, KeepOrder, Order, RecordingPublisher, Store};
     let store = MemoryStore::new();
-    let err = Outbox::writer(store.clone()).build().unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Config);
-    assert!(err.to_string().contains("needs a publisher"), "{err}");
-    let err = Outbox::writer(store.clone())
-        .strategy(Strategy::KeepOrder)
-        .stream_strategy("payments", Strategy::PublishOnCommit)
+    let loose = Outbox::writer(store.clone()).build().unwrap();
+    let mut tx = store.begin();
+    let after = loose
+        .enqueue_blocking(&mut tx, [Message::new("d", b"loose".to_vec())])
+        .unwrap();
+    tx.commit();
+    assert_eq!(after.len(), 0, "nothing for this process to publish");
+    after.dispatch();
+    let row = store.get(1).await.unwrap().unwrap();
+    assert_eq!(row.order, Order::Unordered);
+    let broker = RecordingPublisher::new();
+    let report = loose
+        .relay_with(broker.clone())
         .build()
-        .unwrap_err();
-    assert!(err.to_string().contains("payments"), "{err}");
+        .unwrap()
+        .run_once()
+        .await;
+    assert_eq!(
+        report.unwrap().published,
+        1,
+        "due at once, not leased to anybody"
+    );
+    let store = MemoryStore::new();
 
     let outbox = Outbox::writer(store.clone())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut tx = store.begin();

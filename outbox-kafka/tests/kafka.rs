@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use outbox_core::conformance::eventually;
 use outbox_core::{
-    Envelope, ErrorKind, Event, Message, MessageId, Outbox, Publisher, RecordingPublisher, Relay,
-    RetryPolicy, Store, Strategy,
+    Envelope, ErrorKind, Event, KeepOrder, Message, MessageId, Outbox, Publisher,
+    RecordingPublisher, Relay, RetryPolicy, Store,
 };
 use outbox_kafka::rdkafka::config::ClientConfig;
 use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
@@ -164,7 +164,7 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
     store.migrate_now().unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let n = 400usize;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use outbox_core::conformance::eventually;
 use outbox_core::{
-    Envelope, ErrorKind, Message, MessageId, Outbox, Publisher, RecordingPublisher, Relay, Store,
-    Strategy,
+    Envelope, ErrorKind, KeepOrder, Message, MessageId, Outbox, Publisher, RecordingPublisher,
+    Relay, Store,
 };
 use outbox_redis::RedisPublisher;
 use outbox_sqlite::SqliteStore;
@@ -127,7 +127,7 @@ async fn a_keep_order_unit_drains_as_ordered_pipelines() {
     let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
     store.migrate_now().unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut conn = store.connect().unwrap();
@@ -306,7 +306,7 @@ fn sqlite_backlog(dir: &tempfile::TempDir) -> SqliteStore {
     let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
     store.migrate_now().unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut conn = store.connect().unwrap();
@@ -360,7 +360,7 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_postgres() {
     .unwrap();
     store.migrate().await.unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     for chunk in 0..10 {
@@ -560,7 +560,7 @@ async fn a_half_open_redis_connection_is_replaced() {
     store.migrate_now().unwrap();
     let key = unique("outbox-halfopen-");
     let outbox = Outbox::writer(store.clone())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let commit = |from: usize| {

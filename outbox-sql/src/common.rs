@@ -88,12 +88,8 @@ where
     let status: String = col(row, 9, "status")?;
     let attempts: i32 = col(row, 10, "attempts")?;
     let key: Option<String> = col::<R, Option<String>>(row, 4, "msg_key")?;
-    let okey: String = col(row, 16, "okey")?;
-    if okey != key.as_deref().unwrap_or("") {
-        return Err(format!(
-            "column okey: {okey:?} is not the row's key: the row was moved to another ordering unit"
-        ));
-    }
+    let unit: String = col(row, 16, "okey")?;
+    let exhausted: Option<String> = col(row, 17, "on_exhausted")?;
     Ok(StoredMessage {
         seq: col(row, 0, "seq")?,
         envelope: Envelope {
@@ -109,11 +105,15 @@ where
                 payload: col(row, 5, "payload")?,
                 content_type: col(row, 6, "content_type")?,
                 headers,
+                schedule: None,
             },
         },
-        strategy: strategy
+        order: strategy
             .parse()
             .map_err(|_| format!("column strategy: unknown strategy {strategy:?}"))?,
+        unit,
+        exhausted: outbox_core::Exhausted::from_stored(exhausted.as_deref())
+            .map_err(|e| format!("column on_exhausted: {e}"))?,
         status: status
             .parse()
             .map_err(|_| format!("column status: unknown status {status:?}"))?,
@@ -127,7 +127,7 @@ where
 }
 
 /// A claimed row: decoded, or quarantined with the reason. A claim's rows carry their size
-/// after the decoded columns (index 17), and no payload when it is over the row limit.
+/// after the decoded columns (index 18), and no payload when it is over the row limit.
 pub(crate) fn claimed<R>(
     row: &R,
     claim: &outbox_core::Claim,
@@ -144,8 +144,8 @@ where
     let id = || row.try_get::<String, _>(1).ok();
     if let Ok(None) = row.try_get::<Option<Vec<u8>>, _>(5) {
         let size = row
-            .try_get::<i64, _>(17)
-            .or_else(|_| row.try_get::<i32, _>(17).map(i64::from))
+            .try_get::<i64, _>(18)
+            .or_else(|_| row.try_get::<i32, _>(18).map(i64::from))
             .unwrap_or(-1);
         return Ok(Err(outbox_core::Quarantined {
             seq,
@@ -206,11 +206,8 @@ pub(crate) fn stats_from_rows(
 pub(crate) fn keep_order_units(rows: &[outbox_core::NewMessage]) -> Vec<(String, String)> {
     let mut units: Vec<(String, String)> = rows
         .iter()
-        .filter(|r| r.strategy == outbox_core::Strategy::KeepOrder)
-        .map(|r| {
-            let m = &r.envelope.message;
-            (m.stream.clone(), m.key.clone().unwrap_or_default())
-        })
+        .filter(|r| r.order == outbox_core::Order::InUnit)
+        .map(|r| (r.envelope.message.stream.clone(), r.unit.clone()))
         .collect();
     units.sort();
     units.dedup();

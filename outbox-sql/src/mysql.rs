@@ -25,7 +25,7 @@ pub use sqlx;
 /// The columns of `decode`, with the binary-collated ones converted so they read as text.
 const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT(msg_key USING utf8mb4), payload, \
                     content_type, headers, strategy, status, attempts, created_at, next_attempt_at, last_error, \
-                    sent_at, signature, CONVERT(okey USING utf8mb4)";
+                    sent_at, signature, CONVERT(okey USING utf8mb4), on_exhausted";
 
 /// The database clock in milliseconds.
 const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
@@ -292,10 +292,12 @@ async fn insert_only(
     unit: Option<&(String, String)>,
 ) -> outbox_core::Result<sqlx::mysql::MySqlQueryResult> {
     let values = format!(
-        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {NOW} + GREATEST(?, IFNULL(?, 0)), ?, IF(? IS NULL, NULL, {NOW} + ?), ?, ?"
+        "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, GREATEST({NOW} + GREATEST(?, IFNULL(?, 0)), IFNULL(?, 0)), ?, \
+         IF(? IS NULL, NULL, {NOW} + ?), ?, ?, ?"
     );
     let columns = "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, \
-           status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)"
+           status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature, \
+           on_exhausted)"
         .replace("{t}", t);
     let sql = match unit {
         Some(_) => format!(
@@ -315,21 +317,23 @@ async fn insert_only(
             .bind(&m.stream)
             .bind(&m.destination)
             .bind(&m.key)
-            .bind(m.key.clone().unwrap_or_default())
+            .bind(&r.unit)
             .bind(&m.payload)
             .bind(&m.content_type)
             .bind(serde_json::to_string(&m.headers)?)
-            .bind(r.strategy.as_str())
+            .bind(r.order.as_str())
             .bind(r.status.as_str())
             .bind(r.attempts as i32)
             .bind(to_millis(r.envelope.created_at))
             .bind(r.retry_after.as_millis() as i64)
             .bind(lease)
+            .bind(r.not_before.map(to_millis))
             .bind(r.lease.as_ref().map(|(o, _)| o.clone()))
             .bind(lease)
             .bind(lease)
             .bind(&r.last_error)
-            .bind(&r.signature);
+            .bind(&r.signature)
+            .bind(r.exhausted.as_stored());
     }
     if let Some((stream, key)) = unit {
         q = q.bind(stream).bind(key);
@@ -1033,6 +1037,7 @@ impl Store for MySqlStore {
                     last_error TEXT NULL,
                     sent_at BIGINT NULL,
                     signature VARCHAR(255) NULL,
+                    on_exhausted VARCHAR(16) NULL,
                     UNIQUE KEY {t}_id (id),
                     KEY {t}_unit (status, stream, okey, seq),
                     KEY {t}_oc (strategy, status, next_attempt_at),
@@ -1056,6 +1061,31 @@ impl Store for MySqlStore {
                 .map_err(map_err)?;
         }
         self.convert_to_exact_names(c).await?;
+        // Columns added after a table's first version (MySQL 8 has no ADD COLUMN IF NOT
+        // EXISTS; a concurrent migrate that added it first is fine).
+        let has: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'on_exhausted'",
+        )
+        .bind(t)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        if has == 0 {
+            let added = sqlx::query(&format!(
+                "ALTER TABLE {t} ADD COLUMN on_exhausted VARCHAR(16) NULL"
+            ))
+            .execute(&self.inner.pool)
+            .await;
+            match added {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(db))
+                    if db
+                        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                        .is_some_and(|e| e.number() == 1060) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
         // Units as claims see them: when each may be claimed next (`next_at`: now when free,
         // the lease's end when leased, the head's retry time when backing off).
         sqlx::query(&format!(

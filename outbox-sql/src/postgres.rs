@@ -2,13 +2,13 @@
 //! statement, no table-wide lock), `LISTEN/NOTIFY` wake-up.
 //!
 //! ```no_run
-//! use outbox_core::{Message, Outbox, StdoutPublisher, Strategy};
+//! use outbox_core::{Message, Outbox, StdoutPublisher, KeepOrder};
 //! use outbox_sql::postgres::PgStore;
 //! # async fn demo() -> outbox_core::Result<()> {
 //! let store = PgStore::connect("postgres://app@127.0.0.1/shop").await?;   // table "outbox"
 //! outbox_core::Store::migrate(&store).await?;
 //! let outbox = Outbox::builder(store.clone(), StdoutPublisher::default())
-//!     .strategy(Strategy::KeepOrder)
+//!     .strategy(KeepOrder::default())
 //!     .build()?;
 //!
 //! let mut tx = store.pool().begin().await.map_err(outbox_sql::postgres::map_err)?;
@@ -43,16 +43,18 @@ const NOW: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 /// The columns an insert writes, and their values from one row's scalar parameters.
 const INSERT_COLS: &str =
     "id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, \
-    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature";
-const ONE_VALUES: &str = "$1::uuid, $2, $3, $4, COALESCE($4, ''), $5, $6, $7::jsonb, $8, $9, $10::int4, $11::int8, \
-    (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + GREATEST($12::int8, COALESCE($14::int8, 0)), $13, \
-    (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $14::int8, $15, $16";
+    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature, on_exhausted";
+/// `$17` is the unit, `$18` the exhaustion policy, `$19` the earliest attempt (ms, or NULL).
+const ONE_VALUES: &str = "$1::uuid, $2, $3, $4, $17, $5, $6, $7::jsonb, $8, $9, $10::int4, $11::int8, \
+    GREATEST((EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + GREATEST($12::int8, COALESCE($14::int8, 0)), \
+      COALESCE($19::int8, 0)), $13, \
+    (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $14::int8, $15, $16, $18";
 
 fn cols(prefix: &str) -> String {
     format!(
         "{p}seq, {p}id::text, {p}stream, {p}destination, {p}msg_key, {p}payload, {p}content_type, {p}headers::text, \
          {p}strategy, {p}status, {p}attempts, {p}created_at, {p}next_attempt_at, {p}last_error, {p}sent_at, {p}signature, \
-         {p}okey",
+         {p}okey, {p}on_exhausted",
         p = prefix
     )
 }
@@ -366,11 +368,11 @@ impl Sql {
             settle_delete: String::new(),
             insert_one: format!(
                 "WITH locks AS (
-                   INSERT INTO {t}_units (stream, okey) VALUES ($2, COALESCE($4, ''))
+                   INSERT INTO {t}_units (stream, okey) VALUES ($2, $17)
                    ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
                  due AS (
                    INSERT INTO {t}_due (stream, okey, next_at)
-                   SELECT $2, COALESCE($4, ''), {NOW} WHERE (SELECT count(*) FROM locks) >= 0
+                   SELECT $2, $17, {NOW} WHERE (SELECT count(*) FROM locks) >= 0
                    ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
                  wake AS (SELECT pg_notify('{t}', ''))
                  INSERT INTO {t} ({INSERT_COLS})
@@ -406,8 +408,10 @@ impl Sql {
                     locked_until BIGINT,
                     last_error TEXT,
                     sent_at BIGINT,
-                    signature TEXT
+                    signature TEXT,
+                    on_exhausted TEXT
                 );
+                ALTER TABLE {t} ADD COLUMN IF NOT EXISTS on_exhausted TEXT;
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
@@ -443,25 +447,25 @@ impl Sql {
             // is inserted.
             insert: format!(
                 "WITH locks AS (
-                   INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($17::text[], $18::text[])
+                   INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($20::text[], $21::text[])
                    ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
                  due AS (
                    INSERT INTO {t}_due (stream, okey, next_at)
-                   SELECT s, k, {NOW} FROM unnest($17::text[], $18::text[]) AS x(s, k)
+                   SELECT s, k, {NOW} FROM unnest($20::text[], $21::text[]) AS x(s, k)
                    WHERE (SELECT count(*) FROM locks) >= 0
                    ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
-                 wake AS (SELECT pg_notify('{t}', '') WHERE $19::bool)
-                 INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
-                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
-                 SELECT u.id::uuid, u.stream, u.destination, u.msg_key, COALESCE(u.msg_key, ''), u.payload,
+                 wake AS (SELECT pg_notify('{t}', '') WHERE $22::bool)
+                 INSERT INTO {t} ({INSERT_COLS})
+                 SELECT u.id::uuid, u.stream, u.destination, u.msg_key, u.okey, u.payload,
                     u.content_type, u.headers::jsonb, u.strategy, u.status, u.attempts, u.created_at,
-                    {NOW} + GREATEST(u.retry_ms, COALESCE(u.lease_ms, 0)), u.locked_by, {NOW} + u.lease_ms,
-                    u.last_error, u.signature
+                    GREATEST({NOW} + GREATEST(u.retry_ms, COALESCE(u.lease_ms, 0)), COALESCE(u.not_before, 0)),
+                    u.locked_by, {NOW} + u.lease_ms, u.last_error, u.signature, u.on_exhausted
                  FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[], $6::text[], $7::text[],
                     $8::text[], $9::text[], $10::int4[], $11::int8[], $12::int8[], $13::text[], $14::int8[],
-                    $15::text[], $16::text[])
+                    $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[])
                    AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
-                        attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature)
+                        attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature, okey,
+                        on_exhausted, not_before)
                  WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
                  RETURNING seq, id::text"
             ),
@@ -537,7 +541,7 @@ impl Sql {
                  SELECT {ko_cols}, taken.size FROM {t} JOIN taken ON {t}.seq = taken.seq WHERE taken.ko
                  UNION ALL
                  SELECT NULL::bigint, NULL, u.stream, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   NULL, NULL, NULL, u.okey, -1
+                   NULL, NULL, NULL, u.okey, NULL, -1
                  FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)",
                 cols = cols(&format!("{t}.")).replace(
                     &format!("{t}.payload,"),
@@ -640,7 +644,11 @@ async fn insert(
     let (mut ctypes, mut headers, mut strategies, mut statuses) = (vec![], vec![], vec![], vec![]);
     let (mut attempts, mut created, mut retry, mut lockers) = (vec![], vec![], vec![], vec![]);
     let (mut leases, mut errors, mut sigs) = (vec![], vec![], vec![]);
+    let (mut okeys, mut exhausted, mut not_before) = (vec![], vec![], vec![]);
     for r in rows {
+        okeys.push(r.unit.as_str());
+        exhausted.push(r.exhausted.as_stored());
+        not_before.push(r.not_before.map(to_millis));
         let m = &r.envelope.message;
         ids.push(r.envelope.id.to_string());
         streams.push(m.stream.clone());
@@ -649,7 +657,7 @@ async fn insert(
         payloads.push(m.payload.clone());
         ctypes.push(m.content_type.clone());
         headers.push(serde_json::to_string(&m.headers)?);
-        strategies.push(r.strategy.as_str());
+        strategies.push(r.order.as_str());
         statuses.push(r.status.as_str());
         attempts.push(r.attempts as i32);
         created.push(to_millis(r.envelope.created_at));
@@ -680,7 +688,10 @@ async fn insert(
     .bind(lockers)
     .bind(leases)
     .bind(errors)
-    .bind(sigs);
+    .bind(sigs)
+    .bind(okeys)
+    .bind(exhausted)
+    .bind(not_before);
     if locked {
         let (unit_streams, unit_keys): (Vec<&str>, Vec<&str>) =
             units.iter().map(|(s, k)| (s.as_str(), k.as_str())).unzip();
@@ -721,7 +732,7 @@ async fn insert_one(
     .bind(&m.payload)
     .bind(&m.content_type)
     .bind(serde_json::to_string(&m.headers)?)
-    .bind(r.strategy.as_str())
+    .bind(r.order.as_str())
     .bind(r.status.as_str())
     .bind(r.attempts as i32)
     .bind(to_millis(r.envelope.created_at))
@@ -730,6 +741,9 @@ async fn insert_one(
     .bind(r.lease.as_ref().map(|(_, d)| d.as_millis() as i64))
     .bind(&r.last_error)
     .bind(&r.signature)
+    .bind(&r.unit)
+    .bind(r.exhausted.as_stored())
+    .bind(r.not_before.map(to_millis))
     .fetch_one(&mut *conn)
     .await
     .map_err(map_err)

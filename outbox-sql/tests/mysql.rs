@@ -35,6 +35,7 @@ sql_store_tests! {
             C::NegativeAttempts => "attempts = -5",
             C::DestinationNewline => "destination = CONCAT('a', CHAR(13), CHAR(10), 'b')",
             C::StreamWhitespace => "stream = ' padded '",
+            C::UnknownExhausted => "on_exhausted = 'vanish'",
             C::UnitMoved => "okey = 'another-unit'",
         })
     },
@@ -45,7 +46,9 @@ sql_store_tests! {
 /// differed only by a trailing space are separate again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_makes_names_exact_on_an_old_table() {
-    use outbox_core::{Envelope, MessageId, NewMessage, Status, Store};
+    use outbox_core::{
+        Envelope, Exhausted, MessageId, NewMessage, Order, PublishedBy, Status, Store,
+    };
     use std::time::{Duration, SystemTime};
 
     let table = format!("outbox_old{}", uuid::Uuid::now_v7().simple());
@@ -70,11 +73,15 @@ async fn migrate_makes_names_exact_on_an_old_table() {
                 .stream(stream)
                 .key("k"),
         },
-        strategy: Strategy::KeepOrder,
+        order: Order::InUnit,
+        unit: "k".into(),
+        exhausted: Exhausted::Default,
+        published_by: PublishedBy::Relay,
         signature: None,
         status,
         attempts: 0,
         retry_after: Duration::ZERO,
+        not_before: None,
         last_error: None,
         lease: None,
     };
@@ -168,7 +175,7 @@ async fn claims_never_wait_and_settles_wait_a_bounded_time() {
     // claim waits for it. The unit it holds is skipped, the other claimed.
     let outbox =
         outbox_core::Outbox::builder(store.clone(), outbox_core::RecordingPublisher::new())
-            .strategy(outbox_core::Strategy::KeepOrder)
+            .strategy(outbox_core::KeepOrder::default())
             .build()
             .unwrap();
     let msgs = vec![

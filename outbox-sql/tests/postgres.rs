@@ -25,6 +25,7 @@ sql_store_tests! {
             C::NegativeAttempts => Some("attempts = -5"),
             C::DestinationNewline => Some("destination = E'a\\r\\nb'"),
             C::StreamWhitespace => Some("stream = ' padded '"),
+            C::UnknownExhausted => Some("on_exhausted = 'vanish'"),
             C::UnitMoved => Some("okey = 'another-unit'"),
             // UUID and TEXT columns refuse these.
             C::IdNotUuid | C::KeyNotUtf8 | C::StreamBlob => None,
@@ -41,7 +42,7 @@ sql_store_tests! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_a_relay_in_another_process() {
     use outbox_core::conformance::eventually;
-    use outbox_core::{RecordingPublisher, Relay, Strategy};
+    use outbox_core::{KeepOrder, RecordingPublisher, Relay};
     use std::time::Duration;
 
     let h = Pg;
@@ -49,7 +50,7 @@ async fn notify_wakes_a_relay_in_another_process() {
     let relay_side = h.reopen(&writer).await;
     let broker = RecordingPublisher::new();
     let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let commit = |i: usize| {
@@ -145,7 +146,7 @@ async fn locks_need_privileges_and_waits_are_bounded() {
     // Writers and relays are not held up by the intruder.
     let broker = RecordingPublisher::new();
     let outbox = Outbox::builder(store.clone(), broker.clone())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let msgs = (0..3)
@@ -293,7 +294,7 @@ async fn relay_statements_run_without_jit() {
     assert_eq!(on, "on");
     let app_store = PgStore::from_pool(app_pool, store.table()).unwrap();
     let outbox = Outbox::builder(app_store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let mut tx = app_store.pool().begin().await.unwrap();
@@ -324,7 +325,7 @@ async fn a_unit_whose_head_points_too_far_heals() {
     let h = Pg;
     let store = h.fresh().await;
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let msgs = (0..3u8)
@@ -359,7 +360,7 @@ async fn a_unit_whose_head_points_too_far_heals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_database_connections_are_given_up_within_store_timeout() {
     use outbox_core::conformance::{eventually, RunningRelay};
-    use outbox_core::{RecordingPublisher, Relay, Strategy};
+    use outbox_core::{KeepOrder, RecordingPublisher, Relay};
     use std::time::Duration;
 
     let h = Pg;
@@ -379,7 +380,7 @@ async fn half_open_database_connections_are_given_up_within_store_timeout() {
     .await
     .unwrap();
     let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
-        .strategy(Strategy::KeepOrder)
+        .strategy(KeepOrder::default())
         .build()
         .unwrap();
     let broker = RecordingPublisher::new();

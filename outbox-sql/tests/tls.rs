@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use outbox_core::{ErrorKind, Message, Outbox, RecordingPublisher, Relay, Store, Strategy};
+use outbox_core::{ErrorKind, KeepOrder, Message, Outbox, RecordingPublisher, Relay, Store};
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_testkit::{Issued, MariaDbTls, Pki, Protocol, TlsProxy};
@@ -45,7 +45,7 @@ macro_rules! roundtrip {
         store.migrate().await.unwrap();
         let broker = RecordingPublisher::new();
         let outbox = Outbox::builder(store.clone(), broker.clone())
-            .strategy(Strategy::KeepOrder)
+            .strategy(KeepOrder::default())
             .build()
             .unwrap();
         let mut tx = store.pool().begin().await.unwrap();

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 
 use outbox_core::{
     async_trait, from_millis, to_millis, validate_identifier, AfterCommit, Claim, Claimed,
-    EnqueueBlocking, Envelope, Error, Failure, Message, MessageId, NewMessage, Outcome,
+    EnqueueBlocking, Envelope, Error, Exhausted, Failure, Message, MessageId, NewMessage, Outcome,
     Quarantined, Retry, Selector, Stats, Store, StoredMessage, StreamFilter, StreamStats,
 };
 use rusqlite::{
@@ -280,7 +280,7 @@ fn create_private(path: &Path) -> std::io::Result<()> {
 
 const COLS: &str =
     "seq, id, stream, destination, msg_key, payload, content_type, headers, strategy, status, \
-                    attempts, created_at, next_attempt_at, last_error, sent_at, signature, okey";
+                    attempts, created_at, next_attempt_at, last_error, sent_at, signature, okey, on_exhausted";
 
 struct Sql {
     schema: String,
@@ -323,7 +323,8 @@ impl Sql {
                     locked_until INTEGER,
                     last_error TEXT,
                     sent_at INTEGER,
-                    signature TEXT
+                    signature TEXT,
+                    on_exhausted TEXT
                 );
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
@@ -345,8 +346,9 @@ impl Sql {
             ),
             insert: format!(
                 "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
-                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature,
+                    on_exhausted)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
             ),
             adopt: format!(
                 "WITH RECURSIVE walk(seq) AS (
@@ -386,19 +388,23 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
             m.stream,
             m.destination,
             m.key,
-            m.key.as_deref().unwrap_or(""),
+            r.unit,
             m.payload,
             m.content_type,
             headers,
-            r.strategy.as_str(),
+            r.order.as_str(),
             r.status.as_str(),
             r.attempts,
             to_millis(r.envelope.created_at),
-            to_millis(now + r.retry_after),
+            to_millis(
+                r.not_before
+                    .map_or(now + r.retry_after, |t| t.max(now + r.retry_after))
+            ),
             locked_by,
             locked_until,
             r.last_error,
             r.signature,
+            r.exhausted.as_stored(),
         ])
         .map_err(map_err)?;
         seqs.push(conn.last_insert_rowid());
@@ -413,11 +419,8 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
         .map_err(map_err)?;
     let mut units: Vec<(&str, &str)> = rows
         .iter()
-        .filter(|r| r.strategy == outbox_core::Strategy::KeepOrder)
-        .map(|r| {
-            let m = &r.envelope.message;
-            (m.stream.as_str(), m.key.as_deref().unwrap_or(""))
-        })
+        .filter(|r| r.order == outbox_core::Order::InUnit)
+        .map(|r| (r.envelope.message.stream.as_str(), r.unit.as_str()))
         .collect();
     units.sort_unstable();
     units.dedup();
@@ -762,12 +765,8 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
         }
     };
     let key: Option<String> = col(row, 4, "msg_key")?;
-    let okey: String = col(row, 16, "okey")?;
-    if okey != key.as_deref().unwrap_or("") {
-        return Err(format!(
-            "column okey: {okey:?} is not the row's key: the row was moved to another ordering unit"
-        ));
-    }
+    let unit: String = col(row, 16, "okey")?;
+    let exhausted: Option<String> = col(row, 17, "on_exhausted")?;
     Ok(StoredMessage {
         seq: col(row, 0, "seq")?,
         envelope: Envelope {
@@ -782,11 +781,15 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
                 payload,
                 content_type: col(row, 6, "content_type")?,
                 headers,
+                schedule: None,
             },
         },
-        strategy: strategy
+        order: strategy
             .parse()
             .map_err(|_| format!("column strategy: unknown strategy {strategy:?}"))?,
+        unit,
+        exhausted: Exhausted::from_stored(exhausted.as_deref())
+            .map_err(|e| format!("column on_exhausted: {e}"))?,
         status: status
             .parse()
             .map_err(|_| format!("column status: unknown status {status:?}"))?,
@@ -804,7 +807,7 @@ fn claimed_row(row: &rusqlite::Row<'_>, claim: &Claim) -> rusqlite::Result<Claim
     let seq: i64 = row.get(0)?; // INTEGER PRIMARY KEY: always an integer
     let id = || row.get::<_, String>(1).ok();
     if let Ok(rusqlite::types::ValueRef::Null) = row.get_ref(5) {
-        let size: i64 = row.get(17).unwrap_or(-1);
+        let size: i64 = row.get(18).unwrap_or(-1);
         return Ok(Err(Quarantined {
             seq,
             id: id(),
@@ -857,8 +860,35 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> outbox_core::Result<()> {
-        self.blocking(|conn, sql| conn.execute_batch(&sql.schema).map_err(map_err))
-            .await
+        self.blocking(|conn, sql| {
+            // Columns added after a table's first version (the schema's CREATE TABLE has them),
+            // under the write lock so that two processes migrating at once do not both add it.
+            let t = &sql.table;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let has: bool = tx
+                .query_row(
+                    "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = 'on_exhausted'",
+                    [t],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            let exists: bool = tx
+                .query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [t],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            if exists && !has {
+                tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN on_exhausted TEXT"))
+                    .map_err(map_err)?;
+            }
+            tx.commit().map_err(map_err)?;
+            conn.execute_batch(&sql.schema).map_err(map_err)
+        })
+        .await
     }
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {

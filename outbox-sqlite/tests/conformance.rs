@@ -115,11 +115,18 @@ impl Harness for Sqlite {
             Corruption::NegativeAttempts => "attempts = -5",
             Corruption::DestinationNewline => "destination = 'a' || char(13) || char(10) || 'b'",
             Corruption::StreamWhitespace => "stream = ' padded '",
+            Corruption::UnknownExhausted => "on_exhausted = 'vanish'",
             Corruption::UnitMoved => "okey = 'another-unit'",
         };
         let conn = store.connect().unwrap();
         let sql = format!("UPDATE {} SET {set} WHERE seq = ?1", store.table());
         assert_eq!(conn.execute(&sql, [seq]).unwrap(), 1);
+        true
+    }
+
+    async fn drop_column(&self, store: &SqliteStore, column: &str) -> bool {
+        let sql = format!("ALTER TABLE {} DROP COLUMN {column}", store.table());
+        store.connect().unwrap().execute_batch(&sql).unwrap();
         true
     }
 }

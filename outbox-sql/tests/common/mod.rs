@@ -25,7 +25,7 @@ macro_rules! sql_store_tests {
         use outbox_core::conformance::Harness;
         use outbox_core::{
             async_trait, AfterCommit, ErrorKind, Message, Outbox, RecordingPublisher, Relay,
-            Result, Strategy,
+            Result, KeepOrder,
         };
         use outbox_sql::$module::{map_err, $options, $store};
 
@@ -129,6 +129,12 @@ macro_rules! sql_store_tests {
                     Err(_) => false,
                 }
             }
+
+            async fn drop_column(&self, store: &$store, column: &str) -> bool {
+                let sql = format!("ALTER TABLE {} DROP COLUMN {column}", store.table());
+                sqlx::query(&sql).execute(store.pool()).await.unwrap();
+                true
+            }
         }
 
         outbox_core::conformance_tests!($harness);
@@ -179,7 +185,7 @@ macro_rules! sql_store_tests {
             outbox_core::Store::migrate(&longest).await.unwrap();
             let broker = RecordingPublisher::new();
             let outbox = Outbox::builder(longest.clone(), broker.clone())
-                .strategy(Strategy::KeepOrder)
+                .strategy(KeepOrder::default())
                 .build()
                 .unwrap();
             let mut tx = longest.pool().begin().await.unwrap();
@@ -221,7 +227,7 @@ macro_rules! sql_store_tests {
             use outbox_core::conformance::eventually;
             let store = $harness.fresh().await;
             let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-                .strategy(Strategy::KeepOrder)
+                .strategy(KeepOrder::default())
                 .build()
                 .unwrap();
             // The unit exists already (its lock row too): the writers below must wait on its
