@@ -1201,8 +1201,20 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
         println!();
     }
 
+    head_of_line(dir, stuck, false).await?;
+    head_of_line(dir, stuck, true).await
+}
+
+/// Other units drain while one unit holds N rows: its head backing off for an hour
+/// (`parked` false), or the unit parked (true).
+async fn head_of_line(dir: &std::path::Path, stuck: &[usize], parked: bool) -> Res {
     let free = 5_000;
-    println!("\n## Head-of-line: {free} rows on 50 units drain while one unit's head backs off with N rows behind it (relay -> null, batch {BATCH})\n");
+    let how = if parked {
+        "one unit is parked with N rows in it"
+    } else {
+        "one unit's head backs off with N rows behind it"
+    };
+    println!("\n## Head-of-line: {free} rows on 50 units drain while {how} (relay -> null, batch {BATCH})\n");
     print!("| store |");
     for n in stuck {
         print!(" N = {n} |");
@@ -1213,7 +1225,12 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
         let mut rates = Vec::new();
         for &n in stuck {
             let b = bench_store(kind, dir).await?;
-            if n > 0 {
+            if n > 0 && parked {
+                fill_keyed(b.store.as_ref(), n, 1, Some("stuck"), "x").await?;
+                b.store
+                    .park_unit(outbox::DEFAULT_STREAM, "stuck", "bench")
+                    .await?;
+            } else if n > 0 {
                 fill_keyed(b.store.as_ref(), n, 1, Some("stuck"), "x").await?;
                 // The stuck unit's head fails once: it now backs off for an hour.
                 let claim = Claim::new("bench", StreamFilter::All, 1, Duration::from_secs(60));

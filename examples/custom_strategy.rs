@@ -31,10 +31,8 @@ impl Strategy for LedgerPerTenant {
     }
 
     fn unit(&self, m: &Message) -> Unit {
-        match (
-            m.destination.starts_with("ledger."),
-            m.headers.get("tenant"),
-        ) {
+        let ledger = m.destination.starts_with("ledger.");
+        match (ledger, m.headers.get("tenant")) {
             (true, Some(tenant)) => Unit::Named(format!("tenant:{tenant}")),
             (true, None) => Unit::Stream,
             (false, _) => Unit::None,

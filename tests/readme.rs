@@ -64,6 +64,20 @@ mod snippets {
         Ok(())
     }
 
+    async fn parking(
+        outbox: outbox::Outbox<outbox::sqlite::SqliteStore>,
+        store: outbox::sqlite::SqliteStore,
+    ) -> Res {
+        use outbox::Store;
+        outbox.park_unit("orders", "customer-7", "ledger migration").await?;   // any time
+        for unit in store.parked_units(Some("orders"), 50).await? {              // oldest first
+            println!("{} {} waits with {} messages: {:?}", unit.stream, unit.unit, unit.pending, unit.reason);
+        }
+        outbox.resume_unit("orders", "customer-7").await?;         // in order, from the head
+        outbox.skip_head("orders", "customer-8").await?;           // dead-letter the head, resume the rest
+        Ok(())
+    }
+
     async fn postgres(msg: outbox::Message) -> Res {
         use outbox::postgres::{self, PgStore};
         use outbox::{Outbox, Store, StdoutPublisher};

@@ -80,6 +80,40 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Keep-order units parked for an operator (oldest first): their messages wait, in order,
+    /// until `outbox resume` or `outbox skip`.
+    Parked {
+        /// Only this stream's units.
+        #[arg(long)]
+        stream: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Park a keep-order unit: its messages, and those written to it meanwhile, wait in order.
+    Park {
+        /// The unit's stream.
+        stream: String,
+        /// The unit (the message key, for KeepOrder).
+        unit: String,
+        /// Why (shown by `outbox parked`).
+        #[arg(long, default_value = "parked by an operator")]
+        reason: String,
+    },
+    /// Resume a parked unit: its messages are published in their order, from the head, with
+    /// a fresh retry budget.
+    Resume {
+        /// The unit's stream.
+        stream: String,
+        /// The unit.
+        unit: String,
+    },
+    /// Dead-letter a parked unit's head (just that message), then resume the rest.
+    Skip {
+        /// The unit's stream.
+        stream: String,
+        /// The unit.
+        unit: String,
+    },
     /// Create the outbox table and indexes (idempotent).
     Migrate,
     /// Check the deployment: store, table and schema, NOTIFY, clock, publisher, signing keys.
@@ -622,6 +656,116 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                     s.sent,
                     s.dead
                 );
+            }
+            Ok(exit::OK)
+        }
+        Command::Parked { stream, limit } => {
+            store.require_table().await?;
+            let units = store.store().parked_units(stream.as_deref(), limit).await?;
+            let now = SystemTime::now();
+            if json {
+                let rows: Vec<_> = units
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({
+                            "stream": u.stream,
+                            "unit": u.unit,
+                            "parked_at_ms": outbox_core::to_millis(u.parked_at),
+                            "reason": u.reason,
+                            "head_seq": u.head,
+                            "pending": u.pending,
+                            "pending_capped": u.pending >= outbox_core::PARKED_COUNT_CAP,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({ "parked": rows }));
+                return Ok(exit::OK);
+            }
+            for u in units {
+                let age = now
+                    .duration_since(u.parked_at)
+                    .map(|d| {
+                        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+                    })
+                    .unwrap_or_else(|_| "0s".into());
+                let more = if u.pending >= outbox_core::PARKED_COUNT_CAP {
+                    "+"
+                } else {
+                    ""
+                };
+                println!(
+                    "stream={} unit={} parked={age} ago pending={}{more} head_seq={} reason={}",
+                    printable(&u.stream),
+                    printable(&u.unit),
+                    u.pending,
+                    u.head.map_or_else(|| "-".to_owned(), |h| h.to_string()),
+                    printable(&u.reason.unwrap_or_default())
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Park {
+            stream,
+            unit,
+            reason,
+        } => {
+            store.require_table().await?;
+            store.store().park_unit(&stream, &unit, &reason).await?;
+            tracing::info!(stream = %printable(&stream), unit = %printable(&unit), "unit parked");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"parked": {"stream": stream, "unit": unit}})
+                );
+            } else {
+                println!(
+                    "parked unit {:?} of stream {:?}",
+                    printable(&unit),
+                    printable(&stream)
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Resume { stream, unit } => {
+            store.require_table().await?;
+            store.store().resume_unit(&stream, &unit).await?;
+            tracing::info!(stream = %printable(&stream), unit = %printable(&unit), "unit resumed");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"resumed": {"stream": stream, "unit": unit}})
+                );
+            } else {
+                println!(
+                    "resumed unit {:?} of stream {:?}",
+                    printable(&unit),
+                    printable(&stream)
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Skip { stream, unit } => {
+            store.require_table().await?;
+            let head = store.store().skip_head(&stream, &unit).await?;
+            tracing::info!(stream = %printable(&stream), unit = %printable(&unit), ?head, "head skipped, unit resumed");
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"resumed": {"stream": stream, "unit": unit}, "dead_lettered_seq": head})
+                );
+            } else {
+                match head {
+                    Some(seq) => println!(
+                        "dead-lettered seq {seq} and resumed unit {:?} of stream {:?}",
+                        printable(&unit),
+                        printable(&stream)
+                    ),
+                    None => println!(
+                        "unit {:?} of stream {:?} had no pending message; resumed",
+                        printable(&unit),
+                        printable(&stream)
+                    ),
+                }
             }
             Ok(exit::OK)
         }

@@ -64,6 +64,9 @@ pub fn hint(e: &Error) -> Option<&'static str> {
         (ErrorKind::Publish, true) => Some(
             "check that the broker runs and is reachable at that URL; `outbox doctor --publisher URL` pings it",
         ),
+        (ErrorKind::NotFound, _) => Some(
+            "`outbox parked` lists the parked units; `outbox stats` the streams with pending messages",
+        ),
         (ErrorKind::Store, false) => Some(
             "`outbox doctor` checks the table and its schema; `outbox migrate` creates or upgrades them",
         ),

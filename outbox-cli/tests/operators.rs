@@ -140,6 +140,77 @@ async fn data_commands_print_one_json_document() {
     );
 }
 
+/// An operator parks a unit, lists it, sees that a relay leaves it alone, skips its head and
+/// resumes the rest; a unit that is not parked (or does not exist) is exit code 1 with a hint,
+/// and nothing changes.
+#[tokio::test]
+async fn operators_park_list_skip_and_resume_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = &sqlite_with_rows(&dir).await; // orders/k: 0, 1, 2 (keep-order)
+    let parked = stdout_json(&[
+        "--store",
+        s,
+        "--json",
+        "park",
+        "orders",
+        "k",
+        "--reason",
+        "ledger down",
+    ]);
+    assert_eq!(parked["parked"]["unit"], "k");
+    let list = stdout_json(&["--store", s, "--json", "parked"]);
+    let units = list["parked"].as_array().unwrap();
+    assert_eq!(units.len(), 1);
+    assert_eq!(
+        (
+            units[0]["stream"].as_str(),
+            units[0]["unit"].as_str(),
+            units[0]["pending"].as_u64()
+        ),
+        (Some("orders"), Some("k"), Some(3))
+    );
+    assert_eq!(units[0]["reason"], "ledger down");
+    let head = units[0]["head_seq"].as_i64().unwrap();
+    let text = run(&["--store", s, "parked", "--stream", "orders"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("unit=k") && text.contains("pending=3"),
+        "{text}"
+    );
+
+    // The relay leaves the parked unit alone.
+    let relay = run(&["--store", s, "relay", "--publisher", "stdout"]);
+    assert!(relay.status.success());
+    assert!(String::from_utf8_lossy(&relay.stdout).trim().is_empty());
+
+    for args in [
+        ["resume", "orders", "nope"],
+        ["skip", "orders", "nope"],
+        ["park", "orders", "nope"],
+        ["resume", "emails", "k"],
+    ] {
+        let out = run(&[&["--store", s][..], &args[..]].concat());
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("hint:") && err.contains("outbox parked"),
+            "{err}"
+        );
+    }
+    let skipped = stdout_json(&["--store", s, "--json", "skip", "orders", "k"]);
+    assert_eq!(skipped["dead_lettered_seq"].as_i64(), Some(head));
+    assert!(stdout_json(&["--store", s, "--json", "parked"])["parked"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let relay = run(&["--store", s, "relay", "--publisher", "stdout"]);
+    let out = String::from_utf8_lossy(&relay.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let again = run(&["--store", s, "resume", "orders", "k"]);
+    assert_eq!(again.status.code(), Some(1));
+}
+
 /// Log lines written to a pipe or file carry no ANSI colour codes; errors lead with the
 /// problem, say what to do, and the exit code tells configuration (2), unreachable
 /// service (3) and partial runs (4) apart.

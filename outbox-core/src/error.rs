@@ -27,6 +27,9 @@ pub enum ErrorKind {
     Timeout,
     /// A component was asked to work after it was shut down.
     Closed,
+    /// What an operation names does not exist, or is not in the state it needs (resuming a
+    /// unit that is not parked, say). Nothing was changed.
+    NotFound,
 }
 
 /// Whether retrying the same operation later can succeed.
@@ -84,6 +87,11 @@ impl Error {
     /// A permanent invalid-message error.
     pub fn invalid_message(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidMessage, Retry::Permanent, message)
+    }
+
+    /// A [`ErrorKind::NotFound`] error (permanent).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, Retry::Permanent, message)
     }
 
     /// A store error that a later attempt may not hit (connection loss, lock timeout).

@@ -26,6 +26,34 @@ struct Row {
 struct State {
     rows: BTreeMap<i64, Row>,
     next_seq: i64,
+    /// Parked units: when, and why.
+    parked: BTreeMap<(String, String), (SystemTime, Option<String>)>,
+}
+
+impl State {
+    /// The pending rows of a keep-order unit, in order.
+    fn unit_rows<'a>(
+        &'a mut self,
+        stream: &'a str,
+        unit: &'a str,
+    ) -> impl Iterator<Item = &'a mut Row> + 'a {
+        self.rows.values_mut().filter(move |r| {
+            r.stored.status == Status::Pending
+                && r.stored.order == Order::InUnit
+                && r.stored.ordering_unit() == (stream, unit)
+        })
+    }
+
+    fn resume(&mut self, stream: &str, unit: &str) {
+        self.parked.remove(&(stream.to_owned(), unit.to_owned()));
+        let now = SystemTime::now();
+        for r in self.unit_rows(stream, unit) {
+            if r.stored.attempts > 0 {
+                r.stored.attempts = 0;
+                r.stored.next_attempt_at = r.stored.next_attempt_at.min(now);
+            }
+        }
+    }
 }
 
 /// An in-memory store. Clones share the same rows.
@@ -182,6 +210,8 @@ impl Store for MemoryStore {
         let mut blocked: HashSet<(String, String)> = HashSet::new();
         let mut out = Vec::new();
         let (mut bytes, mut taken_any) = (0usize, false);
+        let state = &mut *state;
+        let parked = &state.parked;
         for row in state.rows.values_mut() {
             if out.len() >= claim.limit {
                 break;
@@ -194,7 +224,7 @@ impl Store for MemoryStore {
             if s.order == Order::InUnit {
                 let (st, k) = s.ordering_unit();
                 let unit = (st.to_owned(), k.to_owned());
-                if blocked.contains(&unit) {
+                if blocked.contains(&unit) || parked.contains_key(&unit) {
                     continue;
                 }
                 if !free {
@@ -291,6 +321,86 @@ impl Store for MemoryStore {
         }
         self.notify.notify_one();
         Ok(n)
+    }
+
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        if state.unit_rows(stream, unit).next().is_none() {
+            return Err(crate::store::no_such_unit(stream, unit, false));
+        }
+        state
+            .parked
+            .entry((stream.to_owned(), unit.to_owned()))
+            .or_insert_with(|| (SystemTime::now(), Some(reason.to_owned())));
+        Ok(())
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        if !state
+            .parked
+            .contains_key(&(stream.to_owned(), unit.to_owned()))
+        {
+            return Err(crate::store::no_such_unit(stream, unit, true));
+        }
+        state.resume(stream, unit);
+        drop(state);
+        self.notify.notify_one();
+        Ok(())
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
+        let mut state = self.state.lock().unwrap();
+        if !state
+            .parked
+            .contains_key(&(stream.to_owned(), unit.to_owned()))
+        {
+            return Err(crate::store::no_such_unit(stream, unit, true));
+        }
+        let head = state.unit_rows(stream, unit).next().map(|r| {
+            r.stored.status = Status::Dead;
+            r.stored.last_error = Some(format!(
+                "{} [skipped by an operator]",
+                r.stored.last_error.as_deref().unwrap_or("")
+            ));
+            r.locked_by = None;
+            r.locked_until = None;
+            r.stored.seq
+        });
+        state.resume(stream, unit);
+        drop(state);
+        self.notify.notify_one();
+        Ok(head)
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::store::ParkedUnit>> {
+        let mut state = self.state.lock().unwrap();
+        let mut parked: Vec<_> = state
+            .parked
+            .iter()
+            .filter(|((s, _), _)| stream.is_none_or(|want| want == s))
+            .map(|((s, u), (at, why))| (s.clone(), u.clone(), *at, why.clone()))
+            .collect();
+        parked.sort_by_key(|p| p.2);
+        parked.truncate(limit);
+        Ok(parked
+            .into_iter()
+            .map(|(s, u, parked_at, reason)| {
+                let rows: Vec<i64> = state.unit_rows(&s, &u).map(|r| r.stored.seq).collect();
+                crate::store::ParkedUnit {
+                    head: rows.first().copied(),
+                    pending: (rows.len() as u64).min(crate::store::PARKED_COUNT_CAP),
+                    stream: s,
+                    unit: u,
+                    parked_at,
+                    reason,
+                }
+            })
+            .collect())
     }
 
     async fn purge_dead(&self, selector: &Selector) -> Result<u64> {

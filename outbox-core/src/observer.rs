@@ -77,6 +77,29 @@ pub enum Event<'a> {
         /// Which column or rule failed, and why.
         reason: &'a str,
     },
+    /// A keep-order unit was parked: by a relay, after its head exhausted its attempts under
+    /// [`Exhausted::Park`](crate::Exhausted::Park) (`envelope` is the head), or by an operator
+    /// through [`Outbox::park_unit`](crate::Outbox::park_unit).
+    Parked {
+        /// The unit's stream.
+        stream: &'a str,
+        /// The unit.
+        unit: &'a str,
+        /// Why.
+        reason: &'a str,
+        /// The head that exhausted its attempts, when a relay parked it.
+        envelope: Option<&'a Envelope>,
+    },
+    /// An operator resumed a parked unit through [`Outbox::resume_unit`](crate::Outbox::resume_unit)
+    /// or [`Outbox::skip_head`](crate::Outbox::skip_head).
+    Resumed {
+        /// The unit's stream.
+        stream: &'a str,
+        /// The unit.
+        unit: &'a str,
+        /// The head dead-lettered first, when skipped.
+        skipped: Option<i64>,
+    },
     /// A stored row's signature did not verify; it will never be published.
     Tampered {
         /// The row's sequence number.
@@ -145,6 +168,23 @@ impl Observers {
             Event::Quarantined { seq, id, reason } => {
                 metrics::counter!("outbox_quarantined_total").increment(1);
                 tracing::error!(seq, id = id.unwrap_or("<unreadable>"), %reason, "quarantined a row that is not a valid message: dead-lettered, not published");
+            }
+            Event::Parked {
+                stream,
+                unit,
+                reason,
+                envelope,
+            } => {
+                metrics::counter!("outbox_parked_total").increment(1);
+                tracing::error!(%stream, %unit, %reason, head = ?envelope.map(|e| e.id), "keep-order unit parked: its messages wait, in order, for an operator to resume it or skip its head");
+            }
+            Event::Resumed {
+                stream,
+                unit,
+                skipped,
+            } => {
+                metrics::counter!("outbox_resumed_total").increment(1);
+                tracing::info!(%stream, %unit, ?skipped, "parked unit resumed");
             }
             Event::Tampered { seq, id, error } => {
                 metrics::counter!("outbox_tampered_total").increment(1);

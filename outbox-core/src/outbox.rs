@@ -285,6 +285,41 @@ impl<S> Outbox<S> {
             .observers(sh.observers.0.clone())
     }
 
+    /// Park a keep-order unit by hand ([`Store::park_unit`]), and tell the observers.
+    pub async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
+        self.shared.store.park_unit(stream, unit, reason).await?;
+        self.shared.observers.emit(&Event::Parked {
+            stream,
+            unit,
+            reason,
+            envelope: None,
+        });
+        Ok(())
+    }
+
+    /// Resume a parked unit ([`Store::resume_unit`]), and tell the observers.
+    pub async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
+        self.shared.store.resume_unit(stream, unit).await?;
+        self.shared.observers.emit(&Event::Resumed {
+            stream,
+            unit,
+            skipped: None,
+        });
+        Ok(())
+    }
+
+    /// Dead-letter a parked unit's head and resume the rest ([`Store::skip_head`]), and tell
+    /// the observers. Returns the skipped head's `seq`.
+    pub async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
+        let skipped = self.shared.store.skip_head(stream, unit).await?;
+        self.shared.observers.emit(&Event::Resumed {
+            stream,
+            unit,
+            skipped,
+        });
+        Ok(skipped)
+    }
+
     /// Publish-on-commit batches dispatched and not finished yet.
     pub fn in_flight(&self) -> usize {
         self.shared
@@ -376,7 +411,8 @@ impl Shared {
                     }
                     let after = match decision {
                         Decision::Retry(d) | Decision::Stuck(d) => d,
-                        Decision::Dead => Duration::ZERO,
+                        // Publish-on-commit rows have no unit to park (refused at enqueue).
+                        Decision::Dead | Decision::Park => Duration::ZERO,
                     };
                     match seq {
                         Some(seq) => failures.push(Failure {

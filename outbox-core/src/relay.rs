@@ -88,6 +88,8 @@ pub struct BatchReport {
     pub released: usize,
     /// Rows that could not be read back or broke the enqueue rules: dead-lettered unpublished.
     pub quarantined: usize,
+    /// Units parked (their head exhausted its attempts under `Exhausted::Park`).
+    pub parked: usize,
 }
 
 impl std::ops::AddAssign for BatchReport {
@@ -98,6 +100,7 @@ impl std::ops::AddAssign for BatchReport {
         self.dead += o.dead;
         self.released += o.released;
         self.quarantined += o.quarantined;
+        self.parked += o.parked;
     }
 }
 
@@ -257,6 +260,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // batch's order takes each unit's run in one wave.
         let ordered = self.publisher.ordered_batches();
         let mut done = Vec::new();
+        // Heads that exhausted their attempts under Exhausted::Park, with their errors.
+        let mut parks: Vec<(&StoredMessage, Error)> = Vec::new();
         let mut out_of_lease = 0usize;
         let mut cursor = vec![0usize; units.len()];
         let mut alive: Vec<usize> = (0..units.len()).collect();
@@ -305,7 +310,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                                     id: m.envelope.id,
                                     error: &error,
                                 });
-                                self.record_failure(m, error, &mut failures, &mut report);
+                                self.record_failure(
+                                    m,
+                                    error,
+                                    &mut failures,
+                                    &mut report,
+                                    &mut parks,
+                                );
                                 stopped.push(u);
                             }
                             break;
@@ -345,7 +356,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                             cursor[u] += 1;
                         }
                         Err(error) => {
-                            self.record_failure(m, error, &mut failures, &mut report);
+                            self.record_failure(m, error, &mut failures, &mut report, &mut parks);
                             stopped.push(u);
                             failed = true;
                         }
@@ -367,6 +378,34 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             alive.retain(|&u| cursor[u] < units[u].len());
         }
 
+        // Park before settling, while this relay still leases the units: a settled unit could
+        // be claimed again before it was parked. A unit that fails to park is retried after
+        // its head's backoff, and parked at its next failure.
+        for (m, error) in &parks {
+            let (stream, unit) = m.ordering_unit();
+            let reason = format!(
+                "message {} failed {} times: {error}",
+                m.envelope.id,
+                m.attempts.saturating_add(1)
+            );
+            match self
+                .store_call("park", self.store.park_unit(stream, unit, &reason))
+                .await
+            {
+                Ok(()) => {
+                    report.parked += 1;
+                    self.observers.emit(&Event::Parked {
+                        stream,
+                        unit,
+                        reason: &reason,
+                        envelope: Some(&m.envelope),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, %stream, %unit, "could not park the unit; it is retried and parked at its next failure")
+                }
+            }
+        }
         if !done.is_empty() || !failures.is_empty() {
             // Past the deadline, what was published stays leased and is published again
             // after the lease (a duplicate, never a loss).
@@ -425,12 +464,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    fn record_failure(
+    fn record_failure<'m>(
         &self,
-        m: &StoredMessage,
+        m: &'m StoredMessage,
         error: Error,
         failures: &mut Vec<Failure>,
         report: &mut BatchReport,
+        parks: &mut Vec<(&'m StoredMessage, Error)>,
     ) {
         let cfg = &self.config;
         let attempts = m.attempts.saturating_add(1);
@@ -460,6 +500,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     attempts,
                 });
                 Outcome::Retry { after }
+            }
+            Decision::Park => {
+                // The attempt is counted and its error kept; the unit is parked before the
+                // batch is settled (see `step`).
+                let after = cfg.delivery.retry.delay(attempts);
+                failures.push(Failure {
+                    seq: m.seq,
+                    error: error.to_string(),
+                    outcome: Outcome::Retry { after },
+                });
+                parks.push((m, error));
+                return;
             }
             Decision::Dead => {
                 report.dead += 1;

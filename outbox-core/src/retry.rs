@@ -88,6 +88,8 @@ pub enum Decision {
     /// Keep-order head that cannot be delivered: stay blocked, retry after the delay, and
     /// report it stuck.
     Stuck(Duration),
+    /// Keep-order head that cannot be delivered: park its unit for an operator.
+    Park,
 }
 
 impl RetryPolicy {
@@ -108,6 +110,8 @@ impl RetryPolicy {
         match (order, exhausted) {
             (_, Exhausted::DeadLetter) | (Order::Unordered, Exhausted::Default) => Decision::Dead,
             (Order::InUnit, Exhausted::Default) if dead_letter_keep_order => Decision::Dead,
+            (Order::InUnit, Exhausted::Park) => Decision::Park,
+            (Order::Unordered, Exhausted::Park) => Decision::Dead,
             (_, Exhausted::Default | Exhausted::Block) => Decision::Stuck(self.delay(attempts)),
         }
     }
@@ -181,6 +185,14 @@ mod tests {
             p.decide(Order::InUnit, Exhausted::Default, 3, &t, true),
             Decision::Dead
         );
+        assert_eq!(
+            p.decide(Order::InUnit, Exhausted::Park, 3, &t, false),
+            Decision::Park
+        );
+        assert!(matches!(
+            p.decide(Order::InUnit, Exhausted::Park, 2, &t, false),
+            Decision::Retry(_)
+        ));
         // The row's own answer wins over the relay's default.
         assert_eq!(
             p.decide(Order::InUnit, Exhausted::DeadLetter, 3, &t, false),

@@ -186,6 +186,26 @@ pub enum Selector {
     Seqs(Vec<i64>),
 }
 
+/// A parked ordering unit, as [`Store::parked_units`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedUnit {
+    /// Its stream.
+    pub stream: String,
+    /// Its unit within the stream.
+    pub unit: String,
+    /// When it was parked (by the database's clock).
+    pub parked_at: SystemTime,
+    /// Why: the head's last error, or the operator's reason.
+    pub reason: Option<String>,
+    /// Its first pending row (the one a [`Store::skip_head`] dead-letters).
+    pub head: Option<i64>,
+    /// Pending rows waiting in it, counted up to [`PARKED_COUNT_CAP`].
+    pub pending: u64,
+}
+
+/// [`ParkedUnit::pending`] counts no further (a listing stays cheap behind a deep unit).
+pub const PARKED_COUNT_CAP: u64 = 100_000;
+
 /// Counts for one stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamStats {
@@ -254,6 +274,10 @@ impl Stats {
 ///   that lease a keep-order unit as a whole, on the row's unit), and releases them.
 /// - `settle` is `complete` and `fail` of one batch together; a store may apply it atomically.
 /// - Two claims that overlap in time never return the same row while its lease lasts.
+/// - A parked unit ([`park_unit`](Store::park_unit)) yields nothing to claims, at no cost
+///   (claims pick due units through an index, and a parked unit is never due), until
+///   [`resume_unit`](Store::resume_unit) or [`skip_head`](Store::skip_head); rows written to
+///   it meanwhile queue behind it, and nothing else (settling a batch, a requeue) wakes it.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Create the table and indexes if they do not exist.
@@ -314,6 +338,38 @@ pub trait Store: Send + Sync {
     /// One row by `seq`, whatever its status. A row that does not decode comes back as
     /// [`StoredMessage::unreadable`] (its status and error, when those decode).
     async fn get(&self, seq: i64) -> Result<Option<StoredMessage>>;
+
+    /// Park the keep-order unit (`stream`, `unit`): its pending rows, in order, leave the
+    /// claim path until [`resume_unit`](Store::resume_unit) or
+    /// [`skip_head`](Store::skip_head). A batch a relay already claimed from it finishes.
+    /// Parking a parked unit keeps its first reason. A unit without pending rows is an
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error. The default: not supported.
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
+        let _ = (stream, unit, reason);
+        Err(unsupported("parking units"))
+    }
+
+    /// Resume a parked unit: its rows are published again in their order, from the head,
+    /// with a fresh retry budget (attempts reset). A unit that is not parked is an
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error, and nothing changes.
+    async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
+        let _ = (stream, unit);
+        Err(unsupported("parking units"))
+    }
+
+    /// Dead-letter the head of a parked unit (just that message), then resume the rest.
+    /// Returns the head's `seq` (`None` when the unit had no pending row left). A unit that is
+    /// not parked is an [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error.
+    async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
+        let _ = (stream, unit);
+        Err(unsupported("parking units"))
+    }
+
+    /// Parked units, oldest parked first (of `stream` only, when given), at most `limit`.
+    async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> {
+        let _ = (stream, limit);
+        Err(unsupported("parking units"))
+    }
 
     /// Wait until new work may be there, or `timeout` passes. The default sleeps; stores that
     /// can hear commits (PostgreSQL NOTIFY, in-process notification) return early.
@@ -413,6 +469,10 @@ macro_rules! forward_store {
             async fn stats(&self) -> Result<Stats> { (**self).stats().await }
             async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
             async fn wait_for_work(&self, timeout: Duration) { (**self).wait_for_work(timeout).await }
+            async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> { (**self).park_unit(stream, unit, reason).await }
+            async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> { (**self).resume_unit(stream, unit).await }
+            async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> { (**self).skip_head(stream, unit).await }
+            async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> { (**self).parked_units(stream, limit).await }
             async fn start_listening(&self) -> Result<()> { (**self).start_listening().await }
             fn notify_committed(&self) { (**self).notify_committed() }
             fn signing_scope(&self) -> String { (**self).signing_scope() }
@@ -421,3 +481,19 @@ macro_rules! forward_store {
 }
 
 forward_store!(&T, Box<T>, Arc<T>);
+
+fn unsupported(what: &str) -> crate::Error {
+    crate::Error::config(format!("this store does not support {what}"))
+}
+
+/// The message of a [`Store::park_unit`], [`Store::resume_unit`] or [`Store::skip_head`]
+/// of a unit that does not exist or is not parked.
+pub fn no_such_unit(stream: &str, unit: &str, parked: bool) -> crate::Error {
+    let short = |t: &str| crate::printable(&t.chars().take(255).collect::<String>()).into_owned();
+    let (s, u) = (short(stream), short(unit));
+    crate::Error::not_found(if parked {
+        format!("unit {u:?} of stream {s:?} is not parked")
+    } else {
+        format!("stream {s:?} has no unit {u:?} with pending keep-order messages")
+    })
+}

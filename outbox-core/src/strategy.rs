@@ -55,6 +55,10 @@ pub enum Exhausted {
     /// Keep retrying it (with the capped backoff) and report the unit stuck: nothing behind it
     /// is published until it passes or an operator acts.
     Block,
+    /// Park its unit: the unit's rows, this one first, leave the claim path in their order
+    /// (costing relays nothing) until an operator resumes the unit or skips its head; new
+    /// messages of the unit queue behind them. See [`Store::park_unit`](crate::Store::park_unit).
+    Park,
 }
 
 impl Exhausted {
@@ -64,6 +68,7 @@ impl Exhausted {
             Exhausted::Default => None,
             Exhausted::DeadLetter => Some("dead"),
             Exhausted::Block => Some("block"),
+            Exhausted::Park => Some("park"),
         }
     }
 
@@ -73,6 +78,7 @@ impl Exhausted {
             None => Ok(Exhausted::Default),
             Some("dead") => Ok(Exhausted::DeadLetter),
             Some("block") => Ok(Exhausted::Block),
+            Some("park") => Ok(Exhausted::Park),
             Some(other) => Err(format!(
                 "unknown exhaustion policy {:?}",
                 other.chars().take(64).collect::<String>()
@@ -180,6 +186,13 @@ impl KeepOrder {
     pub fn block() -> Self {
         Self {
             exhausted: Exhausted::Block,
+        }
+    }
+
+    /// A head that exhausts its attempts parks its unit, in order, for an operator.
+    pub fn park() -> Self {
+        Self {
+            exhausted: Exhausted::Park,
         }
     }
 }
@@ -324,8 +337,10 @@ impl Plan {
                 "publish-on-commit cannot keep order (committers publish concurrently): answer Unit::None, or PublishedBy::Relay".into(),
             );
         }
-        if order == Order::Unordered && exhausted == Exhausted::Block {
-            return bad("Exhausted::Block needs an ordering unit to block".into());
+        if order == Order::Unordered && matches!(exhausted, Exhausted::Block | Exhausted::Park) {
+            return bad(format!(
+                "Exhausted::{exhausted:?} needs an ordering unit to hold back"
+            ));
         }
         let (delay, not_before) = match strategy.schedule(message) {
             None => (Duration::ZERO, None),
@@ -408,6 +423,7 @@ mod tests {
         let cases = [
             Bad(PublishedBy::Committer, Unit::Key, Exhausted::Default),
             Bad(PublishedBy::Relay, Unit::None, Exhausted::Block),
+            Bad(PublishedBy::Relay, Unit::None, Exhausted::Park),
             Bad(
                 PublishedBy::Relay,
                 Unit::Named(String::new()),
@@ -461,7 +477,12 @@ mod tests {
 
     #[test]
     fn exhaustion_names_round_trip() {
-        for e in [Exhausted::Default, Exhausted::DeadLetter, Exhausted::Block] {
+        for e in [
+            Exhausted::Default,
+            Exhausted::DeadLetter,
+            Exhausted::Block,
+            Exhausted::Park,
+        ] {
             assert_eq!(Exhausted::from_stored(e.as_stored()).unwrap(), e);
         }
         assert!(Exhausted::from_stored(Some("nope")).is_err());

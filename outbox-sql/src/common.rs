@@ -307,3 +307,16 @@ pub(crate) fn check_tls_params(url: &str, p: &TlsParams) -> outbox_core::Result<
         _ => Ok(()),
     }
 }
+
+/// Roll `tx` back now and return `error`. A dropped sqlx transaction only queues its
+/// rollback for the connection's next use, and until then its row locks stay: a claim with
+/// SKIP LOCKED would pass over a unit an operator's failed `resume` merely looked at.
+pub(crate) async fn rolled_back<DB: sqlx::Database>(
+    tx: sqlx::Transaction<'_, DB>,
+    error: outbox_core::Error,
+) -> outbox_core::Error {
+    if let Err(e) = tx.rollback().await {
+        tracing::warn!(error = %e, "rollback failed; the connection is dropped");
+    }
+    error
+}

@@ -16,7 +16,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, MySqlConnection, Row, Transaction};
 use tokio::sync::Notify;
 
-use crate::common::{claimed, keep_order_units, listed, redact_url, stats_from_rows};
+use crate::common::{claimed, keep_order_units, listed, redact_url, rolled_back, stats_from_rows};
 
 pub use crate::common::map_err;
 /// The sqlx this store is built with, for the application's own queries and transactions.
@@ -29,6 +29,9 @@ const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT
 
 /// The database clock in milliseconds.
 const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+/// `next_at` of a parked unit: never due, so claims never read it.
+const PARKED: i64 = i64::MAX;
 
 /// Settings of a [`MySqlStore`].
 #[derive(Debug, Clone)]
@@ -411,6 +414,39 @@ mod sqlx_value {
 }
 
 impl MySqlStore {
+    /// Un-park (`stream`, `unit`) in `tx`: due now, its failed rows with a fresh retry budget.
+    async fn resume(
+        &self,
+        tx: &mut Transaction<'_, MySql>,
+        stream: &str,
+        unit: &str,
+    ) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let resumed = sqlx::query(&format!(
+            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL
+             WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?
+        .rows_affected();
+        if resumed == 0 {
+            return Err(outbox_core::no_such_unit(stream, unit, true));
+        }
+        sqlx::query(&format!(
+            "UPDATE {t} SET attempts = 0, next_attempt_at = LEAST(next_attempt_at, {NOW})
+             WHERE status = 'pending' AND stream = ? AND okey = ? AND strategy <> 'on_commit' AND attempts > 0"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        Ok(())
+    }
+
     /// The server's NO PAD binary collation: names compare byte for byte, so `a` and `a `
     /// (and `a` and `A`, `é` and `e` + combining accent) are different streams and units.
     /// `utf8mb4_bin` is PAD SPACE: `=` and unique keys ignore trailing spaces.
@@ -445,6 +481,38 @@ impl MySqlStore {
             let (verb, rest) = statement.split_at(statement.find(' ').unwrap_or(0));
             format!("{verb} /*+ SET_VAR(innodb_lock_wait_timeout = {secs}) */{rest}")
         })
+    }
+
+    /// `ALTER TABLE table {ddl}` unless `table` has `column` (MySQL 8 has no ADD COLUMN IF
+    /// NOT EXISTS; a concurrent migrate that added it first is fine).
+    async fn add_column(&self, table: &str, column: &str, ddl: &str) -> outbox_core::Result<()> {
+        let has: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.COLUMNS
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = ?",
+        )
+        .bind(table)
+        .bind(column)
+        .fetch_one(&self.inner.pool)
+        .await
+        .map_err(map_err)?;
+        if has > 0 {
+            return Ok(());
+        }
+        match sqlx::query(&format!("ALTER TABLE {table} {ddl}"))
+            .execute(&self.inner.pool)
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Duplicate column or key: another migrate was first.
+            Err(sqlx::Error::Database(db))
+                if db
+                    .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                    .is_some_and(|e| matches!(e.number(), 1060 | 1061)) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn index_exists(&self, name: &str) -> outbox_core::Result<bool> {
@@ -952,7 +1020,7 @@ impl MySqlStore {
         for (delay, units) in by_delay {
             for chunk in units.chunks(500) {
                 let sql = format!(
-                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE {}",
+                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE parked_at IS NULL AND ({})",
                     vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
                 );
                 let mut q = sqlx::query(&sql).bind(now + delay);
@@ -1061,31 +1129,6 @@ impl Store for MySqlStore {
                 .map_err(map_err)?;
         }
         self.convert_to_exact_names(c).await?;
-        // Columns added after a table's first version (MySQL 8 has no ADD COLUMN IF NOT
-        // EXISTS; a concurrent migrate that added it first is fine).
-        let has: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM information_schema.COLUMNS
-             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'on_exhausted'",
-        )
-        .bind(t)
-        .fetch_one(&self.inner.pool)
-        .await
-        .map_err(map_err)?;
-        if has == 0 {
-            let added = sqlx::query(&format!(
-                "ALTER TABLE {t} ADD COLUMN on_exhausted VARCHAR(16) NULL"
-            ))
-            .execute(&self.inner.pool)
-            .await;
-            match added {
-                Ok(_) => {}
-                Err(sqlx::Error::Database(db))
-                    if db
-                        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
-                        .is_some_and(|e| e.number() == 1060) => {}
-                Err(e) => return Err(map_err(e)),
-            }
-        }
         // Units as claims see them: when each may be claimed next (`next_at`: now when free,
         // the lease's end when leased, the head's retry time when backing off).
         sqlx::query(&format!(
@@ -1094,13 +1137,29 @@ impl Store for MySqlStore {
                 okey VARCHAR(255) NOT NULL,
                 next_at BIGINT NOT NULL,
                 leased_by VARCHAR(64) NULL,
+                parked_at BIGINT NULL,
+                parked_reason TEXT NULL,
                 PRIMARY KEY (stream, okey),
-                KEY due_next (next_at)
+                KEY due_next (next_at),
+                KEY due_parked (parked_at)
             ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
         ))
         .execute(&self.inner.pool)
         .await
         .map_err(map_err)?;
+        // Columns added after a table's first version.
+        self.add_column(
+            t,
+            "on_exhausted",
+            "ADD COLUMN on_exhausted VARCHAR(16) NULL",
+        )
+        .await?;
+        self.add_column(
+            &format!("{t}_due"),
+            "parked_at",
+            "ADD COLUMN parked_at BIGINT NULL, ADD COLUMN parked_reason TEXT NULL, ADD KEY due_parked (parked_at)",
+        )
+        .await?;
         // Tables made before claims went by unit: their indexes and the claim lock table go,
         // publish-on-commit rows get an index of their own, leased ones are due at the
         // lease's end, and every unit with pending rows gets its rows of the unit tables.
@@ -1241,7 +1300,8 @@ impl Store for MySqlStore {
         lock_units(&mut tx, t, &units).await?;
         for (stream, key) in &units {
             sqlx::query(&format!(
-                "UPDATE {t}_due SET next_at = LEAST(next_at, {NOW}) WHERE stream = ? AND okey = ?"
+                "UPDATE {t}_due SET next_at = LEAST(next_at, {NOW})
+                 WHERE stream = ? AND okey = ? AND parked_at IS NULL"
             ))
             .bind(stream)
             .bind(key)
@@ -1261,6 +1321,148 @@ impl Store for MySqlStore {
         tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
+    }
+
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let pending: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT seq FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
+               AND strategy <> 'on_commit' LIMIT 1"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if pending.is_some() {
+            // Under the unit's writer lock, which also adopts a unit the claims do not know
+            // yet (rows written by SQL).
+            lock_units(&mut tx, t, &[(stream.to_owned(), unit.to_owned())]).await?;
+            sqlx::query(&format!(
+                "UPDATE {t}_due SET parked_at = {NOW}, parked_reason = ?, next_at = {PARKED}
+                 WHERE stream = ? AND okey = ? AND parked_at IS NULL"
+            ))
+            .bind(reason)
+            .bind(stream)
+            .bind(unit)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        } else {
+            let parked: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL"
+            ))
+            .bind(stream)
+            .bind(unit)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if parked.is_none() {
+                return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        if let Err(e) = self.resume(&mut tx, stream, unit).await {
+            return Err(rolled_back(tx, e).await);
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.inner.notify.notify_one();
+        Ok(())
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> outbox_core::Result<Option<i64>> {
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let parked: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL FOR UPDATE"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if parked.is_none() {
+            return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, true)).await);
+        }
+        let head: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT seq FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
+               AND strategy <> 'on_commit' ORDER BY seq LIMIT 1 FOR UPDATE"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Some(seq) = head {
+            sqlx::query(&format!(
+                "UPDATE {t} SET status = 'dead', locked_by = NULL, locked_until = NULL,
+                   last_error = CONCAT(IFNULL(CONCAT(last_error, ' '), ''), '[skipped by an operator]')
+                 WHERE seq = ?"
+            ))
+            .bind(seq)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        }
+        if let Err(e) = self.resume(&mut tx, stream, unit).await {
+            return Err(rolled_back(tx, e).await);
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.inner.notify.notify_one();
+        Ok(head)
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<outbox_core::ParkedUnit>> {
+        let t = &self.inner.table;
+        let rows: Vec<(String, String, i64, Option<String>, Option<i64>)> =
+            sqlx::query_as(&format!(
+                "SELECT CONVERT(d.stream USING utf8mb4), CONVERT(d.okey USING utf8mb4), d.parked_at,
+                   CONVERT(d.parked_reason USING utf8mb4),
+                   (SELECT o.seq FROM {t} o WHERE o.status = 'pending' AND o.stream = d.stream
+                      AND o.okey = d.okey AND o.strategy <> 'on_commit' ORDER BY o.seq LIMIT 1)
+                 FROM {t}_due d WHERE d.parked_at IS NOT NULL AND (? IS NULL OR d.stream = ?)
+                 ORDER BY d.parked_at LIMIT ?"
+            ))
+            .bind(stream)
+            .bind(stream)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        // Counted per unit, up to the cap (MariaDB refuses the outer reference in a derived
+        // table, which a capped count in the listing would need).
+        let count = format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
+               AND strategy <> 'on_commit' LIMIT {cap}) c",
+            cap = outbox_core::PARKED_COUNT_CAP
+        );
+        let mut out = Vec::with_capacity(rows.len());
+        for (stream, unit, at, reason, head) in rows {
+            let pending: i64 = sqlx::query_scalar(&count)
+                .bind(&stream)
+                .bind(&unit)
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+            out.push(outbox_core::ParkedUnit {
+                stream,
+                unit,
+                parked_at: outbox_core::from_millis(at),
+                reason,
+                head,
+                pending: pending.max(0) as u64,
+            });
+        }
+        Ok(out)
     }
 
     async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {

@@ -31,7 +31,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::Notify;
 
-use crate::common::{claimed, keep_order_units, listed, redact_url, stats_from_rows};
+use crate::common::{claimed, keep_order_units, listed, redact_url, rolled_back, stats_from_rows};
 
 pub use crate::common::map_err;
 /// The sqlx this store is built with, for the application's own queries and transactions.
@@ -90,6 +90,9 @@ impl Default for PgOptions {
 }
 
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `next_at` of a parked unit: never due, so claims never read it.
+const PARKED: i64 = i64::MAX;
 
 /// How often a store looks for keep-order rows whose unit it does not know.
 const ADOPT_EVERY: Duration = Duration::from_secs(60);
@@ -431,10 +434,15 @@ impl Sql {
                     next_at BIGINT NOT NULL,
                     leased_by TEXT,
                     head_seq BIGINT NOT NULL DEFAULT 0,
+                    parked_at BIGINT,
+                    parked_reason TEXT,
                     PRIMARY KEY (stream, okey)
                 );
                 ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS head_seq BIGINT NOT NULL DEFAULT 0;
+                ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS parked_at BIGINT;
+                ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS parked_reason TEXT;
                 CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
+                CREATE INDEX IF NOT EXISTS {t}_due_parked ON {t}_due (parked_at) WHERE parked_at IS NOT NULL;
                 UPDATE {t} SET next_attempt_at = locked_until
                   WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at"
             ),
@@ -578,6 +586,7 @@ impl Sql {
                            MAX(r.seq) FILTER (WHERE r.seq = ANY($1)) AS done_to
                          FROM r LEFT JOIN f ON f.seq = r.seq GROUP BY r.stream, r.okey) x
                    WHERE d.stream = x.stream AND d.okey = x.okey AND ($5::text IS NULL OR d.leased_by = $5)
+                     AND d.parked_at IS NULL
                    RETURNING 1),
                  done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL
                    WHERE seq = ANY($1) AND (SELECT count(*) FROM units) >= 0 RETURNING 1)
@@ -910,8 +919,11 @@ impl Store for PgStore {
              due AS (
                INSERT INTO {t}_due (stream, okey, next_at, head_seq)
                SELECT stream, okey, {NOW}, MIN(seq) - 1 FROM rq WHERE strategy <> 'on_commit' GROUP BY stream, okey
-               ON CONFLICT (stream, okey) DO UPDATE SET next_at = LEAST({t}_due.next_at, EXCLUDED.next_at),
-                 head_seq = LEAST({t}_due.head_seq, EXCLUDED.head_seq), leased_by = NULL)
+               ON CONFLICT (stream, okey) DO UPDATE SET
+                 next_at = CASE WHEN {t}_due.parked_at IS NULL THEN LEAST({t}_due.next_at, EXCLUDED.next_at)
+                                ELSE {t}_due.next_at END,
+                 head_seq = LEAST({t}_due.head_seq, EXCLUDED.head_seq),
+                 leased_by = CASE WHEN {t}_due.parked_at IS NULL THEN NULL ELSE {t}_due.leased_by END)
              SELECT count(*) FROM rq"
         );
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
@@ -938,6 +950,129 @@ impl Store for PgStore {
         tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
+    }
+
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let pending = format!(
+            "EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND stream = $1 AND okey = $2
+               AND strategy <> 'on_commit')"
+        );
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        // A unit the claims do not know yet (rows written by SQL) is adopted first.
+        for adopt in [
+            format!("INSERT INTO {t}_units (stream, okey) SELECT $1, $2 WHERE {pending} ON CONFLICT DO NOTHING"),
+            format!(
+                "INSERT INTO {t}_due (stream, okey, next_at) SELECT $1, $2, 0 WHERE {pending} ON CONFLICT DO NOTHING"
+            ),
+        ] {
+            sqlx::query(&adopt)
+                .bind(stream)
+                .bind(unit)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        // Parked units are never due: claims pick units through <table>_due_next.
+        let state: Option<bool> = sqlx::query_scalar(&format!(
+            "WITH p AS (
+               UPDATE {t}_due SET parked_at = {NOW}, parked_reason = $3, next_at = {PARKED}
+               WHERE stream = $1 AND okey = $2 AND parked_at IS NULL AND {pending} RETURNING 1)
+             SELECT true FROM p
+             UNION ALL SELECT parked_at IS NOT NULL FROM {t}_due WHERE stream = $1 AND okey = $2
+               AND NOT EXISTS (SELECT 1 FROM p)"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .bind(reason)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if state != Some(true) {
+            return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        if let Err(e) = self.resume(&mut tx, stream, unit).await {
+            return Err(rolled_back(tx, e).await);
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.inner.notify.notify_one();
+        Ok(())
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> outbox_core::Result<Option<i64>> {
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let parked: Option<i32> = sqlx::query_scalar(&format!(
+            "SELECT 1 FROM {t}_due WHERE stream = $1 AND okey = $2 AND parked_at IS NOT NULL FOR UPDATE"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if parked.is_none() {
+            return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, true)).await);
+        }
+        let head: Option<i64> = sqlx::query_scalar(&format!(
+            "UPDATE {t} SET status = 'dead', locked_by = NULL, locked_until = NULL,
+               last_error = COALESCE(last_error || ' ', '') || '[skipped by an operator]'
+             WHERE seq = (SELECT seq FROM {t} WHERE status = 'pending' AND stream = $1 AND okey = $2
+               AND strategy <> 'on_commit' ORDER BY seq LIMIT 1)
+             RETURNING seq"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if let Err(e) = self.resume(&mut tx, stream, unit).await {
+            return Err(rolled_back(tx, e).await);
+        }
+        tx.commit().await.map_err(map_err)?;
+        self.inner.notify.notify_one();
+        Ok(head)
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<outbox_core::ParkedUnit>> {
+        let t = &self.inner.table;
+        let rows: Vec<(String, String, i64, Option<String>, Option<i64>, i64)> =
+            sqlx::query_as(&format!(
+                "SELECT d.stream, d.okey, d.parked_at, d.parked_reason,
+                   (SELECT seq FROM {t} o WHERE o.status = 'pending' AND o.stream = d.stream AND o.okey = d.okey
+                      AND o.strategy <> 'on_commit' ORDER BY o.seq LIMIT 1),
+                   (SELECT count(*) FROM (SELECT 1 FROM {t} o WHERE o.status = 'pending' AND o.stream = d.stream
+                      AND o.okey = d.okey AND o.strategy <> 'on_commit' LIMIT {cap}) c)
+                 FROM {t}_due d WHERE d.parked_at IS NOT NULL AND ($1::text IS NULL OR d.stream = $1)
+                 ORDER BY d.parked_at LIMIT $2",
+                cap = outbox_core::PARKED_COUNT_CAP
+            ))
+            .bind(stream)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(stream, unit, at, reason, head, pending)| outbox_core::ParkedUnit {
+                    stream,
+                    unit,
+                    parked_at: outbox_core::from_millis(at),
+                    reason,
+                    head,
+                    pending: pending.max(0) as u64,
+                },
+            )
+            .collect())
     }
 
     async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {
@@ -1052,6 +1187,44 @@ impl Store for PgStore {
 }
 
 impl PgStore {
+    /// Un-park (`stream`, `unit`) in `tx`: due now, its failed rows with a fresh retry budget,
+    /// relays told at commit.
+    async fn resume(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        stream: &str,
+        unit: &str,
+    ) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let resumed: Option<i32> = sqlx::query_scalar(&format!(
+            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL
+             WHERE stream = $1 AND okey = $2 AND parked_at IS NOT NULL RETURNING 1"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        if resumed.is_none() {
+            return Err(outbox_core::no_such_unit(stream, unit, true));
+        }
+        sqlx::query(&format!(
+            "UPDATE {t} SET attempts = 0, next_attempt_at = LEAST(next_attempt_at, {NOW})
+             WHERE status = 'pending' AND stream = $1 AND okey = $2 AND strategy <> 'on_commit' AND attempts > 0"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .execute(&mut **tx)
+        .await
+        .map_err(map_err)?;
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(t)
+            .execute(&mut **tx)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
     /// Give keep-order rows without a known unit one (see `Sql::adopt`): on the first claim,
     /// then at most once every [`ADOPT_EVERY`], or now when `force`.
     async fn adopt_orphans(&self, force: bool) -> outbox_core::Result<()> {

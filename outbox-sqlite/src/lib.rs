@@ -337,9 +337,12 @@ impl Sql {
                     okey TEXT NOT NULL,
                     next_at INTEGER NOT NULL,
                     leased_by TEXT,
+                    parked_at INTEGER,
+                    parked_reason TEXT,
                     PRIMARY KEY (stream, okey)
                 );
                 CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
+                CREATE INDEX IF NOT EXISTS {t}_due_parked ON {t}_due (parked_at) WHERE parked_at IS NOT NULL;
                 UPDATE {t} SET next_attempt_at = locked_until
                   WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at;
                 {{adopt}}"
@@ -429,6 +432,36 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
             .map_err(map_err)?;
     }
     Ok(seqs)
+}
+
+/// `next_at` of a parked unit: never due, so claims (which pick due units through
+/// `<table>_due_next`) never read it.
+const PARKED: i64 = i64::MAX;
+
+/// Un-park (`stream`, `unit`): due now, and its rows that failed get a fresh retry budget.
+fn resume(tx: &Connection, t: &str, stream: &str, unit: &str) -> outbox_core::Result<()> {
+    let now = to_millis(SystemTime::now());
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = ?3, leased_by = NULL
+                 WHERE stream = ?1 AND okey = ?2 AND parked_at IS NOT NULL"
+            ),
+            params![stream, unit, now],
+        )
+        .map_err(map_err)?;
+    if n == 0 {
+        return Err(outbox_core::no_such_unit(stream, unit, true));
+    }
+    tx.execute(
+        &format!(
+            "UPDATE {t} SET attempts = 0, next_attempt_at = MIN(next_attempt_at, ?3)
+             WHERE status = 'pending' AND stream = ?1 AND okey = ?2 AND strategy <> 'on_commit' AND attempts > 0"
+        ),
+        params![stream, unit, now],
+    )
+    .map_err(map_err)?;
+    Ok(())
 }
 
 /// How often a store looks for keep-order rows whose unit it does not know.
@@ -730,7 +763,7 @@ fn settle_rows(
         let mut unit = tx
             .prepare_cached(&format!(
                 "UPDATE {t}_due SET next_at = ?1, leased_by = NULL
-                 WHERE stream = ?2 AND okey = ?3 AND (?4 IS NULL OR leased_by = ?4)"
+                 WHERE stream = ?2 AND okey = ?3 AND (?4 IS NULL OR leased_by = ?4) AND parked_at IS NULL"
             ))
             .map_err(map_err)?;
         for (s, k, delay) in &delays {
@@ -867,23 +900,33 @@ impl Store for SqliteStore {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(map_err)?;
-            let has: bool = tx
-                .query_row(
-                    "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = 'on_exhausted'",
-                    [t],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            let exists: bool = tx
-                .query_row(
-                    "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [t],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            if exists && !has {
-                tx.execute_batch(&format!("ALTER TABLE {t} ADD COLUMN on_exhausted TEXT"))
+            let missing = |table: &str, column: &str| -> outbox_core::Result<bool> {
+                let exists: bool = tx
+                    .query_row(
+                        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                        [table],
+                        |r| r.get(0),
+                    )
                     .map_err(map_err)?;
+                let has: bool = tx
+                    .query_row(
+                        "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                        [table, column],
+                        |r| r.get(0),
+                    )
+                    .map_err(map_err)?;
+                Ok(exists && !has)
+            };
+            let due = format!("{t}_due");
+            for (table, column, ddl) in [
+                (t.as_str(), "on_exhausted", "on_exhausted TEXT"),
+                (due.as_str(), "parked_at", "parked_at INTEGER"),
+                (due.as_str(), "parked_reason", "parked_reason TEXT"),
+            ] {
+                if missing(table, column)? {
+                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {ddl}"))
+                        .map_err(map_err)?;
+                }
             }
             tx.commit().map_err(map_err)?;
             conn.execute_batch(&sql.schema).map_err(map_err)
@@ -962,7 +1005,8 @@ impl Store for SqliteStore {
                     let mut due = tx
                         .prepare_cached(&format!(
                             "INSERT INTO {t}_due (stream, okey, next_at) VALUES (?1, ?2, ?3)
-                             ON CONFLICT (stream, okey) DO UPDATE SET next_at = MIN(next_at, excluded.next_at)"
+                             ON CONFLICT (stream, okey) DO UPDATE SET next_at = CASE WHEN parked_at IS NULL
+                               THEN MIN(next_at, excluded.next_at) ELSE next_at END"
                         ))
                         .map_err(map_err)?;
                     let now = to_millis(SystemTime::now());
@@ -976,6 +1020,145 @@ impl Store for SqliteStore {
             .await?;
         self.shared.notify.notify_one();
         Ok(n)
+    }
+
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
+        let (stream, unit, reason) = (stream.to_owned(), unit.to_owned(), reason.to_owned());
+        self.blocking(move |conn, sql| {
+            let t = &sql.table;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            let pending = format!(
+                "EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND stream = ?1 AND okey = ?2
+                   AND strategy <> 'on_commit')"
+            );
+            // A unit the claims do not know yet (rows written by SQL) is adopted first.
+            tx.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO {t}_due (stream, okey, next_at) SELECT ?1, ?2, 0 WHERE {pending}"
+                ),
+                params![stream, unit],
+            )
+            .map_err(map_err)?;
+            let parked = tx
+                .execute(
+                    &format!(
+                        "UPDATE {t}_due SET parked_at = ?3, parked_reason = ?4, next_at = {PARKED}
+                         WHERE stream = ?1 AND okey = ?2 AND parked_at IS NULL AND {pending}"
+                    ),
+                    params![stream, unit, to_millis(SystemTime::now()), reason],
+                )
+                .map_err(map_err)?;
+            let already: bool = tx
+                .query_row(
+                    &format!(
+                        "SELECT count(*) > 0 FROM {t}_due WHERE stream = ?1 AND okey = ?2 AND parked_at IS NOT NULL"
+                    ),
+                    params![stream, unit],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            if parked == 0 && !already {
+                return Err(outbox_core::no_such_unit(&stream, &unit, false));
+            }
+            tx.commit().map_err(map_err)
+        })
+        .await
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
+        let (stream, unit) = (stream.to_owned(), unit.to_owned());
+        self.blocking(move |conn, sql| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(map_err)?;
+            resume(&tx, &sql.table, &stream, &unit)?;
+            tx.commit().map_err(map_err)
+        })
+        .await?;
+        self.shared.notify.notify_one();
+        Ok(())
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> outbox_core::Result<Option<i64>> {
+        let (stream, unit) = (stream.to_owned(), unit.to_owned());
+        let head = self
+            .blocking(move |conn, sql| {
+                let t = &sql.table;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(map_err)?;
+                let parked: bool = tx
+                    .query_row(
+                        &format!(
+                            "SELECT count(*) > 0 FROM {t}_due WHERE stream = ?1 AND okey = ?2 AND parked_at IS NOT NULL"
+                        ),
+                        params![stream, unit],
+                        |r| r.get(0),
+                    )
+                    .map_err(map_err)?;
+                if !parked {
+                    return Err(outbox_core::no_such_unit(&stream, &unit, true));
+                }
+                let head: Option<i64> = tx
+                    .query_row(
+                        &format!(
+                            "UPDATE {t} SET status = 'dead', locked_by = NULL, locked_until = NULL,
+                               last_error = COALESCE(last_error || ' ', '') || '[skipped by an operator]'
+                             WHERE seq = (SELECT seq FROM {t} WHERE status = 'pending' AND stream = ?1
+                               AND okey = ?2 AND strategy <> 'on_commit' ORDER BY seq LIMIT 1)
+                             RETURNING seq"
+                        ),
+                        params![stream, unit],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(map_err)?;
+                resume(&tx, t, &stream, &unit)?;
+                tx.commit().map_err(map_err)?;
+                Ok(head)
+            })
+            .await?;
+        self.shared.notify.notify_one();
+        Ok(head)
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<outbox_core::ParkedUnit>> {
+        let stream = stream.map(str::to_owned);
+        self.blocking(move |conn, sql| {
+            let t = &sql.table;
+            let text = format!(
+                "SELECT d.stream, d.okey, d.parked_at, d.parked_reason,
+                   (SELECT seq FROM {t} o WHERE o.status = 'pending' AND o.stream = d.stream AND o.okey = d.okey
+                      AND o.strategy <> 'on_commit' ORDER BY o.seq LIMIT 1),
+                   (SELECT count(*) FROM (SELECT 1 FROM {t} o WHERE o.status = 'pending' AND o.stream = d.stream
+                      AND o.okey = d.okey AND o.strategy <> 'on_commit' LIMIT {cap}))
+                 FROM {t}_due d WHERE d.parked_at IS NOT NULL AND (?1 IS NULL OR d.stream = ?1)
+                 ORDER BY d.parked_at LIMIT ?2",
+                cap = outbox_core::PARKED_COUNT_CAP
+            );
+            let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
+            let rows = stmt
+                .query_map(params![stream, limit.min(i64::MAX as usize) as i64], |r| {
+                    Ok(outbox_core::ParkedUnit {
+                        stream: r.get(0)?,
+                        unit: r.get(1)?,
+                        parked_at: from_millis(r.get(2)?),
+                        reason: r.get(3)?,
+                        head: r.get(4)?,
+                        pending: r.get::<_, i64>(5)?.max(0) as u64,
+                    })
+                })
+                .and_then(|rows| rows.collect())
+                .map_err(map_err)?;
+            Ok(rows)
+        })
+        .await
     }
 
     async fn purge_dead(&self, selector: &Selector) -> outbox_core::Result<u64> {
