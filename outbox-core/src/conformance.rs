@@ -57,11 +57,11 @@ pub trait Harness: Send + Sync + 'static {
         false
     }
 
-    /// Drop `column` from the outbox table with the store's own SQL (to make a table as an
-    /// earlier version left it). Returns false when the store has no such notion. The
+    /// Run `sql` on the store's database, `{t}` replaced by the outbox table's name (to make a
+    /// table as an earlier version left it). Returns false when the store has no SQL. The
     /// default has none.
-    async fn drop_column(&self, store: &Self::Store, column: &str) -> bool {
-        let _ = (store, column);
+    async fn execute_sql(&self, store: &Self::Store, sql: &str) -> bool {
+        let _ = (store, sql);
         false
     }
 }
@@ -138,7 +138,7 @@ macro_rules! conformance_tests {
             names_are_exact, bad_rows_are_quarantined, oversized_rows_and_the_byte_budget,
             stream_filter, strategy_per_stream, wakeup_on_commit, custom_strategy_units_and_policies,
             scheduled_delivery, rows_of_an_earlier_schema_keep_working, park_resume_and_skip,
-            operators_park_any_unit);
+            operators_park_any_unit, crash_loops_are_broken);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2276,8 +2276,8 @@ pub async fn scheduled_delivery<H: Harness>(h: &H) {
     assert_eq!(total(store.as_ref()).await.pending, before.pending);
 }
 
-/// A table made before strategies were a trait (no `on_exhausted` column) is upgraded by
-/// `migrate`; the rows already in it are claimed, published in order and read back with the
+/// A table made before strategies were a trait, parking and crash-loop counts (no
+/// `on_exhausted`, `claims`, `<table>_due.parked_at` ...) is upgraded by `migrate`; the rows already in it are claimed, published in order and read back with the
 /// default answers.
 pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
     let store = h.fresh().await;
@@ -2295,8 +2295,18 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
     .await
     .unwrap()
     .dispatch();
-    if !h.drop_column(&store, "on_exhausted").await {
-        return; // a store without columns
+    // As the table was before strategies, parking and crash-loop counts.
+    for sql in [
+        "DROP INDEX {t}_due_parked",
+        "ALTER TABLE {t} DROP COLUMN on_exhausted",
+        "ALTER TABLE {t} DROP COLUMN claims",
+        "ALTER TABLE {t}_due DROP COLUMN parked_at",
+        "ALTER TABLE {t}_due DROP COLUMN parked_reason",
+        "ALTER TABLE {t}_due DROP COLUMN claims",
+    ] {
+        if !h.execute_sql(&store, sql).await {
+            return; // a store without SQL
+        }
     }
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
@@ -2305,6 +2315,12 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
         (row.order, row.unit.as_str(), row.exhausted),
         (Order::InUnit, "k", Exhausted::Default)
     );
+    store
+        .park_unit("ordered", "k", "upgrade check")
+        .await
+        .unwrap();
+    assert_eq!(store.parked_units(None, 10).await.unwrap().len(), 1);
+    store.resume_unit("ordered", "k").await.unwrap();
     h.transact(&store, &outbox, vec![msg("ordered", Some("k"), 3)], true)
         .await
         .unwrap()
@@ -2522,4 +2538,117 @@ pub async fn operators_park_any_unit<H: Harness>(h: &H) {
     assert_eq!(e.kind(), ErrorKind::NotFound, "resumed twice: {e}");
     relay.run_once().await.unwrap();
     assert_eq!(payload_order(&broker), ["n1", "m1", "m2", "m3"]);
+}
+
+/// Publishes through `inner`, except messages to `crash`, on which it never returns: a relay
+/// dropped there (as a process that dies mid-publish) records no outcome.
+#[derive(Clone)]
+struct Crasher {
+    inner: RecordingPublisher,
+    crashes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait]
+impl crate::Publisher for Crasher {
+    async fn publish(&self, envelope: &Envelope) -> crate::Result<()> {
+        if envelope.message.destination == "crash" {
+            self.crashes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.publish(envelope).await
+    }
+}
+
+/// Crash loops (contract point for #15): a message whose publish kills every relay that
+/// takes it (simulated by dropping the relay mid-publish: no outcome is recorded) is
+/// published at most `max_attempts` times, then its unit's policy applies (here: parked);
+/// the rows claimed with it are published meanwhile and never counted against.
+pub async fn crash_loops_are_broken<H: Harness>(h: &H) {
+    use std::sync::atomic::Ordering;
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let crasher = Crasher {
+        inner: broker.clone(),
+        crashes: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+    };
+    let budget = 3;
+    let outbox = base(store.clone(), RecordingPublisher::new())
+        .stream_strategy("k", KeepOrder::park())
+        .stream_strategy("u", crate::RelayOnly)
+        .retry(fast_retry(budget))
+        .build()
+        .unwrap();
+    let m = |stream: &str, key: Option<&str>, name: &str, dest: &str| {
+        let m = Message::new(dest, name.as_bytes().to_vec()).stream(stream);
+        match key {
+            Some(k) => m.key(k),
+            None => m,
+        }
+    };
+    h.transact(
+        &store,
+        &outbox,
+        vec![
+            m("k", Some("c"), "c1", "crash"),
+            m("k", Some("c"), "c2", "d"),
+            m("k", Some("j"), "j1", "d"),
+            m("k", Some("j"), "j2", "d"),
+            m("u", None, "u1", "d"),
+        ],
+        true,
+    )
+    .await
+    .unwrap()
+    .dispatch();
+    let relay = || {
+        outbox
+            .relay_with(crasher.clone())
+            .lease(Duration::from_millis(600))
+            .publish_timeout(Duration::from_millis(400))
+            .build()
+            .unwrap()
+    };
+    // Each relay that takes c1 "dies" publishing it; the next claim after its lease is the
+    // next relay's.
+    eventually(
+        "c1 crashed its relay `budget` times and was parked",
+        DEADLINE,
+        || async {
+            let _ = tokio::time::timeout(Duration::from_millis(150), relay().step()).await;
+            !store.parked_units(Some("k"), 10).await.unwrap().is_empty()
+        },
+    )
+    .await;
+    assert_eq!(
+        crasher.crashes.load(Ordering::SeqCst),
+        budget as usize,
+        "published {budget} times, not once more"
+    );
+    let parked = store.parked_units(Some("k"), 10).await.unwrap();
+    assert_eq!(parked[0].unit, "c");
+    let reason = parked[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("crash loop"), "{reason}");
+    eventually("the batch-mates published", DEADLINE, || async {
+        let _ = tokio::time::timeout(Duration::from_secs(5), relay().run_once()).await;
+        let got = payload_order(&broker);
+        ["j1", "j2", "u1"]
+            .iter()
+            .all(|p| got.contains(&p.to_string()))
+    })
+    .await;
+    let got = payload_order(&broker);
+    let at = |p: &str| got.iter().position(|g| g == p).unwrap();
+    assert!(at("j1") < at("j2"), "{got:?}");
+    assert!(
+        !got.contains(&"c2".to_string()),
+        "c2 went before its head: {got:?}"
+    );
+    let stats = total(store.as_ref()).await;
+    assert_eq!(stats.dead, 0, "no batch-mate was failed with the crasher");
+    // The operator skips the crasher; the rest of its unit follows.
+    outbox.skip_head("k", "c").await.unwrap();
+    relay().run_once().await.unwrap();
+    assert!(payload_order(&broker).contains(&"c2".to_string()));
+    assert_eq!(crasher.crashes.load(Ordering::SeqCst), budget as usize);
 }

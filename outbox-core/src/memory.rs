@@ -48,6 +48,7 @@ impl State {
         self.parked.remove(&(stream.to_owned(), unit.to_owned()));
         let now = SystemTime::now();
         for r in self.unit_rows(stream, unit) {
+            r.stored.claims = 0;
             if r.stored.attempts > 0 {
                 r.stored.attempts = 0;
                 r.stored.next_attempt_at = r.stored.next_attempt_at.min(now);
@@ -126,6 +127,7 @@ impl MemoryStore {
                     last_error: r.last_error.clone(),
                     sent_at: None,
                     signature: r.signature.clone(),
+                    claims: 0,
                 },
                 locked_by,
                 locked_until,
@@ -250,6 +252,7 @@ impl Store for MemoryStore {
             }
             row.locked_by = Some(claim.owner.clone());
             row.locked_until = Some(now + claim.lease);
+            row.stored.claims += 1;
             out.push(if oversized {
                 Err(crate::store::Quarantined {
                     seq: row.stored.seq,
@@ -291,6 +294,7 @@ impl Store for MemoryStore {
             }
             r.locked_by = None;
             r.locked_until = None;
+            r.stored.claims = 0;
             match f.outcome {
                 Outcome::Release => {}
                 Outcome::Retry { after } => {

@@ -341,6 +341,13 @@ pub struct StoredMessage {
     pub sent_at: Option<SystemTime>,
     /// `key-id:hex(hmac-sha256)` when signing is on.
     pub signature: Option<String>,
+    /// In a claim: how many times in a row this row (a keep-order row: its unit) has been
+    /// claimed without an outcome being recorded, this claim included. A relay that
+    /// crashes, is killed or loses its database while publishing it leaves it claimed; a
+    /// message that crashes every relay that takes it is failed by the relay once this passes
+    /// its retry budget, instead of taking the whole fleet down in turn. 0 for stores that do
+    /// not count; outside claims (listings) it means nothing.
+    pub claims: u32,
 }
 
 impl StoredMessage {
@@ -374,6 +381,7 @@ impl StoredMessage {
             last_error: Some(error),
             sent_at: None,
             signature: None,
+            claims: 0,
         }
     }
 

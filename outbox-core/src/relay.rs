@@ -265,6 +265,64 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut out_of_lease = 0usize;
         let mut cursor = vec![0usize; units.len()];
         let mut alive: Vec<usize> = (0..units.len()).collect();
+        // Crash loops. A row (a keep-order unit) claimed before without an outcome is a
+        // suspect: the relay that took it stopped while publishing it (a crash, a kill, a lost
+        // database), perhaps because of it. When a batch holds suspects, only the one with the
+        // lowest seq is published, alone; the rest of the batch is given back, and recorded
+        // before that publish, so that only the row in flight keeps counting if it crashes
+        // this relay too. A suspect whose claims before this one reach the retry budget is
+        // failed without being published (its unit's policy applies: dead letter, block or
+        // park) instead of taking every relay of the fleet down in turn.
+        let suspect = (0..units.len())
+            .filter(|&u| units[u][0].claims >= 2)
+            .min_by_key(|&u| units[u][0].seq);
+        if let Some(su) = suspect {
+            metrics::counter!("outbox_suspects_total").increment(1);
+            let mut given_back = Vec::new();
+            for (u, unit) in units.iter().enumerate() {
+                if u != su {
+                    given_back.extend(unit.iter().map(|m| Failure {
+                        seq: m.seq,
+                        error: String::new(),
+                        outcome: Outcome::Release,
+                    }));
+                }
+            }
+            report.released += given_back.len();
+            if !given_back.is_empty() {
+                self.store_call(
+                    "settle",
+                    self.store.settle(&self.owner, &[], false, &given_back),
+                )
+                .await?;
+            }
+            // The rest of the suspect's unit waits behind it (recorded with the batch).
+            let rest = units[su].split_off(1);
+            for m in &rest {
+                report.released += 1;
+                failures.push(Failure {
+                    seq: m.seq,
+                    error: String::new(),
+                    outcome: Outcome::Release,
+                });
+            }
+            alive = vec![su];
+            let head = &units[su][0];
+            let lost = head.claims - 1;
+            tracing::warn!(seq = head.seq, id = %head.envelope.id, lost, "a claim of this message ended without an outcome (its relay stopped): publishing it alone");
+            if lost >= cfg.delivery.retry.max_attempts {
+                metrics::counter!("outbox_crash_loops_total").increment(1);
+                let error = Error::new(
+                    ErrorKind::Publish,
+                    Retry::Permanent,
+                    format!(
+                        "crash loop: claimed {lost} times before without an outcome (the relays that took it stopped while publishing it); not published again"
+                    ),
+                );
+                self.record_failure(head, error, &mut failures, &mut report, &mut parks);
+                alive.clear();
+            }
+        }
         while !alive.is_empty() {
             if started.elapsed() + cfg.delivery.publish_timeout >= cfg.lease.mul_f64(0.9) {
                 // Not enough lease left for another publish: give the rest back.

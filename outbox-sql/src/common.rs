@@ -123,6 +123,7 @@ where
         last_error: col(row, 13, "last_error")?,
         sent_at: col::<R, Option<i64>>(row, 14, "sent_at")?.map(from_millis),
         signature: col(row, 15, "signature")?,
+        claims: 0,
     })
 }
 
@@ -153,11 +154,22 @@ where
             reason: claim.oversized(size.max(0) as usize),
         }));
     }
-    Ok(decode(row).map_err(|reason| outbox_core::Quarantined {
-        seq,
-        id: id(),
-        reason,
-    }))
+    // After the size: how many times the row (its unit) was claimed without an outcome.
+    let claims = row
+        .try_get::<i32, _>(19)
+        .map(i64::from)
+        .or_else(|_| row.try_get::<i64, _>(19))
+        .unwrap_or(0);
+    Ok(decode(row)
+        .map(|mut m| {
+            m.claims = claims.clamp(0, u32::MAX as i64) as u32;
+            m
+        })
+        .map_err(|reason| outbox_core::Quarantined {
+            seq,
+            id: id(),
+            reason,
+        }))
 }
 
 /// A row for listings: decoded, or a placeholder that keeps its status and error.

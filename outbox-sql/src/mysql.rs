@@ -423,7 +423,8 @@ impl MySqlStore {
     ) -> outbox_core::Result<()> {
         let t = &self.inner.table;
         let resumed = sqlx::query(&format!(
-            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL
+            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL,
+               claims = 0
              WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL"
         ))
         .bind(stream)
@@ -590,7 +591,7 @@ impl MySqlStore {
             .map_err(map_err)?;
         let update_rows = self
             .bounded(&format!(
-                "UPDATE {t} SET locked_by = ?, locked_until = ?, next_attempt_at = ? WHERE seq IN "
+                "UPDATE {t} SET locked_by = ?, locked_until = ?, next_attempt_at = ?, claims = claims + 1 WHERE seq IN "
             ))
             .await?;
         let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
@@ -603,18 +604,22 @@ impl MySqlStore {
             .await
             .map_err(map_err)?;
         let due = format!(
-            "SELECT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}_due
+            "SELECT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4), claims FROM {t}_due
              WHERE next_at <= ?{filter} ORDER BY next_at LIMIT ? FOR UPDATE SKIP LOCKED"
         );
-        let mut q = sqlx::query_as::<_, Unit>(&due).bind(now);
+        let mut q = sqlx::query_as::<_, (String, String, i64)>(&due).bind(now);
         for s in &streams {
             q = q.bind(s);
         }
-        let units: Vec<Unit> = q
+        // Each unit's claims without an outcome so far (this claim adds one when it takes rows).
+        let (units, unit_claims): (Vec<Unit>, Vec<i64>) = q
             .bind(claim.limit as i64)
             .fetch_all(&mut *tx)
             .await
-            .map_err(map_err)?;
+            .map_err(map_err)?
+            .into_iter()
+            .map(|(s, k, n)| ((s, k), n))
+            .unzip();
         let mut candidates: Vec<Candidate> = Vec::new();
         let mut seen = vec![false; units.len()];
         if !units.is_empty() {
@@ -695,7 +700,7 @@ impl MySqlStore {
         let mut rows = Vec::with_capacity(taken.len());
         if !taken.is_empty() {
             let load = format!(
-                "SELECT {cols}, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED) FROM {t}
+                "SELECT {cols}, CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED), claims + 1 FROM {t}
                  WHERE seq IN ({}) ORDER BY seq",
                 list(taken.len()),
                 cols = COLS.replacen(
@@ -710,6 +715,16 @@ impl MySqlStore {
             }
             for row in q.fetch_all(&mut *tx).await.map_err(map_err)? {
                 rows.push(claimed(&row, claim)?);
+            }
+            // Keep-order rows count their unit's claims.
+            let unit_of: std::collections::HashMap<i64, usize> = taken
+                .iter()
+                .filter_map(|c| c.unit.map(|u| (c.seq, u)))
+                .collect();
+            for m in rows.iter_mut().flatten() {
+                if let Some(&u) = unit_of.get(&m.seq) {
+                    m.claims = (unit_claims[u] + 1).clamp(0, u32::MAX as i64) as u32;
+                }
             }
             // Publish-on-commit rows carry their own lease (locked with SKIP LOCKED above);
             // keep-order rows are leased through their unit (no row is rewritten).
@@ -736,7 +751,7 @@ impl MySqlStore {
             leased.dedup();
             if !leased.is_empty() {
                 let sql = format!(
-                    "UPDATE {t}_due SET next_at = ?, leased_by = ? WHERE {}",
+                    "UPDATE {t}_due SET next_at = ?, leased_by = ?, claims = claims + 1 WHERE {}",
                     vec!["(stream = ? AND okey = ?)"; leased.len()].join(" OR ")
                 );
                 let mut q = sqlx::query(&sql).bind(until).bind(&claim.owner);
@@ -968,7 +983,7 @@ impl MySqlStore {
                 "UPDATE {t} SET attempts = attempts + 1,
                    last_error = CASE seq {whens} END,
                    next_attempt_at = {next_at},
-                   status = {status}, locked_by = NULL, locked_until = NULL
+                   status = {status}, locked_by = NULL, locked_until = NULL, claims = 0
                  WHERE seq IN ({}) AND status = 'pending' AND {guard_sql}",
                 list(chunk.len())
             );
@@ -994,7 +1009,7 @@ impl MySqlStore {
         for chunk in released.chunks(500) {
             let (guard_sql, mine) = guard(chunk);
             let sql = format!(
-                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL, claims = 0,
                    next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ? ELSE next_attempt_at END
                  WHERE seq IN ({}) AND status = 'pending' AND {guard_sql}",
                 list(chunk.len())
@@ -1020,7 +1035,7 @@ impl MySqlStore {
         for (delay, units) in by_delay {
             for chunk in units.chunks(500) {
                 let sql = format!(
-                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL WHERE parked_at IS NULL AND ({})",
+                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL, claims = 0 WHERE parked_at IS NULL AND ({})",
                     vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
                 );
                 let mut q = sqlx::query(&sql).bind(now + delay);
@@ -1106,6 +1121,7 @@ impl Store for MySqlStore {
                     sent_at BIGINT NULL,
                     signature VARCHAR(255) NULL,
                     on_exhausted VARCHAR(16) NULL,
+                    claims INT NOT NULL DEFAULT 0,
                     UNIQUE KEY {t}_id (id),
                     KEY {t}_unit (status, stream, okey, seq),
                     KEY {t}_oc (strategy, status, next_attempt_at),
@@ -1139,6 +1155,7 @@ impl Store for MySqlStore {
                 leased_by VARCHAR(64) NULL,
                 parked_at BIGINT NULL,
                 parked_reason TEXT NULL,
+                claims INT NOT NULL DEFAULT 0,
                 PRIMARY KEY (stream, okey),
                 KEY due_next (next_at),
                 KEY due_parked (parked_at)
@@ -1152,6 +1169,14 @@ impl Store for MySqlStore {
             t,
             "on_exhausted",
             "ADD COLUMN on_exhausted VARCHAR(16) NULL",
+        )
+        .await?;
+        self.add_column(t, "claims", "ADD COLUMN claims INT NOT NULL DEFAULT 0")
+            .await?;
+        self.add_column(
+            &format!("{t}_due"),
+            "claims",
+            "ADD COLUMN claims INT NOT NULL DEFAULT 0",
         )
         .await?;
         self.add_column(

@@ -412,9 +412,11 @@ impl Sql {
                     last_error TEXT,
                     sent_at BIGINT,
                     signature TEXT,
-                    on_exhausted TEXT
+                    on_exhausted TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0
                 );
                 ALTER TABLE {t} ADD COLUMN IF NOT EXISTS on_exhausted TEXT;
+                ALTER TABLE {t} ADD COLUMN IF NOT EXISTS claims INTEGER NOT NULL DEFAULT 0;
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
                 CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
@@ -436,8 +438,10 @@ impl Sql {
                     head_seq BIGINT NOT NULL DEFAULT 0,
                     parked_at BIGINT,
                     parked_reason TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0,
                     PRIMARY KEY (stream, okey)
                 );
+                ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS claims INTEGER NOT NULL DEFAULT 0;
                 ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS head_seq BIGINT NOT NULL DEFAULT 0;
                 ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS parked_at BIGINT;
                 ALTER TABLE {t}_due ADD COLUMN IF NOT EXISTS parked_reason TEXT;
@@ -527,7 +531,8 @@ impl Sql {
                  -- Units: leased while rows were taken; a head backing off makes its unit due at
                  -- the head's retry time; otherwise unchanged.
                  units AS (
-                   UPDATE {t}_due d SET next_at = x.next_at, leased_by = x.leased_by
+                   UPDATE {t}_due d SET next_at = x.next_at, leased_by = x.leased_by,
+                     claims = CASE WHEN x.leased_by IS NOT NULL THEN d.claims + 1 ELSE d.claims END
                    FROM (
                      SELECT kf.stream, kf.okey,
                        CASE WHEN bool_or(taken.seq IS NOT NULL) THEN (SELECT ms FROM now) + $3
@@ -536,20 +541,22 @@ impl Sql {
                      FROM kf LEFT JOIN taken ON taken.seq = kf.seq
                      GROUP BY kf.stream, kf.okey) x
                    WHERE d.stream = x.stream AND d.okey = x.okey AND x.next_at > 0
-                   RETURNING 1),
+                   RETURNING d.stream, d.okey, d.claims),
                  -- Publish-on-commit rows carry their own lease; keep-order rows are leased
                  -- through their unit (no row is rewritten).
                  upd AS (
                    UPDATE {t} SET locked_by = $1, locked_until = (SELECT ms FROM now) + $3,
-                     next_attempt_at = (SELECT ms FROM now) + $3
+                     next_attempt_at = (SELECT ms FROM now) + $3, claims = {t}.claims + 1
                    FROM taken WHERE {t}.seq = taken.seq AND NOT taken.ko AND (SELECT count(*) FROM units) >= 0
-                   RETURNING {cols}, taken.size)
+                   RETURNING {cols}, taken.size, {t}.claims)
                  SELECT * FROM upd
                  UNION ALL
-                 SELECT {ko_cols}, taken.size FROM {t} JOIN taken ON {t}.seq = taken.seq WHERE taken.ko
+                 SELECT {ko_cols}, taken.size,
+                   COALESCE((SELECT un.claims FROM units un WHERE un.stream = {t}.stream AND un.okey = {t}.okey), 0)
+                 FROM {t} JOIN taken ON {t}.seq = taken.seq WHERE taken.ko
                  UNION ALL
                  SELECT NULL::bigint, NULL, u.stream, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-                   NULL, NULL, NULL, u.okey, NULL, -1
+                   NULL, NULL, NULL, u.okey, NULL, -1, 0
                  FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)",
                 cols = cols(&format!("{t}.")).replace(
                     &format!("{t}.payload,"),
@@ -578,7 +585,7 @@ impl Sql {
                  r AS (SELECT o.seq, o.stream, o.okey FROM {t} o
                        WHERE o.seq = ANY($1::int8[] || $2::int8[]) AND o.strategy <> 'on_commit'),
                  units AS (
-                   UPDATE {t}_due d SET leased_by = NULL,
+                   UPDATE {t}_due d SET leased_by = NULL, claims = 0,
                      next_at = (SELECT ms FROM now) + x.delay,
                      head_seq = CASE WHEN $5::text IS NOT NULL AND x.done_to IS NOT NULL
                                      THEN GREATEST(d.head_seq, x.done_to) ELSE d.head_seq END
@@ -597,7 +604,7 @@ impl Sql {
                                           WHEN {t}.strategy = 'on_commit' THEN (SELECT ms FROM now)
                                           ELSE {t}.next_attempt_at END,
                    status = CASE WHEN f.kind = 'dead' THEN 'dead' ELSE {t}.status END,
-                   locked_by = NULL, locked_until = NULL
+                   locked_by = NULL, locked_until = NULL, claims = 0
                  FROM f
                  WHERE {t}.seq = f.seq AND {t}.status = 'pending'
                    AND ({t}.locked_by = $5 OR ({t}.strategy <> 'on_commit' AND EXISTS (
@@ -1197,7 +1204,8 @@ impl PgStore {
     ) -> outbox_core::Result<()> {
         let t = &self.inner.table;
         let resumed: Option<i32> = sqlx::query_scalar(&format!(
-            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL
+            "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = {NOW}, leased_by = NULL,
+               claims = 0
              WHERE stream = $1 AND okey = $2 AND parked_at IS NOT NULL RETURNING 1"
         ))
         .bind(stream)

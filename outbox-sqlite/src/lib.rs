@@ -324,7 +324,8 @@ impl Sql {
                     last_error TEXT,
                     sent_at INTEGER,
                     signature TEXT,
-                    on_exhausted TEXT
+                    on_exhausted TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0
                 );
                 CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
                 CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
@@ -339,6 +340,7 @@ impl Sql {
                     leased_by TEXT,
                     parked_at INTEGER,
                     parked_reason TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0,
                     PRIMARY KEY (stream, okey)
                 );
                 CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
@@ -444,7 +446,8 @@ fn resume(tx: &Connection, t: &str, stream: &str, unit: &str) -> outbox_core::Re
     let n = tx
         .execute(
             &format!(
-                "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = ?3, leased_by = NULL
+                "UPDATE {t}_due SET parked_at = NULL, parked_reason = NULL, next_at = ?3, leased_by = NULL,
+                   claims = 0
                  WHERE stream = ?1 AND okey = ?2 AND parked_at IS NOT NULL"
             ),
             params![stream, unit, now],
@@ -594,28 +597,52 @@ fn claim_rows(
         out.extend(rows);
     }
     {
+        // Leases count the claims (reset when an outcome is recorded): a row or unit claimed
+        // again without one is a suspect of a crash loop (see Relay).
+        let mut claims: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
         let mut lease = tx
             .prepare_cached(&format!(
-                "UPDATE {t} SET locked_by = ?1, locked_until = ?2, next_attempt_at = ?2 WHERE seq = ?3"
+                "UPDATE {t} SET locked_by = ?1, locked_until = ?2, next_attempt_at = ?2, claims = claims + 1
+                 WHERE seq = ?3 RETURNING claims"
             ))
             .map_err(map_err)?;
         for (seq, _) in taken.iter().filter(|c| c.1.is_none()) {
-            lease
-                .execute(params![claim.owner, until, seq])
+            let n: i64 = lease
+                .query_row(params![claim.owner, until, seq], |r| r.get(0))
                 .map_err(map_err)?;
+            claims.insert(*seq, n.clamp(0, u32::MAX as i64) as u32);
         }
         let mut unit = tx
             .prepare_cached(&format!(
                 "UPDATE {t}_due SET next_at = ?1, leased_by = ?2 WHERE stream = ?3 AND okey = ?4"
             ))
             .map_err(map_err)?;
+        let mut lease_unit = tx
+            .prepare_cached(&format!(
+                "UPDATE {t}_due SET next_at = ?1, leased_by = ?2, claims = claims + 1
+                 WHERE stream = ?3 AND okey = ?4 RETURNING claims"
+            ))
+            .map_err(map_err)?;
         let mut leased: Vec<usize> = taken.iter().filter_map(|c| c.1).collect();
         leased.sort_unstable();
         leased.dedup();
+        let mut unit_claims = vec![0u32; units.len()];
         for &u in &leased {
-            unit.execute(params![until, claim.owner, units[u].0, units[u].1])
+            let n: i64 = lease_unit
+                .query_row(params![until, claim.owner, units[u].0, units[u].1], |r| {
+                    r.get(0)
+                })
                 .map_err(map_err)?;
+            unit_claims[u] = n.clamp(0, u32::MAX as i64) as u32;
             blocked[u] = None;
+        }
+        for (seq, u) in &taken {
+            if let Some(u) = u {
+                claims.insert(*seq, unit_claims[*u]);
+            }
+        }
+        for m in out.iter_mut().flatten() {
+            m.claims = claims.get(&m.seq).copied().unwrap_or(0);
         }
         // A head backing off makes its unit due at its retry time.
         for (u, b) in blocked.iter().enumerate() {
@@ -710,18 +737,18 @@ fn settle_rows(
         let mut retry = tx
             .prepare_cached(&format!(
                 "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, locked_by = NULL,
-                   locked_until = NULL WHERE seq = ?3 AND status = 'pending' AND {holds}"
+                   locked_until = NULL, claims = 0 WHERE seq = ?3 AND status = 'pending' AND {holds}"
             ))
             .map_err(map_err)?;
         let mut dead = tx
             .prepare_cached(&format!(
                 "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, status = 'dead', locked_by = NULL,
-                   locked_until = NULL WHERE seq = ?3 AND status = 'pending' AND {holds}"
+                   locked_until = NULL, claims = 0 WHERE seq = ?3 AND status = 'pending' AND {holds}"
             ))
             .map_err(map_err)?;
         let mut release = tx
             .prepare_cached(&format!(
-                "UPDATE {t} SET locked_by = NULL, locked_until = NULL,
+                "UPDATE {t} SET locked_by = NULL, locked_until = NULL, claims = 0,
                    next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ?2 ELSE next_attempt_at END
                  WHERE seq = ?3 AND status = 'pending' AND {holds}"
             ))
@@ -762,7 +789,7 @@ fn settle_rows(
     {
         let mut unit = tx
             .prepare_cached(&format!(
-                "UPDATE {t}_due SET next_at = ?1, leased_by = NULL
+                "UPDATE {t}_due SET next_at = ?1, leased_by = NULL, claims = 0
                  WHERE stream = ?2 AND okey = ?3 AND (?4 IS NULL OR leased_by = ?4) AND parked_at IS NULL"
             ))
             .map_err(map_err)?;
@@ -831,6 +858,7 @@ fn decode(row: &rusqlite::Row<'_>) -> Result<StoredMessage, String> {
         last_error: col(row, 13, "last_error")?,
         sent_at: col::<Option<i64>>(row, 14, "sent_at")?.map(from_millis),
         signature: col(row, 15, "signature")?,
+        claims: 0,
     })
 }
 
@@ -922,6 +950,8 @@ impl Store for SqliteStore {
                 (t.as_str(), "on_exhausted", "on_exhausted TEXT"),
                 (due.as_str(), "parked_at", "parked_at INTEGER"),
                 (due.as_str(), "parked_reason", "parked_reason TEXT"),
+                (t.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
+                (due.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
             ] {
                 if missing(table, column)? {
                     tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {ddl}"))

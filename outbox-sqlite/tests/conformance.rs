@@ -124,8 +124,8 @@ impl Harness for Sqlite {
         true
     }
 
-    async fn drop_column(&self, store: &SqliteStore, column: &str) -> bool {
-        let sql = format!("ALTER TABLE {} DROP COLUMN {column}", store.table());
+    async fn execute_sql(&self, store: &SqliteStore, sql: &str) -> bool {
+        let sql = sql.replace("{t}", store.table());
         store.connect().unwrap().execute_batch(&sql).unwrap();
         true
     }

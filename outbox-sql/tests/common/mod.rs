@@ -130,8 +130,16 @@ macro_rules! sql_store_tests {
                 }
             }
 
-            async fn drop_column(&self, store: &$store, column: &str) -> bool {
-                let sql = format!("ALTER TABLE {} DROP COLUMN {column}", store.table());
+            async fn execute_sql(&self, store: &$store, sql: &str) -> bool {
+                let t = store.table();
+                // MySQL's index names are per table.
+                let sql = match sql.strip_prefix("DROP INDEX ") {
+                    Some(index) if $env == "OUTBOX_MYSQL_URL" => format!(
+                        "ALTER TABLE {t}_due DROP INDEX {}",
+                        index.replace("{t}_due_", "due_")
+                    ),
+                    _ => sql.replace("{t}", t),
+                };
                 sqlx::query(&sql).execute(store.pool()).await.unwrap();
                 true
             }
