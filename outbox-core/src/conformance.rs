@@ -138,7 +138,7 @@ macro_rules! conformance_tests {
             names_are_exact, bad_rows_are_quarantined, oversized_rows_and_the_byte_budget,
             stream_filter, strategy_per_stream, wakeup_on_commit, custom_strategy_units_and_policies,
             scheduled_delivery, rows_of_an_earlier_schema_keep_working, park_resume_and_skip,
-            operators_park_any_unit, crash_loops_are_broken);
+            operators_park_any_unit, crash_loops_are_broken, messages_are_listed_by_filter);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2651,4 +2651,132 @@ pub async fn crash_loops_are_broken<H: Harness>(h: &H) {
     relay().run_once().await.unwrap();
     assert!(payload_order(&broker).contains(&"c2".to_string()));
     assert_eq!(crasher.crashes.load(Ordering::SeqCst), budget as usize);
+}
+
+/// `Store::messages`: newest first, every filter narrows, keyset pages cover every row once,
+/// a page size out of range is a `Config` error.
+pub async fn messages_are_listed_by_filter<H: Harness>(h: &H) {
+    use crate::MessageFilter;
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let poison = FaultyPublisher::new(broker.clone(), |e: &Envelope| {
+        (e.message.destination == "poison").then(|| Error::permanent("rejected"))
+    });
+    let outbox = base(store.clone(), poison)
+        .stream_strategy("b", KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut msgs: Vec<Message> = (0..7).map(|i| msg("a", Some("ka"), i)).collect();
+    msgs.push(Message::new("poison", b"p".to_vec()).stream("a"));
+    msgs.extend((0..5).map(|i| msg("b", Some(if i % 2 == 0 { "even" } else { "odd" }), i)));
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .publish()
+        .await;
+    let list = |f: MessageFilter| {
+        let store = store.clone();
+        async move { store.messages(&f).await.unwrap() }
+    };
+    let all = list(MessageFilter {
+        limit: 100,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(all.len(), 13);
+    assert!(all.windows(2).all(|w| w[0].seq > w[1].seq), "newest first");
+    // Pages of 4 cover every row once, in order.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = list(MessageFilter {
+            before,
+            limit: 4,
+            ..Default::default()
+        })
+        .await;
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        before = page.last().map(|m| m.seq);
+        paged.extend(page.into_iter().map(|m| m.seq));
+    }
+    assert_eq!(paged, all.iter().map(|m| m.seq).collect::<Vec<_>>());
+    let count =
+        |f: MessageFilter| async move { list(MessageFilter { limit: 100, ..f }).await.len() };
+    assert_eq!(
+        count(MessageFilter {
+            stream: Some("b".into()),
+            ..Default::default()
+        })
+        .await,
+        5
+    );
+    assert_eq!(
+        count(MessageFilter {
+            key: Some("even".into()),
+            ..Default::default()
+        })
+        .await,
+        3
+    );
+    assert_eq!(
+        count(MessageFilter {
+            status: Some(Status::Dead),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    assert_eq!(
+        count(MessageFilter {
+            status: Some(Status::Sent),
+            ..Default::default()
+        })
+        .await,
+        7
+    );
+    assert_eq!(
+        count(MessageFilter {
+            destination: Some("poison".into()),
+            ..Default::default()
+        })
+        .await,
+        1
+    );
+    let one = &all[3];
+    let by_id = list(MessageFilter {
+        id: Some(one.envelope.id),
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(by_id.len(), 1);
+    assert_eq!(by_id[0].seq, one.seq);
+    assert!(list(MessageFilter {
+        id: Some(MessageId::new()),
+        ..Default::default()
+    })
+    .await
+    .is_empty());
+    assert_eq!(
+        count(MessageFilter {
+            stream: Some("b".into()),
+            key: Some("odd".into()),
+            status: Some(Status::Pending),
+            ..Default::default()
+        })
+        .await,
+        2
+    );
+    for limit in [0, crate::MAX_PAGE + 1] {
+        let e = store
+            .messages(&MessageFilter {
+                limit,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    }
 }

@@ -71,9 +71,9 @@ pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};
 pub use signing::{SignedPlan, Signer, SigningKey};
 pub use store::{
-    no_such_unit, Claim, Claimed, Enqueue, EnqueueBlocking, Failure, NewMessage, Outcome,
-    ParkedUnit, Quarantined, Selector, Stats, Store, StreamFilter, StreamStats,
-    DEFAULT_MAX_BATCH_BYTES, PARKED_COUNT_CAP,
+    no_such_unit, Claim, Claimed, Enqueue, EnqueueBlocking, Failure, MessageFilter, NewMessage,
+    Outcome, ParkedUnit, Quarantined, Selector, Stats, Store, StreamFilter, StreamStats,
+    DEFAULT_MAX_BATCH_BYTES, MAX_PAGE, PARKED_COUNT_CAP,
 };
 pub use strategy::{
     builtin as builtin_strategy, Exhausted, KeepOrder, Order, Plan, PublishOnCommit, PublishedBy,

@@ -407,6 +407,28 @@ impl Store for MemoryStore {
             .collect())
     }
 
+    async fn messages(&self, f: &crate::store::MessageFilter) -> Result<Vec<StoredMessage>> {
+        f.validate()?;
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .rows
+            .values()
+            .rev()
+            .map(|r| &r.stored)
+            .filter(|m| {
+                let msg = &m.envelope.message;
+                f.before.is_none_or(|b| m.seq < b)
+                    && f.stream.as_ref().is_none_or(|s| &msg.stream == s)
+                    && f.status.is_none_or(|s| m.status == s)
+                    && f.key.as_ref().is_none_or(|k| msg.key.as_ref() == Some(k))
+                    && f.id.is_none_or(|id| m.envelope.id == id)
+                    && f.destination.as_ref().is_none_or(|d| &msg.destination == d)
+            })
+            .take(f.limit)
+            .cloned()
+            .collect())
+    }
+
     async fn purge_dead(&self, selector: &Selector) -> Result<u64> {
         let mut state = self.state.lock().unwrap();
         let before = state.rows.len();

@@ -186,6 +186,50 @@ pub enum Selector {
     Seqs(Vec<i64>),
 }
 
+/// Which rows [`Store::messages`] lists: every field set narrows the listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageFilter {
+    /// Only this stream.
+    pub stream: Option<String>,
+    /// Only this status.
+    pub status: Option<Status>,
+    /// Only this message key.
+    pub key: Option<String>,
+    /// Only this message id.
+    pub id: Option<crate::MessageId>,
+    /// Only this destination.
+    pub destination: Option<String>,
+    /// Keyset pagination, newest first: only rows with a smaller `seq` (the last `seq` of the
+    /// previous page).
+    pub before: Option<i64>,
+    /// At most this many rows (1 to [`MAX_PAGE`]).
+    pub limit: usize,
+}
+
+impl Default for MessageFilter {
+    fn default() -> Self {
+        Self {
+            stream: None,
+            status: None,
+            key: None,
+            id: None,
+            destination: None,
+            before: None,
+            limit: 50,
+        }
+    }
+}
+
+/// Largest page of [`Store::messages`].
+pub const MAX_PAGE: usize = 500;
+
+impl MessageFilter {
+    /// A `Config` error when the page size is out of range.
+    pub fn validate(&self) -> Result<()> {
+        crate::error::in_range("limit", self.limit, 1, MAX_PAGE)
+    }
+}
+
 /// A parked ordering unit, as [`Store::parked_units`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParkedUnit {
@@ -371,6 +415,15 @@ pub trait Store: Send + Sync {
         Err(unsupported("parking units"))
     }
 
+    /// Rows matching `filter`, newest first (`seq` descending), whatever their status; a page
+    /// continues from the previous one's last `seq` (`filter.before`), so paging stays an
+    /// index range however deep it goes. Rows that do not decode come back as
+    /// [`StoredMessage::unreadable`]. The default: not supported.
+    async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> {
+        let _ = filter;
+        Err(unsupported("listing messages"))
+    }
+
     /// Wait until new work may be there, or `timeout` passes. The default sleeps; stores that
     /// can hear commits (PostgreSQL NOTIFY, in-process notification) return early.
     async fn wait_for_work(&self, timeout: Duration) {
@@ -473,6 +526,7 @@ macro_rules! forward_store {
             async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> { (**self).resume_unit(stream, unit).await }
             async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> { (**self).skip_head(stream, unit).await }
             async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> { (**self).parked_units(stream, limit).await }
+            async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> { (**self).messages(filter).await }
             async fn start_listening(&self) -> Result<()> { (**self).start_listening().await }
             fn notify_committed(&self) { (**self).notify_committed() }
             fn signing_scope(&self) -> String { (**self).signing_scope() }

@@ -332,3 +332,46 @@ pub(crate) async fn rolled_back<DB: sqlx::Database>(
     }
     error
 }
+
+/// The WHERE conditions of a [`outbox_core::MessageFilter`], with `placeholder(n)` for the
+/// n-th (1-based) bound value, and the values (text, or a `seq`).
+pub(crate) fn filter_clause(
+    f: &outbox_core::MessageFilter,
+    placeholder: impl Fn(usize, &str) -> String,
+) -> (String, Vec<FilterValue>) {
+    let mut clause = String::new();
+    let mut values = Vec::new();
+    let mut add = |column: &str, value: FilterValue| {
+        values.push(value);
+        clause.push_str(&format!(
+            " AND {column} = {}",
+            placeholder(values.len(), column)
+        ));
+    };
+    if let Some(s) = &f.stream {
+        add("stream", FilterValue::Text(s.clone()));
+    }
+    if let Some(s) = f.status {
+        add("status", FilterValue::Text(s.as_str().to_owned()));
+    }
+    if let Some(k) = &f.key {
+        add("msg_key", FilterValue::Text(k.clone()));
+    }
+    if let Some(id) = f.id {
+        add("id", FilterValue::Text(id.to_string()));
+    }
+    if let Some(d) = &f.destination {
+        add("destination", FilterValue::Text(d.clone()));
+    }
+    if let Some(b) = f.before {
+        values.push(FilterValue::Seq(b));
+        clause.push_str(&format!(" AND seq < {}", placeholder(values.len(), "seq")));
+    }
+    (clause, values)
+}
+
+/// A value bound by [`filter_clause`]'s conditions.
+pub(crate) enum FilterValue {
+    Text(String),
+    Seq(i64),
+}

@@ -1490,6 +1490,27 @@ impl Store for MySqlStore {
         Ok(out)
     }
 
+    async fn messages(
+        &self,
+        f: &outbox_core::MessageFilter,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        f.validate()?;
+        let (clause, values) = crate::common::filter_clause(f, |_, _| "?".to_owned());
+        let sql = format!(
+            "SELECT {COLS} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {}",
+            self.inner.table, f.limit
+        );
+        let mut q = sqlx::query(&sql);
+        for v in &values {
+            q = match v {
+                crate::common::FilterValue::Text(t) => q.bind(t),
+                crate::common::FilterValue::Seq(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.inner.pool).await.map_err(map_err)?;
+        rows.iter().map(listed).collect()
+    }
+
     async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, vals) = selector(sel);
         let sql = format!(

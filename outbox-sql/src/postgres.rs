@@ -1082,6 +1082,32 @@ impl Store for PgStore {
             .collect())
     }
 
+    async fn messages(
+        &self,
+        f: &outbox_core::MessageFilter,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        f.validate()?;
+        let (clause, values) = crate::common::filter_clause(f, |n, column| match column {
+            "id" => format!("${n}::uuid"),
+            _ => format!("${n}"),
+        });
+        let sql = format!(
+            "SELECT {} FROM {} WHERE true{clause} ORDER BY seq DESC LIMIT {}",
+            cols(""),
+            self.inner.table,
+            f.limit
+        );
+        let mut q = sqlx::query(&sql);
+        for v in &values {
+            q = match v {
+                crate::common::FilterValue::Text(t) => q.bind(t),
+                crate::common::FilterValue::Seq(n) => q.bind(n),
+            };
+        }
+        let rows = q.fetch_all(&self.inner.pool).await.map_err(map_err)?;
+        rows.iter().map(listed).collect()
+    }
+
     async fn purge_dead(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, stream, seqs) = selector(sel);
         let sql = format!(

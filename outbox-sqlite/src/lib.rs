@@ -1273,6 +1273,52 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn messages(
+        &self,
+        f: &outbox_core::MessageFilter,
+    ) -> outbox_core::Result<Vec<StoredMessage>> {
+        use rusqlite::types::Value;
+        f.validate()?;
+        let mut clause = String::new();
+        let mut values: Vec<Value> = Vec::new();
+        let mut add = |condition: &str, value: Value| {
+            values.push(value);
+            clause.push_str(&format!(" AND {condition} ?{}", values.len()));
+        };
+        if let Some(s) = &f.stream {
+            add("stream =", Value::Text(s.clone()));
+        }
+        if let Some(s) = f.status {
+            add("status =", Value::Text(s.as_str().to_owned()));
+        }
+        if let Some(k) = &f.key {
+            add("msg_key =", Value::Text(k.clone()));
+        }
+        if let Some(id) = f.id {
+            add("id =", Value::Text(id.to_string()));
+        }
+        if let Some(d) = &f.destination {
+            add("destination =", Value::Text(d.clone()));
+        }
+        if let Some(b) = f.before {
+            add("seq <", Value::Integer(b));
+        }
+        let limit = f.limit;
+        self.blocking(move |conn, sql| {
+            let text = format!(
+                "SELECT {COLS} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {limit}",
+                sql.table
+            );
+            let mut stmt = conn.prepare(&text).map_err(map_err)?;
+            let rows = stmt
+                .query_map(params_from_iter(values), listed_row)
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(map_err)?;
+            Ok(rows)
+        })
+        .await
+    }
+
     async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
         self.blocking(move |conn, sql| {
             conn.prepare_cached(&sql.get)
