@@ -5,6 +5,7 @@
 //! file (`--config`), then the defaults. Errors are one line on stderr and a non-zero exit.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod backends;
 mod doctor;
 mod metrics_endpoint;
@@ -114,6 +115,9 @@ enum Command {
         /// The unit.
         unit: String,
     },
+    /// The web console: backlog, messages, dead letters and parked units, with actions and a
+    /// JSON API under /api/ (loopback unless --auth-token is set).
+    Admin(AdminArgs),
     /// Create the outbox table and indexes (idempotent).
     Migrate,
     /// Check the deployment: store, table and schema, NOTIFY, clock, publisher, signing keys.
@@ -126,6 +130,25 @@ enum Command {
     },
     /// Print the manual page (roff): `outbox man > outbox.1`.
     Man,
+}
+
+#[derive(Args, Debug)]
+struct AdminArgs {
+    /// Address to listen on; beyond loopback a token is required.
+    #[arg(long, env = "OUTBOX_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Token every request must carry (Authorization: Bearer, or the cookie /login?token= sets).
+    #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
+    auth_token: Option<String>,
+    /// No actions: pages and API only read.
+    #[arg(long, env = "OUTBOX_ADMIN_READ_ONLY")]
+    read_only: bool,
+    /// Keep payloads (personal data) off the pages and the API.
+    #[arg(long, env = "OUTBOX_ADMIN_HIDE_PAYLOADS")]
+    hide_payloads: bool,
+    /// How often the overview's chart samples the counts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    sample_every: Duration,
 }
 
 #[derive(Args, Debug, Default)]
@@ -657,6 +680,33 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                     s.dead
                 );
             }
+            Ok(exit::OK)
+        }
+        Command::Admin(args) => {
+            let options = admin::AdminOptions {
+                listen: args.listen,
+                token: args.auth_token,
+                read_only: args.read_only,
+                hide_payloads: args.hide_payloads,
+                sample_every: args.sample_every.max(Duration::from_millis(100)),
+            };
+            admin::check(&options)?;
+            store.require_table().await?;
+            let label = outbox_core::redact_url(&store_url);
+            admin::serve(store.store(), &table, label, options, async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = async {
+                        match term.as_mut() {
+                            Some(t) => { t.recv().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
+                }
+            })
+            .await?;
             Ok(exit::OK)
         }
         Command::Parked { stream, limit } => {

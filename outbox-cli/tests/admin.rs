@@ -1,0 +1,492 @@
+//! `outbox admin` through the real binary and real HTTP, on SQLite and PostgreSQL: every page
+//! and API call, bad input (a 4xx with a clear message, nothing changed), the actions with
+//! their confirmation and CSRF token, read-only, hidden payloads, the token, escaping.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+use outbox_core::{Error, FaultyPublisher, KeepOrder, Message, Outbox, RecordingPublisher, Store};
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("OUTBOX_") || var == "RUST_LOG" {
+            c.env_remove(var);
+        }
+    }
+    c
+}
+
+/// A running console; killed on drop.
+struct Console {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn console(store: &str, extra: &[&str]) -> Console {
+    let mut child = bin()
+        .args([
+            "--store",
+            store,
+            "admin",
+            "--listen",
+            "127.0.0.1:0",
+            "--sample-every",
+            "200ms",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("admin console on http://")
+        .and_then(|a| a.strip_suffix('/'))
+        .unwrap_or_else(|| panic!("no address line: {line:?}"))
+        .to_owned();
+    Console { child, addr }
+}
+
+struct Reply {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+}
+
+fn http(c: &Console, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let mut s = TcpStream::connect(&c.addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        c.addr
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    Reply {
+        status,
+        headers: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+fn get(c: &Console, path: &str) -> Reply {
+    http(c, "GET", path, &[], "")
+}
+
+fn form(c: &Console, fields: &[(&str, &str)]) -> Reply {
+    let body = fields
+        .iter()
+        .map(|(k, v)| format!("{k}={}", v.replace(' ', "+")))
+        .collect::<Vec<_>>()
+        .join("&");
+    http(
+        c,
+        "POST",
+        "/actions",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        &body,
+    )
+}
+
+fn csrf(c: &Console) -> String {
+    get(c, "/api/csrf").json()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn total(c: &Console) -> Value {
+    get(c, "/api/stats").json()["total"].clone()
+}
+
+/// Three keep-order messages (JSON, a `<script>` payload, bytes) and two dead letters,
+/// written through the library.
+mod rows {
+    use super::*;
+
+    pub async fn sqlite(dir: &tempfile::TempDir) -> String {
+        let db = dir.path().join("app.db");
+        let url = format!("sqlite://{}", db.display());
+        assert!(bin()
+            .args(["--store", &url, "migrate"])
+            .status()
+            .unwrap()
+            .success());
+        let store = outbox_sqlite::SqliteStore::open(&db).unwrap();
+        let keep = Outbox::writer(store.clone())
+            .strategy(KeepOrder::default())
+            .build()
+            .unwrap();
+        let failing = FaultyPublisher::new(RecordingPublisher::new(), |_| {
+            Some(Error::permanent("rejected"))
+        });
+        let dead = Outbox::builder(store.clone(), failing).build().unwrap();
+        let mut conn = store.connect().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        drop(keep.enqueue_blocking(&mut tx, messages()).unwrap());
+        let after = dead
+            .enqueue_blocking(
+                &mut tx,
+                (0..2).map(|i| Message::new("mail", vec![b'0' + i]).stream("emails")),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(after.publish().await.failed, 2);
+        url
+    }
+
+    pub async fn postgres(table: &str) -> String {
+        let base = std::env::var("OUTBOX_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+        // A password in the URL (trust auth ignores it): it must never reach a page.
+        let url = base.replacen("postgres://postgres@", "postgres://postgres:s3cret-pw@", 1);
+        let store = outbox_sql::postgres::PgStore::connect_with(
+            &base,
+            outbox_sql::postgres::PgOptions {
+                table: table.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let keep = Outbox::writer(store.clone())
+            .strategy(KeepOrder::default())
+            .build()
+            .unwrap();
+        let failing = FaultyPublisher::new(RecordingPublisher::new(), |_| {
+            Some(Error::permanent("rejected"))
+        });
+        let dead = Outbox::builder(store.clone(), failing).build().unwrap();
+        let mut tx = store.pool().begin().await.unwrap();
+        drop(keep.enqueue(&mut tx, messages()).await.unwrap());
+        let after = dead
+            .enqueue(
+                &mut tx,
+                (0..2).map(|i| Message::new("mail", vec![b'0' + i]).stream("emails")),
+            )
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert_eq!(after.publish().await.failed, 2);
+        url
+    }
+
+    fn messages() -> Vec<Message> {
+        vec![
+            Message::new("orders.placed", br#"{"id":7,"items":[1,2]}"#.to_vec())
+                .stream("orders")
+                .key("k"),
+            Message::new(
+                "orders.note",
+                b"<script>document.title='owned'</script>".to_vec(),
+            )
+            .stream("orders")
+            .key("k")
+            .header("x-note", "<b>bold</b>"),
+            Message::new("orders.bin", vec![0, 159, 146, 150])
+                .stream("orders")
+                .key("k"),
+        ]
+    }
+}
+
+async fn exercise(store_url: &str, table: Option<&str>) {
+    let table_args: Vec<&str> = table.map(|t| vec!["--table", t]).unwrap_or_default();
+    let c = console(store_url, &table_args);
+
+    // Overview: counts, parked units, the chart; security headers on every page.
+    let o = get(&c, "/");
+    assert_eq!(o.status, 200);
+    assert!(
+        o.body.contains("id=\"streams\"") && o.body.contains("orders"),
+        "{}",
+        o.body
+    );
+    assert!(o
+        .headers
+        .contains("content-security-policy: default-src 'none'"));
+    assert!(o.headers.contains("x-frame-options: deny"));
+    assert!(
+        !o.body.contains("s3cret-pw"),
+        "the store password is on the page"
+    );
+    assert!(get(&c, "/chart.svg").body.starts_with("<svg"));
+    assert_eq!(get(&c, "/style.css").status, 200);
+    assert_eq!(total(&c)["pending"], 3);
+    assert_eq!(total(&c)["dead"], 2);
+
+    // Messages: filters, pages, the message page; escaping.
+    let page = get(&c, "/messages?stream=orders&limit=2");
+    assert_eq!(page.status, 200);
+    assert!(
+        page.body.contains("id=\"next\""),
+        "two of three: a next page"
+    );
+    let api = get(&c, "/api/messages?stream=orders&limit=2").json();
+    let next = api["next_before"].as_i64().unwrap();
+    let rest = get(
+        &c,
+        &format!("/api/messages?stream=orders&limit=2&before={next}"),
+    )
+    .json();
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 1);
+    let all = get(&c, "/api/messages?stream=orders").json();
+    let seq_of = |dest: &str| {
+        all["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["destination"] == dest)
+            .unwrap()["seq"]
+            .as_i64()
+            .unwrap()
+    };
+    let json_page = get(&c, &format!("/messages/{}", seq_of("orders.placed")));
+    assert!(
+        json_page.body.contains("&quot;items&quot;: ["),
+        "pretty JSON: {}",
+        json_page.body
+    );
+    let script = get(&c, &format!("/messages/{}", seq_of("orders.note")));
+    assert!(script.body.contains("&lt;script&gt;document.title"));
+    assert!(!script.body.contains("<script>"), "a payload became markup");
+    assert!(script.body.contains("&lt;b&gt;bold&lt;/b&gt;"));
+    let bin = get(&c, &format!("/messages/{}", seq_of("orders.bin")));
+    assert!(bin.body.contains("shown as hex") && bin.body.contains(" 00 9f 92 96"));
+    let one = get(&c, &format!("/api/messages/{}", seq_of("orders.placed"))).json();
+    assert_eq!(one["payload"]["text"], r#"{"id":7,"items":[1,2]}"#);
+    let dead = get(&c, "/api/messages?status=dead").json();
+    let dead: Vec<i64> = dead["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap())
+        .collect();
+    assert_eq!(dead.len(), 2);
+
+    // Bad input: a 4xx saying what is wrong.
+    for (path, status, says) in [
+        ("/messages?status=lost", 400, "use pending, sent or dead"),
+        (
+            "/api/messages?status=lost",
+            400,
+            "use pending, sent or dead",
+        ),
+        ("/api/messages?id=nope", 400, "is not a UUID"),
+        ("/api/messages?limit=100000", 400, "use 1 to 500"),
+        ("/api/messages?before=abc", 400, "is not a row number"),
+        ("/api/messages/99999", 404, "no row 99999"),
+        ("/messages/abc", 400, "is not a row number"),
+    ] {
+        let r = get(&c, path);
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(r.body.contains(says), "{path}: {}", r.body);
+    }
+
+    // Actions: token, confirmation, the count.
+    let token = csrf(&c);
+    let seq = dead[0].to_string();
+    let r = form(&c, &[("action", "requeue"), ("seq", &seq)]);
+    assert_eq!(r.status, 403, "no CSRF token");
+    let r = form(
+        &c,
+        &[("csrf", &token), ("action", "requeue"), ("seq", &seq)],
+    );
+    assert!(r.body.contains("id=\"question\""), "asks first: {}", r.body);
+    assert_eq!(
+        total(&c)["dead"],
+        2,
+        "nothing changed before the confirmation"
+    );
+    let r = form(
+        &c,
+        &[
+            ("csrf", &token),
+            ("action", "requeue"),
+            ("seq", &seq),
+            ("confirm", "yes"),
+        ],
+    );
+    assert!(r.body.contains("Requeued 1 dead letter"), "{}", r.body);
+    assert_eq!(total(&c)["dead"], 1);
+    for (body, says) in [
+        (r#"{"action":"explode","all":true}"#, "unknown action"),
+        (r#"{"action":"purge"}"#, "choose the dead letters"),
+        (
+            r#"{"action":"resume","stream":"orders","unit":"nope"}"#,
+            "not parked",
+        ),
+        ("not json", "not JSON"),
+    ] {
+        let r = http(
+            &c,
+            "POST",
+            "/api/actions",
+            &[
+                ("X-CSRF-Token", &token),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        );
+        assert!((400..500).contains(&r.status), "{body}: {}", r.status);
+        assert!(r.body.contains(says), "{body}: {}", r.body);
+    }
+    assert_eq!(total(&c)["dead"], 1, "bad input changed nothing");
+    let api_action = |body: &str| {
+        http(
+            &c,
+            "POST",
+            "/api/actions",
+            &[
+                ("X-CSRF-Token", &token),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let r = api_action(r#"{"action":"purge","stream":"emails"}"#);
+    assert_eq!(r.json()["changed"], 1, "{}", r.body);
+    let r = http(
+        &c,
+        "POST",
+        "/api/actions",
+        &[],
+        r#"{"action":"purge","all":true}"#,
+    );
+    assert_eq!(r.status, 403, "the API needs the CSRF header too");
+    // Units: park, list, resume.
+    assert_eq!(
+        api_action(r#"{"action":"park","stream":"orders","unit":"k"}"#).status,
+        200
+    );
+    let parked = get(&c, "/api/parked").json();
+    assert_eq!(parked["parked"][0]["pending"], 3);
+    assert!(get(&c, "/").body.contains("value=\"resume\""));
+    let r = form(
+        &c,
+        &[
+            ("csrf", &token),
+            ("action", "resume"),
+            ("stream", "orders"),
+            ("unit", "k"),
+            ("confirm", "yes"),
+        ],
+    );
+    assert!(r.body.contains("Resumed unit"), "{}", r.body);
+    assert!(get(&c, "/api/parked").json()["parked"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    drop(c);
+
+    // Read-only and hidden payloads.
+    let mut args = table_args.clone();
+    args.extend(["--read-only", "--hide-payloads"]);
+    let c = console(store_url, &args);
+    let page = get(&c, &format!("/messages/{}", seq_of("orders.note")));
+    assert!(page.body.contains("Hidden (--hide-payloads)"));
+    assert!(!page.body.contains("document.title"), "payload shown");
+    assert!(get(&c, "/api/messages?stream=orders").json()["messages"][0]["payload"].is_null());
+    assert!(!get(&c, "/messages?status=dead")
+        .body
+        .contains("<form method=\"post\""));
+    let r = form(
+        &c,
+        &[
+            ("csrf", &csrf(&c)),
+            ("action", "purge"),
+            ("all", "1"),
+            ("confirm", "yes"),
+        ],
+    );
+    assert_eq!(r.status, 403);
+    assert!(r.body.contains("read-only"));
+}
+
+#[tokio::test]
+async fn console_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await;
+    exercise(&url, None).await;
+}
+
+#[tokio::test]
+async fn console_on_postgres() {
+    let table = format!("admin_{}", uuid::Uuid::now_v7().simple());
+    let url = rows::postgres(&table).await;
+    exercise(&url, Some(&table)).await;
+}
+
+/// Beyond loopback a token is required; with one, requests without it get 401.
+#[tokio::test]
+async fn the_token_guards_the_console() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await;
+    let out = bin()
+        .args(["--store", &url, "admin", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs --auth-token"), "{err}");
+
+    let token = "a-long-enough-token-0123";
+    let c = console(&url, &["--auth-token", token]);
+    let r = get(&c, "/");
+    assert_eq!(r.status, 401);
+    assert!(!r.body.contains("orders"));
+    assert_eq!(get(&c, "/api/stats").status, 401);
+    let bearer = format!("Bearer {token}");
+    assert_eq!(
+        http(&c, "GET", "/", &[("Authorization", &bearer)], "").status,
+        200
+    );
+    assert_eq!(
+        http(
+            &c,
+            "GET",
+            "/",
+            &[("Authorization", "Bearer wrong-token-0123456")],
+            ""
+        )
+        .status,
+        401
+    );
+    let login = get(&c, &format!("/login?token={token}"));
+    assert_eq!(login.status, 303);
+    assert!(login.headers.contains("set-cookie: outbox_admin="));
+    assert!(login.headers.contains("httponly"));
+    let cookie = format!("outbox_admin={token}");
+    assert_eq!(
+        http(&c, "GET", "/messages", &[("Cookie", &cookie)], "").status,
+        200
+    );
+}
