@@ -2,7 +2,8 @@
 # Idempotent set-up for the test suite on a fresh Debian machine with Rust: the system
 # packages the Kafka client build needs (cmake, curl, and OpenSSL for librdkafka's TLS), and
 # the services the integration tests talk to (PostgreSQL with ssl = on, MariaDB, Redis,
-# RabbitMQ on loopback). The TLS tests also start redis-server and mariadbd instances of
+# RabbitMQ on loopback), and Chromium with its WebDriver for the admin console's browser
+# tests. The TLS tests also start redis-server and mariadbd instances of
 # their own with certificates they make. Starts only what is not running.
 set -euo pipefail
 
@@ -19,6 +20,9 @@ command -v pg_ctlcluster >/dev/null 2>&1 || need_pkgs+=(postgresql)
 command -v mariadbd >/dev/null 2>&1 || [ -x /usr/sbin/mariadbd ] || need_pkgs+=(mariadb-server)
 command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
 command -v rabbitmq-server >/dev/null 2>&1 || [ -x /usr/sbin/rabbitmq-server ] || need_pkgs+=(rabbitmq-server)
+# The admin console's real-browser tests (WebDriver).
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_pkgs+=(chromium-driver)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing ${need_pkgs[*]}"
   as_root apt-get update -qq

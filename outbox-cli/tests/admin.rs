@@ -490,3 +490,232 @@ async fn the_token_guards_the_console() {
         200
     );
 }
+
+/// A free port on loopback.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chromedriver on a port of its own; killed on drop.
+struct Driver(Child, u16);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn chromedriver() -> Driver {
+    let port = free_port();
+    let child = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver (apt chromium-driver; scripts/setup.sh installs it)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chromedriver did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Driver(child, port)
+}
+
+async fn browser(driver: &Driver) -> fantoccini::Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        serde_json::json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1200,800"],
+        }),
+    );
+    fantoccini::ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.1))
+        .await
+        .expect("a WebDriver session with headless Chromium")
+}
+
+/// Wait (at most 10 s) for an element to be on the page.
+async fn wait_for(b: &fantoccini::Client, css: &str) -> fantoccini::elements::Element {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(e) = b.find(fantoccini::Locator::Css(css)).await {
+            return e;
+        }
+        let url = b.current_url().await.unwrap();
+        assert!(std::time::Instant::now() < deadline, "no {css} at {url}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Where the screenshots go: OUTBOX_SCREENSHOTS, else the test's temporary folder. The ones in
+/// docs/ were made with `OUTBOX_SCREENSHOTS=docs cargo test -p outbox-cli --test admin browser`.
+fn screenshot_dir() -> std::path::PathBuf {
+    match std::env::var_os("OUTBOX_SCREENSHOTS") {
+        Some(d) => {
+            let d = std::path::PathBuf::from(d);
+            if d.is_relative() {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("..")
+                    .join(d)
+            } else {
+                d
+            }
+        }
+        None => std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
+    }
+}
+
+/// The console in a real browser (headless Chromium through WebDriver): the overview, a
+/// filter down to one message, its page (a `<script>` payload shown, not run), a dead letter
+/// requeued through the confirmation with the counts changing, and 401 without the token.
+#[tokio::test]
+async fn in_a_real_browser() {
+    use fantoccini::Locator;
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await;
+    let c = console(&url, &[]);
+    let driver = chromedriver();
+    let b = browser(&driver).await;
+    let base = format!("http://{}", c.addr);
+    let shots = screenshot_dir();
+    std::fs::create_dir_all(&shots).unwrap();
+
+    b.goto(&format!("{base}/")).await.unwrap();
+    let streams = b
+        .find(Locator::Css("#streams"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        streams.contains("orders") && streams.contains("emails"),
+        "{streams}"
+    );
+    std::fs::write(
+        shots.join("admin-overview.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    // Filter down to one message and open it.
+    b.goto(&format!("{base}/messages")).await.unwrap();
+    b.find(Locator::Css("input[name=destination]"))
+        .await
+        .unwrap()
+        .send_keys("orders.note")
+        .await
+        .unwrap();
+    b.find(Locator::Id("filter"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    // The filtered page: one message matches (the old page may linger a moment).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let rows = loop {
+        let url = b.current_url().await.unwrap();
+        let rows = b.find_all(Locator::Css("#messages tr td a")).await.unwrap();
+        if url.as_str().contains("destination=orders.note") && rows.len() == 1 {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} rows at {url}",
+            rows.len()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    rows[0].click().await.unwrap();
+    wait_for(&b, "#payload").await;
+    let payload = b
+        .find(Locator::Id("payload"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        payload.contains("<script>document.title='owned'</script>"),
+        "{payload}"
+    );
+    let title = b.title().await.unwrap();
+    assert!(
+        title.starts_with("Message "),
+        "the payload's script ran: title {title:?}"
+    );
+    std::fs::write(
+        shots.join("admin-message.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
+
+    // Requeue a dead letter: its page, the confirmation, the result, the counts.
+    let dead_before = total(&c)["dead"].as_u64().unwrap();
+    b.goto(&format!("{base}/messages?status=dead"))
+        .await
+        .unwrap();
+    let first = b.find(Locator::Css("#messages tr td a")).await.unwrap();
+    first.click().await.unwrap();
+    wait_for(&b, "#requeue").await;
+    b.find(Locator::Id("requeue"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let question = wait_for(&b, "#question").await.text().await.unwrap();
+    assert!(question.starts_with("Requeue 1 dead letter"), "{question}");
+    b.find(Locator::Id("confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let result = wait_for(&b, "#result").await.text().await.unwrap();
+    assert_eq!(result, "Requeued 1 dead letter(s).");
+    assert_eq!(total(&c)["dead"].as_u64().unwrap(), dead_before - 1);
+    b.goto(&format!("{base}/")).await.unwrap();
+    let streams = b
+        .find(Locator::Css("#streams"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        streams.contains(&format!("emails {} 0 {}", 1, dead_before - 1)),
+        "{streams}"
+    );
+
+    // With a token, the browser gets 401 until it logs in.
+    let guarded = console(&url, &["--auth-token", "browser-token-0123456789"]);
+    let gbase = format!("http://{}", guarded.addr);
+    b.goto(&format!("{gbase}/")).await.unwrap();
+    let body = b
+        .find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(body.starts_with("401"), "{body}");
+    b.goto(&format!("{gbase}/login?token=browser-token-0123456789"))
+        .await
+        .unwrap();
+    wait_for(&b, "#streams").await; // logged in by cookie
+    b.close().await.unwrap();
+}
