@@ -1205,6 +1205,99 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
     head_of_line(dir, stuck, true).await
 }
 
+/// The admin console's listing (`Store::messages`) against the table's size: the first page,
+/// a page deep in the table, and pages filtered to rare rows, against a one-row primary-key
+/// read (`Store::get`) as the floor.
+async fn listing(dir: &std::path::Path, sizes: &[usize]) -> Res {
+    use outbox::MessageFilter;
+    println!("\n## Admin console listing (Store::messages, pages of 50) against the table size\n");
+    println!("Rows: 1 in 100 on stream \"rare\", 1 in 1000 dead, 50 keys. Median of 5 runs.\n");
+    println!("| store | rows | get(seq) (floor) | first page | deep page (before = 1000) | stream = rare | status = dead | key = k7 | id = … |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for kind in bench_kinds() {
+        for &n in sizes {
+            let b = bench_store(kind, dir).await?;
+            let mut i = 0;
+            while i < n {
+                let chunk: Vec<NewMessage> = (i..(i + 2000).min(n))
+                    .map(|j| {
+                        let mut r = keyed_row("x", j, &format!("k{}", j % 50));
+                        if j % 100 == 7 {
+                            r.envelope.message.stream = "rare".into();
+                        }
+                        if j % 1000 == 3 {
+                            r.status = Status::Dead;
+                        }
+                        r
+                    })
+                    .collect();
+                b.store.insert(&chunk).await?;
+                i += chunk.len();
+            }
+            b.maintain().await;
+            let first = b.store.messages(&MessageFilter::default()).await?;
+            let top = first.first().map(|m| m.seq).unwrap_or(1);
+            let id = b.store.get(top - 10).await?.map(|m| m.envelope.id);
+            let time = |f: MessageFilter| {
+                let store = b.store.clone();
+                async move {
+                    let mut took = Vec::new();
+                    for _ in 0..5 {
+                        let t = Instant::now();
+                        store.messages(&f).await?;
+                        took.push(t.elapsed());
+                    }
+                    took.sort();
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(took[2])
+                }
+            };
+            let mut floor = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                b.store.get(top - 10).await?;
+                floor.push(t.elapsed());
+            }
+            floor.sort();
+            let cells = [
+                time(MessageFilter::default()).await?,
+                time(MessageFilter {
+                    before: Some(top - (n as i64) + 1000),
+                    ..Default::default()
+                })
+                .await?,
+                time(MessageFilter {
+                    stream: Some("rare".into()),
+                    ..Default::default()
+                })
+                .await?,
+                time(MessageFilter {
+                    status: Some(Status::Dead),
+                    ..Default::default()
+                })
+                .await?,
+                time(MessageFilter {
+                    key: Some("k7".into()),
+                    ..Default::default()
+                })
+                .await?,
+                time(MessageFilter {
+                    id,
+                    ..Default::default()
+                })
+                .await?,
+            ];
+            print!("| {kind} | {n} | {} |", ms(floor[2]));
+            for c in cells {
+                print!(" {} |", ms(c));
+            }
+            println!();
+            b.cleanup().await;
+        }
+    }
+    println!("\nTarget: every page within 50 ms on 1 000 000 rows.");
+    Ok(())
+}
+
 /// Other units drain while one unit holds N rows: its head backing off for an hour
 /// (`parked` false), or the unit parked (true).
 async fn head_of_line(dir: &std::path::Path, stuck: &[usize], parked: bool) -> Res {
@@ -1476,6 +1569,21 @@ async fn main() -> Res {
     }
     if run("one-unit") {
         one_unit(20_000).await?;
+    }
+    if run("listing") {
+        let sizes = args
+            .iter()
+            .position(|a| a == "--listing-rows")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or_else(|| {
+                if quick {
+                    vec![100_000]
+                } else {
+                    vec![100_000, 1_000_000]
+                }
+            });
+        listing(dir.path(), &sizes).await?;
     }
     if run("relays") {
         // 2 ms per batch (the target's setting), then 20 ms: where the publisher, not the
