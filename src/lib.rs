@@ -50,3 +50,7 @@ pub use outbox_amqp as amqp;
 /// Redis publisher (feature `redis`).
 #[cfg(feature = "redis")]
 pub use outbox_redis as redis;
+
+/// HTTP webhook publisher, Standard Webhooks signatures (feature `webhook`).
+#[cfg(feature = "webhook")]
+pub use outbox_webhook as webhook;

@@ -331,6 +331,39 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             Ok(Arc::new(outbox_kafka::KafkaPublisher::from_config(config)?))
         }
         "amqp" | "amqps" => Ok(Arc::new(outbox_amqp::AmqpPublisher::connect(url).await?)),
+        "http" | "https" => {
+            // Signing secrets never come from the URL or a flag: OUTBOX_WEBHOOK_SECRETS (space or
+            // comma separated, the signing one first), or the file OUTBOX_WEBHOOK_SECRETS_FILE.
+            let text = match (
+                std::env::var("OUTBOX_WEBHOOK_SECRETS").ok(),
+                std::env::var_os("OUTBOX_WEBHOOK_SECRETS_FILE"),
+            ) {
+                (Some(t), _) => t,
+                (None, Some(path)) => std::fs::read_to_string(&path).map_err(|e| {
+                    Error::config(format!(
+                        "cannot read OUTBOX_WEBHOOK_SECRETS_FILE {}",
+                        std::path::Path::new(&path).display()
+                    ))
+                    .with_source(e)
+                })?,
+                (None, None) => String::new(),
+            };
+            let secrets = text
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty())
+                .map(outbox_webhook::WebhookSecret::parse)
+                .collect::<Result<Vec<_>>>()?;
+            if secrets.is_empty() {
+                tracing::warn!("webhook publisher without OUTBOX_WEBHOOK_SECRETS: requests are not signed");
+            }
+            Ok(Arc::new(outbox_webhook::WebhookPublisher::new(
+                outbox_webhook::WebhookOptions {
+                    base_url: Some(url.to_owned()),
+                    secrets,
+                    ..Default::default()
+                },
+            )?))
+        }
         "redis" | "rediss" => {
             let (base, params) = split_query(url);
             let mut mode_pubsub = false;
@@ -366,7 +399,7 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             }))
         }
         _ => Err(Error::config(format!(
-            "unsupported publisher {}: use stdout, null, kafka://, amqp:// or redis://",
+            "unsupported publisher {}: use stdout, null, kafka://, amqp://, redis:// or http(s):// (webhooks)",
             redact_url(url)
         ))),
     }

@@ -47,6 +47,7 @@ pub struct Error {
     retry: Retry,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    retry_after: Option<std::time::Duration>,
 }
 
 /// A `Config` error unless `value` is within `min..=max` (durations and sizes given by users:
@@ -76,7 +77,20 @@ impl Error {
             retry,
             message: message.into(),
             source: None,
+            retry_after: None,
         }
+    }
+
+    /// Ask for the next attempt no sooner than `after` (a broker's or receiver's
+    /// `Retry-After`): the relay waits the longer of this and its own backoff.
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// The wait [`with_retry_after`](Self::with_retry_after) asked for.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// A permanent configuration error.

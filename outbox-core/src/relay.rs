@@ -539,6 +539,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             &error,
             cfg.delivery.dead_letter_keep_order,
         );
+        // A receiver's Retry-After wins over a shorter backoff.
+        let decision = match (decision, error.retry_after()) {
+            (Decision::Retry(d), Some(hint)) => Decision::Retry(d.max(hint)),
+            (Decision::Stuck(d), Some(hint)) => Decision::Stuck(d.max(hint)),
+            (d, _) => d,
+        };
         let env = &m.envelope;
         let dead = decision == Decision::Dead;
         report.failed += 1;
