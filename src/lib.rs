@@ -54,3 +54,7 @@ pub use outbox_redis as redis;
 /// HTTP webhook publisher, Standard Webhooks signatures (feature `webhook`).
 #[cfg(feature = "webhook")]
 pub use outbox_webhook as webhook;
+
+/// NATS JetStream publisher (feature `nats`).
+#[cfg(feature = "nats")]
+pub use outbox_nats as nats;

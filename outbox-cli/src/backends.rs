@@ -331,6 +331,7 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             Ok(Arc::new(outbox_kafka::KafkaPublisher::from_config(config)?))
         }
         "amqp" | "amqps" => Ok(Arc::new(outbox_amqp::AmqpPublisher::connect(url).await?)),
+        "nats" => Ok(Arc::new(outbox_nats::NatsPublisher::connect(url).await?)),
         "http" | "https" => {
             // Signing secrets never come from the URL or a flag: OUTBOX_WEBHOOK_SECRETS (space or
             // comma separated, the signing one first), or the file OUTBOX_WEBHOOK_SECRETS_FILE.
@@ -399,7 +400,7 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
             }))
         }
         _ => Err(Error::config(format!(
-            "unsupported publisher {}: use stdout, null, kafka://, amqp://, redis:// or http(s):// (webhooks)",
+            "unsupported publisher {}: use stdout, null, kafka://, amqp://, redis://, nats:// or http(s):// (webhooks)",
             redact_url(url)
         ))),
     }

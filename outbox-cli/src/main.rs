@@ -166,7 +166,7 @@ struct DoctorArgs {
 
 #[derive(Args, Debug, Default)]
 struct RelayArgs {
-    /// Publisher URL: stdout, null, kafka://…, amqp(s)://…, redis(s)://…, http(s)://… (webhooks)
+    /// Publisher URL: stdout, null, kafka://…, amqp(s)://…, redis(s)://…, nats://…, http(s)://… (webhooks)
     #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
     publisher: Option<String>,
     /// File holding the publisher URL (a mounted secret: SASL or broker passwords).

@@ -1,5 +1,6 @@
 //! `outbox relay --publisher http://…`: messages POSTed to the webhook with Standard Webhooks
 //! headers, signed with the secrets from OUTBOX_WEBHOOK_SECRETS, which never reach the output.
+//! `--publisher nats://…`: messages in a JetStream stream.
 
 use std::io::{Read, Write};
 use std::process::Command;
@@ -95,4 +96,84 @@ async fn relay_posts_signed_webhooks() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&out.stderr).contains("not-base64-secret"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_publishes_to_jetstream() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let js_dir = tempfile::tempdir().unwrap();
+    let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    };
+    let mut server = Command::new(bin)
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(js_dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nats-server");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    let p = outbox_nats::NatsPublisher::connect(&url).await.unwrap();
+    let mut stream = p
+        .jetstream()
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: "cli".into(),
+            subjects: vec!["cli.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("app.db");
+    let store = outbox_sqlite::SqliteStore::open(&db).unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(RelayOnly)
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    drop(
+        outbox
+            .enqueue_blocking(
+                &mut tx,
+                (0..3).map(|i| Message::new("cli.orders", vec![b'0' + i])),
+            )
+            .unwrap(),
+    );
+    tx.commit().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .env_remove("OUTBOX_STORE")
+        .args([
+            "--store",
+            &format!("sqlite://{}", db.display()),
+            "relay",
+            "--publisher",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = stream.info().await.unwrap().state.messages;
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(stored, 3);
 }

@@ -1,0 +1,245 @@
+//! The NATS JetStream publisher against a real nats-server of the test's own (JetStream on, a
+//! store directory kept across its restart): per-key order and every id through a relay, an
+//! unknown subject dead-lettered, and the server killed and restarted mid-run with nothing
+//! lost and the duplicate window absorbing the relay's retries.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::stream::Config;
+use outbox_core::{KeepOrder, Message, Outbox, Publisher as _, RetryPolicy, Store};
+use outbox_nats::NatsPublisher;
+
+struct Server {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut s = Self {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        s.run();
+        s
+    }
+
+    fn run(&mut self) {
+        let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
+            "/usr/sbin/nats-server"
+        } else {
+            "nats-server"
+        };
+        let child = Command::new(bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (apt nats-server; scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn stream(p: &NatsPublisher, name: &str) -> async_nats::jetstream::stream::Stream {
+    p.jetstream()
+        .create_stream(Config {
+            name: name.into(),
+            subjects: vec![format!("{name}.>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// (key, n) of every message in the stream, in stream order, with the outbox ids.
+async fn read(s: &async_nats::jetstream::stream::Stream, count: u64) -> Vec<(String, String, u32)> {
+    let mut out = Vec::new();
+    for seq in 1..=count {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let h = |n: &str| {
+            m.headers
+                .get(n)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let n: u32 = std::str::from_utf8(&m.payload).unwrap().parse().unwrap();
+        out.push((h("outbox-id"), h("outbox-key"), n));
+    }
+    out
+}
+
+fn keyed(subject: &str, n: u32) -> Message {
+    Message::new(subject, n.to_string().into_bytes())
+        .stream("orders")
+        .key(format!("k{}", n % 3))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_ids_and_unknown_subjects() {
+    let server = Server::start();
+    let publisher = NatsPublisher::connect(&server.url()).await.unwrap();
+    let mut s = stream(&publisher, "orders1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = outbox_sqlite::SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    let mut msgs: Vec<Message> = (0..60).map(|n| keyed("orders1.placed", n)).collect();
+    msgs.push(
+        Message::new("nowhere.at.all", b"1".to_vec())
+            .stream("lost")
+            .key("x"),
+    );
+    drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
+    tx.commit().unwrap();
+    let relay = outbox
+        .relay_with(publisher.clone())
+        .dead_letter_keep_order(true)
+        .build()
+        .unwrap();
+    relay.run_once().await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 60);
+    let got = read(&s, 60).await;
+    for k in ["k0", "k1", "k2"] {
+        let ns: Vec<u32> = got.iter().filter(|g| g.1 == k).map(|g| g.2).collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{k}: {ns:?}");
+        assert_eq!(ns.len(), 20);
+    }
+    let ids: std::collections::HashSet<&String> = got.iter().map(|g| &g.0).collect();
+    assert_eq!(ids.len(), 60);
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("no JetStream stream"),
+        "{:?}",
+        dead[0].last_error
+    );
+    publisher.check().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_killed_and_restarted_mid_run() {
+    let mut server = Server::start();
+    let publisher = NatsPublisher::connect(&server.url()).await.unwrap();
+    let mut s = stream(&publisher, "orders2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = outbox_sqlite::SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let total = 300u32;
+    let write = |from: u32, to: u32| {
+        let mut conn = store.connect().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        drop(
+            outbox
+                .enqueue_blocking(&mut tx, (from..to).map(|n| keyed("orders2.placed", n)))
+                .unwrap(),
+        );
+        tx.commit().unwrap();
+    };
+    let relay = outbox
+        .relay_with(publisher.clone())
+        .retry(RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_millis(500),
+            multiplier: 2.0,
+            jitter: 0.2,
+            max_attempts: 1000,
+        })
+        .publish_timeout(Duration::from_secs(2))
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let running = outbox_core::conformance::RunningRelay::spawn(relay);
+    write(0, 100);
+    // Kill the server once some (not all) are in, write more while it is down, restart it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s.info().await.unwrap().state.messages < 30 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.kill();
+    write(100, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await; // the relay fails against the dead server
+    server.run();
+    write(200, total);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let sent = store.stats().await.unwrap().total().sent;
+        if sent == u64::from(total) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{sent} of {total} sent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let report = running.stop().await;
+    let stored = s.info().await.unwrap().state.messages;
+    let got = read(&s, stored).await;
+    let ids: std::collections::HashSet<&String> = got.iter().map(|g| &g.0).collect();
+    eprintln!(
+        "nats restart: {total} messages, {stored} in the stream, {} distinct, {} failed attempts",
+        ids.len(),
+        report.failed
+    );
+    assert_eq!(ids.len(), total as usize, "every id arrived");
+    assert_eq!(
+        stored,
+        u64::from(total),
+        "the duplicate window absorbed every retry"
+    );
+    for k in ["k0", "k1", "k2"] {
+        let ns: Vec<u32> = got.iter().filter(|g| g.1 == k).map(|g| g.2).collect();
+        assert!(ns.windows(2).all(|w| w[0] < w[1]), "{k} out of order");
+    }
+    assert!(report.failed > 0, "the outage was seen");
+}
