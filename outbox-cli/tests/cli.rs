@@ -230,8 +230,10 @@ fn bad_input_is_one_clear_line_and_a_non_zero_exit() {
     let e = fails(bin().args(["stats"]));
     assert!(e.contains("no store"), "{e}");
     assert!(ok(&["--store", &db, "migrate"]).contains("ready"));
-    let e = fails(bin().args(["--store", &db, "relay", "--publisher", "nats://x"]));
+    let e = fails(bin().args(["--store", &db, "relay", "--publisher", "mqtt://x"]));
     assert!(e.contains("unsupported publisher"), "{e}");
+    let e = fails(bin().args(["--store", &db, "relay", "--publisher", "nats://x"]));
+    assert!(e.contains("cannot connect to NATS at nats://x"), "{e}");
     let e = fails(bin().args([
         "--store",
         &db,
