@@ -79,3 +79,12 @@ if ! port_open 5672; then
   as_root rabbitmq-server -detached
 fi
 wait_port RabbitMQ 5672 120
+
+# NATS with JetStream for the nats_relay example (the publisher's tests run their own servers).
+if ! port_open 4222; then
+  log "starting NATS (JetStream)"
+  nats_bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  mkdir -p /tmp/outbox-nats-js
+  nohup "$nats_bin" -a 127.0.0.1 -p 4222 -js -sd /tmp/outbox-nats-js >/tmp/outbox-nats.log 2>&1 &
+fi
+wait_port NATS 4222 30

@@ -13,7 +13,7 @@ cargo test --workspace --all-features "$@"
 
 # Every example runs and exits 0.
 for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "redis_relay --features redis" \
-               "rabbitmq_relay --features amqp" "kafka_relay --features kafka"; do
+               "rabbitmq_relay --features amqp" "nats_relay --features nats" "kafka_relay --features kafka"; do
   # shellcheck disable=SC2086
   cargo run -q --example $example >/dev/null
   echo "example ran: $example"

@@ -18,6 +18,9 @@
 
 use std::time::Duration;
 
+/// The async-nats this publisher is built with (streams, consumers, the client).
+pub use async_nats;
+
 use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_trait::async_trait;
