@@ -907,28 +907,36 @@ impl Action {
     }
 }
 
+/// Whether a change may run: not on a read-only console, and only with its CSRF token
+/// (`missing` says how to send it).
+fn may_change(admin: &Admin, csrf: &str, missing: &str) -> Result<(), Failure> {
+    if admin.options.read_only {
+        return Err(Failure(
+            StatusCode::FORBIDDEN,
+            "this console is read-only (--read-only)".into(),
+        ));
+    }
+    if !same(csrf, &admin.csrf) {
+        return Err(Failure(StatusCode::FORBIDDEN, missing.into()));
+    }
+    Ok(())
+}
+
 async fn action_form(
     State(admin): State<Arc<Admin>>,
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
     let result = async {
-        if admin.options.read_only {
-            return Err(Failure(
-                StatusCode::FORBIDDEN,
-                "this console is read-only (--read-only)".into(),
-            ));
-        }
         let csrf = fields
             .iter()
             .find(|(n, _)| n == "csrf")
             .map(|(_, v)| v.as_str())
             .unwrap_or("");
-        if !same(csrf, &admin.csrf) {
-            return Err(Failure(
-                StatusCode::FORBIDDEN,
-                "missing or stale form token: reload the page and try again".into(),
-            ));
-        }
+        may_change(
+            &admin,
+            csrf,
+            "missing or stale form token: reload the page and try again",
+        )?;
         let action = Action::parse(&fields)?;
         if !fields.iter().any(|(n, v)| n == "confirm" && v == "yes") {
             // Ask first: the same fields again, with the confirmation.
@@ -1074,22 +1082,15 @@ async fn api_action(
     body: axum::body::Bytes,
 ) -> Response {
     let result = async {
-        if admin.options.read_only {
-            return Err(Failure(
-                StatusCode::FORBIDDEN,
-                "this console is read-only (--read-only)".into(),
-            ));
-        }
         let csrf = headers
             .get("x-csrf-token")
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        if !same(csrf, &admin.csrf) {
-            return Err(Failure(
-                StatusCode::FORBIDDEN,
-                "missing or wrong X-CSRF-Token header (GET /api/csrf)".into(),
-            ));
-        }
+        may_change(
+            &admin,
+            csrf,
+            "missing or wrong X-CSRF-Token header (GET /api/csrf)",
+        )?;
         let v: Value =
             serde_json::from_slice(&body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
         let Value::Object(map) = v else {
