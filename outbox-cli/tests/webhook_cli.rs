@@ -100,33 +100,8 @@ async fn relay_posts_signed_webhooks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_publishes_to_jetstream() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let js_dir = tempfile::tempdir().unwrap();
-    let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-        "/usr/sbin/nats-server"
-    } else {
-        "nats-server"
-    };
-    let mut server = Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(js_dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nats-server");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nats-server did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    let url = format!("nats://127.0.0.1:{port}");
+    let server = outbox_testkit::NatsServer::start();
+    let url = server.url();
     let p = outbox_nats::NatsPublisher::connect(&url).await.unwrap();
     let mut stream = p
         .jetstream()
@@ -173,7 +148,6 @@ async fn relay_publishes_to_jetstream() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stored = stream.info().await.unwrap().state.messages;
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(stored, 3);
 }

@@ -3,80 +3,12 @@
 //! unknown subject dead-lettered, and the server killed and restarted mid-run with nothing
 //! lost and the duplicate window absorbing the relay's retries.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Config;
 use outbox_core::{KeepOrder, Message, Outbox, Publisher as _, RetryPolicy, Store};
 use outbox_nats::NatsPublisher;
-
-struct Server {
-    child: Option<Child>,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut s = Self {
-            child: None,
-            port,
-            dir: tempfile::tempdir().unwrap(),
-        };
-        s.run();
-        s
-    }
-
-    fn run(&mut self) {
-        let bin = if std::path::Path::new("/usr/sbin/nats-server").exists() {
-            "/usr/sbin/nats-server"
-        } else {
-            "nats-server"
-        };
-        let child = Command::new(bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (apt nats-server; scripts/setup.sh installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use outbox_testkit::NatsServer;
 
 async fn stream(p: &NatsPublisher, name: &str) -> async_nats::jetstream::stream::Stream {
     p.jetstream()
@@ -115,7 +47,7 @@ fn keyed(subject: &str, n: u32) -> Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_ids_and_unknown_subjects() {
-    let server = Server::start();
+    let server = NatsServer::start();
     let publisher = NatsPublisher::connect(&server.url()).await.unwrap();
     let mut s = stream(&publisher, "orders1").await;
     let dir = tempfile::tempdir().unwrap();
@@ -166,7 +98,7 @@ async fn order_ids_and_unknown_subjects() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_mid_run() {
-    let mut server = Server::start();
+    let mut server = NatsServer::start();
     let publisher = NatsPublisher::connect(&server.url()).await.unwrap();
     let mut s = stream(&publisher, "orders2").await;
     let dir = tempfile::tempdir().unwrap();
@@ -208,10 +140,10 @@ async fn server_killed_and_restarted_mid_run() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    server.kill();
+    server.stop();
     write(100, 200);
     tokio::time::sleep(Duration::from_millis(300)).await; // the relay fails against the dead server
-    server.run();
+    server.restart();
     write(200, total);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

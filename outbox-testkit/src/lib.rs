@@ -10,6 +10,8 @@
 //!   expiry and client certificates are all exercised.
 //! - [`Server`]: a server process of the test's own that never outlives the test, and
 //!   [`redis_tls`] / [`mariadb_tls`]: real Redis and MariaDB servers with TLS listeners.
+//! - [`Tansu`] (a Kafka-protocol broker) and [`NatsServer`] (JetStream): real brokers of the
+//!   test's own on free ports.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -569,6 +571,128 @@ impl MariaDbTls {
             port: server.port,
             _server: server,
         }
+    }
+}
+
+/// Where the `tansu` broker binary is: `$OUTBOX_TANSU`, else `tansu` on `PATH`, else
+/// `~/.cargo/bin/tansu` (where `scripts/setup.sh` installs it).
+pub fn tansu_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("OUTBOX_TANSU") {
+        return PathBuf::from(p);
+    }
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("tansu"))
+            .find(|p| p.is_file())
+    });
+    on_path
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/tansu")))
+        .filter(|p| p.is_file())
+        .expect("the tansu Kafka broker is not installed: run scripts/setup.sh")
+}
+
+/// A real Kafka-protocol broker of the test's own: [tansu](https://tansu.io), one node,
+/// in-memory storage, on a free port. It listens on `listen_port` and advertises
+/// `advertised_port` in its metadata, so a proxy (a [`BlackholeProxy`]) can sit in between
+/// and every client connection, bootstrap and partition leader alike, goes through it.
+pub struct Tansu {
+    /// The port the broker listens on.
+    pub listen_port: u16,
+    _server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl Tansu {
+    /// Start a broker that advertises its own port.
+    pub fn start() -> Self {
+        let port = free_port();
+        Self::start_advertising(port, port)
+    }
+
+    /// Start a broker listening on `listen_port` that tells clients to connect to
+    /// `advertised_port` (both on 127.0.0.1).
+    pub fn start_advertising(listen_port: u16, advertised_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let args: Vec<String> = vec![
+            "broker".into(),
+            "--listener-url".into(),
+            format!("tcp://127.0.0.1:{listen_port}"),
+            "--advertised-listener-url".into(),
+            format!("tcp://127.0.0.1:{advertised_port}"),
+            "--storage-engine".into(),
+            "memory://tansu/".into(),
+        ];
+        let server = Server::spawn(
+            &tansu_binary().display().to_string(),
+            &args,
+            &dir.path().join("tansu.log"),
+        );
+        wait_for_port(listen_port, Duration::from_secs(30));
+        Self {
+            listen_port,
+            _server: server,
+            _dir: dir,
+        }
+    }
+
+    /// `127.0.0.1:PORT` of the listener.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.listen_port)
+    }
+
+    /// The broker's own output so far (for a failing test's message).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("tansu.log")).unwrap_or_default()
+    }
+}
+
+/// A real `nats-server` of the test's own with JetStream on, a store directory kept across
+/// [`restart`](Self::restart)s, on a free port.
+pub struct NatsServer {
+    /// The client port on 127.0.0.1.
+    pub port: u16,
+    server: Server,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Start one and wait until it accepts connections.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let args: Vec<String> = vec![
+            "-a".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+            "-js".into(),
+            "-sd".into(),
+            dir.path().join("js").display().to_string(),
+        ];
+        let server = Server::spawn(bin, &args, &dir.path().join("nats.log"));
+        wait_for_port(port, Duration::from_secs(20));
+        Self { port, server, dir }
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stop the server (its JetStream store stays).
+    pub fn stop(&mut self) {
+        self.server.stop();
+    }
+
+    /// Stop it and start it again on the same port and store; returns once it listens.
+    pub fn restart(&mut self) {
+        let log = self.dir.path().join("nats-restarted.log");
+        self.server.restart(&log);
+        wait_for_port(self.port, Duration::from_secs(20));
     }
 }
 
