@@ -14,6 +14,11 @@
 //! - **Errors** are classified from rdkafka's own codes: oversized or invalid records,
 //!   authorization failures and unknown topics are permanent; the rest (timeouts, broker
 //!   down, full queue, not leader, ...) transient.
+//! - **Fatal producer errors** (an idempotent producer fenced, or its sequence lost: after a
+//!   message timeout librdkafka asks the broker for a new epoch, and a broker that cannot
+//!   give one answers `PRODUCER_FENCED`) make librdkafka refuse every later message. The
+//!   publisher then replaces the producer with a new one (a new producer id) from the same
+//!   settings; the failed messages are retried by the relay like any transient failure.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -53,6 +58,23 @@ pub fn map_err(e: KafkaError) -> Error {
         },
     };
     Error::new(kind, retry, "kafka").with_source(e)
+}
+
+/// Errors after which an idempotent producer can send nothing more: its producer id was
+/// fenced or its sequence state lost.
+fn is_fatal_for_producer(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::Fatal
+                | C::ProducerFenced
+                | C::InvalidProducerEpoch
+                | C::OutOfOrderSequenceNumber
+                | C::UnknownProducerId
+                | C::InvalidProducerIdMapping
+        )
+    )
 }
 
 /// A producer-creation error without the offending value: librdkafka's own text repeats it,
@@ -115,7 +137,9 @@ fn check_tls_files(config: &ClientConfig) -> outbox_core::Result<()> {
 
 /// Publishes to Kafka.
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    config: ClientConfig,
+    /// The producer and how many were replaced before it.
+    producer: std::sync::RwLock<(FutureProducer, u64)>,
     unkeyed_by_stream: bool,
     /// `enable.idempotence` is on: librdkafka keeps a partition's order across retries.
     idempotent: bool,
@@ -156,7 +180,8 @@ impl KafkaPublisher {
         let idempotent = config.get("enable.idempotence") == Some("true");
         let producer: FutureProducer = config.create().map_err(config_error)?;
         Ok(Self {
-            producer,
+            config,
+            producer: std::sync::RwLock::new((producer, 0)),
             unkeyed_by_stream: true,
             idempotent,
         })
@@ -168,9 +193,46 @@ impl KafkaPublisher {
         self
     }
 
-    /// The underlying producer.
-    pub fn producer(&self) -> &FutureProducer {
-        &self.producer
+    /// The current producer (a handle: a producer that failed fatally is replaced).
+    pub fn producer(&self) -> FutureProducer {
+        self.current().0
+    }
+
+    /// Producers replaced after a fatal error so far.
+    pub fn replaced_producers(&self) -> u64 {
+        self.current().1
+    }
+
+    fn current(&self) -> (FutureProducer, u64) {
+        let guard = self.producer.read().unwrap_or_else(|p| p.into_inner());
+        (guard.0.clone(), guard.1)
+    }
+
+    /// Replace producer number `generation` if it has failed fatally or was `fenced`
+    /// (once, whichever caller sees it first).
+    fn replace_if_fatal(&self, producer: &FutureProducer, generation: u64, fenced: bool) {
+        use rdkafka::producer::Producer;
+        let (code, reason) = match producer.client().fatal_error() {
+            Some(fatal) => fatal,
+            None if fenced => (
+                RDKafkaErrorCode::ProducerFenced,
+                "the broker fenced the producer's id".to_owned(),
+            ),
+            None => return,
+        };
+        let mut guard = self.producer.write().unwrap_or_else(|p| p.into_inner());
+        if guard.1 != generation {
+            return; // another publish replaced it already
+        }
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(?code, reason = %outbox_core::printable(&reason), "Kafka producer failed fatally; replaced by a new one");
+                *guard = (fresh, generation + 1);
+            }
+            Err(e) => {
+                tracing::error!(error = %map_err(e), "Kafka producer failed fatally and cannot be replaced")
+            }
+        }
     }
 
     fn headers(envelope: &Envelope) -> OwnedHeaders {
@@ -208,7 +270,7 @@ impl Publisher for KafkaPublisher {
     /// A metadata request to the cluster (no topic is created or written), within 10 s.
     async fn check(&self) -> outbox_core::Result<()> {
         use rdkafka::producer::Producer;
-        let producer = self.producer.clone();
+        let producer = self.producer();
         tokio::task::spawn_blocking(move || {
             producer
                 .client()
@@ -228,6 +290,9 @@ impl Publisher for KafkaPublisher {
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
         // Hand every record to librdkafka, then await every delivery report.
+        let (producer, generation) = self.current();
+        self.replace_if_fatal(&producer, generation, false);
+        let (producer, generation) = self.current();
         let mut reports = Vec::with_capacity(batch.len());
         for env in batch {
             let m = &env.message;
@@ -247,24 +312,27 @@ impl Publisher for KafkaPublisher {
             if let Some(k) = key {
                 record = record.key(k);
             }
-            reports.push(
-                self.producer
-                    .send_result(record)
-                    .map_err(|(e, _)| map_err(e)),
-            );
+            reports.push(producer.send_result(record).map_err(|(e, _)| map_err(e)));
         }
         let mut results = Vec::with_capacity(batch.len());
+        let mut fenced = false;
         for report in reports {
             results.push(match report {
                 Err(e) => Err(e),
                 Ok(future) => match future.await {
                     Ok(Ok(_delivery)) => Ok(()),
-                    Ok(Err((e, _message))) => Err(map_err(e)),
+                    Ok(Err((e, _message))) => {
+                        fenced |= is_fatal_for_producer(&e);
+                        Err(map_err(e))
+                    }
                     Err(_canceled) => Err(Error::transient(
                         "Kafka producer dropped the delivery report",
                     )),
                 },
             });
+        }
+        if fenced || results.iter().any(Result::is_err) {
+            self.replace_if_fatal(&producer, generation, fenced);
         }
         results
     }

@@ -2,21 +2,15 @@
 //! loopback), one cluster per test.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
-use outbox_core::conformance::eventually;
-use outbox_core::{
-    Envelope, ErrorKind, Event, KeepOrder, Message, MessageId, Outbox, Publisher,
-    RecordingPublisher, Relay, RetryPolicy, Store,
-};
+use outbox_core::{Envelope, ErrorKind, Message, MessageId, Publisher};
 use outbox_kafka::rdkafka::config::ClientConfig;
-use outbox_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
-use outbox_kafka::rdkafka::message::{Headers, Message as _, OwnedMessage};
+use outbox_kafka::rdkafka::message::Message as _;
 use outbox_kafka::rdkafka::mocking::MockCluster;
 use outbox_kafka::KafkaPublisher;
-use outbox_sqlite::SqliteStore;
+
+mod common;
+use common::{consume, header};
 
 fn env(topic: &str, payload: &str) -> Envelope {
     Envelope {
@@ -24,50 +18,6 @@ fn env(topic: &str, payload: &str) -> Envelope {
         created_at: std::time::SystemTime::now(),
         message: Message::new(topic, payload.as_bytes().to_vec()),
     }
-}
-
-/// Read `topic` from the beginning until `n` distinct outbox ids were seen (duplicates are
-/// allowed by at-least-once delivery), on a blocking thread.
-async fn consume(bootstrap: String, topic: String, n: usize) -> Vec<OwnedMessage> {
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set(
-                "group.id",
-                format!("test-{}", uuid::Uuid::now_v7().simple()),
-            )
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&topic]).unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut out: Vec<OwnedMessage> = Vec::new();
-        let mut ids = std::collections::HashSet::new();
-        while ids.len() < n {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "consumed {} of {n} messages",
-                ids.len()
-            );
-            if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-                let m = m.unwrap().detach();
-                ids.insert(header(&m, "outbox-id"));
-                out.push(m);
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
-}
-
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    let h = m.headers()?;
-    h.iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,101 +110,13 @@ async fn oversized_records_fail_permanently_and_bad_settings_are_config_errors()
 async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("events", 4, 1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("o.db")).unwrap();
-    store.migrate_now().unwrap();
-    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let n = 400usize;
-    let mut conn = store.connect().unwrap();
-    for chunk in 0..8 {
-        let mut tx = conn.transaction().unwrap();
-        let msgs: Vec<Message> = (0..n / 8)
-            .map(|i| {
-                let i = chunk * (n / 8) + i;
-                Message::new("events", i.to_string().into_bytes()).key(format!("k{}", i % 6))
-            })
-            .collect();
-        let after = outbox.enqueue_blocking(&mut tx, msgs).unwrap();
-        tx.commit().unwrap();
-        after.dispatch();
-    }
-
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("message.timeout.ms", "1500");
-    let failures = Arc::new(AtomicUsize::new(0));
-    let f = failures.clone();
-    let relay = Relay::builder(store.clone(), KafkaPublisher::from_config(config).unwrap())
-        .batch_size(10)
-        .poll_interval(Duration::from_millis(20))
-        .publish_timeout(Duration::from_secs(5))
-        .retry(RetryPolicy {
-            initial: Duration::from_millis(50),
-            max: Duration::from_millis(300),
-            max_attempts: 100_000,
-            ..Default::default()
-        })
-        .observer(move |e: &Event<'_>| {
-            if matches!(e, Event::Failed { .. }) {
-                f.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-        .build()
-        .unwrap();
-    let running = outbox_core::conformance::RunningRelay::spawn(relay);
-
-    eventually("some published", Duration::from_secs(30), || async {
-        store.stats().await.unwrap().total().sent >= 40
-    })
-    .await;
-    cluster.broker_down(1).unwrap();
-    eventually(
-        "publishes fail while the broker is down",
-        Duration::from_secs(30),
-        || async { failures.load(Ordering::SeqCst) > 0 },
+    let report = common::relay_through_an_outage(
+        &cluster.bootstrap_servers(),
+        "events",
+        || cluster.broker_down(1).unwrap(),
+        || cluster.broker_up(1).unwrap(),
     )
     .await;
-    let pending_during_outage = store.stats().await.unwrap().total().pending;
-    cluster.broker_up(1).unwrap();
-    eventually(
-        "backlog drained after the outage",
-        Duration::from_secs(60),
-        || async { store.stats().await.unwrap().total().pending == 0 },
-    )
-    .await;
-    running.stop().await;
-
-    let got = consume(cluster.bootstrap_servers(), "events".into(), n).await;
-    // A key lives on one partition, and a partition is consumed in offset order.
-    let mut d = outbox_core::conformance::Deliveries::default();
-    for m in &got {
-        let i: usize = std::str::from_utf8(m.payload().unwrap())
-            .unwrap()
-            .parse()
-            .unwrap();
-        d.record(
-            header(m, "outbox-id").unwrap(),
-            String::from_utf8(m.key().unwrap().to_vec()).unwrap(),
-            i,
-        );
-    }
-    println!(
-        "kafka outage: {n} messages, {} consumed, {} duplicates, {} failed attempts, {pending_during_outage} pending during the outage",
-        got.len(),
-        d.duplicates(),
-        failures.load(Ordering::SeqCst)
-    );
-    assert_eq!(d.distinct(), n, "every message reached the topic");
-    assert!(pending_during_outage > 0);
-    // Backoff, not a busy loop.
-    assert!(
-        failures.load(Ordering::SeqCst) <= 500,
-        "too many failed attempts during the outage"
-    );
-    assert!(d.duplicates() <= 10, "at most one batch duplicated");
-    assert_eq!(d.order_violations(), 0, "keys out of order");
+    println!("kafka outage (mock cluster): {report}");
+    report.assert_nothing_lost();
 }
