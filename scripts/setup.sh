@@ -2,8 +2,8 @@
 # Idempotent set-up for the test suite on a fresh Debian machine with Rust: the system
 # packages the Kafka client build needs (cmake, curl, and OpenSSL for librdkafka's TLS), and
 # the services the integration tests talk to (PostgreSQL with ssl = on, MariaDB, Redis,
-# RabbitMQ on loopback), and Chromium with its WebDriver for the admin console's browser
-# tests. The TLS tests also start redis-server and mariadbd instances of
+# RabbitMQ, NATS with JetStream, and tansu, a Kafka-protocol broker, on loopback), and
+# Chromium with its WebDriver for the admin console's browser tests. The TLS tests also start redis-server and mariadbd instances of
 # their own with certificates they make. Starts only what is not running.
 set -euo pipefail
 
@@ -88,3 +88,21 @@ if ! port_open 4222; then
   nohup "$nats_bin" -a 127.0.0.1 -p 4222 -js -sd /tmp/outbox-nats-js >/tmp/outbox-nats.log 2>&1 &
 fi
 wait_port NATS 4222 30
+
+# A real Kafka-protocol broker: tansu (no Debian package; built from crates.io once, about
+# 14 minutes on 2 cores, then reused). The Kafka tests start brokers of their own with it;
+# the one on 9092 serves the kafka_relay example.
+TANSU_VERSION=0.6.0
+if ! cargo install --list 2>/dev/null | grep -q "^tansu v$TANSU_VERSION:"; then
+  log "installing tansu $TANSU_VERSION (once; about 14 minutes)"
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore --quiet
+fi
+if ! port_open 9092; then
+  log "starting tansu (Kafka protocol, in-memory storage)"
+  tansu_bin="$(dirname "$(command -v cargo)")/tansu"
+  [ -x "$tansu_bin" ] || tansu_bin="$HOME/.cargo/bin/tansu"
+  nohup "$tansu_bin" broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+    >/tmp/outbox-tansu.log 2>&1 &
+fi
+wait_port tansu 9092 30

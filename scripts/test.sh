@@ -13,8 +13,12 @@ cargo test --workspace --all-features "$@"
 
 # Every example runs and exits 0.
 for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "redis_relay --features redis" \
-               "rabbitmq_relay --features amqp" "nats_relay --features nats" "kafka_relay --features kafka"; do
+               "rabbitmq_relay --features amqp" "nats_relay --features nats" "webhook_relay --features webhook" \
+               "kafka_relay --features kafka"; do
   # shellcheck disable=SC2086
   cargo run -q --example $example >/dev/null
   echo "example ran: $example"
 done
+# And the Kafka example against the real broker (tansu) that setup.sh runs.
+KAFKA_BOOTSTRAP=127.0.0.1:9092 cargo run -q --example kafka_relay --features kafka >/dev/null
+echo "example ran: kafka_relay against tansu on 127.0.0.1:9092"
