@@ -30,6 +30,8 @@ pub enum ErrorKind {
     /// What an operation names does not exist, or is not in the state it needs (resuming a
     /// unit that is not parked, say). Nothing was changed.
     NotFound,
+    /// An inbox consumer's handler failed (see [`Error::handler`]).
+    Handler,
 }
 
 /// Whether retrying the same operation later can succeed.
@@ -121,6 +123,12 @@ impl Error {
     /// A permanent publish error: retrying cannot help.
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Publish, Retry::Permanent, message)
+    }
+
+    /// An inbox handler's failure: `transient` ones are retried with backoff, the others
+    /// (and transient ones after `max_attempts`) make the message a dead letter.
+    pub fn handler(retry: Retry, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Handler, retry, message)
     }
 
     /// Attach the underlying cause.

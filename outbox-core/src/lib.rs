@@ -35,6 +35,7 @@
 
 mod cleaner;
 mod error;
+mod inbox;
 mod memory;
 mod message;
 mod observer;
@@ -54,6 +55,10 @@ pub mod conformance;
 
 pub use cleaner::{Cleaner, DEFAULT_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
+pub use inbox::{
+    parse_id, Consumer, ConsumerReport, Inbox, InboxDeadLetter, Incoming, Processed, Received,
+    Seen, Source, Unreadable, ID_HEADER,
+};
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{
     from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,
