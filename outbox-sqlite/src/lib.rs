@@ -24,6 +24,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod inbox;
+pub use inbox::{InboxTable, SqliteHandler, SqliteInbox, MAX_CONSUMER_NAME};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

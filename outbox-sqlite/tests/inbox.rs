@@ -1,0 +1,191 @@
+//! The SQLite inbox, step by step (the broker end to end is in `outbox-redis/tests/inbox.rs`):
+//! attempts are counted before the handler runs, a message marked by one delivery is a
+//! duplicate for another one already under way, a message that crashed the consumer
+//! `max_attempts` times is a dead letter without running again, and a permanent handler
+//! error dead-letters at once.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::{
+    async_trait, Consumer, Inbox, Incoming, MessageId, Processed, Received, RetryPolicy, Seen,
+    Source,
+};
+use outbox_sqlite::rusqlite::Transaction;
+use outbox_sqlite::SqliteStore;
+
+/// Deliveries handed out once each; acknowledged tokens are recorded. (A stand-in for a
+/// broker in these engine tests; the real brokers have their own.)
+#[derive(Default)]
+struct Queue {
+    waiting: VecDeque<Received>,
+    acked: Vec<MessageId>,
+}
+
+#[async_trait]
+impl Source for Queue {
+    type Token = MessageId;
+    async fn receive(
+        &mut self,
+        max: usize,
+        _wait: Duration,
+    ) -> outbox_core::Result<Vec<Incoming<MessageId>>> {
+        let n = max.min(self.waiting.len());
+        Ok(self
+            .waiting
+            .drain(..n)
+            .map(|m| Incoming {
+                token: m.id,
+                message: Ok(m),
+            })
+            .collect())
+    }
+    async fn ack(&mut self, tokens: Vec<MessageId>) -> outbox_core::Result<()> {
+        self.acked.extend(tokens);
+        Ok(())
+    }
+}
+
+fn setup() -> (tempfile::TempDir, SqliteStore, outbox_sqlite::InboxTable) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store
+        .connect()
+        .unwrap()
+        .execute_batch("CREATE TABLE effects (msg TEXT NOT NULL)")
+        .unwrap();
+    let table = store.inbox_table("inbox").unwrap();
+    table.migrate_now().unwrap();
+    (dir, store, table)
+}
+
+fn count(store: &SqliteStore) -> i64 {
+    store
+        .connect()
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM effects", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_deliveries_under_way_at_once_give_one_effect() {
+    let (_dir, store, table) = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let inbox = table
+        .consumer("billing", move |tx: &Transaction<'_>, m: &Received| {
+            r.fetch_add(1, Ordering::SeqCst);
+            tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+                .map_err(outbox_sqlite::map_err)?;
+            Ok(())
+        })
+        .unwrap();
+    let m = Received::new(MessageId::new(), "t", b"x".to_vec());
+    // Both deliveries start before either is processed (two members after a rebalance).
+    assert_eq!(
+        inbox.start(&[m.id]).await.unwrap(),
+        [Seen::New { attempts: 1 }]
+    );
+    assert_eq!(
+        inbox.start(&[m.id]).await.unwrap(),
+        [Seen::New { attempts: 2 }]
+    );
+    assert_eq!(inbox.process(&m).await.unwrap(), Processed::Done);
+    assert_eq!(inbox.process(&m).await.unwrap(), Processed::Duplicate);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!(count(&store), 1);
+    assert_eq!(inbox.start(&[m.id]).await.unwrap(), [Seen::Done]);
+    // Another consumer has its own marks.
+    let other = table
+        .consumer("audit", |_: &Transaction<'_>, _: &Received| Ok(()))
+        .unwrap();
+    assert_eq!(
+        other.start(&[m.id]).await.unwrap(),
+        [Seen::New { attempts: 1 }]
+    );
+}
+
+#[tokio::test]
+async fn a_message_that_crashed_the_consumer_max_attempts_times_is_a_dead_letter_unrun() {
+    let (_dir, store, table) = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let handler = move |tx: &Transaction<'_>, m: &Received| {
+        r.fetch_add(1, Ordering::SeqCst);
+        tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+            .map_err(outbox_sqlite::map_err)?;
+        Ok(())
+    };
+    let poison = Received::new(MessageId::new(), "t", b"boom".to_vec());
+    let fine = Received::new(MessageId::new(), "t", b"ok".to_vec());
+    // Three attempts started and none finished: three consumers killed in the handler.
+    let inbox = table.consumer("billing", handler.clone()).unwrap();
+    for _ in 0..3 {
+        inbox.start(&[poison.id]).await.unwrap();
+    }
+    let source = Queue {
+        waiting: [poison.clone(), fine.clone()].into(),
+        ..Default::default()
+    };
+    let mut consumer = Consumer::new(source, table.consumer("billing", handler).unwrap())
+        .retry(RetryPolicy {
+            max_attempts: 3,
+            ..Default::default()
+        })
+        .unwrap();
+    let r = consumer.run_once().await.unwrap();
+    assert_eq!((r.processed, r.dead_lettered), (1, 1), "{r:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the poison did not run a fourth time"
+    );
+    assert_eq!(
+        consumer.source_mut().acked,
+        [poison.id, fine.id],
+        "both acknowledged"
+    );
+    let dead = table.dead_letters(Some("billing"), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].error.as_deref().unwrap().contains("crash loop"));
+    assert_eq!(dead[0].message.payload, b"boom");
+    assert_eq!(count(&store), 1);
+}
+
+#[tokio::test]
+async fn a_permanent_handler_error_dead_letters_at_once_and_rolls_back_its_writes() {
+    let (_dir, store, table) = setup();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let handler = move |tx: &Transaction<'_>, m: &Received| {
+        a.fetch_add(1, Ordering::SeqCst);
+        tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+            .map_err(outbox_sqlite::map_err)?;
+        let _: serde_json::Value = m.json()?; // not JSON: permanent
+        Ok(())
+    };
+    let m = Received::new(MessageId::new(), "t", b"not json".to_vec());
+    let mut consumer = Consumer::new(
+        Queue {
+            waiting: [m.clone()].into(),
+            ..Default::default()
+        },
+        table.consumer("billing", handler).unwrap(),
+    );
+    let r = consumer.run_once().await.unwrap();
+    assert_eq!((r.dead_lettered, r.failed_attempts), (1, 1), "{r:?}");
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        1,
+        "no retry of a permanent error"
+    );
+    assert_eq!(count(&store), 0, "the handler's write rolled back");
+    let dead = table.dead_letters(None, 10).await.unwrap();
+    assert!(dead[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("not the JSON expected"));
+}
