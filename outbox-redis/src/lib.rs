@@ -16,6 +16,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod source;
+pub use source::RedisStreamSource;
+
 use async_trait::async_trait;
 use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
 use std::sync::atomic::{AtomicBool, Ordering};
