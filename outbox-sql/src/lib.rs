@@ -43,4 +43,8 @@ pub mod postgres;
 pub mod mysql;
 
 #[cfg(any(feature = "postgres", feature = "mysql"))]
-pub use common::redact_url;
+pub use common::{map_err, redact_url};
+
+/// The inbox (consumer side) on PostgreSQL and MySQL / MariaDB.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub mod inbox;
