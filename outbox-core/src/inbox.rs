@@ -98,10 +98,13 @@ pub fn parse_id(value: Option<&[u8]>, what: &str) -> std::result::Result<Message
 }
 
 /// A delivery that could not be read as an outbox message (no id header, say). It is kept
-/// as a dead letter under a fresh id and acknowledged: not processed, not lost.
+/// as a dead letter and acknowledged: not processed, not lost. Its dead letter's id is
+/// derived from where it sits in the broker (or, where the broker has no stable position,
+/// from its content), so the same delivery redelivered is one dead letter, not two.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unreadable {
-    /// Where it came from.
+    /// Where it came from, with its position when the broker has one
+    /// (`topic/partition@offset`, a stream entry id, a stream sequence).
     pub source: String,
     /// Why it could not be read (one line, no payload).
     pub reason: String,
@@ -109,6 +112,29 @@ pub struct Unreadable {
     pub headers: BTreeMap<String, String>,
     /// Its payload.
     pub payload: Vec<u8>,
+}
+
+impl Unreadable {
+    /// The id its dead letter is kept under: a name-based UUID (version 8, SHA-256) of its
+    /// source and, for sources without a position, its headers and payload.
+    pub fn stable_id(&self) -> MessageId {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(b"outbox unreadable delivery\0");
+        h.update(self.source.as_bytes());
+        h.update(b"\0");
+        for (k, v) in &self.headers {
+            h.update(k.as_bytes());
+            h.update(b"\0");
+            h.update(v.as_bytes());
+            h.update(b"\0");
+        }
+        h.update(&self.payload);
+        let digest = h.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        MessageId(uuid::Builder::from_custom_bytes(bytes).into_uuid())
+    }
 }
 
 /// One delivery from a [`Source`] and the token that acknowledges it.
@@ -185,6 +211,35 @@ pub trait Inbox: Send + Sync {
     /// taken back to "started" with its attempts reset.
     async fn requeued(&self, limit: usize) -> Result<Vec<Received>>;
 }
+
+macro_rules! forward_inbox {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<I: Inbox + ?Sized> Inbox for $ty {
+            fn consumer(&self) -> &str {
+                (**self).consumer()
+            }
+            async fn start(&self, ids: &[MessageId]) -> Result<Vec<Seen>> {
+                (**self).start(ids).await
+            }
+            async fn process(&self, message: &Received) -> Result<Processed> {
+                (**self).process(message).await
+            }
+            async fn failed(&self, id: MessageId, error: &str) -> Result<u32> {
+                (**self).failed(id, error).await
+            }
+            async fn dead_letter(&self, message: &Received, error: &str) -> Result<()> {
+                (**self).dead_letter(message, error).await
+            }
+            async fn requeued(&self, limit: usize) -> Result<Vec<Received>> {
+                (**self).requeued(limit).await
+            }
+        }
+    };
+}
+
+forward_inbox!(Box<I>);
+forward_inbox!(Arc<I>);
 
 /// A dead letter in an inbox, as operators list it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -345,7 +400,7 @@ impl<S: Source> Consumer<S> {
             match d.message {
                 Err(bad) => {
                     let message = Received {
-                        id: MessageId::new(),
+                        id: bad.stable_id(),
                         source: bad.source,
                         stream: None,
                         key: None,
