@@ -22,6 +22,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod source;
+pub use source::{KafkaSource, KafkaToken};
+
 use async_trait::async_trait;
 use outbox_core::{Envelope, Error, ErrorKind, Publisher, Retry};
 use rdkafka::config::ClientConfig;

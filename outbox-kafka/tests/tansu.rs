@@ -220,3 +220,140 @@ async fn a_topic_that_does_not_exist_dead_letters_its_messages_and_holds_no_othe
         broker.log()
     );
 }
+
+/// The consumer side on the same broker: a consumer group member and a statically assigned
+/// consumer feed an inbox; every message has one effect, a delivery without an id is kept as
+/// a dead letter, and a consumer restarted before committing gets its batch again and does
+/// nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbox_consumers_in_a_group_and_by_assignment() {
+    use outbox_core::{Consumer, ConsumerReport, Envelope, MessageId, Received};
+    use outbox_kafka::KafkaSource;
+    use outbox_sqlite::rusqlite::Transaction;
+
+    let broker = Tansu::start();
+    create_topic(&broker.bootstrap(), "payments", 2).await;
+    let publisher = KafkaPublisher::new(&broker.bootstrap()).unwrap();
+    let batch: Vec<Envelope> = (0..40)
+        .map(|i| Envelope {
+            id: MessageId::new(),
+            created_at: std::time::SystemTime::now(),
+            message: Message::new("payments", i.to_string().into_bytes())
+                .stream("payments")
+                .key(format!("k{}", i % 4))
+                .header("tenant", "acme"),
+        })
+        .collect();
+    let out = publisher
+        .publish_batch(&batch.iter().collect::<Vec<_>>())
+        .await;
+    assert!(out.iter().all(Result::is_ok), "{out:?}");
+    // A record no outbox wrote: no outbox-id header.
+    {
+        use outbox_kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .create()
+            .unwrap();
+        p.send(
+            FutureRecord::<str, str>::to("payments")
+                .payload("stray")
+                .key("k0"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store
+        .connect()
+        .unwrap()
+        .execute_batch("CREATE TABLE effects (msg TEXT NOT NULL, tenant TEXT)")
+        .unwrap();
+    let table = store.inbox_table("inbox").unwrap();
+    table.migrate_now().unwrap();
+    let handler = |tx: &Transaction<'_>, m: &Received| {
+        tx.execute(
+            "INSERT INTO effects VALUES (?1, ?2)",
+            (m.id.to_string(), m.headers.get("tenant")),
+        )
+        .map_err(outbox_sqlite::map_err)?;
+        Ok(())
+    };
+    let effects = |store: &SqliteStore| -> (i64, i64) {
+        store
+            .connect()
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*), COUNT(DISTINCT msg) FROM effects WHERE tenant = 'acme'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+
+    // A group member takes everything; it "dies" before its first commit of offsets.
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "billing");
+    let source = KafkaSource::from_config(config.clone(), &["payments"]).unwrap();
+    let mut consumer = Consumer::new(
+        NoCommit(source),
+        table.consumer("billing", handler).unwrap(),
+    )
+    .wait(Duration::from_secs(5));
+    let mut first = ConsumerReport::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while first.processed + first.dead_lettered < 41 {
+        assert!(std::time::Instant::now() < deadline, "{first:?}");
+        first += consumer.run_once().await.unwrap();
+    }
+    drop(consumer); // offsets never committed
+
+    // Statically assigned, same group: starts from the committed offsets (none), so every
+    // record comes again; what was done is recognised.
+    let source = KafkaSource::assign(config, "payments", &[0, 1]).unwrap();
+    let mut consumer = Consumer::new(source, table.consumer("billing", handler).unwrap())
+        .wait(Duration::from_millis(500));
+    let mut total = ConsumerReport::default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while total.processed + total.duplicates + total.dead_lettered < 41 {
+        assert!(std::time::Instant::now() < deadline, "{total:?}");
+        total += consumer.run_once().await.unwrap();
+    }
+    println!("kafka inbox: first run {first:?}, then {total:?}");
+    assert_eq!((first.processed, first.dead_lettered), (40, 1));
+    assert_eq!(total.duplicates, 40, "{total:?}");
+    assert_eq!(total.processed, 0);
+    assert_eq!(effects(&store), (40, 40));
+    let dead = table.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.payload, b"stray");
+    assert!(dead[0]
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("no outbox-id header"));
+}
+
+/// A source whose acknowledgements never reach the broker (its process dies first, as far as
+/// Kafka can tell).
+struct NoCommit<S>(S);
+
+#[outbox_core::async_trait]
+impl<S: outbox_core::Source> outbox_core::Source for NoCommit<S> {
+    type Token = S::Token;
+    async fn receive(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> outbox_core::Result<Vec<outbox_core::Incoming<S::Token>>> {
+        self.0.receive(max, wait).await
+    }
+    async fn ack(&mut self, _tokens: Vec<S::Token>) -> outbox_core::Result<()> {
+        Ok(())
+    }
+}
