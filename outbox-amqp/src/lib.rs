@@ -16,6 +16,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod source;
+pub use source::{AmqpSource, AmqpToken};
+
 use async_trait::async_trait;
 
 /// The lapin version this publisher is built with.
@@ -100,6 +103,56 @@ pub fn parse_destination(destination: &str) -> (&str, &str) {
     }
 }
 
+/// The URL without its TLS file parameters, and the TLS material they name (read and checked).
+pub(crate) fn endpoint(url: &str) -> outbox_core::Result<(String, lapin::tcp::OwnedTLSConfig)> {
+    let (url, files) = TlsFiles::from_url(url);
+    let uri = url
+        .parse::<lapin::uri::AMQPUri>()
+        .map_err(|_| Error::config(format!("invalid AMQP URL {}", redact(&url))))?;
+    let tls_scheme = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
+    if !files.is_empty() && !tls_scheme {
+        return Err(Error::config(format!(
+            "{} are TLS settings: use an amqps:// URL",
+            TlsFiles::PARAMS.join(", ")
+        )));
+    }
+    if tls_scheme && !cfg!(feature = "tls") {
+        return Err(Error::config(
+            "amqps:// needs outbox-amqp's `tls` feature (on by default)",
+        ));
+    }
+    let material = files.load()?;
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: material
+            .identity
+            .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
+        cert_chain: material
+            .ca
+            .map(|ca| String::from_utf8_lossy(&ca).into_owned()),
+    };
+    Ok((url, tls))
+}
+
+/// Open a connection to `url` with `tls`; any failure is a transient error naming the
+/// (redacted) URL.
+pub(crate) async fn open_connection(
+    url: &str,
+    tls: &lapin::tcp::OwnedTLSConfig,
+) -> outbox_core::Result<Connection> {
+    let wrap = |e: lapin::Error| {
+        Error::new(
+            ErrorKind::Publish,
+            Retry::Transient,
+            format!("cannot connect to RabbitMQ at {}", redact(url)),
+        )
+        .with_source(map_err(e))
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(wrap)?;
+    Connection::connect_with_config(url, ConnectionProperties::default(), tls.clone(), runtime)
+        .await
+        .map_err(wrap)
+}
+
 impl AmqpPublisher {
     /// Connect to `url` (`amqp://user:pass@host:5672/%2f`, or `amqps://…` for TLS) and open a
     /// confirming channel. A malformed URL or TLS file is a `Config` error; an unreachable
@@ -109,31 +162,7 @@ impl AmqpPublisher {
     /// against the PEM bundle named by `?cacertfile=PATH`; `&certfile=PATH&keyfile=PATH` add a
     /// client certificate (RabbitMQ's URI parameter names). The files are read and checked here.
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
-        let (url, files) = TlsFiles::from_url(url);
-        let uri = url
-            .parse::<lapin::uri::AMQPUri>()
-            .map_err(|_| Error::config(format!("invalid AMQP URL {}", redact(&url))))?;
-        let tls_scheme = uri.scheme == lapin::uri::AMQPScheme::AMQPS;
-        if !files.is_empty() && !tls_scheme {
-            return Err(Error::config(format!(
-                "{} are TLS settings: use an amqps:// URL",
-                TlsFiles::PARAMS.join(", ")
-            )));
-        }
-        if tls_scheme && !cfg!(feature = "tls") {
-            return Err(Error::config(
-                "amqps:// needs outbox-amqp's `tls` feature (on by default)",
-            ));
-        }
-        let material = files.load()?;
-        let tls = lapin::tcp::OwnedTLSConfig {
-            identity: material
-                .identity
-                .map(|(pem, key)| lapin::tcp::OwnedIdentity::PKCS8 { pem, key }),
-            cert_chain: material
-                .ca
-                .map(|ca| String::from_utf8_lossy(&ca).into_owned()),
-        };
+        let (url, tls) = endpoint(url)?;
         let publisher = Self {
             url,
             tls,
@@ -154,15 +183,7 @@ impl AmqpPublisher {
             )
             .with_source(retry)
         };
-        let runtime = lapin::runtime::default_runtime().map_err(wrap)?;
-        let conn = Connection::connect_with_config(
-            &self.url,
-            ConnectionProperties::default(),
-            self.tls.clone(),
-            runtime,
-        )
-        .await
-        .map_err(wrap)?;
+        let conn = open_connection(&self.url, &self.tls).await?;
         let channel = conn.create_channel().await.map_err(wrap)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
