@@ -16,6 +16,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod source;
+pub use source::NatsSource;
+
 use std::time::Duration;
 
 /// The async-nats this publisher is built with (streams, consumers, the client).
