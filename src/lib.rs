@@ -40,6 +40,10 @@ pub use outbox_sql::postgres;
 pub use outbox_sql::mysql;
 
 /// Kafka publisher (feature `kafka`).
+/// The inbox on PostgreSQL and MySQL / MariaDB (consumer side).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use outbox_sql::inbox as sql_inbox;
+
 #[cfg(feature = "kafka")]
 pub use outbox_kafka as kafka;
 

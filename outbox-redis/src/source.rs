@@ -108,13 +108,13 @@ impl RedisStreamSource {
                 _ => &[], // a deleted entry (XAUTOCLAIM reports those separately)
             };
             out.push(Incoming {
-                message: self.decode(fields),
+                message: self.decode(fields, &token),
                 token,
             });
         }
     }
 
-    fn decode(&self, fields: &[Value]) -> Result<Received, Unreadable> {
+    fn decode(&self, fields: &[Value], entry: &str) -> Result<Received, Unreadable> {
         let mut map: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         for pair in fields.chunks(2) {
             if let [Value::BulkString(k), Value::BulkString(v)] = pair {
@@ -140,7 +140,7 @@ impl RedisStreamSource {
                 payload: map.get("payload").cloned().unwrap_or_default(),
             }),
             Err(reason) => Err(Unreadable {
-                source: self.stream.clone(),
+                source: format!("{}@{entry}", self.stream),
                 reason,
                 headers,
                 payload: map.get("payload").cloned().unwrap_or_default(),
