@@ -77,6 +77,15 @@ impl AnyStore {
         }
     }
 
+    /// The inbox table `table` in this store's database.
+    pub fn inbox_table(&self, table: &str) -> Result<Arc<dyn outbox_core::InboxAdmin>> {
+        Ok(match self {
+            Self::Sqlite(s) => Arc::new(s.inbox_table(table)?),
+            Self::Postgres(s) => Arc::new(s.inbox_table(table)?),
+            Self::MySql(s) => Arc::new(s.inbox_table(table)?),
+        })
+    }
+
     pub fn table(&self) -> &str {
         match self {
             Self::Sqlite(s) => s.table(),

@@ -118,8 +118,20 @@ enum Command {
     /// The web console: backlog, messages, dead letters and parked units, with actions and a
     /// JSON API under /api/ (loopback unless --auth-token is set).
     Admin(AdminArgs),
-    /// Create the outbox table and indexes (idempotent).
-    Migrate,
+    /// Create the outbox table and indexes (idempotent); with --inbox, inbox tables too.
+    Migrate {
+        /// Also create this inbox table (the consumer side); repeat for several.
+        #[arg(long = "inbox", value_name = "TABLE")]
+        inboxes: Vec<String>,
+    },
+    /// An inbox table (the consumer side): its dead letters, and requeueing them.
+    Inbox {
+        /// The inbox table.
+        #[arg(long, default_value = "inbox", global = true)]
+        inbox_table: String,
+        #[command(subcommand)]
+        command: InboxCommand,
+    },
     /// Check the deployment: store, table and schema, NOTIFY, clock, publisher, signing keys.
     /// One line per check (OK, WARN, FAIL, SKIP); exits 1 when a check fails.
     Doctor(DoctorArgs),
@@ -236,6 +248,36 @@ struct CleanArgs {
     /// Rows per DELETE [default: 1000]
     #[arg(long)]
     batch: Option<usize>,
+    /// Also delete this inbox table's marks of processed messages; repeat for several.
+    #[arg(long = "inbox", value_name = "TABLE")]
+    inboxes: Vec<String>,
+    /// How long inbox marks are kept: longer than the broker can redeliver a message, or a
+    /// redelivered one is processed again [default: 14d]
+    #[arg(long, value_parser = humantime::parse_duration)]
+    inbox_older_than: Option<Duration>,
+}
+
+/// How long `outbox clean --inbox` keeps inbox marks by default.
+const DEFAULT_INBOX_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
+
+#[derive(Subcommand, Debug)]
+enum InboxCommand {
+    /// Show the inbox's dead letters, oldest first.
+    Dead {
+        /// Only this consumer's.
+        #[arg(long)]
+        consumer: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Give a dead letter back to its consumer, which processes it again (attempts from zero).
+    Requeue {
+        /// The consumer.
+        #[arg(long)]
+        consumer: String,
+        /// The message id.
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -576,15 +618,21 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
     if let Command::Relay(args) = cli.command {
         return relay(&store_url, &table, *args, file.relay).await;
     }
-    let create = matches!(cli.command, Command::Migrate);
+    let create = matches!(cli.command, Command::Migrate { .. });
     let store = AnyStore::open(&store_url, &table, create).await?;
     let json = output == Output::Json;
     match cli.command {
         Command::Doctor(_) | Command::Completions { .. } | Command::Man => Ok(exit::OK),
-        Command::Migrate => {
+        Command::Migrate { inboxes } => {
             let started = std::time::Instant::now();
             tracing::info!(table = %table, "migrating (large 0.1 tables are converted in place; this can take a while)");
             store.store().migrate().await?;
+            for inbox in &inboxes {
+                store.inbox_table(inbox)?.migrate().await?;
+                if !json {
+                    println!("inbox table {inbox} is ready");
+                }
+            }
             if json {
                 println!(
                     "{}",
@@ -602,6 +650,12 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                 .older_than
                 .or(duration("clean.older_than", file.clean.older_than)?);
             let mut cleaner = Cleaner::new(store.store()).include_dead(args.include_dead);
+            for inbox in &args.inboxes {
+                cleaner = cleaner.inbox(
+                    store.inbox_table(inbox)?,
+                    args.inbox_older_than.unwrap_or(DEFAULT_INBOX_RETENTION),
+                );
+            }
             if let Some(r) = older_than {
                 cleaner = cleaner.retention(r);
             }
@@ -818,6 +872,59 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                 }
             }
             Ok(exit::OK)
+        }
+        Command::Inbox {
+            inbox_table,
+            command,
+        } => {
+            let inbox = store.inbox_table(&inbox_table)?;
+            match command {
+                InboxCommand::Dead { consumer, limit } => {
+                    let dead = inbox.dead_letters(consumer.as_deref(), limit).await?;
+                    if json {
+                        let rows: Vec<_> = dead
+                            .iter()
+                            .map(|d| {
+                                serde_json::json!({
+                                    "consumer": d.consumer,
+                                    "id": d.message.id.to_string(),
+                                    "source": d.message.source,
+                                    "stream": d.message.stream,
+                                    "key": d.message.key,
+                                    "attempts": d.attempts,
+                                    "error": d.error,
+                                    "first_seen_at_ms": outbox_core::to_millis(d.first_seen_at),
+                                })
+                            })
+                            .collect();
+                        println!("{}", serde_json::json!({ "dead_letters": rows }));
+                        return Ok(exit::OK);
+                    }
+                    for d in dead {
+                        println!(
+                            "consumer={} id={} source={} attempts={} error={}",
+                            printable(&d.consumer),
+                            d.message.id,
+                            printable(&d.message.source),
+                            d.attempts,
+                            printable(&d.error.unwrap_or_default())
+                        );
+                    }
+                    Ok(exit::OK)
+                }
+                InboxCommand::Requeue { consumer, id } => {
+                    let id: outbox_core::MessageId = id.parse().map_err(|_| {
+                        Error::config(format!("{:?} is not a message id", printable(&id)))
+                    })?;
+                    inbox.requeue(&consumer, id).await?;
+                    if json {
+                        println!("{}", serde_json::json!({"requeued": id.to_string()}));
+                    } else {
+                        println!("requeued {id} for {}", printable(&consumer));
+                    }
+                    Ok(exit::OK)
+                }
+            }
         }
         Command::Dead { command } => {
             store.require_table().await?;

@@ -11,12 +11,32 @@ pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// Deletes sent rows older than a retention. Pending rows are never touched; dead rows only
 /// with [`include_dead`](Self::include_dead).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Cleaner<S> {
     store: S,
     retention: Duration,
     batch_size: usize,
     include_dead: bool,
+    inboxes: Vec<(std::sync::Arc<dyn crate::InboxAdmin>, Duration)>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Cleaner<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cleaner")
+            .field("store", &self.store)
+            .field("retention", &self.retention)
+            .field("batch_size", &self.batch_size)
+            .field("include_dead", &self.include_dead)
+            .field(
+                "inboxes",
+                &self
+                    .inboxes
+                    .iter()
+                    .map(|(t, h)| (t.table().to_owned(), *h))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 impl<S: Store> Cleaner<S> {
@@ -27,7 +47,16 @@ impl<S: Store> Cleaner<S> {
             retention: DEFAULT_RETENTION,
             batch_size: 1000,
             include_dead: false,
+            inboxes: Vec::new(),
         }
+    }
+
+    /// Also delete an inbox table's marks of messages processed more than `horizon` ago
+    /// (in the same bounded batches). The horizon must outlast the broker's redelivery
+    /// window: a message delivered again after its mark is gone is processed again.
+    pub fn inbox(mut self, table: impl crate::InboxAdmin + 'static, horizon: Duration) -> Self {
+        self.inboxes.push((std::sync::Arc::new(table), horizon));
+        self
     }
 
     /// Keep sent rows this long (at most 100 years: a longer one is checked by
@@ -81,12 +110,26 @@ impl<S: Store> Cleaner<S> {
             total += n;
             metrics::counter!("outbox_cleaned_total").increment(n);
             if n < self.batch_size as u64 {
-                return Ok((total, true));
+                break;
             }
             if !after_batch(total) {
                 return Ok((total, false));
             }
         }
+        for (table, horizon) in &self.inboxes {
+            loop {
+                let n = table.clean(*horizon, self.batch_size).await?;
+                total += n;
+                metrics::counter!("outbox_inbox_cleaned_total").increment(n);
+                if n < self.batch_size as u64 {
+                    break;
+                }
+                if !after_batch(total) {
+                    return Ok((total, false));
+                }
+            }
+        }
+        Ok((total, true))
     }
 
     /// Clean every `interval` until `shutdown` completes; errors are logged and retried.

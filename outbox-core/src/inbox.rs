@@ -256,6 +256,56 @@ pub struct InboxDeadLetter {
     pub first_seen_at: std::time::SystemTime,
 }
 
+/// An inbox table as operators and the [`Cleaner`](crate::Cleaner) use it, whatever the
+/// store: implemented by `outbox_sqlite::InboxTable` and `outbox_sql::inbox::SqlInboxTable`.
+#[async_trait]
+pub trait InboxAdmin: Send + Sync {
+    /// The table name.
+    fn table(&self) -> &str;
+
+    /// Create the table and its indexes (idempotent).
+    async fn migrate(&self) -> Result<()>;
+
+    /// Dead letters, oldest first (of one consumer, or all), at most `limit`.
+    async fn dead_letters(
+        &self,
+        consumer: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<InboxDeadLetter>>;
+
+    /// Put a dead letter back for its consumer, which processes it again (attempts from
+    /// zero) on its next round. `NotFound` when it is not a dead letter.
+    async fn requeue(&self, consumer: &str, id: MessageId) -> Result<()>;
+
+    /// Delete the marks of messages processed more than `older_than` ago, at most `limit`;
+    /// returns how many. A message delivered again after its mark is gone is processed
+    /// again: keep marks longer than the broker can redeliver.
+    async fn clean(&self, older_than: Duration, limit: usize) -> Result<u64>;
+}
+
+#[async_trait]
+impl<T: InboxAdmin + ?Sized> InboxAdmin for Arc<T> {
+    fn table(&self) -> &str {
+        (**self).table()
+    }
+    async fn migrate(&self) -> Result<()> {
+        (**self).migrate().await
+    }
+    async fn dead_letters(
+        &self,
+        consumer: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<InboxDeadLetter>> {
+        (**self).dead_letters(consumer, limit).await
+    }
+    async fn requeue(&self, consumer: &str, id: MessageId) -> Result<()> {
+        (**self).requeue(consumer, id).await
+    }
+    async fn clean(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        (**self).clean(older_than, limit).await
+    }
+}
+
 /// Counts of one [`Consumer::run_once`] or of a whole run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ConsumerReport {

@@ -248,39 +248,44 @@ mod pg {
         /// Create the table and its indexes (idempotent).
         pub async fn migrate(&self) -> outbox_core::Result<()> {
             let t = &self.table;
-            let ddl = format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    consumer TEXT NOT NULL,
-                    id UUID NOT NULL,
-                    state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead', 'requeued')),
-                    attempts INTEGER NOT NULL DEFAULT 0,
-                    first_seen_at BIGINT NOT NULL,
-                    done_at BIGINT,
-                    last_error TEXT,
-                    source TEXT,
-                    stream TEXT,
-                    msg_key TEXT,
-                    content_type TEXT,
-                    headers TEXT,
-                    payload BYTEA,
-                    PRIMARY KEY (consumer, id)
-                );
-                CREATE INDEX IF NOT EXISTS {t}_done ON {t} (done_at) WHERE state = 'done';
-                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (consumer, state)
-                    WHERE state IN ('dead', 'requeued');"
-            );
+            let ddl = [
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (
+                        consumer TEXT NOT NULL,
+                        id UUID NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead', 'requeued')),
+                        attempts INTEGER NOT NULL DEFAULT 0,
+                        first_seen_at BIGINT NOT NULL,
+                        done_at BIGINT,
+                        last_error TEXT,
+                        source TEXT,
+                        stream TEXT,
+                        msg_key TEXT,
+                        content_type TEXT,
+                        headers TEXT,
+                        payload BYTEA,
+                        PRIMARY KEY (consumer, id)
+                    )"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {t}_done ON {t} (done_at) WHERE state = 'done'"),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (consumer, state)
+                     WHERE state IN ('dead', 'requeued')"
+                ),
+            ];
             // Two processes migrating at once: the advisory lock makes the second wait.
-            let mut conn = self.pool.acquire().await.map_err(map_err)?;
-            let mut tx = conn.begin().await.map_err(map_err)?;
+            let mut tx = self.pool.begin().await.map_err(map_err)?;
             sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
                 .bind(format!("outbox inbox {t}"))
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
-            sqlx::raw_sql(&ddl)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            for statement in &ddl {
+                sqlx::query(statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
             tx.commit().await.map_err(map_err)
         }
 
@@ -498,6 +503,29 @@ mod pg {
                     )
                 })
                 .collect()
+        }
+    }
+
+    #[async_trait]
+    impl outbox_core::InboxAdmin for SqlInboxTable<Postgres> {
+        fn table(&self) -> &str {
+            &self.table
+        }
+        async fn migrate(&self) -> outbox_core::Result<()> {
+            SqlInboxTable::<Postgres>::migrate(self).await
+        }
+        async fn dead_letters(
+            &self,
+            consumer: Option<&str>,
+            limit: usize,
+        ) -> outbox_core::Result<Vec<InboxDeadLetter>> {
+            SqlInboxTable::<Postgres>::dead_letters(self, consumer, limit).await
+        }
+        async fn requeue(&self, consumer: &str, id: MessageId) -> outbox_core::Result<()> {
+            SqlInboxTable::<Postgres>::requeue(self, consumer, id).await
+        }
+        async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
+            SqlInboxTable::<Postgres>::clean(self, older_than, limit).await
         }
     }
 
@@ -808,6 +836,29 @@ mod my {
             }
             tx.commit().await.map_err(map_err)?;
             Ok(out)
+        }
+    }
+
+    #[async_trait]
+    impl outbox_core::InboxAdmin for SqlInboxTable<MySql> {
+        fn table(&self) -> &str {
+            &self.table
+        }
+        async fn migrate(&self) -> outbox_core::Result<()> {
+            SqlInboxTable::<MySql>::migrate(self).await
+        }
+        async fn dead_letters(
+            &self,
+            consumer: Option<&str>,
+            limit: usize,
+        ) -> outbox_core::Result<Vec<InboxDeadLetter>> {
+            SqlInboxTable::<MySql>::dead_letters(self, consumer, limit).await
+        }
+        async fn requeue(&self, consumer: &str, id: MessageId) -> outbox_core::Result<()> {
+            SqlInboxTable::<MySql>::requeue(self, consumer, id).await
+        }
+        async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
+            SqlInboxTable::<MySql>::clean(self, older_than, limit).await
         }
     }
 

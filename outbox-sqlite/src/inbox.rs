@@ -469,6 +469,32 @@ fn seen(state: &str, attempts: i64) -> Seen {
     }
 }
 
+#[async_trait]
+impl outbox_core::InboxAdmin for InboxTable {
+    fn table(&self) -> &str {
+        &self.table
+    }
+    async fn migrate(&self) -> outbox_core::Result<()> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.migrate_now())
+            .await
+            .map_err(|e| Error::store("sqlite inbox worker task failed").with_source(e))?
+    }
+    async fn dead_letters(
+        &self,
+        consumer: Option<&str>,
+        limit: usize,
+    ) -> outbox_core::Result<Vec<InboxDeadLetter>> {
+        InboxTable::dead_letters(self, consumer, limit).await
+    }
+    async fn requeue(&self, consumer: &str, id: MessageId) -> outbox_core::Result<()> {
+        InboxTable::requeue(self, consumer, id).await
+    }
+    async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
+        InboxTable::clean(self, older_than, limit).await
+    }
+}
+
 impl SqliteStore {
     /// The inbox table `table` in this database (see [`InboxTable`]).
     pub fn inbox_table(&self, table: &str) -> outbox_core::Result<InboxTable> {
