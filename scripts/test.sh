@@ -14,7 +14,7 @@ cargo test --workspace --all-features "$@"
 # Every example runs and exits 0.
 for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "redis_relay --features redis" \
                "rabbitmq_relay --features amqp" "nats_relay --features nats" "webhook_relay --features webhook" \
-               "kafka_relay --features kafka"; do
+               "kafka_relay --features kafka" "inbox_consumer --features kafka"; do
   # shellcheck disable=SC2086
   cargo run -q --example $example >/dev/null
   echo "example ran: $example"
