@@ -176,7 +176,7 @@ fn now_ms() -> i64 {
 fn seen(state: &str, attempts: i64) -> Seen {
     match state {
         "done" => Seen::Done,
-        "dead" | "requeued" => Seen::Dead,
+        "dead" => Seen::Dead,
         _ => Seen::New {
             attempts: attempts.clamp(1, u32::MAX as i64) as u32,
         },
@@ -248,16 +248,31 @@ mod pg {
         /// Create the table and its indexes (idempotent).
         pub async fn migrate(&self) -> outbox_core::Result<()> {
             let t = &self.table;
+            // The hot table has no index on `state`, so marking a message done can be a
+            // HOT update (no index writes); dead letters live in `<table>_dead`.
             let ddl = [
                 format!(
                     "CREATE TABLE IF NOT EXISTS {t} (
                         consumer TEXT NOT NULL,
                         id UUID NOT NULL,
-                        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead', 'requeued')),
+                        state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead')),
                         attempts INTEGER NOT NULL DEFAULT 0,
                         first_seen_at BIGINT NOT NULL,
                         done_at BIGINT,
                         last_error TEXT,
+                        PRIMARY KEY (consumer, id)
+                    ) WITH (fillfactor = 80)"
+                ),
+                format!("CREATE INDEX IF NOT EXISTS {t}_seen ON {t} USING brin (first_seen_at)"),
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t}_dead (
+                        consumer TEXT NOT NULL,
+                        id UUID NOT NULL,
+                        state TEXT NOT NULL CHECK (state IN ('dead', 'requeued')),
+                        attempts INTEGER NOT NULL,
+                        first_seen_at BIGINT NOT NULL,
+                        dead_at BIGINT NOT NULL,
+                        error TEXT,
                         source TEXT,
                         stream TEXT,
                         msg_key TEXT,
@@ -267,10 +282,8 @@ mod pg {
                         PRIMARY KEY (consumer, id)
                     )"
                 ),
-                format!("CREATE INDEX IF NOT EXISTS {t}_done ON {t} (done_at) WHERE state = 'done'"),
                 format!(
-                    "CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (consumer, state)
-                     WHERE state IN ('dead', 'requeued')"
+                    "CREATE INDEX IF NOT EXISTS {t}_dead_state ON {t}_dead (consumer, state, dead_at)"
                 ),
             ];
             // Two processes migrating at once: the advisory lock makes the second wait.
@@ -298,9 +311,9 @@ mod pg {
             let t = &self.table;
             let rows = sqlx::query(&format!(
                 "SELECT consumer, id::text, source, stream, msg_key, content_type, headers, payload,
-                        attempts::int8, last_error, first_seen_at
-                 FROM {t} WHERE state = 'dead' AND ($1::text IS NULL OR consumer = $1)
-                 ORDER BY first_seen_at, id LIMIT $2"
+                        attempts::int8, error, first_seen_at
+                 FROM {t}_dead WHERE state = 'dead' AND ($1::text IS NULL OR consumer = $1)
+                 ORDER BY dead_at, id LIMIT $2"
             ))
             .bind(consumer)
             .bind(limit.clamp(1, outbox_core::MAX_PAGE) as i64)
@@ -315,7 +328,7 @@ mod pg {
         pub async fn requeue(&self, consumer: &str, id: MessageId) -> outbox_core::Result<()> {
             let t = &self.table;
             let n = sqlx::query(&format!(
-                "UPDATE {t} SET state = 'requeued' WHERE consumer = $1 AND id = $2::uuid AND state = 'dead'"
+                "UPDATE {t}_dead SET state = 'requeued' WHERE consumer = $1 AND id = $2::uuid AND state = 'dead'"
             ))
             .bind(consumer)
             .bind(id.to_string())
@@ -338,7 +351,7 @@ mod pg {
             let horizon = to_millis(SystemTime::now() - older_than);
             sqlx::query(&format!(
                 "DELETE FROM {t} WHERE (consumer, id) IN
-                   (SELECT consumer, id FROM {t} WHERE state = 'done' AND done_at < $1 LIMIT $2)"
+                   (SELECT consumer, id FROM {t} WHERE first_seen_at < $1 AND state = 'done' LIMIT $2)"
             ))
             .bind(horizon)
             .bind(limit.max(1) as i64)
@@ -407,8 +420,7 @@ mod pg {
 
         async fn process(&self, message: &Received) -> outbox_core::Result<Processed> {
             let t = &self.table.table;
-            let mut conn = self.table.pool.acquire().await.map_err(map_err)?;
-            let mut tx = conn.begin().await.map_err(map_err)?;
+            let mut tx = self.table.pool.begin().await.map_err(map_err)?;
             let now = now_ms();
             let marked = sqlx::query(&format!(
                 "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, done_at)
@@ -449,60 +461,96 @@ mod pg {
 
         async fn dead_letter(&self, message: &Received, error: &str) -> outbox_core::Result<()> {
             let t = &self.table.table;
-            sqlx::query(&format!(
-                "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, last_error,
-                   source, stream, msg_key, content_type, headers, payload)
-                 VALUES ($1, $2::uuid, 'dead', 1, $3, $4, $5, $6, $7, $8, $9, $10)
+            let mut tx = self.table.pool.begin().await.map_err(map_err)?;
+            let now = now_ms();
+            // Never over a done mark: a message processed meanwhile stays processed.
+            let row: Option<(i64, i64)> = sqlx::query_as(&format!(
+                "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, last_error)
+                 VALUES ($1, $2::uuid, 'dead', 1, $3, $4)
                  ON CONFLICT (consumer, id) DO UPDATE SET state = 'dead',
-                   last_error = EXCLUDED.last_error, source = EXCLUDED.source,
-                   stream = EXCLUDED.stream, msg_key = EXCLUDED.msg_key,
-                   content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
-                   payload = EXCLUDED.payload
-                 WHERE i.state <> 'done'"
+                   last_error = EXCLUDED.last_error
+                 WHERE i.state <> 'done'
+                 RETURNING attempts::int8, first_seen_at"
             ))
             .bind(&*self.consumer)
             .bind(message.id.to_string())
-            .bind(now_ms())
+            .bind(now)
             .bind(error)
-            .bind(&message.source)
-            .bind(&message.stream)
-            .bind(&message.key)
-            .bind(&message.content_type)
-            .bind(headers_json(message)?)
-            .bind(&message.payload)
-            .execute(&self.table.pool)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(|e| self.table.explain(e))?;
+            if let Some((attempts, first_seen)) = row {
+                sqlx::query(&format!(
+                    "INSERT INTO {t}_dead AS d (consumer, id, state, attempts, first_seen_at, dead_at,
+                       error, source, stream, msg_key, content_type, headers, payload)
+                     VALUES ($1, $2::uuid, 'dead', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     ON CONFLICT (consumer, id) DO UPDATE SET state = 'dead',
+                       attempts = EXCLUDED.attempts, dead_at = EXCLUDED.dead_at,
+                       error = EXCLUDED.error, source = EXCLUDED.source,
+                       stream = EXCLUDED.stream, msg_key = EXCLUDED.msg_key,
+                       content_type = EXCLUDED.content_type, headers = EXCLUDED.headers,
+                       payload = EXCLUDED.payload"
+                ))
+                .bind(&*self.consumer)
+                .bind(message.id.to_string())
+                .bind(attempts.clamp(0, i32::MAX as i64) as i32)
+                .bind(first_seen)
+                .bind(now)
+                .bind(error)
+                .bind(&message.source)
+                .bind(&message.stream)
+                .bind(&message.key)
+                .bind(&message.content_type)
+                .bind(headers_json(message)?)
+                .bind(&message.payload)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.table.explain(e))?;
+            }
+            tx.commit().await.map_err(map_err)?;
             Ok(())
         }
 
         async fn requeued(&self, limit: usize) -> outbox_core::Result<Vec<Received>> {
             let t = &self.table.table;
+            let mut tx = self.table.pool.begin().await.map_err(map_err)?;
             let rows = sqlx::query(&format!(
-                "UPDATE {t} SET state = 'started', attempts = 0
-                 WHERE consumer = $1 AND id IN (SELECT id FROM {t}
+                "DELETE FROM {t}_dead WHERE consumer = $1 AND id IN (SELECT id FROM {t}_dead
                    WHERE consumer = $1 AND state = 'requeued' LIMIT $2 FOR UPDATE SKIP LOCKED)
                  RETURNING id::text, source, stream, msg_key, content_type, headers, payload"
             ))
             .bind(&*self.consumer)
             .bind(limit.max(1) as i64)
-            .fetch_all(&self.table.pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(|e| self.table.explain(e))?;
-            rows.iter()
-                .map(|r| {
-                    let id: String = r.try_get(0).map_err(map_err)?;
-                    decode(
-                        &id,
-                        r.try_get(1).map_err(map_err)?,
-                        r.try_get(2).map_err(map_err)?,
-                        r.try_get(3).map_err(map_err)?,
-                        r.try_get(4).map_err(map_err)?,
-                        r.try_get(5).map_err(map_err)?,
-                        r.try_get(6).map_err(map_err)?,
-                    )
-                })
-                .collect()
+            let mut out = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let id: String = r.try_get(0).map_err(map_err)?;
+                out.push(decode(
+                    &id,
+                    r.try_get(1).map_err(map_err)?,
+                    r.try_get(2).map_err(map_err)?,
+                    r.try_get(3).map_err(map_err)?,
+                    r.try_get(4).map_err(map_err)?,
+                    r.try_get(5).map_err(map_err)?,
+                    r.try_get(6).map_err(map_err)?,
+                )?);
+            }
+            if !out.is_empty() {
+                let ids: Vec<String> = out.iter().map(|m| m.id.to_string()).collect();
+                sqlx::query(&format!(
+                    "UPDATE {t} SET state = 'started', attempts = 0
+                     WHERE consumer = $1 AND id = ANY($2::text[]::uuid[])"
+                ))
+                .bind(&*self.consumer)
+                .bind(ids)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+            }
+            tx.commit().await.map_err(map_err)?;
+            Ok(out)
         }
     }
 
@@ -548,6 +596,7 @@ mod my {
         /// Create the table and its indexes (idempotent).
         pub async fn migrate(&self) -> outbox_core::Result<()> {
             let t = &self.table;
+            // Dead letters live in `<table>_dead`: the hot table has no index on `state`.
             sqlx::raw_sql(&format!(
                 "CREATE TABLE IF NOT EXISTS {t} (
                     consumer VARBINARY(800) NOT NULL,
@@ -557,6 +606,17 @@ mod my {
                     first_seen_at BIGINT NOT NULL,
                     done_at BIGINT NULL,
                     last_error TEXT NULL,
+                    PRIMARY KEY (consumer, id),
+                    KEY {t}_seen (first_seen_at)
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+                CREATE TABLE IF NOT EXISTS {t}_dead (
+                    consumer VARBINARY(800) NOT NULL,
+                    id CHAR(36) CHARACTER SET ascii NOT NULL,
+                    state VARCHAR(8) CHARACTER SET ascii NOT NULL,
+                    attempts INT NOT NULL,
+                    first_seen_at BIGINT NOT NULL,
+                    dead_at BIGINT NOT NULL,
+                    error TEXT NULL,
                     source TEXT NULL,
                     stream TEXT NULL,
                     msg_key TEXT NULL,
@@ -564,8 +624,7 @@ mod my {
                     headers LONGTEXT NULL,
                     payload LONGBLOB NULL,
                     PRIMARY KEY (consumer, id),
-                    KEY {t}_done (state, done_at),
-                    KEY {t}_dead (consumer, state)
+                    KEY {t}_dead_state (consumer, state, dead_at)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
             ))
             .execute(&self.pool)
@@ -583,9 +642,9 @@ mod my {
             let t = &self.table;
             let rows = sqlx::query(&format!(
                 "SELECT CONVERT(consumer USING utf8mb4), id, source, stream, msg_key, content_type,
-                        headers, payload, CAST(attempts AS SIGNED), last_error, first_seen_at
-                 FROM {t} WHERE state = 'dead' AND (? IS NULL OR consumer = ?)
-                 ORDER BY first_seen_at, id LIMIT ?"
+                        headers, payload, CAST(attempts AS SIGNED), error, first_seen_at
+                 FROM {t}_dead WHERE state = 'dead' AND (? IS NULL OR consumer = ?)
+                 ORDER BY dead_at, id LIMIT ?"
             ))
             .bind(consumer)
             .bind(consumer)
@@ -600,7 +659,7 @@ mod my {
         pub async fn requeue(&self, consumer: &str, id: MessageId) -> outbox_core::Result<()> {
             let t = &self.table;
             let n = sqlx::query(&format!(
-                "UPDATE {t} SET state = 'requeued' WHERE consumer = ? AND id = ? AND state = 'dead'"
+                "UPDATE {t}_dead SET state = 'requeued' WHERE consumer = ? AND id = ? AND state = 'dead'"
             ))
             .bind(consumer)
             .bind(id.to_string())
@@ -622,7 +681,7 @@ mod my {
             let t = &self.table;
             let horizon = to_millis(SystemTime::now() - older_than);
             sqlx::query(&format!(
-                "DELETE FROM {t} WHERE state = 'done' AND done_at < ? ORDER BY done_at LIMIT ?"
+                "DELETE FROM {t} WHERE first_seen_at < ? AND state = 'done' ORDER BY first_seen_at LIMIT ?"
             ))
             .bind(horizon)
             .bind(limit.max(1) as i64)
@@ -769,43 +828,71 @@ mod my {
 
         async fn dead_letter(&self, message: &Received, error: &str) -> outbox_core::Result<()> {
             let t = &self.table.table;
-            // Not over a done mark: IF keeps each column when the row is done.
+            let id = message.id.to_string();
+            let now = now_ms();
+            let mut tx = self.table.pool.begin().await.map_err(map_err)?;
+            // Never over a done mark: a message processed meanwhile stays processed.
             sqlx::query(&format!(
-                "INSERT INTO {t} (consumer, id, state, attempts, first_seen_at, last_error,
-                   source, stream, msg_key, content_type, headers, payload)
-                 VALUES (?, ?, 'dead', 1, ?, ?, ?, ?, ?, ?, ?, ?)
+                "INSERT INTO {t} (consumer, id, state, attempts, first_seen_at, last_error)
+                 VALUES (?, ?, 'dead', 1, ?, ?)
                  ON DUPLICATE KEY UPDATE
                    last_error = IF(state = 'done', last_error, VALUES(last_error)),
-                   source = IF(state = 'done', source, VALUES(source)),
-                   stream = IF(state = 'done', stream, VALUES(stream)),
-                   msg_key = IF(state = 'done', msg_key, VALUES(msg_key)),
-                   content_type = IF(state = 'done', content_type, VALUES(content_type)),
-                   headers = IF(state = 'done', headers, VALUES(headers)),
-                   payload = IF(state = 'done', payload, VALUES(payload)),
                    state = IF(state = 'done', 'done', 'dead')"
             ))
             .bind(&*self.consumer)
-            .bind(message.id.to_string())
-            .bind(now_ms())
+            .bind(&id)
+            .bind(now)
             .bind(error)
-            .bind(&message.source)
-            .bind(&message.stream)
-            .bind(&message.key)
-            .bind(&message.content_type)
-            .bind(headers_json(message)?)
-            .bind(&message.payload)
-            .execute(&self.table.pool)
+            .execute(&mut *tx)
             .await
             .map_err(|e| self.table.explain(e))?;
+            let row: Option<(String, i64, i64)> = sqlx::query_as(&format!(
+                "SELECT state, CAST(attempts AS SIGNED), first_seen_at FROM {t}
+                 WHERE consumer = ? AND id = ?"
+            ))
+            .bind(&*self.consumer)
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if let Some((state, attempts, first_seen)) = row {
+                if state == "dead" {
+                    sqlx::query(&format!(
+                        "INSERT INTO {t}_dead (consumer, id, state, attempts, first_seen_at, dead_at,
+                           error, source, stream, msg_key, content_type, headers, payload)
+                         VALUES (?, ?, 'dead', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                         ON DUPLICATE KEY UPDATE state = 'dead', attempts = VALUES(attempts),
+                           dead_at = VALUES(dead_at), error = VALUES(error),
+                           source = VALUES(source), stream = VALUES(stream),
+                           msg_key = VALUES(msg_key), content_type = VALUES(content_type),
+                           headers = VALUES(headers), payload = VALUES(payload)"
+                    ))
+                    .bind(&*self.consumer)
+                    .bind(&id)
+                    .bind(attempts)
+                    .bind(first_seen)
+                    .bind(now)
+                    .bind(error)
+                    .bind(&message.source)
+                    .bind(&message.stream)
+                    .bind(&message.key)
+                    .bind(&message.content_type)
+                    .bind(headers_json(message)?)
+                    .bind(&message.payload)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(|e| self.table.explain(e))?;
+                }
+            }
+            tx.commit().await.map_err(map_err)?;
             Ok(())
         }
 
         async fn requeued(&self, limit: usize) -> outbox_core::Result<Vec<Received>> {
             let t = &self.table.table;
-            let mut conn = self.table.pool.acquire().await.map_err(map_err)?;
-            let mut tx = conn.begin().await.map_err(map_err)?;
+            let mut tx = self.table.pool.begin().await.map_err(map_err)?;
             let rows = sqlx::query(&format!(
-                "SELECT id, source, stream, msg_key, content_type, headers, payload FROM {t}
+                "SELECT id, source, stream, msg_key, content_type, headers, payload FROM {t}_dead
                  WHERE consumer = ? AND state = 'requeued' LIMIT ? FOR UPDATE SKIP LOCKED"
             ))
             .bind(&*self.consumer)
@@ -816,14 +903,19 @@ mod my {
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
                 let id: String = r.try_get(0).map_err(map_err)?;
-                sqlx::query(&format!(
-                    "UPDATE {t} SET state = 'started', attempts = 0 WHERE consumer = ? AND id = ?"
-                ))
-                .bind(&*self.consumer)
-                .bind(&id)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+                for sql in [
+                    format!("DELETE FROM {t}_dead WHERE consumer = ? AND id = ?"),
+                    format!(
+                        "UPDATE {t} SET state = 'started', attempts = 0 WHERE consumer = ? AND id = ?"
+                    ),
+                ] {
+                    sqlx::query(&sql)
+                        .bind(&*self.consumer)
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(map_err)?;
+                }
                 out.push(decode(
                     &id,
                     r.try_get(1).map_err(map_err)?,

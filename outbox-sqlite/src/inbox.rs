@@ -81,11 +81,22 @@ impl InboxTable {
             "CREATE TABLE IF NOT EXISTS {t} (
                 consumer TEXT NOT NULL,
                 id TEXT NOT NULL,
-                state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead', 'requeued')),
+                state TEXT NOT NULL CHECK (state IN ('started', 'done', 'dead')),
                 attempts INTEGER NOT NULL DEFAULT 0,
                 first_seen_at INTEGER NOT NULL,
                 done_at INTEGER,
                 last_error TEXT,
+                PRIMARY KEY (consumer, id)
+            ) WITHOUT ROWID;
+            CREATE INDEX IF NOT EXISTS {t}_seen ON {t} (first_seen_at);
+            CREATE TABLE IF NOT EXISTS {t}_dead (
+                consumer TEXT NOT NULL,
+                id TEXT NOT NULL,
+                state TEXT NOT NULL CHECK (state IN ('dead', 'requeued')),
+                attempts INTEGER NOT NULL,
+                first_seen_at INTEGER NOT NULL,
+                dead_at INTEGER NOT NULL,
+                error TEXT,
                 source TEXT,
                 stream TEXT,
                 msg_key TEXT,
@@ -94,9 +105,7 @@ impl InboxTable {
                 payload BLOB,
                 PRIMARY KEY (consumer, id)
             ) WITHOUT ROWID;
-            CREATE INDEX IF NOT EXISTS {t}_done ON {t} (done_at) WHERE state = 'done';
-            CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (consumer, state)
-                WHERE state IN ('dead', 'requeued');"
+            CREATE INDEX IF NOT EXISTS {t}_dead_state ON {t}_dead (consumer, state, dead_at);"
         ))
         .map_err(map_err)
     }
@@ -140,9 +149,9 @@ impl InboxTable {
             let mut stmt = conn
                 .prepare(&format!(
                     "SELECT consumer, id, source, stream, msg_key, content_type, headers, payload,
-                            attempts, last_error, first_seen_at
-                     FROM {t} WHERE state = 'dead' AND (?1 IS NULL OR consumer = ?1)
-                     ORDER BY first_seen_at, id LIMIT ?2"
+                            attempts, error, first_seen_at
+                     FROM {t}_dead WHERE state = 'dead' AND (?1 IS NULL OR consumer = ?1)
+                     ORDER BY dead_at, id LIMIT ?2"
                 ))
                 .map_err(map_err)?;
             let rows = stmt
@@ -187,7 +196,7 @@ impl InboxTable {
             let n = conn
                 .execute(
                     &format!(
-                        "UPDATE {t} SET state = 'requeued' WHERE consumer = ?1 AND id = ?2 AND state = 'dead'"
+                        "UPDATE {t}_dead SET state = 'requeued' WHERE consumer = ?1 AND id = ?2 AND state = 'dead'"
                     ),
                     params![consumer, id.to_string()],
                 )
@@ -212,7 +221,7 @@ impl InboxTable {
             conn.execute(
                 &format!(
                     "DELETE FROM {t} WHERE (consumer, id) IN
-                       (SELECT consumer, id FROM {t} WHERE state = 'done' AND done_at < ?1 LIMIT ?2)"
+                       (SELECT consumer, id FROM {t} WHERE first_seen_at < ?1 AND state = 'done' LIMIT ?2)"
                 ),
                 params![horizon, limit],
             )
@@ -384,32 +393,58 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
             .blocking(move |conn, t| {
                 let headers = serde_json::to_string(&message.headers)
                     .map_err(|e| Error::store("cannot encode headers").with_source(e))?;
-                conn.execute(
-                    &format!(
-                        "INSERT INTO {t} (consumer, id, state, attempts, first_seen_at, last_error,
-                           source, stream, msg_key, content_type, headers, payload)
-                         VALUES (?1, ?2, 'dead', 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                         ON CONFLICT (consumer, id) DO UPDATE SET state = 'dead',
-                           last_error = excluded.last_error, source = excluded.source,
-                           stream = excluded.stream, msg_key = excluded.msg_key,
-                           content_type = excluded.content_type, headers = excluded.headers,
-                           payload = excluded.payload
-                         WHERE state <> 'done'"
-                    ),
-                    params![
-                        consumer,
-                        message.id.to_string(),
-                        now_ms(),
-                        error,
-                        message.source,
-                        message.stream,
-                        message.key,
-                        message.content_type,
-                        headers,
-                        message.payload
-                    ],
-                )
-                .map_err(map_err)?;
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(map_err)?;
+                let now = now_ms();
+                let id = message.id.to_string();
+                // Never over a done mark: a message processed meanwhile stays processed.
+                let row: Option<(i64, i64)> = tx
+                    .query_row(
+                        &format!(
+                            "INSERT INTO {t} (consumer, id, state, attempts, first_seen_at, last_error)
+                             VALUES (?1, ?2, 'dead', 1, ?3, ?4)
+                             ON CONFLICT (consumer, id) DO UPDATE SET state = 'dead',
+                               last_error = excluded.last_error
+                             WHERE state <> 'done'
+                             RETURNING attempts, first_seen_at"
+                        ),
+                        params![consumer, id, now, error],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()
+                    .map_err(map_err)?;
+                if let Some((attempts, first_seen)) = row {
+                    tx.execute(
+                        &format!(
+                            "INSERT INTO {t}_dead (consumer, id, state, attempts, first_seen_at,
+                               dead_at, error, source, stream, msg_key, content_type, headers, payload)
+                             VALUES (?1, ?2, 'dead', ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                             ON CONFLICT (consumer, id) DO UPDATE SET state = 'dead',
+                               attempts = excluded.attempts, dead_at = excluded.dead_at,
+                               error = excluded.error, source = excluded.source,
+                               stream = excluded.stream, msg_key = excluded.msg_key,
+                               content_type = excluded.content_type, headers = excluded.headers,
+                               payload = excluded.payload"
+                        ),
+                        params![
+                            consumer,
+                            id,
+                            attempts,
+                            first_seen,
+                            now,
+                            error,
+                            message.source,
+                            message.stream,
+                            message.key,
+                            message.content_type,
+                            headers,
+                            message.payload
+                        ],
+                    )
+                    .map_err(map_err)?;
+                }
+                tx.commit().map_err(map_err)?;
                 Ok(())
             })
             .await
@@ -427,8 +462,7 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
                 {
                     let mut stmt = tx
                         .prepare(&format!(
-                            "UPDATE {t} SET state = 'started', attempts = 0
-                             WHERE consumer = ?1 AND id IN (SELECT id FROM {t}
+                            "DELETE FROM {t}_dead WHERE consumer = ?1 AND id IN (SELECT id FROM {t}_dead
                                WHERE consumer = ?1 AND state = 'requeued' LIMIT ?2)
                              RETURNING id, source, stream, msg_key, content_type, headers, payload"
                         ))
@@ -452,6 +486,16 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
                         out.push(decode(&id, source, stream, key, ct, headers, payload)?);
                     }
                 }
+                for m in &out {
+                    tx.execute(
+                        &format!(
+                            "UPDATE {t} SET state = 'started', attempts = 0
+                             WHERE consumer = ?1 AND id = ?2"
+                        ),
+                        params![consumer, m.id.to_string()],
+                    )
+                    .map_err(map_err)?;
+                }
                 tx.commit().map_err(map_err)?;
                 Ok(out)
             })
@@ -462,7 +506,7 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
 fn seen(state: &str, attempts: i64) -> Seen {
     match state {
         "done" => Seen::Done,
-        "dead" | "requeued" => Seen::Dead,
+        "dead" => Seen::Dead,
         _ => Seen::New {
             attempts: attempts.clamp(1, u32::MAX as i64) as u32,
         },
