@@ -6,7 +6,8 @@
 //!   cargo run --release --example bench --features all-backends
 //! Options: --rows N (backlog per throughput run, default 100000), --rss-rows N (default
 //! 1000000), --quick (smaller backlogs, for a fast look), --only a,b (sections: throughput,
-//! latency, overhead, memory, keep-order, one-unit, relays).
+//! latency, overhead, memory, keep-order, one-unit, listing, inbox, relays); --inbox-messages N
+//! (default 10000).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1585,6 +1586,13 @@ async fn main() -> Res {
             });
         listing(dir.path(), &sizes).await?;
     }
+    if run("inbox") {
+        inbox_section(
+            dir.path(),
+            arg("--inbox-messages", if quick { 2_000 } else { 10_000 }),
+        )
+        .await?;
+    }
     if run("relays") {
         // 2 ms per batch (the target's setting), then 20 ms: where the publisher, not the
         // machine's two cores, bounds one relay, relays add up.
@@ -1593,4 +1601,339 @@ async fn main() -> Res {
         }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------- inbox
+
+/// An effects table and an inbox table in `db` ("postgres" or "sqlite"), and a function that
+/// runs the bare handler (its own transaction: BEGIN, INSERT, COMMIT) for one message.
+struct InboxDb {
+    inbox: Box<dyn outbox::Inbox>,
+    bare: BareHandler,
+}
+
+async fn inbox_db(db: &str, dir: &std::path::Path) -> Res<InboxDb> {
+    let name = unique("inbox");
+    let effects = format!("{name}_fx");
+    match db {
+        "postgres" => {
+            use outbox::postgres::sqlx;
+            let store = PgStore::connect(&pg_url()).await?;
+            let table = store.inbox_table(&name)?;
+            table.migrate().await?;
+            sqlx::query(&format!("CREATE TABLE {effects} (msg TEXT NOT NULL)"))
+                .execute(store.pool())
+                .await?;
+            let pool = store.pool().clone();
+            let fx = effects.clone();
+            let handler = outbox::sql_inbox::handler_fn::<sqlx::Postgres, _>(move |tx, m| {
+                let q = format!("INSERT INTO {fx} (msg) VALUES ($1)");
+                Box::pin(async move {
+                    sqlx::query(&q)
+                        .bind(m.id.to_string())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| {
+                            outbox::Error::handler(outbox::Retry::Transient, e.to_string())
+                        })?;
+                    Ok(())
+                })
+            });
+            let inbox = Box::new(table.consumer("bench", handler)?);
+            let bare_q = format!("INSERT INTO {effects} (msg) VALUES ($1)");
+            Ok(InboxDb {
+                inbox,
+                bare: Box::new(move |id| {
+                    let (pool, q) = (pool.clone(), bare_q.clone());
+                    Box::pin(async move {
+                        let mut tx = pool.begin().await?;
+                        sqlx::query(&q).bind(id).execute(&mut *tx).await?;
+                        tx.commit().await?;
+                        Ok(())
+                    })
+                }),
+            })
+        }
+        _ => {
+            let store = SqliteStore::open(dir.join(format!("{name}.db")))?;
+            let table = store.inbox_table(&name)?;
+            table.migrate_now()?;
+            store
+                .connect()?
+                .execute_batch(&format!("CREATE TABLE {effects} (msg TEXT NOT NULL)"))?;
+            let fx = effects.clone();
+            let inbox = Box::new(table.consumer(
+                "bench",
+                move |tx: &outbox::sqlite::rusqlite::Transaction<'_>, m: &outbox::Received| {
+                    tx.execute(
+                        &format!("INSERT INTO {fx} (msg) VALUES (?1)"),
+                        [m.id.to_string()],
+                    )
+                    .map_err(outbox::sqlite::map_err)?;
+                    Ok(())
+                },
+            )?);
+            let conn = Arc::new(Mutex::new(store.connect()?));
+            Ok(InboxDb {
+                inbox,
+                bare: Box::new(move |id| {
+                    let (conn, fx) = (conn.clone(), effects.clone());
+                    Box::pin(async move {
+                        tokio::task::spawn_blocking(move || -> Res {
+                            let mut c = conn.lock().unwrap();
+                            let tx = c.transaction()?;
+                            tx.execute(&format!("INSERT INTO {fx} (msg) VALUES (?1)"), [id])?;
+                            tx.commit()?;
+                            Ok(())
+                        })
+                        .await?
+                    })
+                }),
+            })
+        }
+    }
+}
+
+/// The inbox's cost per message against the same handler in the same kind of transaction
+/// without it, then consumer throughput per broker: a bare receive-and-ack loop of the source
+/// against the consumer with an inbox on PostgreSQL, on the same number of messages.
+async fn inbox_section(dir: &std::path::Path, n: usize) -> Res {
+    println!("\n## inbox (consumer side)\n");
+    println!("Cost per message: the handler (one INSERT) in its own transaction, without and with the inbox (attempts counted per batch of 100, the mark in the handler's transaction), {n} messages.\n");
+    println!("| database | bare handler msg/s | with inbox msg/s | cost ratio | target ≤ 1.3× |");
+    println!("|---|---|---|---|---|");
+    for db in ["postgres", "sqlite"] {
+        let d = inbox_db(db, dir).await?;
+        // Five alternating rounds of each (a slow moment of the machine hits both), the
+        // median of the five ratios reported.
+        let round = (n / 5).max(100);
+        let (mut bare_t, mut with_t, mut ratios) = (Duration::ZERO, Duration::ZERO, Vec::new());
+        for _ in 0..5 {
+            let t = Instant::now();
+            for _ in 0..round {
+                (d.bare)(MessageId::new().to_string()).await?;
+            }
+            let b = t.elapsed();
+            let msgs: Vec<outbox::Received> = (0..round)
+                .map(|_| outbox::Received::new(MessageId::new(), "bench", b"x".to_vec()))
+                .collect();
+            let t = Instant::now();
+            for chunk in msgs.chunks(100) {
+                let ids: Vec<MessageId> = chunk.iter().map(|m| m.id).collect();
+                d.inbox.start(&ids).await?;
+                for m in chunk {
+                    d.inbox.process(m).await?;
+                }
+            }
+            let w = t.elapsed();
+            bare_t += b;
+            with_t += w;
+            ratios.push(w.as_secs_f64() / b.as_secs_f64());
+        }
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[2];
+        println!(
+            "| {db} | {:.0} | {:.0} | {ratio:.2}× (rounds {:.2}–{:.2}) | {} |",
+            rate(round * 5, bare_t),
+            rate(round * 5, with_t),
+            ratios[0],
+            ratios[4],
+            verdict(ratio <= 1.3)
+        );
+    }
+
+    println!("\nConsumer throughput per broker, {n} messages each: the source alone (receive, acknowledge) against `Consumer` with the inbox on PostgreSQL (receive, count attempts, one transaction per message, acknowledge).\n");
+    println!("| broker | bare receive+ack msg/s | + the handler in its own transaction msg/s | consumer with inbox msg/s | inbox vs handler alone |");
+    println!("|---|---|---|---|---|");
+    for broker in ["redis", "amqp", "kafka", "nats"] {
+        let r = broker_modes(broker, n, dir).await?;
+        println!(
+            "| {broker} | {:.0} | {:.0} | {:.0} | {:.2}× |",
+            r[0],
+            r[1],
+            r[2],
+            r[1] / r[2]
+        );
+    }
+    Ok(())
+}
+
+/// Publish `n` messages to a fresh destination and drain it with `drive`, three times:
+/// receive and acknowledge only; the same plus the bare handler in its own transaction per
+/// message (an at-least-once consumer); the consumer with the inbox.
+async fn broker_modes(broker: &str, n: usize, dir: &std::path::Path) -> Res<Vec<f64>> {
+    let mut rates = Vec::new();
+    let cluster = outbox::kafka::rdkafka::mocking::MockCluster::new(1)?;
+    for mode in 0..3 {
+        let name = unique(&format!("bench_{broker}"));
+        let envelopes: Vec<Envelope> = (0..n)
+            .map(|i| Envelope {
+                id: MessageId::new(),
+                created_at: SystemTime::now(),
+                message: Message::new(name.clone(), i.to_string().into_bytes())
+                    .key(format!("k{}", i % 8)),
+            })
+            .collect();
+        let batch: Vec<&Envelope> = envelopes.iter().collect();
+        let mode = match mode {
+            0 => Mode::Bare,
+            1 => Mode::Handler(inbox_db("postgres", dir).await?.bare),
+            _ => Mode::Inbox(inbox_db("postgres", dir).await?.inbox),
+        };
+        let r = match broker {
+            "redis" => {
+                let p = RedisPublisher::connect(&redis_url()).await?;
+                for c in batch.chunks(500) {
+                    p.publish_batch(c).await;
+                }
+                let s = outbox::redis::RedisStreamSource::connect(&redis_url(), &name, "g", "m")
+                    .await?;
+                drive(s, mode, n).await?
+            }
+            "amqp" => {
+                let conn = lapin::Connection::connect(&amqp_url(), Default::default()).await?;
+                let ch = conn.create_channel().await?;
+                ch.queue_declare(name.as_str().into(), Default::default(), Default::default())
+                    .await?;
+                let p = AmqpPublisher::connect(&amqp_url()).await?;
+                for c in batch.chunks(500) {
+                    p.publish_batch(c).await;
+                }
+                let s = outbox::amqp::AmqpSource::connect(&amqp_url(), &name)
+                    .await?
+                    .prefetch(500)
+                    .await?;
+                let r = drive(s, mode, n).await?;
+                ch.queue_delete(name.as_str().into(), Default::default())
+                    .await?;
+                r
+            }
+            "kafka" => {
+                cluster.create_topic(&name, 2, 1)?;
+                let p = outbox::kafka::KafkaPublisher::new(&cluster.bootstrap_servers())?;
+                for c in batch.chunks(500) {
+                    p.publish_batch(c).await;
+                }
+                let s =
+                    outbox::kafka::KafkaSource::new(&cluster.bootstrap_servers(), &name, &[&name])?;
+                drive(s, mode, n).await?
+            }
+            _ => {
+                let url = env_or("OUTBOX_NATS_URL", "nats://127.0.0.1:4222");
+                let p = outbox::nats::NatsPublisher::connect(&url).await?;
+                p.jetstream()
+                    .create_stream(outbox::nats::async_nats::jetstream::stream::Config {
+                        name: name.clone(),
+                        subjects: vec![name.clone()],
+                        ..Default::default()
+                    })
+                    .await?;
+                for c in batch.chunks(500) {
+                    p.publish_batch(c).await;
+                }
+                let s = outbox::nats::NatsSource::connect(&p, &name, "g").await?;
+                let r = drive(s, mode, n).await?;
+                p.jetstream().delete_stream(&name).await?;
+                r
+            }
+        };
+        rates.push(r);
+    }
+    Ok(rates)
+}
+
+type BareHandler = Box<
+    dyn Fn(String) -> std::pin::Pin<Box<dyn std::future::Future<Output = Res> + Send>>
+        + Send
+        + Sync,
+>;
+
+enum Mode {
+    Bare,
+    Handler(BareHandler),
+    Inbox(Box<dyn outbox::Inbox>),
+}
+
+/// Drain `n` messages: with no inbox, receive and acknowledge batches of 100; with one,
+/// run the consumer. The clock starts at the first delivery (connecting and joining a
+/// consumer group are not throughput).
+async fn drive<S: outbox::Source>(mut source: S, mode: Mode, n: usize) -> Res<f64> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut started: Option<(Instant, usize)> = None;
+    let mut done = 0usize;
+    let (handler, mut consumer) = match mode {
+        Mode::Bare => (None, None),
+        Mode::Handler(h) => (Some(h), None),
+        Mode::Inbox(i) => (None, Some(outbox::Consumer::new(PassSource(None), i))),
+    };
+    while done < n {
+        if Instant::now() > deadline {
+            return Err(format!("stalled at {done} of {n}").into());
+        }
+        let batch = source.receive(100, Duration::from_millis(200)).await?;
+        if batch.is_empty() {
+            continue;
+        }
+        let got = batch.len();
+        match consumer.as_mut() {
+            None => {
+                if let Some(h) = &handler {
+                    for d in &batch {
+                        let id = d
+                            .message
+                            .as_ref()
+                            .map(|m| m.id.to_string())
+                            .unwrap_or_default();
+                        h(id).await?;
+                    }
+                }
+                source
+                    .ack(batch.into_iter().map(|d| d.token).collect())
+                    .await?
+            }
+            Some(c) => {
+                // The consumer's own round on this batch: attempts, one transaction per
+                // message, then the acknowledgement through the real source.
+                let (messages, tokens): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|d| (d.message, d.token)).unzip();
+                c.source_mut().0 = Some(messages);
+                let r = c.run_once().await?;
+                if r.processed as usize != got {
+                    return Err(format!("consumer processed {} of {got}", r.processed).into());
+                }
+                source.ack(tokens).await?;
+            }
+        }
+        if started.is_none() {
+            started = Some((Instant::now(), got));
+        }
+        done += got;
+    }
+    let (t, first) = started.expect("at least one batch");
+    Ok(rate(n - first, t.elapsed()))
+}
+
+/// Hands the consumer one batch received from the real source (whose tokens the caller
+/// acknowledges), so both modes receive the same way.
+struct PassSource(Option<Vec<Result<outbox::Received, outbox::Unreadable>>>);
+
+#[async_trait]
+impl outbox::Source for PassSource {
+    type Token = ();
+    async fn receive(
+        &mut self,
+        _max: usize,
+        _wait: Duration,
+    ) -> outbox::Result<Vec<outbox::Incoming<()>>> {
+        Ok(self
+            .0
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|message| outbox::Incoming { message, token: () })
+            .collect())
+    }
+    async fn ack(&mut self, _tokens: Vec<()>) -> outbox::Result<()> {
+        Ok(())
+    }
 }
