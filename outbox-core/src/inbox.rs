@@ -97,6 +97,29 @@ pub fn parse_id(value: Option<&[u8]>, what: &str) -> std::result::Result<Message
     })
 }
 
+/// Whether `value` is a W3C `traceparent` this consumer can continue: version `00` (exactly
+/// `00-<32 hex>-<16 hex>-<2 hex>`) or a later version (at least those fields), lower-case
+/// hex, trace and parent ids not all zero, version not `ff`.
+pub fn valid_traceparent(value: &str) -> bool {
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let parts: Vec<&str> = value.split('-').collect();
+    if parts.len() < 4 || !hex(parts[0], 2) || parts[0] == "ff" {
+        return false;
+    }
+    if parts[0] == "00" && (parts.len() != 4 || value.len() != 55) {
+        return false;
+    }
+    hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
 /// A delivery that could not be read as an outbox message (no id header, say). It is kept
 /// as a dead letter and acknowledged: not processed, not lost. Its dead letter's id is
 /// derived from where it sits in the broker (or, where the broker has no stable position,
@@ -439,6 +462,31 @@ impl<S: Source> Consumer<S> {
         if deliveries.is_empty() {
             return Ok(report);
         }
+        // A malformed trace context is bad input: kept as a dead letter, never processed.
+        let deliveries: Vec<Incoming<S::Token>> = deliveries
+            .into_iter()
+            .map(|d| match d.message {
+                Ok(m)
+                    if m.headers
+                        .get("traceparent")
+                        .is_some_and(|t| !valid_traceparent(t)) =>
+                {
+                    Incoming {
+                        message: Err(Unreadable {
+                            source: format!("{}#{}", m.source, m.id),
+                            reason: format!("message {}: malformed traceparent header", m.id),
+                            headers: m.headers,
+                            payload: m.payload,
+                        }),
+                        token: d.token,
+                    }
+                }
+                message => Incoming {
+                    message,
+                    token: d.token,
+                },
+            })
+            .collect();
         let ids: Vec<MessageId> = deliveries
             .iter()
             .filter_map(|d| d.message.as_ref().ok().map(|m| m.id))
@@ -505,7 +553,17 @@ impl<S: Source> Consumer<S> {
                 report.dead_lettered += 1;
                 return Ok(());
             }
-            let error = match inbox.process(message).await {
+            #[cfg(feature = "otel")]
+            let processed = {
+                use opentelemetry::context::FutureExt as _;
+                let cx = crate::otel::start_process(inbox.consumer(), message);
+                let r = inbox.process(message).with_context(cx.clone()).await;
+                crate::otel::end_process(&cx, r.as_ref().err());
+                r
+            };
+            #[cfg(not(feature = "otel"))]
+            let processed = inbox.process(message).await;
+            let error = match processed {
                 Ok(Processed::Done) => {
                     report.processed += 1;
                     return Ok(());

@@ -50,14 +50,17 @@ mod store;
 mod strategy;
 pub mod tls;
 
+#[cfg(feature = "otel")]
+pub mod otel;
+
 #[cfg(feature = "testing")]
 pub mod conformance;
 
 pub use cleaner::{Cleaner, DEFAULT_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use inbox::{
-    parse_id, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed,
-    Received, Seen, Source, Unreadable, ID_HEADER,
+    parse_id, valid_traceparent, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter,
+    Incoming, Processed, Received, Seen, Source, Unreadable, ID_HEADER,
 };
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{

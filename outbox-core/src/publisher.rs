@@ -436,6 +436,24 @@ pub(crate) async fn publish_with_timeout(
     envs: &[&Envelope],
     timeout: Duration,
 ) -> Vec<Result<()>> {
+    #[cfg(feature = "otel")]
+    {
+        // A publish span per message; each goes out with its span's context.
+        let spans = crate::otel::start_publish(envs);
+        let refs: Vec<&Envelope> = spans.envelopes.iter().collect();
+        let results = publish_within(publisher, &refs, timeout).await;
+        crate::otel::end_publish(spans, &results);
+        results
+    }
+    #[cfg(not(feature = "otel"))]
+    publish_within(publisher, envs, timeout).await
+}
+
+async fn publish_within(
+    publisher: &dyn Publisher,
+    envs: &[&Envelope],
+    timeout: Duration,
+) -> Vec<Result<()>> {
     let n = envs.len();
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
