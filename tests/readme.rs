@@ -159,6 +159,7 @@ fn every_readme_snippet_is_compiled_here() {
         include_str!("../examples/custom_publisher.rs"),
         include_str!("../examples/quickstart.rs"),
         include_str!("../examples/custom_strategy.rs"),
+        include_str!("../examples/inbox_consumer.rs"),
     ] {
         compiled.extend(
             example

@@ -131,10 +131,7 @@ pub(crate) fn end_publish(spans: PublishSpans, results: &[crate::Result<()>]) {
 /// The consumer's `process` span for one message, and the context to run its work in.
 pub(crate) fn start_process(consumer: &str, message: &crate::Received) -> Context {
     let tracer = global::tracer(TRACER);
-    let parent = extract(&message.headers)
-        .ok()
-        .flatten()
-        .unwrap_or_default();
+    let parent = extract(&message.headers).ok().flatten().unwrap_or_default();
     let span = tracer
         .span_builder(format!("process {}", message.source))
         .with_kind(SpanKind::Consumer)
