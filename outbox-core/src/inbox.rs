@@ -414,9 +414,10 @@ impl<S: Source> Consumer<S> {
         &mut self.source
     }
 
-    /// Run until `shutdown` completes: the batch in hand is finished and acknowledged first.
-    /// Broker and database errors are logged and retried with backoff; nothing stops the loop
-    /// but `shutdown`.
+    /// Run until `shutdown` completes. The round in progress is then abandoned, not waited
+    /// for (a handler's retries can take minutes): its unacknowledged messages come back from
+    /// the broker, and those whose effects had committed are recognised by the inbox. Broker
+    /// and database errors are logged and retried with backoff; nothing else stops the loop.
     pub async fn run(&mut self, shutdown: impl std::future::Future<Output = ()>) -> ConsumerReport {
         tokio::pin!(shutdown);
         let mut total = ConsumerReport::default();

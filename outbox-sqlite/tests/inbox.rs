@@ -189,3 +189,79 @@ async fn a_permanent_handler_error_dead_letters_at_once_and_rolls_back_its_write
         .unwrap()
         .contains("not the JSON expected"));
 }
+
+/// A source whose first receive fails (a broker away), then delivers.
+struct FlakySource(Queue, bool);
+
+#[async_trait]
+impl Source for FlakySource {
+    type Token = MessageId;
+    async fn receive(
+        &mut self,
+        max: usize,
+        wait: Duration,
+    ) -> outbox_core::Result<Vec<Incoming<MessageId>>> {
+        if !self.1 {
+            self.1 = true;
+            return Err(outbox_core::Error::transient("broker unreachable"));
+        }
+        self.0.receive(max, wait).await
+    }
+    async fn ack(&mut self, tokens: Vec<MessageId>) -> outbox_core::Result<()> {
+        self.0.ack(tokens).await
+    }
+}
+
+#[tokio::test]
+async fn run_outlives_a_broker_error_and_stops_at_shutdown() {
+    let (_dir, store, table) = setup();
+    let msgs: Vec<Received> = (0..3)
+        .map(|_| Received::new(MessageId::new(), "t", b"x".to_vec()))
+        .collect();
+    let inbox = table
+        .consumer("billing", |tx: &Transaction<'_>, m: &Received| {
+            tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+                .map_err(outbox_sqlite::map_err)?;
+            Ok(())
+        })
+        .unwrap();
+    let source = FlakySource(
+        Queue {
+            waiting: msgs.into(),
+            ..Default::default()
+        },
+        false,
+    );
+    let mut consumer = Consumer::new(source, inbox)
+        .retry(RetryPolicy {
+            initial: Duration::from_millis(10),
+            ..Default::default()
+        })
+        .unwrap()
+        .wait(Duration::from_millis(10));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let store2 = store.clone();
+    tokio::spawn(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while count(&store2) < 3 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+    });
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        consumer.run(async {
+            let _ = stopped.await;
+        }),
+    )
+    .await
+    .expect("run returned at shutdown");
+    // The round that processed them may be abandoned by the shutdown before it reports:
+    // what counts is that the effects are there once each and that run returned.
+    assert!(report.processed <= 3, "{report:?}");
+    assert_eq!(
+        count(&store),
+        3,
+        "processed once each, after the failed receive"
+    );
+}
