@@ -119,6 +119,8 @@ async fn server_killed_and_restarted_mid_run() {
         );
         tx.commit().unwrap();
     };
+    let failures = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let f = failures.clone();
     let relay = outbox
         .relay_with(publisher.clone())
         .retry(RetryPolicy {
@@ -130,6 +132,11 @@ async fn server_killed_and_restarted_mid_run() {
         })
         .publish_timeout(Duration::from_secs(2))
         .poll_interval(Duration::from_millis(50))
+        .observer(move |e: &outbox_core::Event<'_>| {
+            if matches!(e, outbox_core::Event::Failed { .. }) {
+                f.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
         .build()
         .unwrap();
     let running = outbox_core::conformance::RunningRelay::spawn(relay);
@@ -140,9 +147,17 @@ async fn server_killed_and_restarted_mid_run() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    server.stop();
+    server.kill();
     write(100, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await; // the relay fails against the dead server
+    // The relay fails against the dead server (its publishes time out or are refused).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while failures.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no publish failed while the server was down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     server.restart();
     write(200, total);
     let deadline = Instant::now() + Duration::from_secs(60);

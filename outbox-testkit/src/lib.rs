@@ -384,7 +384,7 @@ impl Server {
         let log = std::fs::File::create(log).unwrap();
         let child = Command::new("sh")
             .arg("-c")
-            .arg(r#""$@" </dev/null & pid=$!; read _ ; kill $pid 2>/dev/null; wait $pid"#)
+            .arg(r#""$@" </dev/null & pid=$!; read sig; kill -"${sig:-TERM}" $pid 2>/dev/null; wait $pid"#)
             .arg("sh")
             .arg(program)
             .args(args)
@@ -403,6 +403,15 @@ impl Server {
     /// Stop the server and wait for it.
     pub fn stop(&mut self) {
         drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+
+    /// Kill the server with SIGKILL (no shutdown of its own) and wait for it.
+    pub fn kill(&mut self) {
+        use std::io::Write;
+        if let Some(mut stdin) = self.child.stdin.take() {
+            let _ = stdin.write_all(b"KILL\n");
+        }
         let _ = self.child.wait();
     }
 
@@ -686,6 +695,11 @@ impl NatsServer {
     /// Stop the server (its JetStream store stays).
     pub fn stop(&mut self) {
         self.server.stop();
+    }
+
+    /// Kill the server with SIGKILL (its JetStream store stays).
+    pub fn kill(&mut self) {
+        self.server.kill();
     }
 
     /// Stop it and start it again on the same port and store; returns once it listens.
