@@ -20,7 +20,7 @@ use outbox_core::{
     async_trait, from_millis, to_millis, validate_identifier, Error, ErrorKind, Inbox,
     InboxDeadLetter, MessageId, Processed, Received, Retry, Seen,
 };
-use sqlx::{Connection, Row};
+use sqlx::Row;
 
 use crate::common::map_err;
 
@@ -590,6 +590,7 @@ mod pg {
 #[cfg(feature = "mysql")]
 mod my {
     use super::*;
+    use sqlx::Connection;
     use sqlx::MySql;
 
     impl SqlInboxTable<MySql> {
