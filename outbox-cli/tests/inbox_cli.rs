@@ -50,16 +50,24 @@ async fn fill(table: Arc<dyn InboxAdmin>, inbox: &dyn Inbox) -> Received {
     bad
 }
 
-fn check(store: &str, inbox_table: &str, bad: &Received) {
-    let listed = json(&[
-        "--store",
-        store,
-        "inbox",
-        "--inbox-table",
-        inbox_table,
-        "dead",
-        "--json",
-    ]);
+/// Through the binary: list, requeue (a bad id, another consumer's, then the right one),
+/// clean. `outbox_table` when the store's outbox table is not the default.
+fn check(store: &str, outbox_table: Option<&str>, inbox_table: &str, bad: &Received) {
+    let base: Vec<&str> = match outbox_table {
+        Some(t) => vec!["--store", store, "--table", t],
+        None => vec!["--store", store],
+    };
+    let with =
+        |rest: &[&str]| -> Vec<String> { base.iter().chain(rest).map(|s| s.to_string()).collect() };
+    let run = |rest: &[&str]| {
+        let args = with(rest);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let json = |rest: &[&str]| {
+        let args = with(rest);
+        json(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let listed = json(&["inbox", "--inbox-table", inbox_table, "dead", "--json"]);
     let rows = listed["dead_letters"].as_array().unwrap();
     assert_eq!(rows.len(), 1, "{listed}");
     assert_eq!(rows[0]["id"], bad.id.to_string());
@@ -68,8 +76,6 @@ fn check(store: &str, inbox_table: &str, bad: &Received) {
     assert_eq!(rows[0]["error"], "handler failed: no such customer");
 
     let out = run(&[
-        "--store",
-        store,
         "inbox",
         "--inbox-table",
         inbox_table,
@@ -82,8 +88,6 @@ fn check(store: &str, inbox_table: &str, bad: &Received) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a message id"));
 
     let out = run(&[
-        "--store",
-        store,
         "inbox",
         "--inbox-table",
         inbox_table,
@@ -100,8 +104,6 @@ fn check(store: &str, inbox_table: &str, bad: &Received) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a dead letter"));
 
     let out = run(&[
-        "--store",
-        store,
         "inbox",
         "--inbox-table",
         inbox_table,
@@ -115,23 +117,13 @@ fn check(store: &str, inbox_table: &str, bad: &Received) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed = json(&[
-        "--store",
-        store,
-        "inbox",
-        "--inbox-table",
-        inbox_table,
-        "dead",
-        "--json",
-    ]);
+    let listed = json(&["inbox", "--inbox-table", inbox_table, "dead", "--json"]);
     assert!(listed["dead_letters"].as_array().unwrap().is_empty());
 
     // Marks younger than the horizon stay; with a zero horizon the two processed ones go.
-    let kept = json(&["--store", store, "clean", "--inbox", inbox_table, "--json"]);
+    let kept = json(&["clean", "--inbox", inbox_table, "--json"]);
     assert_eq!(kept["deleted"], 0);
     let gone = json(&[
-        "--store",
-        store,
         "clean",
         "--inbox",
         inbox_table,
@@ -163,7 +155,7 @@ async fn inbox_dead_letters_requeue_and_clean_on_sqlite() {
         )
         .unwrap();
     let bad = fill(Arc::new(table), &inbox).await;
-    check(&url, "inbox", &bad);
+    check(&url, None, "inbox", &bad);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,52 +185,5 @@ async fn inbox_dead_letters_requeue_and_clean_on_postgres() {
     });
     let inbox = table.consumer("billing", noop).unwrap();
     let bad = fill(Arc::new(table), &inbox).await;
-    check_with_table(&url, &outbox_table, &name, &bad);
-}
-
-/// `check` against a store whose outbox table is not the default.
-fn check_with_table(store: &str, outbox_table: &str, inbox_table: &str, bad: &Received) {
-    let listed = json(&[
-        "--store",
-        store,
-        "--table",
-        outbox_table,
-        "inbox",
-        "--inbox-table",
-        inbox_table,
-        "dead",
-        "--json",
-    ]);
-    assert_eq!(listed["dead_letters"][0]["id"], bad.id.to_string());
-    let out = run(&[
-        "--store",
-        store,
-        "--table",
-        outbox_table,
-        "inbox",
-        "--inbox-table",
-        inbox_table,
-        "requeue",
-        "--consumer",
-        "billing",
-        &bad.id.to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let gone = json(&[
-        "--store",
-        store,
-        "--table",
-        outbox_table,
-        "clean",
-        "--inbox",
-        inbox_table,
-        "--inbox-older-than",
-        "0s",
-        "--json",
-    ]);
-    assert_eq!(gone["deleted"], 2, "{gone}");
+    check(&url, Some(&outbox_table), &name, &bad);
 }

@@ -77,6 +77,37 @@ impl Received {
         })
     }
 
+    /// A message read back from an inbox's dead-letter table (for stores): the id as text,
+    /// the headers as a JSON map. Rows are input: a bad id or headers is a `Store` error
+    /// naming the row.
+    pub fn from_stored(
+        id: &str,
+        source: Option<String>,
+        stream: Option<String>,
+        key: Option<String>,
+        content_type: Option<String>,
+        headers: Option<String>,
+        payload: Option<Vec<u8>>,
+    ) -> Result<Self> {
+        let id: MessageId = id.parse().map_err(|_| {
+            Error::store(format!("inbox row with an id that is not a UUID: {id:?}"))
+        })?;
+        let headers: BTreeMap<String, String> = match headers {
+            Some(h) => serde_json::from_str(&h)
+                .map_err(|_| Error::store(format!("inbox row {id}: headers are not a JSON map")))?,
+            None => BTreeMap::new(),
+        };
+        Ok(Self {
+            id,
+            source: source.unwrap_or_default(),
+            stream,
+            key,
+            content_type,
+            headers,
+            payload: payload.unwrap_or_default(),
+        })
+    }
+
     /// The payload as UTF-8 text (a permanent `InvalidMessage` error otherwise).
     pub fn text(&self) -> Result<&str> {
         std::str::from_utf8(&self.payload).map_err(|_| {

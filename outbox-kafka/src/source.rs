@@ -54,14 +54,8 @@ impl KafkaSource {
     /// From your own settings (security, session timeouts, ...). `enable.auto.commit` and
     /// `enable.auto.offset.store` are forced off (offsets are committed after the database
     /// commit, never before); `auto.offset.reset` defaults to `earliest`.
-    pub fn from_config(mut config: ClientConfig, topics: &[&str]) -> outbox_core::Result<Self> {
-        config
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        if config.get("auto.offset.reset").is_none() {
-            config.set("auto.offset.reset", "earliest");
-        }
-        let consumer: StreamConsumer = config.create().map_err(config_error)?;
+    pub fn from_config(config: ClientConfig, topics: &[&str]) -> outbox_core::Result<Self> {
+        let consumer = create(config)?;
         consumer.subscribe(topics).map_err(map_err)?;
         Ok(Self {
             consumer: Arc::new(consumer),
@@ -73,17 +67,11 @@ impl KafkaSource {
     /// group's committed offset, and acknowledgements still commit to the group. A restarted
     /// consumer resumes at once, without waiting out a session timeout.
     pub fn assign(
-        mut config: ClientConfig,
+        config: ClientConfig,
         topic: &str,
         partitions: &[i32],
     ) -> outbox_core::Result<Self> {
-        config
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false");
-        if config.get("auto.offset.reset").is_none() {
-            config.set("auto.offset.reset", "earliest");
-        }
-        let consumer: StreamConsumer = config.create().map_err(config_error)?;
+        let consumer = create(config)?;
         let mut list = TopicPartitionList::new();
         for p in partitions {
             list.add_partition_offset(topic, *p, Offset::Stored)
@@ -99,6 +87,17 @@ impl KafkaSource {
     pub fn consumer(&self) -> &StreamConsumer {
         &self.consumer
     }
+}
+
+/// A consumer that never commits on its own: offsets only after the database commit.
+fn create(mut config: ClientConfig) -> outbox_core::Result<StreamConsumer> {
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    if config.get("auto.offset.reset").is_none() {
+        config.set("auto.offset.reset", "earliest");
+    }
+    config.create().map_err(config_error)
 }
 
 fn decode(m: &BorrowedMessage<'_>) -> Result<Received, Unreadable> {

@@ -9,7 +9,7 @@
 //! row's lock and then finds it done: it is a duplicate, its handler never runs, and nobody
 //! sees an error.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -203,32 +203,36 @@ fn in_order(ids: &[MessageId], answers: HashMap<String, Seen>) -> outbox_core::R
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn decode(
-    id: &str,
-    source: Option<String>,
-    stream: Option<String>,
-    key: Option<String>,
-    content_type: Option<String>,
-    headers: Option<String>,
-    payload: Option<Vec<u8>>,
-) -> outbox_core::Result<Received> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| Error::store(format!("inbox row with an id that is not a UUID: {id:?}")))?;
-    let headers: BTreeMap<String, String> = match headers {
-        Some(h) => serde_json::from_str(&h)
-            .map_err(|_| Error::store(format!("inbox row {id}: headers are not a JSON map")))?,
-        None => BTreeMap::new(),
-    };
-    Ok(Received {
-        id,
-        source: source.unwrap_or_default(),
-        stream,
-        key,
-        content_type,
-        headers,
-        payload: payload.unwrap_or_default(),
+/// A dead letter from its row (columns: consumer, id, source, stream, key, content type,
+/// headers, payload, attempts, error, first seen).
+fn dead_letter_row<R>(r: &R) -> outbox_core::Result<InboxDeadLetter>
+where
+    R: Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let get = |e: sqlx::Error| Error::store("cannot read an inbox row").with_source(e);
+    let id: String = r.try_get(1).map_err(get)?;
+    Ok(InboxDeadLetter {
+        consumer: r.try_get(0).map_err(get)?,
+        message: Received::from_stored(
+            &id,
+            r.try_get(2).map_err(get)?,
+            r.try_get(3).map_err(get)?,
+            r.try_get(4).map_err(get)?,
+            r.try_get(5).map_err(get)?,
+            r.try_get(6).map_err(get)?,
+            r.try_get(7).map_err(get)?,
+        )?,
+        attempts: r
+            .try_get::<i64, _>(8)
+            .map_err(get)?
+            .clamp(0, u32::MAX as i64) as u32,
+        error: r.try_get(9).map_err(get)?,
+        first_seen_at: from_millis(r.try_get(10).map_err(get)?),
     })
 }
 
@@ -360,29 +364,6 @@ mod pg {
             .map(|r| r.rows_affected())
             .map_err(|e| self.explain(e))
         }
-    }
-
-    fn dead_letter_row(r: &sqlx::postgres::PgRow) -> outbox_core::Result<InboxDeadLetter> {
-        let get = |e: sqlx::Error| Error::store("cannot read an inbox row").with_source(e);
-        let id: String = r.try_get(1).map_err(get)?;
-        Ok(InboxDeadLetter {
-            consumer: r.try_get(0).map_err(get)?,
-            message: decode(
-                &id,
-                r.try_get(2).map_err(get)?,
-                r.try_get(3).map_err(get)?,
-                r.try_get(4).map_err(get)?,
-                r.try_get(5).map_err(get)?,
-                r.try_get(6).map_err(get)?,
-                r.try_get(7).map_err(get)?,
-            )?,
-            attempts: r
-                .try_get::<i64, _>(8)
-                .map_err(get)?
-                .clamp(0, u32::MAX as i64) as u32,
-            error: r.try_get(9).map_err(get)?,
-            first_seen_at: from_millis(r.try_get(10).map_err(get)?),
-        })
     }
 
     #[async_trait]
@@ -527,7 +508,7 @@ mod pg {
             let mut out = Vec::with_capacity(rows.len());
             for r in &rows {
                 let id: String = r.try_get(0).map_err(map_err)?;
-                out.push(decode(
+                out.push(Received::from_stored(
                     &id,
                     r.try_get(1).map_err(map_err)?,
                     r.try_get(2).map_err(map_err)?,
@@ -691,29 +672,6 @@ mod my {
             .map(|r| r.rows_affected())
             .map_err(|e| self.explain(e))
         }
-    }
-
-    fn dead_letter_row(r: &sqlx::mysql::MySqlRow) -> outbox_core::Result<InboxDeadLetter> {
-        let get = |e: sqlx::Error| Error::store("cannot read an inbox row").with_source(e);
-        let id: String = r.try_get(1).map_err(get)?;
-        Ok(InboxDeadLetter {
-            consumer: r.try_get(0).map_err(get)?,
-            message: decode(
-                &id,
-                r.try_get(2).map_err(get)?,
-                r.try_get(3).map_err(get)?,
-                r.try_get(4).map_err(get)?,
-                r.try_get(5).map_err(get)?,
-                r.try_get(6).map_err(get)?,
-                r.try_get(7).map_err(get)?,
-            )?,
-            attempts: r
-                .try_get::<i64, _>(8)
-                .map_err(get)?
-                .clamp(0, u32::MAX as i64) as u32,
-            error: r.try_get(9).map_err(get)?,
-            first_seen_at: from_millis(r.try_get(10).map_err(get)?),
-        })
     }
 
     #[async_trait]
@@ -917,7 +875,7 @@ mod my {
                         .await
                         .map_err(map_err)?;
                 }
-                out.push(decode(
+                out.push(Received::from_stored(
                     &id,
                     r.try_get(1).map_err(map_err)?,
                     r.try_get(2).map_err(map_err)?,

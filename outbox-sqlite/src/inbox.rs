@@ -1,7 +1,6 @@
 //! The inbox on SQLite: exactly-once effects for a consumer whose handler writes to this
 //! database (see [`outbox_core::Consumer`]).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -177,7 +176,7 @@ impl InboxTable {
                     row.map_err(map_err)?;
                 out.push(InboxDeadLetter {
                     consumer: c,
-                    message: decode(&id, source, stream, key, ct, headers, payload)?,
+                    message: Received::from_stored(&id, source, stream, key, ct, headers, payload)?,
                     attempts: attempts.clamp(0, u32::MAX as i64) as u32,
                     error,
                     first_seen_at: from_millis(seen),
@@ -243,34 +242,6 @@ fn explain_missing(e: Error, table: &str) -> Error {
     } else {
         e
     }
-}
-
-fn decode(
-    id: &str,
-    source: Option<String>,
-    stream: Option<String>,
-    key: Option<String>,
-    content_type: Option<String>,
-    headers: Option<String>,
-    payload: Option<Vec<u8>>,
-) -> outbox_core::Result<Received> {
-    let id: MessageId = id
-        .parse()
-        .map_err(|_| Error::store(format!("inbox row with an id that is not a UUID: {id:?}")))?;
-    let headers: BTreeMap<String, String> = match headers {
-        Some(h) => serde_json::from_str(&h)
-            .map_err(|_| Error::store(format!("inbox row {id}: headers are not a JSON map")))?,
-        None => BTreeMap::new(),
-    };
-    Ok(Received {
-        id,
-        source: source.unwrap_or_default(),
-        stream,
-        key,
-        content_type,
-        headers,
-        payload: payload.unwrap_or_default(),
-    })
 }
 
 /// One consumer's inbox on SQLite: an [`Inbox`] for [`outbox_core::Consumer`].
@@ -483,7 +454,7 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
                     for row in rows {
                         let (id, source, stream, key, ct, headers, payload) =
                             row.map_err(map_err)?;
-                        out.push(decode(&id, source, stream, key, ct, headers, payload)?);
+                        out.push(Received::from_stored(&id, source, stream, key, ct, headers, payload)?);
                     }
                 }
                 for m in &out {
