@@ -128,6 +128,35 @@ pub fn parse_id(value: Option<&[u8]>, what: &str) -> std::result::Result<Message
     })
 }
 
+/// A delivery whose `traceparent` is malformed becomes unreadable: bad input, kept as a
+/// dead letter, never processed.
+fn refuse_bad_trace_context<T>(deliveries: Vec<Incoming<T>>) -> Vec<Incoming<T>> {
+    deliveries
+        .into_iter()
+        .map(|d| match d.message {
+            Ok(m)
+                if m.headers
+                    .get("traceparent")
+                    .is_some_and(|t| !valid_traceparent(t)) =>
+            {
+                Incoming {
+                    message: Err(Unreadable {
+                        source: format!("{}#{}", m.source, m.id),
+                        reason: format!("message {}: malformed traceparent header", m.id),
+                        headers: m.headers,
+                        payload: m.payload,
+                    }),
+                    token: d.token,
+                }
+            }
+            message => Incoming {
+                message,
+                token: d.token,
+            },
+        })
+        .collect()
+}
+
 /// Whether `value` is a W3C `traceparent` this consumer can continue: version `00` (exactly
 /// `00-<32 hex>-<16 hex>-<2 hex>`) or a later version (at least those fields), lower-case
 /// hex, trace and parent ids not all zero, version not `ff`.
@@ -204,8 +233,8 @@ pub struct Incoming<T> {
 /// committed. Implemented by `outbox-kafka`, `outbox-amqp`, `outbox-redis` and `outbox-nats`.
 #[async_trait]
 pub trait Source: Send {
-    /// What acknowledges one delivery.
-    type Token: Send;
+    /// What acknowledges one delivery (cloned when an acknowledgement must be tried again).
+    type Token: Send + Clone;
 
     /// Up to `max` deliveries, waiting up to `wait` for the first (an empty batch then).
     /// A broker error is returned (the consumer backs off and calls again).
@@ -391,6 +420,11 @@ pub struct Consumer<S: Source> {
     retry: RetryPolicy,
     batch_size: usize,
     wait: Duration,
+    /// A batch whose round failed (a database or broker error): retried, whole, before
+    /// anything new is received. Brokers do not give it back while this consumer lives
+    /// (Kafka's position has moved past it, RabbitMQ keeps it unacknowledged on the channel),
+    /// and acknowledging a later batch would cover it (a Kafka offset, a multiple ack).
+    unfinished: Option<Vec<Incoming<S::Token>>>,
 }
 
 impl<S: Source> std::fmt::Debug for Consumer<S> {
@@ -413,6 +447,7 @@ impl<S: Source> Consumer<S> {
             retry: RetryPolicy::default(),
             batch_size: 100,
             wait: Duration::from_millis(500),
+            unfinished: None,
         }
     }
 
@@ -478,8 +513,9 @@ impl<S: Source> Consumer<S> {
     }
 
     /// One round: requeued dead letters first, then one batch from the source, processed and
-    /// acknowledged. An error leaves the batch unacknowledged (the broker delivers it again
-    /// and the inbox recognises what was done).
+    /// acknowledged. An error leaves the batch unacknowledged and kept: the next round takes
+    /// the same batch again before receiving anything new (the inbox recognises what was
+    /// done), so a later batch's acknowledgement never covers it.
     pub async fn run_once(&mut self) -> Result<ConsumerReport> {
         let mut report = ConsumerReport::default();
         for message in self.inbox.requeued(self.batch_size).await? {
@@ -490,53 +526,49 @@ impl<S: Source> Consumer<S> {
             self.handle(&message, attempts, &mut report).await?;
         }
 
-        let deliveries = self.source.receive(self.batch_size, self.wait).await?;
-        if deliveries.is_empty() {
-            return Ok(report);
-        }
-        // A malformed trace context is bad input: kept as a dead letter, never processed.
-        let deliveries: Vec<Incoming<S::Token>> = deliveries
-            .into_iter()
-            .map(|d| match d.message {
-                Ok(m)
-                    if m.headers
-                        .get("traceparent")
-                        .is_some_and(|t| !valid_traceparent(t)) =>
-                {
-                    Incoming {
-                        message: Err(Unreadable {
-                            source: format!("{}#{}", m.source, m.id),
-                            reason: format!("message {}: malformed traceparent header", m.id),
-                            headers: m.headers,
-                            payload: m.payload,
-                        }),
-                        token: d.token,
-                    }
+        let deliveries = match self.unfinished.take() {
+            Some(batch) => batch,
+            None => {
+                let received = self.source.receive(self.batch_size, self.wait).await?;
+                if received.is_empty() {
+                    return Ok(report);
                 }
-                message => Incoming {
-                    message,
-                    token: d.token,
-                },
-            })
-            .collect();
+                refuse_bad_trace_context(received)
+            }
+        };
+        match self.round(&deliveries, &mut report).await {
+            Ok(()) => Ok(report),
+            Err(e) => {
+                // Nothing of it acknowledged: the next round takes it again (what committed
+                // is recognised by the inbox).
+                self.unfinished = Some(deliveries);
+                Err(e)
+            }
+        }
+    }
+
+    /// Attempts counted, each message processed (or dead-lettered), the batch acknowledged.
+    async fn round(
+        &mut self,
+        deliveries: &[Incoming<S::Token>],
+        report: &mut ConsumerReport,
+    ) -> Result<()> {
         let ids: Vec<MessageId> = deliveries
             .iter()
             .filter_map(|d| d.message.as_ref().ok().map(|m| m.id))
             .collect();
-        let seen = self.inbox.start(&ids).await?;
-        let mut seen = seen.into_iter();
-        let mut tokens = Vec::with_capacity(deliveries.len());
+        let mut seen = self.inbox.start(&ids).await?.into_iter();
         for d in deliveries {
-            match d.message {
+            match &d.message {
                 Err(bad) => {
                     let message = Received {
                         id: bad.stable_id(),
-                        source: bad.source,
+                        source: bad.source.clone(),
                         stream: None,
                         key: None,
                         content_type: None,
-                        headers: bad.headers,
-                        payload: bad.payload,
+                        headers: bad.headers.clone(),
+                        payload: bad.payload.clone(),
                     };
                     tracing::warn!(consumer = self.inbox.consumer(), id = %message.id, reason = %bad.reason, "unreadable delivery kept as a dead letter");
                     self.inbox
@@ -546,9 +578,7 @@ impl<S: Source> Consumer<S> {
                 }
                 Ok(message) => match seen.next() {
                     Some(Seen::Done) | Some(Seen::Dead) => report.duplicates += 1,
-                    Some(Seen::New { attempts }) => {
-                        self.handle(&message, attempts, &mut report).await?
-                    }
+                    Some(Seen::New { attempts }) => self.handle(message, attempts, report).await?,
                     None => {
                         return Err(Error::store(
                             "the inbox answered for fewer messages than it was asked about",
@@ -556,10 +586,9 @@ impl<S: Source> Consumer<S> {
                     }
                 },
             }
-            tokens.push(d.token);
         }
-        self.source.ack(tokens).await?;
-        Ok(report)
+        let tokens = deliveries.iter().map(|d| d.token.clone()).collect();
+        self.source.ack(tokens).await
     }
 
     /// Attempts at one message until it is done, a duplicate, or a dead letter.

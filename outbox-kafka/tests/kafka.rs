@@ -2,6 +2,7 @@
 //! loopback), one cluster per test.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use outbox_core::{Envelope, ErrorKind, Message, MessageId, Publisher};
 use outbox_kafka::rdkafka::config::ClientConfig;
@@ -119,4 +120,101 @@ async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     .await;
     println!("kafka outage (mock cluster): {report}");
     report.assert_nothing_lost();
+}
+
+/// The real inbox, except that counting the first batch's attempts fails (the database
+/// went away for a moment).
+struct FailFirstStart<I>(I, std::sync::atomic::AtomicBool);
+
+#[outbox_core::async_trait]
+impl<I: outbox_core::Inbox> outbox_core::Inbox for FailFirstStart<I> {
+    fn consumer(&self) -> &str {
+        self.0.consumer()
+    }
+    async fn start(&self, ids: &[MessageId]) -> outbox_core::Result<Vec<outbox_core::Seen>> {
+        if !self.1.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(outbox_core::Error::store("database unreachable"));
+        }
+        self.0.start(ids).await
+    }
+    async fn process(
+        &self,
+        m: &outbox_core::Received,
+    ) -> outbox_core::Result<outbox_core::Processed> {
+        self.0.process(m).await
+    }
+    async fn failed(&self, id: MessageId, e: &str) -> outbox_core::Result<u32> {
+        self.0.failed(id, e).await
+    }
+    async fn dead_letter(&self, m: &outbox_core::Received, e: &str) -> outbox_core::Result<()> {
+        self.0.dead_letter(m, e).await
+    }
+    async fn requeued(&self, limit: usize) -> outbox_core::Result<Vec<outbox_core::Received>> {
+        self.0.requeued(limit).await
+    }
+}
+
+/// A round that fails after its batch was received keeps the batch: the same consumer takes
+/// it again on its next round. Kafka would not give it back (the consumer's position has
+/// moved on), and committing a later batch's offsets would skip it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_round_is_retried_by_the_same_consumer_not_skipped() {
+    use outbox_core::{Consumer, Received};
+    use outbox_kafka::KafkaSource;
+    use outbox_sqlite::rusqlite::Transaction;
+    use outbox_sqlite::SqliteStore;
+
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("invoices", 1, 1).unwrap();
+    let publisher = KafkaPublisher::new(&cluster.bootstrap_servers()).unwrap();
+    let first: Vec<Envelope> = (0..3).map(|i| env("invoices", &i.to_string())).collect();
+    let out = publisher
+        .publish_batch(&first.iter().collect::<Vec<_>>())
+        .await;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store
+        .connect()
+        .unwrap()
+        .execute_batch("CREATE TABLE effects (msg TEXT NOT NULL)")
+        .unwrap();
+    let table = store.inbox_table("inbox").unwrap();
+    table.migrate_now().unwrap();
+    let handler = |tx: &Transaction<'_>, m: &Received| {
+        tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+            .map_err(outbox_sqlite::map_err)?;
+        Ok(())
+    };
+    let inbox = FailFirstStart(
+        table.consumer("billing", handler).unwrap(),
+        std::sync::atomic::AtomicBool::new(false),
+    );
+    let source = KafkaSource::new(&cluster.bootstrap_servers(), "billing", &["invoices"]).unwrap();
+    let mut consumer = Consumer::new(source, inbox).wait(Duration::from_secs(10));
+    let e = consumer.run_once().await.unwrap_err();
+    assert!(e.to_string().contains("database unreachable"), "{e}");
+
+    // More messages arrive meanwhile; the next rounds take the kept batch, then those.
+    let later: Vec<Envelope> = (3..5).map(|i| env("invoices", &i.to_string())).collect();
+    let out = publisher
+        .publish_batch(&later.iter().collect::<Vec<_>>())
+        .await;
+    assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+    let mut processed = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while processed < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{processed} of 5 processed"
+        );
+        processed += consumer.run_once().await.unwrap().processed;
+    }
+    let n: i64 = store
+        .connect()
+        .unwrap()
+        .query_row("SELECT COUNT(DISTINCT msg) FROM effects", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 5, "the first batch was not skipped");
 }
