@@ -135,7 +135,8 @@ macro_rules! conformance_tests {
             dead_letter_after_max_attempts_and_requeue, lease_expiry_hands_over,
             concurrent_relays_publish_each_once, cleaner_respects_retention_and_status,
             signing_tamper_and_rotation, signature_policy, panicking_publisher_is_a_failure,
-            names_are_exact, bad_rows_are_quarantined, oversized_rows_and_the_byte_budget,
+            names_are_exact, bad_rows_are_quarantined, oversized_rows_and_the_byte_budget, one_size_limit,
+            a_failed_settle_is_retried_not_republished, ordered_refusals_keep_first_delivery_order,
             stream_filter, strategy_per_stream, wakeup_on_commit, custom_strategy_units_and_policies,
             scheduled_delivery, rows_of_an_earlier_schema_keep_working, park_resume_and_skip,
             operators_park_any_unit, crash_loops_are_broken, messages_are_listed_by_filter);
@@ -2061,6 +2062,298 @@ pub async fn oversized_rows_and_the_byte_budget<H: Harness>(h: &H) {
         "{error}"
     );
     assert_eq!(events.count("quarantined"), 1);
+}
+
+/// Contract point 11: one size limit. A message of exactly `max_payload_bytes` (payload plus
+/// header names and values, [`Message::size`]) is accepted at enqueue and published by the
+/// relay when the on-commit publish failed (the relay re-checks the same definition); one
+/// byte over is refused at enqueue and nothing is written.
+pub async fn one_size_limit<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let down = Arc::new(AtomicBool::new(true));
+    let d = down.clone();
+    let publisher = FaultyPublisher::new(broker.clone(), move |_| {
+        d.load(Ordering::SeqCst)
+            .then(|| Error::transient("broker down"))
+    });
+    let limit = crate::Delivery::default().max_payload_bytes;
+    let outbox = base(store.clone(), publisher)
+        .stream_strategy("ko", KeepOrder::default())
+        .build()
+        .unwrap();
+    let sized = |stream: &str, size: usize, tag: u8| {
+        let m = Message::new("d", Vec::new())
+            .stream(stream)
+            .header("trace", "abcdefgh")
+            .header("tag", format!("{tag}"));
+        let headers = m.size();
+        Message {
+            payload: vec![tag; size - headers],
+            ..m
+        }
+    };
+    // Published on commit (the broker is down: left for the relay), and kept in order.
+    for (i, stream) in ["oc", "ko"].into_iter().enumerate() {
+        let at = |size, n| sized(stream, size, (2 * i + n) as u8);
+        let over = h
+            .transact(&store, &outbox, vec![at(limit + 1, 0)], true)
+            .await
+            .expect_err("one byte over the limit is refused at enqueue");
+        assert_eq!(over.kind(), ErrorKind::InvalidMessage, "{over}");
+        let msgs = vec![at(limit - 1, 0), at(limit, 1)];
+        assert_eq!(msgs[1].size(), limit);
+        let after = h.transact(&store, &outbox, msgs, true).await.unwrap();
+        // The broker is down at commit: the relay must publish them.
+        after.publish().await;
+    }
+    down.store(false, Ordering::SeqCst);
+    let relay = outbox.relay().retry(fast_retry(5)).build().unwrap();
+    eventually("the relay publishes all four", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        broker.count() == 4
+    })
+    .await;
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.sent, t.dead, t.pending), (4, 0, 0), "{t:?}");
+    let sizes: Vec<usize> = broker
+        .published()
+        .iter()
+        .map(|e| e.message.size())
+        .collect();
+    assert_eq!(
+        sizes.iter().filter(|&&n| n == limit).count(),
+        2,
+        "{sizes:?}"
+    );
+}
+
+/// A store whose next `settle` calls fail with a transient error before reaching the inner
+/// store (as a settle the database rolled back to break a deadlock); everything else is the
+/// inner store's.
+pub struct SettleFaults<S> {
+    inner: Arc<S>,
+    failures: std::sync::atomic::AtomicUsize,
+}
+
+impl<S> SettleFaults<S> {
+    /// Fail the next `n` settles.
+    pub fn new(inner: Arc<S>, n: usize) -> Self {
+        Self {
+            inner,
+            failures: std::sync::atomic::AtomicUsize::new(n),
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for SettleFaults<S> {
+    async fn migrate(&self) -> crate::Result<()> {
+        self.inner.migrate().await
+    }
+    async fn insert(&self, rows: &[crate::NewMessage]) -> crate::Result<Vec<i64>> {
+        self.inner.insert(rows).await
+    }
+    async fn claim(&self, claim: &Claim) -> crate::Result<Vec<crate::Claimed>> {
+        self.inner.claim(claim).await
+    }
+    async fn complete(&self, seqs: &[i64], delete: bool) -> crate::Result<()> {
+        self.inner.complete(seqs, delete).await
+    }
+    async fn fail(&self, owner: &str, failures: &[crate::Failure]) -> crate::Result<()> {
+        self.inner.fail(owner, failures).await
+    }
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[crate::Failure],
+    ) -> crate::Result<()> {
+        let fail = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if fail {
+            return Err(Error::new(
+                ErrorKind::Store,
+                crate::Retry::Transient,
+                "1213 (40001): Deadlock found when trying to get lock (injected)",
+            ));
+        }
+        self.inner.settle(owner, done, delete, failures).await
+    }
+    async fn requeue(&self, selector: &Selector) -> crate::Result<u64> {
+        self.inner.requeue(selector).await
+    }
+    async fn purge_dead(&self, selector: &Selector) -> crate::Result<u64> {
+        self.inner.purge_dead(selector).await
+    }
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::StoredMessage>> {
+        self.inner.dead_letters(stream, limit).await
+    }
+    async fn clean(&self, before: SystemTime, limit: usize, dead: bool) -> crate::Result<u64> {
+        self.inner.clean(before, limit, dead).await
+    }
+    async fn stats(&self) -> crate::Result<crate::Stats> {
+        self.inner.stats().await
+    }
+    async fn get(&self, seq: i64) -> crate::Result<Option<crate::StoredMessage>> {
+        self.inner.get(seq).await
+    }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.wait_for_work(timeout).await
+    }
+    fn signing_scope(&self) -> String {
+        self.inner.signing_scope()
+    }
+}
+
+/// Contract point 2: a duplicate only when a relay dies or times out. A batch whose settle
+/// fails transiently after its messages were published (MariaDB breaking a deadlock by
+/// rolling the settle back) is settled again, not left leased to be republished whole.
+pub async fn a_failed_settle_is_retried_not_republished<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(store.clone(), NullPublisherDown)
+        .stream_strategy("ko", KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut msgs: Vec<Message> = (0..4).map(|n| msg("ko", Some("k"), n)).collect();
+    msgs.extend((4..8).map(|n| msg("oc", None, n)));
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .publish()
+        .await;
+    let faulty = Arc::new(SettleFaults::new(store.clone(), 2));
+    let relay = Relay::builder(faulty, broker.clone())
+        .lease(Duration::from_secs(3))
+        .publish_timeout(Duration::from_secs(1))
+        .retry(fast_retry(5))
+        .build()
+        .unwrap();
+    // The on-commit rows back off after their failed publish: wait for them.
+    eventually("the relay publishes all eight", DEADLINE, || async {
+        relay
+            .step()
+            .await
+            .expect("a settle that failed twice is retried");
+        broker.count() >= 8
+    })
+    .await;
+    let t = total(store.as_ref()).await;
+    assert_eq!((t.sent, t.pending), (8, 0), "{t:?}");
+    // Every row is recorded as sent: none is left leased, to come again after the lease.
+    relay.run_once().await.unwrap();
+    assert_eq!(broker.count(), 8, "nothing published twice");
+}
+
+/// A publisher that is always down (its failures leave rows to the relay).
+struct NullPublisherDown;
+
+#[async_trait]
+impl crate::Publisher for NullPublisherDown {
+    async fn publish(&self, _: &Envelope) -> crate::Result<()> {
+        Err(Error::transient("broker down"))
+    }
+}
+
+/// An ordered publisher (it pipelines a unit's run) that refuses, transiently and before
+/// sending, the first try of every message whose number is 1 mod 4, through
+/// `check_message` and `publish_batch` alike, and records what it sends.
+struct OrderedRefuser {
+    sent: RecordingPublisher,
+    refused: Mutex<std::collections::HashSet<MessageId>>,
+}
+
+impl OrderedRefuser {
+    fn refuse_once(&self, env: &Envelope) -> crate::Result<()> {
+        let n: usize = String::from_utf8_lossy(&env.message.payload)
+            .parse()
+            .unwrap_or(0);
+        if n % 4 == 1 && self.refused.lock().unwrap().insert(env.id) {
+            return Err(Error::transient("refused before sending (injected)"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl crate::Publisher for OrderedRefuser {
+    async fn publish(&self, env: &Envelope) -> crate::Result<()> {
+        self.refuse_once(env)?;
+        self.sent.publish(env).await
+    }
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+    fn check_message(&self, env: &Envelope) -> crate::Result<()> {
+        self.refuse_once(env)
+    }
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<crate::Result<()>> {
+        let mut out = Vec::new();
+        for env in batch {
+            out.push(match self.refuse_once(env) {
+                Ok(()) => self.sent.publish(env).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
+    }
+}
+
+/// Contract point 17: order survives refusals. A publisher that takes a unit's run as one
+/// ordered batch refuses some messages before sending them; no later message of the unit
+/// goes out in that batch, so the first deliveries are in order and nothing is sent twice.
+pub async fn ordered_refusals_keep_first_delivery_order<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let outbox = base(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut msgs = Vec::new();
+    for n in 0..12 {
+        for k in 0..5 {
+            msgs.push(msg("s", Some(&format!("k{k}")), n));
+        }
+    }
+    h.transact(&store, &outbox, msgs, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let publisher = Arc::new(OrderedRefuser {
+        sent: RecordingPublisher::new(),
+        refused: Mutex::new(Default::default()),
+    });
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .retry(fast_retry(50))
+        .build()
+        .unwrap();
+    eventually("every message is delivered", DEADLINE, || async {
+        relay.run_once().await.unwrap();
+        publisher.sent.count() >= 60
+    })
+    .await;
+    let mut deliveries = Deliveries::default();
+    for e in publisher.sent.published() {
+        let n = String::from_utf8_lossy(&e.message.payload).parse().unwrap();
+        deliveries.record(e.id.to_string(), e.message.key.clone().unwrap(), n);
+    }
+    assert_eq!(deliveries.distinct(), 60);
+    assert_eq!(
+        (deliveries.order_violations(), deliveries.duplicates()),
+        (0, 0),
+        "first deliveries in order, none sent twice"
+    );
+    assert!(
+        publisher.refused.lock().unwrap().len() >= 15,
+        "refusals happened"
+    );
 }
 
 /// Orders per tenant header, whatever the key; a tenant's failing message dead-letters

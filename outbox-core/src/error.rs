@@ -32,6 +32,11 @@ pub enum ErrorKind {
     NotFound,
     /// An inbox consumer's handler failed (see [`Error::handler`]).
     Handler,
+    /// A message to be published after the commit was enqueued in (or a commit helper was
+    /// given) a savepoint, a nested transaction: releasing it commits nothing, and its parent
+    /// may still roll back, so nothing may be published then. Enqueue publish-on-commit
+    /// messages in the outermost transaction. Nothing was written.
+    Savepoint,
 }
 
 /// Whether retrying the same operation later can succeed.
@@ -129,6 +134,21 @@ impl Error {
     /// (and transient ones after `max_attempts`) make the message a dead letter.
     pub fn handler(retry: Retry, message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Handler, retry, message)
+    }
+
+    /// An [`ErrorKind::Savepoint`] error (permanent): something to publish after the commit
+    /// was enqueued at transaction `depth` (2 or more).
+    pub fn savepoint(depth: usize) -> Self {
+        Self::new(
+            ErrorKind::Savepoint,
+            Retry::Permanent,
+            format!(
+                "a publish-on-commit message was enqueued in a savepoint (transaction depth {depth}): \
+                 releasing a savepoint commits nothing and its parent may still roll back, so it \
+                 could announce what never happened; enqueue it in the outermost transaction \
+                 (keep-order messages may be enqueued in savepoints). Nothing was written"
+            ),
+        )
     }
 
     /// Attach the underlying cause.

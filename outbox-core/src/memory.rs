@@ -237,12 +237,10 @@ impl Store for MemoryStore {
                 continue;
             }
             let m = &row.stored.envelope.message;
-            let size = m.payload.len()
-                + m.headers
-                    .iter()
-                    .map(|(k, v)| k.len() + v.len())
-                    .sum::<usize>();
-            let oversized = size > claim.max_row_bytes;
+            let size = m.size();
+            // Not loaded when the payload alone is over the limit (as the SQL stores); the
+            // relay checks the exact size (`Message::size`) of every row it loads.
+            let oversized = m.payload.len() > claim.max_row_bytes;
             if !oversized {
                 if taken_any && bytes + size > claim.max_batch_bytes {
                     break; // in seq order: each unit stays a prefix

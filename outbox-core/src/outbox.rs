@@ -156,6 +156,13 @@ impl<S> Outbox<S> {
     /// the returned handle (the backends' `commit(tx, after)` does both); on rollback drop it.
     ///
     /// Several calls in one transaction are fine: [`merge`](AfterCommit::merge) their handles.
+    ///
+    /// Nothing is published before the outermost transaction commits: a message that would
+    /// be published after the commit (publish-on-commit) is refused in a savepoint (a nested
+    /// transaction, [`Enqueue::transaction_depth`] over 1) with an
+    /// [`ErrorKind::Savepoint`](crate::ErrorKind::Savepoint) error and nothing written, since
+    /// releasing a savepoint commits nothing and its parent may still roll back. Messages only
+    /// relays publish (keep-order) are fine there: their rows live and die with the savepoint.
     pub async fn enqueue<Tx>(
         &self,
         tx: &mut Tx,
@@ -166,6 +173,10 @@ impl<S> Outbox<S> {
         S: Enqueue<Tx>,
     {
         let prepared = self.prepare(messages)?;
+        let depth = self.store.transaction_depth(tx);
+        if depth > 1 && prepared.publishes_after_commit() {
+            return Err(Error::savepoint(depth));
+        }
         let seqs = self
             .store
             .write_rows(tx, prepared.rows(), prepared.needs_seqs())
@@ -364,14 +375,20 @@ impl<S> Outbox<S> {
 
 impl Shared {
     async fn publish_on_commit(&self, items: Vec<(Option<i64>, NewMessage)>) -> DispatchReport {
+        let started = std::time::Instant::now();
         let cfg = &self.config;
         let Some(publisher) = &self.publisher else {
             // Unreachable: build() refuses publish-on-commit without a publisher.
             return DispatchReport::default();
         };
         let envs: Vec<&Envelope> = items.iter().map(|(_, r)| &r.envelope).collect();
-        let results =
-            publish_with_timeout(publisher.as_ref(), &envs, cfg.delivery.publish_timeout).await;
+        let results = publish_with_timeout(
+            publisher.as_ref(),
+            &envs,
+            None,
+            cfg.delivery.publish_timeout,
+        )
+        .await;
         let mut report = DispatchReport::default();
         let (mut done, mut failures, mut inserts) = (Vec::new(), Vec::new(), Vec::new());
         for ((seq, row), result) in items.into_iter().zip(results) {
@@ -436,19 +453,29 @@ impl Shared {
                 }
             }
         }
+        // The rows are leased to this committer for `on_commit_lease` from their insert: a
+        // write that fails transiently is tried again within the half of it that surely
+        // remains (the insert was a little before `started`). Past it, they stay leased and a
+        // relay republishes them after the lease (a duplicate, never a loss).
+        let deadline = started + cfg.on_commit_lease / 2;
         if !done.is_empty() {
-            if let Err(e) = self
-                .store
-                .complete(&done, cfg.delivery.delete_after_send)
-                .await
-            {
-                // The rows stay leased; a relay republishes them after the lease (a duplicate,
-                // never a loss).
+            let delete = cfg.delivery.delete_after_send;
+            let marked =
+                crate::retry::until_recorded(deadline, "marking on-commit messages sent", || {
+                    self.store.complete(&done, delete)
+                })
+                .await;
+            if let Err(e) = marked {
                 tracing::warn!(error = %e, count = done.len(), "could not mark on-commit messages sent");
             }
         }
         if !failures.is_empty() {
-            if let Err(e) = self.store.fail(&self.owner, &failures).await {
+            let recorded =
+                crate::retry::until_recorded(deadline, "recording on-commit failures", || {
+                    self.store.fail(&self.owner, &failures)
+                })
+                .await;
+            if let Err(e) = recorded {
                 tracing::warn!(error = %e, count = failures.len(), "could not record on-commit failures; the relay retries them after the lease");
             }
         }
@@ -606,6 +633,16 @@ impl Prepared {
         self.rows
             .iter()
             .any(|r| r.published_by == PublishedBy::Committer)
+    }
+
+    /// Whether the [`AfterCommit`] this becomes publishes anything: publish-on-commit rows,
+    /// or messages written only if their publish fails (`persist_all = false`).
+    pub fn publishes_after_commit(&self) -> bool {
+        !self.deferred.is_empty()
+            || self
+                .rows
+                .iter()
+                .any(|r| r.published_by == PublishedBy::Committer)
     }
 
     /// After the backend wrote [`rows`](Self::rows) and got their `seq`s (same order).

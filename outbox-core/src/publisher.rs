@@ -30,9 +30,12 @@ use crate::message::Envelope;
 /// - Messages of one ordering unit appear at most once per batch: the relay sends a unit's
 ///   next message only after the previous one was acknowledged. Unless the publisher keeps a
 ///   batch's order ([`ordered_batches`](Publisher::ordered_batches)): then a unit's claimed
-///   run comes in one batch, in order, and if its message *i* fails, *i* and every later
-///   message of the unit are retried after it (a later one the broker took goes again: order
-///   over duplicates).
+///   run to one destination comes in one batch, in order. Consumers de-duplicate on the
+///   message id and act on the first copy they see, so order means the order of first
+///   deliveries: once a unit's message *i* is refused, no later message of the unit may
+///   reach the broker in that batch. The relay enforces it for refusals before sending
+///   ([`check_message`](Publisher::check_message) cuts the run); an ordered publisher
+///   promises it for the rest (see [`ordered_batches`](Publisher::ordered_batches)).
 #[async_trait]
 pub trait Publisher: Send + Sync {
     /// Publish one message.
@@ -41,13 +44,39 @@ pub trait Publisher: Send + Sync {
     /// Whether `publish_batch` hands a batch to the broker in order over one ordered channel
     /// (a Redis pipeline on one connection, one Kafka producer with idempotence on, one
     /// RabbitMQ channel with confirms), so that the messages of one ordering unit in a batch
-    /// reach the broker in batch order. The relay then sends a keep-order unit's run in one
-    /// batch instead of one acknowledged message at a time (a head that has failed before is
-    /// sent alone until it goes through, so a stuck unit does not send its followers on every
-    /// retry). Worth it only for a publisher that pipelines; one that sends message by message
-    /// (the default `publish_batch`) gains nothing. Default: false.
+    /// reach the broker in batch order. The relay then sends a keep-order unit's run to one
+    /// destination in one batch instead of one acknowledged message at a time (a head that
+    /// has failed before is sent alone until it goes through, so a stuck unit does not send
+    /// its followers on every retry). Worth it only for a publisher that pipelines; one that
+    /// sends message by message (the default `publish_batch`) gains nothing. Default: false.
+    ///
+    /// # Contract
+    /// Returning true promises that within one `publish_batch`, once a message to a
+    /// destination fails, no later message of the batch to that destination is delivered:
+    /// - a refusal the publisher can tell before sending (a header the broker interprets, a
+    ///   size over its limit) is refused by [`check_message`](Self::check_message) too, so
+    ///   the relay never hands the message over with its followers;
+    /// - a refusal it cannot tell in advance (a full local queue) makes the publisher refuse
+    ///   the batch's later messages to the same destination without sending them;
+    /// - a refusal after sending is one the broker applies to the later messages to that
+    ///   destination as well (a closed channel, a missing topic or exchange, a key of the
+    ///   wrong type, Kafka's idempotent producer failing a partition's later records).
+    ///
+    /// The relay counts any gap it sees anyway (a later message of a unit acknowledged after
+    /// an earlier one failed) in `outbox_order_gaps_total` and logs it.
     fn ordered_batches(&self) -> bool {
         false
+    }
+
+    /// Whether this publisher would refuse `envelope` without sending it, and why: the
+    /// checks a publisher makes before sending (a header the broker would interpret, a header
+    /// table over a frame). Sends nothing. The relay asks before it hands an
+    /// [ordered](Self::ordered_batches) unit's run over, and cuts the run at the first
+    /// refusal, so that no later message of the unit goes out in that batch. `publish` must
+    /// refuse what this refuses. The default accepts everything.
+    fn check_message(&self, envelope: &Envelope) -> Result<()> {
+        let _ = envelope;
+        Ok(())
     }
 
     /// Check that the broker is reachable, sending no message (a `PING`, a metadata request,
@@ -115,6 +144,9 @@ macro_rules! forward_publisher {
             }
             fn ordered_batches(&self) -> bool {
                 (**self).ordered_batches()
+            }
+            fn check_message(&self, envelope: &Envelope) -> Result<()> {
+                (**self).check_message(envelope)
             }
             async fn check(&self) -> Result<()> {
                 (**self).check().await
@@ -202,6 +234,10 @@ impl Router {
 impl Publisher for Router {
     async fn publish(&self, envelope: &Envelope) -> Result<()> {
         self.route(envelope)?.publish(envelope).await
+    }
+
+    fn check_message(&self, envelope: &Envelope) -> Result<()> {
+        self.route(envelope)?.check_message(envelope)
     }
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<Result<()>> {
@@ -421,6 +457,10 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
         }
         self.inner.publish(envelope).await
     }
+
+    fn check_message(&self, envelope: &Envelope) -> Result<()> {
+        self.inner.check_message(envelope)
+    }
 }
 
 /// Publish `envs` as one batch within `timeout`: one result per envelope, in order.
@@ -431,9 +471,14 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
 /// apply as for any other failure. When a batch call panics, nobody knows which messages went
 /// out, so each message is published again on its own (a possible duplicate, never a loss),
 /// and only the ones that panic again fail.
+///
+/// `runs` (the relay's ordered runs: lengths of consecutive messages of one unit; `None`:
+/// every message on its own) keeps that fallback in order: once a message of a run fails,
+/// the rest of the run is not sent again.
 pub(crate) async fn publish_with_timeout(
     publisher: &dyn Publisher,
     envs: &[&Envelope],
+    runs: Option<&[usize]>,
     timeout: Duration,
 ) -> Vec<Result<()>> {
     #[cfg(feature = "otel")]
@@ -441,17 +486,18 @@ pub(crate) async fn publish_with_timeout(
         // A publish span per message; each goes out with its span's context.
         let spans = crate::otel::start_publish(envs);
         let refs: Vec<&Envelope> = spans.envelopes.iter().collect();
-        let results = publish_within(publisher, &refs, timeout).await;
+        let results = publish_within(publisher, &refs, runs, timeout).await;
         crate::otel::end_publish(spans, &results);
         results
     }
     #[cfg(not(feature = "otel"))]
-    publish_within(publisher, envs, timeout).await
+    publish_within(publisher, envs, runs, timeout).await
 }
 
 async fn publish_within(
     publisher: &dyn Publisher,
     envs: &[&Envelope],
+    runs: Option<&[usize]>,
     timeout: Duration,
 ) -> Vec<Result<()>> {
     let n = envs.len();
@@ -473,17 +519,31 @@ async fn publish_within(
         Ok(Err(panic)) if n == 1 => return vec![Err(panic)],
         Ok(Err(panic)) => {
             tracing::warn!(error = %panic, count = n, "publisher panicked on a batch; publishing its messages one by one");
+            let ones = vec![1; n];
+            let runs = runs.filter(|r| r.iter().sum::<usize>() == n);
             let mut out = Vec::with_capacity(n);
-            for env in envs {
-                out.push(
-                    match tokio::time::timeout_at(deadline, catch_panic(publisher.publish(env)))
-                        .await
-                    {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(panic)) => Err(panic),
-                        Err(_) => timed_out(),
-                    },
-                );
+            let mut rest = envs;
+            for &len in runs.unwrap_or(&ones) {
+                let (run, after) = rest.split_at(len.min(rest.len()));
+                rest = after;
+                let mut failed = false;
+                for env in run {
+                    let result = if failed {
+                        Err(Error::transient(
+                            "not sent: an earlier message of its unit failed in this batch",
+                        ))
+                    } else {
+                        match tokio::time::timeout_at(deadline, catch_panic(publisher.publish(env)))
+                            .await
+                        {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(panic)) => Err(panic),
+                            Err(_) => timed_out(),
+                        }
+                    };
+                    failed |= result.is_err();
+                    out.push(result);
+                }
             }
             return out;
         }

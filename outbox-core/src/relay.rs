@@ -340,13 +340,16 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 break;
             }
             // Each unit sends its next row, or, to a publisher that keeps a batch's order,
-            // its whole run (up to a row that does not verify).
+            // its run to one destination, up to a row that does not verify or that the
+            // publisher would refuse: no later row of a unit goes out in the batch where an
+            // earlier one is refused.
             let mut runs: Vec<(usize, usize)> = Vec::with_capacity(alive.len());
             let mut envs: Vec<&Envelope> = Vec::new();
             let mut stopped: Vec<usize> = Vec::new();
             for &u in &alive {
                 // A head that failed before goes alone until it passes.
-                let max = if ordered && units[u][cursor[u]].attempts == 0 {
+                let head = &units[u][cursor[u]];
+                let max = if ordered && head.attempts == 0 {
                     units[u].len() - cursor[u]
                 } else {
                     1
@@ -354,52 +357,67 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 let mut len = 0;
                 while len < max {
                     let m = &units[u][cursor[u] + len];
-                    match self.verify(m) {
-                        Ok(()) => {
-                            envs.push(&m.envelope);
-                            len += 1;
-                        }
-                        Err(error) => {
-                            // Later in a run, the rows before it go first; the next wave
-                            // starts at it and stops the unit there.
-                            if len == 0 {
-                                self.observers.emit(&Event::Tampered {
-                                    seq: m.seq,
-                                    id: m.envelope.id,
-                                    error: &error,
-                                });
-                                self.record_failure(
-                                    m,
-                                    error,
-                                    &mut failures,
-                                    &mut report,
-                                    &mut parks,
-                                );
-                                stopped.push(u);
-                            }
-                            break;
-                        }
+                    if m.envelope.message.destination != head.envelope.message.destination {
+                        break; // a broker orders a destination's messages, not two's
                     }
+                    let refused = match self.verify(m) {
+                        Err(error) => Some((error, true)),
+                        Ok(()) if ordered => self
+                            .publisher
+                            .check_message(&m.envelope)
+                            .err()
+                            .map(|e| (e, false)),
+                        Ok(()) => None,
+                    };
+                    let Some((error, tampered)) = refused else {
+                        envs.push(&m.envelope);
+                        len += 1;
+                        continue;
+                    };
+                    // Later in a run, the rows before it go first; the next wave starts at it
+                    // and stops the unit there.
+                    if len == 0 {
+                        if tampered {
+                            self.observers.emit(&Event::Tampered {
+                                seq: m.seq,
+                                id: m.envelope.id,
+                                error: &error,
+                            });
+                        }
+                        self.record_failure(m, error, &mut failures, &mut report, &mut parks);
+                        stopped.push(u);
+                    }
+                    break;
                 }
                 if len > 0 {
                     runs.push((u, len));
                 }
             }
+            let lens: Vec<usize> = runs.iter().map(|&(_, len)| len).collect();
             let mut results = if envs.is_empty() {
                 Vec::new()
             } else {
-                publish_with_timeout(&self.publisher, &envs, cfg.delivery.publish_timeout).await
+                let timeout = cfg.delivery.publish_timeout;
+                publish_with_timeout(&self.publisher, &envs, Some(&lens), timeout).await
             }
             .into_iter();
             for (u, len) in runs {
-                // A run stops at its first failure: the rows after it are given back, even
-                // those the broker took, and go again after it (order over duplicates).
+                // A run stops at its first failure: the rows after it are given back and go
+                // again after it. One the broker took anyway broke the publisher's promise
+                // (see `Publisher::ordered_batches`): counted and logged.
                 let mut failed = false;
                 for _ in 0..len {
                     let result = results.next().unwrap_or_else(|| {
                         Err(Error::transient("the publisher returned too few results"))
                     });
                     if failed {
+                        if result.is_ok() {
+                            let m = &units[u][cursor[u]];
+                            let (stream, unit) = m.ordering_unit();
+                            metrics::counter!("outbox_order_gaps_total").increment(1);
+                            tracing::warn!(%stream, %unit, head = %m.envelope.id,
+                                "the publisher took a unit's later message after refusing an earlier one in the same batch: consumers may see them out of order");
+                        }
                         continue;
                     }
                     let m = &units[u][cursor[u]];
@@ -465,22 +483,32 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             }
         }
         if !done.is_empty() || !failures.is_empty() {
-            // Past the deadline, what was published stays leased and is published again
-            // after the lease (a duplicate, never a loss).
-            self.store_call(
-                "settle",
-                self.store.settle(
-                    &self.owner,
-                    &done,
-                    cfg.delivery.delete_after_send,
-                    &failures,
-                ),
-            )
-            .await?;
+            self.settle_batch(started, &done, &failures).await?;
         }
         metrics::histogram!("outbox_batch_seconds").record(started.elapsed().as_secs_f64());
         self.adapt(out_of_lease, report.claimed);
         Ok(report)
+    }
+
+    /// Record a batch's outcome, trying again after a transient failure while the lease
+    /// lasts ([`until_recorded`](crate::retry::until_recorded)): its messages were sent, and
+    /// a batch left leased is published again whole once the lease ends.
+    async fn settle_batch(
+        &self,
+        started: Instant,
+        done: &[i64],
+        failures: &[crate::store::Failure],
+    ) -> Result<()> {
+        let cfg = &self.config;
+        let deadline = started + cfg.lease.mul_f64(0.9);
+        crate::retry::until_recorded(deadline, "recording a batch's outcome", || {
+            self.store_call(
+                "settle",
+                self.store
+                    .settle(&self.owner, done, cfg.delivery.delete_after_send, failures),
+            )
+        })
+        .await
     }
 
     /// A store call within [`RelayConfig::store_timeout`]: a connection that stopped answering

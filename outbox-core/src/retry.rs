@@ -117,6 +117,39 @@ impl RetryPolicy {
     }
 }
 
+/// Run a store write whose messages were already sent (a relay's settle, the committer's
+/// marks) until it succeeds: a transient failure (a deadlock the database broke by rolling
+/// the write back, a lost connection, a timeout) is tried again, with a pause that doubles
+/// from 50 ms up to 2 s, while `deadline` (the end of the rows' lease, less a margin) leaves
+/// room. Giving up means the rows are published again after the lease, so it is worth the
+/// wait. The write must be idempotent (settling rows already settled changes nothing).
+pub(crate) async fn until_recorded<T, F, Fut>(
+    deadline: std::time::Instant,
+    what: &str,
+    mut write: F,
+) -> crate::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = crate::Result<T>>,
+{
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match write().await {
+            Err(e) if e.is_transient() && std::time::Instant::now() + pause < deadline => {
+                metrics::counter!("outbox_record_retries_total").increment(1);
+                tracing::warn!(error = %e, "{what} failed; trying again (its messages are not published again)");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what} failed for good before its lease ends: its published messages will be published again once the lease ends");
+                return Err(e);
+            }
+            Ok(v) => return Ok(v),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

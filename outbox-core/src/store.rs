@@ -40,8 +40,10 @@ pub struct Claim {
     pub limit: usize,
     /// How long the lease lasts; after that another relay may take the rows.
     pub lease: Duration,
-    /// A row whose payload plus headers take more bytes is returned [`Quarantined`] without
-    /// its payload being read.
+    /// A row whose payload alone takes more bytes is returned [`Quarantined`] without its
+    /// payload being read (it is over the limit however its headers are counted). Rows that
+    /// are loaded are checked by the relay against the one definition of a message's size,
+    /// [`Message::size`](crate::Message::size), as at enqueue.
     pub max_row_bytes: usize,
     /// The rows of one claim take at most this many bytes (payload plus headers), or one row
     /// when a single row is larger; the rest waits for the next claim.
@@ -303,8 +305,8 @@ impl Stats {
 /// - `claim` returns due, unleased, pending rows and leases them to `claim.owner`. Rows are
 ///   decoded one by one: a row that does not decode comes back as [`Quarantined`] (still
 ///   leased) and never fails the other rows of the claim. Row sizes (payload plus headers)
-///   are read first: a row over `max_row_bytes` comes back [`Quarantined`] without its payload
-///   being loaded, and the others are taken in order while they fit `max_batch_bytes`
+///   are read first: a row whose payload is over `max_row_bytes` comes back [`Quarantined`]
+///   without its payload being loaded, and the others are taken in order while they fit `max_batch_bytes`
 ///   ([`Claim::within_budget`]).
 ///   Publish-on-commit rows come in `seq` order. A keep-order row is returned only when every
 ///   earlier pending row of its ordering unit (stream + key) is also returned in the same
@@ -467,6 +469,17 @@ pub trait Enqueue<Tx: Send + ?Sized>: Store {
         rows: &[NewMessage],
         need_seqs: bool,
     ) -> Result<Vec<i64>>;
+
+    /// How deeply `tx` is nested: 1 for an outermost transaction, 2 or more for a savepoint
+    /// (a nested transaction of the same type, as sqlx's `Transaction::begin` on a
+    /// transaction makes). [`Outbox::enqueue`](crate::Outbox::enqueue) refuses to publish
+    /// after committing a savepoint: releasing one commits nothing, and its parent may still
+    /// roll back. The default, 1, is right for stores whose savepoints have a type of their
+    /// own.
+    fn transaction_depth(&self, tx: &Tx) -> usize {
+        let _ = tx;
+        1
+    }
 }
 
 /// [`Enqueue`] for stores whose transactions are synchronous (SQLite's
@@ -491,6 +504,10 @@ impl<Tx: Send + ?Sized, S: Enqueue<Tx> + ?Sized> Enqueue<Tx> for Arc<S> {
         need_seqs: bool,
     ) -> Result<Vec<i64>> {
         (**self).write_rows(tx, rows, need_seqs).await
+    }
+
+    fn transaction_depth(&self, tx: &Tx) -> usize {
+        (**self).transaction_depth(tx)
     }
 }
 

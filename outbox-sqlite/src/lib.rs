@@ -586,7 +586,7 @@ fn claim_rows(
             placeholders(chunk.len(), 2),
             cols = COLS.replacen(
                 "payload,",
-                "CASE WHEN octet_length(payload) + octet_length(headers) > ?1 THEN NULL ELSE payload END,",
+                "CASE WHEN octet_length(payload) > ?1 THEN NULL ELSE payload END,",
                 1
             )
         );
