@@ -107,6 +107,18 @@ fn list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+/// `n` units (two parameters each, stream then key) joined to `<t>_due d` by primary-key
+/// lookups. An OR-list of `(stream = ? AND okey = ?)` is no use here: MariaDB plans it as a
+/// scan of the stream's units (or of the whole index) once the list is long compared with
+/// the table, and an UPDATE or locking read then locks units other relays hold.
+fn units_join(t: &str, n: usize) -> String {
+    let rows = std::iter::once("SELECT ? AS s, ? AS k")
+        .chain(std::iter::repeat_n("SELECT ?, ?", n.saturating_sub(1)))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    format!("({rows}) x STRAIGHT_JOIN {t}_due d ON d.stream = x.s AND d.okey = x.k")
+}
+
 impl MySqlStore {
     /// Connect with the default options (table `outbox`). A malformed URL is a
     /// [`outbox_core::ErrorKind::Config`] error, an unreachable server a transient
@@ -222,23 +234,17 @@ impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        // One keep-order row of a known unit: lock and insert in one round trip.
-        if let ([_], [unit]) = (rows, units.as_slice()) {
-            if insert_only(&mut *conn, t, rows, Some(unit))
-                .await?
-                .rows_affected()
-                == 1
-            {
-                return Ok(vec![0]);
-            }
-        }
         lock_units(&mut *conn, t, &units).await?;
         if need_seqs {
             insert(&mut *conn, t, rows).await
         } else {
-            insert_only(&mut *conn, t, rows, None).await?;
+            insert_only(&mut *conn, t, rows).await?;
             Ok(vec![0; rows.len()])
         }
+    }
+
+    fn transaction_depth(&self, tx: &Transaction<'c, MySql>) -> usize {
+        depth(tx)
     }
 }
 
@@ -248,6 +254,12 @@ impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
 /// together: they are created here and deleted together, under this lock, once the unit is
 /// empty, so a writer that found the lock row knows the claim knows the unit, and never
 /// touches (or waits for) the row claims lock.
+///
+/// The lock is an upsert, never a locking read: a locking read of a missing row takes a gap
+/// lock in the caller's (REPEATABLE READ) transaction, and two writers holding the same gap
+/// deadlock when each then inserts its unit. The upsert bumps `writes`, so that it reports
+/// 1 row for a new unit and 2 for a known one even though sqlx connects with
+/// `CLIENT_FOUND_ROWS` (under which an upsert that changes nothing also reports 1).
 async fn lock_units(
     conn: &mut MySqlConnection,
     t: &str,
@@ -255,7 +267,7 @@ async fn lock_units(
 ) -> outbox_core::Result<()> {
     for (stream, key) in units {
         let created = sqlx::query(&format!(
-            "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE okey = okey"
+            "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE writes = writes + 1"
         ))
         .bind(stream)
         .bind(key)
@@ -278,21 +290,35 @@ async fn lock_units(
     Ok(())
 }
 
+/// How deeply `tx` is nested (1: the outermost transaction; more: a savepoint).
+fn depth(tx: &Transaction<'_, MySql>) -> usize {
+    use sqlx::TransactionManager;
+    let conn: &MySqlConnection = tx;
+    <MySql as sqlx::Database>::TransactionManager::get_transaction_depth(conn)
+}
+
 /// Commit `tx`, then publish its publish-on-commit messages in the background.
+///
+/// A savepoint (a nested transaction) with something to publish is refused with an
+/// [`outbox_core::ErrorKind::Savepoint`] error and rolled back (it is dropped): releasing it
+/// would commit nothing, and publishing then could announce what its parent rolls back.
+/// [`Outbox::enqueue`](outbox_core::Outbox::enqueue) already refuses such messages in a
+/// savepoint; this catches a handle carried into one.
 pub async fn commit(tx: Transaction<'_, MySql>, after: AfterCommit) -> outbox_core::Result<()> {
+    let depth = depth(&tx);
+    if depth > 1 && !after.is_empty() {
+        return Err(Error::savepoint(depth));
+    }
     tx.commit().await.map_err(map_err)?;
     after.dispatch();
     Ok(())
 }
 
-/// One multi-row INSERT. With `unit` (one keep-order row): `INSERT ... SELECT ... FROM
-/// <table>_locks ... FOR UPDATE`, which takes the unit's writer lock and inserts in one round
-/// trip, and inserts nothing when the unit has no lock row yet.
+/// One multi-row INSERT.
 async fn insert_only(
     conn: &mut MySqlConnection,
     t: &str,
     rows: &[NewMessage],
-    unit: Option<&(String, String)>,
 ) -> outbox_core::Result<sqlx::mysql::MySqlQueryResult> {
     let values = format!(
         "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, GREATEST({NOW} + GREATEST(?, IFNULL(?, 0)), IFNULL(?, 0)), ?, \
@@ -302,15 +328,10 @@ async fn insert_only(
            status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature, \
            on_exhausted)"
         .replace("{t}", t);
-    let sql = match unit {
-        Some(_) => format!(
-            "{columns} SELECT {values} FROM {t}_locks WHERE stream = ? AND okey = ? FOR UPDATE"
-        ),
-        None => format!(
-            "{columns} VALUES {}",
-            vec![format!("({values})"); rows.len()].join(", ")
-        ),
-    };
+    let sql = format!(
+        "{columns} VALUES {}",
+        vec![format!("({values})"); rows.len()].join(", ")
+    );
     let mut q = sqlx::query(&sql);
     for r in rows {
         let m = &r.envelope.message;
@@ -338,9 +359,6 @@ async fn insert_only(
             .bind(&r.signature)
             .bind(r.exhausted.as_stored());
     }
-    if let Some((stream, key)) = unit {
-        q = q.bind(stream).bind(key);
-    }
     q.execute(&mut *conn).await.map_err(map_err)
 }
 
@@ -353,7 +371,7 @@ async fn insert(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let done = insert_only(&mut *conn, t, rows, None).await?;
+    let done = insert_only(&mut *conn, t, rows).await?;
     if rows.len() == 1 {
         return Ok(vec![done.last_insert_id() as i64]);
     }
@@ -705,7 +723,7 @@ impl MySqlStore {
                 list(taken.len()),
                 cols = COLS.replacen(
                     "payload,",
-                    "CASE WHEN LENGTH(payload) + LENGTH(headers) > ? THEN NULL ELSE payload END,",
+                    "CASE WHEN LENGTH(payload) > ? THEN NULL ELSE payload END,",
                     1
                 )
             );
@@ -751,14 +769,18 @@ impl MySqlStore {
             leased.dedup();
             if !leased.is_empty() {
                 let sql = format!(
-                    "UPDATE {t}_due SET next_at = ?, leased_by = ?, claims = claims + 1 WHERE {}",
-                    vec!["(stream = ? AND okey = ?)"; leased.len()].join(" OR ")
+                    "UPDATE {} SET d.next_at = ?, d.leased_by = ?, d.claims = d.claims + 1",
+                    units_join(t, leased.len())
                 );
-                let mut q = sqlx::query(&sql).bind(until).bind(&claim.owner);
+                let mut q = sqlx::query(&sql);
                 for &u in &leased {
                     q = q.bind(&units[u].0).bind(&units[u].1);
                 }
-                q.execute(&mut *tx).await.map_err(map_err)?;
+                q.bind(until)
+                    .bind(&claim.owner)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
             }
             for &u in &leased {
                 stopped[u] = None;
@@ -851,7 +873,14 @@ impl MySqlStore {
             return Ok(());
         }
         let t = &self.inner.table;
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
+        // No gap locks: writers inserting a new unit's rows never wait on (or deadlock with)
+        // a settle; every lock below is a row found by its primary key.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(map_err)?;
         let all: Vec<i64> = done
             .iter()
             .copied()
@@ -897,16 +926,16 @@ impl MySqlStore {
             for chunk in units.chunks(500) {
                 let sql = self
                     .bounded(&format!(
-                        "SELECT CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4) FROM {t}_due
-                         WHERE leased_by = ? AND ({}) FOR UPDATE",
-                        vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
+                        "SELECT CONVERT(d.stream USING utf8mb4), CONVERT(d.okey USING utf8mb4) FROM {}
+                         WHERE d.leased_by = ? FOR UPDATE",
+                        units_join(t, chunk.len())
                     ))
                     .await?;
-                let mut q = sqlx::query_as::<_, Unit>(&sql).bind(owner);
+                let mut q = sqlx::query_as::<_, Unit>(&sql);
                 for (stream, key) in chunk {
                     q = q.bind(stream).bind(key);
                 }
-                held.extend(q.fetch_all(&mut *tx).await.map_err(map_err)?);
+                held.extend(q.bind(owner).fetch_all(&mut *tx).await.map_err(map_err)?);
             }
         }
         for chunk in done.chunks(1000) {
@@ -1035,14 +1064,17 @@ impl MySqlStore {
         for (delay, units) in by_delay {
             for chunk in units.chunks(500) {
                 let sql = format!(
-                    "UPDATE {t}_due SET next_at = ?, leased_by = NULL, claims = 0 WHERE parked_at IS NULL AND ({})",
-                    vec!["(stream = ? AND okey = ?)"; chunk.len()].join(" OR ")
+                    "UPDATE {} SET d.next_at = ?, d.leased_by = NULL, d.claims = 0 WHERE d.parked_at IS NULL",
+                    units_join(t, chunk.len())
                 );
-                let mut q = sqlx::query(&sql).bind(now + delay);
+                let mut q = sqlx::query(&sql);
                 for (stream, key) in chunk {
                     q = q.bind(stream).bind(key);
                 }
-                q.execute(&mut *tx).await.map_err(map_err)?;
+                q.bind(now + delay)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
             }
         }
         tx.commit().await.map_err(map_err)
@@ -1134,6 +1166,7 @@ impl Store for MySqlStore {
                 "CREATE TABLE IF NOT EXISTS {t}_locks (
                     stream VARCHAR(255) NOT NULL,
                     okey VARCHAR(255) NOT NULL,
+                    writes BIGINT NOT NULL DEFAULT 0,
                     PRIMARY KEY (stream, okey)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
             ),
@@ -1173,6 +1206,13 @@ impl Store for MySqlStore {
         .await?;
         self.add_column(t, "claims", "ADD COLUMN claims INT NOT NULL DEFAULT 0")
             .await?;
+        // Writers tell a new unit from a known one by this column (see `lock_units`).
+        self.add_column(
+            &format!("{t}_locks"),
+            "writes",
+            "ADD COLUMN writes BIGINT NOT NULL DEFAULT 0",
+        )
+        .await?;
         self.add_column(
             &format!("{t}_due"),
             "claims",

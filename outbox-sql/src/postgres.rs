@@ -316,11 +316,32 @@ impl<'c> Enqueue<Transaction<'c, Postgres>> for PgStore {
         let units = keep_order_units(rows);
         insert(tx, &self.inner.sql, rows, &units).await
     }
+
+    fn transaction_depth(&self, tx: &Transaction<'c, Postgres>) -> usize {
+        depth(tx)
+    }
+}
+
+/// How deeply `tx` is nested (1: the outermost transaction; more: a savepoint).
+fn depth(tx: &Transaction<'_, Postgres>) -> usize {
+    use sqlx::TransactionManager;
+    let conn: &PgConnection = tx;
+    <Postgres as sqlx::Database>::TransactionManager::get_transaction_depth(conn)
 }
 
 /// Commit `tx`, then publish its publish-on-commit messages in the background. Nothing is
 /// published if the commit fails.
+///
+/// A savepoint (a nested transaction) with something to publish is refused with an
+/// [`outbox_core::ErrorKind::Savepoint`] error and rolled back (it is dropped): releasing it
+/// would commit nothing, and publishing then could announce what its parent rolls back.
+/// [`Outbox::enqueue`](outbox_core::Outbox::enqueue) already refuses such messages in a
+/// savepoint; this catches a handle carried into one.
 pub async fn commit(tx: Transaction<'_, Postgres>, after: AfterCommit) -> outbox_core::Result<()> {
+    let depth = depth(&tx);
+    if depth > 1 && !after.is_empty() {
+        return Err(Error::savepoint(depth));
+    }
     tx.commit().await.map_err(map_err)?;
     after.dispatch();
     Ok(())
@@ -560,11 +581,11 @@ impl Sql {
                  FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)",
                 cols = cols(&format!("{t}.")).replace(
                     &format!("{t}.payload,"),
-                    &format!("CASE WHEN taken.size > $5 THEN NULL ELSE {t}.payload END,")
+                    &format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END,")
                 ),
                 ko_cols = cols(&format!("{t}.")).replace(
                     &format!("{t}.payload,"),
-                    &format!("CASE WHEN taken.size > $5 THEN NULL ELSE {t}.payload END,")
+                    &format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END,")
                 )
             ),
             // One statement for a batch's outcome: the units first (a unit whose head failed

@@ -312,6 +312,72 @@ macro_rules! sql_store_tests {
             );
         }
 
+        /// Contract point 16: nothing is published before the outermost commit. A
+        /// publish-on-commit message enqueued in a savepoint is refused (typed, nothing
+        /// written), whether the savepoint is then released and rolled back with its parent,
+        /// or rolled back alone; the commit helper refuses a savepoint carrying a handle; a
+        /// keep-order message in a savepoint lives and dies with it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn savepoints_publish_nothing_before_the_outermost_commit() {
+            use sqlx::Connection;
+            let store = $harness.fresh().await;
+            let broker = RecordingPublisher::new();
+            let outbox = Outbox::builder(store.clone(), broker.clone())
+                .stream_strategy("ordered", KeepOrder::default())
+                .build()
+                .unwrap();
+            let on_commit = || Message::new("d", b"oc".to_vec()).stream("s");
+            // Released, then rolled back with its parent.
+            let mut outer = store.pool().begin().await.unwrap();
+            let mut nested = outer.begin().await.unwrap();
+            let e = outbox.enqueue(&mut nested, [on_commit()]).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Savepoint, "{e}");
+            nested.commit().await.unwrap();
+            outer.rollback().await.unwrap();
+            // Rolled back alone, the parent committed.
+            let mut outer = store.pool().begin().await.unwrap();
+            let mut nested = outer.begin().await.unwrap();
+            let e = outbox.enqueue(&mut nested, [on_commit()]).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Savepoint, "{e}");
+            nested.rollback().await.unwrap();
+            outer.commit().await.unwrap();
+            // A handle from the outer transaction, committed through a savepoint: refused,
+            // nothing published; the outer transaction still commits it.
+            let mut outer = store.pool().begin().await.unwrap();
+            let after = outbox.enqueue(&mut outer, [on_commit()]).await.unwrap();
+            let nested = outer.begin().await.unwrap();
+            let e = outbox_sql::$module::commit(nested, after).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Savepoint, "{e}");
+            outer.rollback().await.unwrap();
+            // Keep-order in a savepoint: rolled back alone (its row goes), then one released
+            // and committed with its parent (published once, by the relay).
+            let mut outer = store.pool().begin().await.unwrap();
+            let mut nested = outer.begin().await.unwrap();
+            let ordered = |p: &str| Message::new("d", p.as_bytes().to_vec()).stream("ordered").key("k");
+            let after = outbox.enqueue(&mut nested, [ordered("gone")]).await.unwrap();
+            assert!(after.is_empty());
+            nested.rollback().await.unwrap();
+            let mut nested = outer.begin().await.unwrap();
+            let after = outbox.enqueue(&mut nested, [ordered("kept")]).await.unwrap();
+            outbox_sql::$module::commit(nested, after).await.unwrap();
+            outbox_sql::$module::commit(outer, AfterCommit::empty()).await.unwrap();
+            outbox.shutdown(std::time::Duration::from_secs(5)).await.unwrap();
+            let report = Relay::builder(store.clone(), broker.clone())
+                .build()
+                .unwrap()
+                .run_once()
+                .await
+                .unwrap();
+            let published: Vec<Vec<u8>> = broker
+                .published()
+                .into_iter()
+                .map(|e| e.message.payload)
+                .collect();
+            assert_eq!(published, vec![b"kept".to_vec()], "{report:?}");
+            let stats = outbox_core::Store::stats(store.as_ref()).await.unwrap().total();
+            assert_eq!((stats.pending, stats.sent, stats.dead), (0, 1, 0), "{stats:?}");
+        }
+
         /// Several processes may run `migrate` at once on a new table.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn concurrent_migrations_are_safe() {
