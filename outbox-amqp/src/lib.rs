@@ -310,9 +310,15 @@ impl Publisher for AmqpPublisher {
     }
 
     /// A batch goes out on one channel with confirms, in order; messages sent again after a
-    /// channel closed are sent again in batch order.
+    /// channel closed are sent again in batch order, and once one of them fails again, no
+    /// later one to the same destination is sent again.
     fn ordered_batches(&self) -> bool {
         true
+    }
+
+    /// `CC` / `BCC` headers and header tables over a frame are refused before sending.
+    fn check_message(&self, envelope: &Envelope) -> outbox_core::Result<()> {
+        check(envelope)
     }
 
     async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<outbox_core::Result<()>> {
@@ -329,7 +335,19 @@ impl Publisher for AmqpPublisher {
                 .is_err_and(|e| !e.is_transient() && e.kind() != ErrorKind::Unroutable)
         });
         if closed {
+            let mut refused: Vec<&str> = Vec::new();
             for i in 0..batch.len() {
+                let destination = batch[i].message.destination.as_str();
+                if refused.contains(&destination) {
+                    // A later message must not overtake an earlier one that failed.
+                    if results[i].is_ok() {
+                        continue;
+                    }
+                    results[i] = Err(Error::transient(
+                        "not sent again: an earlier message to its destination failed in this batch",
+                    ));
+                    continue;
+                }
                 if results[i]
                     .as_ref()
                     .is_err_and(|e| e.kind() != ErrorKind::Unroutable)
@@ -339,6 +357,9 @@ impl Publisher for AmqpPublisher {
                         .await
                         .pop()
                         .unwrap_or_else(|| Err(Error::transient("no result")));
+                }
+                if results[i].is_err() {
+                    refused.push(destination);
                 }
             }
         }

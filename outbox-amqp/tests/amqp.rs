@@ -314,3 +314,47 @@ async fn a_half_open_connection_is_replaced() {
     );
     println!("half-open RabbitMQ connection replaced after {attempts} attempts");
 }
+
+/// Contract point 17 through a relay: a unit's head that RabbitMQ would refuse (a `CC`
+/// header) is refused before sending, and its follower, in the same claimed run, is not sent
+/// in that batch: the queue sees the follower only after the head has its outcome (here a
+/// dead letter), never before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_head_keeps_its_follower_out_of_the_batch() {
+    use outbox_core::{KeepOrder, Outbox, RecordingPublisher, Relay};
+    let (_conn, ch) = admin().await;
+    let q = unique("ordered");
+    queue(&ch, &q).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = outbox_sqlite::SqliteStore::open(dir.path().join("o.db")).unwrap();
+    store.migrate_now().unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::dead_letter())
+        .build()
+        .unwrap();
+    let mut conn = store.connect().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    let head = Message::new(q.as_str(), b"head".to_vec())
+        .key("k")
+        .header("CC", "elsewhere");
+    let follower = Message::new(q.as_str(), b"follower".to_vec()).key("k");
+    let after = outbox.enqueue_blocking(&mut tx, [head, follower]).unwrap();
+    tx.commit().unwrap();
+    after.dispatch();
+    let publisher = AmqpPublisher::connect(&url()).await.unwrap();
+    assert!(publisher.ordered_batches());
+    let relay = Relay::builder(store.clone(), publisher).build().unwrap();
+    let first = relay.step().await.unwrap();
+    assert_eq!(
+        (first.claimed, first.published, first.dead),
+        (2, 0, 1),
+        "the head is refused and its follower is not sent in the same batch: {first:?}"
+    );
+    assert!(get(&ch, &q).await.is_none(), "nothing reached the queue");
+    relay.run_once().await.unwrap();
+    let got = get(&ch, &q)
+        .await
+        .expect("the follower, after the head's outcome");
+    assert_eq!(got.delivery.data, b"follower");
+    assert!(get(&ch, &q).await.is_none());
+}

@@ -297,12 +297,22 @@ impl Publisher for KafkaPublisher {
         self.replace_if_fatal(&producer, generation, false);
         let (producer, generation) = self.current();
         let mut reports = Vec::with_capacity(batch.len());
+        // Records librdkafka refused before sending (a full queue, a record over its size
+        // limit), by destination and key: a later record of the same key must not overtake
+        // the refused one, so it is not handed over either.
+        let mut refused: Vec<(&str, Option<&str>)> = Vec::new();
         for env in batch {
             let m = &env.message;
             let key = m
                 .key
                 .as_deref()
                 .or(self.unkeyed_by_stream.then_some(m.stream.as_str()));
+            if refused.contains(&(m.destination.as_str(), key)) {
+                reports.push(Err(Error::transient(
+                    "not sent: an earlier message of its key was refused in this batch",
+                )));
+                continue;
+            }
             let timestamp = env
                 .created_at
                 .duration_since(std::time::UNIX_EPOCH)
@@ -315,7 +325,11 @@ impl Publisher for KafkaPublisher {
             if let Some(k) = key {
                 record = record.key(k);
             }
-            reports.push(producer.send_result(record).map_err(|(e, _)| map_err(e)));
+            let report = producer.send_result(record).map_err(|(e, _)| map_err(e));
+            if report.is_err() {
+                refused.push((m.destination.as_str(), key));
+            }
+            reports.push(report);
         }
         let mut results = Vec::with_capacity(batch.len());
         let mut fenced = false;

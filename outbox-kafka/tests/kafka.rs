@@ -107,6 +107,39 @@ async fn oversized_records_fail_permanently_and_bad_settings_are_config_errors()
     );
 }
 
+/// Contract point 17 at the publisher: a record librdkafka refuses before sending (over its
+/// size limit) keeps the later records of its key (its unit, on one partition) in the same
+/// batch from being sent; other keys' records go. The consumer sees only those.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_record_keeps_its_keys_later_records_unsent() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("ordered", 1, 1).unwrap();
+    let publisher = KafkaPublisher::new(&cluster.bootstrap_servers()).unwrap();
+    assert!(publisher.ordered_batches());
+    let keyed = |payload: &str, key: &str| {
+        let mut e = env("ordered", payload);
+        e.message = e.message.clone().key(key);
+        e
+    };
+    let big = "x".repeat(2 * 1024 * 1024);
+    let batch = [
+        keyed("a1", "a"),
+        keyed(&big, "a"),
+        keyed("a3", "a"),
+        keyed("b1", "b"),
+    ];
+    let results = publisher
+        .publish_batch(&batch.iter().collect::<Vec<_>>())
+        .await;
+    let ok: Vec<bool> = results.iter().map(Result::is_ok).collect();
+    assert_eq!(ok, [true, false, false, true], "{results:?}");
+    assert!(results[2].as_ref().unwrap_err().is_transient());
+    let got = consume(cluster.bootstrap_servers(), "ordered".into(), 2).await;
+    let mut payloads: Vec<&[u8]> = got.iter().map(|m| m.payload().unwrap()).collect();
+    payloads.sort();
+    assert_eq!(payloads, [&b"a1"[..], &b"b1"[..]]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_in_the_middle_of_a_relay_run_loses_nothing() {
     let cluster = MockCluster::new(1).unwrap();
