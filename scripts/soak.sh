@@ -7,6 +7,8 @@
 #
 #   bash scripts/soak.sh                 # 100 kills per store, 3 relay processes (~5 min)
 #   KILLS=300 RELAYS=4 bash scripts/soak.sh
+#   bash scripts/soak.sh --history       # whole-history checks instead: RUNS seeded runs
+#   RUNS=50 SECS=20 SEED=7 bash scripts/soak.sh --history   # per store (tests/history.rs)
 #
 # CI runs the same test with 8 kills (`cargo test -p outbox-cli --test kill`).
 set -euo pipefail
@@ -15,6 +17,12 @@ bash scripts/setup.sh
 export OUTBOX_PG_URL="${OUTBOX_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 export OUTBOX_MYSQL_URL="${OUTBOX_MYSQL_URL:-mysql://root@127.0.0.1:3306/test}"
 export OUTBOX_REDIS_URL="${OUTBOX_REDIS_URL:-redis://127.0.0.1:6379/}"
+if [ "${1:-}" = "--history" ]; then
+  export OUTBOX_HISTORY_RUNS="${RUNS:-20}" OUTBOX_HISTORY_SECS="${SECS:-15}"
+  export OUTBOX_HISTORY_SEED="${SEED:-$(date +%s)}"
+  echo "whole histories: $OUTBOX_HISTORY_RUNS runs of ${OUTBOX_HISTORY_SECS} s per store from seed $OUTBOX_HISTORY_SEED"
+  exec cargo test --all-features --test history -- --nocapture --test-threads=1
+fi
 export OUTBOX_SOAK_KILLS="${KILLS:-100}"
 export OUTBOX_SOAK_RELAYS="${RELAYS:-3}"
 # One store at a time (not the test suite's parallelism): each store's kills and duplicates

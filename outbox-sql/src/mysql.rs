@@ -85,9 +85,18 @@ struct Inner {
     /// Whether the server is MariaDB (else MySQL), asked once.
     mariadb: tokio::sync::OnceCell<bool>,
     pool: MySqlPool,
+    /// Two connections of its own (opened on first use) that create units' lock rows
+    /// outside writers' transactions (see `ensure_lock_rows`).
+    side: tokio::sync::OnceCell<MySqlPool>,
+    /// Units whose lock row exists (lock rows are never deleted), so a writer of a known
+    /// unit needs no look-up. Cleared when it reaches `KNOWN_UNITS`.
+    known: std::sync::Mutex<std::collections::HashSet<Unit>>,
     table: String,
     notify: Notify,
 }
+
+/// Most units remembered as having a lock row.
+const KNOWN_UNITS: usize = 65_536;
 
 /// The MySQL / MariaDB outbox store. Cheap to clone.
 #[derive(Clone)]
@@ -176,6 +185,8 @@ impl MySqlStore {
                 adopted: std::sync::Mutex::new(None),
                 mariadb: tokio::sync::OnceCell::new(),
                 pool,
+                side: tokio::sync::OnceCell::new(),
+                known: Default::default(),
                 table: table.to_owned(),
                 notify: Notify::new(),
             }),
@@ -234,6 +245,7 @@ impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
+        self.ensure_lock_rows(&units).await?;
         lock_units(&mut *conn, t, &units).await?;
         if need_seqs {
             insert(&mut *conn, t, rows).await
@@ -249,34 +261,39 @@ impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
 }
 
 /// Take the writer locks of keep-order units (sorted: writers never deadlock on them), rows
-/// of `<table>_locks` held until the transaction ends. A unit seen for the first time also
-/// gets its row of `<table>_due`, which claims pick units from. A unit's two rows exist
-/// together: they are created here and deleted together, under this lock, once the unit is
-/// empty, so a writer that found the lock row knows the claim knows the unit, and never
-/// touches (or waits for) the row claims lock.
+/// of `<table>_locks` held until the transaction ends. A unit the claims do not know (new,
+/// or forgotten once it was empty: its lock row says `due = 0`) also gets its row of
+/// `<table>_due`, which claims pick units from. Both are changed only under this lock, so a
+/// writer that finds `due = 1` knows the claims know the unit, and never touches (or waits
+/// for) the row claims lock.
 ///
-/// The lock is an upsert, never a locking read: a locking read of a missing row takes a gap
-/// lock in the caller's (REPEATABLE READ) transaction, and two writers holding the same gap
-/// deadlock when each then inserts its unit. The upsert bumps `writes`, so that it reports
-/// 1 row for a new unit and 2 for a known one even though sqlx connects with
-/// `CLIENT_FOUND_ROWS` (under which an upsert that changes nothing also reports 1).
+/// The lock is one upsert of a row that exists (`MySqlStore::ensure_lock_rows` made it),
+/// never a locking read, and lock rows are never deleted: in the caller's (REPEATABLE READ)
+/// transaction a locking read of a missing row, and a duplicate check that meets a deleted
+/// row not yet purged, lock the gap before the next row, and two writers of new units in
+/// that gap deadlock when each inserts its own. The upsert bumps `writes` (so it reports 2
+/// rows even under sqlx's `CLIENT_FOUND_ROWS`, where an upsert that changes nothing reports
+/// 1, as an insert does) and hands back the unit's previous `due` through
+/// `LAST_INSERT_ID(expr)` (the documented way to return a value from the update branch of
+/// an upsert). Should the row be missing after all, the upsert inserts it (1 row): a new
+/// unit too.
 async fn lock_units(
     conn: &mut MySqlConnection,
     t: &str,
     units: &[(String, String)],
 ) -> outbox_core::Result<()> {
     for (stream, key) in units {
-        let created = sqlx::query(&format!(
-            "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE writes = writes + 1"
+        let locked = sqlx::query(&format!(
+            "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?)
+             ON DUPLICATE KEY UPDATE writes = writes + 1, due = LAST_INSERT_ID(due) * 0 + 1"
         ))
         .bind(stream)
         .bind(key)
         .execute(&mut *conn)
         .await
-        .map_err(map_err)?
-        .rows_affected()
-            == 1;
-        if created {
+        .map_err(map_err)?;
+        let known = locked.rows_affected() == 2 && locked.last_insert_id() == 1;
+        if !known {
             sqlx::query(&format!(
                 "INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, {NOW})"
             ))
@@ -432,6 +449,66 @@ mod sqlx_value {
 }
 
 impl MySqlStore {
+    /// Make sure each unit has its row of `<table>_locks` before a writer's transaction locks
+    /// it, creating missing ones on connections of their own, each insert committed at once
+    /// (`due = 0`: the writer's lock makes the unit known to claims). A lock row created
+    /// inside a writer's transaction deadlocks when that transaction rolls back: the writers
+    /// waiting on the new row inherit locks on the gap it leaves, and each then waits for the
+    /// other's to insert it. An existing row is locked without a gap. Lock rows are never
+    /// deleted, so a unit seen once needs no look-up again.
+    async fn ensure_lock_rows(&self, units: &[Unit]) -> outbox_core::Result<()> {
+        let unknown: Vec<&Unit> = {
+            let known = self.inner.known.lock().unwrap_or_else(|p| p.into_inner());
+            units.iter().filter(|u| !known.contains(*u)).collect()
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let t = &self.inner.table;
+        let side = self
+            .inner
+            .side
+            .get_or_try_init(|| async {
+                let options = self.inner.pool.connect_options().as_ref().clone();
+                Ok::<_, Error>(
+                    MySqlPoolOptions::new()
+                        .max_connections(2)
+                        .min_connections(0)
+                        .acquire_timeout(self.inner.pool.options().get_acquire_timeout())
+                        .connect_lazy_with(options),
+                )
+            })
+            .await?;
+        for (stream, key) in unknown {
+            // A plain read first: an insert that met an existing row would wait for the
+            // writer holding it.
+            let exists: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM {t}_locks WHERE stream = ? AND okey = ?"
+            ))
+            .bind(stream)
+            .bind(key)
+            .fetch_optional(side)
+            .await
+            .map_err(map_err)?;
+            if exists.is_none() {
+                sqlx::query(&format!(
+                    "INSERT IGNORE INTO {t}_locks (stream, okey, due) VALUES (?, ?, 0)"
+                ))
+                .bind(stream)
+                .bind(key)
+                .execute(side)
+                .await
+                .map_err(map_err)?;
+            }
+            let mut known = self.inner.known.lock().unwrap_or_else(|p| p.into_inner());
+            if known.len() >= KNOWN_UNITS {
+                known.clear();
+            }
+            known.insert((stream.clone(), key.clone()));
+        }
+        Ok(())
+    }
+
     /// Un-park (`stream`, `unit`) in `tx`: due now, its failed rows with a fresh retry budget.
     async fn resume(
         &self,
@@ -574,7 +651,7 @@ impl MySqlStore {
                 let sql = if table == "due" {
                     format!("INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, 0)")
                 } else {
-                    format!("INSERT IGNORE INTO {t}_locks (stream, okey) VALUES (?, ?)")
+                    format!("INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE due = 1")
                 };
                 sqlx::query(&sql)
                     .bind(stream)
@@ -812,7 +889,7 @@ impl MySqlStore {
 
     /// Forget units a claim found with no pending row: under the units' writer locks (skipping
     /// a unit a writer holds: it is not empty for long), a fresh read confirms each is still
-    /// empty before its two rows go.
+    /// empty before its row of `<table>_due` goes and its lock row says `due = 0`.
     async fn forget_empty_units(&self, units: &[Unit]) -> outbox_core::Result<()> {
         let t = &self.inner.table;
         let mut conn = self.inner.pool.acquire().await.map_err(map_err)?;
@@ -845,15 +922,17 @@ impl MySqlStore {
             if pending.is_some() {
                 continue;
             }
-            for table in ["due", "locks"] {
-                sqlx::query(&format!(
-                    "DELETE FROM {t}_{table} WHERE stream = ? AND okey = ?"
-                ))
-                .bind(stream)
-                .bind(key)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
+            // The lock row stays (see `lock_units`), marked as not known to claims.
+            for statement in [
+                format!("DELETE FROM {t}_due WHERE stream = ? AND okey = ?"),
+                format!("UPDATE {t}_locks SET due = 0 WHERE stream = ? AND okey = ?"),
+            ] {
+                sqlx::query(&statement)
+                    .bind(stream)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
             }
         }
         tx.commit().await.map_err(map_err)
@@ -1167,6 +1246,7 @@ impl Store for MySqlStore {
                     stream VARCHAR(255) NOT NULL,
                     okey VARCHAR(255) NOT NULL,
                     writes BIGINT NOT NULL DEFAULT 0,
+                    due TINYINT NOT NULL DEFAULT 1,
                     PRIMARY KEY (stream, okey)
                 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
             ),
@@ -1206,13 +1286,14 @@ impl Store for MySqlStore {
         .await?;
         self.add_column(t, "claims", "ADD COLUMN claims INT NOT NULL DEFAULT 0")
             .await?;
-        // Writers tell a new unit from a known one by this column (see `lock_units`).
-        self.add_column(
-            &format!("{t}_locks"),
-            "writes",
-            "ADD COLUMN writes BIGINT NOT NULL DEFAULT 0",
-        )
-        .await?;
+        // Writers tell a new or forgotten unit from a known one by these (see `lock_units`);
+        // every lock row of an older table has its row of `<table>_due`.
+        for (column, ddl) in [
+            ("writes", "ADD COLUMN writes BIGINT NOT NULL DEFAULT 0"),
+            ("due", "ADD COLUMN due TINYINT NOT NULL DEFAULT 1"),
+        ] {
+            self.add_column(&format!("{t}_locks"), column, ddl).await?;
+        }
         self.add_column(
             &format!("{t}_due"),
             "claims",
@@ -1268,8 +1349,10 @@ impl Store for MySqlStore {
     }
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
+        let units = keep_order_units(rows);
+        self.ensure_lock_rows(&units).await?;
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        lock_units(&mut tx, &self.inner.table, &keep_order_units(rows)).await?;
+        lock_units(&mut tx, &self.inner.table, &units).await?;
         let seqs = insert(&mut tx, &self.inner.table, rows).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(seqs)

@@ -312,6 +312,106 @@ macro_rules! sql_store_tests {
             );
         }
 
+        /// Writers of different units never wait for each other, new units included. Three
+        /// units the store has never seen fall in one gap of the lock table: writer A enqueues
+        /// the first and stays open, writer B enqueues and commits the second, then A enqueues
+        /// the third. A locking read of a missing lock row (MariaDB, REPEATABLE READ) locked
+        /// that gap: B then waited for A, and A's second unit deadlocked with B.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn writers_of_new_units_never_wait_for_each_other() {
+            use outbox_core::conformance::eventually;
+            let store = $harness.fresh().await;
+            let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+                .strategy(KeepOrder::default())
+                .build()
+                .unwrap();
+            let unit = |k: &str| Message::new("d", k.as_bytes().to_vec()).key(k);
+            let mut a = store.pool().begin().await.unwrap();
+            drop(outbox.enqueue(&mut a, [unit("n1")]).await.unwrap());
+            let (session_tx, session_rx) = tokio::sync::oneshot::channel::<i64>();
+            let (s2, o2) = (store.clone(), outbox.clone());
+            let b = tokio::spawn(async move {
+                let mut b = s2.pool().begin().await.unwrap();
+                let id: i64 = sqlx::query_scalar($session_id)
+                    .fetch_one(&mut *b)
+                    .await
+                    .unwrap();
+                session_tx.send(id).unwrap();
+                drop(o2.enqueue(&mut b, [unit("n2")]).await.unwrap());
+                b.commit().await.unwrap();
+            });
+            let session = session_rx.await.unwrap();
+            eventually(
+                "the writer of another unit commits while the first writer is open",
+                std::time::Duration::from_secs(20),
+                || async {
+                    let waiting: i64 = sqlx::query_scalar($lock_wait)
+                        .bind(session)
+                        .fetch_one(store.pool())
+                        .await
+                        .unwrap();
+                    assert_eq!(waiting, 0, "a writer of unit n2 waits for the writer of n1");
+                    b.is_finished()
+                },
+            )
+            .await;
+            b.await.unwrap();
+            drop(outbox.enqueue(&mut a, [unit("n3")]).await.expect("no deadlock"));
+            a.commit().await.unwrap();
+            let report = Relay::builder(store.clone(), RecordingPublisher::new())
+                .build()
+                .unwrap()
+                .run_once()
+                .await
+                .unwrap();
+            assert_eq!(report.published, 3);
+        }
+
+        /// A relay's settle locks its own units only, found by primary key: never a writer's
+        /// unit of the same stream. Forty units are claimed and published while a writer
+        /// holds a new unit of that stream open; the settle must not wait for it. An OR-list
+        /// of units (MariaDB plans it as a scan of the stream's units) waited on the writer's
+        /// row until the lock timeout, and the published batch stayed leased, to be published
+        /// again.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn settling_never_waits_for_a_writer_of_another_unit() {
+            let store = $harness.fresh().await;
+            let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+                .strategy(KeepOrder::default())
+                .build()
+                .unwrap();
+            let mut setup = store.pool().begin().await.unwrap();
+            let units: Vec<Message> = (0..40)
+                .map(|k| Message::new("d", vec![k]).stream("s").key(format!("k{k:02}")))
+                .collect();
+            drop(outbox.enqueue(&mut setup, units).await.unwrap());
+            setup.commit().await.unwrap();
+            let mut writer = store.pool().begin().await.unwrap();
+            let open = Message::new("d", b"open".to_vec()).stream("s").key("zz");
+            drop(outbox.enqueue(&mut writer, [open]).await.unwrap());
+            let impatient = $store::connect_with(
+                &url(),
+                $options {
+                    table: store.table().into(),
+                    lock_timeout: std::time::Duration::from_secs(1),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let broker = RecordingPublisher::new();
+            let relay = Relay::builder(impatient, broker.clone())
+                .lease(std::time::Duration::from_secs(3))
+                .publish_timeout(std::time::Duration::from_secs(1))
+                .build()
+                .unwrap();
+            let report = relay.step().await.expect("the settle does not wait for the writer");
+            assert_eq!((report.claimed, report.published), (40, 40), "{report:?}");
+            let stats = outbox_core::Store::stats(store.as_ref()).await.unwrap().total();
+            assert_eq!((stats.sent, stats.pending), (40, 0), "{stats:?}");
+            writer.commit().await.unwrap();
+        }
+
         /// Contract point 16: nothing is published before the outermost commit. A
         /// publish-on-commit message enqueued in a savepoint is refused (typed, nothing
         /// written), whether the savepoint is then released and rolled back with its parent,
