@@ -54,6 +54,9 @@ struct Log {
     deliveries: Vec<Delivery>,
     /// (relay, deliveries recorded when it was killed)
     kills: Vec<(String, usize)>,
+    /// Each relay's settles, in order: (relay, deliveries recorded when it started, whether
+    /// it succeeded, whether it ended after the batch's lease).
+    settles: Vec<(String, usize, bool, bool)>,
     /// Transactions that failed with a transient error (deadlocks, lock timeouts).
     transient_errors: usize,
     /// The same, in transactions that enqueued once (locks taken in one sorted call).
@@ -151,6 +154,116 @@ impl Publisher for HistoryPublisher {
 }
 
 // ------------------------------------------------------------------ the stores
+
+/// A relay's store handle that records its settles: when one starts (how many deliveries
+/// the broker had then), and whether it failed or ended after the lease of the batch it
+/// records (its claim's start plus the lease), which lets the batch's messages be claimed
+/// and published again: a duplicate the contract allows (a relay that timed out).
+struct Recorded<S> {
+    inner: Arc<S>,
+    by: String,
+    log: Shared,
+    lease: Duration,
+    claimed: Mutex<Instant>,
+}
+
+#[async_trait]
+impl<S: Store> Store for Recorded<S> {
+    async fn migrate(&self) -> outbox::Result<()> {
+        self.inner.migrate().await
+    }
+    async fn insert(&self, rows: &[outbox::NewMessage]) -> outbox::Result<Vec<i64>> {
+        self.inner.insert(rows).await
+    }
+    async fn claim(&self, claim: &outbox::Claim) -> outbox::Result<Vec<outbox::Claimed>> {
+        *self.claimed.lock().unwrap() = Instant::now();
+        self.inner.claim(claim).await
+    }
+    async fn complete(&self, seqs: &[i64], delete: bool) -> outbox::Result<()> {
+        self.inner.complete(seqs, delete).await
+    }
+    async fn fail(&self, owner: &str, failures: &[outbox::Failure]) -> outbox::Result<()> {
+        self.inner.fail(owner, failures).await
+    }
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[outbox::Failure],
+    ) -> outbox::Result<()> {
+        let at = self.log.lock().unwrap().deliveries.len();
+        let result = self.inner.settle(owner, done, delete, failures).await;
+        let late = self.claimed.lock().unwrap().elapsed() >= self.lease;
+        self.log
+            .lock()
+            .unwrap()
+            .settles
+            .push((self.by.clone(), at, result.is_ok(), late));
+        result
+    }
+    async fn requeue(&self, selector: &outbox::Selector) -> outbox::Result<u64> {
+        self.inner.requeue(selector).await
+    }
+    async fn purge_dead(&self, selector: &outbox::Selector) -> outbox::Result<u64> {
+        self.inner.purge_dead(selector).await
+    }
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox::Result<Vec<outbox::StoredMessage>> {
+        self.inner.dead_letters(stream, limit).await
+    }
+    async fn clean(
+        &self,
+        before: std::time::SystemTime,
+        limit: usize,
+        dead: bool,
+    ) -> outbox::Result<u64> {
+        self.inner.clean(before, limit, dead).await
+    }
+    async fn stats(&self) -> outbox::Result<outbox::Stats> {
+        self.inner.stats().await
+    }
+    async fn get(&self, seq: i64) -> outbox::Result<Option<outbox::StoredMessage>> {
+        self.inner.get(seq).await
+    }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.wait_for_work(timeout).await
+    }
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox::Result<()> {
+        self.inner.park_unit(stream, unit, reason).await
+    }
+    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox::Result<()> {
+        self.inner.resume_unit(stream, unit).await
+    }
+    async fn skip_head(&self, stream: &str, unit: &str) -> outbox::Result<Option<i64>> {
+        self.inner.skip_head(stream, unit).await
+    }
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox::Result<Vec<outbox::ParkedUnit>> {
+        self.inner.parked_units(stream, limit).await
+    }
+    async fn messages(
+        &self,
+        filter: &outbox::MessageFilter,
+    ) -> outbox::Result<Vec<outbox::StoredMessage>> {
+        self.inner.messages(filter).await
+    }
+    async fn start_listening(&self) -> outbox::Result<()> {
+        self.inner.start_listening().await
+    }
+    fn notify_committed(&self) {
+        self.inner.notify_committed()
+    }
+    fn signing_scope(&self) -> String {
+        self.inner.signing_scope()
+    }
+}
 
 /// One transaction a writer runs.
 struct Plan {
@@ -577,14 +690,24 @@ struct RelayTask {
     handle: tokio::task::JoinHandle<outbox::BatchReport>,
 }
 
+/// Leases of the relays: a killed relay's batch is published again this long after its claim.
+const LEASE: Duration = Duration::from_secs(4);
+
 async fn start_relay<D: Db>(db: &D, broker: &Arc<Broker>, id: String) -> RelayTask {
     let publisher = HistoryPublisher {
         by: id.clone(),
         broker: broker.clone(),
     };
-    let relay = Relay::builder(db.reopen().await, publisher)
+    let store = Recorded {
+        inner: db.reopen().await,
+        by: id.clone(),
+        log: broker.log.clone(),
+        lease: LEASE,
+        claimed: Mutex::new(Instant::now()),
+    };
+    let relay = Relay::builder(store, publisher)
         .batch_size(20)
-        .lease(Duration::from_secs(3))
+        .lease(LEASE)
         .publish_timeout(Duration::from_secs(1))
         .poll_interval(Duration::from_millis(50))
         .retry(retry())
@@ -703,13 +826,14 @@ async fn run<D: Db>(db: D, s: Settings) {
         s.seed, log.error_texts
     );
     eprintln!(
-        "history seed {}: {} committed, {} never, {} deliveries, {} duplicates, {} kills, {} outages, {} refusals, {} savepoint refusals, {} transient writer errors ({} in single-enqueue transactions), {:.1} s",
+        "history seed {}: {} committed, {} never, {} deliveries, {} duplicates, {} kills, {} late or failed settles, {} outages, {} refusals, {} savepoint refusals, {} transient writer errors ({} in single-enqueue transactions), {:.1} s",
         s.seed,
         log.committed.len(),
         log.never.len(),
         log.deliveries.len(),
         log.deliveries.len() - log.deliveries.iter().map(|d| &d.tag).collect::<HashSet<_>>().len(),
         log.kills.len(),
+        log.settles.iter().filter(|s| !s.2 || s.3).count(),
         log.outages,
         log.refusals,
         log.savepoint_refusals,
@@ -759,7 +883,9 @@ fn check(log: &Log, seed: u64) {
             fail(format!("{tag} was committed and never delivered"), None);
         }
     }
-    // Every duplicate explained.
+    // Every duplicate explained: the earlier copy's acknowledgement was lost, its relay was
+    // killed after delivering it, or the settle that recorded its batch failed or ended after
+    // the lease (a relay that timed out).
     for (tag, at) in &copies {
         for pair in at.windows(2) {
             let earlier = &log.deliveries[pair[0]];
@@ -767,10 +893,17 @@ fn check(log: &Log, seed: u64) {
                 .kills
                 .iter()
                 .any(|(relay, after)| *relay == earlier.by && *after > pair[0]);
-            if !(earlier.ack_lost || killed) {
+            // The settle that recorded the copy's batch: the relay's first successful one after
+            // it (failed tries before it were retried); none means the relay gave up.
+            let timed_out = log
+                .settles
+                .iter()
+                .find(|(relay, started, ok, _)| *relay == earlier.by && *started > pair[0] && *ok)
+                .is_none_or(|(_, _, _, late)| *late);
+            if !(earlier.ack_lost || killed || timed_out) {
                 fail(
                     format!(
-                        "{tag} delivered again (#{}) with no lost acknowledgement and no kill of {} after its copy #{}",
+                        "{tag} delivered again (#{}) with no lost acknowledgement, no kill of {} after its copy #{} and no late or failed settle of it",
                         pair[1], earlier.by, pair[0]
                     ),
                     earlier.unit.as_deref(),
