@@ -246,11 +246,23 @@ impl<'c> Enqueue<Transaction<'c, MySql>> for MySqlStore {
             return Ok(Vec::new());
         }
         self.ensure_lock_rows(&units).await?;
+        // One keep-order row of a unit the claims know: lock it and insert in one round trip
+        // (its lock row exists and is never deleted, so this locks no gap); nothing is
+        // inserted when the unit is forgotten (`due = 0`), and the upsert below handles it.
+        if let ([_], [unit]) = (rows, units.as_slice()) {
+            if insert_only(&mut *conn, t, rows, Some(unit))
+                .await?
+                .rows_affected()
+                == 1
+            {
+                return Ok(vec![0]);
+            }
+        }
         lock_units(&mut *conn, t, &units).await?;
         if need_seqs {
             insert(&mut *conn, t, rows).await
         } else {
-            insert_only(&mut *conn, t, rows).await?;
+            insert_only(&mut *conn, t, rows, None).await?;
             Ok(vec![0; rows.len()])
         }
     }
@@ -331,11 +343,14 @@ pub async fn commit(tx: Transaction<'_, MySql>, after: AfterCommit) -> outbox_co
     Ok(())
 }
 
-/// One multi-row INSERT.
+/// One multi-row INSERT. With `unit` (one keep-order row): `INSERT ... SELECT ... FROM
+/// <table>_locks ... FOR UPDATE`, which takes the unit's writer lock and inserts in one round
+/// trip, and inserts nothing unless the unit is known to claims (`due = 1`).
 async fn insert_only(
     conn: &mut MySqlConnection,
     t: &str,
     rows: &[NewMessage],
+    unit: Option<&(String, String)>,
 ) -> outbox_core::Result<sqlx::mysql::MySqlQueryResult> {
     let values = format!(
         "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, GREATEST({NOW} + GREATEST(?, IFNULL(?, 0)), IFNULL(?, 0)), ?, \
@@ -345,10 +360,15 @@ async fn insert_only(
            status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature, \
            on_exhausted)"
         .replace("{t}", t);
-    let sql = format!(
-        "{columns} VALUES {}",
-        vec![format!("({values})"); rows.len()].join(", ")
-    );
+    let sql = match unit {
+        Some(_) => format!(
+            "{columns} SELECT {values} FROM {t}_locks WHERE stream = ? AND okey = ? AND due = 1 FOR UPDATE"
+        ),
+        None => format!(
+            "{columns} VALUES {}",
+            vec![format!("({values})"); rows.len()].join(", ")
+        ),
+    };
     let mut q = sqlx::query(&sql);
     for r in rows {
         let m = &r.envelope.message;
@@ -376,6 +396,9 @@ async fn insert_only(
             .bind(&r.signature)
             .bind(r.exhausted.as_stored());
     }
+    if let Some((stream, key)) = unit {
+        q = q.bind(stream).bind(key);
+    }
     q.execute(&mut *conn).await.map_err(map_err)
 }
 
@@ -388,7 +411,7 @@ async fn insert(
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let done = insert_only(&mut *conn, t, rows).await?;
+    let done = insert_only(&mut *conn, t, rows, None).await?;
     if rows.len() == 1 {
         return Ok(vec![done.last_insert_id() as i64]);
     }
