@@ -116,6 +116,18 @@ fn list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
+/// `n` seqs (one parameter each) joined to `<t> o` by primary-key lookups: a statement that
+/// changes rows by `seq` then touches those rows only, whatever plan `seq IN (...)` with
+/// another condition would get (a scan of an index such as `<t>_oc` locks rows other relays
+/// hold, and two such statements deadlock).
+fn seqs_join(t: &str, n: usize) -> String {
+    let rows = std::iter::once("SELECT ? AS seq")
+        .chain(std::iter::repeat_n("SELECT ?", n.saturating_sub(1)))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ");
+    format!("({rows}) x STRAIGHT_JOIN {t} o ON o.seq = x.seq")
+}
+
 /// `n` units (two parameters each, stream then key) joined to `<t>_due d` by primary-key
 /// lookups. An OR-list of `(stream = ? AND okey = ?)` is no use here: MariaDB plans it as a
 /// scan of the stream's units (or of the whole index) once the list is long compared with
@@ -1042,20 +1054,19 @@ impl MySqlStore {
         }
         for chunk in done.chunks(1000) {
             let sql = if delete {
-                format!("DELETE FROM {t} WHERE seq IN ({})", list(chunk.len()))
+                format!("DELETE o FROM {}", seqs_join(t, chunk.len()))
             } else {
                 format!(
-                    "UPDATE {t} SET status = 'sent', sent_at = ?, locked_by = NULL, locked_until = NULL
-                     WHERE seq IN ({})",
-                    list(chunk.len())
+                    "UPDATE {} SET o.status = 'sent', o.sent_at = ?, o.locked_by = NULL, o.locked_until = NULL",
+                    seqs_join(t, chunk.len())
                 )
             };
             let mut q = sqlx::query(&sql);
-            if !delete {
-                q = q.bind(now);
-            }
             for s in chunk {
                 q = q.bind(s);
+            }
+            if !delete {
+                q = q.bind(now);
             }
             q.execute(&mut *tx).await.map_err(map_err)?;
         }
@@ -1410,14 +1421,14 @@ impl Store for MySqlStore {
             let t = &self.inner.table;
             let sql = if delete {
                 format!(
-                    "DELETE FROM {t} WHERE seq IN ({}) AND strategy = 'on_commit'",
-                    list(seqs.len())
+                    "DELETE o FROM {} WHERE o.strategy = 'on_commit'",
+                    seqs_join(t, seqs.len())
                 )
             } else {
                 format!(
-                    "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
-                     WHERE seq IN ({}) AND strategy = 'on_commit'",
-                    list(seqs.len())
+                    "UPDATE {} SET o.status = 'sent', o.sent_at = {NOW}, o.locked_by = NULL, o.locked_until = NULL
+                     WHERE o.strategy = 'on_commit'",
+                    seqs_join(t, seqs.len())
                 )
             };
             let mut q = sqlx::query(&sql);
