@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outbox::conformance::Hooked;
 use outbox::{
     async_trait, Envelope, Error, ErrorKind, KeepOrder, Message, Outbox, Publisher, Relay,
     RetryPolicy, Store,
@@ -156,116 +157,6 @@ impl Publisher for HistoryPublisher {
 }
 
 // ------------------------------------------------------------------ the stores
-
-/// A relay's store handle that records its settles: when one starts (how many deliveries
-/// the broker had then), and whether it failed or ended after the lease of the batch it
-/// records (its claim's start plus the lease), which lets the batch's messages be claimed
-/// and published again: a duplicate the contract allows (a relay that timed out).
-struct Recorded<S> {
-    inner: Arc<S>,
-    by: String,
-    log: Shared,
-    lease: Duration,
-    claimed: Mutex<Instant>,
-}
-
-#[async_trait]
-impl<S: Store> Store for Recorded<S> {
-    async fn migrate(&self) -> outbox::Result<()> {
-        self.inner.migrate().await
-    }
-    async fn insert(&self, rows: &[outbox::NewMessage]) -> outbox::Result<Vec<i64>> {
-        self.inner.insert(rows).await
-    }
-    async fn claim(&self, claim: &outbox::Claim) -> outbox::Result<Vec<outbox::Claimed>> {
-        *self.claimed.lock().unwrap() = Instant::now();
-        self.inner.claim(claim).await
-    }
-    async fn complete(&self, seqs: &[i64], delete: bool) -> outbox::Result<()> {
-        self.inner.complete(seqs, delete).await
-    }
-    async fn fail(&self, owner: &str, failures: &[outbox::Failure]) -> outbox::Result<()> {
-        self.inner.fail(owner, failures).await
-    }
-    async fn settle(
-        &self,
-        owner: &str,
-        done: &[i64],
-        delete: bool,
-        failures: &[outbox::Failure],
-    ) -> outbox::Result<()> {
-        let at = self.log.lock().unwrap().deliveries.len();
-        let result = self.inner.settle(owner, done, delete, failures).await;
-        let late = self.claimed.lock().unwrap().elapsed() >= self.lease;
-        self.log
-            .lock()
-            .unwrap()
-            .settles
-            .push((self.by.clone(), at, result.is_ok(), late));
-        result
-    }
-    async fn requeue(&self, selector: &outbox::Selector) -> outbox::Result<u64> {
-        self.inner.requeue(selector).await
-    }
-    async fn purge_dead(&self, selector: &outbox::Selector) -> outbox::Result<u64> {
-        self.inner.purge_dead(selector).await
-    }
-    async fn dead_letters(
-        &self,
-        stream: Option<&str>,
-        limit: usize,
-    ) -> outbox::Result<Vec<outbox::StoredMessage>> {
-        self.inner.dead_letters(stream, limit).await
-    }
-    async fn clean(
-        &self,
-        before: std::time::SystemTime,
-        limit: usize,
-        dead: bool,
-    ) -> outbox::Result<u64> {
-        self.inner.clean(before, limit, dead).await
-    }
-    async fn stats(&self) -> outbox::Result<outbox::Stats> {
-        self.inner.stats().await
-    }
-    async fn get(&self, seq: i64) -> outbox::Result<Option<outbox::StoredMessage>> {
-        self.inner.get(seq).await
-    }
-    async fn wait_for_work(&self, timeout: Duration) {
-        self.inner.wait_for_work(timeout).await
-    }
-    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox::Result<()> {
-        self.inner.park_unit(stream, unit, reason).await
-    }
-    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox::Result<()> {
-        self.inner.resume_unit(stream, unit).await
-    }
-    async fn skip_head(&self, stream: &str, unit: &str) -> outbox::Result<Option<i64>> {
-        self.inner.skip_head(stream, unit).await
-    }
-    async fn parked_units(
-        &self,
-        stream: Option<&str>,
-        limit: usize,
-    ) -> outbox::Result<Vec<outbox::ParkedUnit>> {
-        self.inner.parked_units(stream, limit).await
-    }
-    async fn messages(
-        &self,
-        filter: &outbox::MessageFilter,
-    ) -> outbox::Result<Vec<outbox::StoredMessage>> {
-        self.inner.messages(filter).await
-    }
-    async fn start_listening(&self) -> outbox::Result<()> {
-        self.inner.start_listening().await
-    }
-    fn notify_committed(&self) {
-        self.inner.notify_committed()
-    }
-    fn signing_scope(&self) -> String {
-        self.inner.signing_scope()
-    }
-}
 
 /// One transaction a writer runs.
 struct Plan {
@@ -705,13 +596,26 @@ async fn start_relay<D: Db>(db: &D, broker: &Arc<Broker>, id: String) -> RelayTa
         by: id.clone(),
         broker: broker.clone(),
     };
-    let store = Recorded {
-        inner: db.reopen().await,
-        by: id.clone(),
-        log: broker.log.clone(),
-        lease: LEASE,
-        claimed: Mutex::new(Instant::now()),
-    };
+    // Its settles are recorded: when one starts (how many deliveries the broker had then),
+    // whether it succeeded, and whether it ended after the lease of the batch it records (its
+    // claim's start plus the lease), which lets the batch be claimed and published again: a
+    // duplicate the contract allows (a relay that timed out).
+    let claimed = Arc::new(Mutex::new(Instant::now()));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (c1, c2, s1, s2) = (claimed.clone(), claimed, started.clone(), started);
+    let (log1, log2, by) = (broker.log.clone(), broker.log.clone(), id.clone());
+    let store = Hooked::new(db.reopen().await)
+        .on_claim(move || *c1.lock().unwrap() = Instant::now())
+        .before_settle(move || {
+            s1.store(log1.lock().unwrap().deliveries.len(), Ordering::SeqCst);
+            None
+        })
+        .after_settle(move |result| {
+            let late = c2.lock().unwrap().elapsed() >= LEASE;
+            let at = s2.load(Ordering::SeqCst);
+            let mut log = log2.lock().unwrap();
+            log.settles.push((by.clone(), at, result.is_ok(), late));
+        });
     let relay = Relay::builder(store, publisher)
         .batch_size(20)
         .lease(LEASE)

@@ -2128,26 +2128,70 @@ pub async fn one_size_limit<H: Harness>(h: &H) {
     );
 }
 
-/// A store whose next `settle` calls fail with a transient error before reaching the inner
-/// store (as a settle the database rolled back to break a deadlock); everything else is the
-/// inner store's.
-pub struct SettleFaults<S> {
+/// Hook run before a [`Hooked`] store's `settle`: an error fails the settle without reaching
+/// the inner store.
+pub type BeforeSettle = dyn Fn() -> Option<Error> + Send + Sync;
+/// Hook run after a [`Hooked`] store's `settle` with its result.
+pub type AfterSettle = dyn Fn(&crate::Result<()>) + Send + Sync;
+
+/// A store that forwards every call to `inner` and runs hooks around the relay's claims and
+/// settles: to fail settles (as a database breaking a deadlock by rolling one back), or to
+/// record when they run and how they end.
+pub struct Hooked<S> {
     inner: Arc<S>,
-    failures: std::sync::atomic::AtomicUsize,
+    on_claim: Box<dyn Fn() + Send + Sync>,
+    before_settle: Box<BeforeSettle>,
+    after_settle: Box<AfterSettle>,
 }
 
-impl<S> SettleFaults<S> {
-    /// Fail the next `n` settles.
-    pub fn new(inner: Arc<S>, n: usize) -> Self {
+impl<S> Hooked<S> {
+    /// `inner` with no hooks.
+    pub fn new(inner: Arc<S>) -> Self {
         Self {
             inner,
-            failures: std::sync::atomic::AtomicUsize::new(n),
+            on_claim: Box::new(|| {}),
+            before_settle: Box::new(|| None),
+            after_settle: Box::new(|_| {}),
         }
+    }
+
+    /// Fail the next `n` settles with a transient error, before they reach `inner`.
+    pub fn failing_settles(inner: Arc<S>, n: usize) -> Self {
+        let left = std::sync::atomic::AtomicUsize::new(n);
+        Self::new(inner).before_settle(move || {
+            left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+                .then(|| {
+                    Error::new(
+                        ErrorKind::Store,
+                        crate::Retry::Transient,
+                        "1213 (40001): Deadlock found when trying to get lock (injected)",
+                    )
+                })
+        })
+    }
+
+    /// Run `f` as each claim starts.
+    pub fn on_claim(mut self, f: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_claim = Box::new(f);
+        self
+    }
+
+    /// Run `f` before each settle; an error it returns fails the settle.
+    pub fn before_settle(mut self, f: impl Fn() -> Option<Error> + Send + Sync + 'static) -> Self {
+        self.before_settle = Box::new(f);
+        self
+    }
+
+    /// Run `f` after each settle that reached `inner`, with its result.
+    pub fn after_settle(mut self, f: impl Fn(&crate::Result<()>) + Send + Sync + 'static) -> Self {
+        self.after_settle = Box::new(f);
+        self
     }
 }
 
 #[async_trait]
-impl<S: Store> Store for SettleFaults<S> {
+impl<S: Store> Store for Hooked<S> {
     async fn migrate(&self) -> crate::Result<()> {
         self.inner.migrate().await
     }
@@ -2155,6 +2199,7 @@ impl<S: Store> Store for SettleFaults<S> {
         self.inner.insert(rows).await
     }
     async fn claim(&self, claim: &Claim) -> crate::Result<Vec<crate::Claimed>> {
+        (self.on_claim)();
         self.inner.claim(claim).await
     }
     async fn complete(&self, seqs: &[i64], delete: bool) -> crate::Result<()> {
@@ -2170,18 +2215,12 @@ impl<S: Store> Store for SettleFaults<S> {
         delete: bool,
         failures: &[crate::Failure],
     ) -> crate::Result<()> {
-        let fail = self
-            .failures
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if fail {
-            return Err(Error::new(
-                ErrorKind::Store,
-                crate::Retry::Transient,
-                "1213 (40001): Deadlock found when trying to get lock (injected)",
-            ));
+        if let Some(e) = (self.before_settle)() {
+            return Err(e);
         }
-        self.inner.settle(owner, done, delete, failures).await
+        let result = self.inner.settle(owner, done, delete, failures).await;
+        (self.after_settle)(&result);
+        result
     }
     async fn requeue(&self, selector: &Selector) -> crate::Result<u64> {
         self.inner.requeue(selector).await
@@ -2208,6 +2247,34 @@ impl<S: Store> Store for SettleFaults<S> {
     async fn wait_for_work(&self, timeout: Duration) {
         self.inner.wait_for_work(timeout).await
     }
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> crate::Result<()> {
+        self.inner.park_unit(stream, unit, reason).await
+    }
+    async fn resume_unit(&self, stream: &str, unit: &str) -> crate::Result<()> {
+        self.inner.resume_unit(stream, unit).await
+    }
+    async fn skip_head(&self, stream: &str, unit: &str) -> crate::Result<Option<i64>> {
+        self.inner.skip_head(stream, unit).await
+    }
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::ParkedUnit>> {
+        self.inner.parked_units(stream, limit).await
+    }
+    async fn messages(
+        &self,
+        filter: &crate::MessageFilter,
+    ) -> crate::Result<Vec<crate::StoredMessage>> {
+        self.inner.messages(filter).await
+    }
+    async fn start_listening(&self) -> crate::Result<()> {
+        self.inner.start_listening().await
+    }
+    fn notify_committed(&self) {
+        self.inner.notify_committed()
+    }
     fn signing_scope(&self) -> String {
         self.inner.signing_scope()
     }
@@ -2230,7 +2297,7 @@ pub async fn a_failed_settle_is_retried_not_republished<H: Harness>(h: &H) {
         .unwrap()
         .publish()
         .await;
-    let faulty = Arc::new(SettleFaults::new(store.clone(), 2));
+    let faulty = Arc::new(Hooked::failing_settles(store.clone(), 2));
     let relay = Relay::builder(faulty, broker.clone())
         .lease(Duration::from_secs(3))
         .publish_timeout(Duration::from_secs(1))
