@@ -339,13 +339,13 @@ impl Publisher for AmqpPublisher {
             for i in 0..batch.len() {
                 let destination = batch[i].message.destination.as_str();
                 if refused.contains(&destination) {
-                    // A later message must not overtake an earlier one that failed.
-                    if results[i].is_ok() {
-                        continue;
+                    // A later message must not overtake an earlier one that failed: it is not
+                    // sent again, and fails with its own refusal or a transient error.
+                    if results[i].is_err() {
+                        results[i] = check(batch[i]).and(Err(Error::transient(
+                            "not sent again: an earlier message to its destination failed in this batch",
+                        )));
                     }
-                    results[i] = Err(Error::transient(
-                        "not sent again: an earlier message to its destination failed in this batch",
-                    ));
                     continue;
                 }
                 if results[i]
