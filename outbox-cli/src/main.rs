@@ -229,9 +229,19 @@ struct RelayArgs {
     /// from a flag. Signed rows that do not verify are never published.
     #[arg(long, env = "OUTBOX_SIGNING_KEYS_FILE")]
     signing_keys_file: Option<PathBuf>,
-    /// Also refuse rows that carry no signature (needs verification keys).
+    /// Also refuse rows that carry no signature (needs verification keys). The default
+    /// whenever keys are loaded: whoever can write the table could otherwise strip a
+    /// signature and change the row.
     #[arg(long, env = "OUTBOX_REQUIRE_SIGNATURES")]
     require_signatures: bool,
+    /// With verification keys loaded, publish rows that carry no signature anyway (while
+    /// writers are being moved to signing); a warning says so at start-up.
+    #[arg(
+        long,
+        env = "OUTBOX_ALLOW_UNSIGNED",
+        conflicts_with = "require_signatures"
+    )]
+    allow_unsigned: bool,
     /// Deployment label bound into signatures (`Signer::label` of the writers) [default: none]
     #[arg(long, env = "OUTBOX_SIGNING_LABEL")]
     signing_label: Option<String>,
@@ -354,6 +364,7 @@ struct FileRelay {
     signing_keys_file: Option<PathBuf>,
     signing_keys: Option<Vec<String>>,
     require_signatures: Option<bool>,
+    allow_unsigned: Option<bool>,
     signing_label: Option<String>,
 }
 
@@ -1174,11 +1185,22 @@ async fn relay(
         Some(label) => signer.map(|s| s.label(label)),
         None => signer,
     };
-    let require_signatures = args.require_signatures || file.require_signatures.unwrap_or(false);
-    if require_signatures && signer.is_none() {
+    let asked = args.require_signatures || file.require_signatures.unwrap_or(false);
+    if asked && signer.is_none() {
         return Err(Error::config(
             "--require-signatures needs verification keys: --signing-keys-file, OUTBOX_SIGNING_KEYS or relay.signing_keys",
         ));
+    }
+    let allow_unsigned = args.allow_unsigned || file.allow_unsigned.unwrap_or(false);
+    if asked && allow_unsigned {
+        return Err(Error::config(
+            "--require-signatures and --allow-unsigned (relay.require_signatures, relay.allow_unsigned) contradict each other",
+        ));
+    }
+    // With keys loaded, unsigned rows are refused unless explicitly allowed.
+    let require_signatures = signer.is_some() && !allow_unsigned;
+    if signer.is_some() && allow_unsigned {
+        tracing::warn!("--allow-unsigned: rows without a signature are published unverified; whoever can write the outbox table can strip a signature and change a row. Remove the flag once every writer signs");
     }
     let config = RelayConfig {
         delivery: outbox_core::Delivery {
@@ -1201,7 +1223,7 @@ async fn relay(
             if require_signatures {
                 "refused"
             } else {
-                "published (pass --require-signatures to refuse them)"
+                "published (--allow-unsigned)"
             }
         ),
     };

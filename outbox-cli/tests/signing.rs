@@ -268,15 +268,21 @@ async fn scenarios(new: fn() -> Target) {
     setup(&t).await;
     relay(&t, &[], &[], &["stripped", "plain"]).await;
 
-    // Rotation from a keys file: k2 active, k1 still accepted; unsigned rows allowed.
+    // Rotation from a keys file: k2 active, k1 still accepted. With keys loaded, unsigned
+    // rows are refused by default: a stripped signature is no way around verification.
     let keys = dir.path().join("keys");
     std::fs::write(&keys, format!("# active first\n{K2}\n{K1}\n")).unwrap();
     let t = new();
     setup(&t).await;
     let file = keys.to_str().unwrap();
+    relay(&t, &["--signing-keys-file", file], &[], &["old", "new"]).await;
+
+    // Unsigned rows allowed on purpose (writers being moved to signing).
+    let t = new();
+    setup(&t).await;
     relay(
         &t,
-        &["--signing-keys-file", file],
+        &["--signing-keys-file", file, "--allow-unsigned"],
         &[],
         &["old", "new", "stripped", "plain"],
     )
