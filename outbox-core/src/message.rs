@@ -168,8 +168,10 @@ impl Message {
             ));
         }
         if let Some(key) = &self.key {
-            if key.len() > 255 || key.contains('\0') {
-                return bad("key must be at most 255 bytes without NUL".into());
+            // A line break in a key reached text protocols (NATS subjects and headers) as
+            // framing; keys carry no control characters, as streams do not.
+            if key.len() > 255 || key.chars().any(char::is_control) {
+                return bad("key must be at most 255 bytes without control characters".into());
             }
             if key.trim() != key {
                 return bad(format!(
@@ -454,6 +456,29 @@ pub fn from_millis(ms: i64) -> SystemTime {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn keys_refuse_control_characters() {
+        for key in [
+            "a\nb",
+            "a\rb",
+            "a\0b",
+            "tab\there",
+            "esc\u{1b}[31m",
+            "del\u{7f}",
+        ] {
+            let e = Message::new("d", b"x".to_vec())
+                .key(key)
+                .validate(1024)
+                .unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::InvalidMessage, "{key:?}");
+            assert!(e.to_string().contains("control characters"), "{e}");
+        }
+        Message::new("d", b"x".to_vec())
+            .key("customer 7/é")
+            .validate(1024)
+            .unwrap();
+    }
 
     #[test]
     fn header_limits() {
