@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outbox::conformance::Hooked;
+use outbox::conformance::{Hooked, RunningRelay};
 use outbox::{
     async_trait, Envelope, Error, ErrorKind, KeepOrder, Message, Outbox, Publisher, Relay,
     RetryPolicy, Store,
@@ -581,11 +581,10 @@ async fn writer<D: Db>(
     }
 }
 
-/// A relay running as a task; `kill` drops it wherever it is.
+/// A relay process of the run: its id (the publisher's name) and the running relay.
 struct RelayTask {
     id: String,
-    stop: tokio::sync::watch::Sender<bool>,
-    handle: tokio::task::JoinHandle<outbox::BatchReport>,
+    running: RunningRelay,
 }
 
 /// Leases of the relays: a killed relay's batch is published again this long after its claim.
@@ -624,15 +623,10 @@ async fn start_relay<D: Db>(db: &D, broker: &Arc<Broker>, id: String) -> RelayTa
         .retry(retry())
         .build()
         .unwrap();
-    let (stop, mut stopped) = tokio::sync::watch::channel(false);
-    let handle = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    RelayTask { id, stop, handle }
+    RelayTask {
+        id,
+        running: RunningRelay::spawn(relay),
+    }
 }
 
 /// One whole run on `db`; panics with the history around the first violation.
@@ -682,8 +676,7 @@ async fn run<D: Db>(db: D, s: Settings) {
         let roll: f64 = chaos.gen();
         if roll < 0.3 {
             let victim = relays.swap_remove(chaos.gen_range(0..relays.len()));
-            victim.handle.abort();
-            let _ = victim.handle.await;
+            victim.running.kill().await;
             {
                 let mut log = log.lock().unwrap();
                 let at = log.deliveries.len();
@@ -726,8 +719,7 @@ async fn run<D: Db>(db: D, s: Settings) {
     }
     outbox.shutdown(Duration::from_secs(10)).await.unwrap();
     for r in relays {
-        let _ = r.stop.send(true);
-        let _ = r.handle.await;
+        r.running.stop().await;
     }
     let log = log.lock().unwrap();
     check(&log, s.seed);

@@ -223,6 +223,13 @@ impl RunningRelay {
         let _ = self.stop.send(true);
         self.handle.await.expect("relay task panicked")
     }
+
+    /// Drop it wherever it is (in a claim, a publish or a settle) and wait until it is gone,
+    /// as a SIGKILL would leave things: its leases stay until they end.
+    pub async fn kill(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
 }
 
 /// What a consumer received, in delivery order: each message's outbox id, its ordering key,
