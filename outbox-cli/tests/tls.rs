@@ -244,3 +244,133 @@ fn trace_logs_carry_no_broker_password() {
         "password in the trace output: {text}"
     );
 }
+
+/// `doctor --json` with `SSL_CERT_FILE` standing in for the system's roots: the status and
+/// detail of the store check, and of the publisher check when one is named.
+fn doctor(
+    system_roots: &std::path::Path,
+    store: &str,
+    publisher: Option<&str>,
+) -> Vec<(String, String)> {
+    let mut c = bin();
+    c.args(["--store", store, "--json", "doctor"])
+        .env("SSL_CERT_FILE", system_roots)
+        .env_remove("SSL_CERT_DIR");
+    if let Some(p) = publisher {
+        c.args(["--publisher", p]);
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let doc: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    let checks = doc["checks"].as_array().unwrap().clone();
+    ["store", "publisher"]
+        .iter()
+        .filter_map(|name| checks.iter().find(|c| c["check"] == *name))
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap().to_owned(),
+                c["detail"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A named CA file replaces the system's roots, as libpq means `sslrootcert` ("trust these
+/// CAs"): a server whose certificate chains to a CA the system trusts, but not to the one
+/// named, is refused. PostgreSQL (`sslrootcert`), MariaDB (`ssl-ca`) and RabbitMQ
+/// (`cacertfile`); Redis and NATS build their roots from the named file already.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_ca_replaces_the_system_roots() {
+    use outbox_testkit::{MariaDbTls, Protocol, TlsProxy};
+    let system = Pki::new("a CA the system trusts");
+    let named = Pki::new("the CA the operator named");
+    let cert = system.server("server", &["127.0.0.1"], false);
+    let roots = system.ca_path();
+
+    // postgres://user@host:port/db of the plain server.
+    let plain = pg_url();
+    let rest = plain.split_once("://").unwrap().1;
+    let (user, rest) = rest.split_once('@').unwrap();
+    let (hostport, db) = rest.split_once('/').unwrap();
+    let db = db.split('?').next().unwrap();
+    let port = hostport.rsplit_once(':').map_or("5432", |(_, p)| p);
+    let upstream = format!("127.0.0.1:{port}").parse().unwrap();
+    let pg = TlsProxy::start(
+        upstream,
+        Protocol::Postgres,
+        system.server_config(&cert, false),
+    )
+    .await;
+    let pg_url = |ca: Option<&Pki>| {
+        let mut u = format!(
+            "postgres://{user}@127.0.0.1:{}/{db}?sslmode=verify-full",
+            pg.addr.port(),
+        );
+        if let Some(ca) = ca {
+            u.push_str(&format!("&sslrootcert={}", ca.ca_path().display()));
+        }
+        u
+    };
+    let mariadb = MariaDbTls::start(&cert, &roots);
+    let my_url = |ca: &Pki| {
+        format!(
+            "mysql://root@127.0.0.1:{}/test?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+            mariadb.port,
+            ca.ca_path().display()
+        )
+    };
+    let amqp_plain = std::env::var("OUTBOX_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let amqp_port: u16 = amqp_plain
+        .rsplit_once(':')
+        .and_then(|(_, rest)| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(5672);
+    let amqp = TlsProxy::start(
+        format!("127.0.0.1:{amqp_port}").parse().unwrap(),
+        Protocol::Tls,
+        system.server_config(&cert, false),
+    )
+    .await;
+    let amqps = |ca: &Pki| {
+        format!(
+            "amqps://guest:guest@127.0.0.1:{}/%2f?cacertfile={}",
+            amqp.addr.port(),
+            ca.ca_path().display()
+        )
+    };
+
+    // The system's roots are trusted when no CA is named (so the refusals below are the
+    // named file's doing), and the named CA that signed the certificate is trusted too.
+    let ok = doctor(&roots, &pg_url(None), None);
+    assert_eq!(ok[0].0, "OK", "{ok:?}");
+    let ok = doctor(&roots, &pg_url(Some(&system)), Some(&amqps(&system)));
+    assert_eq!((ok[0].0.as_str(), ok[1].0.as_str()), ("OK", "OK"), "{ok:?}");
+    let ok = doctor(&roots, &my_url(&system), None);
+    assert_eq!(ok[0].0, "OK", "{ok:?}");
+
+    // Another CA named: refused, though a system root signed the certificate.
+    let refused = doctor(&roots, &pg_url(Some(&named)), Some(&amqps(&named)));
+    assert_eq!(
+        refused[0].0, "FAIL",
+        "PostgreSQL trusted a system root: {refused:?}"
+    );
+    assert!(
+        refused[0].1.to_lowercase().contains("unknownissuer"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused[1].0, "FAIL",
+        "RabbitMQ trusted a system root: {refused:?}"
+    );
+    let refused = doctor(&roots, &my_url(&named), None);
+    assert_eq!(
+        refused[0].0, "FAIL",
+        "MariaDB trusted a system root: {refused:?}"
+    );
+    assert!(
+        refused[0].1.to_lowercase().contains("unknownissuer"),
+        "{refused:?}"
+    );
+}
