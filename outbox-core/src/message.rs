@@ -238,6 +238,7 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "outbox-stream",
     "x-outbox-stream",
     "x-outbox-key",
+    "outbox-key",
     "content-type",
 ];
 

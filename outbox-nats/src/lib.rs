@@ -86,10 +86,17 @@ impl NatsPublisher {
     }
 
     fn message(envelope: &Envelope) -> outbox_core::Result<Publish> {
+        check_headers(envelope)?;
         let m = &envelope.message;
         let id = envelope.id.to_string();
-        let mut publish = Publish::build()
-            .payload(Bytes::copy_from_slice(&m.payload))
+        // The message's own headers first, the publisher's after them: none of the user's
+        // can stand in for the id, the stream or the key (and `check_headers` refuses the
+        // names NATS or the inbox would obey).
+        let mut publish = Publish::build().payload(Bytes::copy_from_slice(&m.payload));
+        for (name, value) in &m.headers {
+            publish = publish.header(name.as_str(), value.as_str());
+        }
+        publish = publish
             .message_id(&id)
             .header("outbox-id", id.as_str())
             .header("outbox-stream", m.stream.as_str())
@@ -97,18 +104,38 @@ impl NatsPublisher {
         if let Some(k) = &m.key {
             publish = publish.header("outbox-key", k.as_str());
         }
-        for (name, value) in &m.headers {
-            if value.contains(['\r', '\n']) {
-                return Err(Error::new(
-                    ErrorKind::Publish,
-                    Retry::Permanent,
-                    format!("header {name:?} has a line break, which NATS headers cannot carry"),
-                ));
-            }
-            publish = publish.header(name.as_str(), value.as_str());
-        }
         Ok(publish)
     }
+}
+
+/// Header names NATS gives a meaning to (`Nats-Msg-Id` de-duplicates, `Nats-Rollup` erases
+/// history, `Nats-Expected-*` make the publish conditional, ...) and the key the inbox reads:
+/// a message may not carry them (compared without case).
+fn check_headers(envelope: &Envelope) -> outbox_core::Result<()> {
+    for (name, value) in &envelope.message.headers {
+        let reserved = name
+            .get(..5)
+            .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+            || name.eq_ignore_ascii_case("outbox-key");
+        if reserved {
+            return Err(Error::new(
+                ErrorKind::Publish,
+                Retry::Permanent,
+                format!(
+                    "header {:?} is reserved: NATS (or the outbox) gives it a meaning; not sent",
+                    name.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        if value.contains(['\r', '\n']) {
+            return Err(Error::new(
+                ErrorKind::Publish,
+                Retry::Permanent,
+                format!("header {name:?} has a line break, which NATS headers cannot carry"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn classify(subject: &str, e: &async_nats::jetstream::context::PublishError) -> Error {
@@ -184,6 +211,13 @@ impl Publisher for NatsPublisher {
             });
         }
         out
+    }
+
+    /// Reserved header names (`Nats-*`, `outbox-key`) and subjects that cannot be published
+    /// to are refused before anything is sent.
+    fn check_message(&self, envelope: &Envelope) -> outbox_core::Result<()> {
+        check_subject(&envelope.message.destination)?;
+        check_headers(envelope)
     }
 
     async fn check(&self) -> outbox_core::Result<()> {

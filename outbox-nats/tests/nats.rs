@@ -96,6 +96,58 @@ async fn order_ids_and_unknown_subjects() {
     publisher.check().await.unwrap();
 }
 
+/// Headers NATS obeys (`Nats-Msg-Id`, `Nats-Rollup`, `Nats-Expected-*`, in any case) are
+/// refused, not sent: one could make JetStream drop another message as a duplicate, erase a
+/// subject's history or make the publish conditional. A message cannot carry an `outbox-key`
+/// of its own either (the inbox would trust it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_nats_obeys_are_refused() {
+    let server = NatsServer::start();
+    let publisher = NatsPublisher::connect(&server.url()).await.unwrap();
+    let mut s = stream(&publisher, "hdrs").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = outbox_sqlite::SqliteStore::open(dir.path().join("app.db")).unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::writer(store.clone()).build().unwrap();
+    let mut conn = store.connect().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    let plain = |n: u32| Message::new("hdrs.a", n.to_string().into_bytes()).stream("h");
+    let msgs = vec![
+        plain(1),
+        plain(2).header("Nats-Msg-Id", "chosen"),
+        plain(3).header("nats-msg-id", "chosen"),
+        plain(4).header("Nats-Rollup", "sub"),
+        plain(5).header("NATS-Expected-Stream", "other"),
+        plain(6).header("x-trace", "kept"),
+    ];
+    drop(outbox.enqueue_blocking(&mut tx, msgs).unwrap());
+    let spoof = outbox.enqueue_blocking(&mut tx, [plain(7).header("Outbox-Key", "victim")]);
+    assert!(
+        spoof.unwrap_err().to_string().contains("reserved"),
+        "an outbox-key header of the message's own"
+    );
+    tx.commit().unwrap();
+    let relay = outbox.relay_with(publisher.clone()).build().unwrap();
+    relay.run_once().await.unwrap();
+    // Only the two plain messages reached the stream; the rollup erased nothing.
+    assert_eq!(s.info().await.unwrap().state.messages, 2);
+    let got = read(&s, 2).await;
+    assert_eq!(got.iter().map(|g| g.2).collect::<Vec<_>>(), [1, 6]);
+    assert!(
+        got.iter().all(|g| g.1.is_empty()),
+        "an unkeyed message has no key"
+    );
+    let kept = s.get_raw_message(2).await.unwrap();
+    assert_eq!(kept.headers.get("x-trace").unwrap().as_str(), "kept");
+    let dead = store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 4);
+    for d in &dead {
+        let e = d.last_error.as_deref().unwrap();
+        assert!(e.contains("is reserved"), "{e}");
+        assert_eq!(d.attempts, 1, "refused at once, not retried");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_mid_run() {
     let mut server = NatsServer::start();
