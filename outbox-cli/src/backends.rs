@@ -370,6 +370,14 @@ pub async fn open_publisher(url: &str) -> Result<Arc<dyn Publisher>> {
                 outbox_webhook::WebhookOptions {
                     base_url: Some(url.to_owned()),
                     secrets,
+                    // Hosts a destination that is a full URL may name besides the base
+                    // URL's (comma separated); they may be on private networks.
+                    allowed_hosts: std::env::var("OUTBOX_WEBHOOK_ALLOWED_HOSTS")
+                        .unwrap_or_default()
+                        .split(',')
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .collect(),
                     ..Default::default()
                 },
             )?))

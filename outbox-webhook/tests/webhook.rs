@@ -229,5 +229,109 @@ async fn every_failure_class_through_a_relay() {
         .find(|m| m.envelope.message.destination == "gone")
         .unwrap();
     assert_eq!(gone.status, Status::Dead);
-    assert!(gone.last_error.unwrap().contains("410"));
+    let error = gone.last_error.unwrap();
+    assert!(error.contains("answered 410 Gone"), "{error}");
+    // Only the status and reason: not the receiver's body, not the URL's path.
+    assert!(!error.contains("no such hook"), "{error}");
+    assert!(!error.contains("/hooks/gone"), "{error}");
+}
+
+fn envelope(destination: &str) -> outbox_core::Envelope {
+    outbox_core::Envelope {
+        id: outbox_core::MessageId::new(),
+        created_at: std::time::SystemTime::now(),
+        message: Message::new(destination, b"{}".to_vec()),
+    }
+}
+
+/// Server-side request forgery: with a base URL, a destination cannot leave it (another host
+/// or port, `..` segments); loopback, private, link-local and unspecified addresses are
+/// refused unless the host is the base URL's or allowed, including names that resolve to
+/// them (checked where the connection is made); a refusal is permanent and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_go_only_where_they_may() {
+    use outbox_core::{ErrorKind, Publisher as _};
+    let (base, seen) = receiver().await;
+    let port = base
+        .trim_start_matches("http://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let based = WebhookPublisher::new(WebhookOptions {
+        base_url: Some(base.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(based.url_for("ok").is_ok());
+    assert!(based
+        .url_for(&format!("http://127.0.0.1:{port}/hooks/ok"))
+        .is_ok());
+    for bad in [
+        "https://attacker.example/collect".to_owned(),
+        format!(
+            "http://127.0.0.1:{}/hooks/ok",
+            port.parse::<u16>().unwrap() - 1
+        ),
+        "http://169.254.169.254/latest/meta-data".to_owned(),
+        "../admin".to_owned(),
+        "a/../../admin".to_owned(),
+        "a/%2E%2e/admin".to_owned(),
+        "./ok".to_owned(),
+    ] {
+        let e = based.url_for(&bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unroutable, "{bad}: {e}");
+        let e = based.publish(&envelope(&bad)).await.unwrap_err();
+        assert!(!e.is_transient(), "{bad}: {e}");
+    }
+    // No base URL, no list: full URLs, but not to private addresses.
+    let open = WebhookPublisher::new(WebhookOptions::default()).unwrap();
+    assert!(open.url_for("https://93.184.216.34/hook").is_ok());
+    for bad in [
+        "http://127.0.0.1:1/x",
+        "http://[::1]:1/x",
+        "http://10.1.2.3/x",
+        "http://192.168.0.1/x",
+        "http://100.64.0.1/x",
+        "http://169.254.169.254/x",
+        "http://0.0.0.0/x",
+        "http://[fd00::1]/x",
+        "http://[::ffff:127.0.0.1]/x",
+    ] {
+        let e = open.url_for(bad).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Unroutable, "{bad}: {e}");
+    }
+    // A name that resolves to loopback: refused when connecting, permanently, nothing sent.
+    let by_name = format!("http://localhost:{port}/hooks/ok");
+    let e = open.publish(&envelope(&by_name)).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unroutable, "{e}");
+    assert!(
+        !e.is_transient() && e.to_string().contains("loopback"),
+        "{e}"
+    );
+    assert_eq!(seen.lock().unwrap().requests, 0, "a request was sent");
+    // Allowed by name, or every private network allowed: sent.
+    for allowed in [
+        WebhookOptions {
+            allowed_hosts: vec!["LocalHost".into()],
+            ..Default::default()
+        },
+        WebhookOptions {
+            allow_private_networks: true,
+            ..Default::default()
+        },
+    ] {
+        let p = WebhookPublisher::new(allowed).unwrap();
+        p.publish(&envelope(&by_name)).await.unwrap();
+    }
+    assert_eq!(seen.lock().unwrap().requests, 2);
+    // With a base URL and a list, a listed host may be named in full.
+    let listed = WebhookPublisher::new(WebhookOptions {
+        base_url: Some(base),
+        allowed_hosts: vec!["localhost".into()],
+        ..Default::default()
+    })
+    .unwrap();
+    listed.publish(&envelope(&by_name)).await.unwrap();
+    assert!(listed.url_for("https://attacker.example/x").is_err());
 }
