@@ -2,11 +2,14 @@
 //! rendered on the server, no script, every asset embedded), and the same data and actions as
 //! a JSON API under `/api/`.
 //!
-//! Security: loopback unless a token is set (`--auth-token`); with a token every request
-//! carries it (`Authorization: Bearer …`, or the cookie `/login?token=…` sets); every change is
-//! a POST with the console's CSRF token; `--read-only` removes the actions; `--hide-payloads`
-//! keeps payloads off pages and API; all output is escaped, and the Content-Security-Policy
-//! forbids scripts, so a payload holding `<script>` is text twice over.
+//! Security: loopback unless a token is set (`--auth-token`); without a token only a `Host` of
+//! the loopback names with the console's port is answered (a re-bound DNS name is refused);
+//! with a token every request carries it (`Authorization: Bearer …`) or a session cookie that
+//! a POST to `/login` exchanges it for (a random id, not the token); wrong tokens are answered
+//! slowly, one at a time; every change is a POST from the console's own origin
+//! (`Origin`, `Sec-Fetch-Site`) with its CSRF token; `--read-only` removes the actions;
+//! `--hide-payloads` keeps payloads off pages and API; all output is escaped, and the
+//! Content-Security-Policy forbids scripts, so a payload holding `<script>` is text twice over.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -14,8 +17,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -49,7 +52,18 @@ pub struct Admin {
     options: AdminOptions,
     csrf: String,
     samples: Mutex<VecDeque<Sample>>,
+    /// The port it listens on (the one bound, when `listen` asked for port 0).
+    port: u16,
+    /// Session ids handed out by `/login`, newest last.
+    sessions: Mutex<VecDeque<String>>,
+    /// Held while a wrong token is answered (slowly): guesses go one at a time.
+    wrong_tokens: tokio::sync::Mutex<()>,
 }
+
+/// Sessions kept at most (the oldest is dropped first).
+const MAX_SESSIONS: usize = 1000;
+/// How long a wrong token's answer takes; they are answered one at a time.
+const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy)]
 struct Sample {
@@ -93,24 +107,44 @@ pub async fn serve(
             Error::config(format!("admin: cannot listen on {}", options.listen)).with_source(e)
         })?;
     let addr = listener.local_addr().ok();
-    let admin = Arc::new(Admin {
-        store,
-        table: table.to_owned(),
-        label,
-        csrf: random_token(),
-        samples: Mutex::new(VecDeque::new()),
-        options,
-    });
+    let port = addr.map_or(options.listen.port(), |a| a.port());
+    let admin = Arc::new(Admin::new(store, table, label, options, port));
     tokio::spawn(sampler(Arc::downgrade(&admin)));
     tracing::info!(address = ?addr, read_only = admin.options.read_only, hide_payloads = admin.options.hide_payloads, "admin console listening");
     // Printed for scripts and tests that listen on port 0.
     if let Some(a) = addr {
         println!("admin console on http://{a}/");
     }
-    axum::serve(listener, router(admin))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| Error::transient("admin: server failed").with_source(e))
+    axum::serve(
+        listener,
+        router(admin).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| Error::transient("admin: server failed").with_source(e))
+}
+
+impl Admin {
+    /// The shared state of a console listening on `port`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        table: &str,
+        label: String,
+        options: AdminOptions,
+        port: u16,
+    ) -> Self {
+        Admin {
+            store,
+            table: table.to_owned(),
+            label,
+            csrf: random_token(),
+            samples: Mutex::new(VecDeque::new()),
+            port,
+            sessions: Mutex::new(VecDeque::new()),
+            wrong_tokens: tokio::sync::Mutex::new(()),
+            options,
+        }
+    }
 }
 
 fn random_token() -> String {
@@ -128,7 +162,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/messages", get(messages_page))
         .route("/messages/{seq}", get(message_page))
         .route("/actions", post(action_form))
-        .route("/login", get(login))
+        .route("/login", get(login_page).post(login))
         .route("/style.css", get(style))
         .route("/chart.svg", get(chart))
         .route("/api/stats", get(api_stats))
@@ -172,21 +206,118 @@ async fn sampler(admin: std::sync::Weak<Admin>) {
 
 // ------------------------------------------------------------------ security
 
-/// Token check (when set), and headers on every response: no script, no framing, no caching.
-async fn security(State(admin): State<Arc<Admin>>, request: Request, next: Next) -> Response {
-    let is_login = request.uri().path() == "/login";
-    if let (Some(token), false) = (&admin.options.token, is_login) {
-        if !has_token(request.headers(), token) {
-            return secure(
-                (
-                    StatusCode::UNAUTHORIZED,
-                    "401: this console needs its token: send `Authorization: Bearer <token>`, or open /login?token=<token> once\n",
-                )
-                    .into_response(),
-            );
+/// Who asked for a change, for the action log: how they were let in, and from where.
+#[derive(Debug, Clone)]
+pub struct Who(String);
+
+/// Host check (without a token), same-origin check of every POST, token check (when set),
+/// and headers on every response: no script, no framing, no caching.
+async fn security(State(admin): State<Arc<Admin>>, mut request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    if admin.options.token.is_none() && !host_allowed(headers, admin.options.listen, admin.port) {
+        // A page on a DNS name re-bound to 127.0.0.1 is same-origin with the console: its
+        // requests carry that name, never one of ours.
+        return secure(
+            (
+                StatusCode::MISDIRECTED_REQUEST,
+                format!(
+                    "421: without a token this console answers only to localhost, 127.0.0.1 or [::1] on port {} (Host {:?})\n",
+                    admin.port,
+                    short(headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(""))
+                ),
+            )
+                .into_response(),
+        );
+    }
+    if request.method() == Method::POST {
+        if let Err(why) = same_origin(headers) {
+            return secure((StatusCode::FORBIDDEN, format!("403: {why}\n")).into_response());
         }
     }
+    let from = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "an unknown address".to_owned(), |c| c.0.to_string());
+    let is_login = request.uri().path() == "/login";
+    let how = match &admin.options.token {
+        None => "no token (loopback)",
+        Some(_) if is_login => "logging in",
+        Some(token) => match credential(headers) {
+            Some(Credential::Bearer(given)) if same(given, token) => "the token",
+            Some(Credential::Session(id)) if admin.has_session(id) => "a session",
+            Some(_) => {
+                // Wrong: answered slowly and one at a time, so guessing takes forever.
+                let _one = admin.wrong_tokens.lock().await;
+                tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+                return secure(unauthorized("wrong token or expired session"));
+            }
+            None => return secure(unauthorized("this console needs its token")),
+        },
+    };
+    request
+        .extensions_mut()
+        .insert(Who(format!("{how}, from {from}")));
     secure(next.run(request).await)
+}
+
+fn unauthorized(what: &str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        format!("401: {what}: send `Authorization: Bearer <token>`, or log in at /login\n"),
+    )
+        .into_response()
+}
+
+/// Whether the `Host` names this console: `localhost`, `127.0.0.1`, `[::1]` or the address
+/// it listens on, with its port.
+fn host_allowed(headers: &HeaderMap, listen: SocketAddr, port: u16) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) else {
+        return false;
+    };
+    let (name, given_port) = match host.rsplit_once(':') {
+        Some((n, p)) if !p.contains(']') => (n, p.parse::<u16>().ok()),
+        _ => (host, Some(80)),
+    };
+    let listen_name = match listen.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    given_port == Some(port)
+        && (name.eq_ignore_ascii_case("localhost")
+            || name == "127.0.0.1"
+            || name == "[::1]"
+            || name == listen_name)
+}
+
+/// A POST must come from the console's own pages (or from a client that is not a browser,
+/// which sends neither header): `Sec-Fetch-Site` same-origin, `Origin` equal to the `Host`
+/// (`null`, which privacy settings may send, only with `Sec-Fetch-Site: same-origin`).
+fn same_origin(headers: &HeaderMap) -> Result<(), String> {
+    let text = |h: &str| headers.get(h).and_then(|v| v.to_str().ok());
+    let site = text("sec-fetch-site");
+    if let Some(site) = site {
+        if site != "same-origin" && site != "none" {
+            return Err(format!(
+                "a change must come from this console's own pages (Sec-Fetch-Site {:?})",
+                short(site)
+            ));
+        }
+    }
+    let origin = text("origin").filter(|o| !(*o == "null" && site == Some("same-origin")));
+    if let Some(origin) = origin {
+        let host = text("host").unwrap_or("");
+        let ours = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host));
+        if !ours {
+            return Err(format!(
+                "a change must come from this console's own pages (Origin {:?})",
+                short(origin)
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn secure(mut response: Response) -> Response {
@@ -203,26 +334,53 @@ fn secure(mut response: Response) -> Response {
     );
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     response
 }
 
-fn has_token(headers: &HeaderMap, token: &str) -> bool {
+enum Credential<'a> {
+    Bearer(&'a str),
+    Session(&'a str),
+}
+
+const SESSION_COOKIE: &str = "outbox_session";
+
+fn credential(headers: &HeaderMap) -> Option<Credential<'_>> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = headers
+    if let Some(b) = bearer {
+        return Some(Credential::Bearer(b));
+    }
+    headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().strip_prefix("outbox_admin="))
-        .next();
-    bearer.or(cookie).is_some_and(|given| same(given, token))
+        .filter_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+        .next()
+        .map(Credential::Session)
+}
+
+impl Admin {
+    fn has_session(&self, id: &str) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.iter().any(|s| same(s, id))
+    }
+
+    fn new_session(&self) -> String {
+        let id = random_token();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.push_back(id.clone());
+        while sessions.len() > MAX_SESSIONS {
+            sessions.pop_front();
+        }
+        id
+    }
 }
 
 /// Compared in constant time.
@@ -234,22 +392,59 @@ fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// The login form: the token goes in a POST body, never in a URL.
+async fn login_page(State(admin): State<Arc<Admin>>) -> Response {
+    if admin.options.token.is_none() {
+        return Redirect::to("/").into_response();
+    }
+    Html(layout(
+        "Log in",
+        "<form method=\"post\" action=\"/login\"><label>Token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\"></label> \
+         <button id=\"login\">Log in</button></form>",
+    ))
+    .into_response()
+}
+
+/// Exchanges the token for a session: a random id in an `HttpOnly`, `SameSite=Strict` cookie
+/// (`Secure` behind a proxy that says it speaks HTTPS). The cookie is not the token.
 async fn login(
     State(admin): State<Arc<Admin>>,
-    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
-    match (&admin.options.token, q.get("token")) {
-        (Some(token), Some(given)) if same(given, token) => {
-            let mut r = Redirect::to("/").into_response();
-            let cookie = format!("outbox_admin={token}; HttpOnly; SameSite=Strict; Path=/");
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
-                r.headers_mut().insert(header::SET_COOKIE, v);
-            }
-            r
-        }
-        (None, _) => Redirect::to("/").into_response(),
-        _ => (StatusCode::UNAUTHORIZED, "401: wrong token\n").into_response(),
+    let Some(token) = &admin.options.token else {
+        return Redirect::to("/").into_response();
+    };
+    let given = fields
+        .iter()
+        .find(|(n, _)| n == "token")
+        .map_or("", |(_, v)| v.trim());
+    if !same(given, token) {
+        let _one = admin.wrong_tokens.lock().await;
+        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(layout(
+                "Log in",
+                "<p class=\"error\">401: wrong token. <a href=\"/login\">Try again</a></p>",
+            )),
+        )
+            .into_response();
     }
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|p| p.eq_ignore_ascii_case("https"));
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/{}",
+        admin.new_session(),
+        if https { "; Secure" } else { "" }
+    );
+    let mut r = Redirect::to("/").into_response();
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
 }
 
 // ------------------------------------------------------------------ errors
@@ -654,18 +849,27 @@ async fn messages_html(admin: &Admin, q: &HashMap<String, String>) -> Result<Str
         );
     }
     if !admin.options.read_only && f.status == Some(Status::Dead) {
-        let scope = match &f.stream {
-            Some(s) => format!(
-                "<input type=\"hidden\" name=\"stream\" value=\"{}\">",
-                esc(s)
-            ),
-            None => "<input type=\"hidden\" name=\"all\" value=\"1\">".into(),
-        };
+        // "All" means every dead letter this page's filters match: each filter goes along.
+        let mut scope = "<input type=\"hidden\" name=\"all\" value=\"1\">".to_owned();
+        for (name, value) in [
+            ("stream", f.stream.clone()),
+            ("destination", f.destination.clone()),
+            ("key", f.key.clone()),
+            ("id", f.id.map(|i| i.to_string())),
+        ] {
+            if let Some(v) = value {
+                let _ = write!(
+                    scope,
+                    "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                    esc(&v)
+                );
+            }
+        }
         let _ = write!(
             b,
             "<form method=\"post\" action=\"/actions\">{}{scope}\
-             <button name=\"action\" value=\"requeue\">Requeue all of them</button> \
-             <button name=\"action\" value=\"purge\">Purge all of them</button></form>",
+             <button name=\"action\" value=\"requeue\" id=\"requeue-all\">Requeue all of them</button> \
+             <button name=\"action\" value=\"purge\" id=\"purge-all\">Purge all of them</button></form>",
             csrf_field(admin)
         );
     }
@@ -789,19 +993,152 @@ async fn message_html(admin: &Admin, seq: &str) -> Result<String, Failure> {
 
 // ------------------------------------------------------------------ actions
 
+/// Which dead letters an action takes.
+#[derive(Debug, Clone, PartialEq)]
+enum Scope {
+    /// These rows (those of them still dead).
+    Seqs(Vec<i64>),
+    /// Every dead letter matching every filter set (none set: every dead letter).
+    Matching(MessageFilter),
+}
+
+impl Scope {
+    /// One statement when the store can select the rows itself (nothing but a stream).
+    fn selector(&self) -> Option<Selector> {
+        match self {
+            Scope::Seqs(q) => Some(Selector::Seqs(q.clone())),
+            Scope::Matching(f) if f.destination.is_none() && f.key.is_none() && f.id.is_none() => {
+                Some(f.stream.clone().map_or(Selector::All, Selector::Stream))
+            }
+            Scope::Matching(_) => None,
+        }
+    }
+
+    /// In words: "dead letters of stream "emails" to destination "email.bounce"".
+    fn words(&self) -> String {
+        match self {
+            Scope::Seqs(q) => format!(
+                "seq {}",
+                q.iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Scope::Matching(f) => {
+                let mut parts = Vec::new();
+                if let Some(s) = &f.stream {
+                    parts.push(format!("stream {s:?}"));
+                }
+                if let Some(d) = &f.destination {
+                    parts.push(format!("destination {d:?}"));
+                }
+                if let Some(k) = &f.key {
+                    parts.push(format!("key {k:?}"));
+                }
+                if let Some(i) = &f.id {
+                    parts.push(format!("id {i}"));
+                }
+                if parts.is_empty() {
+                    "every stream".to_owned()
+                } else {
+                    parts.join(", ")
+                }
+            }
+        }
+    }
+
+    /// How many dead letters it takes now, and the first `show` of them (newest first).
+    async fn preview(
+        &self,
+        store: &dyn Store,
+        show: usize,
+    ) -> Result<(u64, Vec<StoredMessage>), Failure> {
+        let mut first = Vec::new();
+        let mut count = 0u64;
+        match self {
+            Scope::Seqs(q) => {
+                for seq in q {
+                    if let Some(m) = store.get(*seq).await? {
+                        if m.status == Status::Dead {
+                            count += 1;
+                            if first.len() < show {
+                                first.push(m);
+                            }
+                        }
+                    }
+                }
+            }
+            Scope::Matching(f) => {
+                let mut page = Some(self.page(f, None));
+                while let Some(p) = page.take() {
+                    let rows = store.messages(&p).await?;
+                    count += rows.len() as u64;
+                    if rows.len() == p.limit {
+                        page = Some(self.page(f, rows.last().map(|m| m.seq)));
+                    }
+                    first.extend(rows.into_iter().take(show - first.len()));
+                }
+            }
+        }
+        Ok((count, first))
+    }
+
+    fn page(&self, f: &MessageFilter, before: Option<i64>) -> MessageFilter {
+        MessageFilter {
+            status: Some(Status::Dead),
+            before,
+            limit: outbox_core::MAX_PAGE,
+            ..f.clone()
+        }
+    }
+
+    /// Requeue (or purge) them: one statement when the store can select them, else a page
+    /// at a time (each page's rows by seq). The count changed.
+    async fn apply(&self, store: &dyn Store, purge: bool) -> Result<u64, Failure> {
+        let run = |sel: Selector| async move {
+            if purge {
+                store.purge_dead(&sel).await
+            } else {
+                store.requeue(&sel).await
+            }
+        };
+        if let Some(sel) = self.selector() {
+            return Ok(run(sel).await?);
+        }
+        let Scope::Matching(f) = self else {
+            return Ok(0);
+        };
+        let mut changed = 0;
+        let mut before = None;
+        loop {
+            let p = self.page(f, before);
+            let rows = store.messages(&p).await?;
+            if rows.is_empty() {
+                return Ok(changed);
+            }
+            before = rows.last().map(|m| m.seq);
+            changed += run(Selector::Seqs(rows.iter().map(|m| m.seq).collect())).await?;
+            if rows.len() < p.limit {
+                return Ok(changed);
+            }
+        }
+    }
+}
+
 /// One action on the store.
 #[derive(Debug)]
 enum Action {
-    Requeue(Selector),
-    Purge(Selector),
+    Requeue(Scope),
+    Purge(Scope),
     Resume(String, String),
     Skip(String, String),
     Park(String, String, String),
 }
 
 impl Action {
-    /// From form fields or a JSON body (`action`, and `seq` (repeatable) or `stream` or
-    /// `all`, or `stream` + `unit`).
+    /// From form fields or a JSON body: `action`, and the dead letters (`seq`, repeatable;
+    /// or `all` and any of the filters `stream`, `destination`, `key`, `id`), or a unit
+    /// (`stream` + `unit`).
     fn parse(fields: &[(String, String)]) -> Result<Self, Failure> {
         let one = |k: &str| {
             fields
@@ -815,15 +1152,37 @@ impl Action {
             .filter(|(n, _)| n == "seq")
             .map(|(_, v)| parse_seq(v.trim()))
             .collect::<Result<Vec<i64>, _>>()?;
-        let selector = || -> Result<Selector, Failure> {
+        let scope = || -> Result<Scope, Failure> {
+            let all = matches!(one("all"), Some("1" | "true"));
+            let f = MessageFilter {
+                stream: one("stream").map(str::to_owned),
+                destination: one("destination").map(str::to_owned),
+                key: one("key").map(str::to_owned),
+                id: match one("id") {
+                    Some(id) => Some(
+                        id.parse::<MessageId>()
+                            .map_err(|_| bad(format!("id {:?} is not a UUID", short(id))))?,
+                    ),
+                    None => None,
+                },
+                status: Some(Status::Dead),
+                ..Default::default()
+            };
+            let filtered =
+                f.stream.is_some() || f.destination.is_some() || f.key.is_some() || f.id.is_some();
             if !seqs.is_empty() {
-                Ok(Selector::Seqs(seqs.clone()))
-            } else if let Some(s) = one("stream") {
-                Ok(Selector::Stream(s.to_owned()))
-            } else if one("all") == Some("1") || one("all") == Some("true") {
-                Ok(Selector::All)
+                if filtered || all {
+                    return Err(bad(
+                        "give either seq or filters (all, stream, destination, key, id), not both",
+                    ));
+                }
+                Ok(Scope::Seqs(seqs.clone()))
+            } else if filtered || all {
+                Ok(Scope::Matching(f))
             } else {
-                Err(bad("choose the dead letters: seq, stream or all"))
+                Err(bad(
+                    "choose the dead letters: seq, or all with any of stream, destination, key, id",
+                ))
             }
         };
         let unit = || -> Result<(String, String), Failure> {
@@ -833,8 +1192,8 @@ impl Action {
             }
         };
         match one("action") {
-            Some("requeue") => Ok(Action::Requeue(selector()?)),
-            Some("purge") => Ok(Action::Purge(selector()?)),
+            Some("requeue") => Ok(Action::Requeue(scope()?)),
+            Some("purge") => Ok(Action::Purge(scope()?)),
             Some("resume") => unit().map(|(s, u)| Action::Resume(s, u)),
             Some("skip") => unit().map(|(s, u)| Action::Skip(s, u)),
             Some("park") => unit().map(|(s, u)| {
@@ -849,40 +1208,69 @@ impl Action {
         }
     }
 
-    fn describe(&self) -> String {
-        let what = |s: &Selector| match s {
-            Selector::All => "every dead letter".to_owned(),
-            Selector::Stream(st) => format!("the dead letters of stream {:?}", st),
-            Selector::Seqs(q) => format!(
-                "{} dead letter(s): seq {}",
-                q.len(),
-                q.iter()
-                    .map(|s| s.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        match self {
-            Action::Requeue(s) => format!("Requeue {}", what(s)),
-            Action::Purge(s) => format!("Delete {} for good", what(s)),
-            Action::Resume(s, u) => format!("Resume unit {u:?} of stream {s:?}"),
-            Action::Skip(s, u) => {
-                format!("Dead-letter the head of unit {u:?} of stream {s:?} and resume the rest")
+    /// The question the confirmation asks, with what the action takes now: the count and
+    /// the first rows of a requeue or purge, the head a skip dead-letters.
+    async fn question(
+        &self,
+        store: &dyn Store,
+    ) -> Result<(String, Vec<StoredMessage>, u64), Failure> {
+        const SHOWN: usize = 10;
+        Ok(match self {
+            Action::Requeue(s) | Action::Purge(s) => {
+                let (n, first) = s.preview(store, SHOWN).await?;
+                let verb = if matches!(self, Action::Purge(_)) {
+                    "Delete for good"
+                } else {
+                    "Requeue"
+                };
+                (
+                    format!("{verb} {n} dead letter(s) ({})", s.words()),
+                    first,
+                    n,
+                )
             }
-            Action::Park(s, u, _) => format!("Park unit {u:?} of stream {s:?}"),
-        }
+            Action::Resume(s, u) => (format!("Resume unit {u:?} of stream {s:?}"), vec![], 0),
+            Action::Skip(s, u) => {
+                let head = store
+                    .parked_units(Some(s), outbox_core::MAX_PAGE)
+                    .await?
+                    .into_iter()
+                    .find(|p| &p.unit == u)
+                    .and_then(|p| p.head);
+                let head = match head {
+                    Some(seq) => store.get(seq).await?,
+                    None => None,
+                };
+                match head {
+                    Some(m) => (
+                        format!(
+                            "Dead-letter seq {} (the head of unit {u:?} of stream {s:?}) and resume the rest",
+                            m.seq
+                        ),
+                        vec![m],
+                        1,
+                    ),
+                    None => (
+                        format!("Unit {u:?} of stream {s:?} has no pending head: resume it"),
+                        vec![],
+                        0,
+                    ),
+                }
+            }
+            Action::Park(s, u, _) => (format!("Park unit {u:?} of stream {s:?}"), vec![], 0),
+        })
     }
 
-    /// Run it: the number of rows changed, and a sentence.
+    /// Run it: the number of rows changed, and a sentence (also what the log records).
     async fn run(&self, store: &dyn Store) -> Result<(u64, String), Failure> {
         Ok(match self {
             Action::Requeue(s) => {
-                let n = store.requeue(s).await?;
-                (n, format!("Requeued {n} dead letter(s)."))
+                let n = s.apply(store, false).await?;
+                (n, format!("Requeued {n} dead letter(s) ({}).", s.words()))
             }
             Action::Purge(s) => {
-                let n = store.purge_dead(s).await?;
-                (n, format!("Purged {n} dead letter(s)."))
+                let n = s.apply(store, true).await?;
+                (n, format!("Purged {n} dead letter(s) ({}).", s.words()))
             }
             Action::Resume(s, u) => {
                 store.resume_unit(s, u).await?;
@@ -894,8 +1282,12 @@ impl Action {
                 (
                     n,
                     match head {
-                        Some(seq) => format!("Dead-lettered seq {seq} and resumed unit {u:?}."),
-                        None => format!("Unit {u:?} had no pending message; resumed."),
+                        Some(seq) => format!(
+                            "Dead-lettered seq {seq} and resumed unit {u:?} of stream {s:?}."
+                        ),
+                        None => {
+                            format!("Unit {u:?} of stream {s:?} had no pending message; resumed.")
+                        }
                     },
                 )
             }
@@ -922,8 +1314,39 @@ fn may_change(admin: &Admin, csrf: &str, missing: &str) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A few rows for a confirmation: what will change, before it does.
+fn rows_table(rows: &[StoredMessage], total: u64) -> String {
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut b = String::from("<table id=\"affected\"><tr><th>seq</th><th>stream</th><th>key</th><th>destination</th><th>attempts</th><th>last error</th></tr>");
+    for m in rows {
+        let msg = &m.envelope.message;
+        let _ = write!(
+            b,
+            "<tr><td><a href=\"/messages/{seq}\">{seq}</a></td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
+            esc(&msg.stream),
+            esc(msg.key.as_deref().unwrap_or("")),
+            esc(&msg.destination),
+            m.attempts,
+            esc(&short(m.last_error.as_deref().unwrap_or(""))),
+            seq = m.seq,
+        );
+    }
+    b.push_str("</table>");
+    if total > rows.len() as u64 {
+        let _ = write!(
+            b,
+            "<p class=\"muted\">… and {} more.</p>",
+            total - rows.len() as u64
+        );
+    }
+    b
+}
+
 async fn action_form(
     State(admin): State<Arc<Admin>>,
+    Extension(who): Extension<Who>,
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
     let result = async {
@@ -939,7 +1362,8 @@ async fn action_form(
         )?;
         let action = Action::parse(&fields)?;
         if !fields.iter().any(|(n, v)| n == "confirm" && v == "yes") {
-            // Ask first: the same fields again, with the confirmation.
+            // Ask first: what it takes now, and the same fields again with the confirmation.
+            let (question, rows, total) = action.question(admin.store.as_ref()).await?;
             let mut hidden = String::new();
             for (n, v) in &fields {
                 let _ = write!(
@@ -952,15 +1376,16 @@ async fn action_form(
             return Ok(layout(
                 "Confirm",
                 &format!(
-                    "<p id=\"question\">{}?</p><form method=\"post\" action=\"/actions\">{hidden}\
+                    "<p id=\"question\">{}?</p>{}<form method=\"post\" action=\"/actions\">{hidden}\
                      <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
                      <button id=\"confirm\">Yes, do it</button> <a href=\"/\">Cancel</a></form>",
-                    esc(&action.describe())
+                    esc(&question),
+                    rows_table(&rows, total),
                 ),
             ));
         }
-        let (_, sentence) = action.run(admin.store.as_ref()).await?;
-        tracing::info!(action = ?action, %sentence, "admin action");
+        let (changed, sentence) = action.run(admin.store.as_ref()).await?;
+        tracing::info!(action = %sentence, changed, by = %who.0, "admin action");
         Ok(layout(
             "Done",
             &format!(
@@ -1078,6 +1503,7 @@ async fn api_csrf(State(admin): State<Arc<Admin>>) -> Response {
 
 async fn api_action(
     State(admin): State<Arc<Admin>>,
+    Extension(who): Extension<Who>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -1111,7 +1537,7 @@ async fn api_action(
         }
         let action = Action::parse(&fields)?;
         let (changed, sentence) = action.run(admin.store.as_ref()).await?;
-        tracing::info!(action = ?action, %sentence, "admin API action");
+        tracing::info!(action = %sentence, changed, by = %who.0, "admin API action");
         Ok(json!({ "changed": changed, "message": sentence }))
     }
     .await;

@@ -149,9 +149,13 @@ struct AdminArgs {
     /// Address to listen on; beyond loopback a token is required.
     #[arg(long, env = "OUTBOX_ADMIN_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Token every request must carry (Authorization: Bearer, or the cookie /login?token= sets).
+    /// Token every request must carry (Authorization: Bearer, or the session a POST to /login
+    /// gives). Prefer the environment or --auth-token-file: `ps` shows a command line.
     #[arg(long, env = "OUTBOX_ADMIN_TOKEN", hide_env_values = true)]
     auth_token: Option<String>,
+    /// A file holding the token (its first line).
+    #[arg(long, env = "OUTBOX_ADMIN_TOKEN_FILE", conflicts_with = "auth_token")]
+    auth_token_file: Option<PathBuf>,
     /// No actions: pages and API only read.
     #[arg(long, env = "OUTBOX_ADMIN_READ_ONLY")]
     read_only: bool,
@@ -748,9 +752,25 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             Ok(exit::OK)
         }
         Command::Admin(args) => {
+            if std::env::args().any(|a| a == "--auth-token" || a.starts_with("--auth-token=")) {
+                tracing::warn!("the admin token is on the command line, where other users of this machine can read it (ps): use OUTBOX_ADMIN_TOKEN or --auth-token-file");
+            }
+            let token = match (&args.auth_token, &args.auth_token_file) {
+                (_, Some(file)) => {
+                    let text = std::fs::read_to_string(file).map_err(|e| {
+                        Error::config(format!(
+                            "admin: cannot read the token file {}",
+                            file.display()
+                        ))
+                        .with_source(e)
+                    })?;
+                    Some(text.lines().next().unwrap_or("").trim().to_owned())
+                }
+                (token, None) => token.clone(),
+            };
             let options = admin::AdminOptions {
                 listen: args.listen,
-                token: args.auth_token,
+                token,
                 read_only: args.read_only,
                 hide_payloads: args.hide_payloads,
                 sample_every: args.sample_every.max(Duration::from_millis(100)),

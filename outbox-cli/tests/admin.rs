@@ -75,11 +75,16 @@ impl Reply {
 
 fn http(c: &Console, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     let mut s = TcpStream::connect(&c.addr).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
-        c.addr
-    );
-    for (k, v) in headers {
+    // The console's own address as `Host`, unless the test names another.
+    let host = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .map_or(c.addr.as_str(), |(_, v)| v);
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers
+        .iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case("host"))
+    {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
@@ -197,6 +202,29 @@ mod rows {
         tx.commit().await.unwrap();
         assert_eq!(after.publish().await.failed, 2);
         url
+    }
+
+    /// `n` more dead letters to `destination` in stream "emails" (keys k0, k1, ...).
+    pub async fn dead(dir: &tempfile::TempDir, destination: &str, n: usize) {
+        let store = outbox_sqlite::SqliteStore::open(dir.path().join("app.db")).unwrap();
+        let failing = FaultyPublisher::new(RecordingPublisher::new(), |_| {
+            Some(Error::permanent("rejected"))
+        });
+        let dead = Outbox::builder(store.clone(), failing).build().unwrap();
+        let mut conn = store.connect().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        let after = dead
+            .enqueue_blocking(
+                &mut tx,
+                (0..n).map(|i| {
+                    Message::new(destination, vec![b'0'])
+                        .stream("emails")
+                        .key(format!("k{i}"))
+                }),
+            )
+            .unwrap();
+        tx.commit().unwrap();
+        assert_eq!(after.publish().await.failed, n);
     }
 
     fn messages() -> Vec<Message> {
@@ -480,15 +508,286 @@ async fn the_token_guards_the_console() {
         .status,
         401
     );
-    let login = get(&c, &format!("/login?token={token}"));
-    assert_eq!(login.status, 303);
-    assert!(login.headers.contains("set-cookie: outbox_admin="));
-    assert!(login.headers.contains("httponly"));
-    let cookie = format!("outbox_admin={token}");
+    // Login is a POST (the token never goes in a URL) that hands out a session id: the
+    // cookie is not the token.
+    assert_eq!(get(&c, "/login").status, 200);
+    let urlencoded = [("Content-Type", "application/x-www-form-urlencoded")];
+    let login = http(&c, "POST", "/login", &urlencoded, &format!("token={token}"));
+    assert_eq!(login.status, 303, "{}", login.body);
+    assert!(login.headers.contains("httponly") && login.headers.contains("samesite=strict"));
+    assert!(!login.headers.contains(token), "the cookie is the token");
+    let session = login
+        .headers
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    assert!(session.starts_with("outbox_session="), "{session}");
     assert_eq!(
-        http(&c, "GET", "/messages", &[("Cookie", &cookie)], "").status,
+        http(&c, "GET", "/messages", &[("Cookie", &session)], "").status,
         200
     );
+    let token_as_cookie = format!("outbox_session={token}");
+    assert_eq!(
+        http(&c, "GET", "/messages", &[("Cookie", &token_as_cookie)], "").status,
+        401
+    );
+    let behind_tls = http(
+        &c,
+        "POST",
+        "/login",
+        &[urlencoded[0], ("X-Forwarded-Proto", "https")],
+        &format!("token={token}"),
+    );
+    assert!(
+        behind_tls.headers.contains("; secure"),
+        "{}",
+        behind_tls.headers
+    );
+    assert_eq!(
+        http(
+            &c,
+            "POST",
+            "/login",
+            &urlencoded,
+            "token=wrong-token-0123456"
+        )
+        .status,
+        401
+    );
+    // Wrong tokens are answered one at a time, slowly: eight guesses at once take at least
+    // eight delays (250 ms each), so guessing a token is hopeless.
+    let started = std::time::Instant::now();
+    std::thread::scope(|scope| {
+        for i in 0..8 {
+            let c = &c;
+            scope.spawn(move || {
+                let wrong = format!("Bearer wrong-token-{i:06}");
+                assert_eq!(
+                    http(c, "GET", "/api/stats", &[("Authorization", &wrong)], "").status,
+                    401
+                );
+            });
+        }
+    });
+    assert!(started.elapsed() >= std::time::Duration::from_millis(8 * 250));
+    // A token may come from a file (not the command line, where `ps` shows it).
+    let file = dir.path().join("admin-token");
+    std::fs::write(&file, format!("{token}\n")).unwrap();
+    let mut child = bin()
+        .args(["--store", &url, "admin", "--listen", "127.0.0.1:0"])
+        .env("OUTBOX_ADMIN_TOKEN_FILE", &file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let from_file = Console {
+        addr: line
+            .trim()
+            .trim_start_matches("admin console on http://")
+            .trim_end_matches('/')
+            .to_owned(),
+        child,
+    };
+    assert_eq!(get(&from_file, "/api/stats").status, 401);
+    assert_eq!(
+        http(
+            &from_file,
+            "GET",
+            "/api/stats",
+            &[("Authorization", &bearer)],
+            ""
+        )
+        .status,
+        200
+    );
+}
+
+/// DNS rebinding: a page on a name re-bound to 127.0.0.1 is same-origin with the console, so
+/// without a token only the loopback names with the console's port are answered; and a
+/// change must come from the console's own origin.
+#[tokio::test]
+async fn only_its_own_host_and_origin_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await;
+    let c = console(&url, &[]);
+    let port = c.addr.rsplit_once(':').unwrap().1.to_owned();
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+    ] {
+        let r = http(&c, "GET", "/api/stats", &[("Host", &host)], "");
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    for host in [
+        format!("rebound.example:{port}"),
+        format!("127.0.0.1.nip.io:{port}"),
+        "127.0.0.1:1".to_owned(),
+        "localhost".to_owned(),
+        String::new(),
+    ] {
+        let r = http(&c, "GET", "/api/csrf", &[("Host", &host)], "");
+        assert_eq!(r.status, 421, "{host:?}: {}", r.body);
+        assert!(
+            !r.body.contains("csrf\""),
+            "{host:?}: the CSRF token leaked"
+        );
+    }
+    // A POST from another origin is refused even with the CSRF token; nothing changes.
+    let token = csrf(&c);
+    let purge_all = format!("csrf={token}&action=purge&all=1&confirm=yes");
+    let form_type = ("Content-Type", "application/x-www-form-urlencoded");
+    for (name, value) in [
+        ("Origin", "http://rebound.example".to_owned()),
+        ("Origin", "null".to_owned()),
+        ("Origin", format!("http://127.0.0.1:{port}.evil")),
+        ("Sec-Fetch-Site", "cross-site".to_owned()),
+        ("Sec-Fetch-Site", "same-site".to_owned()),
+    ] {
+        let r = http(
+            &c,
+            "POST",
+            "/actions",
+            &[form_type, (name, &value)],
+            &purge_all,
+        );
+        assert_eq!(r.status, 403, "{name}: {value}: {}", r.body);
+        let api = http(
+            &c,
+            "POST",
+            "/api/actions",
+            &[("X-CSRF-Token", &token), (name, &value)],
+            r#"{"action":"purge","all":true}"#,
+        );
+        assert_eq!(api.status, 403, "{name}: {value}: {}", api.body);
+    }
+    assert_eq!(
+        total(&c)["dead"],
+        2,
+        "a cross-origin POST changed something"
+    );
+    // The console's own pages may.
+    let own = format!("http://{}", c.addr);
+    let r = http(
+        &c,
+        "POST",
+        "/actions",
+        &[
+            form_type,
+            ("Origin", &own),
+            ("Sec-Fetch-Site", "same-origin"),
+        ],
+        &format!("csrf={token}&action=requeue&all=1&stream=emails&confirm=yes"),
+    );
+    assert!(r.body.contains("Requeued 2 dead letter(s)"), "{}", r.body);
+}
+
+/// "All" on a filtered page means every dead letter matching every filter of the page (not
+/// the whole stream); the confirmation says how many and shows them; the API takes the same
+/// filters.
+#[tokio::test]
+async fn all_means_all_that_match_the_filters() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await; // two dead letters to "mail" in stream "emails"
+    rows::dead(&dir, "email.bounce", 3).await;
+    rows::dead(&dir, "email.welcome", 2).await;
+    let c = console(&url, &[]);
+    assert_eq!(total(&c)["dead"], 7);
+    let page = get(
+        &c,
+        "/messages?status=dead&stream=emails&destination=email.bounce",
+    );
+    // The "all of them" form carries every filter of the page.
+    let all_form = page.body.rsplit("<form method=\"post\"").next().unwrap();
+    assert!(all_form.contains("Purge all of them"), "{all_form}");
+    let mut fields: Vec<(String, String)> = all_form
+        .split("<input type=\"hidden\" ")
+        .skip(1)
+        .map(|i| {
+            let attr = |a: &str| {
+                i.split(&format!("{a}=\""))
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            };
+            (attr("name"), attr("value"))
+        })
+        .collect();
+    assert!(
+        fields.contains(&("destination".into(), "email.bounce".into())),
+        "{fields:?}"
+    );
+    fields.push(("action".into(), "purge".into()));
+    let body = |fields: &[(String, String)]| {
+        fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("&")
+    };
+    let form_type = [("Content-Type", "application/x-www-form-urlencoded")];
+    let ask = http(&c, "POST", "/actions", &form_type, &body(&fields));
+    assert!(
+        ask.body.contains("Delete for good 3 dead letter(s) (stream &quot;emails&quot;, destination &quot;email.bounce&quot;)?"),
+        "{}",
+        ask.body
+    );
+    let listed = ask.body.split("id=\"affected\"").nth(1).unwrap();
+    assert_eq!(
+        listed.matches("<td>email.bounce</td>").count(),
+        3,
+        "{listed}"
+    );
+    assert!(!listed.contains("email.welcome") && !listed.contains("<td>mail</td>"));
+    assert_eq!(
+        total(&c)["dead"],
+        7,
+        "nothing changed before the confirmation"
+    );
+    fields.push(("confirm".into(), "yes".into()));
+    let done = http(&c, "POST", "/actions", &form_type, &body(&fields));
+    assert!(
+        done.body.contains("Purged 3 dead letter(s)"),
+        "{}",
+        done.body
+    );
+    assert_eq!(total(&c)["dead"], 4, "only the filtered dead letters went");
+    let left = get(&c, "/api/messages?status=dead").json();
+    let dests: Vec<&str> = left["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["destination"].as_str().unwrap())
+        .collect();
+    assert!(!dests.contains(&"email.bounce"), "{dests:?}");
+    // The API: the same filters, key included.
+    let token = csrf(&c);
+    let r = http(
+        &c,
+        "POST",
+        "/api/actions",
+        &[("X-CSRF-Token", &token)],
+        r#"{"action":"requeue","all":true,"destination":"email.welcome","key":"k1"}"#,
+    );
+    assert_eq!(r.json()["changed"], 1, "{}", r.body);
+    assert_eq!(total(&c)["dead"], 3);
+    let r = http(
+        &c,
+        "POST",
+        "/api/actions",
+        &[("X-CSRF-Token", &token)],
+        r#"{"action":"purge","seqs":[1],"destination":"x"}"#,
+    );
+    assert_eq!(r.status, 400, "seq and filters together: {}", r.body);
 }
 
 /// A free port on loopback.
@@ -686,7 +985,10 @@ async fn in_a_real_browser() {
         .await
         .unwrap();
     let result = wait_for(&b, "#result").await.text().await.unwrap();
-    assert_eq!(result, "Requeued 1 dead letter(s).");
+    assert!(
+        result.starts_with("Requeued 1 dead letter(s) (seq "),
+        "{result}"
+    );
     assert_eq!(total(&c)["dead"].as_u64().unwrap(), dead_before - 1);
     b.goto(&format!("{base}/")).await.unwrap();
     let streams = b
@@ -701,6 +1003,44 @@ async fn in_a_real_browser() {
         "{streams}"
     );
 
+    // "Purge all of them" on a page filtered by destination: the confirmation counts and
+    // lists those dead letters, and only they go.
+    rows::dead(&dir, "email.bounce", 2).await;
+    let dead_now = total(&c)["dead"].as_u64().unwrap();
+    b.goto(&format!(
+        "{base}/messages?status=dead&destination=email.bounce"
+    ))
+    .await
+    .unwrap();
+    wait_for(&b, "#purge-all").await.click().await.unwrap();
+    let question = wait_for(&b, "#question").await.text().await.unwrap();
+    assert_eq!(
+        question,
+        "Delete for good 2 dead letter(s) (destination \"email.bounce\")?"
+    );
+    let listed = b
+        .find(Locator::Id("affected"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(listed.matches("email.bounce").count(), 2, "{listed}");
+    std::fs::write(
+        shots.join("admin-confirm.png"),
+        b.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    b.find(Locator::Id("confirm"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let result = wait_for(&b, "#result").await.text().await.unwrap();
+    assert!(result.starts_with("Purged 2 dead letter(s)"), "{result}");
+    assert_eq!(total(&c)["dead"].as_u64().unwrap(), dead_now - 2);
+
     // With a token, the browser gets 401 until it logs in.
     let guarded = console(&url, &["--auth-token", "browser-token-0123456789"]);
     let gbase = format!("http://{}", guarded.addr);
@@ -713,9 +1053,18 @@ async fn in_a_real_browser() {
         .await
         .unwrap();
     assert!(body.starts_with("401"), "{body}");
-    b.goto(&format!("{gbase}/login?token=browser-token-0123456789"))
+    b.goto(&format!("{gbase}/login")).await.unwrap();
+    wait_for(&b, "#token")
+        .await
+        .send_keys("browser-token-0123456789")
         .await
         .unwrap();
-    wait_for(&b, "#streams").await; // logged in by cookie
+    b.find(Locator::Id("login"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(&b, "#streams").await; // logged in by the session cookie
     b.close().await.unwrap();
 }
