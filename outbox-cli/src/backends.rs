@@ -10,6 +10,20 @@ use outbox_sql::redact_url;
 use outbox_sqlite::{SqliteOptions, SqliteStore};
 
 /// One of the stores, chosen by URL scheme.
+/// The scheme of a URL (`postgres`, `mysql`, ...), lower case as given.
+pub fn scheme(url: &str) -> &str {
+    url.split_once("://").map_or("", |(s, _)| s)
+}
+
+/// The database a `mysql://user@host:port/DATABASE?...` URL names.
+pub fn database_of(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let path = rest.split_once('/')?.1;
+    let db = path.split(['?', '#']).next()?;
+    (!db.is_empty()).then(|| outbox_core::tls::percent_decode(db))
+}
+
 pub enum AnyStore {
     Sqlite(SqliteStore),
     Postgres(PgStore),

@@ -123,7 +123,15 @@ enum Command {
         /// Also create this inbox table (the consumer side); repeat for several.
         #[arg(long = "inbox", value_name = "TABLE")]
         inboxes: Vec<String>,
+        /// Print the statements instead of running them, for a DBA to review and run as the
+        /// tables' owner (PostgreSQL, MySQL/MariaDB); nothing is changed.
+        #[arg(long)]
+        print_sql: bool,
     },
+    /// Print the GRANTs that let the writer, the relay and the console each run as a
+    /// database role of its own, with no more than its part needs (PostgreSQL,
+    /// MySQL/MariaDB); nothing is changed.
+    Grants(GrantsArgs),
     /// An inbox table (the consumer side): its dead letters, and requeueing them.
     Inbox {
         /// The inbox table.
@@ -142,6 +150,22 @@ enum Command {
     },
     /// Print the manual page (roff): `outbox man > outbox.1`.
     Man,
+}
+
+#[derive(Args, Debug)]
+struct GrantsArgs {
+    /// The application's role: inserts outbox rows, reads back only their seq and id.
+    #[arg(long)]
+    writer: Option<String>,
+    /// The relay's role: claims, settles, deletes; cannot write or rewrite a message.
+    #[arg(long)]
+    relay: Option<String>,
+    /// The console's role: reads; requeues, purges, parks, resumes, skips.
+    #[arg(long)]
+    admin: Option<String>,
+    /// MySQL/MariaDB: the host part of the accounts ('role'@'host').
+    #[arg(long, default_value = "%")]
+    account_host: String,
 }
 
 #[derive(Args, Debug)]
@@ -515,6 +539,20 @@ async fn shutdown_signal() {
 }
 
 /// Warn when a URL with a password came from a flag: flags show in `ps` and shell history.
+/// SQL statements for a DBA: one per paragraph, `;`-terminated, after a comment; or a JSON
+/// document `{"statements": [...]}`.
+fn print_statements(statements: &[String], output: Output, what: &str) {
+    match output {
+        Output::Json => println!("{}", serde_json::json!({ "statements": statements })),
+        Output::Text => {
+            println!("-- {what}");
+            for s in statements {
+                println!("{s};\n");
+            }
+        }
+    }
+}
+
 fn warn_about_flag_secrets(matches: &clap::ArgMatches) {
     let check = |m: &clap::ArgMatches, id: &str, instead: &str| {
         let from_flag = m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
@@ -527,6 +565,11 @@ fn warn_about_flag_secrets(matches: &clap::ArgMatches) {
         }
     };
     check(matches, "store", "OUTBOX_STORE or --store-file");
+    if let Some(("admin", admin)) = matches.subcommand() {
+        if admin.value_source("auth_token") == Some(clap::parser::ValueSource::CommandLine) {
+            tracing::warn!("--auth-token is on the command line, where other users of this machine can read it (ps): use OUTBOX_ADMIN_TOKEN or --auth-token-file");
+        }
+    }
     if let Some(("relay", relay)) = matches.subcommand() {
         check(relay, "publisher", "OUTBOX_PUBLISHER or --publisher-file");
     }
@@ -633,12 +676,74 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
     if let Command::Relay(args) = cli.command {
         return relay(&store_url, &table, *args, file.relay).await;
     }
+    if let Command::Grants(args) = &cli.command {
+        let roles = outbox_sql::roles::Roles {
+            writer: args.writer.clone(),
+            relay: args.relay.clone(),
+            admin: args.admin.clone(),
+        };
+        if roles == outbox_sql::roles::Roles::default() {
+            return Err(Error::config(
+                "grants: name at least one role: --writer, --relay or --admin",
+            ));
+        }
+        let statements = match backends::scheme(&store_url) {
+            "postgres" | "postgresql" => outbox_sql::roles::postgres(&table, &roles)?,
+            "mysql" | "mariadb" => {
+                let database = backends::database_of(&store_url).ok_or_else(|| {
+                    Error::config("grants: the store URL names no database (mysql://host/DATABASE)")
+                })?;
+                outbox_sql::roles::mysql(&database, &table, &args.account_host, &roles)?
+            }
+            _ => {
+                return Err(Error::config(
+                    "grants: SQLite has no roles; grants are for postgres:// and mysql:// stores",
+                ))
+            }
+        };
+        print_statements(
+            &statements,
+            output,
+            "Grants: run as the tables' owner (or a role that may grant on them).",
+        );
+        return Ok(exit::OK);
+    }
+    if let Command::Migrate {
+        print_sql: true,
+        inboxes,
+    } = &cli.command
+    {
+        if !inboxes.is_empty() {
+            return Err(Error::config(
+                "migrate --print-sql prints the outbox's tables; create inbox tables with `outbox migrate --inbox` as their owner",
+            ));
+        }
+        let statements =
+            match backends::scheme(&store_url) {
+                "postgres" | "postgresql" => outbox_sql::postgres::PgStore::schema_sql(&table)?,
+                "mysql" | "mariadb" => match AnyStore::open(&store_url, &table, false).await? {
+                    AnyStore::MySql(s) => s.schema_sql().await?,
+                    _ => unreachable!("a mysql:// URL opens a MySQL store"),
+                },
+                _ => return Err(Error::config(
+                    "migrate --print-sql: SQLite has no roles to separate; run `outbox migrate`",
+                )),
+            };
+        print_statements(
+            &statements,
+            output,
+            "The outbox's tables: run as their owner; every statement is idempotent. Upgrades of existing tables: run `outbox migrate` as the owner.",
+        );
+        return Ok(exit::OK);
+    }
     let create = matches!(cli.command, Command::Migrate { .. });
     let store = AnyStore::open(&store_url, &table, create).await?;
     let json = output == Output::Json;
     match cli.command {
-        Command::Doctor(_) | Command::Completions { .. } | Command::Man => Ok(exit::OK),
-        Command::Migrate { inboxes } => {
+        Command::Doctor(_) | Command::Grants(_) | Command::Completions { .. } | Command::Man => {
+            Ok(exit::OK)
+        }
+        Command::Migrate { inboxes, .. } => {
             let started = std::time::Instant::now();
             tracing::info!(table = %table, "migrating (large 0.1 tables are converted in place; this can take a while)");
             store.store().migrate().await?;
@@ -752,9 +857,6 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             Ok(exit::OK)
         }
         Command::Admin(args) => {
-            if std::env::args().any(|a| a == "--auth-token" || a.starts_with("--auth-token=")) {
-                tracing::warn!("the admin token is on the command line, where other users of this machine can read it (ps): use OUTBOX_ADMIN_TOKEN or --auth-token-file");
-            }
             let token = match (&args.auth_token, &args.auth_token_file) {
                 (_, Some(file)) => {
                     let text = std::fs::read_to_string(file).map_err(|e| {

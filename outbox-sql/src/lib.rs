@@ -45,6 +45,9 @@ pub mod mysql;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use common::{map_err, redact_url};
 
+/// Least-privilege roles: the grants of the writer, the relay and the console.
+pub mod roles;
+
 /// The inbox (consumer side) on PostgreSQL and MySQL / MariaDB.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub mod inbox;

@@ -33,6 +33,69 @@ const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 /// `next_at` of a parked unit: never due, so claims never read it.
 const PARKED: i64 = i64::MAX;
 
+/// The three tables `migrate` creates (`<table>`, `<table>_locks`, `<table>_due`), with
+/// exact (binary, no-pad) collation `c` for names.
+fn create_tables(t: &str, c: &str) -> [String; 3] {
+    [
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                    seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+                    id CHAR(36) NOT NULL,
+                    stream VARCHAR(255) COLLATE {c} NOT NULL,
+                    destination VARCHAR(512) NOT NULL,
+                    msg_key VARCHAR(255) COLLATE {c} NULL,
+                    okey VARCHAR(255) COLLATE {c} NOT NULL,
+                    payload LONGBLOB NOT NULL,
+                    content_type VARCHAR(255) NOT NULL,
+                    headers LONGTEXT NOT NULL,
+                    strategy VARCHAR(16) NOT NULL,
+                    status VARCHAR(16) NOT NULL,
+                    attempts INT NOT NULL DEFAULT 0,
+                    created_at BIGINT NOT NULL,
+                    next_attempt_at BIGINT NOT NULL,
+                    locked_by VARCHAR(64) COLLATE {c} NULL,
+                    locked_until BIGINT NULL,
+                    last_error TEXT NULL,
+                    sent_at BIGINT NULL,
+                    signature VARCHAR(255) NULL,
+                    on_exhausted VARCHAR(16) NULL,
+                    claims INT NOT NULL DEFAULT 0,
+                    UNIQUE KEY {t}_id (id),
+                    KEY {t}_unit (status, stream, okey, seq),
+                    KEY {t}_oc (strategy, status, next_attempt_at),
+                    KEY {t}_sent (status, sent_at),
+                    KEY {t}_dead (status, created_at)
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
+        ),
+        // Ordering-unit locks for enqueue.
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t}_locks (
+                    stream VARCHAR(255) NOT NULL,
+                    okey VARCHAR(255) NOT NULL,
+                    writes BIGINT NOT NULL DEFAULT 0,
+                    due TINYINT NOT NULL DEFAULT 1,
+                    PRIMARY KEY (stream, okey)
+                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
+        ),
+        // Units as claims see them: when each may be claimed next (`next_at`: now when free,
+        // the lease's end when leased, the head's retry time when backing off).
+        format!(
+            "CREATE TABLE IF NOT EXISTS {t}_due (
+                stream VARCHAR(255) NOT NULL,
+                okey VARCHAR(255) NOT NULL,
+                next_at BIGINT NOT NULL,
+                leased_by VARCHAR(64) NULL,
+                parked_at BIGINT NULL,
+                parked_reason TEXT NULL,
+                claims INT NOT NULL DEFAULT 0,
+                PRIMARY KEY (stream, okey),
+                KEY due_next (next_at),
+                KEY due_parked (parked_at)
+            ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
+        ),
+    ]
+}
+
 /// Settings of a [`MySqlStore`].
 #[derive(Debug, Clone)]
 pub struct MySqlOptions {
@@ -581,6 +644,15 @@ impl MySqlStore {
     /// The server's NO PAD binary collation: names compare byte for byte, so `a` and `a `
     /// (and `a` and `A`, `é` and `e` + combining accent) are different streams and units.
     /// `utf8mb4_bin` is PAD SPACE: `=` and unique keys ignore trailing spaces.
+    /// The tables `migrate` creates for a new outbox, for a DBA to review and run as their
+    /// owner (`outbox migrate --print-sql`); the server is asked which exact collation it
+    /// has. Upgrading an existing table (columns added later, indexes converted) is
+    /// `migrate`'s work, run as the owner.
+    pub async fn schema_sql(&self) -> outbox_core::Result<Vec<String>> {
+        let c = self.exact_collation().await?;
+        Ok(create_tables(&self.inner.table, c).to_vec())
+    }
+
     async fn exact_collation(&self) -> outbox_core::Result<&'static str> {
         Ok(if self.is_mariadb().await? {
             "utf8mb4_nopad_bin"
@@ -1243,48 +1315,8 @@ impl Store for MySqlStore {
     async fn migrate(&self) -> outbox_core::Result<()> {
         let t = &self.inner.table;
         let c = self.exact_collation().await?;
-        let statements = [
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
-                    seq BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
-                    id CHAR(36) NOT NULL,
-                    stream VARCHAR(255) COLLATE {c} NOT NULL,
-                    destination VARCHAR(512) NOT NULL,
-                    msg_key VARCHAR(255) COLLATE {c} NULL,
-                    okey VARCHAR(255) COLLATE {c} NOT NULL,
-                    payload LONGBLOB NOT NULL,
-                    content_type VARCHAR(255) NOT NULL,
-                    headers LONGTEXT NOT NULL,
-                    strategy VARCHAR(16) NOT NULL,
-                    status VARCHAR(16) NOT NULL,
-                    attempts INT NOT NULL DEFAULT 0,
-                    created_at BIGINT NOT NULL,
-                    next_attempt_at BIGINT NOT NULL,
-                    locked_by VARCHAR(64) COLLATE {c} NULL,
-                    locked_until BIGINT NULL,
-                    last_error TEXT NULL,
-                    sent_at BIGINT NULL,
-                    signature VARCHAR(255) NULL,
-                    on_exhausted VARCHAR(16) NULL,
-                    claims INT NOT NULL DEFAULT 0,
-                    UNIQUE KEY {t}_id (id),
-                    KEY {t}_unit (status, stream, okey, seq),
-                    KEY {t}_oc (strategy, status, next_attempt_at),
-                    KEY {t}_sent (status, sent_at),
-                    KEY {t}_dead (status, created_at)
-                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4"
-            ),
-            // Ordering-unit locks for enqueue.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t}_locks (
-                    stream VARCHAR(255) NOT NULL,
-                    okey VARCHAR(255) NOT NULL,
-                    writes BIGINT NOT NULL DEFAULT 0,
-                    due TINYINT NOT NULL DEFAULT 1,
-                    PRIMARY KEY (stream, okey)
-                ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
-            ),
-        ];
+        let [outbox, locks, due] = create_tables(t, c);
+        let statements = [outbox, locks];
         for s in statements {
             sqlx::query(&s)
                 .execute(&self.inner.pool)
@@ -1292,25 +1324,10 @@ impl Store for MySqlStore {
                 .map_err(map_err)?;
         }
         self.convert_to_exact_names(c).await?;
-        // Units as claims see them: when each may be claimed next (`next_at`: now when free,
-        // the lease's end when leased, the head's retry time when backing off).
-        sqlx::query(&format!(
-            "CREATE TABLE IF NOT EXISTS {t}_due (
-                stream VARCHAR(255) NOT NULL,
-                okey VARCHAR(255) NOT NULL,
-                next_at BIGINT NOT NULL,
-                leased_by VARCHAR(64) NULL,
-                parked_at BIGINT NULL,
-                parked_reason TEXT NULL,
-                claims INT NOT NULL DEFAULT 0,
-                PRIMARY KEY (stream, okey),
-                KEY due_next (next_at),
-                KEY due_parked (parked_at)
-            ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = {c}"
-        ))
-        .execute(&self.inner.pool)
-        .await
-        .map_err(map_err)?;
+        sqlx::query(&due)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
         // Columns added after a table's first version.
         self.add_column(
             t,

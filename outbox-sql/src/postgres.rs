@@ -213,6 +213,22 @@ impl PgStore {
         &self.inner.table
     }
 
+    /// The statements `migrate` runs for `table`, for a DBA to review and run as the
+    /// tables' owner (`outbox migrate --print-sql`); all idempotent. `migrate` also takes an
+    /// advisory lock so that several processes migrate one at a time.
+    pub fn schema_sql(table: &str) -> outbox_core::Result<Vec<String>> {
+        validate_identifier(table)?;
+        let sql = Sql::new(table);
+        Ok(sql
+            .schema
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .chain([sql.adopt.clone()])
+            .collect())
+    }
+
     /// Whether the outbox table exists in the connection's search path.
     pub async fn table_exists(&self) -> outbox_core::Result<bool> {
         let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
@@ -808,23 +824,12 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        for statement in self
-            .inner
-            .sql
-            .schema
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
-            sqlx::query(statement)
+        for statement in Self::schema_sql(&self.inner.table)? {
+            sqlx::query(&statement)
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
         }
-        sqlx::query(&self.inner.sql.adopt)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
         tx.commit().await.map_err(map_err)
     }
 

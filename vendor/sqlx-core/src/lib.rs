@@ -1,3 +1,6 @@
+// outbox: a lint of newer compilers than this release knew (a crates.io dependency would have
+// its lints capped; a path dependency does not). See vendor/README.md.
+#![allow(mismatched_lifetime_syntaxes)]
 //! Core of SQLx, the rust SQL toolkit.
 //!
 //! ### Note: Semver Exempt API
