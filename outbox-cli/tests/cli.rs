@@ -476,6 +476,16 @@ fn settings_out_of_range_are_config_errors() {
             vec!["clean", "--older-than", "1000000000years"],
             "retention",
         ),
+        (
+            vec![
+                "clean",
+                "--inbox",
+                "inbox",
+                "--inbox-older-than",
+                "18446744073709551615s",
+            ],
+            "inbox retention",
+        ),
         (vec!["clean", "--batch", "0"], "batch_size"),
     ] {
         let mut cmd = bin();

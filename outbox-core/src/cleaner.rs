@@ -6,6 +6,18 @@ use std::time::{Duration, SystemTime};
 use crate::error::{Error, Result};
 use crate::store::Store;
 
+/// Longest retention a cleaner takes: 100 years.
+pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `older_than` before now: what a clean deletes below. A retention over
+/// [`MAX_RETENTION`] is a `Config` error naming `what`, not an overflow.
+pub fn cutoff(what: &str, older_than: Duration) -> Result<SystemTime> {
+    crate::error::in_range(what, older_than, Duration::ZERO, MAX_RETENTION)?;
+    SystemTime::now()
+        .checked_sub(older_than)
+        .ok_or_else(|| Error::config(format!("{what} reaches before the epoch")))
+}
+
 /// Default retention: 7 days (jaiminho's `TIME_TO_DELETE`).
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -92,15 +104,10 @@ impl<S: Store> Cleaner<S> {
         &self,
         mut after_batch: impl FnMut(u64) -> bool,
     ) -> Result<(u64, bool)> {
-        crate::error::in_range(
-            "cleaner retention",
-            self.retention,
-            Duration::ZERO,
-            Duration::from_secs(100 * 365 * 24 * 3600),
-        )?;
-        let before = SystemTime::now()
-            .checked_sub(self.retention)
-            .ok_or_else(|| Error::config("cleaner retention reaches before the epoch"))?;
+        let before = cutoff("cleaner retention", self.retention)?;
+        for (_, horizon) in &self.inboxes {
+            cutoff("inbox retention", *horizon)?;
+        }
         let mut total = 0;
         loop {
             let n = self

@@ -56,7 +56,7 @@ pub mod otel;
 #[cfg(feature = "testing")]
 pub mod conformance;
 
-pub use cleaner::{Cleaner, DEFAULT_RETENTION};
+pub use cleaner::{cutoff, Cleaner, DEFAULT_RETENTION, MAX_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use inbox::{
     parse_id, valid_traceparent, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter,

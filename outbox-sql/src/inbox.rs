@@ -352,7 +352,7 @@ mod pg {
         /// `limit`; returns how many.
         pub async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
             let t = &self.table;
-            let horizon = to_millis(SystemTime::now() - older_than);
+            let horizon = to_millis(outbox_core::cutoff("inbox retention", older_than)?);
             sqlx::query(&format!(
                 "DELETE FROM {t} WHERE (consumer, id) IN
                    (SELECT consumer, id FROM {t} WHERE first_seen_at < $1 AND state = 'done' LIMIT $2)"
@@ -661,7 +661,7 @@ mod my {
         /// `limit`; returns how many.
         pub async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
             let t = &self.table;
-            let horizon = to_millis(SystemTime::now() - older_than);
+            let horizon = to_millis(outbox_core::cutoff("inbox retention", older_than)?);
             sqlx::query(&format!(
                 "DELETE FROM {t} WHERE first_seen_at < ? AND state = 'done' ORDER BY first_seen_at LIMIT ?"
             ))

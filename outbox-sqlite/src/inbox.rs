@@ -214,7 +214,7 @@ impl InboxTable {
     /// returns how many. A message delivered again after its mark is gone would be processed
     /// again: keep marks longer than the broker can redeliver.
     pub async fn clean(&self, older_than: Duration, limit: usize) -> outbox_core::Result<u64> {
-        let horizon = to_millis(SystemTime::now() - older_than);
+        let horizon = to_millis(outbox_core::cutoff("inbox retention", older_than)?);
         let limit = limit.max(1) as i64;
         self.blocking(move |conn, t| {
             conn.execute(
