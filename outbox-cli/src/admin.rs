@@ -37,7 +37,8 @@ pub struct AdminOptions {
     pub token: Option<String>,
     /// No actions.
     pub read_only: bool,
-    /// No payloads on pages or in the API.
+    /// No payloads, header values or last errors (a broker's or receiver's answer can quote
+    /// the message) on pages or in the API: only names, sizes, counts and states.
     pub hide_payloads: bool,
     /// How often the overview's chart samples the counts.
     pub sample_every: Duration,
@@ -367,6 +368,15 @@ fn credential(headers: &HeaderMap) -> Option<Credential<'_>> {
 }
 
 impl Admin {
+    /// A row's last error as shown: hidden with the payloads (it can quote them).
+    fn last_error(&self, m: &StoredMessage) -> String {
+        match (&m.last_error, self.options.hide_payloads) {
+            (None, _) => String::new(),
+            (Some(_), true) => "hidden (--hide-payloads)".into(),
+            (Some(e), false) => e.clone(),
+        }
+    }
+
     fn has_session(&self, id: &str) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.iter().any(|s| same(s, id))
@@ -829,7 +839,7 @@ async fn messages_html(admin: &Admin, q: &HashMap<String, String>) -> Result<Str
             esc(&msg.destination),
             m.attempts,
             time(m.envelope.created_at),
-            esc(&short(m.last_error.as_deref().unwrap_or(""))),
+            esc(&short(&admin.last_error(m))),
             seq = m.seq,
             status = m.status.as_str(),
         );
@@ -947,9 +957,14 @@ async fn message_html(admin: &Admin, seq: &str) -> Result<String, Failure> {
         "sent",
         m.sent_at.map(time).unwrap_or_else(|| "-".into()),
     ));
+    let error = admin.last_error(&m);
     b.push_str(&row(
         "last error",
-        esc(m.last_error.as_deref().unwrap_or("-")),
+        if error.is_empty() {
+            "-".into()
+        } else {
+            esc(&error)
+        },
     ));
     b.push_str(&row(
         "signature",
@@ -964,7 +979,14 @@ async fn message_html(admin: &Admin, seq: &str) -> Result<String, Failure> {
     b.push_str(&row("content type", esc(&msg.content_type)));
     b.push_str("</table><h2>Headers</h2><table id=\"headers\">");
     for (k, v) in &msg.headers {
-        b.push_str(&row(k, esc(v)));
+        b.push_str(&row(
+            k,
+            if admin.options.hide_payloads {
+                format!("<span class=\"muted\">{} bytes, hidden</span>", v.len())
+            } else {
+                esc(v)
+            },
+        ));
     }
     b.push_str("</table><h2>Payload</h2>");
     if admin.options.hide_payloads {
@@ -1315,7 +1337,7 @@ fn may_change(admin: &Admin, csrf: &str, missing: &str) -> Result<(), Failure> {
 }
 
 /// A few rows for a confirmation: what will change, before it does.
-fn rows_table(rows: &[StoredMessage], total: u64) -> String {
+fn rows_table(admin: &Admin, rows: &[StoredMessage], total: u64) -> String {
     if rows.is_empty() {
         return String::new();
     }
@@ -1329,7 +1351,7 @@ fn rows_table(rows: &[StoredMessage], total: u64) -> String {
             esc(msg.key.as_deref().unwrap_or("")),
             esc(&msg.destination),
             m.attempts,
-            esc(&short(m.last_error.as_deref().unwrap_or(""))),
+            esc(&short(&admin.last_error(m))),
             seq = m.seq,
         );
     }
@@ -1380,7 +1402,7 @@ async fn action_form(
                      <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
                      <button id=\"confirm\">Yes, do it</button> <a href=\"/\">Cancel</a></form>",
                     esc(&question),
-                    rows_table(&rows, total),
+                    rows_table(&admin, &rows, total),
                 ),
             ));
         }
@@ -1404,6 +1426,13 @@ async fn action_form(
 // ------------------------------------------------------------------ API
 
 fn message_json(m: &StoredMessage, hide: bool) -> Value {
+    let headers: serde_json::Map<String, Value> = m
+        .envelope
+        .message
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), if hide { Value::Null } else { json!(v) }))
+        .collect();
     let msg = &m.envelope.message;
     let payload = if hide {
         Value::Null
@@ -1427,9 +1456,9 @@ fn message_json(m: &StoredMessage, hide: bool) -> Value {
         "created_at_ms": to_millis(m.envelope.created_at),
         "next_attempt_at_ms": to_millis(m.next_attempt_at),
         "sent_at_ms": m.sent_at.map(to_millis),
-        "last_error": m.last_error,
+        "last_error": if hide { None } else { m.last_error.clone() },
         "content_type": msg.content_type,
-        "headers": msg.headers,
+        "headers": headers,
         "signed": m.signature.is_some(),
         "payload": payload,
     })

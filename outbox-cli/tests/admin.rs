@@ -365,6 +365,12 @@ async fn exercise(store_url: &str, table: Option<&str>) {
     );
     assert!(r.body.contains("Requeued 1 dead letter"), "{}", r.body);
     assert_eq!(total(&c)["dead"], 1);
+    // The requeued row keeps its last error, shown (hidden below with --hide-payloads).
+    assert!(get(&c, "/messages?stream=emails").body.contains("rejected"));
+    assert_eq!(
+        get(&c, "/api/messages?stream=emails").json()["messages"][0]["last_error"],
+        "Publish (Permanent): rejected"
+    );
     for (body, says) in [
         (r#"{"action":"explode","all":true}"#, "unknown action"),
         (r#"{"action":"purge"}"#, "choose the dead letters"),
@@ -443,6 +449,20 @@ async fn exercise(store_url: &str, table: Option<&str>) {
     assert!(page.body.contains("Hidden (--hide-payloads)"));
     assert!(!page.body.contains("document.title"), "payload shown");
     assert!(get(&c, "/api/messages?stream=orders").json()["messages"][0]["payload"].is_null());
+    // Header values and last errors (which can quote a payload) are hidden too.
+    assert!(!page.body.contains("&lt;b&gt;bold"), "a header value shown");
+    let note = get(&c, "/api/messages?stream=orders").json();
+    let note = note["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "orders.note")
+        .unwrap()
+        .clone();
+    assert!(note["headers"]["x-note"].is_null(), "{note}");
+    let emails = get(&c, "/messages?stream=emails");
+    assert!(!emails.body.contains("rejected"), "a last error shown");
+    assert!(get(&c, "/api/messages?stream=emails").json()["messages"][0]["last_error"].is_null());
     assert!(!get(&c, "/messages?status=dead")
         .body
         .contains("<form method=\"post\""));
