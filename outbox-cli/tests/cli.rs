@@ -527,6 +527,23 @@ fn sqlite_files_are_private_and_only_migrate_creates_them() {
         e.contains("does not exist") && e.contains("outbox migrate"),
         "{e}"
     );
+    // A world-readable database is used, with a warning.
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = bin().args(["--store", &url, "stats"]).output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("readable by every user"), "{err}");
+    // A link to nothing is refused, and its target not created.
+    let target = dir.path().join("elsewhere.db");
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let link_url = format!("sqlite://{}", link.display());
+    let e = fails(bin().args(["--store", &link_url, "migrate"]));
+    assert!(
+        e.contains("symbolic link to a file that does not exist"),
+        "{e}"
+    );
+    assert!(!target.exists(), "the link's target was created");
 }
 
 async fn http(addr: &str, method: &str, path: &str) -> String {

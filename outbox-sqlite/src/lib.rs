@@ -225,6 +225,26 @@ pub fn commit(tx: Transaction<'_>, after: AfterCommit) -> outbox_core::Result<()
 
 fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connection> {
     let on_disk = !(path.as_os_str() == ":memory:" || path.to_string_lossy().starts_with("file:"));
+    if on_disk && !path.exists() && path.symlink_metadata().is_ok() {
+        // A link to nothing: SQLite would create its target, where the link points, with
+        // the default permissions.
+        return Err(Error::config(format!(
+            "the SQLite database {} is a symbolic link to a file that does not exist: create the file (mode 0600) or fix the link",
+            path.display()
+        )));
+    }
+    #[cfg(unix)]
+    if on_disk {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.permissions().mode() & 0o004 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the SQLite database is readable by every user of this machine (payloads included): chmod 600 it"
+                );
+            }
+        }
+    }
     if on_disk && !path.exists() {
         if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !folder.is_dir() {
