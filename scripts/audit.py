@@ -13,6 +13,7 @@ package a (non-withdrawn) advisory affects, informational ones (unmaintained, un
 separately, and exits 1 on a vulnerability not listed in ACCEPTED below, 0 otherwise.
 """
 import argparse
+import datetime
 import pathlib
 import re
 import sys
@@ -20,6 +21,9 @@ import json
 import tomllib
 
 SNAPSHOT = pathlib.Path(__file__).with_name("advisories.json")
+VENDOR = pathlib.Path(__file__).parent.parent / "vendor"
+# A snapshot whose newest advisory is older than this is reported: refresh it.
+MAX_SNAPSHOT_AGE_DAYS = 60
 
 # Advisories that affect a locked package and were looked at: id -> why it does not apply.
 ACCEPTED = {
@@ -101,12 +105,35 @@ def self_test():
     assert matches("1.2.9", "~1.2.3") and not matches("1.3.0", "~1.2.3")
     assert matches("1.5.0", ">= 1.4.0, < 1.6.0") and not matches("1.6.0", ">= 1.4.0, < 1.6.0")
     assert not matches("1.0.0-rc.1", ">= 1.0.0")
+    assert snapshot_age_days("newest advisory dated 2026-01-01", datetime.date(2026, 3, 2)) == 60
+    assert snapshot_age_days("?", datetime.date(2026, 3, 2)) is None
+    assert "sqlx-core" in vendored() and "tcp-stream" in vendored()
     print("audit.py self-test passed")
     return 0
 
 
+def vendored():
+    """Names of the crates built from patched copies in vendor/ (they are crates.io releases
+    too, and their advisories apply)."""
+    names = set()
+    for manifest in VENDOR.glob("*/Cargo.toml"):
+        names.add(tomllib.loads(manifest.read_text())["package"]["name"])
+    return names
+
+
 def registry_packages(lock):
-    return [p for p in lock.get("package", []) if p.get("source", "").startswith("registry+")]
+    patched = vendored()
+    return [p for p in lock.get("package", [])
+            if p.get("source", "").startswith("registry+") or p["name"] in patched]
+
+
+def snapshot_age_days(taken, today):
+    """Days between the newest advisory of the snapshot ("newest advisory dated YYYY-MM-DD")
+    and today; None when the date cannot be read."""
+    m = re.search(r"(\d{4})-(\d{2})-(\d{2})", taken)
+    if not m:
+        return None
+    return (today - datetime.date(*map(int, m.groups()))).days
 
 
 def write_snapshot(db, lock, path):
@@ -151,7 +178,12 @@ def main():
         stale = sorted({p["name"] for p in registry_packages(lock)
                         if p["name"] in listed and p["name"] not in held})
         print(f"advisory snapshot: {snap['taken']}")
-    vulnerable, informational, accepted = [], [], []
+        age = snapshot_age_days(snap["taken"], datetime.date.today())
+        if age is None or age > MAX_SNAPSHOT_AGE_DAYS:
+            print(f"warning: the advisory snapshot's newest entry is {age if age is not None else 'of unknown'} "
+                  f"days old (over {MAX_SNAPSHOT_AGE_DAYS}): refresh it with --snapshot from a current "
+                  "rustsec/advisory-db")
+    vulnerable, unsound, informational, accepted = [], [], [], []
     for package in registry_packages(lock):
         name, version = package["name"], package["version"]
         for adv in advisories(name):
@@ -163,7 +195,9 @@ def main():
             if any(matches(version, req) for req in safe):
                 continue
             line = f"{name} {version}: {a['id']} {a.get('informational', 'vulnerability')}: {a.get('title', '')}".rstrip()
-            if a.get("informational"):
+            if a.get("informational") == "unsound":
+                unsound.append(line)
+            elif a.get("informational"):
                 informational.append(line)
             elif a["id"] in ACCEPTED:
                 accepted.append(f"{line} (accepted: {ACCEPTED[a['id']]})")
@@ -173,6 +207,8 @@ def main():
         print("VULNERABLE", line)
     for line in accepted:
         print("accepted", line)
+    for line in unsound:
+        print("UNSOUND", line)
     for line in informational:
         print("warning", line)
     for name in stale:
@@ -180,7 +216,7 @@ def main():
               "refresh it with --snapshot")
     packages = len(registry_packages(lock))
     print(f"{packages} registry packages checked: {len(vulnerable)} vulnerable, "
-          f"{len(accepted)} accepted, {len(informational)} warnings")
+          f"{len(accepted)} accepted, {len(unsound)} unsound, {len(informational)} other warnings")
     return 1 if vulnerable or stale else 0
 
 
