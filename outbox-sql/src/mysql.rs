@@ -675,7 +675,8 @@ impl MySqlStore {
             .copied()
     }
 
-    /// `statement` (an `UPDATE` or a `SELECT`) waiting at most `lock_timeout` for a row lock.
+    /// `statement` (an `UPDATE`, `INSERT` or `SELECT`) waiting at most `lock_timeout` for a
+    /// row lock.
     async fn bounded(&self, statement: &str) -> outbox_core::Result<String> {
         let secs = self.inner.lock_timeout.as_secs_f64().ceil().max(1.0) as u64;
         Ok(if self.is_mariadb().await? {
@@ -753,14 +754,21 @@ impl MySqlStore {
         .fetch_all(&self.inner.pool)
         .await
         .map_err(map_err)?;
+        // A writer holding one of these units is waited for no longer than a claim would
+        // (not the server's innodb_lock_wait_timeout, 50 s by default).
+        let statements = [
+            self.bounded(&format!(
+                "INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE due = 1"
+            ))
+            .await?,
+            self.bounded(&format!(
+                "INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, 0)"
+            ))
+            .await?,
+        ];
         for (stream, key) in &orphans {
-            for table in ["locks", "due"] {
-                let sql = if table == "due" {
-                    format!("INSERT IGNORE INTO {t}_due (stream, okey, next_at) VALUES (?, ?, 0)")
-                } else {
-                    format!("INSERT INTO {t}_locks (stream, okey) VALUES (?, ?) ON DUPLICATE KEY UPDATE due = 1")
-                };
-                sqlx::query(&sql)
+            for sql in &statements {
+                sqlx::query(sql)
                     .bind(stream)
                     .bind(key)
                     .execute(&self.inner.pool)

@@ -818,9 +818,32 @@ impl Store for PgStore {
 
     async fn migrate(&self) -> outbox_core::Result<()> {
         let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        // Several processes may migrate at once: one at a time.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate'), hashtext($1))")
-            .bind(&self.inner.table)
+        // Several processes may migrate at once: one at a time. Any role may take an
+        // advisory lock, so the wait is capped like the claim's (then lifted for the DDL).
+        let t = &self.inner.table;
+        let wait = self.lock_wait();
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(&wait)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let locked =
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtext('outbox-migrate'), hashtext($1))")
+                .bind(t)
+                .execute(&mut *tx)
+                .await;
+        if let Err(e) = locked {
+            let mapped = map_err(e);
+            return Err(Error::new(
+                mapped.kind(),
+                Retry::Transient,
+                format!(
+                    "the migration lock of table {t} was held for over {wait}: another `outbox migrate` is running, or a session holds pg_advisory_lock(hashtext('outbox-migrate'), hashtext('{t}'))"
+                ),
+            )
+            .with_source(mapped));
+        }
+        sqlx::query("SET LOCAL lock_timeout TO DEFAULT")
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
@@ -1294,13 +1317,26 @@ impl PgStore {
                 return Ok(());
             }
         }
-        sqlx::query(&self.inner.sql.adopt)
-            .execute(&self.inner.pool)
+        // A writer holding one of these units waits no longer than a claim would.
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        sqlx::query("SELECT set_config('lock_timeout', $1, true)")
+            .bind(self.lock_wait())
+            .execute(&mut *tx)
             .await
             .map_err(map_err)?;
+        sqlx::query(&self.inner.sql.adopt)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        tx.commit().await.map_err(map_err)?;
         *self.inner.adopted.lock().unwrap_or_else(|p| p.into_inner()) =
             Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// `lock_timeout` as PostgreSQL takes it.
+    fn lock_wait(&self) -> String {
+        format!("{}ms", self.inner.lock_timeout.as_millis().max(1))
     }
 
     /// Run one of the relay's statements: on the pool, or, when its connections have JIT on,

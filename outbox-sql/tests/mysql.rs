@@ -245,6 +245,50 @@ async fn claims_never_wait_and_settles_wait_a_bounded_time() {
         store.get(seq).await.unwrap().unwrap().status,
         outbox_core::Status::Sent
     );
+
+    // Adopting a unit the claims do not know (rows written by SQL) waits for a session
+    // holding that unit's lock row at most `lock_timeout`, not the server's 50 s (a fresh
+    // store adopts on its first claim).
+    h.transact(
+        &store,
+        &outbox,
+        vec![outbox_core::Message::new("d", b"orphan".to_vec())
+            .stream("s")
+            .key("orphan")],
+        true,
+    )
+    .await
+    .unwrap()
+    .dispatch();
+    sqlx::query(&format!("DELETE FROM {table}_due WHERE okey = 'orphan'"))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT writes FROM {table}_locks WHERE stream = 's' AND okey = 'orphan' FOR UPDATE"
+    ))
+    .execute(&mut *holder)
+    .await
+    .unwrap();
+    let adopting = MySqlStore::connect_with(
+        &url(),
+        MySqlOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), adopting.claim(&claim))
+        .await
+        .expect("adopting a unit waited for its lock row without a bound")
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    holder.rollback().await.unwrap();
+    let got = adopting.claim(&claim).await.unwrap();
+    assert_eq!(got.len(), 1, "adopted once the session is gone");
 }
 
 /// A table made by 0.1 (claims serialized by `<table>_claim`, rows leased one by one) moves to

@@ -236,6 +236,72 @@ async fn locks_need_privileges_and_waits_are_bounded() {
         outbox_core::Status::Sent
     );
 
+    // Any role may take migrate's advisory lock: migrate waits for it at most
+    // `lock_timeout`, then says who to look for; once the lock is gone it runs.
+    sqlx::query("SELECT pg_advisory_lock(hashtext('outbox-migrate'), hashtext($1))")
+        .bind(&table)
+        .execute(&mut intruder)
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), impatient.migrate())
+        .await
+        .expect("migrate waited for an advisory lock without a bound")
+        .unwrap_err();
+    assert!(
+        e.is_transient() && e.to_string().contains("migration lock"),
+        "{e}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock_all()")
+        .execute(&mut intruder)
+        .await
+        .unwrap();
+    impatient.migrate().await.unwrap();
+
+    // Adopting a unit the claims do not know (rows written by SQL) waits for a writer of
+    // that unit at most `lock_timeout` too (a fresh store adopts on its first claim).
+    h.transact(
+        &store,
+        &outbox,
+        vec![Message::new("d", b"orphan".to_vec())
+            .stream("s")
+            .key("orphan")],
+        true,
+    )
+    .await
+    .unwrap()
+    .dispatch();
+    for sql in [
+        format!("DELETE FROM {table}_due WHERE okey = 'orphan'"),
+        format!("DELETE FROM {table}_units WHERE okey = 'orphan'"),
+    ] {
+        sqlx::query(&sql).execute(store.pool()).await.unwrap();
+    }
+    let mut writer = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {table}_units (stream, okey) VALUES ('s', 'orphan')"
+    ))
+    .execute(&mut *writer)
+    .await
+    .unwrap();
+    let adopting = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            lock_timeout: Duration::from_millis(200),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), adopting.claim(&claim))
+        .await
+        .expect("adopting a unit waited for its writer without a bound")
+        .unwrap_err();
+    assert!(e.is_transient(), "{e}");
+    writer.rollback().await.unwrap();
+    let got = adopting.claim(&claim).await.unwrap();
+    assert_eq!(got.len(), 1, "adopted once the writer is gone");
+
     drop(intruder);
     sqlx::query(&format!("DROP ROLE {role}"))
         .execute(store.pool())
