@@ -43,6 +43,10 @@ pub fn redact_url(url: &str) -> String {
             let (userinfo, host) = (&rest[..at], &rest[at + 1..]);
             match userinfo.split_once(':') {
                 Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                // NATS takes a lone user part as a token: a secret.
+                None if matches!(scheme.to_ascii_lowercase().as_str(), "nats" | "tls") => {
+                    format!("{scheme}://***@{host}")
+                }
                 None => format!("{scheme}://{userinfo}@{host}"),
             }
         }
@@ -134,6 +138,15 @@ mod tests {
                 "{password}"
             );
         }
+        assert_eq!(
+            redact_url("nats://S3CRET-TOKEN@127.0.0.1:4222"),
+            "nats://***@127.0.0.1:4222",
+            "NATS takes a lone user part as a token"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/shop"),
+            "postgres://app@db/shop"
+        );
         assert_eq!(
             redact_url("redis://:s3cret@127.0.0.1:6379/0"),
             "redis://:***@127.0.0.1:6379/0"

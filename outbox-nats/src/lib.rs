@@ -44,13 +44,19 @@ impl std::fmt::Debug for NatsPublisher {
 }
 
 impl NatsPublisher {
-    /// Connect to `nats://host:4222` (credentials in the URL as `nats://user:pass@host`).
-    /// An unreachable server is a transient `Publish` error, a malformed URL a `Config`
-    /// error; the URL's password is never printed.
+    /// Connect to `nats://host:4222`. Credentials: `nats://user:password@host`, a token as
+    /// `nats://TOKEN@host`, or files named in the query: `?creds=/path/user.creds` (a JWT and
+    /// nkey seed, as `nsc` writes them) or `?nkey=/path/seed.nk` (an nkey seed). Several
+    /// servers: `nats://a:4222,b:4222`. An unreachable server is a transient `Publish`
+    /// error; a malformed URL, a refused credential or an unreadable file a `Config` error;
+    /// neither password, token nor seed is ever printed (nor logged by the client: the `outbox`
+    /// command keeps `async_nats` at info).
     pub async fn connect(url: &str) -> outbox_core::Result<Self> {
-        let client = async_nats::ConnectOptions::new()
+        let shown = redact_url(url);
+        let (servers, options) = connect_options(url).await?;
+        let client = options
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(servers.as_str())
             .await
             .map_err(|e| {
                 use async_nats::ConnectErrorKind as K;
@@ -64,11 +70,7 @@ impl NatsPublisher {
                 Error::new(
                     kind,
                     retry,
-                    format!(
-                        "cannot connect to NATS at {}: {}",
-                        redact_url(url),
-                        e.kind()
-                    ),
+                    format!("cannot connect to NATS at {shown}: {}", e.kind()),
                 )
             })?;
         Ok(Self::from_client(client))
@@ -136,6 +138,70 @@ fn check_headers(envelope: &Envelope) -> outbox_core::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The servers (`nats://host:port`, without credentials or query) and the options the URL's
+/// credentials make.
+async fn connect_options(url: &str) -> outbox_core::Result<(String, async_nats::ConnectOptions)> {
+    let bad = |why: &str| Error::config(format!("NATS URL {}: {why}", redact_url(url)));
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| bad("use nats://host:4222"))?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match rest.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, rest),
+    };
+    let mut options = async_nats::ConnectOptions::new();
+    match userinfo.map(|u| u.split_once(':')) {
+        Some(Some((user, password))) => {
+            options = options.user_and_password(
+                outbox_core::tls::percent_decode(user),
+                outbox_core::tls::percent_decode(password),
+            );
+        }
+        Some(None) => {
+            options = options.token(outbox_core::tls::percent_decode(userinfo.unwrap_or("")));
+        }
+        None => {}
+    }
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        let path = std::path::PathBuf::from(outbox_core::tls::percent_decode(value));
+        match name {
+            "creds" => {
+                options = options.credentials_file(&path).await.map_err(|e| {
+                    bad(&format!(
+                        "cannot read the credentials file {}",
+                        path.display()
+                    ))
+                    .with_source(e)
+                })?;
+            }
+            "nkey" => {
+                let seed = std::fs::read_to_string(&path).map_err(|e| {
+                    bad(&format!(
+                        "cannot read the nkey seed file {}",
+                        path.display()
+                    ))
+                    .with_source(e)
+                })?;
+                options = options.nkey(seed.trim().to_owned());
+            }
+            other => {
+                return Err(bad(&format!(
+                    "unknown parameter {:?}: use creds or nkey",
+                    other.chars().take(32).collect::<String>()
+                )))
+            }
+        }
+    }
+    let servers = hosts
+        .split(',')
+        .map(|h| format!("{scheme}://{h}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((servers, options))
 }
 
 fn classify(subject: &str, e: &async_nats::jetstream::context::PublishError) -> Error {

@@ -148,6 +148,54 @@ async fn headers_nats_obeys_are_refused() {
     }
 }
 
+/// A server that requires a user and password, and one that requires a token: the URL's
+/// credentials are used (the client library ignores them in the URL), a wrong one is a
+/// permanent `Config` error, and no password or token is ever in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_url_are_used_and_never_printed() {
+    use outbox_core::ErrorKind;
+    let server = NatsServer::start_with(&["--user", "relay", "--pass", "s3cret/pw?"]);
+    let at = |userinfo: &str| format!("nats://{userinfo}@127.0.0.1:{}", server.port);
+    let e = NatsPublisher::connect(&server.url()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    let e = NatsPublisher::connect(&at("relay:wrong-pw-123"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(!format!("{e} {e:?}").contains("wrong-pw-123"), "{e}");
+    let p = NatsPublisher::connect(&at("relay:s3cret%2Fpw%3F"))
+        .await
+        .unwrap();
+    let mut s = stream(&p, "authed").await;
+    let envelope = outbox_core::Envelope {
+        id: outbox_core::MessageId::new(),
+        created_at: std::time::SystemTime::now(),
+        message: Message::new("authed.one", b"1".to_vec()),
+    };
+    p.publish(&envelope).await.unwrap();
+    assert_eq!(s.info().await.unwrap().state.messages, 1);
+
+    let token = "t0ken-value-0123456789";
+    let server = NatsServer::start_with(&["--auth", token]);
+    let at = |userinfo: &str| format!("nats://{userinfo}@127.0.0.1:{}", server.port);
+    NatsPublisher::connect(&at(token))
+        .await
+        .unwrap()
+        .check()
+        .await
+        .unwrap();
+    let e = NatsPublisher::connect(&at("not-the-token-42"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(!format!("{e} {e:?}").contains("not-the-token-42"), "{e}");
+    let e = NatsPublisher::connect(&format!("{}?creds=/nonexistent.creds", at(token)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Config, "{e}");
+    assert!(!e.to_string().contains(token), "{e}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_mid_run() {
     let mut server = NatsServer::start();

@@ -667,6 +667,11 @@ pub struct NatsServer {
 impl NatsServer {
     /// Start one and wait until it accepts connections.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Start one with more arguments (`--user`, `--pass`, `--auth`, ...).
+    pub fn start_with(extra: &[&str]) -> Self {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
@@ -681,7 +686,10 @@ impl NatsServer {
             "-js".into(),
             "-sd".into(),
             dir.path().join("js").display().to_string(),
-        ];
+        ]
+        .into_iter()
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect();
         let server = Server::spawn(bin, &args, &dir.path().join("nats.log"));
         wait_for_port(port, Duration::from_secs(20));
         Self { port, server, dir }
