@@ -489,22 +489,38 @@ fn duration(field: &str, value: Option<String>) -> Result<Option<Duration>, Erro
 fn init_logging(format: LogFormat) {
     let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // The AMQP client logs its connection handshake at trace level, SASL credentials included:
-    // never below debug, whatever RUST_LOG asks.
+    // Clients that log credentials at verbose levels are capped, whatever RUST_LOG asks (and
+    // left alone when it asks for less): the AMQP client logs its handshake at trace, SASL
+    // credentials included (capped at debug); the NATS client its CONNECT at debug (capped at
+    // info). A directive is added only above the cap: it must never raise a level.
+    let asked = filter.max_level_hint();
+    for (targets, cap) in [
+        (
+            &[
+                "lapin",
+                "amq_protocol",
+                "amq_protocol_tcp",
+                "amq_protocol_types",
+            ][..],
+            tracing_subscriber::filter::LevelFilter::DEBUG,
+        ),
+        (
+            &["async_nats"][..],
+            tracing_subscriber::filter::LevelFilter::INFO,
+        ),
+    ] {
+        if asked.is_some_and(|a| a > cap) {
+            for target in targets {
+                if let Ok(d) = format!("{target}={cap}").parse() {
+                    filter = filter.add_directive(d);
+                }
+            }
+        }
+    }
     // PostgreSQL's "relation … already exists, skipping" notices of an idempotent migrate are
     // not news.
     if let Ok(d) = "sqlx::postgres::notice=warn".parse() {
         filter = filter.add_directive(d);
-    }
-    for target in [
-        "lapin",
-        "amq_protocol",
-        "amq_protocol_tcp",
-        "amq_protocol_types",
-    ] {
-        if let Ok(d) = format!("{target}=debug").parse() {
-            filter = filter.add_directive(d);
-        }
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -243,6 +243,34 @@ fn trace_logs_carry_no_broker_password() {
         !text.contains(password),
         "password in the trace output: {text}"
     );
+    // Without RUST_LOG the client's debug lines stay out (a cap must never raise a level).
+    let out = bin()
+        .args(["--store", &store, "relay", "--publisher"])
+        .arg(format!("amqp://{user}:{password}@127.0.0.1:5672/%2f"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("DEBUG") && !text.contains("TRACE"), "{text}");
+
+    // NATS: the client logs its CONNECT (password included) at debug.
+    let nats = outbox_testkit::NatsServer::start_with(&["--user", "relay", "--pass", password]);
+    let out = bin()
+        .args(["--store", &store, "relay", "--publisher"])
+        .arg(format!("nats://relay:{password}@127.0.0.1:{}", nats.port))
+        .env("RUST_LOG", "trace")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(
+        !text.contains(password),
+        "password in the trace output: {text}"
+    );
 }
 
 /// `doctor --json` with `SSL_CERT_FILE` standing in for the system's roots: the status and
