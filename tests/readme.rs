@@ -3,6 +3,11 @@
 //! `every_readme_snippet_is_compiled_here` fails when a README block has no copy. The
 //! functions are compiled, not run (they need a database or run forever); the examples and
 //! the other tests run the same calls.
+//!
+//! The Getting started projects (the blocks after a `<!-- project: NAME FILE -->` marker) are
+//! not snippets: `the_getting_started_projects_run_as_written` writes each project's files
+//! exactly as the README has them into a new folder next to a link to this checkout, and
+//! builds and runs it with cargo.
 #![allow(dead_code, unused_variables, clippy::all)]
 
 use std::error::Error as StdError;
@@ -128,23 +133,139 @@ mod snippets {
     }
 }
 
-/// The README's ```rust blocks, each as its trimmed non-empty lines.
+/// The README's ```rust blocks, each as its trimmed non-empty lines (not the projects' files).
 fn readme_blocks(readme: &str) -> Vec<Vec<String>> {
     let mut blocks = Vec::new();
-    let mut current: Option<Vec<String>> = None;
+    // A block being read: its lines, and whether it is kept (a rust block, not a project's).
+    let mut current: Option<(Vec<String>, bool)> = None;
+    let mut project_file = false;
     for line in readme.lines() {
         let t = line.trim();
         match &mut current {
-            None if t.starts_with("```rust") => current = Some(Vec::new()),
-            Some(b) if t == "```" => {
-                blocks.push(std::mem::take(b));
+            None if t.starts_with("<!-- project:") => project_file = true,
+            None if t.starts_with("```") => {
+                current = Some((Vec::new(), t.starts_with("```rust") && !project_file));
+                project_file = false;
+            }
+            Some((b, keep)) if t == "```" => {
+                if *keep {
+                    blocks.push(std::mem::take(b));
+                }
                 current = None;
             }
-            Some(b) if !t.is_empty() => b.push(t.to_owned()),
+            Some((b, _)) if !t.is_empty() => b.push(t.to_owned()),
             _ => {}
         }
     }
     blocks
+}
+
+/// The file a `<!-- project: NAME FILE -->` marker names: the fenced block after it, verbatim.
+fn project_file(readme: &str, name: &str, file: &str) -> String {
+    let marker = format!("<!-- project: {name} {file} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("no {marker} in the README"))
+        .1;
+    let body = after
+        .split_once("```")
+        .and_then(|(_, rest)| rest.split_once('\n'))
+        .map(|(_, rest)| rest)
+        .unwrap();
+    let end = body.find("\n```").unwrap();
+    format!("{}\n", &body[..end])
+}
+
+/// The Getting started projects, built and run as the README has them: a new folder holding
+/// exactly its `Cargo.toml` and `src/main.rs`, next to `outbox` (a link to this checkout), as
+/// the README tells a new user to lay them out. Cargo.lock is this workspace's (so the same
+/// versions, from the local registry cache: `--offline`); the build goes to a target folder of
+/// its own (the tests' is locked while they run).
+#[test]
+fn the_getting_started_projects_run_as_written() {
+    let readme = include_str!("../README.md");
+    let checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The PostgreSQL project gets a database of its own (its table is the default "outbox").
+    let server = std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let database = format!("readme_{}", uuid::Uuid::now_v7().simple());
+    let admin = |sql: String| {
+        let server = server.clone();
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                use outbox::postgres::sqlx::{self, Connection};
+                let mut c = sqlx::PgConnection::connect(&server).await.unwrap();
+                sqlx::query(&sql).execute(&mut c).await.unwrap();
+            })
+    };
+    admin(format!("CREATE DATABASE {database}"));
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let pg = format!("{base}/{database}");
+    for (name, env) in [("sqlite", vec![]), ("postgres", vec![("DATABASE_URL", pg)])] {
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(checkout, root.path().join("outbox")).unwrap();
+        let project = root.path().join("shop");
+        std::fs::create_dir_all(project.join("src")).unwrap();
+        std::fs::write(
+            project.join("Cargo.toml"),
+            project_file(readme, name, "Cargo.toml"),
+        )
+        .unwrap();
+        std::fs::write(
+            project.join("src/main.rs"),
+            project_file(readme, name, "src/main.rs"),
+        )
+        .unwrap();
+        std::fs::copy(checkout.join("Cargo.lock"), project.join("Cargo.lock")).unwrap();
+        let out =
+            std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .args(["run", "--offline", "--quiet"])
+                .current_dir(&project)
+                .env("CARGO_TARGET_DIR", checkout.join("target/readme-projects"))
+                .envs(env)
+                .output()
+                .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{name}: {stdout}\n{stderr}");
+        assert!(stdout.contains("orders.placed"), "{name}: {stdout}");
+        assert!(stdout.contains("relay published 1"), "{name}: {stdout}");
+        if name == "sqlite" {
+            // The mistake a new user makes first: `enqueue(...).await` with SQLite's
+            // transaction. The compiler's message says what to call instead.
+            std::fs::create_dir_all(project.join("src/bin")).unwrap();
+            std::fs::write(
+                project.join("src/bin/wrong.rs"),
+                "#[tokio::main]\nasync fn main() -> Result<(), Box<dyn std::error::Error>> {\n\
+                 let store = outbox::sqlite::SqliteStore::open(\"shop.db\")?;\n\
+                 let outbox = outbox::Outbox::writer(store.clone()).build()?;\n\
+                 let mut conn = store.connect()?;\n\
+                 let mut tx = conn.transaction()?;\n\
+                 let after = outbox.enqueue(&mut tx, [outbox::Message::new(\"d\", vec![1])]).await?;\n\
+                 Ok(())\n}\n",
+            )
+            .unwrap();
+            let out = std::process::Command::new(
+                std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()),
+            )
+            .args(["build", "--offline", "--quiet", "--bin", "wrong"])
+            .current_dir(&project)
+            .env("CARGO_TARGET_DIR", checkout.join("target/readme-projects"))
+            .output()
+            .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success(),
+                "enqueue(...).await compiled on SQLite"
+            );
+            assert!(
+                stderr.contains("call `outbox.enqueue_blocking(&mut tx, messages)` instead"),
+                "{stderr}"
+            );
+        }
+    }
+    admin(format!("DROP DATABASE {database} WITH (FORCE)"));
 }
 
 #[test]
@@ -185,7 +306,9 @@ fn every_readme_snippet_is_compiled_here() {
 /// The check itself finds a block that is missing.
 #[test]
 fn a_readme_block_without_a_copy_is_found() {
-    let blocks = readme_blocks("text\n```rust\nlet x = 1;\n\nlet y = 2;\n```\n```sh\nls\n```\n");
+    let blocks = readme_blocks(
+        "text\n```rust\nlet x = 1;\n\nlet y = 2;\n```\n```sh\nls\n```\n<!-- project: a src/main.rs -->\n```rust\nfn main() {}\n```\n",
+    );
     assert_eq!(
         blocks,
         vec![vec!["let x = 1;".to_owned(), "let y = 2;".to_owned()]]

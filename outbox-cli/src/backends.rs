@@ -37,22 +37,14 @@ impl AnyStore {
     pub async fn open(url: &str, table: &str, create: bool) -> Result<Self> {
         let scheme = url.split(':').next().unwrap_or("");
         match scheme {
-            "sqlite" => {
-                let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
-                if path.is_empty() {
-                    return Err(Error::config(
-                        "sqlite URL needs a path: sqlite://path/to/file.db",
-                    ));
-                }
-                Ok(Self::Sqlite(SqliteStore::open_with(
-                    path,
-                    SqliteOptions {
-                        table: table.into(),
-                        create,
-                        ..Default::default()
-                    },
-                )?))
-            }
+            "sqlite" => Ok(Self::Sqlite(SqliteStore::open_with(
+                url,
+                SqliteOptions {
+                    table: table.into(),
+                    create,
+                    ..Default::default()
+                },
+            )?)),
             "postgres" | "postgresql" => Ok(Self::Postgres(
                 PgStore::connect_with(
                     url,

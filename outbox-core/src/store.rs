@@ -458,6 +458,12 @@ pub trait Store: Send + Sync {
 /// [`Outbox::enqueue`](crate::Outbox::enqueue), which validates, signs and then calls this.
 /// Taking the transaction type (not a bare connection) is the point: a keep-order row's unit
 /// lock lasts until the transaction ends, which an autocommit connection would not do.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot enqueue in a `{Tx}` with `enqueue(...).await`",
+    label = "`Outbox::enqueue` takes the store's own asynchronous transaction",
+    note = "SQLite (rusqlite) and MemoryStore transactions are synchronous: call `outbox.enqueue_blocking(&mut tx, messages)` instead",
+    note = "PostgreSQL and MySQL take `&mut sqlx::Transaction` (from `store.pool().begin().await`), not a connection or a pool"
+)]
 #[async_trait]
 pub trait Enqueue<Tx: Send + ?Sized>: Store {
     /// Write `rows` in `tx`, in order, all or none. Returns their `seq`s in the same order;
@@ -485,6 +491,12 @@ pub trait Enqueue<Tx: Send + ?Sized>: Store {
 /// [`Enqueue`] for stores whose transactions are synchronous (SQLite's
 /// `rusqlite::Transaction`, [`MemoryTx`](crate::MemoryTx)). Users call
 /// [`Outbox::enqueue_blocking`](crate::Outbox::enqueue_blocking).
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot enqueue in a `{Tx}` with `enqueue_blocking`",
+    label = "`Outbox::enqueue_blocking` takes the store's own synchronous transaction",
+    note = "PostgreSQL and MySQL transactions are asynchronous: call `outbox.enqueue(&mut tx, messages).await` instead",
+    note = "SQLite takes `&mut rusqlite::Transaction` (from `store.connect()?.transaction()?`)"
+)]
 pub trait EnqueueBlocking<Tx: ?Sized>: Store {
     /// As [`Enqueue::write_rows`].
     fn write_rows_blocking(

@@ -112,8 +112,28 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// A path, or the `sqlite://PATH` / `sqlite:PATH` URL the `outbox` command takes.
+fn path_of(path: &Path) -> outbox_core::Result<std::path::PathBuf> {
+    let Some(text) = path.to_str() else {
+        return Ok(path.to_path_buf());
+    };
+    match text.strip_prefix("sqlite:") {
+        Some(rest) => {
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            if rest.is_empty() {
+                return Err(Error::config(
+                    "sqlite URL needs a path: sqlite://path/to/file.db",
+                ));
+            }
+            Ok(std::path::PathBuf::from(rest))
+        }
+        None => Ok(path.to_path_buf()),
+    }
+}
+
 impl SqliteStore {
-    /// Open (or create) the database file with the default table `outbox`.
+    /// Open (or create) the database file with the default table `outbox`: a path, or a
+    /// `sqlite://PATH` URL as the `outbox` command takes.
     pub fn open(path: impl AsRef<Path>) -> outbox_core::Result<Self> {
         Self::open_with(path, SqliteOptions::default())
     }
@@ -121,7 +141,7 @@ impl SqliteStore {
     /// Open with options. The table name is validated before it reaches any SQL.
     pub fn open_with(path: impl AsRef<Path>, options: SqliteOptions) -> outbox_core::Result<Self> {
         validate_identifier(&options.table)?;
-        let path = path.as_ref().to_path_buf();
+        let path = path_of(path.as_ref())?;
         let conn = open_conn(&path, &options)?;
         let sql = Sql::new(&options.table);
         Ok(Self {
@@ -1357,5 +1377,20 @@ impl Store for SqliteStore {
 
     fn notify_committed(&self) {
         self.shared.notify.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_urls() {
+        let p = |s: &str| path_of(Path::new(s)).map(|p| p.display().to_string());
+        assert_eq!(p("app.db").unwrap(), "app.db");
+        assert_eq!(p("sqlite://data/app.db").unwrap(), "data/app.db");
+        assert_eq!(p("sqlite:///var/lib/app.db").unwrap(), "/var/lib/app.db");
+        assert_eq!(p("sqlite:app.db").unwrap(), "app.db");
+        assert!(p("sqlite://").is_err());
     }
 }
