@@ -1192,27 +1192,49 @@ const BULK_BATCH: usize = 500;
 /// 30 s), a warning each time and `outbox_store_up` at 0, instead of an exit. None when asked
 /// to stop meanwhile.
 async fn open_until_ready(url: &str, table: &str) -> Result<Option<AnyStore>, Error> {
+    until_ready("store", url, "outbox_store", || async {
+        let store = AnyStore::open(url, table, false).await?;
+        match store.table_exists().await? {
+            true => Ok(store),
+            false => Err(Error::transient(format!(
+                "table {table:?} does not exist yet (run `outbox migrate`)"
+            ))),
+        }
+    })
+    .await
+}
+
+/// Open something the relay needs (the store, the publisher) the way a service under
+/// systemd or Kubernetes should: a transient failure is logged and tried again, with pauses
+/// from 200 ms doubling to 30 s, until it works or the process is asked to stop (`None`); a
+/// permanent one (a bad URL, a refused password) is returned. `gauge` gets `_up` (1 or 0)
+/// and `_unavailable_total`.
+async fn until_ready<T, F, Fut>(
+    what: &str,
+    url: &str,
+    gauge: &'static str,
+    mut open: F,
+) -> Result<Option<T>, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Error>>,
+{
     let mut pause = Duration::from_millis(200);
     let shown = outbox_core::redact_url(url);
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
-        let problem = match AnyStore::open(url, table, false).await {
-            Ok(store) => match store.table_exists().await {
-                Ok(true) => {
-                    metrics::gauge!("outbox_store_up").set(1.0);
-                    return Ok(Some(store));
-                }
-                Ok(false) => format!("table {table:?} does not exist yet (run `outbox migrate`)"),
-                Err(e) if e.is_transient() => report::describe(&e),
-                Err(e) => return Err(e),
-            },
+        let problem = match open().await {
+            Ok(ready) => {
+                metrics::gauge!(format!("{gauge}_up")).set(1.0);
+                return Ok(Some(ready));
+            }
             Err(e) if e.is_transient() => report::describe(&e),
             Err(e) => return Err(e),
         };
-        metrics::gauge!("outbox_store_up").set(0.0);
-        metrics::counter!("outbox_store_unavailable_total").increment(1);
-        tracing::warn!(store = %shown, problem = %problem, retry_in = ?pause, "cannot use the store yet; retrying");
+        metrics::gauge!(format!("{gauge}_up")).set(0.0);
+        metrics::counter!(format!("{gauge}_unavailable_total")).increment(1);
+        tracing::warn!(%what, url = %shown, %problem, retry_in = %humantime::format_duration(pause), "cannot use the {what} yet; retrying");
         tokio::select! {
             _ = &mut stop => return Ok(None),
             _ = tokio::time::sleep(pause) => {}
@@ -1258,7 +1280,25 @@ async fn relay(
         s.require_table().await?;
         s
     };
-    let publisher = open_publisher(&publisher_url).await?;
+    // The same for the broker: a broker that is down during a deploy is waited for, not a
+    // crash loop.
+    let publisher = if args.run_loop {
+        match until_ready("publisher", &publisher_url, "outbox_publisher", || async {
+            let p = open_publisher(&publisher_url).await?;
+            p.check().await?;
+            Ok(p)
+        })
+        .await?
+        {
+            Some(p) => p,
+            None => {
+                tracing::info!("stopped before the publisher was ready");
+                return Ok(exit::OK);
+            }
+        }
+    } else {
+        open_publisher(&publisher_url).await?
+    };
     let defaults = RelayConfig::default();
     let streams = if !args.streams.is_empty() {
         args.streams

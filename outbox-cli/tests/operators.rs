@@ -478,3 +478,112 @@ fn completions_and_manual_page() {
         "{man}"
     );
 }
+
+/// A relay started with `--loop` while its broker is down waits for it as it waits for its
+/// database (a broker outage during a deploy is not a crash loop under systemd or
+/// Kubernetes): it logs and retries, publishes once the broker is up, and stops with exit 0
+/// on SIGTERM. Without `--loop` it exits at once with one error line (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_looping_relay_waits_for_its_broker() {
+    use outbox_core::{RelayOnly, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("late.db");
+    let store_url = format!("sqlite://{}", db.display());
+    assert!(run(&["--store", &store_url, "migrate"]).status.success());
+    let store = SqliteStore::open(&db).unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(RelayOnly)
+        .build()
+        .unwrap();
+    let key = format!("late-broker-{}", uuid::Uuid::now_v7().simple());
+    let mut conn = store.connect().unwrap();
+    let mut tx = conn.transaction().unwrap();
+    drop(
+        outbox
+            .enqueue_blocking(
+                &mut tx,
+                (0..3).map(|i| Message::new(key.clone(), vec![b'0' + i])),
+            )
+            .unwrap(),
+    );
+    tx.commit().unwrap();
+
+    let port = outbox_testkit::free_port();
+    let publisher = format!("redis://127.0.0.1:{port}/0");
+    let once = run(&["--store", &store_url, "relay", "--publisher", &publisher]);
+    let stderr = String::from_utf8_lossy(&once.stderr);
+    assert_eq!(once.status.code(), Some(3), "{stderr}");
+
+    let mut relay = bin()
+        .args([
+            "--store",
+            &store_url,
+            "relay",
+            "--loop",
+            "--interval",
+            "200ms",
+        ])
+        .args(["--publisher", &publisher])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(relay.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut warnings = 0;
+    while warnings < 2 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the relay logs while it waits for the broker");
+        if line.contains("cannot use the publisher yet") {
+            warnings += 1;
+        }
+    }
+    assert!(relay.try_wait().unwrap().is_none(), "the relay exited");
+
+    // The broker comes up on that port.
+    let _redis = outbox_testkit::Server::spawn(
+        "redis-server",
+        &[
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+        ],
+        &dir.path().join("redis.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while store.stats().await.unwrap().total().sent < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "not published once the broker was up"
+        );
+        store.wait_for_work(Duration::from_millis(100)).await;
+    }
+    let client = redis::Client::open(publisher.as_str()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let len: u64 = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(len, 3);
+
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    let status = relay.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
