@@ -68,6 +68,11 @@ impl AnyStore {
                     .await?,
                 ))
             }
+            _ if !url.contains("://") => Err(Error::config(format!(
+                "unsupported store URL {}: a SQLite file is sqlite://{}; other stores: postgres://, mysql://",
+                redact_url(url),
+                redact_url(url)
+            ))),
             _ => Err(Error::config(format!(
                 "unsupported store URL {}: use sqlite://, postgres:// or mysql://",
                 redact_url(url)
@@ -113,8 +118,9 @@ impl AnyStore {
         if self.table_exists().await? {
             Ok(())
         } else {
+            // Not a setting: the store is there, its table is not (exit 1, the migrate hint).
             Err(Error::new(
-                ErrorKind::Config,
+                ErrorKind::Store,
                 Retry::Permanent,
                 format!(
                     "table {:?} does not exist: run `outbox migrate` first",

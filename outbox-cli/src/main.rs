@@ -423,26 +423,79 @@ fn load_file(path: &Option<PathBuf>) -> Result<FileConfig, Error> {
     })
 }
 
-/// A TOML error message without the values it quotes (`invalid type: string "k1:s3cret",
-/// expected a sequence`): the value may be a secret. Names of unknown keys are kept.
-fn without_values(message: &str) -> String {
-    if !message.contains("invalid") {
-        return message.to_owned();
+/// Write a generated document to stdout. A reader that stops early (`| head`) is not an
+/// error (exit 0, as for `cat`); any other write error is.
+fn write_out(text: &[u8], what: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: cannot write {what}: {e}");
+            ExitCode::from(exit::FAILED)
+        }
     }
+}
+
+/// A relay's counts as log fields (not a `Debug` value).
+fn log_report(r: &outbox_core::BatchReport, what: &str) {
+    tracing::info!(
+        claimed = r.claimed,
+        published = r.published,
+        failed = r.failed,
+        dead = r.dead,
+        released = r.released,
+        quarantined = r.quarantined,
+        parked = r.parked,
+        "{what}"
+    );
+}
+
+/// A TOML error message on one line without the values it quotes (`invalid type: string
+/// "k1:s3cret", expected a sequence`: the value may be a secret). What the parser expected
+/// and the names of keys (in backticks: `expected `"`, `'``, `unknown field `tabel``) are
+/// kept: the user needs them.
+fn without_values(message: &str) -> String {
+    let chars: Vec<char> = message.chars().collect();
     let mut out = String::with_capacity(message.len());
-    let mut quote = None;
-    for c in message.chars() {
-        match quote {
-            Some(q) if c == q => {
-                quote = None;
+    let mut in_value = false;
+    for (i, &c) in chars.iter().enumerate() {
+        // A quote in backticks is a token the parser expected, not a value.
+        let token = i > 0 && chars[i - 1] == '`' && chars.get(i + 1) == Some(&'`');
+        match c {
+            '"' if in_value => {
+                in_value = false;
                 out.push_str("<value>");
             }
-            Some(_) => {}
-            None if c == '"' || c == '`' => quote = Some(c),
-            None => out.push(c),
+            _ if in_value => {}
+            '"' if !token => in_value = true,
+            '\n' => out.push_str("; "),
+            c => out.push(c),
         }
     }
     out
+}
+
+#[cfg(test)]
+mod toml_messages {
+    use super::without_values;
+
+    #[test]
+    fn values_go_tokens_and_keys_stay() {
+        assert_eq!(
+            without_values("invalid type: string \"k1:s3cret\", expected a sequence"),
+            "invalid type: string <value>, expected a sequence"
+        );
+        assert_eq!(
+            without_values("invalid string\nexpected `\"`, `'`"),
+            "invalid string; expected `\"`, `'`"
+        );
+        assert_eq!(
+            without_values("unknown field `tabel`, expected one of `table`, `store`"),
+            "unknown field `tabel`, expected one of `table`, `store`"
+        );
+    }
 }
 
 /// A URL from, in order: the flag or its environment variable, the file named by the `-file`
@@ -601,22 +654,17 @@ async fn main() -> ExitCode {
     };
     match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(
-                *shell,
-                &mut Cli::command(),
-                "outbox",
-                &mut std::io::stdout(),
-            );
-            return ExitCode::SUCCESS;
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "outbox", &mut text);
+            return write_out(&text, "the completion script");
         }
         Command::Man => {
-            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("error: cannot write the manual page: {e}");
-                    ExitCode::from(exit::FAILED)
-                }
-            };
+            let mut text = Vec::new();
+            if let Err(e) = clap_mangen::Man::new(Cli::command()).render(&mut text) {
+                eprintln!("error: cannot render the manual page: {e}");
+                return ExitCode::from(exit::FAILED);
+            }
+            return write_out(&text, "the manual page");
         }
         _ => {}
     }
@@ -761,7 +809,11 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
         }
         Command::Migrate { inboxes, .. } => {
             let started = std::time::Instant::now();
-            tracing::info!(table = %table, "migrating (large 0.1 tables are converted in place; this can take a while)");
+            if store.table_exists().await? {
+                tracing::info!(table = %table, "upgrading the table in place if needed (a large table of version 0.1 takes a while)");
+            } else {
+                tracing::info!(table = %table, "creating the table");
+            }
             store.store().migrate().await?;
             for inbox in &inboxes {
                 store.inbox_table(inbox)?.migrate().await?;
@@ -1413,7 +1465,7 @@ async fn relay(
     );
     if !args.run_loop {
         let report = relay.run_once().await?;
-        tracing::info!(?report, "relay finished");
+        log_report(&report, "relay finished");
         let trouble = report.failed + report.dead + report.quarantined;
         if trouble > 0 {
             tracing::warn!(
@@ -1432,7 +1484,7 @@ async fn relay(
     if let Some(g) = gauges {
         g.abort();
     }
-    tracing::info!(?report, "relay stopped");
+    log_report(&report, "relay stopped");
     Ok(exit::OK)
 }
 

@@ -79,7 +79,11 @@ pub fn describe(e: &Error) -> String {
     let mut text = e.message().to_owned();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        let s_text = s.to_string();
+        // Our own errors by their message: their Display repeats the kind and the sources.
+        let s_text = match s.downcast_ref::<Error>() {
+            Some(inner) => inner.message().to_owned(),
+            None => s.to_string(),
+        };
         if !text.contains(&s_text) {
             text.push_str(": ");
             text.push_str(&s_text);

@@ -587,3 +587,106 @@ async fn a_looping_relay_waits_for_its_broker() {
     let status = relay.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Errors name their cause at once and their exit code matches the README; redaction hides
+/// secrets and never what the user needs to see; logs carry no `Debug` values; a reader that
+/// stops early is not an error.
+#[tokio::test]
+async fn errors_name_their_cause_and_nothing_the_user_needs_is_hidden() {
+    let stderr_of = |out: &Output| String::from_utf8_lossy(&out.stderr).into_owned();
+    // A database on a closed port: refused at once, with the address.
+    let port = outbox_testkit::free_port();
+    let started = Instant::now();
+    let out = run(&[
+        "--store",
+        &format!("postgres://postgres@127.0.0.1:{port}/test"),
+        "stats",
+    ]);
+    let e = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{e}");
+    assert!(
+        e.contains("Connection refused") && e.contains(&format!("127.0.0.1:{port}")),
+        "{e}"
+    );
+    assert!(
+        !e.contains("pool timed out") && !e.contains("Store (Transient)"),
+        "{e}"
+    );
+    eprintln!("refused after {:?}", started.elapsed());
+    // A wrong password: a setting to fix (2), not an unreachable service (3).
+    let out = run(&[
+        "--store",
+        "mysql://root:not-the-password@127.0.0.1:3306/test",
+        "stats",
+    ]);
+    let e = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("refused the login") && !e.contains("not-the-password"),
+        "{e}"
+    );
+    // Paths and host:port are shown as given; no password warning for them.
+    let out = run(&["--store", "data/app.db", "stats"]);
+    let e = stderr_of(&out);
+    assert!(
+        e.contains("sqlite://data/app.db") && !e.contains("<redacted>"),
+        "{e}"
+    );
+    assert!(!e.contains("carries a password"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let s = &sqlite_with_rows(&dir).await;
+    let out = run(&[
+        "--store",
+        s,
+        "relay",
+        "--publisher",
+        &format!("nats://127.0.0.1:{port}"),
+    ]);
+    assert!(
+        stderr_of(&out).contains("Connection refused"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = run(&["--store", s, "relay", "--publisher", "127.0.0.1:6379"]);
+    let e = stderr_of(&out);
+    assert!(
+        e.contains("127.0.0.1:6379") && !e.contains("carries a password"),
+        "{e}"
+    );
+    // A missing table: exit 1 and the migrate hint (README), not a setting to fix.
+    let out = run(&["--store", s, "--table", "nope", "stats"]);
+    let e = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("outbox migrate") && !e.contains("fix the setting"),
+        "{e}"
+    );
+    // A TOML syntax error says what the parser expected.
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "store = \n").unwrap();
+    let e = stderr_of(&run(&["--config", config.to_str().unwrap(), "stats"]));
+    assert!(e.contains("expected `\"`") && !e.contains("<value>"), "{e}");
+    // Logs: counts as fields, no Debug values; a new table is created, not "converted".
+    let out = run(&["--store", s, "relay", "--publisher", "null"]);
+    let e = stderr_of(&out);
+    assert!(
+        e.contains("relay finished") && e.contains("published="),
+        "{e}"
+    );
+    assert!(!e.contains("BatchReport") && !e.contains("Some("), "{e}");
+    let fresh = format!("sqlite://{}", dir.path().join("fresh.db").display());
+    let e = stderr_of(&run(&["--store", &fresh, "migrate"]));
+    assert!(
+        e.contains("creating the table") && !e.contains("0.1"),
+        "{e}"
+    );
+    // A reader that stops early: exit 0, no panic.
+    for args in [vec!["completions", "bash"], vec!["man"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = bin().args(&args).stdout(writer).output().unwrap();
+        let e = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+}

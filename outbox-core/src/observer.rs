@@ -176,7 +176,7 @@ impl Observers {
                 envelope,
             } => {
                 metrics::counter!("outbox_parked_total").increment(1);
-                tracing::error!(%stream, %unit, %reason, head = ?envelope.map(|e| e.id), "keep-order unit parked: its messages wait, in order, for an operator to resume it or skip its head");
+                tracing::error!(%stream, %unit, %reason, head = %envelope.map_or_else(|| "-".to_owned(), |e| e.id.to_string()), "keep-order unit parked: its messages wait, in order, for an operator to resume it or skip its head");
             }
             Event::Resumed {
                 stream,

@@ -18,7 +18,8 @@ const SECRET_PARAMS: &[&str] = &[
 /// and the value of every query parameter whose name looks secret (`sasl.password`,
 /// `ssl.key.password`, `token`, inline `*.pem`, ...). Host, port, path and other parameters are
 /// kept so the result still says where a connection went. A string without `scheme://` is
-/// shown as `scheme:<redacted>` (or `<redacted>`).
+/// kept when it is a path, `host:port` or a word, loses its user information, and is
+/// `<redacted>` otherwise.
 ///
 /// ```
 /// use outbox_core::redact_url;
@@ -29,10 +30,26 @@ const SECRET_PARAMS: &[&str] = &[
 /// ```
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return match url.split_once(':') {
-            Some((scheme, _)) if is_scheme(scheme) => format!("{scheme}:<redacted>"),
-            _ if is_scheme(url) => url.to_owned(),
-            _ => "<redacted>".to_owned(),
+        // Not a URL. A path, `host:port` or a word (`stdout`) is shown as it is: the user
+        // needs to see what was wrong with it. User information (`user:password@host`) goes,
+        // and so does anything else (`user:pw`, text with spaces: a password pasted into
+        // the wrong place).
+        if let Some((_, host)) = url.rsplit_once('@') {
+            return format!("***@{host}");
+        }
+        let plain = url
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/~+-:".contains(c));
+        let after_colon = url.rsplit_once(':').map(|(_, p)| p);
+        let harmless = plain
+            && (after_colon.is_none()
+                || after_colon
+                    .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                || url.contains(['/', '.']));
+        return if harmless {
+            url.to_owned()
+        } else {
+            "<redacted>".to_owned()
         };
     };
     if !is_scheme(scheme) {
@@ -156,8 +173,12 @@ mod tests {
             "mysql://root@127.0.0.1/test"
         );
         assert_eq!(redact_url("stdout"), "stdout");
-        assert_eq!(redact_url("sqlite:app.db"), "sqlite:<redacted>");
-        assert_eq!(redact_url("user:pw"), "user:<redacted>");
+        // Not URLs: what the user needs to see stays, what may be a secret goes.
+        assert_eq!(redact_url("sqlite:app.db"), "sqlite:app.db");
+        assert_eq!(redact_url("data/app.db"), "data/app.db");
+        assert_eq!(redact_url("127.0.0.1:6379"), "127.0.0.1:6379");
+        assert_eq!(redact_url("user:pw"), "<redacted>");
+        assert_eq!(redact_url("app:s3cret@db:5432"), "***@db:5432");
         assert_eq!(redact_url("pw with spaces"), "<redacted>");
     }
 

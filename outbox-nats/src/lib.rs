@@ -70,7 +70,9 @@ impl NatsPublisher {
                 Error::new(
                     kind,
                     retry,
-                    format!("cannot connect to NATS at {shown}: {}", e.kind()),
+                    // The error with its cause ("IO error: Connection refused"), not just
+                    // the kind ("IO error").
+                    format!("cannot connect to NATS at {shown}: {e}"),
                 )
             })?;
         Ok(Self::from_client(client))

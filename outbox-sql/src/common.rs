@@ -45,6 +45,68 @@ pub fn map_err(e: sqlx::Error) -> Error {
 
 pub use outbox_core::redact_url;
 
+/// Open one connection before the pool, so that a server that is down or refuses us is
+/// reported at once with its cause ("connection refused", "password authentication
+/// failed"), not as "pool timed out" after the acquire timeout. A refused login is a
+/// permanent `Config` error (the URL's credentials are wrong: retrying cannot help); anything
+/// else is transient, as before.
+pub(crate) async fn probe<C: sqlx::Connection>(
+    options: &<C as sqlx::Connection>::Options,
+    within: std::time::Duration,
+    url: &str,
+    database: &str,
+) -> outbox_core::Result<()> {
+    let unreachable = |source: Error| {
+        Error::new(
+            ErrorKind::Store,
+            Retry::Transient,
+            format!("cannot connect to {database} at {}", redact_url(url)),
+        )
+        .with_source(source)
+    };
+    match tokio::time::timeout(within, C::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            let refused = matches!(&e, sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("28P01" | "28000"))
+                    || mysql_login_refused(db.as_ref()));
+            let mapped = map_err(e);
+            Err(if refused {
+                Error::new(
+                    ErrorKind::Config,
+                    Retry::Permanent,
+                    format!(
+                        "{database} at {} refused the login (user or password)",
+                        redact_url(url)
+                    ),
+                )
+                .with_source(mapped)
+            } else {
+                unreachable(mapped)
+            })
+        }
+        Err(_) => Err(unreachable(Error::transient(format!(
+            "no connection within {within:?}"
+        )))),
+    }
+}
+
+/// MySQL's "access denied" errors (1044 database, 1045 user or password).
+fn mysql_login_refused(db: &dyn sqlx::error::DatabaseError) -> bool {
+    #[cfg(feature = "mysql")]
+    {
+        mysql_number(db).is_some_and(|n| matches!(n, 1044 | 1045))
+    }
+    #[cfg(not(feature = "mysql"))]
+    {
+        let _ = db;
+        false
+    }
+}
+
 /// MySQL's error number (its SQLSTATE is often just `HY000`).
 #[cfg(feature = "mysql")]
 fn mysql_number(db: &dyn sqlx::error::DatabaseError) -> Option<u16> {

@@ -223,6 +223,13 @@ impl MySqlStore {
             Error::config(format!("invalid MySQL URL {}", redact_url(url))).with_source(e)
         })?;
         validate_identifier(&options.table)?;
+        crate::common::probe::<sqlx::MySqlConnection>(
+            &connect,
+            options.acquire_timeout,
+            url,
+            "MySQL",
+        )
+        .await?;
         let pool = MySqlPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)

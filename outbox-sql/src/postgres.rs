@@ -156,6 +156,8 @@ impl PgStore {
         // The relay's statements are short, but their estimates grow with the table: JIT would
         // compile them for about a second each on a million-row backlog.
         let connect = connect.options([("jit", "off")]);
+        crate::common::probe::<PgConnection>(&connect, options.acquire_timeout, url, "PostgreSQL")
+            .await?;
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
