@@ -24,7 +24,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use outbox_core::{
-    to_millis, Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, Store, StoredMessage,
+    Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, Store, StoredMessage,
 };
 use serde_json::{json, Value};
 
@@ -1162,6 +1162,17 @@ enum Action {
 }
 
 impl Action {
+    /// Its name, as the API and the command take it.
+    fn name(&self) -> &'static str {
+        match self {
+            Action::Requeue(_) => "requeue",
+            Action::Purge(_) => "purge",
+            Action::Resume(..) => "resume",
+            Action::Skip(..) => "skip",
+            Action::Park(..) => "park",
+        }
+    }
+
     /// From form fields or a JSON body: `action`, and the dead letters (`seq`, repeatable;
     /// or `all` and any of the filters `stream`, `destination`, `key`, `id`), or a unit
     /// (`stream` + `unit`).
@@ -1429,60 +1440,10 @@ async fn action_form(
 
 // ------------------------------------------------------------------ API
 
-fn message_json(m: &StoredMessage, hide: bool) -> Value {
-    let headers: serde_json::Map<String, Value> = m
-        .envelope
-        .message
-        .headers
-        .iter()
-        .map(|(k, v)| (k.clone(), if hide { Value::Null } else { json!(v) }))
-        .collect();
-    let msg = &m.envelope.message;
-    let payload = if hide {
-        Value::Null
-    } else {
-        match std::str::from_utf8(&msg.payload) {
-            Ok(t) => json!({ "text": t }),
-            Err(_) => json!({
-                "hex": msg.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()
-            }),
-        }
-    };
-    json!({
-        "seq": m.seq,
-        "id": m.envelope.id.to_string(),
-        "stream": msg.stream,
-        "destination": msg.destination,
-        "key": msg.key,
-        "unit": m.unit,
-        "status": m.status.as_str(),
-        "attempts": m.attempts,
-        "created_at_ms": to_millis(m.envelope.created_at),
-        "next_attempt_at_ms": to_millis(m.next_attempt_at),
-        "sent_at_ms": m.sent_at.map(to_millis),
-        "last_error": if hide { None } else { m.last_error.clone() },
-        "content_type": msg.content_type,
-        "headers": headers,
-        "signed": m.signature.is_some(),
-        "payload": payload,
-    })
-}
-
 async fn api_stats(State(admin): State<Arc<Admin>>) -> Response {
     match admin.store.stats().await {
         Ok(stats) => {
-            let doc = |s: &outbox_core::StreamStats| {
-                json!({
-                    "stream": s.stream, "pending": s.pending, "sent": s.sent, "dead": s.dead,
-                    "oldest_pending_ms": s.oldest_pending.map(to_millis),
-                })
-            };
-            Json(json!({
-                "table": admin.table,
-                "streams": stats.streams.iter().map(doc).collect::<Vec<_>>(),
-                "total": doc(&stats.total()),
-            }))
-            .into_response()
+            Json(crate::json::stats(&admin.table, &stats, SystemTime::now())).into_response()
         }
         Err(e) => api_error(e.into()),
     }
@@ -1495,13 +1456,11 @@ async fn api_messages(
     let result = async {
         let f = filter_of(&q)?;
         let rows = admin.store.messages(&f).await?;
-        let next = (rows.len() == f.limit)
-            .then(|| rows.last().map(|m| m.seq))
-            .flatten();
-        Ok::<_, Failure>(json!({
-            "messages": rows.iter().map(|m| message_json(m, admin.options.hide_payloads)).collect::<Vec<_>>(),
-            "next_before": next,
-        }))
+        Ok::<_, Failure>(crate::json::messages(
+            &rows,
+            f.limit,
+            admin.options.hide_payloads,
+        ))
     }
     .await;
     match result {
@@ -1512,20 +1471,14 @@ async fn api_messages(
 
 async fn api_message(State(admin): State<Arc<Admin>>, Path(seq): Path<String>) -> Response {
     match fetch(&admin, &seq).await {
-        Ok(m) => Json(message_json(&m, admin.options.hide_payloads)).into_response(),
+        Ok(m) => Json(crate::json::message(&m, admin.options.hide_payloads)).into_response(),
         Err(f) => api_error(f),
     }
 }
 
 async fn api_parked(State(admin): State<Arc<Admin>>) -> Response {
     match admin.store.parked_units(None, 1000).await {
-        Ok(units) => Json(json!({
-            "parked": units.iter().map(|u| json!({
-                "stream": u.stream, "unit": u.unit, "parked_at_ms": to_millis(u.parked_at),
-                "reason": u.reason, "head_seq": u.head, "pending": u.pending,
-            })).collect::<Vec<_>>()
-        }))
-        .into_response(),
+        Ok(units) => Json(crate::json::parked(&units)).into_response(),
         Err(e) => api_error(e.into()),
     }
 }
@@ -1571,7 +1524,7 @@ async fn api_action(
         let action = Action::parse(&fields)?;
         let (changed, sentence) = action.run(admin.store.as_ref()).await?;
         tracing::info!(action = %sentence, changed, by = %who.0, "admin API action");
-        Ok(json!({ "changed": changed, "message": sentence }))
+        Ok(crate::json::action(action.name(), changed, &sentence))
     }
     .await;
     match result {

@@ -8,6 +8,7 @@
 mod admin;
 mod backends;
 mod doctor;
+mod json;
 mod metrics_endpoint;
 mod report;
 mod signing;
@@ -320,12 +321,16 @@ enum InboxCommand {
 
 #[derive(Subcommand, Debug)]
 enum DeadCommand {
-    /// Show dead letters, oldest first.
+    /// Show dead letters, newest first (as the console does), a page at a time.
     List {
         #[arg(long)]
         stream: Option<String>,
+        /// Rows per page (1 to 500).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// The next page: rows below this seq (the `next_before` of the previous page).
+        #[arg(long)]
+        before: Option<i64>,
     },
     /// Move dead letters back to pending (attempts reset).
     Requeue(SelectArgs),
@@ -436,6 +441,13 @@ fn write_out(text: &[u8], what: &str) -> ExitCode {
             ExitCode::from(exit::FAILED)
         }
     }
+}
+
+/// An action's document with the unit it took.
+fn unit_json(mut doc: serde_json::Value, stream: &str, unit: &str) -> serde_json::Value {
+    doc["stream"] = serde_json::json!(stream);
+    doc["unit"] = serde_json::json!(unit);
+    doc
 }
 
 /// A relay's counts as log fields (not a `Debug` value).
@@ -580,7 +592,8 @@ fn init_logging(format: LogFormat) {
         .with_ansi(report::colour())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().init(),
+        // Flat fields, as the error line prints them.
+        LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Human => builder.init(),
     }
 }
@@ -668,11 +681,13 @@ async fn main() -> ExitCode {
         }
         _ => {}
     }
-    let json_logs = cli.log_format == Some(LogFormat::Json);
+    // JSON asked for (logs or output): errors are JSON too.
+    let json_asked =
+        cli.log_format == Some(LogFormat::Json) || cli.json || cli.output == Some(Output::Json);
     let file = match load_file(&cli.config) {
         Ok(f) => f,
         Err(e) => {
-            report::print_error(&e, json_logs);
+            report::print_error(&e, json_asked);
             return ExitCode::from(report::exit_code(&e));
         }
     };
@@ -680,12 +695,14 @@ async fn main() -> ExitCode {
         .log_format
         .or(file.log_format)
         .unwrap_or(LogFormat::Human);
+    let json_errors =
+        json_asked || log_format == LogFormat::Json || file.output == Some(Output::Json);
     init_logging(log_format);
     warn_about_flag_secrets(&matches);
     match run(cli, file).await {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            report::print_error(&e, log_format == LogFormat::Json);
+            report::print_error(&e, json_errors);
             ExitCode::from(report::exit_code(&e))
         }
     }
@@ -883,23 +900,7 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                 s.oldest_pending.and_then(|t| now.duration_since(t).ok())
             };
             if json {
-                let doc = |s: &outbox_core::StreamStats| {
-                    serde_json::json!({
-                        "stream": s.stream,
-                        "pending": s.pending,
-                        "sent": s.sent,
-                        "dead": s.dead,
-                        "oldest_pending_seconds": age(s).map(|d| d.as_secs_f64()),
-                    })
-                };
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "table": table,
-                        "streams": stats.streams.iter().map(doc).collect::<Vec<_>>(),
-                        "total": doc(&stats.total()),
-                    })
-                );
+                println!("{}", json::stats(&table, &stats, now));
                 return Ok(exit::OK);
             }
             println!(
@@ -969,21 +970,7 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             let units = store.store().parked_units(stream.as_deref(), limit).await?;
             let now = SystemTime::now();
             if json {
-                let rows: Vec<_> = units
-                    .iter()
-                    .map(|u| {
-                        serde_json::json!({
-                            "stream": u.stream,
-                            "unit": u.unit,
-                            "parked_at_ms": outbox_core::to_millis(u.parked_at),
-                            "reason": u.reason,
-                            "head_seq": u.head,
-                            "pending": u.pending,
-                            "pending_capped": u.pending >= outbox_core::PARKED_COUNT_CAP,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::json!({ "parked": rows }));
+                println!("{}", json::parked(&units));
                 return Ok(exit::OK);
             }
             for u in units {
@@ -1017,17 +1004,18 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             store.require_table().await?;
             store.store().park_unit(&stream, &unit, &reason).await?;
             tracing::info!(stream = %printable(&stream), unit = %printable(&unit), "unit parked");
+            let said = format!(
+                "parked unit {:?} of stream {:?}",
+                printable(&unit),
+                printable(&stream)
+            );
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"parked": {"stream": stream, "unit": unit}})
+                    unit_json(json::action("park", 1, &said), &stream, &unit)
                 );
             } else {
-                println!(
-                    "parked unit {:?} of stream {:?}",
-                    printable(&unit),
-                    printable(&stream)
-                );
+                println!("{said}");
             }
             Ok(exit::OK)
         }
@@ -1035,42 +1023,47 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             store.require_table().await?;
             store.store().resume_unit(&stream, &unit).await?;
             tracing::info!(stream = %printable(&stream), unit = %printable(&unit), "unit resumed");
+            let said = format!(
+                "resumed unit {:?} of stream {:?}",
+                printable(&unit),
+                printable(&stream)
+            );
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({"resumed": {"stream": stream, "unit": unit}})
+                    unit_json(json::action("resume", 1, &said), &stream, &unit)
                 );
             } else {
-                println!(
-                    "resumed unit {:?} of stream {:?}",
-                    printable(&unit),
-                    printable(&stream)
-                );
+                println!("{said}");
             }
             Ok(exit::OK)
         }
         Command::Skip { stream, unit } => {
             store.require_table().await?;
             let head = store.store().skip_head(&stream, &unit).await?;
-            tracing::info!(stream = %printable(&stream), unit = %printable(&unit), ?head, "head skipped, unit resumed");
+            tracing::info!(stream = %printable(&stream), unit = %printable(&unit), head = %head.map_or_else(|| "-".to_owned(), |h| h.to_string()), "head skipped, unit resumed");
+            let said = match head {
+                Some(seq) => format!(
+                    "dead-lettered seq {seq} and resumed unit {:?} of stream {:?}",
+                    printable(&unit),
+                    printable(&stream)
+                ),
+                None => format!(
+                    "unit {:?} of stream {:?} had no pending message; resumed",
+                    printable(&unit),
+                    printable(&stream)
+                ),
+            };
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"resumed": {"stream": stream, "unit": unit}, "dead_lettered_seq": head})
+                let mut doc = unit_json(
+                    json::action("skip", u64::from(head.is_some()), &said),
+                    &stream,
+                    &unit,
                 );
+                doc["dead_lettered_seq"] = serde_json::json!(head);
+                println!("{doc}");
             } else {
-                match head {
-                    Some(seq) => println!(
-                        "dead-lettered seq {seq} and resumed unit {:?} of stream {:?}",
-                        printable(&unit),
-                        printable(&stream)
-                    ),
-                    None => println!(
-                        "unit {:?} of stream {:?} had no pending message; resumed",
-                        printable(&unit),
-                        printable(&stream)
-                    ),
-                }
+                println!("{said}");
             }
             Ok(exit::OK)
         }
@@ -1131,25 +1124,23 @@ async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             store.require_table().await?;
             let s = store.store();
             match command {
-                DeadCommand::List { stream, limit } => {
-                    let dead = s.dead_letters(stream.as_deref(), limit).await?;
+                DeadCommand::List {
+                    stream,
+                    limit,
+                    before,
+                } => {
+                    // Newest first, a page at a time, as the console lists them.
+                    let filter = outbox_core::MessageFilter {
+                        stream,
+                        status: Some(outbox_core::Status::Dead),
+                        before,
+                        limit,
+                        ..Default::default()
+                    };
+                    filter.validate()?;
+                    let dead = s.messages(&filter).await?;
                     if json {
-                        let rows: Vec<_> = dead
-                            .iter()
-                            .map(|m| {
-                                serde_json::json!({
-                                    "seq": m.seq,
-                                    "id": m.envelope.id.to_string(),
-                                    "stream": m.envelope.message.stream,
-                                    "destination": m.envelope.message.destination,
-                                    "key": m.envelope.message.key,
-                                    "attempts": m.attempts,
-                                    "last_error": m.last_error,
-                                    "created_at_ms": outbox_core::to_millis(m.envelope.created_at),
-                                })
-                            })
-                            .collect();
-                        println!("{}", serde_json::json!({ "dead_letters": rows }));
+                        println!("{}", json::messages(&dead, limit, false));
                         return Ok(exit::OK);
                     }
                     for m in dead {

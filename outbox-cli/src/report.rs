@@ -93,20 +93,21 @@ pub fn describe(e: &Error) -> String {
     text
 }
 
-/// Print `e` on stderr: `error: …` and `hint: …` lines, or one JSON object with the kind,
-/// retry class and exit code when logs are JSON.
+/// Print `e` on stderr: `error: …` and `hint: …` lines, or, when JSON was asked for (logs or
+/// output), one flat JSON object with a timestamp, the kind, retry class and exit code.
 pub fn print_error(e: &Error, json: bool) {
     let code = exit_code(e);
     if json {
+        // One line, flat, as the JSON log lines are.
         let doc = serde_json::json!({
+            "timestamp": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
             "level": "ERROR",
-            "fields": {
-                "message": describe(e),
-                "kind": format!("{:?}", e.kind()),
-                "retry": if e.is_transient() { "transient" } else { "permanent" },
-                "exit_code": code,
-                "hint": hint(e),
-            }
+            "target": "outbox",
+            "message": describe(e),
+            "kind": format!("{:?}", e.kind()),
+            "retry": if e.is_transient() { "transient" } else { "permanent" },
+            "exit_code": code,
+            "hint": hint(e),
         });
         eprintln!("{doc}");
     } else {

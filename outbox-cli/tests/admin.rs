@@ -320,6 +320,44 @@ async fn exercise(store_url: &str, table: Option<&str>) {
         .collect();
     assert_eq!(dead.len(), 2);
 
+    // One JSON shape per figure: the command and the API print the same documents.
+    let cli = |args: &[&str]| -> Value {
+        let out = self::bin()
+            .args(["--store", store_url])
+            .args(&table_args)
+            .args(["--json"])
+            .args(args)
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    assert_eq!(
+        cli(&["dead", "list"]),
+        get(&c, "/api/messages?status=dead").json(),
+        "dead letters"
+    );
+    let (from_cli, from_api) = (cli(&["stats"]), get(&c, "/api/stats").json());
+    for doc in [&from_cli, &from_api] {
+        assert!(
+            doc["total"]["oldest_pending_seconds"].as_f64().unwrap() >= 0.0,
+            "{doc}"
+        );
+    }
+    assert_eq!(
+        from_cli["total"]["oldest_pending_at_ms"],
+        from_api["total"]["oldest_pending_at_ms"]
+    );
+    let keys = |d: &Value| {
+        d["total"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&from_cli), keys(&from_api));
+
     // Bad input: a 4xx saying what is wrong.
     for (path, status, says) in [
         ("/messages?status=lost", 400, "use pending, sent or dead"),
@@ -408,6 +446,7 @@ async fn exercise(store_url: &str, table: Option<&str>) {
     };
     let r = api_action(r#"{"action":"purge","stream":"emails"}"#);
     assert_eq!(r.json()["changed"], 1, "{}", r.body);
+    assert_eq!(r.json()["action"], "purge", "{}", r.body);
     let r = http(
         &c,
         "POST",
@@ -423,6 +462,7 @@ async fn exercise(store_url: &str, table: Option<&str>) {
     );
     let parked = get(&c, "/api/parked").json();
     assert_eq!(parked["parked"][0]["pending"], 3);
+    assert_eq!(cli(&["parked"]), parked, "parked units");
     assert!(get(&c, "/").body.contains("value=\"resume\""));
     let r = form(
         &c,

@@ -111,8 +111,17 @@ async fn data_commands_print_one_json_document() {
     );
 
     let dead = stdout_json(&["--store", s, "--output", "json", "dead", "list"]);
-    let rows = dead["dead_letters"].as_array().unwrap();
+    let rows = dead["messages"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
+    assert!(
+        rows[0]["seq"].as_i64() > rows[1]["seq"].as_i64(),
+        "newest first, as the console"
+    );
+    let page = stdout_json(&["--store", s, "--json", "dead", "list", "--limit", "1"]);
+    let before = page["next_before"].as_i64().unwrap().to_string();
+    let rest = stdout_json(&["--store", s, "--json", "dead", "list", "--before", &before]);
+    assert_eq!(rest["messages"][0]["seq"], rows[1]["seq"]);
+    assert!(rest["next_before"].is_null());
     for r in rows {
         assert_eq!(r["stream"], "emails");
         assert_eq!(r["attempts"], 1);
@@ -157,7 +166,14 @@ async fn operators_park_list_skip_and_resume_units() {
         "--reason",
         "ledger down",
     ]);
-    assert_eq!(parked["parked"]["unit"], "k");
+    assert_eq!(
+        (
+            parked["action"].as_str(),
+            parked["unit"].as_str(),
+            parked["changed"].as_u64()
+        ),
+        (Some("park"), Some("k"), Some(1))
+    );
     let list = stdout_json(&["--store", s, "--json", "parked"]);
     let units = list["parked"].as_array().unwrap();
     assert_eq!(units.len(), 1);
@@ -199,6 +215,7 @@ async fn operators_park_list_skip_and_resume_units() {
     }
     let skipped = stdout_json(&["--store", s, "--json", "skip", "orders", "k"]);
     assert_eq!(skipped["dead_lettered_seq"].as_i64(), Some(head));
+    assert_eq!(skipped["action"], "skip");
     assert!(stdout_json(&["--store", s, "--json", "parked"])["parked"]
         .as_array()
         .unwrap()
@@ -281,8 +298,27 @@ async fn plain_logs_clear_errors_and_distinct_exit_codes() {
     ]);
     let line = String::from_utf8(out.stderr).unwrap();
     let doc: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
-    assert_eq!(doc["fields"]["kind"], "Store");
-    assert_eq!(doc["fields"]["exit_code"], 3);
+    assert_eq!(doc["kind"], "Store");
+    assert_eq!(doc["exit_code"], 3);
+    assert_eq!(doc["level"], "ERROR");
+    assert!(
+        doc["timestamp"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{doc}"
+    );
+    // --json (output) asks for JSON errors too.
+    let out = run(&[
+        "--json",
+        "--store",
+        "postgres://app@127.0.0.1:1/db",
+        "stats",
+    ]);
+    let line = String::from_utf8(out.stderr).unwrap();
+    let doc: Value = serde_json::from_str(line.lines().last().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(
+        (doc["kind"].as_str(), doc["exit_code"].as_u64()),
+        (Some("Store"), Some(3))
+    );
 
     let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
     for code in ["Exit codes:", "  2  ", "  3  ", "  4  ", "  130  "] {
