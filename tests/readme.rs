@@ -303,6 +303,33 @@ fn every_readme_snippet_is_compiled_here() {
     }
 }
 
+/// The crate's front page lists every feature of Cargo.toml (it listed 6 of 11).
+#[test]
+fn the_crate_docs_list_every_feature() {
+    let manifest = include_str!("../Cargo.toml");
+    let docs = include_str!("../src/lib.rs");
+    let features = manifest
+        .split_once("\n[features]\n")
+        .unwrap()
+        .1
+        .split("\n[")
+        .next()
+        .unwrap();
+    let names: Vec<&str> = features
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(" = "))
+        .map(|l| l.split(" = ").next().unwrap().trim())
+        .filter(|n| *n != "default")
+        .collect();
+    assert!(names.len() >= 11, "{names:?}");
+    for name in names {
+        assert!(
+            docs.contains(&format!("//! | `{name}`")),
+            "feature {name} is not in the table of src/lib.rs"
+        );
+    }
+}
+
 /// The check itself finds a block that is missing.
 #[test]
 fn a_readme_block_without_a_copy_is_found() {
