@@ -166,6 +166,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/", get(overview))
         .route("/messages", get(messages_page))
         .route("/messages/{seq}", get(message_page))
+        .route("/messages/{seq}/payload", get(payload_download))
         .route("/actions", post(action_form))
         .route("/login", get(login_page).post(login))
         .route("/style.css", get(style))
@@ -652,12 +653,57 @@ async fn overview_html(admin: &Admin) -> Result<String, Failure> {
         }
         b.push_str("</table>");
     }
-    b.push_str("<h2>Last hour</h2><p><img src=\"/chart.svg\" alt=\"pending and dead rows, and publish rate, over the last hour\" width=\"720\" height=\"200\"></p>");
+    // What the dead letters died of: the newest ones, grouped by their last error.
+    if stats.total().dead > 0 {
+        let newest = admin
+            .store
+            .messages(&MessageFilter {
+                status: Some(Status::Dead),
+                limit: outbox_core::MAX_PAGE,
+                ..Default::default()
+            })
+            .await?;
+        let mut groups: Vec<(String, u64, i64)> = Vec::new();
+        for m in &newest {
+            let error = if admin.options.hide_payloads {
+                "(hidden: --hide-payloads)".to_owned()
+            } else {
+                m.last_error
+                    .as_deref()
+                    .unwrap_or("(no error recorded)")
+                    .chars()
+                    .take(120)
+                    .collect()
+            };
+            match groups.iter_mut().find(|g| g.0 == error) {
+                Some(g) => g.1 += 1,
+                None => groups.push((error, 1, m.seq)),
+            }
+        }
+        groups.sort_by_key(|g| std::cmp::Reverse(g.1));
+        let _ = write!(
+            b,
+            "<h2>Dead letters by error</h2><p class=\"muted\">The newest {} of {} dead letters.</p><table id=\"errors\"><tr><th>dead letters</th><th>last error</th><th>newest</th></tr>",
+            newest.len(),
+            stats.total().dead
+        );
+        for (error, n, seq) in groups.iter().take(10) {
+            let _ = write!(
+                b,
+                "<tr><td class=\"n\">{n}</td><td>{}</td><td><a href=\"/messages/{seq}\">{seq}</a></td></tr>",
+                esc(error)
+            );
+        }
+        b.push_str("</table>");
+    }
+    b.push_str("<h2>Trend</h2><p class=\"muted\">Sampled while this console runs (at most the last hour).</p><p><img src=\"/chart.svg\" alt=\"backlog (pending and dead rows) and publish rate over the time sampled\" width=\"720\" height=\"284\"></p>");
     Ok(layout("Overview", &b))
 }
 
-/// Pending (blue), dead (red) and the publish rate (green, sent rows per minute: rows deleted
-/// after send are not counted), sampled while the console runs.
+/// Two panels over the time the console has samples for (at most the last hour): the
+/// backlog (pending in blue, dead in red, each labelled with its latest value) and the
+/// publish rate (sent rows per minute; rows deleted after send are not counted), each with
+/// its own scale, a value axis and a time axis. Samples are kept while the console runs.
 async fn chart(State(admin): State<Arc<Admin>>) -> Response {
     let samples: Vec<Sample> = admin
         .samples
@@ -666,11 +712,50 @@ async fn chart(State(admin): State<Arc<Admin>>) -> Response {
         .iter()
         .copied()
         .collect();
-    let (w, h) = (720.0f64, 200.0f64);
-    let now = SystemTime::now();
+    let svg = chart_svg(&samples, SystemTime::now());
+    ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
+}
+
+/// One line of a chart panel: its name, colour and points.
+type Series<'a> = (&'a str, &'a str, Vec<(SystemTime, f64)>);
+
+fn chart_svg(samples: &[Sample], now: SystemTime) -> String {
+    let (w, panel, left, gap) = (720.0f64, 110.0f64, 56.0f64, 34.0f64);
+    let h = panel * 2.0 + gap + 30.0;
+    let text = |x: f64, y: f64, anchor: &str, colour: &str, t: &str| {
+        format!(
+            "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"11\" font-family=\"sans-serif\" text-anchor=\"{anchor}\" fill=\"{colour}\">{}</text>",
+            esc(t)
+        )
+    };
+    let mut out = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\"><rect width=\"100%\" height=\"100%\" fill=\"#fafafa\" stroke=\"#ccc\"/>"
+    );
+    if samples.len() < 2 {
+        out.push_str(&text(
+            w / 2.0,
+            h / 2.0,
+            "middle",
+            "#555",
+            &format!(
+                "Collecting samples ({} so far): the chart appears after the second.",
+                samples.len()
+            ),
+        ));
+        out.push_str("</svg>");
+        return out;
+    }
+    // The x range covers the samples (first to last), not the whole hour.
+    let first = samples[0].at;
+    let last = samples[samples.len() - 1].at;
+    let span = last
+        .duration_since(first)
+        .unwrap_or_default()
+        .as_secs_f64()
+        .max(0.001);
     let x = |t: SystemTime| {
-        let ago = now.duration_since(t).unwrap_or_default().as_secs_f64();
-        w - (ago / WINDOW.as_secs_f64()) * w
+        let from_start = t.duration_since(first).unwrap_or_default().as_secs_f64();
+        left + (from_start / span) * (w - left - 12.0)
     };
     let rates: Vec<(SystemTime, f64)> = samples
         .windows(2)
@@ -684,35 +769,84 @@ async fn chart(State(admin): State<Arc<Admin>>) -> Response {
             (p[1].at, if dt > 0.0 { ds / dt * 60.0 } else { 0.0 })
         })
         .collect();
-    let top = samples
-        .iter()
-        .map(|s| s.pending.max(s.dead) as f64)
-        .chain(rates.iter().map(|r| r.1))
-        .fold(1.0f64, f64::max);
-    let y = |v: f64| h - 10.0 - (v / top) * (h - 20.0);
-    let line = |points: Vec<(f64, f64)>, colour: &str| {
-        let pts: Vec<String> = points
+    let mut panel_at = |top: f64, title: &str, series: &[Series]| {
+        let max = series
             .iter()
-            .map(|(a, b)| format!("{a:.1},{b:.1}"))
-            .collect();
-        format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-            pts.join(" ")
-        )
+            .flat_map(|s| s.2.iter().map(|p| p.1))
+            .fold(0.0f64, f64::max)
+            .max(1.0);
+        let y = |v: f64| top + panel - (v / max) * (panel - 8.0);
+        out.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{b}\" stroke=\"#999\"/><line x1=\"{left}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#999\"/>",
+            b = top + panel,
+            r = w - 12.0
+        ));
+        out.push_str(&text(
+            left - 4.0,
+            top + 10.0,
+            "end",
+            "#555",
+            &format!("{max:.0}"),
+        ));
+        out.push_str(&text(left - 4.0, top + panel, "end", "#555", "0"));
+        out.push_str(&text(left + 4.0, top - 4.0, "start", "#333", title));
+        let mut legend = w - 12.0;
+        for (name, colour, points) in series.iter().rev() {
+            let pts: Vec<String> = points
+                .iter()
+                .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
+                .collect();
+            out.push_str(&format!(
+                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+                pts.join(" ")
+            ));
+            let last = points.last().map_or(0.0, |p| p.1);
+            let label = format!("{name} {last:.0}");
+            out.push_str(&text(legend, top - 4.0, "end", colour, &label));
+            legend -= 8.0 * label.len() as f64;
+        }
     };
-    let svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\
-         <rect width=\"100%\" height=\"100%\" fill=\"#fafafa\" stroke=\"#ccc\"/>\
-         {}{}{}\
-         <text x=\"6\" y=\"14\" font-size=\"11\" font-family=\"sans-serif\">max {top:.0} · \
-         <tspan fill=\"#1f5fbf\">pending</tspan> · <tspan fill=\"#c0392b\">dead</tspan> · \
-         <tspan fill=\"#2e8b57\">published/min</tspan> · {} samples</text></svg>",
-        line(samples.iter().map(|s| (x(s.at), y(s.pending as f64))).collect(), "#1f5fbf"),
-        line(samples.iter().map(|s| (x(s.at), y(s.dead as f64))).collect(), "#c0392b"),
-        line(rates.iter().map(|(t, r)| (x(*t), y(*r))).collect(), "#2e8b57"),
-        samples.len()
+    panel_at(
+        16.0,
+        "Backlog (rows)",
+        &[
+            (
+                "pending",
+                "#1f5fbf",
+                samples.iter().map(|s| (s.at, s.pending as f64)).collect(),
+            ),
+            (
+                "dead",
+                "#c0392b",
+                samples.iter().map(|s| (s.at, s.dead as f64)).collect(),
+            ),
+        ],
     );
-    ([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response()
+    panel_at(
+        16.0 + panel + gap,
+        "Published per minute",
+        &[("published/min", "#2e8b57", rates)],
+    );
+    // The time axis: the first sample, the middle, now.
+    let base = 16.0 + panel * 2.0 + gap + 12.0;
+    for (t, anchor) in [
+        (first, "start"),
+        (first + Duration::from_secs_f64(span / 2.0), "middle"),
+        (last, "end"),
+    ] {
+        let ago = now.duration_since(t).unwrap_or_default();
+        let label = if ago.as_secs() == 0 {
+            "now".to_owned()
+        } else {
+            format!(
+                "{} ago",
+                humantime::format_duration(Duration::from_secs(ago.as_secs()))
+            )
+        };
+        out.push_str(&text(x(t), base, anchor, "#555", &label));
+    }
+    out.push_str("</svg>");
+    out
 }
 
 /// The listing's filters from a query string; bad ones are a 400 with the reason.
@@ -792,18 +926,39 @@ async fn messages_page(
 async fn messages_html(admin: &Admin, q: &HashMap<String, String>) -> Result<String, Failure> {
     let f = filter_of(q)?;
     let rows = admin.store.messages(&f).await?;
+    // The streams for the drop-down, and the counts that say how many match when the
+    // filters are a stream and a status (the stats have them; other filters would need a
+    // count of their own).
+    let stats = admin.store.stats().await?;
     let v = |o: &Option<String>| esc(o.as_deref().unwrap_or(""));
+    let mut streams: Vec<&str> = stats.streams.iter().map(|s| s.stream.as_str()).collect();
+    if let Some(s) = f.stream.as_deref().filter(|s| !streams.contains(s)) {
+        streams.push(s);
+    }
+    let stream_options: String = streams
+        .iter()
+        .map(|s| {
+            format!(
+                "<option value=\"{v}\"{sel}>{v}</option>",
+                v = esc(s),
+                sel = if f.stream.as_deref() == Some(*s) {
+                    " selected"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect();
     let mut b = String::new();
     let _ = write!(
         b,
         "<form method=\"get\" action=\"/messages\" class=\"filters\">\
-         <input name=\"stream\" placeholder=\"stream\" value=\"{}\">\
+         <select name=\"stream\" id=\"stream\"><option value=\"\">any stream</option>{stream_options}</select>\
          <select name=\"status\"><option value=\"\">any status</option>{}</select>\
          <input name=\"key\" placeholder=\"key\" value=\"{}\">\
          <input name=\"id\" placeholder=\"id\" value=\"{}\">\
          <input name=\"destination\" placeholder=\"destination\" value=\"{}\">\
          <button id=\"filter\">Filter</button></form>",
-        v(&f.stream),
         ["pending", "sent", "dead"]
             .iter()
             .map(|s| format!(
@@ -851,6 +1006,28 @@ async fn messages_html(admin: &Admin, q: &HashMap<String, String>) -> Result<Str
     b.push_str("</table>");
     if rows.is_empty() {
         b.push_str("<p class=\"muted\">No message matches.</p>");
+    }
+    let only_stream_and_status = f.key.is_none() && f.id.is_none() && f.destination.is_none();
+    if let (Some(status), true) = (f.status, only_stream_and_status) {
+        let counts = match &f.stream {
+            Some(s) => stats.streams.iter().find(|x| &x.stream == s).cloned(),
+            None => Some(stats.total()),
+        };
+        let total = counts.map_or(0, |c| match status {
+            Status::Pending => c.pending,
+            Status::Sent => c.sent,
+            Status::Dead => c.dead,
+        });
+        let _ = write!(
+            b,
+            "<p class=\"muted\" id=\"count\">{} shown of {total} {} messages{}.</p>",
+            rows.len(),
+            status.as_str(),
+            f.stream
+                .as_deref()
+                .map(|s| format!(" in stream {}", esc(s)))
+                .unwrap_or_default()
+        );
     }
     if selectable {
         b.push_str("<p><button name=\"action\" value=\"requeue\">Requeue selected</button> <button name=\"action\" value=\"purge\">Purge selected</button></p></form>");
@@ -909,6 +1086,41 @@ async fn fetch(admin: &Admin, seq: &str) -> Result<StoredMessage, Failure> {
         .get(seq)
         .await?
         .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no row {seq}")))
+}
+
+/// The most of a payload a message page shows (bytes, then lines).
+const SHOWN_PAYLOAD_BYTES: usize = 64 * 1024;
+const SHOWN_PAYLOAD_LINES: usize = 2000;
+
+/// The payload as it is, to download (not with `--hide-payloads`).
+async fn payload_download(State(admin): State<Arc<Admin>>, Path(seq): Path<String>) -> Response {
+    if admin.options.hide_payloads {
+        return page_error(Failure(
+            StatusCode::FORBIDDEN,
+            "payloads are hidden (--hide-payloads)".into(),
+        ));
+    }
+    match fetch(&admin, &seq).await {
+        Ok(m) => (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                ),
+                (
+                    header::CONTENT_DISPOSITION,
+                    HeaderValue::from_str(&format!(
+                        "attachment; filename=\"message-{}.bin\"",
+                        m.seq
+                    ))
+                    .unwrap_or_else(|_| HeaderValue::from_static("attachment")),
+                ),
+            ],
+            m.envelope.message.payload,
+        )
+            .into_response(),
+        Err(f) => page_error(f),
+    }
 }
 
 /// The payload as shown: pretty JSON, text, or a hex dump of the first 4 KiB.
@@ -996,11 +1208,26 @@ async fn message_html(admin: &Admin, seq: &str) -> Result<String, Failure> {
     if admin.options.hide_payloads {
         b.push_str("<p class=\"muted\">Hidden (--hide-payloads).</p>");
     } else {
-        let (kind, text) = payload_text(&msg.payload);
+        // A large payload is shown in part (a 500 KB JSON document made a 42 000-line
+        // page), with the whole of it a download away.
+        let shown = &msg.payload[..msg.payload.len().min(SHOWN_PAYLOAD_BYTES)];
+        let (kind, text) = payload_text(shown);
+        let mut lines = text.lines();
+        let mut text: String = lines
+            .by_ref()
+            .take(SHOWN_PAYLOAD_LINES)
+            .collect::<Vec<_>>()
+            .join("\n");
+        let cut = shown.len() < msg.payload.len() || lines.next().is_some();
+        if cut {
+            text.push_str("\n…");
+        }
         let _ = write!(
             b,
-            "<p class=\"muted\">{} bytes, shown as {kind}</p><pre id=\"payload\">{}</pre>",
+            "<p class=\"muted\">{} bytes, shown as {kind}{} · <a id=\"download\" href=\"/messages/{}/payload\">download</a></p><pre id=\"payload\">{}</pre>",
             msg.payload.len(),
+            if cut { ", cut short" } else { "" },
+            m.seq,
             esc(&text)
         );
     }
@@ -1536,6 +1763,47 @@ async fn api_action(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chart covers the time sampled (four minutes fill the width, not 38 px of an
+    /// hour), draws the backlog and the rate on scales of their own, labels the latest
+    /// values and the time axis, and says when it has too little to draw.
+    #[test]
+    fn the_chart_covers_its_samples_with_axes() {
+        let now = SystemTime::now();
+        assert!(chart_svg(&[], now).contains("Collecting samples (0 so far)"));
+        let samples: Vec<Sample> = (0..=24)
+            .map(|i| Sample {
+                at: now - Duration::from_secs(240 - i * 10),
+                pending: 3000 - i * 10,
+                dead: 300,
+                sent: i * 100,
+            })
+            .collect();
+        let svg = chart_svg(&samples, now);
+        assert!(
+            svg.contains("pending 2760") && svg.contains("dead 300"),
+            "{svg}"
+        );
+        assert!(svg.contains("published/min 600"), "{svg}");
+        assert!(svg.contains("4m ago") && svg.contains(">now<"), "{svg}");
+        // The first point sits on the value axis, the last at the right edge.
+        let pending_line = svg.split("stroke=\"#1f5fbf\"").nth(1).unwrap();
+        let points = pending_line.split("points=\"").nth(1).unwrap();
+        let first_x: f64 = points.split(',').next().unwrap().parse().unwrap();
+        let last_x: f64 = points
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .next_back()
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(first_x <= 57.0 && last_x >= 700.0, "{first_x} .. {last_x}");
+    }
 
     #[test]
     fn escaping_and_tokens() {

@@ -850,6 +850,83 @@ async fn all_means_all_that_match_the_filters() {
     assert_eq!(r.status, 400, "seq and filters together: {}", r.body);
 }
 
+/// Finding one message and reading a backlog: a stream drop-down, how many match, the
+/// dead letters grouped by error, and a large payload shown in part with a download link.
+#[tokio::test]
+async fn finding_messages_and_reading_the_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = rows::sqlite(&dir).await; // two dead letters in "emails"
+    rows::dead(&dir, "email.bounce", 3).await;
+    // A 600 KB JSON payload (the report had a 507 KB one make a 42 000-line page).
+    let big: Vec<serde_json::Value> = (0..20000)
+        .map(|i| serde_json::json!({ "line": i, "text": "padding" }))
+        .collect();
+    let big = serde_json::to_vec(&big).unwrap();
+    {
+        let store = outbox_sqlite::SqliteStore::open(dir.path().join("app.db")).unwrap();
+        let writer = Outbox::writer(store.clone()).build().unwrap();
+        let mut conn = store.connect().unwrap();
+        let mut tx = conn.transaction().unwrap();
+        drop(
+            writer
+                .enqueue_blocking(
+                    &mut tx,
+                    [Message::new("big.one", big.clone()).stream("bulk")],
+                )
+                .unwrap(),
+        );
+        tx.commit().unwrap();
+    }
+    let c = console(&url, &[]);
+
+    let overview = get(&c, "/").body;
+    let errors = overview
+        .split("id=\"errors\"")
+        .nth(1)
+        .expect("dead letters by error");
+    assert!(
+        errors.contains("<td class=\"n\">5</td><td>Publish (Permanent): rejected</td>"),
+        "{errors}"
+    );
+    let page = get(&c, "/messages?status=dead&stream=emails");
+    for stream in ["emails", "orders", "bulk"] {
+        assert!(
+            page.body.contains(&format!("<option value=\"{stream}\"")),
+            "{stream} missing from the drop-down"
+        );
+    }
+    assert!(page.body.contains("<option value=\"emails\" selected>"));
+    assert!(
+        page.body
+            .contains("5 shown of 5 dead messages in stream emails"),
+        "{}",
+        page.body
+    );
+    let one = get(&c, "/messages?status=dead&stream=emails&limit=2").body;
+    assert!(one.contains("2 shown of 5 dead messages"), "{one}");
+
+    let listed = get(&c, "/api/messages?stream=bulk").json();
+    let seq = listed["messages"][0]["seq"].as_i64().unwrap();
+    let page = get(&c, &format!("/messages/{seq}"));
+    assert!(page.body.contains("cut short") && page.body.contains("id=\"download\""));
+    assert!(
+        page.body.len() < 200_000,
+        "the page holds {} bytes of a {}-byte payload",
+        page.body.len(),
+        big.len()
+    );
+    let download = get(&c, &format!("/messages/{seq}/payload"));
+    assert_eq!(download.status, 200);
+    assert!(download.headers.contains("content-disposition: attachment"));
+    assert_eq!(download.body.len(), big.len());
+    drop(c);
+    let hidden = console(&url, &["--hide-payloads"]);
+    assert_eq!(
+        get(&hidden, &format!("/messages/{seq}/payload")).status,
+        403
+    );
+}
+
 /// A free port on loopback.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -951,6 +1028,12 @@ async fn in_a_real_browser() {
     let shots = screenshot_dir();
     std::fs::create_dir_all(&shots).unwrap();
 
+    // The chart draws once it has two samples (every 200 ms here).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while get(&c, "/chart.svg").body.contains("Collecting samples") {
+        assert!(std::time::Instant::now() < deadline, "no second sample");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     b.goto(&format!("{base}/")).await.unwrap();
     let streams = b
         .find(Locator::Css("#streams"))
