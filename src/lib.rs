@@ -109,7 +109,7 @@ pub use outbox_core::{
 pub use outbox_core::async_trait;
 pub use outbox_core::{
     Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed, Received,
-    Seen, Source, Unreadable, ID_HEADER,
+    Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 
 /// What implementing a store, a publisher or an inbox source needs beyond the root: the

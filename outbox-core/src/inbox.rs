@@ -116,6 +116,15 @@ impl Received {
     }
 }
 
+/// A delivery's size as [`Consumer::max_delivery_bytes`] counts it: payload and headers.
+fn delivery_size(m: &Received) -> usize {
+    m.payload.len()
+        + m.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// Parse a message id read from a delivery's metadata (`what` names where, for the error).
 pub fn parse_id(value: Option<&[u8]>, what: &str) -> std::result::Result<MessageId, String> {
     let value = value.ok_or_else(|| format!("no {what}: not a message of an outbox"))?;
@@ -413,6 +422,9 @@ impl std::ops::AddAssign for ConsumerReport {
     }
 }
 
+/// [`Consumer::max_delivery_bytes`] by default: 16 MiB.
+pub const DEFAULT_MAX_DELIVERY_BYTES: usize = 16 * 1024 * 1024;
+
 /// The consumer loop: a [`Source`] feeding an [`Inbox`].
 pub struct Consumer<S: Source> {
     source: S,
@@ -420,6 +432,7 @@ pub struct Consumer<S: Source> {
     retry: RetryPolicy,
     batch_size: usize,
     wait: Duration,
+    max_delivery_bytes: usize,
     /// A batch whose round failed (a database or broker error): retried, whole, before
     /// anything new is received. Brokers do not give it back while this consumer lives
     /// (Kafka's position has moved past it, RabbitMQ keeps it unacknowledged on the channel),
@@ -447,8 +460,21 @@ impl<S: Source> Consumer<S> {
             retry: RetryPolicy::default(),
             batch_size: 100,
             wait: Duration::from_millis(500),
+            max_delivery_bytes: DEFAULT_MAX_DELIVERY_BYTES,
             unfinished: None,
         }
+    }
+
+    /// The largest delivery (payload and headers) that is processed (1 KiB to 1 GiB; default
+    /// [`DEFAULT_MAX_DELIVERY_BYTES`]). A larger one is kept as a dead letter without its
+    /// payload (its id, source and headers, and the size in the error) and acknowledged:
+    /// the handler never sees it, and the inbox table never stores it. Bound the broker
+    /// client's own fetch size too (Kafka `fetch.max.bytes`, ...): this limit applies once
+    /// a delivery has been received.
+    pub fn max_delivery_bytes(mut self, n: usize) -> Result<Self> {
+        crate::error::in_range("max_delivery_bytes", n, 1024, 1 << 30)?;
+        self.max_delivery_bytes = n;
+        Ok(self)
     }
 
     /// How failed handlers are retried: `max_attempts` attempts (crashes included), then a
@@ -558,6 +584,8 @@ impl<S: Source> Consumer<S> {
             .filter_map(|d| d.message.as_ref().ok().map(|m| m.id))
             .collect();
         let mut seen = self.inbox.start(&ids).await?.into_iter();
+        // Oversized deliveries dead-lettered in this round (a second copy is a duplicate).
+        let mut oversized: Vec<MessageId> = Vec::new();
         for d in deliveries {
             match &d.message {
                 Err(bad) => {
@@ -578,6 +606,28 @@ impl<S: Source> Consumer<S> {
                 }
                 Ok(message) => match seen.next() {
                     Some(Seen::Done) | Some(Seen::Dead) => report.duplicates += 1,
+                    Some(Seen::New { .. }) if oversized.contains(&message.id) => {
+                        report.duplicates += 1
+                    }
+                    Some(Seen::New { .. }) if delivery_size(message) > self.max_delivery_bytes => {
+                        oversized.push(message.id);
+                        let size = delivery_size(message);
+                        tracing::warn!(consumer = self.inbox.consumer(), id = %message.id, size, max = self.max_delivery_bytes, "delivery over max_delivery_bytes kept as a dead letter without its payload");
+                        let kept = Received {
+                            payload: Vec::new(),
+                            ..message.clone()
+                        };
+                        self.inbox
+                            .dead_letter(
+                                &kept,
+                                &format!(
+                                    "delivery of {size} bytes is over max_delivery_bytes ({}): kept without its payload",
+                                    self.max_delivery_bytes
+                                ),
+                            )
+                            .await?;
+                        report.dead_lettered += 1;
+                    }
                     Some(Seen::New { attempts }) => self.handle(message, attempts, report).await?,
                     None => {
                         return Err(Error::store(

@@ -60,7 +60,7 @@ pub use cleaner::{cutoff, Cleaner, DEFAULT_RETENTION, MAX_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use inbox::{
     parse_id, valid_traceparent, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter,
-    Incoming, Processed, Received, Seen, Source, Unreadable, ID_HEADER,
+    Incoming, Processed, Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{

@@ -265,3 +265,58 @@ async fn run_outlives_a_broker_error_and_stops_at_shutdown() {
         "processed once each, after the failed receive"
     );
 }
+
+/// A delivery over `max_delivery_bytes` is never handled and never stored with its payload:
+/// a dead letter with its id, headers and the size, acknowledged; its redelivery is a
+/// duplicate; the messages around it are processed.
+#[tokio::test]
+async fn an_oversized_delivery_is_a_dead_letter_without_its_payload() {
+    let (_dir, store, table) = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let inbox = table
+        .consumer("billing", move |tx: &Transaction<'_>, m: &Received| {
+            r.fetch_add(1, Ordering::SeqCst);
+            tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+                .map_err(outbox_sqlite::map_err)?;
+            Ok(())
+        })
+        .unwrap();
+    let small = Received::new(MessageId::new(), "t", b"ok".to_vec());
+    let mut big = Received::new(MessageId::new(), "t", vec![7u8; 64 * 1024]);
+    big.headers.insert("x-trace".into(), "kept".into());
+    let after = Received::new(MessageId::new(), "t", b"ok too".to_vec());
+    let queue = Queue {
+        waiting: [small.clone(), big.clone(), after.clone(), big.clone()]
+            .into_iter()
+            .collect(),
+        acked: Vec::new(),
+    };
+    let other = table
+        .consumer("other", |_: &Transaction<'_>, _: &Received| Ok(()))
+        .unwrap();
+    assert!(Consumer::new(Queue::default(), other)
+        .max_delivery_bytes(10)
+        .is_err());
+    let mut consumer = Consumer::new(queue, inbox)
+        .max_delivery_bytes(32 * 1024)
+        .unwrap();
+    let report = consumer.run_once().await.unwrap();
+    assert_eq!(
+        (report.processed, report.dead_lettered, report.duplicates),
+        (2, 1, 1)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(count(&store), 2);
+    assert_eq!(consumer.source_mut().acked.len(), 4, "all acknowledged");
+    let dead = table.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.id, big.id);
+    assert!(dead[0].message.payload.is_empty(), "the payload was stored");
+    assert_eq!(dead[0].message.headers["x-trace"], "kept");
+    let error = dead[0].error.as_deref().unwrap();
+    assert!(
+        error.contains("65547 bytes is over max_delivery_bytes (32768)"),
+        "{error}"
+    );
+}
