@@ -122,7 +122,7 @@ pub mod implement {
         valid_traceparent, validate_identifier, Claim, Claimed, Enqueue, EnqueueBlocking, Failure,
         FaultFn, FaultyPublisher, NewMessage, Outcome, Quarantined, SignedPlan,
         DEFAULT_MAX_BATCH_BYTES, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, MAX_PAGE,
-        PARKED_COUNT_CAP, RESERVED_HEADERS,
+        PARKED_COUNT_CAP, PARKED_NEXT_AT, RESERVED_HEADERS,
     };
 }
 

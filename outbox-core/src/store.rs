@@ -249,6 +249,10 @@ pub struct ParkedUnit {
     pub pending: u64,
 }
 
+/// `next_at` of a parked unit in the stores' unit tables: never due, so claims never read it
+/// (one value for every store).
+pub const PARKED_NEXT_AT: i64 = i64::MAX;
+
 /// [`ParkedUnit::pending`] counts no further (a listing stays cheap behind a deep unit).
 pub const PARKED_COUNT_CAP: u64 = 100_000;
 

@@ -30,8 +30,7 @@ const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT
 /// The database clock in milliseconds.
 const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 
-/// `next_at` of a parked unit: never due, so claims never read it.
-const PARKED: i64 = i64::MAX;
+use outbox_core::PARKED_NEXT_AT as PARKED;
 
 /// The three tables `migrate` creates (`<table>`, `<table>_locks`, `<table>_due`), with
 /// exact (binary, no-pad) collation `c` for names.

@@ -91,8 +91,7 @@ impl Default for PgOptions {
 
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `next_at` of a parked unit: never due, so claims never read it.
-const PARKED: i64 = i64::MAX;
+use outbox_core::PARKED_NEXT_AT as PARKED;
 
 /// How often a store looks for keep-order rows whose unit it does not know.
 const ADOPT_EVERY: Duration = Duration::from_secs(60);

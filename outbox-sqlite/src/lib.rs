@@ -479,9 +479,7 @@ fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core
     Ok(seqs)
 }
 
-/// `next_at` of a parked unit: never due, so claims (which pick due units through
-/// `<table>_due_next`) never read it.
-const PARKED: i64 = i64::MAX;
+use outbox_core::PARKED_NEXT_AT as PARKED;
 
 /// Un-park (`stream`, `unit`): due now, and its rows that failed get a fresh retry budget.
 fn resume(tx: &Connection, t: &str, stream: &str, unit: &str) -> outbox_core::Result<()> {
