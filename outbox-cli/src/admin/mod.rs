@@ -1,0 +1,328 @@
+//! `outbox admin`: a web console for operators, served by the binary itself (axum, HTML
+//! rendered on the server, no script, every asset embedded), and the same data and actions as
+//! a JSON API under `/api/`.
+//!
+//! Security: loopback unless a token is set (`--auth-token`); without a token only a `Host` of
+//! the loopback names with the console's port is answered (a re-bound DNS name is refused);
+//! with a token every request carries it (`Authorization: Bearer …`) or a session cookie that
+//! a POST to `/login` exchanges it for (a random id, not the token); wrong tokens are answered
+//! slowly, one at a time; every change is a POST from the console's own origin
+//! (`Origin`, `Sec-Fetch-Site`) with its CSRF token; `--read-only` removes the actions;
+//! `--hide-payloads` keeps payloads off pages and API; all output is escaped, and the
+//! Content-Security-Policy forbids scripts, so a payload holding `<script>` is text twice over.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{ConnectInfo, Extension, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Json, Router};
+use outbox_core::{
+    Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, Store, StoredMessage,
+};
+use serde_json::{json, Value};
+
+mod actions;
+mod api;
+mod pages;
+mod render;
+mod security;
+
+use actions::*;
+use api::*;
+use pages::*;
+use render::*;
+use security::*;
+
+/// Settings of the console.
+#[derive(Debug, Clone)]
+pub struct AdminOptions {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// Required on every request when set; required to listen beyond loopback.
+    pub token: Option<String>,
+    /// No actions.
+    pub read_only: bool,
+    /// No payloads, header values or last errors (a broker's or receiver's answer can quote
+    /// the message) on pages or in the API: only names, sizes, counts and states.
+    pub hide_payloads: bool,
+    /// How often the overview's chart samples the counts.
+    pub sample_every: Duration,
+}
+
+/// What the handlers share.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    table: String,
+    /// The store's URL with its password replaced.
+    label: String,
+    options: AdminOptions,
+    csrf: String,
+    samples: Mutex<VecDeque<Sample>>,
+    /// The port it listens on (the one bound, when `listen` asked for port 0).
+    port: u16,
+    /// Session ids handed out by `/login`, newest last.
+    sessions: Mutex<VecDeque<String>>,
+    /// Held while a wrong token is answered (slowly): guesses go one at a time.
+    wrong_tokens: tokio::sync::Mutex<()>,
+}
+
+/// Sessions kept at most (the oldest is dropped first).
+const MAX_SESSIONS: usize = 1000;
+/// How long a wrong token's answer takes; they are answered one at a time.
+const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: SystemTime,
+    pending: u64,
+    dead: u64,
+    sent: u64,
+}
+
+/// One hour of samples at most.
+const WINDOW: Duration = Duration::from_secs(3600);
+
+/// Check the options: beyond loopback, a token is required.
+pub fn check(options: &AdminOptions) -> outbox_core::Result<()> {
+    if !options.listen.ip().is_loopback() && options.token.is_none() {
+        return Err(Error::config(format!(
+            "admin: listening on {} (not loopback) needs --auth-token or OUTBOX_ADMIN_TOKEN",
+            options.listen
+        )));
+    }
+    if options.token.as_deref().is_some_and(|t| t.len() < 16) {
+        return Err(Error::config(
+            "admin: the auth token must be at least 16 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn serve(
+    store: Arc<dyn Store>,
+    table: &str,
+    label: String,
+    options: AdminOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> outbox_core::Result<()> {
+    check(&options)?;
+    let listener = tokio::net::TcpListener::bind(options.listen)
+        .await
+        .map_err(|e| {
+            Error::config(format!("admin: cannot listen on {}", options.listen)).with_source(e)
+        })?;
+    let addr = listener.local_addr().ok();
+    let port = addr.map_or(options.listen.port(), |a| a.port());
+    let admin = Arc::new(Admin::new(store, table, label, options, port));
+    tokio::spawn(sampler(Arc::downgrade(&admin)));
+    tracing::info!(address = %addr.map_or_else(|| options_listen(&admin), |a| a.to_string()), read_only = admin.options.read_only, hide_payloads = admin.options.hide_payloads, "admin console listening");
+    // Printed for scripts and tests that listen on port 0.
+    if let Some(a) = addr {
+        println!("admin console on http://{a}/");
+    }
+    axum::serve(
+        listener,
+        router(admin).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .map_err(|e| Error::transient("admin: server failed").with_source(e))
+}
+
+impl Admin {
+    /// The shared state of a console listening on `port`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        table: &str,
+        label: String,
+        options: AdminOptions,
+        port: u16,
+    ) -> Self {
+        Admin {
+            store,
+            table: table.to_owned(),
+            label,
+            csrf: random_token(),
+            samples: Mutex::new(VecDeque::new()),
+            port,
+            sessions: Mutex::new(VecDeque::new()),
+            wrong_tokens: tokio::sync::Mutex::new(()),
+            options,
+        }
+    }
+}
+
+fn options_listen(admin: &Admin) -> String {
+    admin.options.listen.to_string()
+}
+
+fn random_token() -> String {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    (0..32)
+        .map(|_| format!("{:02x}", rng.gen::<u8>()))
+        .collect()
+}
+
+/// The routes, behind the security layer.
+pub fn router(admin: Arc<Admin>) -> Router {
+    Router::new()
+        .route("/", get(overview))
+        .route("/messages", get(messages_page))
+        .route("/messages/{seq}", get(message_page))
+        .route("/messages/{seq}/payload", get(payload_download))
+        .route("/actions", post(action_form))
+        .route("/login", get(login_page).post(login))
+        .route("/style.css", get(style))
+        .route("/chart.svg", get(chart))
+        .route("/api/stats", get(api_stats))
+        .route("/api/messages", get(api_messages))
+        .route("/api/messages/{seq}", get(api_message))
+        .route("/api/parked", get(api_parked))
+        .route("/api/csrf", get(api_csrf))
+        .route("/api/actions", post(api_action))
+        .layer(axum::middleware::from_fn_with_state(
+            admin.clone(),
+            security,
+        ))
+        .with_state(admin)
+}
+
+/// Samples the counts for the overview's chart.
+async fn sampler(admin: std::sync::Weak<Admin>) {
+    loop {
+        let Some(a) = admin.upgrade() else { return };
+        let every = a.options.sample_every;
+        if let Ok(stats) = a.store.stats().await {
+            let t = stats.total();
+            let mut s = a.samples.lock().unwrap_or_else(|p| p.into_inner());
+            s.push_back(Sample {
+                at: SystemTime::now(),
+                pending: t.pending,
+                dead: t.dead,
+                sent: t.sent,
+            });
+            while s
+                .front()
+                .is_some_and(|f| f.at.elapsed().unwrap_or_default() > WINDOW)
+            {
+                s.pop_front();
+            }
+        }
+        drop(a);
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A handler's error: a status and a clear message (HTML or JSON by route).
+pub(crate) struct Failure(pub(crate) StatusCode, pub(crate) String);
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        use outbox_core::ErrorKind::*;
+        let status = match e.kind() {
+            NotFound => StatusCode::NOT_FOUND,
+            Config | InvalidMessage | InvalidIdentifier => StatusCode::BAD_REQUEST,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Failure(status, crate::report::describe(&e))
+    }
+}
+
+pub(crate) fn bad(message: impl Into<String>) -> Failure {
+    Failure(StatusCode::BAD_REQUEST, message.into())
+}
+
+pub(crate) fn page_error(f: Failure) -> Response {
+    let body = layout(
+        "Error",
+        &format!(
+            "<p class=\"error\">{} {}</p><p><a href=\"/\">Overview</a></p>",
+            f.0.as_u16(),
+            esc(&f.1)
+        ),
+    );
+    (f.0, Html(body)).into_response()
+}
+
+pub(crate) fn api_error(f: Failure) -> Response {
+    (f.0, Json(json!({ "error": f.1, "status": f.0.as_u16() }))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chart covers the time sampled (four minutes fill the width, not 38 px of an
+    /// hour), draws the backlog and the rate on scales of their own, labels the latest
+    /// values and the time axis, and says when it has too little to draw.
+    #[test]
+    fn the_chart_covers_its_samples_with_axes() {
+        let now = SystemTime::now();
+        assert!(chart_svg(&[], now).contains("Collecting samples (0 so far)"));
+        let samples: Vec<Sample> = (0..=24)
+            .map(|i| Sample {
+                at: now - Duration::from_secs(240 - i * 10),
+                pending: 3000 - i * 10,
+                dead: 300,
+                sent: i * 100,
+            })
+            .collect();
+        let svg = chart_svg(&samples, now);
+        assert!(
+            svg.contains("pending 2760") && svg.contains("dead 300"),
+            "{svg}"
+        );
+        assert!(svg.contains("published/min 600"), "{svg}");
+        assert!(svg.contains("4m ago") && svg.contains(">now<"), "{svg}");
+        // The first point sits on the value axis, the last at the right edge.
+        let pending_line = svg.split("stroke=\"#1f5fbf\"").nth(1).unwrap();
+        let points = pending_line.split("points=\"").nth(1).unwrap();
+        let first_x: f64 = points.split(',').next().unwrap().parse().unwrap();
+        let last_x: f64 = points
+            .split('"')
+            .next()
+            .unwrap()
+            .split(' ')
+            .next_back()
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(first_x <= 57.0 && last_x >= 700.0, "{first_x} .. {last_x}");
+    }
+
+    #[test]
+    fn escaping_and_tokens() {
+        assert_eq!(
+            esc("<script>alert('x')</script>&\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+        );
+        assert_eq!(enc("a b&c"), "a%20b%26c");
+        assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
+        let t = random_token();
+        assert_eq!(t.len(), 64);
+        assert_ne!(t, random_token());
+        let opts = |listen: &str, token: Option<&str>| AdminOptions {
+            listen: listen.parse().unwrap(),
+            token: token.map(str::to_owned),
+            read_only: false,
+            hide_payloads: false,
+            sample_every: Duration::from_secs(10),
+        };
+        assert!(check(&opts("127.0.0.1:0", None)).is_ok());
+        assert!(check(&opts("0.0.0.0:8080", None)).is_err());
+        assert!(check(&opts("0.0.0.0:8080", Some("short"))).is_err());
+        assert!(check(&opts("0.0.0.0:8080", Some("0123456789abcdef"))).is_ok());
+    }
+}
