@@ -9,6 +9,7 @@
 //! latency, overhead, memory, keep-order, one-unit, listing, inbox, relays); --inbox-messages N
 //! (default 10000).
 
+use outbox::StoreAdmin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -57,7 +58,7 @@ fn uuid_like() -> String {
 /// A store under test, plus how to drop its table afterwards.
 struct Bench {
     name: &'static str,
-    store: Arc<dyn Store>,
+    store: Arc<dyn StoreAdmin>,
     /// SQL run between measurements (VACUUM / ANALYZE), so each run starts from the same
     /// state: autovacuum after a 100k-row drain otherwise lands on whichever run comes next.
     maintain: Vec<String>,
@@ -235,7 +236,7 @@ async fn claim_delete(store: &dyn Store, concurrency: usize) -> Res<usize> {
 }
 
 async fn relay_drain(
-    store: Arc<dyn Store>,
+    store: Arc<dyn StoreAdmin>,
     publisher: Arc<dyn Publisher>,
     concurrency: usize,
 ) -> Res<usize> {
@@ -355,12 +356,47 @@ impl<S: Store> Store for Counting<S> {
     async fn fail(&self, owner: &str, failures: &[Failure]) -> outbox::Result<()> {
         self.inner.fail(owner, failures).await
     }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.wait_for_work(timeout).await
+    }
+    fn notify_committed(&self) {
+        self.inner.notify_committed()
+    }
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox::Result<()> {
+        self.inner.park_unit(stream, unit, reason).await
+    }
+}
+
+#[async_trait]
+impl<S: StoreAdmin> StoreAdmin for Counting<S> {
+    async fn messages(&self, f: &outbox::MessageFilter) -> outbox::Result<Vec<StoredMessage>> {
+        self.inner.messages(f).await
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> outbox::Result<Vec<outbox::ParkedUnit>> {
+        self.inner.parked_units(stream, limit).await
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> outbox::Result<()> {
+        self.inner.resume_unit(stream, unit).await
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> outbox::Result<Option<i64>> {
+        self.inner.skip_head(stream, unit).await
+    }
+
     async fn requeue(&self, s: &Selector) -> outbox::Result<u64> {
         self.inner.requeue(s).await
     }
+
     async fn purge_dead(&self, s: &Selector) -> outbox::Result<u64> {
         self.inner.purge_dead(s).await
     }
+
     async fn dead_letters(
         &self,
         stream: Option<&str>,
@@ -368,20 +404,17 @@ impl<S: Store> Store for Counting<S> {
     ) -> outbox::Result<Vec<StoredMessage>> {
         self.inner.dead_letters(stream, limit).await
     }
+
     async fn clean(&self, before: SystemTime, limit: usize, dead: bool) -> outbox::Result<u64> {
         self.inner.clean(before, limit, dead).await
     }
+
     async fn stats(&self) -> outbox::Result<Stats> {
         self.inner.stats().await
     }
+
     async fn get(&self, seq: i64) -> outbox::Result<Option<StoredMessage>> {
         self.inner.get(seq).await
-    }
-    async fn wait_for_work(&self, timeout: Duration) {
-        self.inner.wait_for_work(timeout).await
-    }
-    fn notify_committed(&self) {
-        self.inner.notify_committed()
     }
 }
 
@@ -1108,7 +1141,7 @@ fn keyed_row(destination: &str, i: usize, key: &str) -> NewMessage {
 /// `n` keep-order rows on `keys` units (`k0`, `k1`, ...; row i in unit i % keys), or all in
 /// unit `only` when given.
 async fn fill_keyed(
-    store: &dyn Store,
+    store: &dyn StoreAdmin,
     n: usize,
     keys: usize,
     only: Option<&str>,
@@ -1129,7 +1162,7 @@ async fn fill_keyed(
 }
 
 async fn drain_with(
-    store: Arc<dyn Store>,
+    store: Arc<dyn StoreAdmin>,
     publisher: Arc<dyn Publisher>,
     batch: usize,
 ) -> Res<usize> {
@@ -1206,12 +1239,14 @@ async fn keep_order_scale(dir: &std::path::Path, sizes: &[usize], stuck: &[usize
     head_of_line(dir, stuck, true).await
 }
 
-/// The admin console's listing (`Store::messages`) against the table's size: the first page,
+/// The admin console's listing (`StoreAdmin::messages`) against the table's size: the first page,
 /// a page deep in the table, and pages filtered to rare rows, against a one-row primary-key
-/// read (`Store::get`) as the floor.
+/// read (`StoreAdmin::get`) as the floor.
 async fn listing(dir: &std::path::Path, sizes: &[usize]) -> Res {
     use outbox::MessageFilter;
-    println!("\n## Admin console listing (Store::messages, pages of 50) against the table size\n");
+    println!(
+        "\n## Admin console listing (StoreAdmin::messages, pages of 50) against the table size\n"
+    );
     println!("Rows: 1 in 100 on stream \"rare\", 1 in 1000 dead, 50 keys. Median of 5 runs.\n");
     println!("| store | rows | get(seq) (floor) | first page | deep page (before = 1000) | stream = rare | status = dead | key = k7 | id = … |");
     println!("|---|---|---|---|---|---|---|---|---|");

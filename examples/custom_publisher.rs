@@ -7,12 +7,13 @@
 //!
 //! Run: `cargo run --example custom_publisher`
 
+use outbox::StoreAdmin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use outbox::sqlite::SqliteStore;
-use outbox::{async_trait, Envelope, Error, Message, Outbox, Publisher, RetryPolicy, Store};
+use outbox::{async_trait, Envelope, Error, Message, Outbox, Publisher, RetryPolicy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// POSTs each message to `http://{host}/{destination}` with an idempotency key.

@@ -8,6 +8,7 @@
 //!
 //! Run: `cargo run --example custom_strategy`
 
+use outbox::StoreAdmin;
 use std::time::{Duration, Instant};
 
 use outbox::sqlite::SqliteStore;

@@ -15,8 +15,9 @@ use outbox::kafka::rdkafka::mocking::MockCluster;
 use outbox::kafka::{KafkaPublisher, KafkaSource};
 use outbox::sqlite::rusqlite::Transaction;
 use outbox::sqlite::SqliteStore;
+use outbox::StoreAdmin;
 use outbox::{
-    Consumer, ConsumerReport, Error, KeepOrder, Message, Outbox, Publisher, Received, Retry, Store,
+    Consumer, ConsumerReport, Error, KeepOrder, Message, Outbox, Publisher, Received, Retry,
 };
 
 #[derive(serde::Serialize, serde::Deserialize)]

@@ -9,6 +9,7 @@
 
 use outbox::nats::NatsPublisher;
 use outbox::sqlite::SqliteStore;
+use outbox::StoreAdmin;
 use outbox::{KeepOrder, Message, Outbox, Publisher};
 
 #[tokio::main]
@@ -81,6 +82,5 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The first message, as the relay published it.
 async fn store_first(store: &SqliteStore) -> outbox::Result<outbox::Envelope> {
-    use outbox::Store;
     Ok(store.get(1).await?.expect("row 1").envelope)
 }

@@ -7,6 +7,7 @@
 //! Run: `cargo run --example postgres_relay --features postgres`
 //! (OUTBOX_PG_URL, default postgres://postgres@127.0.0.1:5432/test)
 
+use outbox::StoreAdmin;
 use std::time::{Duration, Instant};
 
 use outbox::postgres::{self, PgOptions, PgStore};

@@ -109,7 +109,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = relay.run_once().await?;
     println!("  relay report: {report:?}");
 
-    for s in outbox::Store::stats(&store).await?.streams {
+    for s in outbox::StoreAdmin::stats(&store).await?.streams {
         println!(
             "stream {:<7} pending={} sent={} dead={}",
             s.stream, s.pending, s.sent, s.dead

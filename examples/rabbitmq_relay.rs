@@ -7,13 +7,14 @@
 //! Run: `cargo run --example rabbitmq_relay --features amqp`
 //! (OUTBOX_AMQP_URL, default amqp://guest:guest@127.0.0.1:5672/%2f)
 
+use outbox::StoreAdmin;
 use std::time::Duration;
 
 use outbox::amqp::lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
 use outbox::amqp::lapin::types::FieldTable;
 use outbox::amqp::AmqpPublisher;
 use outbox::sqlite::SqliteStore;
-use outbox::{Message, Outbox, Store};
+use outbox::{Message, Outbox};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -17,6 +17,7 @@
 //! tests; `OUTBOX_HISTORY_SEED`, `OUTBOX_HISTORY_RUNS` and `OUTBOX_HISTORY_SECS` make longer
 //! ones (`scripts/soak.sh --history`).
 
+use outbox::StoreAdmin;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -185,7 +186,7 @@ struct Outcome {
 
 #[async_trait]
 trait Db: Send + Sync + 'static {
-    type S: Store + 'static;
+    type S: StoreAdmin + 'static;
     /// Whether its transactions have savepoints of the same type.
     const SAVEPOINTS: bool;
     fn store(&self) -> Arc<Self::S>;

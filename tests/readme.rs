@@ -10,6 +10,7 @@
 //! builds and runs it with cargo.
 #![allow(dead_code, unused_variables, clippy::all)]
 
+use outbox::StoreAdmin;
 use std::error::Error as StdError;
 
 type Res = Result<(), Box<dyn StdError>>;
@@ -73,7 +74,6 @@ mod snippets {
         outbox: outbox::Outbox<outbox::sqlite::SqliteStore>,
         store: outbox::sqlite::SqliteStore,
     ) -> Res {
-        use outbox::Store;
         outbox.park_unit("orders", "customer-7", "ledger migration").await?;   // any time
         for unit in store.parked_units(Some("orders"), 50).await? {              // oldest first
             println!("{} {} waits with {} messages: {:?}", unit.stream, unit.unit, unit.pending, unit.reason);

@@ -1,6 +1,7 @@
 //! Cross-crate tests through the `outbox` facade on SQLite: graceful shutdown and deferred
 //! function calls (jaiminho's `@save_to_outbox`).
 
+use outbox::StoreAdmin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use outbox::conformance::eventually;
 use outbox::sqlite::SqliteStore;
 use outbox::{
     async_trait, Envelope, Error, FunctionPublisher, KeepOrder, Message, Outbox, Publisher,
-    RecordingPublisher, Store,
+    RecordingPublisher,
 };
 use tokio::sync::{Notify, Semaphore};
 

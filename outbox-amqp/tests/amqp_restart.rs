@@ -2,6 +2,7 @@
 //! loses nothing. Its own test binary: cargo runs test binaries one at a time, so the restart
 //! disturbs no other test.
 
+use outbox_core::StoreAdmin;
 use std::process::Command;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use outbox_amqp::AmqpPublisher;
 use outbox_core::conformance::eventually;
-use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Relay, RetryPolicy, Store};
+use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Relay, RetryPolicy};
 use outbox_sqlite::SqliteStore;
 
 fn url() -> String {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::{Error, ErrorKind, Publisher, Result, Retry, StdoutPublisher, Store};
+use outbox_core::{Error, ErrorKind, Publisher, Result, Retry, StdoutPublisher, StoreAdmin};
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_sql::redact_url;
@@ -80,7 +80,7 @@ impl AnyStore {
         }
     }
 
-    pub fn store(&self) -> Arc<dyn Store> {
+    pub fn store(&self) -> Arc<dyn StoreAdmin> {
         match self {
             Self::Sqlite(s) => Arc::new(s.clone()),
             Self::Postgres(s) => Arc::new(s.clone()),

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::output::{print_statements, unit_json};
+use outbox_core::StoreAdmin;
 
 /// Run the command `cli` names with the settings of `file`: its exit code, or the error.
 pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
@@ -548,7 +549,7 @@ async fn dead(store: &AnyStore, command: DeadCommand, json: bool) -> Result<u8, 
 /// batches of [`BULK_BATCH`] with progress, each batch its own statement, so Ctrl-C stops
 /// between two batches with every row either changed or not.
 pub(crate) async fn bulk_dead(
-    s: Arc<dyn Store>,
+    s: Arc<dyn StoreAdmin>,
     sel: &SelectArgs,
     requeue: bool,
     json: bool,

@@ -27,7 +27,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox_core::{
-    printable, Cleaner, Error, Relay, RelayConfig, RetryPolicy, Selector, Store, StreamFilter,
+    printable, Cleaner, Error, Relay, RelayConfig, RetryPolicy, Selector, Store, StoreAdmin,
+    StreamFilter,
 };
 use serde::Deserialize;
 

@@ -293,7 +293,7 @@ pub(crate) const MAX_STREAM_SERIES: usize = 100;
 /// Backlog gauges per stream, plus the total under stream "*" (present even on an empty
 /// table, so dashboards and alerts see 0 rather than nothing). Series of streams that are
 /// gone stop being refreshed and expire (see `metrics_endpoint`).
-pub(crate) async fn backlog_gauges(store: Arc<dyn Store>) {
+pub(crate) async fn backlog_gauges(store: Arc<dyn StoreAdmin>) {
     loop {
         let started = std::time::Instant::now();
         let stats = store.stats().await;

@@ -3,6 +3,7 @@
 //! cluster of its own, on a free port (`pg_createcluster`), and restarts only that one, so the
 //! server every other test uses is never disturbed; the cluster is dropped at the end.
 
+use outbox_core::StoreAdmin;
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

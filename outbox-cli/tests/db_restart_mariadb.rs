@@ -1,6 +1,7 @@
 //! MariaDB under a running relay process, on a server of the test's own (never the one the
 //! other tests use): restarted mid-run, and not there yet when the relay starts.
 
+use outbox_core::StoreAdmin;
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

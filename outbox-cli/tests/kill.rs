@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_core::conformance::eventually;
-use outbox_core::{KeepOrder, Message, Outbox, PublishOnCommit, Store};
+use outbox_core::{KeepOrder, Message, Outbox, PublishOnCommit, Store, StoreAdmin};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_redis::RedisPublisher;
 use outbox_sql::mysql::{MySqlOptions, MySqlStore};
@@ -71,7 +71,7 @@ impl Producer {
 }
 
 impl Armed {
-    fn store(&self) -> std::sync::Arc<dyn Store> {
+    fn store(&self) -> std::sync::Arc<dyn StoreAdmin> {
         match self {
             Self::Sqlite(s, _) => std::sync::Arc::new(s.clone()),
             Self::Pg(s, _) => std::sync::Arc::new(s.clone()),

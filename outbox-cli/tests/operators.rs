@@ -2,6 +2,7 @@
 //! that say what to do, no colour codes off a terminal, `doctor`, interruptible bulk
 //! operations, completions and the manual page.
 
+use outbox_core::StoreAdmin;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

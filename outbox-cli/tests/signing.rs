@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::Arc;
 
-use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Signer, SigningKey, Store};
+use outbox_core::{
+    KeepOrder, Message, Outbox, RecordingPublisher, Signer, SigningKey, Store, StoreAdmin,
+};
 use outbox_sql::postgres::{sqlx, PgOptions, PgStore};
 use outbox_sqlite::SqliteStore;
 
@@ -71,7 +73,7 @@ impl Target {
         PgStore::connect_with(url, options).await.unwrap()
     }
 
-    async fn store(&self) -> Arc<dyn Store> {
+    async fn store(&self) -> Arc<dyn StoreAdmin> {
         match self {
             Target::Sqlite(_, db) => Arc::new(SqliteStore::open(db).unwrap()),
             Target::Pg { url, table } => Arc::new(Self::pg_store(url, table).await),

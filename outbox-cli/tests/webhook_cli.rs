@@ -2,6 +2,7 @@
 //! headers, signed with the secrets from OUTBOX_WEBHOOK_SECRETS, which never reach the output.
 //! `--publisher nats://…`: messages in a JetStream stream.
 
+use outbox_core::StoreAdmin;
 use std::io::{Read, Write};
 use std::process::Command;
 

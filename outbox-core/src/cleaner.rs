@@ -4,7 +4,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
-use crate::store::Store;
+use crate::store::StoreAdmin;
 
 /// Longest retention a cleaner takes: 100 years.
 pub const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -51,7 +51,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Cleaner<S> {
     }
 }
 
-impl<S: Store> Cleaner<S> {
+impl<S: StoreAdmin> Cleaner<S> {
     /// Retention 7 days, batches of 1000 rows, dead rows kept.
     pub fn new(store: S) -> Self {
         Self {

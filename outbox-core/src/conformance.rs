@@ -4,6 +4,7 @@
 //! in a test file; each contract point becomes its own `#[tokio::test]`, running in parallel,
 //! each on a fresh table.
 
+use crate::StoreAdmin;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ use crate::{
 #[async_trait]
 pub trait Harness: Send + Sync + 'static {
     /// The store under test.
-    type Store: Store + 'static;
+    type Store: StoreAdmin + 'static;
 
     /// A store on a fresh, migrated table (and a fresh business table beside it).
     async fn fresh(&self) -> Arc<Self::Store>;
@@ -182,7 +183,7 @@ fn fast_retry(max_attempts: u32) -> RetryPolicy {
     }
 }
 
-fn base<S: Store + 'static>(
+fn base<S: StoreAdmin + 'static>(
     store: Arc<S>,
     publisher: impl crate::Publisher + 'static,
 ) -> OutboxBuilder<Arc<S>> {
@@ -313,11 +314,11 @@ impl EventLog {
     }
 }
 
-async fn total(store: &dyn Store) -> crate::StreamStats {
+async fn total(store: &dyn StoreAdmin) -> crate::StreamStats {
     store.stats().await.expect("stats").total()
 }
 
-async fn all_rows<S: Store + ?Sized>(store: &S, upto: i64) -> Vec<crate::StoredMessage> {
+async fn all_rows<S: StoreAdmin + ?Sized>(store: &S, upto: i64) -> Vec<crate::StoredMessage> {
     let mut out = Vec::new();
     for seq in 1..=upto {
         if let Some(r) = store.get(seq).await.expect("get") {
@@ -327,7 +328,10 @@ async fn all_rows<S: Store + ?Sized>(store: &S, upto: i64) -> Vec<crate::StoredM
     out
 }
 
-async fn find_by_payload<S: Store + ?Sized>(store: &S, payload: &[u8]) -> crate::StoredMessage {
+async fn find_by_payload<S: StoreAdmin + ?Sized>(
+    store: &S,
+    payload: &[u8],
+) -> crate::StoredMessage {
     // seqs in a fresh table are small and nearly contiguous (a rollback may skip a few)
     let mut misses = 0;
     for seq in 1.. {
@@ -945,7 +949,7 @@ pub fn legacy_rows(table: &str, payload: impl Fn(&str) -> String, now_ms: i64) -
 /// After `migrate` on a table holding [`legacy_rows`]: every row survives with its status, the
 /// relay publishes each unit in order (the dead relay's lease has expired, the live relay's
 /// has not), and a requeued dead letter goes out too.
-pub async fn check_legacy_migration<S: Store + 'static>(store: Arc<S>) {
+pub async fn check_legacy_migration<S: StoreAdmin + 'static>(store: Arc<S>) {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap(); // idempotent
     let broker = RecordingPublisher::new();
@@ -2229,52 +2233,11 @@ impl<S: Store> Store for Hooked<S> {
         (self.after_settle)(&result);
         result
     }
-    async fn requeue(&self, selector: &Selector) -> crate::Result<u64> {
-        self.inner.requeue(selector).await
-    }
-    async fn purge_dead(&self, selector: &Selector) -> crate::Result<u64> {
-        self.inner.purge_dead(selector).await
-    }
-    async fn dead_letters(
-        &self,
-        stream: Option<&str>,
-        limit: usize,
-    ) -> crate::Result<Vec<crate::StoredMessage>> {
-        self.inner.dead_letters(stream, limit).await
-    }
-    async fn clean(&self, before: SystemTime, limit: usize, dead: bool) -> crate::Result<u64> {
-        self.inner.clean(before, limit, dead).await
-    }
-    async fn stats(&self) -> crate::Result<crate::Stats> {
-        self.inner.stats().await
-    }
-    async fn get(&self, seq: i64) -> crate::Result<Option<crate::StoredMessage>> {
-        self.inner.get(seq).await
-    }
     async fn wait_for_work(&self, timeout: Duration) {
         self.inner.wait_for_work(timeout).await
     }
     async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> crate::Result<()> {
         self.inner.park_unit(stream, unit, reason).await
-    }
-    async fn resume_unit(&self, stream: &str, unit: &str) -> crate::Result<()> {
-        self.inner.resume_unit(stream, unit).await
-    }
-    async fn skip_head(&self, stream: &str, unit: &str) -> crate::Result<Option<i64>> {
-        self.inner.skip_head(stream, unit).await
-    }
-    async fn parked_units(
-        &self,
-        stream: Option<&str>,
-        limit: usize,
-    ) -> crate::Result<Vec<crate::ParkedUnit>> {
-        self.inner.parked_units(stream, limit).await
-    }
-    async fn messages(
-        &self,
-        filter: &crate::MessageFilter,
-    ) -> crate::Result<Vec<crate::StoredMessage>> {
-        self.inner.messages(filter).await
     }
     async fn start_listening(&self) -> crate::Result<()> {
         self.inner.start_listening().await
@@ -2284,6 +2247,60 @@ impl<S: Store> Store for Hooked<S> {
     }
     fn signing_scope(&self) -> String {
         self.inner.signing_scope()
+    }
+}
+
+#[async_trait]
+impl<S: StoreAdmin> StoreAdmin for Hooked<S> {
+    async fn requeue(&self, selector: &Selector) -> crate::Result<u64> {
+        self.inner.requeue(selector).await
+    }
+
+    async fn purge_dead(&self, selector: &Selector) -> crate::Result<u64> {
+        self.inner.purge_dead(selector).await
+    }
+
+    async fn dead_letters(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::StoredMessage>> {
+        self.inner.dead_letters(stream, limit).await
+    }
+
+    async fn clean(&self, before: SystemTime, limit: usize, dead: bool) -> crate::Result<u64> {
+        self.inner.clean(before, limit, dead).await
+    }
+
+    async fn stats(&self) -> crate::Result<crate::Stats> {
+        self.inner.stats().await
+    }
+
+    async fn get(&self, seq: i64) -> crate::Result<Option<crate::StoredMessage>> {
+        self.inner.get(seq).await
+    }
+
+    async fn resume_unit(&self, stream: &str, unit: &str) -> crate::Result<()> {
+        self.inner.resume_unit(stream, unit).await
+    }
+
+    async fn skip_head(&self, stream: &str, unit: &str) -> crate::Result<Option<i64>> {
+        self.inner.skip_head(stream, unit).await
+    }
+
+    async fn parked_units(
+        &self,
+        stream: Option<&str>,
+        limit: usize,
+    ) -> crate::Result<Vec<crate::ParkedUnit>> {
+        self.inner.parked_units(stream, limit).await
+    }
+
+    async fn messages(
+        &self,
+        filter: &crate::MessageFilter,
+    ) -> crate::Result<Vec<crate::StoredMessage>> {
+        self.inner.messages(filter).await
     }
 }
 
@@ -3020,7 +3037,7 @@ pub async fn crash_loops_are_broken<H: Harness>(h: &H) {
     assert_eq!(crasher.crashes.load(Ordering::SeqCst), budget as usize);
 }
 
-/// `Store::messages`: newest first, every filter narrows, keyset pages cover every row once,
+/// `StoreAdmin::messages`: newest first, every filter narrows, keyset pages cover every row once,
 /// a page size out of range is a `Config` error.
 pub async fn messages_are_listed_by_filter<H: Harness>(h: &H) {
     use crate::MessageFilter;

@@ -1,5 +1,6 @@
 //! An in-memory [`Store`] for unit tests of the engine and for examples. Not durable.
 
+use crate::StoreAdmin;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -310,6 +311,29 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
+        let mut state = self.state.lock().unwrap();
+        if state.unit_rows(stream, unit).next().is_none() {
+            return Err(crate::store::no_such_unit(stream, unit, false));
+        }
+        state
+            .parked
+            .entry((stream.to_owned(), unit.to_owned()))
+            .or_insert_with(|| (SystemTime::now(), Some(reason.to_owned())));
+        Ok(())
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.notify.notify_one();
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for MemoryStore {
     async fn requeue(&self, selector: &Selector) -> Result<u64> {
         let now = SystemTime::now();
         let mut n = 0;
@@ -323,18 +347,6 @@ impl Store for MemoryStore {
         }
         self.notify.notify_one();
         Ok(n)
-    }
-
-    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
-        let mut state = self.state.lock().unwrap();
-        if state.unit_rows(stream, unit).next().is_none() {
-            return Err(crate::store::no_such_unit(stream, unit, false));
-        }
-        state
-            .parked
-            .entry((stream.to_owned(), unit.to_owned()))
-            .or_insert_with(|| (SystemTime::now(), Some(reason.to_owned())));
-        Ok(())
     }
 
     async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
@@ -508,13 +520,5 @@ impl Store for MemoryStore {
             .rows
             .get(&seq)
             .map(|r| r.stored.clone()))
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.notify.notified()).await;
-    }
-
-    fn notify_committed(&self) {
-        self.notify.notify_one();
     }
 }

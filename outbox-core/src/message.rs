@@ -368,8 +368,8 @@ pub struct StoredMessage {
 }
 
 impl StoredMessage {
-    /// Stands for a row that does not decode, in listings ([`Store::get`](crate::Store::get),
-    /// [`Store::dead_letters`](crate::Store::dead_letters)): nil id, stream `<unreadable>`,
+    /// Stands for a row that does not decode, in listings ([`StoreAdmin::get`](crate::StoreAdmin::get),
+    /// [`StoreAdmin::dead_letters`](crate::StoreAdmin::dead_letters)): nil id, stream `<unreadable>`,
     /// empty payload, and the row's `status` and `last_error` when those could be read
     /// (`why` is appended to the error).
     pub fn unreadable(

@@ -15,7 +15,7 @@
 //!
 //! Spans go to the global tracer provider (`opentelemetry::global::set_tracer_provider`);
 //! without one they cost next to nothing. Without the feature no OpenTelemetry crate is built;
-//! a malformed `traceparent` on a delivery is refused either way (see [`valid_traceparent`]).
+//! a malformed `traceparent` on a delivery is refused either way (see [`valid_traceparent`](crate::valid_traceparent)).
 
 use std::collections::BTreeMap;
 

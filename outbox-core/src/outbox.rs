@@ -308,9 +308,12 @@ impl<S> Outbox<S> {
         Ok(())
     }
 
-    /// Resume a parked unit ([`Store::resume_unit`]), and tell the observers.
-    pub async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
-        self.shared.store.resume_unit(stream, unit).await?;
+    /// Resume a parked unit ([`StoreAdmin::resume_unit`](crate::StoreAdmin::resume_unit)), and tell the observers.
+    pub async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()>
+    where
+        S: crate::StoreAdmin,
+    {
+        self.store.resume_unit(stream, unit).await?;
         self.shared.observers.emit(&Event::Resumed {
             stream,
             unit,
@@ -319,10 +322,13 @@ impl<S> Outbox<S> {
         Ok(())
     }
 
-    /// Dead-letter a parked unit's head and resume the rest ([`Store::skip_head`]), and tell
+    /// Dead-letter a parked unit's head and resume the rest ([`StoreAdmin::skip_head`](crate::StoreAdmin::skip_head)), and tell
     /// the observers. Returns the skipped head's `seq`.
-    pub async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
-        let skipped = self.shared.store.skip_head(stream, unit).await?;
+    pub async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>>
+    where
+        S: crate::StoreAdmin,
+    {
+        let skipped = self.store.skip_head(stream, unit).await?;
         self.shared.observers.emit(&Event::Resumed {
             stream,
             unit,
@@ -533,19 +539,19 @@ impl<S: Store + Clone + 'static> OutboxBuilder<S> {
         self
     }
 
-    /// See [`Config::delete_after_send`].
+    /// See [`Delivery::delete_after_send`](crate::Delivery::delete_after_send).
     pub fn delete_after_send(mut self, yes: bool) -> Self {
         self.config.delivery.delete_after_send = yes;
         self
     }
 
-    /// See [`Config::retry`].
+    /// See [`Delivery::retry`](crate::Delivery::retry).
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.config.delivery.retry = retry;
         self
     }
 
-    /// See [`Config::dead_letter_keep_order`].
+    /// See [`Delivery::dead_letter_keep_order`](crate::Delivery::dead_letter_keep_order).
     pub fn dead_letter_keep_order(mut self, yes: bool) -> Self {
         self.config.delivery.dead_letter_keep_order = yes;
         self

@@ -84,7 +84,7 @@ pub struct Config {
     /// How long a publish-on-commit row is reserved for the committing process before a
     /// relay may take it. Default: 30 s.
     pub on_commit_lease: Duration,
-    /// Publish-on-commit batches in flight at once per [`Outbox`]. Default: 64.
+    /// Publish-on-commit batches in flight at once per [`Outbox`](crate::Outbox). Default: 64.
     pub on_commit_concurrency: usize,
     /// Settings shared with the relays.
     pub delivery: Delivery,

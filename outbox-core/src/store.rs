@@ -188,7 +188,7 @@ pub enum Selector {
     Seqs(Vec<i64>),
 }
 
-/// Which rows [`Store::messages`] lists: every field set narrows the listing.
+/// Which rows [`StoreAdmin::messages`] lists: every field set narrows the listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageFilter {
     /// Only this stream.
@@ -222,7 +222,7 @@ impl Default for MessageFilter {
     }
 }
 
-/// Largest page of [`Store::messages`].
+/// Largest page of [`StoreAdmin::messages`].
 pub const MAX_PAGE: usize = 500;
 
 impl MessageFilter {
@@ -232,7 +232,7 @@ impl MessageFilter {
     }
 }
 
-/// A parked ordering unit, as [`Store::parked_units`] lists it.
+/// A parked ordering unit, as [`StoreAdmin::parked_units`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParkedUnit {
     /// Its stream.
@@ -243,7 +243,7 @@ pub struct ParkedUnit {
     pub parked_at: SystemTime,
     /// Why: the head's last error, or the operator's reason.
     pub reason: Option<String>,
-    /// Its first pending row (the one a [`Store::skip_head`] dead-letters).
+    /// Its first pending row (the one a [`StoreAdmin::skip_head`] dead-letters).
     pub head: Option<i64>,
     /// Pending rows waiting in it, counted up to [`PARKED_COUNT_CAP`].
     pub pending: u64,
@@ -326,7 +326,7 @@ impl Stats {
 /// - Two claims that overlap in time never return the same row while its lease lasts.
 /// - A parked unit ([`park_unit`](Store::park_unit)) yields nothing to claims, at no cost
 ///   (claims pick due units through an index, and a parked unit is never due), until
-///   [`resume_unit`](Store::resume_unit) or [`skip_head`](Store::skip_head); rows written to
+///   [`resume_unit`](StoreAdmin::resume_unit) or [`skip_head`](StoreAdmin::skip_head); rows written to
 ///   it meanwhile queue behind it, and nothing else (settling a batch, a requeue) wakes it.
 #[async_trait]
 pub trait Store: Send + Sync {
@@ -367,68 +367,12 @@ pub trait Store: Send + Sync {
         Ok(())
     }
 
-    /// Move dead letters back to pending with zero attempts. Returns how many.
-    async fn requeue(&self, selector: &Selector) -> Result<u64>;
-
-    /// Delete dead letters. Returns how many.
-    async fn purge_dead(&self, selector: &Selector) -> Result<u64>;
-
-    /// List dead letters, oldest first (by `created_at`, then `seq`; undecodable ones as
-    /// [`StoredMessage::unreadable`]). SQL stores read a page through an index.
-    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>>;
-
-    /// Delete at most `limit` sent rows published before `sent_before` (and dead rows
-    /// created before it when `include_dead`). Never touches pending rows. Returns how many.
-    async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool)
-        -> Result<u64>;
-
-    /// Counts per stream.
-    async fn stats(&self) -> Result<Stats>;
-
-    /// One row by `seq`, whatever its status. A row that does not decode comes back as
-    /// [`StoredMessage::unreadable`] (its status and error, when those decode).
-    async fn get(&self, seq: i64) -> Result<Option<StoredMessage>>;
-
     /// Park the keep-order unit (`stream`, `unit`): its pending rows, in order, leave the
-    /// claim path until [`resume_unit`](Store::resume_unit) or
-    /// [`skip_head`](Store::skip_head). A batch a relay already claimed from it finishes.
+    /// claim path until [`resume_unit`](StoreAdmin::resume_unit) or
+    /// [`skip_head`](StoreAdmin::skip_head). A batch a relay already claimed from it finishes.
     /// Parking a parked unit keeps its first reason. A unit without pending rows is an
-    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error. The default: not supported.
-    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
-        let _ = (stream, unit, reason);
-        Err(unsupported("parking units"))
-    }
-
-    /// Resume a parked unit: its rows are published again in their order, from the head,
-    /// with a fresh retry budget (attempts reset). A unit that is not parked is an
-    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error, and nothing changes.
-    async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
-        let _ = (stream, unit);
-        Err(unsupported("parking units"))
-    }
-
-    /// Dead-letter the head of a parked unit (just that message), then resume the rest.
-    /// Returns the head's `seq` (`None` when the unit had no pending row left). A unit that is
-    /// not parked is an [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error.
-    async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
-        let _ = (stream, unit);
-        Err(unsupported("parking units"))
-    }
-
-    /// Parked units, oldest parked first (of `stream` only, when given), at most `limit`.
-    async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> {
-        let _ = (stream, limit);
-        Err(unsupported("parking units"))
-    }
-
-    /// Rows matching `filter`, newest first (`seq` descending), whatever their status; a page
-    /// continues from the previous one's last `seq` (`filter.before`), so paging stays an
-    /// index range however deep it goes. Rows that do not decode come back as
-    /// [`StoredMessage::unreadable`]. The default: not supported.
-    async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> {
-        let _ = filter;
-        Err(unsupported("listing messages"))
-    }
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error.
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()>;
 
     /// Wait until new work may be there, or `timeout` passes. The default sleeps; stores that
     /// can hear commits (PostgreSQL NOTIFY, in-process notification) return early.
@@ -455,6 +399,54 @@ pub trait Store: Send + Sync {
     fn signing_scope(&self) -> String {
         String::new()
     }
+}
+
+/// What operators do with a store (the console, the `outbox` command, [`Cleaner`](crate::Cleaner)):
+/// counts, listings, requeue and purge of dead letters, parked units, cleaning. The relay and
+/// the writers need only [`Store`]; every method here is required, so a store that cannot
+/// do one does not compile instead of failing at run time.
+#[async_trait]
+pub trait StoreAdmin: Store {
+    /// Counts per stream.
+    async fn stats(&self) -> Result<Stats>;
+
+    /// One row by `seq`, whatever its status. A row that does not decode comes back as
+    /// [`StoredMessage::unreadable`] (its status and error, when those decode).
+    async fn get(&self, seq: i64) -> Result<Option<StoredMessage>>;
+
+    /// Rows matching `filter`, newest first (`seq` descending), whatever their status; a page
+    /// continues from the previous one's last `seq` (`filter.before`), so paging stays an
+    /// index range however deep it goes. Rows that do not decode come back as
+    /// [`StoredMessage::unreadable`].
+    async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>>;
+
+    /// List dead letters, oldest first (by `created_at`, then `seq`; undecodable ones as
+    /// [`StoredMessage::unreadable`]). SQL stores read a page through an index.
+    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>>;
+
+    /// Move dead letters back to pending with zero attempts. Returns how many.
+    async fn requeue(&self, selector: &Selector) -> Result<u64>;
+
+    /// Delete dead letters. Returns how many.
+    async fn purge_dead(&self, selector: &Selector) -> Result<u64>;
+
+    /// Parked units, oldest parked first (of `stream` only, when given), at most `limit`.
+    async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>>;
+
+    /// Resume a parked unit: its rows are published again in their order, from the head,
+    /// with a fresh retry budget (attempts reset). A unit that is not parked is an
+    /// [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error, and nothing changes.
+    async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()>;
+
+    /// Dead-letter the head of a parked unit (just that message), then resume the rest.
+    /// Returns the head's `seq` (`None` when the unit had no pending row left). A unit that is
+    /// not parked is an [`ErrorKind::NotFound`](crate::ErrorKind::NotFound) error.
+    async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>>;
+
+    /// Delete at most `limit` sent rows published before `sent_before` (and dead rows
+    /// created before it when `include_dead`). Never touches pending rows. Returns how many.
+    async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool)
+        -> Result<u64>;
 }
 
 /// A store that writes outbox rows in its users' asynchronous transactions of type `Tx`
@@ -548,18 +540,8 @@ macro_rules! forward_store {
             async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> { (**self).complete(seqs, delete).await }
             async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> { (**self).fail(owner, failures).await }
             async fn settle(&self, owner: &str, done: &[i64], delete: bool, failures: &[Failure]) -> Result<()> { (**self).settle(owner, done, delete, failures).await }
-            async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }
-            async fn purge_dead(&self, selector: &Selector) -> Result<u64> { (**self).purge_dead(selector).await }
-            async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> { (**self).dead_letters(stream, limit).await }
-            async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool) -> Result<u64> { (**self).clean(sent_before, limit, include_dead).await }
-            async fn stats(&self) -> Result<Stats> { (**self).stats().await }
-            async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
             async fn wait_for_work(&self, timeout: Duration) { (**self).wait_for_work(timeout).await }
             async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> { (**self).park_unit(stream, unit, reason).await }
-            async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> { (**self).resume_unit(stream, unit).await }
-            async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> { (**self).skip_head(stream, unit).await }
-            async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> { (**self).parked_units(stream, limit).await }
-            async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> { (**self).messages(filter).await }
             async fn start_listening(&self) -> Result<()> { (**self).start_listening().await }
             fn notify_committed(&self) { (**self).notify_committed() }
             fn signing_scope(&self) -> String { (**self).signing_scope() }
@@ -567,13 +549,29 @@ macro_rules! forward_store {
     )*};
 }
 
-forward_store!(&T, Box<T>, Arc<T>);
-
-fn unsupported(what: &str) -> crate::Error {
-    crate::Error::config(format!("this store does not support {what}"))
+macro_rules! forward_store_admin {
+    ($($ty:ty),*) => {$(
+        #[async_trait]
+        impl<T: StoreAdmin + ?Sized> StoreAdmin for $ty {
+            async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }
+            async fn purge_dead(&self, selector: &Selector) -> Result<u64> { (**self).purge_dead(selector).await }
+            async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> { (**self).dead_letters(stream, limit).await }
+            async fn clean(&self, sent_before: SystemTime, limit: usize, include_dead: bool) -> Result<u64> { (**self).clean(sent_before, limit, include_dead).await }
+            async fn stats(&self) -> Result<Stats> { (**self).stats().await }
+            async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> { (**self).get(seq).await }
+            async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> { (**self).resume_unit(stream, unit).await }
+            async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> { (**self).skip_head(stream, unit).await }
+            async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> { (**self).parked_units(stream, limit).await }
+            async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> { (**self).messages(filter).await }
+        }
+    )*};
 }
 
-/// The message of a [`Store::park_unit`], [`Store::resume_unit`] or [`Store::skip_head`]
+forward_store_admin!(&T, Box<T>, Arc<T>);
+
+forward_store!(&T, Box<T>, Arc<T>);
+
+/// The message of a [`Store::park_unit`], [`StoreAdmin::resume_unit`] or [`StoreAdmin::skip_head`]
 /// of a unit that does not exist or is not parked.
 pub fn no_such_unit(stream: &str, unit: &str, parked: bool) -> crate::Error {
     let short = |t: &str| crate::printable(&t.chars().take(255).collect::<String>()).into_owned();

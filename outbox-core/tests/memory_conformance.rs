@@ -1,5 +1,6 @@
 //! The delivery contract against the in-memory store (engine unit tests).
 
+use outbox_core::StoreAdmin;
 use std::sync::{Arc, Mutex};
 
 use outbox_core::conformance::{Corruption, Harness};
@@ -130,7 +131,7 @@ async fn a_batch_running_out_of_lease_gives_the_rest_back() {
 /// `dispatch` outside a Tokio runtime does not panic; the persisted row is left to the relay.
 #[test]
 fn dispatch_outside_a_runtime_leaves_the_row_to_the_relay() {
-    use outbox_core::{RecordingPublisher, Store};
+    use outbox_core::RecordingPublisher;
     let store = MemoryStore::new();
     let broker = RecordingPublisher::new();
     let outbox = Outbox::builder(store.clone(), broker.clone())
@@ -364,7 +365,7 @@ async fn an_ordered_publisher_takes_a_units_run_in_one_batch() {
 }
 
 async fn store_pending(store: &MemoryStore) -> u64 {
-    outbox_core::Store::stats(store)
+    outbox_core::StoreAdmin::stats(store)
         .await
         .unwrap()
         .total()
@@ -376,7 +377,7 @@ async fn store_pending(store: &MemoryStore) -> u64 {
 /// writer's relay needs a publisher given.
 #[tokio::test]
 async fn a_writer_only_outbox_needs_no_publisher() {
-    use outbox_core::{ErrorKind, KeepOrder, Order, RecordingPublisher, Store};
+    use outbox_core::{ErrorKind, KeepOrder, Order, RecordingPublisher};
     let store = MemoryStore::new();
     let loose = Outbox::writer(store.clone()).build().unwrap();
     let mut tx = store.begin();
@@ -428,7 +429,7 @@ async fn a_writer_only_outbox_needs_no_publisher() {
 /// A transaction of one store cannot write into another store's outbox.
 #[test]
 fn a_transaction_of_another_store_is_refused() {
-    use outbox_core::{RecordingPublisher, Store};
+    use outbox_core::RecordingPublisher;
     let (a, b) = (MemoryStore::new(), MemoryStore::new());
     let outbox = Outbox::builder(a.clone(), RecordingPublisher::new())
         .build()

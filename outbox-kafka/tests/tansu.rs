@@ -6,12 +6,13 @@
 //! network to the broker loses nothing, and a topic that does not exist (tansu does not
 //! create topics on first use) dead-letters its messages without holding the others.
 
+use outbox_core::StoreAdmin;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use outbox_core::conformance::RunningRelay;
 use outbox_core::{
-    KeepOrder, Message, MessageFilter, Outbox, Publisher as _, RetryPolicy, Store, MAX_PAGE,
+    KeepOrder, Message, MessageFilter, Outbox, Publisher as _, RetryPolicy, MAX_PAGE,
 };
 use outbox_kafka::rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use outbox_kafka::rdkafka::client::DefaultClientContext;

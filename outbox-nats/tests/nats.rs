@@ -3,6 +3,7 @@
 //! unknown subject dead-lettered, and the server killed and restarted mid-run with nothing
 //! lost and the duplicate window absorbing the relay's retries.
 
+use outbox_core::StoreAdmin;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::stream::Config;

@@ -1,6 +1,7 @@
 //! Against the real Redis on loopback (OUTBOX_REDIS_URL, default redis://127.0.0.1:6379/),
 //! each test on its own stream keys; the restart test runs a private redis-server.
 
+use outbox_core::StoreAdmin;
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -377,7 +378,7 @@ async fn a_redis_restart_in_the_middle_of_a_relay_run_loses_nothing_postgres() {
 
 /// Relay `store`'s backlog into a private Redis, SIGKILL Redis mid-run, restart it, and check
 /// that everything arrives once at least, in per-key order, without a busy loop meanwhile.
-async fn redis_restart(name: &str, store: Arc<dyn Store>, tls: Option<Arc<(Pki, Issued)>>) {
+async fn redis_restart(name: &str, store: Arc<dyn StoreAdmin>, tls: Option<Arc<(Pki, Issued)>>) {
     let n = BACKLOG;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -4,6 +4,7 @@
 //!
 //! Requires MySQL 8.0+ or MariaDB 10.6+ (InnoDB).
 
+use outbox_core::StoreAdmin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -1492,6 +1493,59 @@ impl Store for MySqlStore {
         self.settle_rows(Some(owner), done, delete, failures).await
     }
 
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        let pending: Option<i64> = sqlx::query_scalar(&format!(
+            "SELECT seq FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
+               AND strategy <> 'on_commit' LIMIT 1"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if pending.is_some() {
+            // Under the unit's writer lock, which also adopts a unit the claims do not know
+            // yet (rows written by SQL).
+            lock_units(&mut tx, t, &[(stream.to_owned(), unit.to_owned())]).await?;
+            sqlx::query(&format!(
+                "UPDATE {t}_due SET parked_at = {NOW}, parked_reason = ?, next_at = {PARKED}
+                 WHERE stream = ? AND okey = ? AND parked_at IS NULL"
+            ))
+            .bind(reason)
+            .bind(stream)
+            .bind(unit)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        } else {
+            let parked: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL"
+            ))
+            .bind(stream)
+            .bind(unit)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(map_err)?;
+            if parked.is_none() {
+                return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
+            }
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.inner.notify.notify_one();
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for MySqlStore {
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, vals) = selector(sel);
         let t = &self.inner.table;
@@ -1534,48 +1588,6 @@ impl Store for MySqlStore {
         tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
-    }
-
-    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
-        let t = &self.inner.table;
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        let pending: Option<i64> = sqlx::query_scalar(&format!(
-            "SELECT seq FROM {t} WHERE status = 'pending' AND stream = ? AND okey = ?
-               AND strategy <> 'on_commit' LIMIT 1"
-        ))
-        .bind(stream)
-        .bind(unit)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if pending.is_some() {
-            // Under the unit's writer lock, which also adopts a unit the claims do not know
-            // yet (rows written by SQL).
-            lock_units(&mut tx, t, &[(stream.to_owned(), unit.to_owned())]).await?;
-            sqlx::query(&format!(
-                "UPDATE {t}_due SET parked_at = {NOW}, parked_reason = ?, next_at = {PARKED}
-                 WHERE stream = ? AND okey = ? AND parked_at IS NULL"
-            ))
-            .bind(reason)
-            .bind(stream)
-            .bind(unit)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?;
-        } else {
-            let parked: Option<i64> = sqlx::query_scalar(&format!(
-                "SELECT 1 FROM {t}_due WHERE stream = ? AND okey = ? AND parked_at IS NOT NULL"
-            ))
-            .bind(stream)
-            .bind(unit)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(map_err)?;
-            if parked.is_none() {
-                return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
-            }
-        }
-        tx.commit().await.map_err(map_err)
     }
 
     async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
@@ -1781,13 +1793,5 @@ impl Store for MySqlStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(listed).transpose()
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
-    }
-
-    fn notify_committed(&self) {
-        self.inner.notify.notify_one();
     }
 }

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+use outbox_core::StoreAdmin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -958,6 +959,76 @@ impl Store for PgStore {
         self.settle_rows(Some(owner), done, delete, failures).await
     }
 
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let pending = format!(
+            "EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND stream = $1 AND okey = $2
+               AND strategy <> 'on_commit')"
+        );
+        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        // A unit the claims do not know yet (rows written by SQL) is adopted first.
+        for adopt in [
+            format!("INSERT INTO {t}_units (stream, okey) SELECT $1, $2 WHERE {pending} ON CONFLICT DO NOTHING"),
+            format!(
+                "INSERT INTO {t}_due (stream, okey, next_at) SELECT $1, $2, 0 WHERE {pending} ON CONFLICT DO NOTHING"
+            ),
+        ] {
+            sqlx::query(&adopt)
+                .bind(stream)
+                .bind(unit)
+                .execute(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        }
+        // Parked units are never due: claims pick units through <table>_due_next.
+        let state: Option<bool> = sqlx::query_scalar(&format!(
+            "WITH p AS (
+               UPDATE {t}_due SET parked_at = {NOW}, parked_reason = $3, next_at = {PARKED}
+               WHERE stream = $1 AND okey = $2 AND parked_at IS NULL AND {pending} RETURNING 1)
+             SELECT true FROM p
+             UNION ALL SELECT parked_at IS NOT NULL FROM {t}_due WHERE stream = $1 AND okey = $2
+               AND NOT EXISTS (SELECT 1 FROM p)"
+        ))
+        .bind(stream)
+        .bind(unit)
+        .bind(reason)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_err)?;
+        if state != Some(true) {
+            return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
+        }
+        tx.commit().await.map_err(map_err)
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.start_listener();
+        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
+    }
+
+    async fn start_listening(&self) -> outbox_core::Result<()> {
+        self.start_listener();
+        let mut listens = self.inner.listens.subscribe();
+        let ready = tokio::time::timeout(LISTEN_START, listens.wait_for(|n| *n > 0))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match ready {
+            true => Ok(()),
+            false => Err(Error::new(
+                outbox_core::ErrorKind::Timeout,
+                Retry::Transient,
+                format!("LISTEN was not established within {LISTEN_START:?}"),
+            )),
+        }
+    }
+
+    fn notify_committed(&self) {
+        self.inner.notify.notify_one();
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for PgStore {
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, stream, seqs) = selector(sel);
         let t = &self.inner.table;
@@ -1007,48 +1078,6 @@ impl Store for PgStore {
         tx.commit().await.map_err(map_err)?;
         self.inner.notify.notify_one();
         Ok(n)
-    }
-
-    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
-        let t = &self.inner.table;
-        let pending = format!(
-            "EXISTS (SELECT 1 FROM {t} WHERE status = 'pending' AND stream = $1 AND okey = $2
-               AND strategy <> 'on_commit')"
-        );
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        // A unit the claims do not know yet (rows written by SQL) is adopted first.
-        for adopt in [
-            format!("INSERT INTO {t}_units (stream, okey) SELECT $1, $2 WHERE {pending} ON CONFLICT DO NOTHING"),
-            format!(
-                "INSERT INTO {t}_due (stream, okey, next_at) SELECT $1, $2, 0 WHERE {pending} ON CONFLICT DO NOTHING"
-            ),
-        ] {
-            sqlx::query(&adopt)
-                .bind(stream)
-                .bind(unit)
-                .execute(&mut *tx)
-                .await
-                .map_err(map_err)?;
-        }
-        // Parked units are never due: claims pick units through <table>_due_next.
-        let state: Option<bool> = sqlx::query_scalar(&format!(
-            "WITH p AS (
-               UPDATE {t}_due SET parked_at = {NOW}, parked_reason = $3, next_at = {PARKED}
-               WHERE stream = $1 AND okey = $2 AND parked_at IS NULL AND {pending} RETURNING 1)
-             SELECT true FROM p
-             UNION ALL SELECT parked_at IS NOT NULL FROM {t}_due WHERE stream = $1 AND okey = $2
-               AND NOT EXISTS (SELECT 1 FROM p)"
-        ))
-        .bind(stream)
-        .bind(unit)
-        .bind(reason)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_err)?;
-        if state != Some(true) {
-            return Err(rolled_back(tx, outbox_core::no_such_unit(stream, unit, false)).await);
-        }
-        tx.commit().await.map_err(map_err)
     }
 
     async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
@@ -1241,31 +1270,6 @@ impl Store for PgStore {
             .await
             .map_err(map_err)?;
         row.as_ref().map(listed).transpose()
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        self.start_listener();
-        let _ = tokio::time::timeout(timeout, self.inner.notify.notified()).await;
-    }
-
-    async fn start_listening(&self) -> outbox_core::Result<()> {
-        self.start_listener();
-        let mut listens = self.inner.listens.subscribe();
-        let ready = tokio::time::timeout(LISTEN_START, listens.wait_for(|n| *n > 0))
-            .await
-            .is_ok_and(|r| r.is_ok());
-        match ready {
-            true => Ok(()),
-            false => Err(Error::new(
-                outbox_core::ErrorKind::Timeout,
-                Retry::Transient,
-                format!("LISTEN was not established within {LISTEN_START:?}"),
-            )),
-        }
-    }
-
-    fn notify_committed(&self) {
-        self.inner.notify.notify_one();
     }
 }
 

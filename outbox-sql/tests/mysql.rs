@@ -1,6 +1,8 @@
 //! The delivery contract against a real MariaDB / MySQL (OUTBOX_MYSQL_URL, default
 //! mysql://root@127.0.0.1:3306/test). No skip: an unreachable server fails the tests.
 
+use outbox_core::StoreAdmin;
+
 #[macro_use]
 mod common;
 

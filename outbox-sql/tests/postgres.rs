@@ -1,6 +1,8 @@
 //! The delivery contract against a real PostgreSQL (OUTBOX_PG_URL, default
 //! postgres://postgres@127.0.0.1:5432/test). No skip: an unreachable server fails the tests.
 
+use outbox_core::StoreAdmin;
+
 #[macro_use]
 mod common;
 

@@ -4,6 +4,7 @@
 //! transaction; claims, publishes, dead-letters, cleans; lists, requeues, purges, parks,
 //! resumes, skips), and each action outside its part is refused by the database.
 
+use outbox_core::StoreAdmin;
 use std::time::Duration;
 
 use outbox_core::{
@@ -53,7 +54,7 @@ async fn relay_part(store: impl Store + Clone + 'static) -> RecordingPublisher {
 
 /// The console's part: read, requeue, purge, park, skip, resume (unit k0 has two pending
 /// rows: the skip dead-letters the first).
-async fn admin_part(store: &(impl Store + Clone)) {
+async fn admin_part(store: &(impl StoreAdmin + Clone)) {
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.total().dead, 2, "{stats:?}");
     let dead = store.dead_letters(None, 10).await.unwrap();
@@ -94,7 +95,7 @@ async fn admin_part(store: &(impl Store + Clone)) {
 
 /// After the console: the requeued dead letter is refused again, the skipped head stays
 /// dead, the row behind it is published; then the relay cleans the sent rows.
-async fn relay_after_admin(store: impl Store + Clone + 'static) {
+async fn relay_after_admin(store: impl StoreAdmin + Clone + 'static) {
     let again = relay_part(store.clone()).await;
     assert_eq!(again.count(), 1, "the row behind the skipped head");
     assert_eq!(store.stats().await.unwrap().total().dead, 2);

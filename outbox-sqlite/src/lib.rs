@@ -26,6 +26,7 @@
 
 mod inbox;
 pub use inbox::{InboxTable, SqliteHandler, SqliteInbox, MAX_CONSUMER_NAME};
+use outbox_core::StoreAdmin;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1052,47 +1053,6 @@ impl Store for SqliteStore {
         self.settle_rows(Some(owner), done, delete, failures).await
     }
 
-    async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {
-        let (clause, mut args) = selector_clause(selector);
-        let n = self
-            .blocking(move |conn, sql| {
-                let now_idx = args.len() + 1;
-                args.push(rusqlite::types::Value::Integer(to_millis(SystemTime::now())));
-                let t = &sql.table;
-                // Keep-order rows come back to their unit, which becomes due.
-                let text = format!(
-                    "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = ?{now_idx}, locked_by = NULL,
-                       locked_until = NULL WHERE status = 'dead'{clause}
-                     RETURNING stream, okey, strategy <> 'on_commit'"
-                );
-                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
-                let rows: Vec<(rusqlite::types::Value, rusqlite::types::Value, bool)> = {
-                    let mut stmt = tx.prepare(&text).map_err(map_err)?;
-                    stmt.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                        .and_then(|rows| rows.collect())
-                        .map_err(map_err)?
-                };
-                {
-                    let mut due = tx
-                        .prepare_cached(&format!(
-                            "INSERT INTO {t}_due (stream, okey, next_at) VALUES (?1, ?2, ?3)
-                             ON CONFLICT (stream, okey) DO UPDATE SET next_at = CASE WHEN parked_at IS NULL
-                               THEN MIN(next_at, excluded.next_at) ELSE next_at END"
-                        ))
-                        .map_err(map_err)?;
-                    let now = to_millis(SystemTime::now());
-                    for (stream, key, _) in rows.iter().filter(|r| r.2) {
-                        due.execute(params![stream, key, now]).map_err(map_err)?;
-                    }
-                }
-                tx.commit().map_err(map_err)?;
-                Ok(rows.len() as u64)
-            })
-            .await?;
-        self.shared.notify.notify_one();
-        Ok(n)
-    }
-
     async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> outbox_core::Result<()> {
         let (stream, unit, reason) = (stream.to_owned(), unit.to_owned(), reason.to_owned());
         self.blocking(move |conn, sql| {
@@ -1136,6 +1096,58 @@ impl Store for SqliteStore {
             tx.commit().map_err(map_err)
         })
         .await
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.shared.notify.notified()).await;
+    }
+
+    fn notify_committed(&self) {
+        self.shared.notify.notify_one();
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SqliteStore {
+    async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {
+        let (clause, mut args) = selector_clause(selector);
+        let n = self
+            .blocking(move |conn, sql| {
+                let now_idx = args.len() + 1;
+                args.push(rusqlite::types::Value::Integer(to_millis(SystemTime::now())));
+                let t = &sql.table;
+                // Keep-order rows come back to their unit, which becomes due.
+                let text = format!(
+                    "UPDATE {t} SET status = 'pending', attempts = 0, next_attempt_at = ?{now_idx}, locked_by = NULL,
+                       locked_until = NULL WHERE status = 'dead'{clause}
+                     RETURNING stream, okey, strategy <> 'on_commit'"
+                );
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(map_err)?;
+                let rows: Vec<(rusqlite::types::Value, rusqlite::types::Value, bool)> = {
+                    let mut stmt = tx.prepare(&text).map_err(map_err)?;
+                    stmt.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                        .and_then(|rows| rows.collect())
+                        .map_err(map_err)?
+                };
+                {
+                    let mut due = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO {t}_due (stream, okey, next_at) VALUES (?1, ?2, ?3)
+                             ON CONFLICT (stream, okey) DO UPDATE SET next_at = CASE WHEN parked_at IS NULL
+                               THEN MIN(next_at, excluded.next_at) ELSE next_at END"
+                        ))
+                        .map_err(map_err)?;
+                    let now = to_millis(SystemTime::now());
+                    for (stream, key, _) in rows.iter().filter(|r| r.2) {
+                        due.execute(params![stream, key, now]).map_err(map_err)?;
+                    }
+                }
+                tx.commit().map_err(map_err)?;
+                Ok(rows.len() as u64)
+            })
+            .await?;
+        self.shared.notify.notify_one();
+        Ok(n)
     }
 
     async fn resume_unit(&self, stream: &str, unit: &str) -> outbox_core::Result<()> {
@@ -1367,14 +1379,6 @@ impl Store for SqliteStore {
                 .map_err(map_err)
         })
         .await
-    }
-
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.shared.notify.notified()).await;
-    }
-
-    fn notify_committed(&self) {
-        self.shared.notify.notify_one();
     }
 }
 

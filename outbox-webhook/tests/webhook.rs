@@ -3,6 +3,7 @@
 //! SQLite: success, 5xx, 408 and 429 (its Retry-After honoured) and a timeout retried, other
 //! 4xx dead-lettered at once, connections reused.
 
+use outbox_core::StoreAdmin;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -60,7 +60,7 @@ impl Scope {
     /// How many dead letters it takes now, and the first `show` of them (newest first).
     pub(crate) async fn preview(
         &self,
-        store: &dyn Store,
+        store: &dyn StoreAdmin,
         show: usize,
     ) -> Result<(u64, Vec<StoredMessage>), Failure> {
         let mut first = Vec::new();
@@ -104,7 +104,7 @@ impl Scope {
 
     /// Requeue (or purge) them: one statement when the store can select them, else a page
     /// at a time (each page's rows by seq). The count changed.
-    pub(crate) async fn apply(&self, store: &dyn Store, purge: bool) -> Result<u64, Failure> {
+    pub(crate) async fn apply(&self, store: &dyn StoreAdmin, purge: bool) -> Result<u64, Failure> {
         let run = |sel: Selector| async move {
             if purge {
                 store.purge_dead(&sel).await
@@ -233,7 +233,7 @@ impl Action {
     /// the first rows of a requeue or purge, the head a skip dead-letters.
     pub(crate) async fn question(
         &self,
-        store: &dyn Store,
+        store: &dyn StoreAdmin,
     ) -> Result<(String, Vec<StoredMessage>, u64), Failure> {
         const SHOWN: usize = 10;
         Ok(match self {
@@ -283,7 +283,7 @@ impl Action {
     }
 
     /// Run it: the number of rows changed, and a sentence (also what the log records).
-    pub(crate) async fn run(&self, store: &dyn Store) -> Result<(u64, String), Failure> {
+    pub(crate) async fn run(&self, store: &dyn StoreAdmin) -> Result<(u64, String), Failure> {
         Ok(match self {
             Action::Requeue(s) => {
                 let n = s.apply(store, false).await?;

@@ -24,7 +24,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use outbox_core::{
-    Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, Store, StoredMessage,
+    Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, StoreAdmin, StoredMessage,
 };
 use serde_json::{json, Value};
 
@@ -58,7 +58,7 @@ pub struct AdminOptions {
 
 /// What the handlers share.
 pub struct Admin {
-    store: Arc<dyn Store>,
+    store: Arc<dyn StoreAdmin>,
     table: String,
     /// The store's URL with its password replaced.
     label: String,
@@ -107,7 +107,7 @@ pub fn check(options: &AdminOptions) -> outbox_core::Result<()> {
 
 /// Serve until `shutdown` resolves.
 pub async fn serve(
-    store: Arc<dyn Store>,
+    store: Arc<dyn StoreAdmin>,
     table: &str,
     label: String,
     options: AdminOptions,
@@ -140,7 +140,7 @@ pub async fn serve(
 impl Admin {
     /// The shared state of a console listening on `port`.
     pub fn new(
-        store: Arc<dyn Store>,
+        store: Arc<dyn StoreAdmin>,
         table: &str,
         label: String,
         options: AdminOptions,

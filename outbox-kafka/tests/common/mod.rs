@@ -2,14 +2,13 @@
 //! a broker outage, for the mock cluster and for a real broker alike.
 #![allow(dead_code)] // each test file uses its own part
 
+use outbox_core::StoreAdmin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::conformance::{eventually, Deliveries, RunningRelay};
-use outbox_core::{
-    Event, KeepOrder, Message, Outbox, RecordingPublisher, Relay, RetryPolicy, Store,
-};
+use outbox_core::{Event, KeepOrder, Message, Outbox, RecordingPublisher, Relay, RetryPolicy};
 use outbox_kafka::KafkaPublisher;
 use outbox_sqlite::SqliteStore;
 

@@ -407,7 +407,7 @@ macro_rules! sql_store_tests {
                 .unwrap();
             let report = relay.step().await.expect("the settle does not wait for the writer");
             assert_eq!((report.claimed, report.published), (40, 40), "{report:?}");
-            let stats = outbox_core::Store::stats(store.as_ref()).await.unwrap().total();
+            let stats = outbox_core::StoreAdmin::stats(store.as_ref()).await.unwrap().total();
             assert_eq!((stats.sent, stats.pending), (40, 0), "{stats:?}");
             writer.commit().await.unwrap();
         }
@@ -474,7 +474,7 @@ macro_rules! sql_store_tests {
                 .map(|e| e.message.payload)
                 .collect();
             assert_eq!(published, vec![b"kept".to_vec()], "{report:?}");
-            let stats = outbox_core::Store::stats(store.as_ref()).await.unwrap().total();
+            let stats = outbox_core::StoreAdmin::stats(store.as_ref()).await.unwrap().total();
             assert_eq!((stats.pending, stats.sent, stats.dead), (0, 1, 0), "{stats:?}");
         }
 
