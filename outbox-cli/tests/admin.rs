@@ -33,7 +33,13 @@ impl Drop for Console {
 }
 
 fn console(store: &str, extra: &[&str]) -> Console {
+    console_with_env(store, extra, &[])
+}
+
+/// A console with environment variables of its own.
+fn console_with_env(store: &str, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Console {
     let mut child = bin()
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .args([
             "--store",
             store,
@@ -635,25 +641,7 @@ async fn the_token_guards_the_console() {
     // A token may come from a file (not the command line, where `ps` shows it).
     let file = dir.path().join("admin-token");
     std::fs::write(&file, format!("{token}\n")).unwrap();
-    let mut child = bin()
-        .args(["--store", &url, "admin", "--listen", "127.0.0.1:0"])
-        .env("OUTBOX_ADMIN_TOKEN_FILE", &file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let from_file = Console {
-        addr: line
-            .trim()
-            .trim_start_matches("admin console on http://")
-            .trim_end_matches('/')
-            .to_owned(),
-        child,
-    };
+    let from_file = console_with_env(&url, &[], &[("OUTBOX_ADMIN_TOKEN_FILE", &file)]);
     assert_eq!(get(&from_file, "/api/stats").status, 401);
     assert_eq!(
         http(

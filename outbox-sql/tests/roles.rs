@@ -126,257 +126,179 @@ macro_rules! refused {
     };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_roles_do_their_part_and_nothing_more() {
-    use outbox_sql::postgres::{PgOptions, PgStore};
-    let url = std::env::var("OUTBOX_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let s = suffix();
-    let table = format!("outbox_roles_{s}");
-    let options = || PgOptions {
-        table: table.clone(),
-        ..Default::default()
-    };
-    let owner = PgStore::connect_with(&url, options()).await.unwrap();
-    owner.migrate().await.unwrap();
-    let roles = Roles {
-        writer: Some(format!("w_{s}")),
-        relay: Some(format!("r_{s}")),
-        admin: Some(format!("a_{s}")),
-    };
-    let names = [&roles.writer, &roles.relay, &roles.admin].map(|r| r.clone().unwrap());
-    for r in &names {
-        sqlx::query(&format!("CREATE ROLE \"{r}\" LOGIN"))
-            .execute(owner.pool())
-            .await
-            .unwrap();
-    }
-    for grant in outbox_sql::roles::postgres(&table, &roles).unwrap() {
-        sqlx::query(&grant).execute(owner.pool()).await.unwrap();
-    }
-    let as_role = |role: &str| {
-        let rest = url.split_once('@').unwrap().1;
-        format!("postgres://{role}@{rest}")
-    };
-    let t = &table;
-
-    // The writer: keep-order and relay-only rows in the application's transaction.
-    let writer = PgStore::connect_with(&as_role(&names[0]), options())
-        .await
-        .unwrap();
-    let keep = Outbox::writer(writer.clone())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let plain = Outbox::writer(writer.clone())
-        .strategy(RelayOnly)
-        .build()
-        .unwrap();
-    let mut tx = writer.pool().begin().await.unwrap();
-    drop(keep.enqueue(&mut tx, keep_order(4)).await.unwrap());
-    drop(plain.enqueue(&mut tx, unordered()).await.unwrap());
-    tx.commit().await.unwrap();
-    refused!(
-        "the writer",
-        writer.pool(),
-        [
-            format!("SELECT payload FROM {t}"),
-            format!("SELECT destination, headers FROM {t}"),
-            format!("UPDATE {t} SET payload = 'x'::bytea"),
-            format!("UPDATE {t} SET status = 'sent'"),
-            format!("DELETE FROM {t}"),
-            format!("DELETE FROM {t}_due"),
-            format!("UPDATE {t}_due SET next_at = 0"),
-            format!("DROP TABLE {t}"),
-        ]
-    );
-
-    // The relay: publishes, dead-letters; cannot forge or rewrite a message.
-    let relay = PgStore::connect_with(&as_role(&names[1]), options())
-        .await
-        .unwrap();
-    let broker = relay_part(relay.clone()).await;
-    assert_eq!(broker.count(), 5, "four keep-order rows and the plain one");
-    assert_eq!(relay.stats().await.unwrap().total().dead, 2);
-    // Two more rows of unit k0 for the console to park and skip.
-    let mut tx = writer.pool().begin().await.unwrap();
-    drop(
-        keep.enqueue(
-            &mut tx,
-            keep_order(3).into_iter().step_by(2).collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap(),
-    );
-    tx.commit().await.unwrap();
-    refused!(
-        "the relay",
-        relay.pool(),
-        [
-            format!(
+/// The same test on each database: the tables made by their owner, a role (PostgreSQL) or
+/// account (MariaDB) for each part with the grants `outbox_sql::roles` prints, each part's
+/// work done under its role, and what lies outside it refused.
+macro_rules! roles_test {
+    (
+        $name:ident,
+        store: $store:ty,
+        options: $options:ty,
+        url_env: $env:literal,
+        default_url: $default:literal,
+        scheme: $scheme:literal,
+        create: $create:expr,
+        grants: $grants:expr,
+        drop: $drop:expr,
+        companions: $companions:literal,
+        bytes: $bytes:literal,
+        json: $json:literal,
+        uuid: $uuid:literal $(,)?
+    ) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $name() {
+            let url = std::env::var($env).unwrap_or_else(|_| $default.into());
+            let s = suffix();
+            let table = format!("outbox_roles_{s}");
+            type Options = $options;
+            let options = || Options {
+                table: table.clone(),
+                ..Default::default()
+            };
+            let owner = <$store>::connect_with(&url, options()).await.unwrap();
+            owner.migrate().await.unwrap();
+            let roles = Roles {
+                writer: Some(format!("w_{s}")),
+                relay: Some(format!("r_{s}")),
+                admin: Some(format!("a_{s}")),
+            };
+            let names = [&roles.writer, &roles.relay, &roles.admin].map(|r| r.clone().unwrap());
+            let create: fn(&str) -> String = $create;
+            for r in &names {
+                sqlx::query(&create(r)).execute(owner.pool()).await.unwrap();
+            }
+            let grants: fn(&str, &str, &Roles) -> Vec<String> = $grants;
+            for grant in grants(&url, &table, &roles) {
+                sqlx::query(&grant).execute(owner.pool()).await.unwrap();
+            }
+            let as_role = |role: &str| {
+                let rest = url.split_once('@').unwrap().1;
+                format!("{}://{role}@{rest}", $scheme)
+            };
+            let t = &table;
+            let forged = format!(
                 "INSERT INTO {t} (id, stream, destination, okey, payload, content_type, headers, strategy, status, created_at, next_attempt_at)
-                 VALUES (gen_random_uuid(), 's', 'd', '', 'x'::bytea, 't', '{{}}'::jsonb, 'relay', 'pending', 0, 0)"
-            ),
-            format!("UPDATE {t} SET payload = 'forged'::bytea"),
-            format!("UPDATE {t} SET destination = 'elsewhere'"),
-            format!("UPDATE {t} SET signature = NULL"),
-            format!("DROP TABLE {t}_due"),
-            format!("ALTER TABLE {t} ADD COLUMN x INT"),
-        ]
-    );
+                 VALUES ({}, 's', 'd', '', 'x'{}, 't', '{{}}'{}, 'relay', 'pending', 0, 0)",
+                $uuid, $bytes, $json
+            );
 
-    // The console.
-    let admin = PgStore::connect_with(&as_role(&names[2]), options())
-        .await
-        .unwrap();
-    admin_part(&admin).await;
-    refused!(
-        "the console",
-        admin.pool(),
-        [
-            format!(
-                "INSERT INTO {t} (id, stream, destination, okey, payload, content_type, headers, strategy, status, created_at, next_attempt_at)
-                 VALUES (gen_random_uuid(), 's', 'd', '', 'x'::bytea, 't', '{{}}'::jsonb, 'relay', 'pending', 0, 0)"
-            ),
-            format!("UPDATE {t} SET payload = 'forged'::bytea"),
-            format!("UPDATE {t} SET sent_at = 1"),
-            format!("TRUNCATE {t}"),
-        ]
-    );
-    // What the console requeued, the relay publishes again (and dead-letters again).
-    relay_after_admin(relay.clone()).await;
+            // The writer: keep-order and relay-only rows in the application's transaction.
+            let writer = <$store>::connect_with(&as_role(&names[0]), options())
+                .await
+                .unwrap();
+            let keep = Outbox::writer(writer.clone())
+                .strategy(KeepOrder::default())
+                .build()
+                .unwrap();
+            let plain = Outbox::writer(writer.clone())
+                .strategy(RelayOnly)
+                .build()
+                .unwrap();
+            let mut tx = writer.pool().begin().await.unwrap();
+            drop(keep.enqueue(&mut tx, keep_order(4)).await.unwrap());
+            drop(plain.enqueue(&mut tx, unordered()).await.unwrap());
+            tx.commit().await.unwrap();
+            refused!(
+                "the writer",
+                writer.pool(),
+                [
+                    format!("SELECT payload FROM {t}"),
+                    format!("SELECT destination, headers FROM {t}"),
+                    format!("UPDATE {t} SET payload = 'x'{}", $bytes),
+                    format!("UPDATE {t} SET status = 'sent'"),
+                    format!("DELETE FROM {t}"),
+                    format!("DELETE FROM {t}_due"),
+                    format!("UPDATE {t}_due SET next_at = 0"),
+                    format!("DROP TABLE {t}"),
+                ]
+            );
 
-    drop((writer, relay, admin));
-    for statement in [format!("DROP TABLE {t}, {t}_units, {t}_due")]
-        .into_iter()
-        .chain(names.iter().map(|r| format!("DROP ROLE \"{r}\"")))
-    {
-        sqlx::query(&statement).execute(owner.pool()).await.unwrap();
-    }
+            // The relay: publishes, dead-letters; cannot forge or rewrite a message.
+            let relay = <$store>::connect_with(&as_role(&names[1]), options())
+                .await
+                .unwrap();
+            let broker = relay_part(relay.clone()).await;
+            assert_eq!(broker.count(), 5, "four keep-order rows and the plain one");
+            assert_eq!(relay.stats().await.unwrap().total().dead, 2);
+            // Two more rows of unit k0 for the console to park and skip.
+            let mut tx = writer.pool().begin().await.unwrap();
+            let k0: Vec<_> = keep_order(3).into_iter().step_by(2).collect();
+            drop(keep.enqueue(&mut tx, k0).await.unwrap());
+            tx.commit().await.unwrap();
+            refused!(
+                "the relay",
+                relay.pool(),
+                [
+                    forged.clone(),
+                    format!("UPDATE {t} SET payload = 'forged'{}", $bytes),
+                    format!("UPDATE {t} SET destination = 'elsewhere'"),
+                    format!("UPDATE {t} SET signature = NULL"),
+                    format!("DROP TABLE {t}_due"),
+                    format!("ALTER TABLE {t} ADD COLUMN x INT"),
+                ]
+            );
+
+            // The console.
+            let admin = <$store>::connect_with(&as_role(&names[2]), options())
+                .await
+                .unwrap();
+            admin_part(&admin).await;
+            refused!(
+                "the console",
+                admin.pool(),
+                [
+                    forged.clone(),
+                    format!("UPDATE {t} SET payload = 'forged'{}", $bytes),
+                    format!("UPDATE {t} SET sent_at = 1"),
+                    format!("TRUNCATE {t}"),
+                ]
+            );
+            // What the console requeued, the relay publishes again (and dead-letters again).
+            relay_after_admin(relay.clone()).await;
+
+            drop((writer, relay, admin));
+            let drop_role: fn(&str) -> String = $drop;
+            for statement in [format!("DROP TABLE {t}, {t}_{}, {t}_due", $companions)]
+                .into_iter()
+                .chain(names.iter().map(|r| drop_role(r)))
+            {
+                sqlx::query(&statement).execute(owner.pool()).await.unwrap();
+            }
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mariadb_roles_do_their_part_and_nothing_more() {
-    use outbox_sql::mysql::{MySqlOptions, MySqlStore};
-    let url = std::env::var("OUTBOX_MYSQL_URL")
-        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
-    let s = suffix();
-    let table = format!("outbox_roles_{s}");
-    let options = || MySqlOptions {
-        table: table.clone(),
-        ..Default::default()
-    };
-    let owner = MySqlStore::connect_with(&url, options()).await.unwrap();
-    owner.migrate().await.unwrap();
-    let roles = Roles {
-        writer: Some(format!("w_{s}")),
-        relay: Some(format!("r_{s}")),
-        admin: Some(format!("a_{s}")),
-    };
-    let names = [&roles.writer, &roles.relay, &roles.admin].map(|r| r.clone().unwrap());
-    for r in &names {
-        sqlx::query(&format!("CREATE USER '{r}'@'%'"))
-            .execute(owner.pool())
-            .await
-            .unwrap();
-    }
-    let database = url.rsplit('/').next().unwrap().split('?').next().unwrap();
-    for grant in outbox_sql::roles::mysql(database, &table, "%", &roles).unwrap() {
-        sqlx::query(&grant).execute(owner.pool()).await.unwrap();
-    }
-    let as_role = |role: &str| {
-        let rest = url.split_once('@').unwrap().1;
-        format!("mysql://{role}@{rest}")
-    };
-    let t = &table;
+roles_test!(
+    postgres_roles_do_their_part_and_nothing_more,
+    store: outbox_sql::postgres::PgStore,
+    options: outbox_sql::postgres::PgOptions,
+    url_env: "OUTBOX_PG_URL",
+    default_url: "postgres://postgres@127.0.0.1:5432/test",
+    scheme: "postgres",
+    create: |r| format!("CREATE ROLE \"{r}\" LOGIN"),
+    grants: |_, table, roles| outbox_sql::roles::postgres(table, roles).unwrap(),
+    drop: |r| format!("DROP ROLE \"{r}\""),
+    companions: "units",
+    bytes: "::bytea",
+    json: "::jsonb",
+    uuid: "gen_random_uuid()",
+);
 
-    let writer = MySqlStore::connect_with(&as_role(&names[0]), options())
-        .await
-        .unwrap();
-    let keep = Outbox::writer(writer.clone())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let plain = Outbox::writer(writer.clone())
-        .strategy(RelayOnly)
-        .build()
-        .unwrap();
-    let mut tx = writer.pool().begin().await.unwrap();
-    drop(keep.enqueue(&mut tx, keep_order(4)).await.unwrap());
-    drop(plain.enqueue(&mut tx, unordered()).await.unwrap());
-    tx.commit().await.unwrap();
-    refused!(
-        "the writer",
-        writer.pool(),
-        [
-            format!("SELECT payload FROM {t}"),
-            format!("SELECT destination, headers FROM {t}"),
-            format!("UPDATE {t} SET payload = 'x'"),
-            format!("UPDATE {t} SET status = 'sent'"),
-            format!("DELETE FROM {t}"),
-            format!("DELETE FROM {t}_due"),
-            format!("UPDATE {t}_due SET next_at = 0"),
-            format!("DROP TABLE {t}"),
-        ]
-    );
-
-    let relay = MySqlStore::connect_with(&as_role(&names[1]), options())
-        .await
-        .unwrap();
-    let broker = relay_part(relay.clone()).await;
-    assert_eq!(broker.count(), 5, "four keep-order rows and the plain one");
-    assert_eq!(relay.stats().await.unwrap().total().dead, 2);
-    // Two more rows of unit k0 for the console to park and skip.
-    let mut tx = writer.pool().begin().await.unwrap();
-    drop(
-        keep.enqueue(
-            &mut tx,
-            keep_order(3).into_iter().step_by(2).collect::<Vec<_>>(),
-        )
-        .await
-        .unwrap(),
-    );
-    tx.commit().await.unwrap();
-    refused!(
-        "the relay",
-        relay.pool(),
-        [
-            format!(
-                "INSERT INTO {t} (id, stream, destination, okey, payload, content_type, headers, strategy, status, created_at, next_attempt_at)
-                 VALUES (UUID(), 's', 'd', '', 'x', 't', '{{}}', 'relay', 'pending', 0, 0)"
-            ),
-            format!("UPDATE {t} SET payload = 'forged'"),
-            format!("UPDATE {t} SET destination = 'elsewhere'"),
-            format!("UPDATE {t} SET signature = NULL"),
-            format!("DROP TABLE {t}_due"),
-            format!("ALTER TABLE {t} ADD COLUMN x INT"),
-        ]
-    );
-
-    let admin = MySqlStore::connect_with(&as_role(&names[2]), options())
-        .await
-        .unwrap();
-    admin_part(&admin).await;
-    refused!(
-        "the console",
-        admin.pool(),
-        [
-            format!(
-                "INSERT INTO {t} (id, stream, destination, okey, payload, content_type, headers, strategy, status, created_at, next_attempt_at)
-                 VALUES (UUID(), 's', 'd', '', 'x', 't', '{{}}', 'relay', 'pending', 0, 0)"
-            ),
-            format!("UPDATE {t} SET payload = 'forged'"),
-            format!("UPDATE {t} SET sent_at = 1"),
-            format!("TRUNCATE {t}"),
-        ]
-    );
-    relay_after_admin(relay.clone()).await;
-
-    drop((writer, relay, admin));
-    for statement in [format!("DROP TABLE {t}, {t}_locks, {t}_due")]
-        .into_iter()
-        .chain(names.iter().map(|r| format!("DROP USER '{r}'@'%'")))
-    {
-        sqlx::query(&statement).execute(owner.pool()).await.unwrap();
-    }
-}
+roles_test!(
+    mariadb_roles_do_their_part_and_nothing_more,
+    store: outbox_sql::mysql::MySqlStore,
+    options: outbox_sql::mysql::MySqlOptions,
+    url_env: "OUTBOX_MYSQL_URL",
+    default_url: "mysql://root@127.0.0.1:3306/test",
+    scheme: "mysql",
+    create: |r| format!("CREATE USER '{r}'@'%'"),
+    grants: |url, table, roles| {
+        let database = url.rsplit('/').next().unwrap().split('?').next().unwrap();
+        outbox_sql::roles::mysql(database, table, "%", roles).unwrap()
+    },
+    drop: |r| format!("DROP USER '{r}'@'%'"),
+    companions: "locks",
+    bytes: "",
+    json: "",
+    uuid: "UUID()",
+);
