@@ -369,6 +369,10 @@ impl<S: Store> Store for Counting<S> {
 
 #[async_trait]
 impl<S: StoreAdmin> StoreAdmin for Counting<S> {
+    async fn schema(&self) -> outbox::Result<outbox::SchemaReport> {
+        self.inner.schema().await
+    }
+
     async fn messages(&self, f: &outbox::MessageFilter) -> outbox::Result<Vec<StoredMessage>> {
         self.inner.messages(f).await
     }

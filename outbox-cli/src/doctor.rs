@@ -95,7 +95,7 @@ async fn store_checks(store: &AnyStore, out: &mut Vec<Check>) {
         .last()
         .is_some_and(|c| c.check == "table" && c.status == Status::Ok)
     {
-        out.push(match store.schema().await {
+        out.push(match store.store().schema().await {
             Err(e) => check("schema", Status::Fail, describe(&e)),
             Ok(s) if !s.missing.is_empty() => check(
                 "schema",

@@ -140,7 +140,8 @@ macro_rules! conformance_tests {
             a_failed_settle_is_retried_not_republished, ordered_refusals_keep_first_delivery_order,
             stream_filter, strategy_per_stream, wakeup_on_commit, custom_strategy_units_and_policies,
             scheduled_delivery, rows_of_an_earlier_schema_keep_working, park_resume_and_skip,
-            operators_park_any_unit, crash_loops_are_broken, messages_are_listed_by_filter);
+            operators_park_any_unit, crash_loops_are_broken, messages_are_listed_by_filter,
+            the_schema_is_whole_after_migrate);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2075,6 +2076,20 @@ pub async fn oversized_rows_and_the_byte_budget<H: Harness>(h: &H) {
     assert_eq!(events.count("quarantined"), 1);
 }
 
+/// A migrated store reports its schema whole (nothing missing, nothing left of an older
+/// version), and a second migrate keeps it so: `outbox doctor` asks the store, which knows
+/// what its `migrate` makes.
+pub async fn the_schema_is_whole_after_migrate<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let report = store.schema().await.expect("schema");
+    assert_eq!(report, crate::SchemaReport::default(), "after migrate");
+    store.migrate().await.expect("migrate again");
+    assert_eq!(
+        store.schema().await.expect("schema"),
+        crate::SchemaReport::default()
+    );
+}
+
 /// Contract point 11: one size limit. A message of exactly `max_payload_bytes` (payload plus
 /// header names and values, [`Message::size`]) is accepted at enqueue and published by the
 /// relay when the on-commit publish failed (the relay re-checks the same definition); one
@@ -2252,6 +2267,10 @@ impl<S: Store> Store for Hooked<S> {
 
 #[async_trait]
 impl<S: StoreAdmin> StoreAdmin for Hooked<S> {
+    async fn schema(&self) -> crate::Result<crate::SchemaReport> {
+        self.inner.schema().await
+    }
+
     async fn requeue(&self, selector: &Selector) -> crate::Result<u64> {
         self.inner.requeue(selector).await
     }

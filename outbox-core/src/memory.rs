@@ -334,6 +334,11 @@ impl Store for MemoryStore {
 
 #[async_trait]
 impl StoreAdmin for MemoryStore {
+    /// Nothing to make: the schema is always whole.
+    async fn schema(&self) -> Result<crate::SchemaReport> {
+        Ok(crate::SchemaReport::default())
+    }
+
     async fn requeue(&self, selector: &Selector) -> Result<u64> {
         let now = SystemTime::now();
         let mut n = 0;

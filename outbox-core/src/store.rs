@@ -401,12 +401,48 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// What [`StoreAdmin::schema`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchemaReport {
+    /// Tables and indexes `migrate` makes that are not there (`table.index` where index
+    /// names are per table, as on MySQL).
+    pub missing: Vec<String>,
+    /// Objects of an older version that `migrate` removes.
+    pub legacy: Vec<String>,
+}
+
+impl SchemaReport {
+    /// Which of `expected` are missing and which of `legacy` are there, asking `exists`.
+    pub async fn check<F, Fut>(expected: &[String], legacy: &[String], exists: F) -> Result<Self>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let mut report = Self::default();
+        for name in expected {
+            if !exists(name.clone()).await? {
+                report.missing.push(name.clone());
+            }
+        }
+        for name in legacy {
+            if exists(name.clone()).await? {
+                report.legacy.push(name.clone());
+            }
+        }
+        Ok(report)
+    }
+}
+
 /// What operators do with a store (the console, the `outbox` command, [`Cleaner`](crate::Cleaner)):
 /// counts, listings, requeue and purge of dead letters, parked units, cleaning. The relay and
 /// the writers need only [`Store`]; every method here is required, so a store that cannot
 /// do one does not compile instead of failing at run time.
 #[async_trait]
 pub trait StoreAdmin: Store {
+    /// The schema as it is against what [`Store::migrate`] makes: the tables and indexes that
+    /// are missing, and those of an older version that `migrate` removes (`outbox doctor`).
+    async fn schema(&self) -> Result<SchemaReport>;
+
     /// Counts per stream.
     async fn stats(&self) -> Result<Stats>;
 
@@ -553,6 +589,7 @@ macro_rules! forward_store_admin {
     ($($ty:ty),*) => {$(
         #[async_trait]
         impl<T: StoreAdmin + ?Sized> StoreAdmin for $ty {
+            async fn schema(&self) -> Result<SchemaReport> { (**self).schema().await }
             async fn requeue(&self, selector: &Selector) -> Result<u64> { (**self).requeue(selector).await }
             async fn purge_dead(&self, selector: &Selector) -> Result<u64> { (**self).purge_dead(selector).await }
             async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> { (**self).dead_letters(stream, limit).await }

@@ -1546,6 +1546,49 @@ impl Store for MySqlStore {
 
 #[async_trait]
 impl StoreAdmin for MySqlStore {
+    async fn schema(&self) -> outbox_core::Result<outbox_core::SchemaReport> {
+        let names = |list: &[&str]| -> Vec<String> {
+            list.iter()
+                .map(|n| n.replace("{t}", &self.inner.table))
+                .collect()
+        };
+        // What `migrate` makes (`create_tables` and the indexes it adds), and what it drops.
+        // Index names are per table here: `table.index`.
+        let expected = names(&[
+            "{t}",
+            "{t}_locks",
+            "{t}_due",
+            "{t}.{t}_id",
+            "{t}.{t}_unit",
+            "{t}.{t}_oc",
+            "{t}.{t}_sent",
+            "{t}.{t}_dead",
+            "{t}_due.due_next",
+            "{t}_due.due_parked",
+        ]);
+        let legacy = names(&["{t}_claim", "{t}.{t}_leased", "{t}.{t}_backoff"]);
+        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
+            let n: i64 = match name.split_once('.') {
+                None => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.TABLES
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
+                )
+                .bind(name),
+                Some((table, index)) => sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM information_schema.STATISTICS
+                     WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?",
+                )
+                .bind(table.to_owned())
+                .bind(index.to_owned()),
+            }
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, vals) = selector(sel);
         let t = &self.inner.table;

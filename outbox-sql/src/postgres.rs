@@ -1029,6 +1029,36 @@ impl Store for PgStore {
 
 #[async_trait]
 impl StoreAdmin for PgStore {
+    async fn schema(&self) -> outbox_core::Result<outbox_core::SchemaReport> {
+        let names = |list: &[&str]| -> Vec<String> {
+            list.iter()
+                .map(|n| n.replace("{t}", &self.inner.table))
+                .collect()
+        };
+        // What `schema_sql` makes, and what it drops of older versions.
+        let expected = names(&[
+            "{t}",
+            "{t}_units",
+            "{t}_due",
+            "{t}_unit",
+            "{t}_oc",
+            "{t}_sent",
+            "{t}_dead",
+            "{t}_due_next",
+            "{t}_due_parked",
+        ]);
+        let legacy = names(&["{t}_claim", "{t}_pending", "{t}_leased", "{t}_backoff"]);
+        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
+            let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+                .bind(name)
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+            Ok(found.is_some())
+        })
+        .await
+    }
+
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
         let (clause, stream, seqs) = selector(sel);
         let t = &self.inner.table;

@@ -1109,6 +1109,36 @@ impl Store for SqliteStore {
 
 #[async_trait]
 impl StoreAdmin for SqliteStore {
+    async fn schema(&self) -> outbox_core::Result<outbox_core::SchemaReport> {
+        let t = self.table().to_owned();
+        let names =
+            |list: &[&str]| -> Vec<String> { list.iter().map(|n| n.replace("{t}", &t)).collect() };
+        // What the schema statements make, and what migrate drops of older versions.
+        let expected = names(&[
+            "{t}",
+            "{t}_due",
+            "{t}_unit",
+            "{t}_oc",
+            "{t}_sent",
+            "{t}_dead",
+            "{t}_due_next",
+            "{t}_due_parked",
+        ]);
+        let legacy = names(&["{t}_claim", "{t}_leased", "{t}_backoff"]);
+        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
+            let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
+            let n: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type IN ('table', 'index') AND name = ?1",
+                    [name],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
     async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {
         let (clause, mut args) = selector_clause(selector);
         let n = self
