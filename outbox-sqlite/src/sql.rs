@@ -1,0 +1,98 @@
+//! Every statement of the SQLite store, built once per table.
+
+use super::*;
+
+pub(super) struct Sql {
+    pub(super) schema: String,
+    pub(super) insert: String,
+    /// Give keep-order rows whose unit `<table>_due` does not know (written by an older
+    /// version, by SQL, or moved by hand) their unit: one index probe per distinct unit.
+    pub(super) adopt: String,
+    pub(super) complete_mark: String,
+    pub(super) complete_delete: String,
+    pub(super) get: String,
+    pub(super) table: String,
+}
+
+impl Sql {
+    pub(super) fn new(t: &str) -> Self {
+        let mut sql = Self::build(t);
+        sql.schema = sql.schema.replace("{adopt}", &sql.adopt);
+        sql
+    }
+
+    pub(super) fn build(t: &str) -> Self {
+        Self {
+            schema: format!(
+                "CREATE TABLE IF NOT EXISTS {t} (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    id TEXT NOT NULL UNIQUE,
+                    stream TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    msg_key TEXT,
+                    okey TEXT NOT NULL,
+                    payload BLOB NOT NULL,
+                    content_type TEXT NOT NULL,
+                    headers TEXT NOT NULL,
+                    strategy TEXT NOT NULL,
+                    status TEXT NOT NULL,
+                    attempts INTEGER NOT NULL DEFAULT 0,
+                    created_at INTEGER NOT NULL,
+                    next_attempt_at INTEGER NOT NULL,
+                    locked_by TEXT,
+                    locked_until INTEGER,
+                    last_error TEXT,
+                    sent_at INTEGER,
+                    signature TEXT,
+                    on_exhausted TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0
+                );
+                CREATE INDEX IF NOT EXISTS {t}_unit ON {t} (stream, okey, seq) WHERE status = 'pending';
+                CREATE INDEX IF NOT EXISTS {t}_oc ON {t} (next_attempt_at) WHERE status = 'pending' AND strategy = 'on_commit';
+                CREATE INDEX IF NOT EXISTS {t}_sent ON {t} (sent_at) WHERE status = 'sent';
+                CREATE INDEX IF NOT EXISTS {t}_dead ON {t} (created_at) WHERE status = 'dead';
+                DROP INDEX IF EXISTS {t}_leased;
+                DROP INDEX IF EXISTS {t}_backoff;
+                CREATE TABLE IF NOT EXISTS {t}_due (
+                    stream TEXT NOT NULL,
+                    okey TEXT NOT NULL,
+                    next_at INTEGER NOT NULL,
+                    leased_by TEXT,
+                    parked_at INTEGER,
+                    parked_reason TEXT,
+                    claims INTEGER NOT NULL DEFAULT 0,
+                    PRIMARY KEY (stream, okey)
+                );
+                CREATE INDEX IF NOT EXISTS {t}_due_next ON {t}_due (next_at);
+                CREATE INDEX IF NOT EXISTS {t}_due_parked ON {t}_due (parked_at) WHERE parked_at IS NOT NULL;
+                UPDATE {t} SET next_attempt_at = locked_until
+                  WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at;
+                {{adopt}}"
+            ),
+            insert: format!(
+                "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
+                    status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature,
+                    on_exhausted)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
+            ),
+            adopt: format!(
+                "WITH RECURSIVE walk(seq) AS (
+                   SELECT (SELECT seq FROM {t} WHERE status = 'pending' ORDER BY stream, okey LIMIT 1)
+                   UNION ALL
+                   SELECT (SELECT o.seq FROM {t} o, {t} w0 WHERE w0.seq = walk.seq AND o.status = 'pending'
+                             AND (o.stream, o.okey) > (w0.stream, w0.okey) ORDER BY o.stream, o.okey LIMIT 1)
+                   FROM walk WHERE walk.seq IS NOT NULL)
+                 INSERT OR IGNORE INTO {t}_due (stream, okey, next_at)
+                 SELECT w.stream, w.okey, 0 FROM {t} w WHERE w.seq IN (SELECT seq FROM walk)
+                   AND EXISTS (SELECT 1 FROM {t} o WHERE o.stream = w.stream AND o.okey = w.okey
+                               AND o.status = 'pending' AND o.strategy <> 'on_commit')"
+            ),
+            complete_mark: format!(
+                "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({{in}})"
+            ),
+            complete_delete: format!("DELETE FROM {t} WHERE seq IN ({{in}})"),
+            get: format!("SELECT {COLS} FROM {t} WHERE seq = ?1"),
+            table: t.to_owned(),
+        }
+    }
+}
