@@ -20,16 +20,18 @@ impl StoreAdmin for SqliteStore {
             "{t}_due_parked",
         ]);
         let legacy = names(&["{t}_claim", "{t}_leased", "{t}_backoff"]);
-        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
-            let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
-            let n: i64 = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type IN ('table', 'index') AND name = ?1",
-                    [name],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
-            Ok(n > 0)
+        // On the blocking pool, as every statement of this store.
+        outbox_core::SchemaReport::check(&expected, &legacy, |name| {
+            self.blocking(move |conn, _| {
+                let n: i64 = conn
+                    .query_row(
+                        "SELECT COUNT(*) FROM sqlite_master WHERE type IN ('table', 'index') AND name = ?1",
+                        [name],
+                        |r| r.get(0),
+                    )
+                    .map_err(map_err)?;
+                Ok(n > 0)
+            })
         })
         .await
     }
