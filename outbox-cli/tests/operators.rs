@@ -545,6 +545,22 @@ async fn a_looping_relay_waits_for_its_broker() {
     );
     tx.commit().unwrap();
 
+    // A permanent problem is not waited for, loop or not: exit 2 at once.
+    let bad = run(&[
+        "--store",
+        &store_url,
+        "relay",
+        "--loop",
+        "--publisher",
+        "ftp://nowhere",
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
     let port = outbox_testkit::free_port();
     let publisher = format!("redis://127.0.0.1:{port}/0");
     let once = run(&["--store", &store_url, "relay", "--publisher", &publisher]);
