@@ -84,7 +84,7 @@ pub(crate) async fn relay(
     file: FileRelay,
 ) -> Result<u8, Error> {
     let publisher_url = first_of(
-        args.publisher,
+        args.publisher.clone(),
         &args.publisher_file,
         file.publisher.clone(),
         &file.publisher_file,
@@ -133,87 +133,8 @@ pub(crate) async fn relay(
     } else {
         open_publisher(&publisher_url).await?
     };
-    let defaults = RelayConfig::default();
-    let streams = if !args.streams.is_empty() {
-        args.streams
-    } else {
-        file.streams.unwrap_or_default()
-    };
-    let config = RelayConfig {
-        streams: if streams.is_empty() {
-            StreamFilter::All
-        } else {
-            StreamFilter::Only(streams)
-        },
-        batch_size: args.batch.or(file.batch).unwrap_or(defaults.batch_size),
-        concurrency: args
-            .concurrency
-            .or(file.concurrency)
-            .unwrap_or(defaults.concurrency),
-        lease: args
-            .lease
-            .or(duration("relay.lease", file.lease)?)
-            .unwrap_or(defaults.lease),
-        poll_interval: args
-            .interval
-            .or(duration("relay.interval", file.interval)?)
-            .unwrap_or(defaults.poll_interval),
-        store_timeout: args
-            .store_timeout
-            .or(duration("relay.store_timeout", file.store_timeout)?)
-            .unwrap_or(defaults.store_timeout),
-        delivery: outbox_core::Delivery {
-            publish_timeout: args
-                .publish_timeout
-                .or(duration("relay.publish_timeout", file.publish_timeout)?)
-                .unwrap_or(defaults.delivery.publish_timeout),
-            delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
-            retry: RetryPolicy {
-                max_attempts: args
-                    .max_attempts
-                    .or(file.max_attempts)
-                    .unwrap_or(defaults.delivery.retry.max_attempts),
-                initial: args
-                    .retry_initial
-                    .or(duration("relay.retry_initial", file.retry_initial)?)
-                    .unwrap_or(defaults.delivery.retry.initial),
-                max: args
-                    .retry_max
-                    .or(duration("relay.retry_max", file.retry_max)?)
-                    .unwrap_or(defaults.delivery.retry.max),
-                ..defaults.delivery.retry.clone()
-            },
-            ..defaults.delivery.clone()
-        },
-        ..defaults
-    };
-    let signer = signing::load(
-        args.signing_keys_file.as_deref(),
-        std::env::var("OUTBOX_SIGNING_KEYS").ok().as_deref(),
-        file.signing_keys_file.as_deref(),
-        file.signing_keys.as_deref(),
-    )?;
-    let signer = match args.signing_label.or(file.signing_label) {
-        Some(label) => signer.map(|s| s.label(label)),
-        None => signer,
-    };
-    let asked = args.require_signatures || file.require_signatures.unwrap_or(false);
-    if asked && signer.is_none() {
-        return Err(Error::config(
-            "--require-signatures needs verification keys: --signing-keys-file, OUTBOX_SIGNING_KEYS or relay.signing_keys",
-        ));
-    }
-    let allow_unsigned = args.allow_unsigned || file.allow_unsigned.unwrap_or(false);
-    if asked && allow_unsigned {
-        return Err(Error::config(
-            "--require-signatures and --allow-unsigned (relay.require_signatures, relay.allow_unsigned) contradict each other",
-        ));
-    }
-    // With keys loaded, unsigned rows are refused unless explicitly allowed.
-    let require_signatures = signer.is_some() && !allow_unsigned;
-    if signer.is_some() && allow_unsigned {
-        tracing::warn!("--allow-unsigned: rows without a signature are published unverified; whoever can write the outbox table can strip a signature and change a row. Remove the flag once every writer signs");
-    }
+    let config = relay_config(&args, &file)?;
+    let (signer, require_signatures) = signing_config(&args, &file)?;
     let config = RelayConfig {
         delivery: outbox_core::Delivery {
             signer,
@@ -226,19 +147,7 @@ pub(crate) async fn relay(
     let relay = Relay::builder(s.clone(), publisher)
         .config(config)
         .build()?;
-    let verification = match &relay.config().delivery.signer {
-        None => "off: signed rows are refused as unverifiable".to_owned(),
-        Some(signer) => format!(
-            "{} key(s) loaded ({}); unsigned rows are {}",
-            signer.key_ids().count(),
-            signer.key_ids().collect::<Vec<_>>().join(", "),
-            if require_signatures {
-                "refused"
-            } else {
-                "published (--allow-unsigned)"
-            }
-        ),
-    };
+    let verification = verification(&relay, require_signatures);
     tracing::info!(
         table = store.table(),
         owner = relay.owner(),
@@ -268,6 +177,124 @@ pub(crate) async fn relay(
     }
     log_report(&report, "relay stopped");
     Ok(exit::OK)
+}
+
+/// The relay's settings from its flags and variables, then the config file, then the
+/// defaults (signing apart: [`signing_config`]).
+fn relay_config(args: &RelayArgs, file: &FileRelay) -> Result<RelayConfig, Error> {
+    let defaults = RelayConfig::default();
+    let streams = if !args.streams.is_empty() {
+        args.streams.clone()
+    } else {
+        file.streams.clone().unwrap_or_default()
+    };
+    Ok(RelayConfig {
+        streams: if streams.is_empty() {
+            StreamFilter::All
+        } else {
+            StreamFilter::Only(streams)
+        },
+        batch_size: args.batch.or(file.batch).unwrap_or(defaults.batch_size),
+        concurrency: args
+            .concurrency
+            .or(file.concurrency)
+            .unwrap_or(defaults.concurrency),
+        lease: args
+            .lease
+            .or(duration("relay.lease", file.lease.clone())?)
+            .unwrap_or(defaults.lease),
+        poll_interval: args
+            .interval
+            .or(duration("relay.interval", file.interval.clone())?)
+            .unwrap_or(defaults.poll_interval),
+        store_timeout: args
+            .store_timeout
+            .or(duration("relay.store_timeout", file.store_timeout.clone())?)
+            .unwrap_or(defaults.store_timeout),
+        delivery: outbox_core::Delivery {
+            publish_timeout: args
+                .publish_timeout
+                .or(duration(
+                    "relay.publish_timeout",
+                    file.publish_timeout.clone(),
+                )?)
+                .unwrap_or(defaults.delivery.publish_timeout),
+            delete_after_send: args.delete_after_send || file.delete_after_send.unwrap_or(false),
+            retry: RetryPolicy {
+                max_attempts: args
+                    .max_attempts
+                    .or(file.max_attempts)
+                    .unwrap_or(defaults.delivery.retry.max_attempts),
+                initial: args
+                    .retry_initial
+                    .or(duration("relay.retry_initial", file.retry_initial.clone())?)
+                    .unwrap_or(defaults.delivery.retry.initial),
+                max: args
+                    .retry_max
+                    .or(duration("relay.retry_max", file.retry_max.clone())?)
+                    .unwrap_or(defaults.delivery.retry.max),
+                ..defaults.delivery.retry.clone()
+            },
+            ..defaults.delivery.clone()
+        },
+        ..defaults
+    })
+}
+
+/// The verification keys, and whether unsigned rows are refused: with keys loaded, they are
+/// unless `--allow-unsigned` says otherwise (with a warning).
+fn signing_config(
+    args: &RelayArgs,
+    file: &FileRelay,
+) -> Result<(Option<outbox_core::Signer>, bool), Error> {
+    let signer = signing::load(
+        args.signing_keys_file.as_deref(),
+        std::env::var("OUTBOX_SIGNING_KEYS").ok().as_deref(),
+        file.signing_keys_file.as_deref(),
+        file.signing_keys.as_deref(),
+    )?;
+    let signer = match args.signing_label.clone().or(file.signing_label.clone()) {
+        Some(label) => signer.map(|s| s.label(label)),
+        None => signer,
+    };
+    let asked = args.require_signatures || file.require_signatures.unwrap_or(false);
+    if asked && signer.is_none() {
+        return Err(Error::config(
+            "--require-signatures needs verification keys: --signing-keys-file, OUTBOX_SIGNING_KEYS or relay.signing_keys",
+        ));
+    }
+    let allow_unsigned = args.allow_unsigned || file.allow_unsigned.unwrap_or(false);
+    if asked && allow_unsigned {
+        return Err(Error::config(
+            "--require-signatures and --allow-unsigned (relay.require_signatures, relay.allow_unsigned) contradict each other",
+        ));
+    }
+    // With keys loaded, unsigned rows are refused unless explicitly allowed.
+    let require_signatures = signer.is_some() && !allow_unsigned;
+    if signer.is_some() && allow_unsigned {
+        tracing::warn!("--allow-unsigned: rows without a signature are published unverified; whoever can write the outbox table can strip a signature and change a row. Remove the flag once every writer signs");
+    }
+    Ok((signer, require_signatures))
+}
+
+/// How the start-up line describes signature checks.
+fn verification<S: Store, P: outbox_core::Publisher>(
+    relay: &Relay<S, P>,
+    require_signatures: bool,
+) -> String {
+    match &relay.config().delivery.signer {
+        None => "off: signed rows are refused as unverifiable".to_owned(),
+        Some(signer) => format!(
+            "{} key(s) loaded ({}); unsigned rows are {}",
+            signer.key_ids().count(),
+            signer.key_ids().collect::<Vec<_>>().join(", "),
+            if require_signatures {
+                "refused"
+            } else {
+                "published (--allow-unsigned)"
+            }
+        ),
+    }
 }
 
 /// How often the backlog gauges are refreshed at most: one stats query, independent of the
