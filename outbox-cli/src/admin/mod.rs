@@ -123,7 +123,7 @@ pub async fn serve(
     let port = addr.map_or(options.listen.port(), |a| a.port());
     let admin = Arc::new(Admin::new(store, table, label, options, port));
     tokio::spawn(sampler(Arc::downgrade(&admin)));
-    tracing::info!(address = %addr.map_or_else(|| options_listen(&admin), |a| a.to_string()), read_only = admin.options.read_only, hide_payloads = admin.options.hide_payloads, "admin console listening");
+    tracing::info!(address = %addr.unwrap_or(admin.options.listen), read_only = admin.options.read_only, hide_payloads = admin.options.hide_payloads, "admin console listening");
     // Printed for scripts and tests that listen on port 0.
     if let Some(a) = addr {
         println!("admin console on http://{a}/");
@@ -158,10 +158,6 @@ impl Admin {
             options,
         }
     }
-}
-
-fn options_listen(admin: &Admin) -> String {
-    admin.options.listen.to_string()
 }
 
 fn random_token() -> String {
