@@ -190,8 +190,9 @@ impl StoreAdmin for SqliteStore {
         let stream = stream.map(str::to_owned);
         self.blocking(move |conn, sql| {
             let text = format!(
-                "SELECT {COLS} FROM {} WHERE status = 'dead' AND (?1 IS NULL OR stream = ?1) ORDER BY created_at, seq LIMIT ?2",
-                sql.table
+                "SELECT {cols} FROM {} WHERE status = 'dead' AND (?1 IS NULL OR stream = ?1) ORDER BY created_at, seq LIMIT ?2",
+                sql.table,
+                cols = cols("payload")
             );
             let mut stmt = conn.prepare_cached(&text).map_err(map_err)?;
             let rows = stmt.query_map(params![stream, limit as i64], listed_row).map_err(map_err)?;
@@ -286,8 +287,9 @@ impl StoreAdmin for SqliteStore {
         let limit = f.limit;
         self.blocking(move |conn, sql| {
             let text = format!(
-                "SELECT {COLS} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {limit}",
-                sql.table
+                "SELECT {cols} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {limit}",
+                sql.table,
+                cols = cols("payload")
             );
             let mut stmt = conn.prepare(&text).map_err(map_err)?;
             let rows = stmt

@@ -25,6 +25,8 @@
 #![warn(missing_docs)]
 
 mod admin;
+mod claim;
+mod settle;
 mod sql;
 
 use sql::Sql;
@@ -209,7 +211,7 @@ impl SqliteStore {
         let done = done.to_vec();
         let failures = failures.to_vec();
         self.blocking(move |conn, sql| {
-            settle_rows(conn, sql, owner.as_deref(), &done, delete, &failures)
+            settle::settle_rows(conn, sql, owner.as_deref(), &done, delete, &failures)
         })
         .await
     }
@@ -326,9 +328,14 @@ fn create_private(path: &Path) -> std::io::Result<()> {
     }
 }
 
-const COLS: &str =
-    "seq, id, stream, destination, msg_key, payload, content_type, headers, strategy, status, \
-                    attempts, created_at, next_attempt_at, last_error, sent_at, signature, okey, on_exhausted";
+/// The columns a row is read back from; `payload` is the payload's expression (the column, or
+/// one that leaves an oversized payload unread).
+fn cols(payload: &str) -> String {
+    format!(
+        "seq, id, stream, destination, msg_key, {payload}, content_type, headers, strategy, status, \
+         attempts, created_at, next_attempt_at, last_error, sent_at, signature, okey, on_exhausted"
+    )
+}
 
 fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
     let now = SystemTime::now();
@@ -420,337 +427,6 @@ fn resume(tx: &Connection, t: &str, stream: &str, unit: &str) -> outbox_core::Re
 
 /// How often a store looks for keep-order rows whose unit it does not know.
 const ADOPT_EVERY: Duration = Duration::from_secs(60);
-
-/// One claim under `BEGIN IMMEDIATE` (the write lock first, so two relays never read the same
-/// rows): due keep-order units through `<table>_due_next`, each unit's first rows through
-/// `<table>_unit` (a blocked unit's rows are never read), due publish-on-commit rows through
-/// `<table>_oc`; rows taken in `seq` order within the limit and the byte budget. Keep-order
-/// rows are leased through their unit (no row is rewritten, payload included);
-/// publish-on-commit rows carry their own lease. Units with no pending row are forgotten.
-fn claim_rows(
-    conn: &mut Connection,
-    sql: &Sql,
-    claim: &Claim,
-    adopt: bool,
-) -> outbox_core::Result<Vec<Claimed>> {
-    use rusqlite::types::Value;
-    let t = &sql.table;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(map_err)?;
-    if adopt {
-        tx.execute(&sql.adopt, []).map_err(map_err)?;
-    }
-    let now = to_millis(SystemTime::now());
-    let until = now + claim.lease.as_millis() as i64;
-    let (filter, streams) = match &claim.streams {
-        StreamFilter::All => (String::new(), vec![]),
-        StreamFilter::Only(s) => (
-            format!(" AND stream IN ({})", placeholders(s.len(), 3)),
-            s.iter().map(|s| Value::Text(s.clone())).collect::<Vec<_>>(),
-        ),
-    };
-    let units: Vec<(Value, Value)> = {
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "SELECT stream, okey FROM {t}_due WHERE next_at <= ?1{filter} ORDER BY next_at LIMIT ?2"
-            ))
-            .map_err(map_err)?;
-        let args = [Value::Integer(now), Value::Integer(claim.limit as i64)]
-            .into_iter()
-            .chain(streams.iter().cloned());
-        stmt.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect())
-            .map_err(map_err)?
-    };
-    // (seq, unit, size); per unit, when its head is blocked.
-    let mut candidates: Vec<(i64, Option<usize>, usize)> = Vec::new();
-    let mut blocked: Vec<Option<i64>> = vec![None; units.len()];
-    let mut empty: Vec<usize> = Vec::new();
-    if !units.is_empty() {
-        let per = (claim.limit / units.len()).max(1) as i64;
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "SELECT seq, octet_length(payload) + octet_length(headers),
-                   CASE WHEN locked_until > ?1 THEN 0 WHEN next_attempt_at > ?1 THEN next_attempt_at END
-                 FROM {t} WHERE status = 'pending' AND stream = ?2 AND okey = ?3 AND strategy <> 'on_commit'
-                 ORDER BY seq LIMIT ?4"
-            ))
-            .map_err(map_err)?;
-        for (u, (stream, key)) in units.iter().enumerate() {
-            let rows: Vec<(i64, i64, Option<i64>)> = stmt
-                .query_map(params![now, stream, key, per], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .and_then(|rows| rows.collect())
-                .map_err(map_err)?;
-            if rows.is_empty() {
-                empty.push(u);
-            }
-            for (seq, size, until) in rows {
-                if let Some(until) = until {
-                    blocked[u] = Some(until);
-                    break;
-                }
-                candidates.push((seq, Some(u), size.max(0) as usize));
-            }
-        }
-    }
-    {
-        let mut stmt = tx
-            .prepare_cached(&format!(
-                "SELECT seq, octet_length(payload) + octet_length(headers) FROM {t}
-                 WHERE status = 'pending' AND strategy = 'on_commit' AND next_attempt_at <= ?1
-                   AND (locked_until IS NULL OR locked_until <= ?1){filter}
-                 ORDER BY next_attempt_at LIMIT ?2"
-            ))
-            .map_err(map_err)?;
-        let args = [Value::Integer(now), Value::Integer(claim.limit as i64)]
-            .into_iter()
-            .chain(streams.iter().cloned());
-        let rows: Vec<(i64, i64)> = stmt
-            .query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))
-            .and_then(|rows| rows.collect())
-            .map_err(map_err)?;
-        candidates.extend(
-            rows.into_iter()
-                .map(|(seq, size)| (seq, None, size.max(0) as usize)),
-        );
-    }
-    candidates.sort_by_key(|c| c.0);
-    candidates.truncate(claim.limit);
-    let sizes: Vec<usize> = candidates.iter().map(|c| c.2).collect();
-    let fits = claim.within_budget(&sizes);
-    let taken: Vec<(i64, Option<usize>)> = candidates
-        .iter()
-        .zip(fits)
-        .take_while(|(_, fits)| *fits)
-        .map(|(c, _)| (c.0, c.1))
-        .collect();
-    let mut out = Vec::with_capacity(taken.len());
-    for chunk in taken.chunks(500) {
-        let load = format!(
-            "SELECT {cols}, octet_length(payload) + octet_length(headers) FROM {t} WHERE seq IN ({})",
-            placeholders(chunk.len(), 2),
-            cols = COLS.replacen(
-                "payload,",
-                "CASE WHEN octet_length(payload) > ?1 THEN NULL ELSE payload END,",
-                1
-            )
-        );
-        let args = std::iter::once(claim.max_row_bytes.min(i64::MAX as usize) as i64)
-            .chain(chunk.iter().map(|c| c.0));
-        let mut stmt = tx.prepare(&load).map_err(map_err)?;
-        let rows = stmt
-            .query_map(params_from_iter(args), |row| claimed_row(row, claim))
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(map_err)?;
-        out.extend(rows);
-    }
-    {
-        // Leases count the claims (reset when an outcome is recorded): a row or unit claimed
-        // again without one is a suspect of a crash loop (see Relay).
-        let mut claims: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
-        let mut lease = tx
-            .prepare_cached(&format!(
-                "UPDATE {t} SET locked_by = ?1, locked_until = ?2, next_attempt_at = ?2, claims = claims + 1
-                 WHERE seq = ?3 RETURNING claims"
-            ))
-            .map_err(map_err)?;
-        for (seq, _) in taken.iter().filter(|c| c.1.is_none()) {
-            let n: i64 = lease
-                .query_row(params![claim.owner, until, seq], |r| r.get(0))
-                .map_err(map_err)?;
-            claims.insert(*seq, n.clamp(0, u32::MAX as i64) as u32);
-        }
-        let mut unit = tx
-            .prepare_cached(&format!(
-                "UPDATE {t}_due SET next_at = ?1, leased_by = ?2 WHERE stream = ?3 AND okey = ?4"
-            ))
-            .map_err(map_err)?;
-        let mut lease_unit = tx
-            .prepare_cached(&format!(
-                "UPDATE {t}_due SET next_at = ?1, leased_by = ?2, claims = claims + 1
-                 WHERE stream = ?3 AND okey = ?4 RETURNING claims"
-            ))
-            .map_err(map_err)?;
-        let mut leased: Vec<usize> = taken.iter().filter_map(|c| c.1).collect();
-        leased.sort_unstable();
-        leased.dedup();
-        let mut unit_claims = vec![0u32; units.len()];
-        for &u in &leased {
-            let n: i64 = lease_unit
-                .query_row(params![until, claim.owner, units[u].0, units[u].1], |r| {
-                    r.get(0)
-                })
-                .map_err(map_err)?;
-            unit_claims[u] = n.clamp(0, u32::MAX as i64) as u32;
-            blocked[u] = None;
-        }
-        for (seq, u) in &taken {
-            if let Some(u) = u {
-                claims.insert(*seq, unit_claims[*u]);
-            }
-        }
-        for m in out.iter_mut().flatten() {
-            m.claims = claims.get(&m.seq).copied().unwrap_or(0);
-        }
-        // A head backing off makes its unit due at its retry time.
-        for (u, b) in blocked.iter().enumerate() {
-            if let Some(at) = b.filter(|&at| at > 0) {
-                unit.execute(params![at, Value::Null, units[u].0, units[u].1])
-                    .map_err(map_err)?;
-            }
-        }
-        let mut forget = tx
-            .prepare_cached(&format!(
-                "DELETE FROM {t}_due WHERE stream = ?1 AND okey = ?2"
-            ))
-            .map_err(map_err)?;
-        for &u in &empty {
-            forget
-                .execute(params![units[u].0, units[u].1])
-                .map_err(map_err)?;
-        }
-    }
-    tx.commit().map_err(map_err)?;
-    out.sort_by_key(|r| match r {
-        Ok(m) => m.seq,
-        Err(q) => q.seq,
-    });
-    Ok(out)
-}
-
-/// A batch's outcome in one transaction. Failures apply to rows `owner` still holds: a
-/// publish-on-commit row leased to it, a keep-order row whose unit it leases. Then the units
-/// are settled (a unit whose head failed is due at its retry time, the others now), only
-/// while `owner` holds them (any holder for `complete`).
-fn settle_rows(
-    conn: &mut Connection,
-    sql: &Sql,
-    owner: Option<&str>,
-    done: &[i64],
-    delete: bool,
-    failures: &[Failure],
-) -> outbox_core::Result<()> {
-    let t = &sql.table;
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(map_err)?;
-    let now = to_millis(SystemTime::now());
-    // Each keep-order unit touched, with the longest retry delay among its failures.
-    let mut delays: Vec<(rusqlite::types::Value, rusqlite::types::Value, i64)> = Vec::new();
-    {
-        let delay_of = |seq: i64| {
-            failures
-                .iter()
-                .filter(|f| f.seq == seq)
-                .map(|f| match f.outcome {
-                    Outcome::Retry { after } => after.as_millis() as i64,
-                    _ => 0,
-                })
-                .max()
-                .unwrap_or(0)
-        };
-        let all: Vec<i64> = done
-            .iter()
-            .copied()
-            .chain(failures.iter().map(|f| f.seq))
-            .collect();
-        for chunk in all.chunks(500) {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT seq, stream, okey FROM {t} WHERE seq IN ({}) AND strategy <> 'on_commit'",
-                    placeholders(chunk.len(), 1)
-                ))
-                .map_err(map_err)?;
-            let rows: Vec<(i64, rusqlite::types::Value, rusqlite::types::Value)> = stmt
-                .query_map(params_from_iter(chunk), |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                })
-                .and_then(|rows| rows.collect())
-                .map_err(map_err)?;
-            for (seq, s, k) in rows {
-                let delay = delay_of(seq);
-                match delays.iter_mut().find(|(us, uk, _)| *us == s && *uk == k) {
-                    Some(entry) => entry.2 = entry.2.max(delay),
-                    None => delays.push((s, k, delay)),
-                }
-            }
-        }
-    }
-    let holds = format!(
-        "(locked_by = ?4 OR (strategy <> 'on_commit' AND EXISTS (
-           SELECT 1 FROM {t}_due d WHERE d.stream = {t}.stream AND d.okey = {t}.okey AND d.leased_by = ?4)))"
-    );
-    {
-        let owner = owner.unwrap_or_default();
-        let mut retry = tx
-            .prepare_cached(&format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, next_attempt_at = ?2, locked_by = NULL,
-                   locked_until = NULL, claims = 0 WHERE seq = ?3 AND status = 'pending' AND {holds}"
-            ))
-            .map_err(map_err)?;
-        let mut dead = tx
-            .prepare_cached(&format!(
-                "UPDATE {t} SET attempts = attempts + 1, last_error = ?1, status = 'dead', locked_by = NULL,
-                   locked_until = NULL, claims = 0 WHERE seq = ?3 AND status = 'pending' AND {holds}"
-            ))
-            .map_err(map_err)?;
-        let mut release = tx
-            .prepare_cached(&format!(
-                "UPDATE {t} SET locked_by = NULL, locked_until = NULL, claims = 0,
-                   next_attempt_at = CASE WHEN strategy = 'on_commit' THEN ?2 ELSE next_attempt_at END
-                 WHERE seq = ?3 AND status = 'pending' AND {holds}"
-            ))
-            .map_err(map_err)?;
-        for f in failures {
-            // ?1 error, ?2 time, ?3 seq, ?4 owner (each statement uses what it needs).
-            let r = match &f.outcome {
-                Outcome::Retry { after } => retry.execute(params![
-                    f.error,
-                    now + after.as_millis() as i64,
-                    f.seq,
-                    owner
-                ]),
-                Outcome::Dead => dead.execute(params![f.error, now, f.seq, owner]),
-                Outcome::Release => release.execute(params![f.error, now, f.seq, owner]),
-            };
-            r.map_err(map_err)?;
-        }
-    }
-    for chunk in done.chunks(500) {
-        if delete {
-            let text = sql
-                .complete_delete
-                .replace("{in}", &placeholders(chunk.len(), 1));
-            tx.prepare_cached(&text)
-                .and_then(|mut s| s.execute(params_from_iter(chunk)))
-                .map_err(map_err)?;
-        } else {
-            let text = sql
-                .complete_mark
-                .replace("{in}", &placeholders(chunk.len(), 2));
-            let args = std::iter::once(now).chain(chunk.iter().copied());
-            tx.prepare_cached(&text)
-                .and_then(|mut s| s.execute(params_from_iter(args)))
-                .map_err(map_err)?;
-        }
-    }
-    {
-        let mut unit = tx
-            .prepare_cached(&format!(
-                "UPDATE {t}_due SET next_at = ?1, leased_by = NULL, claims = 0
-                 WHERE stream = ?2 AND okey = ?3 AND (?4 IS NULL OR leased_by = ?4) AND parked_at IS NULL"
-            ))
-            .map_err(map_err)?;
-        for (s, k, delay) in &delays {
-            unit.execute(params![now + delay, s, k, owner])
-                .map_err(map_err)?;
-        }
-    }
-    tx.commit().map_err(map_err)
-}
 
 /// Decode one row; the error names the column that does not decode. Rows are input: another
 /// service, an operator or an attacker may have written them.
@@ -940,7 +616,7 @@ impl Store for SqliteStore {
             }
             due
         };
-        self.blocking(move |conn, sql| claim_rows(conn, sql, &claim, adopt))
+        self.blocking(move |conn, sql| claim::claim_rows(conn, sql, &claim, adopt))
             .await
     }
 

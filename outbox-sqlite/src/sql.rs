@@ -1,4 +1,5 @@
-//! Every statement of the SQLite store, built once per table.
+//! Every statement of the SQLite store, built once per table: each one written whole by its
+//! own function, none derived from another by replacing text.
 
 use super::*;
 
@@ -8,23 +9,26 @@ pub(super) struct Sql {
     /// Give keep-order rows whose unit `<table>_due` does not know (written by an older
     /// version, by SQL, or moved by hand) their unit: one index probe per distinct unit.
     pub(super) adopt: String,
-    pub(super) complete_mark: String,
-    pub(super) complete_delete: String,
     pub(super) get: String,
     pub(super) table: String,
 }
 
 impl Sql {
     pub(super) fn new(t: &str) -> Self {
-        let mut sql = Self::build(t);
-        sql.schema = sql.schema.replace("{adopt}", &sql.adopt);
-        sql
-    }
-
-    pub(super) fn build(t: &str) -> Self {
         Self {
-            schema: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+            schema: schema(t),
+            insert: insert(t),
+            adopt: adopt(t),
+            get: format!("SELECT {} FROM {t} WHERE seq = ?1", cols("payload")),
+            table: t.to_owned(),
+        }
+    }
+}
+
+/// The tables and indexes, then the adoption of rows whose unit `<table>_due` does not know.
+fn schema(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
                     seq INTEGER PRIMARY KEY AUTOINCREMENT,
                     id TEXT NOT NULL UNIQUE,
                     stream TEXT NOT NULL,
@@ -67,16 +71,23 @@ impl Sql {
                 CREATE INDEX IF NOT EXISTS {t}_due_parked ON {t}_due (parked_at) WHERE parked_at IS NOT NULL;
                 UPDATE {t} SET next_attempt_at = locked_until
                   WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at;
-                {{adopt}}"
-            ),
-            insert: format!(
-                "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
+                {adopt}",
+        adopt = adopt(t)
+    )
+}
+
+fn insert(t: &str) -> String {
+    format!(
+        "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy,
                     status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature,
                     on_exhausted)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)"
-            ),
-            adopt: format!(
-                "WITH RECURSIVE walk(seq) AS (
+    )
+}
+
+fn adopt(t: &str) -> String {
+    format!(
+        "WITH RECURSIVE walk(seq) AS (
                    SELECT (SELECT seq FROM {t} WHERE status = 'pending' ORDER BY stream, okey LIMIT 1)
                    UNION ALL
                    SELECT (SELECT o.seq FROM {t} o, {t} w0 WHERE w0.seq = walk.seq AND o.status = 'pending'
@@ -86,13 +97,18 @@ impl Sql {
                  SELECT w.stream, w.okey, 0 FROM {t} w WHERE w.seq IN (SELECT seq FROM walk)
                    AND EXISTS (SELECT 1 FROM {t} o WHERE o.stream = w.stream AND o.okey = w.okey
                                AND o.status = 'pending' AND o.strategy <> 'on_commit')"
-            ),
-            complete_mark: format!(
-                "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({{in}})"
-            ),
-            complete_delete: format!("DELETE FROM {t} WHERE seq IN ({{in}})"),
-            get: format!("SELECT {COLS} FROM {t} WHERE seq = ?1"),
-            table: t.to_owned(),
-        }
+    )
+}
+
+/// Mark `n` published rows sent (`?1` the time, then their `seq`s), or delete them (their
+/// `seq`s from `?1`).
+pub(super) fn complete(t: &str, delete: bool, n: usize) -> String {
+    if delete {
+        format!("DELETE FROM {t} WHERE seq IN ({})", placeholders(n, 1))
+    } else {
+        format!(
+            "UPDATE {t} SET status = 'sent', sent_at = ?1, locked_by = NULL, locked_until = NULL WHERE seq IN ({})",
+            placeholders(n, 2)
+        )
     }
 }

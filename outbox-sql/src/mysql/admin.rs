@@ -198,8 +198,10 @@ impl StoreAdmin for MySqlStore {
         f.validate()?;
         let (clause, values) = crate::common::filter_clause(f, |_, _| "?".to_owned());
         let sql = format!(
-            "SELECT {COLS} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {}",
-            self.inner.table, f.limit
+            "SELECT {cols} FROM {} WHERE 1 = 1{clause} ORDER BY seq DESC LIMIT {}",
+            self.inner.table,
+            f.limit,
+            cols = cols("payload")
         );
         let mut q = sqlx::query(&sql);
         for v in &values {
@@ -231,8 +233,9 @@ impl StoreAdmin for MySqlStore {
         limit: usize,
     ) -> outbox_core::Result<Vec<StoredMessage>> {
         let sql = format!(
-            "SELECT {COLS} FROM {} WHERE status = 'dead' AND (? IS NULL OR stream = ?) ORDER BY created_at, seq LIMIT ?",
-            self.inner.table
+            "SELECT {cols} FROM {} WHERE status = 'dead' AND (? IS NULL OR stream = ?) ORDER BY created_at, seq LIMIT ?",
+            self.inner.table,
+            cols = cols("payload")
         );
         let rows = sqlx::query(&sql)
             .bind(stream)
@@ -287,7 +290,11 @@ impl StoreAdmin for MySqlStore {
     }
 
     async fn get(&self, seq: i64) -> outbox_core::Result<Option<StoredMessage>> {
-        let sql = format!("SELECT {COLS} FROM {} WHERE seq = ?", self.inner.table);
+        let sql = format!(
+            "SELECT {} FROM {} WHERE seq = ?",
+            cols("payload"),
+            self.inner.table
+        );
         let row = sqlx::query(&sql)
             .bind(seq)
             .fetch_optional(&self.inner.pool)

@@ -24,9 +24,15 @@ pub use crate::common::map_err;
 pub use sqlx;
 
 /// The columns of `decode`, with the binary-collated ones converted so they read as text.
-const COLS: &str = "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT(msg_key USING utf8mb4), payload, \
-                    content_type, headers, strategy, status, attempts, created_at, next_attempt_at, last_error, \
-                    sent_at, signature, CONVERT(okey USING utf8mb4), on_exhausted";
+/// The columns a row is read back from; `payload` is the payload's expression (the column,
+/// or one that leaves an oversized payload unread).
+fn cols(payload: &str) -> String {
+    format!(
+        "seq, id, CONVERT(stream USING utf8mb4), destination, CONVERT(msg_key USING utf8mb4), {payload}, \
+         content_type, headers, strategy, status, attempts, created_at, next_attempt_at, last_error, \
+         sent_at, signature, CONVERT(okey USING utf8mb4), on_exhausted"
+    )
+}
 
 /// The database clock in milliseconds.
 const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
@@ -34,7 +40,9 @@ const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 use outbox_core::PARKED_NEXT_AT as PARKED;
 
 mod admin;
+mod claim;
 mod internals;
+mod settle;
 
 /// The three tables `migrate` creates (`<table>`, `<table>_locks`, `<table>_due`), with
 /// exact (binary, no-pad) collation `c` for names.
@@ -441,10 +449,11 @@ async fn insert_only(
         "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, GREATEST({NOW} + GREATEST(?, IFNULL(?, 0)), IFNULL(?, 0)), ?, \
          IF(? IS NULL, NULL, {NOW} + ?), ?, ?, ?"
     );
-    let columns = "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, \
+    let columns = format!(
+        "INSERT INTO {t} (id, stream, destination, msg_key, okey, payload, content_type, headers, strategy, \
            status, attempts, created_at, next_attempt_at, locked_by, locked_until, last_error, signature, \
            on_exhausted)"
-        .replace("{t}", t);
+    );
     let sql = match unit {
         Some(_) => format!(
             "{columns} SELECT {values} FROM {t}_locks WHERE stream = ? AND okey = ? AND due = 1 FOR UPDATE"

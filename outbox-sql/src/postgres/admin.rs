@@ -177,7 +177,7 @@ impl StoreAdmin for PgStore {
         });
         let sql = format!(
             "SELECT {} FROM {} WHERE true{clause} ORDER BY seq DESC LIMIT {}",
-            cols(""),
+            cols("", "payload"),
             self.inner.table,
             f.limit
         );
@@ -221,7 +221,7 @@ impl StoreAdmin for PgStore {
     ) -> outbox_core::Result<Vec<StoredMessage>> {
         let sql = format!(
             "SELECT {} FROM {} WHERE status = 'dead' AND ($1::text IS NULL OR stream = $1) ORDER BY created_at, seq LIMIT $2",
-            cols(""),
+            cols("", "payload"),
             self.inner.table
         );
         let rows = sqlx::query(&sql)

@@ -51,9 +51,11 @@ const ONE_VALUES: &str = "$1::uuid, $2, $3, $4, $17, $5, $6, $7::jsonb, $8, $9, 
       COALESCE($19::int8, 0)), $13, \
     (EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT + $14::int8, $15, $16, $18";
 
-fn cols(prefix: &str) -> String {
+/// The columns a row is read back from, each prefixed with `prefix`; `payload` is the
+/// payload's expression (the column itself, or one that leaves an oversized payload unread).
+fn cols(prefix: &str, payload: &str) -> String {
     format!(
-        "{p}seq, {p}id::text, {p}stream, {p}destination, {p}msg_key, {p}payload, {p}content_type, {p}headers::text, \
+        "{p}seq, {p}id::text, {p}stream, {p}destination, {p}msg_key, {payload}, {p}content_type, {p}headers::text, \
          {p}strategy, {p}status, {p}attempts, {p}created_at, {p}next_attempt_at, {p}last_error, {p}sent_at, {p}signature, \
          {p}okey, {p}on_exhausted",
         p = prefix

@@ -1,4 +1,6 @@
-//! Every statement of the PostgreSQL store, built once per table.
+//! Every statement of the PostgreSQL store, built once per table: each one written whole by
+//! its own function (a shared fragment is a function too), none derived from another by
+//! replacing text.
 
 use super::*;
 
@@ -21,54 +23,33 @@ pub(super) struct Sql {
     pub(super) get: String,
 }
 
-/// The claim's per-unit part and the settle statement share the lateral lookup of a unit's
-/// first pending rows through `<table>_unit (stream, okey, seq)`.
 impl Sql {
     pub(super) fn new(t: &str) -> Self {
-        let mut sql = Self::build(t);
-        let insert = &sql.insert;
-        let start = insert.rfind("INSERT INTO").expect("insert statement");
-        sql.insert_plain = insert[start..].replace(
-            "WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0",
-            "",
-        );
-        sql.settle_delete = sql.settle_mark.replace(
-            &format!(
-                "done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL"
-            ),
-            &format!("done AS (DELETE FROM {t}"),
-        );
-        sql
-    }
-
-    pub(super) fn build(t: &str) -> Self {
         Self {
-            insert_plain: String::new(),
-            settle_delete: String::new(),
-            insert_one: format!(
-                "WITH locks AS (
-                   INSERT INTO {t}_units (stream, okey) VALUES ($2, $17)
-                   ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
-                 due AS (
-                   INSERT INTO {t}_due (stream, okey, next_at)
-                   SELECT $2, $17, {NOW} WHERE (SELECT count(*) FROM locks) >= 0
-                   ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
-                 wake AS (SELECT pg_notify('{t}', ''))
-                 INSERT INTO {t} ({INSERT_COLS})
-                 SELECT {ONE_VALUES}
-                 WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
-                 RETURNING seq"
-            ),
-            insert_one_plain: format!(
-                "INSERT INTO {t} ({INSERT_COLS}) VALUES ({ONE_VALUES}) RETURNING seq"
-            ),
-            // `<table>_units`: one row per keep-order unit with pending rows, locked by writers
-            // for the whole transaction (commit order). `<table>_due`: the same units as the
-            // claim sees them, with when each may be claimed next (`next_at`: now when free, the
-            // lease's end when leased, the head's retry time when backing off), so a claim
-            // picks due units through `<table>_due_next` and never reads a blocked unit's rows.
-            schema: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (
+            schema: schema(t),
+            insert: insert(t),
+            insert_plain: insert_plain(t),
+            insert_one: insert_one(t),
+            insert_one_plain: insert_one_plain(t),
+            claim: claim(t),
+            complete_oc_mark: complete_oc(t, false),
+            complete_oc_delete: complete_oc(t, true),
+            settle_mark: settle(t, false),
+            settle_delete: settle(t, true),
+            adopt: adopt(t),
+            get: format!("SELECT {} FROM {t} WHERE seq = $1", cols("", "payload")),
+        }
+    }
+}
+
+// `<table>_units`: one row per keep-order unit with pending rows, locked by writers for the
+// whole transaction (commit order). `<table>_due`: the same units as the claim sees them, with
+// when each may be claimed next (`next_at`: now when free, the lease's end when leased, the
+// head's retry time when backing off), so a claim picks due units through `<table>_due_next`
+// and never reads a blocked unit's rows.
+fn schema(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (
                     seq BIGSERIAL PRIMARY KEY,
                     id UUID NOT NULL UNIQUE,
                     stream TEXT NOT NULL,
@@ -125,16 +106,39 @@ impl Sql {
                 CREATE INDEX IF NOT EXISTS {t}_due_parked ON {t}_due (parked_at) WHERE parked_at IS NOT NULL;
                 UPDATE {t} SET next_attempt_at = locked_until
                   WHERE status = 'pending' AND strategy = 'on_commit' AND locked_until > next_attempt_at"
-            ),
-            // One round trip: the keep-order unit locks (rows of <table>_units for the units in
-            // $17/$18, sorted, so writers never deadlock on them; only roles that can write the
-            // outbox's tables can take them; `DO UPDATE ... WHERE false` locks an existing row
-            // without writing a new version of it), then, under those locks, the units' rows of
-            // <table>_due (written only for a unit that had none), and the NOTIFY ($19), are
-            // taken by CTEs that one-time filters evaluate in that order before the first row
-            // is inserted.
-            insert: format!(
-                "WITH locks AS (
+    )
+}
+
+fn insert_one(t: &str) -> String {
+    format!(
+        "WITH locks AS (
+                   INSERT INTO {t}_units (stream, okey) VALUES ($2, $17)
+                   ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
+                 due AS (
+                   INSERT INTO {t}_due (stream, okey, next_at)
+                   SELECT $2, $17, {NOW} WHERE (SELECT count(*) FROM locks) >= 0
+                   ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
+                 wake AS (SELECT pg_notify('{t}', ''))
+                 INSERT INTO {t} ({INSERT_COLS})
+                 SELECT {ONE_VALUES}
+                 WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
+                 RETURNING seq"
+    )
+}
+
+fn insert_one_plain(t: &str) -> String {
+    format!("INSERT INTO {t} ({INSERT_COLS}) VALUES ({ONE_VALUES}) RETURNING seq")
+}
+
+// One round trip: the keep-order unit locks (rows of <table>_units for the units in $20/$21,
+// sorted, so writers never deadlock on them; only roles that can write the outbox's tables
+// can take them; `DO UPDATE ... WHERE false` locks an existing row without writing a new
+// version of it), then, under those locks, the units' rows of <table>_due (written only for a
+// unit that had none), and the NOTIFY ($22), are taken by CTEs that one-time filters evaluate
+// in that order before the first row is inserted.
+fn insert(t: &str) -> String {
+    format!(
+        "WITH locks AS (
                    INSERT INTO {t}_units (stream, okey) SELECT * FROM unnest($20::text[], $21::text[])
                    ON CONFLICT (stream, okey) DO UPDATE SET okey = EXCLUDED.okey WHERE false RETURNING 1),
                  due AS (
@@ -143,7 +147,22 @@ impl Sql {
                    WHERE (SELECT count(*) FROM locks) >= 0
                    ON CONFLICT (stream, okey) DO NOTHING RETURNING 1),
                  wake AS (SELECT pg_notify('{t}', '') WHERE $22::bool)
-                 INSERT INTO {t} ({INSERT_COLS})
+                 {rows}
+                 WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
+                 RETURNING seq, id::text",
+        rows = insert_rows(t)
+    )
+}
+
+/// A batch without keep-order rows: no unit lock, no NOTIFY.
+fn insert_plain(t: &str) -> String {
+    format!("{} RETURNING seq, id::text", insert_rows(t))
+}
+
+/// The rows of a batch insert, from arrays `$1`..`$19`.
+fn insert_rows(t: &str) -> String {
+    format!(
+        "INSERT INTO {t} ({INSERT_COLS})
                  SELECT u.id::uuid, u.stream, u.destination, u.msg_key, u.okey, u.payload,
                     u.content_type, u.headers::jsonb, u.strategy, u.status, u.attempts, u.created_at,
                     GREATEST({NOW} + GREATEST(u.retry_ms, COALESCE(u.lease_ms, 0)), COALESCE(u.not_before, 0)),
@@ -153,18 +172,21 @@ impl Sql {
                     $15::text[], $16::text[], $17::text[], $18::text[], $19::int8[])
                    AS u(id, stream, destination, msg_key, payload, content_type, headers, strategy, status,
                         attempts, created_at, retry_ms, locked_by, lease_ms, last_error, signature, okey,
-                        on_exhausted, not_before)
-                 WHERE (SELECT count(*) FROM due) >= 0 AND (SELECT count(*) FROM wake) >= 0
-                 RETURNING seq, id::text"
-            ),
-            // One statement, no table-wide lock: due keep-order units are locked with SKIP
-            // LOCKED (a unit is claimed by one relay at a time, so a second relay never sees
-            // message 2 free while message 1 is being leased), and each unit's first rows are
-            // read through <table>_unit: a blocked unit's rows are never read. Publish-on-commit
-            // rows left for the relay are due through <table>_oc (their `next_attempt_at` is
-            // the lease's end while leased). Sizes first; payloads only for the rows taken.
-            claim: format!(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
+                        on_exhausted, not_before)"
+    )
+}
+
+// One statement, no table-wide lock: due keep-order units are locked with SKIP LOCKED (a unit
+// is claimed by one relay at a time, so a second relay never sees message 2 free while
+// message 1 is being leased), and each unit's first rows are read through <table>_unit: a
+// blocked unit's rows are never read. Publish-on-commit rows left for the relay are due
+// through <table>_oc (their `next_attempt_at` is the lease's end while leased). Sizes first;
+// payloads only for the rows taken (an oversized one, over $5, is read as NULL).
+fn claim(t: &str) -> String {
+    let capped = format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END");
+    let cols = cols(&format!("{t}."), &capped);
+    format!(
+        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
                  now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
                  u AS MATERIALIZED (
                    SELECT d.stream, d.okey, d.head_seq FROM {t}_due d
@@ -227,35 +249,44 @@ impl Sql {
                    RETURNING {cols}, taken.size, {t}.claims)
                  SELECT * FROM upd
                  UNION ALL
-                 SELECT {ko_cols}, taken.size,
+                 SELECT {cols}, taken.size,
                    COALESCE((SELECT un.claims FROM units un WHERE un.stream = {t}.stream AND un.okey = {t}.okey), 0)
                  FROM {t} JOIN taken ON {t}.seq = taken.seq WHERE taken.ko
                  UNION ALL
                  SELECT NULL::bigint, NULL, u.stream, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
                    NULL, NULL, NULL, u.okey, NULL, -1, 0
-                 FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)",
-                cols = cols(&format!("{t}.")).replace(
-                    &format!("{t}.payload,"),
-                    &format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END,")
-                ),
-                ko_cols = cols(&format!("{t}.")).replace(
-                    &format!("{t}.payload,"),
-                    &format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END,")
-                )
-            ),
-            // One statement for a batch's outcome: the units first (a unit whose head failed
-            // gets its retry time, the others are free again), only while this relay still
-            // holds them ($5; NULL for `complete`, which settles whoever holds the rows), then
-            // the published rows ($1), then the failures ($2..).
-            complete_oc_mark: format!(
-                "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
+                 FROM u WHERE NOT EXISTS (SELECT 1 FROM k WHERE k.stream = u.stream AND k.okey = u.okey)"
+    )
+}
+
+/// Mark publish-on-commit rows sent, or delete them.
+fn complete_oc(t: &str, delete: bool) -> String {
+    if delete {
+        format!(
+            "DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND strategy = 'on_commit' RETURNING seq"
+        )
+    } else {
+        format!(
+            "UPDATE {t} SET status = 'sent', sent_at = {NOW}, locked_by = NULL, locked_until = NULL
                  WHERE seq = ANY($1::int8[]) AND strategy = 'on_commit' RETURNING seq"
-            ),
-            complete_oc_delete: format!(
-                "DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND strategy = 'on_commit' RETURNING seq"
-            ),
-            settle_mark: format!(
-                "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
+        )
+    }
+}
+
+// One statement for a batch's outcome: the units first (a unit whose head failed gets its
+// retry time, the others are free again), only while this relay still holds them ($5; NULL for
+// `complete`, which settles whoever holds the rows), then the published rows ($1): marked sent
+// or deleted, then the failures ($2..).
+fn settle(t: &str, delete: bool) -> String {
+    let done = if delete {
+        format!("done AS (DELETE FROM {t}")
+    } else {
+        format!(
+            "done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL"
+        )
+    };
+    format!(
+        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
                  now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
                  f AS (SELECT * FROM UNNEST($2::int8[], $3::text[], $4::text[], $6::int8[]) AS f(seq, kind, err, after_ms)),
                  r AS (SELECT o.seq, o.stream, o.okey FROM {t} o
@@ -271,7 +302,7 @@ impl Sql {
                    WHERE d.stream = x.stream AND d.okey = x.okey AND ($5::text IS NULL OR d.leased_by = $5)
                      AND d.parked_at IS NULL
                    RETURNING 1),
-                 done AS (UPDATE {t} SET status = 'sent', sent_at = (SELECT ms FROM now), locked_by = NULL, locked_until = NULL
+                 {done}
                    WHERE seq = ANY($1) AND (SELECT count(*) FROM units) >= 0 RETURNING 1)
                  UPDATE {t} SET
                    attempts = CASE WHEN f.kind = 'release' THEN {t}.attempts ELSE {t}.attempts + 1 END,
@@ -287,12 +318,15 @@ impl Sql {
                      SELECT 1 FROM {t}_due held WHERE held.stream = {t}.stream AND held.okey = {t}.okey
                        AND held.leased_by = $5)))
                    AND (SELECT count(*) FROM units) >= 0 AND (SELECT count(*) FROM done) >= 0"
-            ),
-            // Keep-order rows whose unit the claim does not know (written by an older
-            // version, by SQL, or moved to another unit by hand): walk the distinct units of
-            // <table>_unit (one index probe per unit, never the rows) and add the missing ones.
-            adopt: format!(
-                "WITH RECURSIVE walk AS (
+    )
+}
+
+// Keep-order rows whose unit the claim does not know (written by an older version, by SQL, or
+// moved to another unit by hand): walk the distinct units of <table>_unit (one index probe per
+// unit, never the rows) and add the missing ones.
+fn adopt(t: &str) -> String {
+    format!(
+        "WITH RECURSIVE walk AS (
                    (SELECT stream, okey FROM {t} WHERE status = 'pending' ORDER BY stream, okey LIMIT 1)
                    UNION ALL
                    SELECT n.stream, n.okey FROM walk w CROSS JOIN LATERAL (
@@ -307,8 +341,5 @@ impl Sql {
                  lockable AS (INSERT INTO {t}_units (stream, okey) SELECT * FROM orphans ON CONFLICT DO NOTHING)
                  INSERT INTO {t}_due (stream, okey, next_at) SELECT stream, okey, 0 FROM orphans
                  ON CONFLICT DO NOTHING"
-            ),
-            get: format!("SELECT {} FROM {t} WHERE seq = $1", cols("")),
-        }
-    }
+    )
 }
