@@ -136,21 +136,27 @@ pub(crate) async fn chart(State(admin): State<Arc<Admin>>) -> Response {
 /// One line of a chart panel: its name, colour and points.
 pub(crate) type Series<'a> = (&'a str, &'a str, Vec<(SystemTime, f64)>);
 
+/// The chart's geometry: width, panel height, left margin, gap between panels.
+const W: f64 = 720.0;
+const PANEL: f64 = 110.0;
+const LEFT: f64 = 56.0;
+const GAP: f64 = 34.0;
+
+fn svg_text(x: f64, y: f64, anchor: &str, colour: &str, t: &str) -> String {
+    format!(
+        "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"11\" font-family=\"sans-serif\" text-anchor=\"{anchor}\" fill=\"{colour}\">{}</text>",
+        esc(t)
+    )
+}
+
 pub(crate) fn chart_svg(samples: &[Sample], now: SystemTime) -> String {
-    let (w, panel, left, gap) = (720.0f64, 110.0f64, 56.0f64, 34.0f64);
-    let h = panel * 2.0 + gap + 30.0;
-    let text = |x: f64, y: f64, anchor: &str, colour: &str, t: &str| {
-        format!(
-            "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"11\" font-family=\"sans-serif\" text-anchor=\"{anchor}\" fill=\"{colour}\">{}</text>",
-            esc(t)
-        )
-    };
+    let h = PANEL * 2.0 + GAP + 30.0;
     let mut out = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\"><rect width=\"100%\" height=\"100%\" fill=\"#fafafa\" stroke=\"#ccc\"/>"
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{h}\" viewBox=\"0 0 {W} {h}\"><rect width=\"100%\" height=\"100%\" fill=\"#fafafa\" stroke=\"#ccc\"/>"
     );
     if samples.len() < 2 {
-        out.push_str(&text(
-            w / 2.0,
+        out.push_str(&svg_text(
+            W / 2.0,
             h / 2.0,
             "middle",
             "#555",
@@ -163,67 +169,9 @@ pub(crate) fn chart_svg(samples: &[Sample], now: SystemTime) -> String {
         return out;
     }
     // The x range covers the samples (first to last), not the whole hour.
-    let first = samples[0].at;
-    let last = samples[samples.len() - 1].at;
-    let span = last
-        .duration_since(first)
-        .unwrap_or_default()
-        .as_secs_f64()
-        .max(0.001);
-    let x = |t: SystemTime| {
-        let from_start = t.duration_since(first).unwrap_or_default().as_secs_f64();
-        left + (from_start / span) * (w - left - 12.0)
-    };
-    let rates: Vec<(SystemTime, f64)> = samples
-        .windows(2)
-        .map(|p| {
-            let dt = p[1]
-                .at
-                .duration_since(p[0].at)
-                .unwrap_or_default()
-                .as_secs_f64();
-            let ds = p[1].sent.saturating_sub(p[0].sent) as f64;
-            (p[1].at, if dt > 0.0 { ds / dt * 60.0 } else { 0.0 })
-        })
-        .collect();
-    let mut panel_at = |top: f64, title: &str, series: &[Series]| {
-        let max = series
-            .iter()
-            .flat_map(|s| s.2.iter().map(|p| p.1))
-            .fold(0.0f64, f64::max)
-            .max(1.0);
-        let y = |v: f64| top + panel - (v / max) * (panel - 8.0);
-        out.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{b}\" stroke=\"#999\"/><line x1=\"{left}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#999\"/>",
-            b = top + panel,
-            r = w - 12.0
-        ));
-        out.push_str(&text(
-            left - 4.0,
-            top + 10.0,
-            "end",
-            "#555",
-            &format!("{max:.0}"),
-        ));
-        out.push_str(&text(left - 4.0, top + panel, "end", "#555", "0"));
-        out.push_str(&text(left + 4.0, top - 4.0, "start", "#333", title));
-        let mut legend = w - 12.0;
-        for (name, colour, points) in series.iter().rev() {
-            let pts: Vec<String> = points
-                .iter()
-                .map(|(t, v)| format!("{:.1},{:.1}", x(*t), y(*v)))
-                .collect();
-            out.push_str(&format!(
-                "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
-                pts.join(" ")
-            ));
-            let last = points.last().map_or(0.0, |p| p.1);
-            let label = format!("{name} {last:.0}");
-            out.push_str(&text(legend, top - 4.0, "end", colour, &label));
-            legend -= 8.0 * label.len() as f64;
-        }
-    };
-    panel_at(
+    let axis = TimeAxis::of(samples);
+    out.push_str(&chart_panel(
+        &axis,
         16.0,
         "Backlog (rows)",
         &[
@@ -238,31 +186,124 @@ pub(crate) fn chart_svg(samples: &[Sample], now: SystemTime) -> String {
                 samples.iter().map(|s| (s.at, s.dead as f64)).collect(),
             ),
         ],
-    );
-    panel_at(
-        16.0 + panel + gap,
+    ));
+    out.push_str(&chart_panel(
+        &axis,
+        16.0 + PANEL + GAP,
         "Published per minute",
-        &[("published/min", "#2e8b57", rates)],
-    );
-    // The time axis: the first sample, the middle, now.
-    let base = 16.0 + panel * 2.0 + gap + 12.0;
-    for (t, anchor) in [
-        (first, "start"),
-        (first + Duration::from_secs_f64(span / 2.0), "middle"),
-        (last, "end"),
-    ] {
-        let ago = now.duration_since(t).unwrap_or_default();
-        let label = if ago.as_secs() == 0 {
-            "now".to_owned()
-        } else {
-            format!(
-                "{} ago",
-                humantime::format_duration(Duration::from_secs(ago.as_secs()))
-            )
-        };
-        out.push_str(&text(x(t), base, anchor, "#555", &label));
-    }
+        &[("published/min", "#2e8b57", rates(samples))],
+    ));
+    out.push_str(&axis.labels(16.0 + PANEL * 2.0 + GAP + 12.0, now));
     out.push_str("</svg>");
+    out
+}
+
+/// Messages published per minute between consecutive samples.
+fn rates(samples: &[Sample]) -> Vec<(SystemTime, f64)> {
+    samples
+        .windows(2)
+        .map(|p| {
+            let dt = p[1]
+                .at
+                .duration_since(p[0].at)
+                .unwrap_or_default()
+                .as_secs_f64();
+            let ds = p[1].sent.saturating_sub(p[0].sent) as f64;
+            (p[1].at, if dt > 0.0 { ds / dt * 60.0 } else { 0.0 })
+        })
+        .collect()
+}
+
+/// The time axis: from the first sample to the last.
+struct TimeAxis {
+    first: SystemTime,
+    last: SystemTime,
+    span: f64,
+}
+
+impl TimeAxis {
+    fn of(samples: &[Sample]) -> Self {
+        let first = samples[0].at;
+        let last = samples[samples.len() - 1].at;
+        let span = last
+            .duration_since(first)
+            .unwrap_or_default()
+            .as_secs_f64()
+            .max(0.001);
+        Self { first, last, span }
+    }
+
+    fn x(&self, t: SystemTime) -> f64 {
+        let from_start = t
+            .duration_since(self.first)
+            .unwrap_or_default()
+            .as_secs_f64();
+        LEFT + (from_start / self.span) * (W - LEFT - 12.0)
+    }
+
+    /// Labels at the first sample, the middle and the last, as time ago.
+    fn labels(&self, base: f64, now: SystemTime) -> String {
+        let mut out = String::new();
+        for (t, anchor) in [
+            (self.first, "start"),
+            (
+                self.first + Duration::from_secs_f64(self.span / 2.0),
+                "middle",
+            ),
+            (self.last, "end"),
+        ] {
+            let ago = now.duration_since(t).unwrap_or_default();
+            let label = if ago.as_secs() == 0 {
+                "now".to_owned()
+            } else {
+                format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(ago.as_secs()))
+                )
+            };
+            out.push_str(&svg_text(self.x(t), base, anchor, "#555", &label));
+        }
+        out
+    }
+}
+
+/// One panel at `top`: axes, its scale, title, a line and a legend entry per series.
+fn chart_panel(axis: &TimeAxis, top: f64, title: &str, series: &[Series]) -> String {
+    let max = series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .fold(0.0f64, f64::max)
+        .max(1.0);
+    let y = |v: f64| top + PANEL - (v / max) * (PANEL - 8.0);
+    let mut out = format!(
+        "<line x1=\"{LEFT}\" y1=\"{top}\" x2=\"{LEFT}\" y2=\"{b}\" stroke=\"#999\"/><line x1=\"{LEFT}\" y1=\"{b}\" x2=\"{r}\" y2=\"{b}\" stroke=\"#999\"/>",
+        b = top + PANEL,
+        r = W - 12.0
+    );
+    out.push_str(&svg_text(
+        LEFT - 4.0,
+        top + 10.0,
+        "end",
+        "#555",
+        &format!("{max:.0}"),
+    ));
+    out.push_str(&svg_text(LEFT - 4.0, top + PANEL, "end", "#555", "0"));
+    out.push_str(&svg_text(LEFT + 4.0, top - 4.0, "start", "#333", title));
+    let mut legend = W - 12.0;
+    for (name, colour, points) in series.iter().rev() {
+        let pts: Vec<String> = points
+            .iter()
+            .map(|(t, v)| format!("{:.1},{:.1}", axis.x(*t), y(*v)))
+            .collect();
+        out.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
+            pts.join(" ")
+        ));
+        let last = points.last().map_or(0.0, |p| p.1);
+        let label = format!("{name} {last:.0}");
+        out.push_str(&svg_text(legend, top - 4.0, "end", colour, &label));
+        legend -= 8.0 * label.len() as f64;
+    }
     out
 }
 
@@ -350,50 +391,7 @@ pub(crate) async fn messages_html(
     // filters are a stream and a status (the stats have them; other filters would need a
     // count of their own).
     let stats = admin.store.stats().await?;
-    let v = |o: &Option<String>| esc(o.as_deref().unwrap_or(""));
-    let mut streams: Vec<&str> = stats.streams.iter().map(|s| s.stream.as_str()).collect();
-    if let Some(s) = f.stream.as_deref().filter(|s| !streams.contains(s)) {
-        streams.push(s);
-    }
-    let stream_options: String = streams
-        .iter()
-        .map(|s| {
-            format!(
-                "<option value=\"{v}\"{sel}>{v}</option>",
-                v = esc(s),
-                sel = if f.stream.as_deref() == Some(*s) {
-                    " selected"
-                } else {
-                    ""
-                }
-            )
-        })
-        .collect();
-    let mut b = String::new();
-    let _ = write!(
-        b,
-        "<form method=\"get\" action=\"/messages\" class=\"filters\">\
-         <select name=\"stream\" id=\"stream\"><option value=\"\">any stream</option>{stream_options}</select>\
-         <select name=\"status\"><option value=\"\">any status</option>{}</select>\
-         <input name=\"key\" placeholder=\"key\" value=\"{}\">\
-         <input name=\"id\" placeholder=\"id\" value=\"{}\">\
-         <input name=\"destination\" placeholder=\"destination\" value=\"{}\">\
-         <button id=\"filter\">Filter</button></form>",
-        ["pending", "sent", "dead"]
-            .iter()
-            .map(|s| format!(
-                "<option{}>{s}</option>",
-                if f.status.map(|x| x.as_str()) == Some(*s) {
-                    " selected"
-                } else {
-                    ""
-                }
-            ))
-            .collect::<String>(),
-        v(&f.key),
-        esc(&f.id.map(|i| i.to_string()).unwrap_or_default()),
-        v(&f.destination),
-    );
+    let mut b = filter_form(&f, &stats);
     let selectable = !admin.options.read_only && rows.iter().any(|m| m.status == Status::Dead);
     if selectable {
         let _ = write!(
@@ -402,8 +400,73 @@ pub(crate) async fn messages_html(
             csrf_field(admin)
         );
     }
-    b.push_str("<table id=\"messages\"><tr><th></th><th>seq</th><th>stream</th><th>key</th><th>destination</th><th>status</th><th>attempts</th><th>created</th><th>last error</th></tr>");
-    for m in &rows {
+    b.push_str(&messages_table(admin, &rows, selectable));
+    if rows.is_empty() {
+        b.push_str("<p class=\"muted\">No message matches.</p>");
+    }
+    b.push_str(&count_line(&f, &stats, rows.len()));
+    if selectable {
+        b.push_str("<p><button name=\"action\" value=\"requeue\">Requeue selected</button> <button name=\"action\" value=\"purge\">Purge selected</button></p></form>");
+    }
+    if rows.len() == f.limit {
+        let _ = write!(
+            b,
+            "<p><a id=\"next\" href=\"/messages?{}\">Next page</a></p>",
+            esc(&query_of(&f, rows.last().map(|m| m.seq)))
+        );
+    }
+    if !admin.options.read_only && f.status == Some(Status::Dead) {
+        b.push_str(&all_matching_form(admin, &f));
+    }
+    Ok(layout("Messages", &b))
+}
+
+/// The filters: a stream drop-down (every stream the stats know, and the one asked for),
+/// status, key, id and destination.
+fn filter_form(f: &MessageFilter, stats: &outbox_core::Stats) -> String {
+    let v = |o: &Option<String>| esc(o.as_deref().unwrap_or(""));
+    let mut streams: Vec<&str> = stats.streams.iter().map(|s| s.stream.as_str()).collect();
+    if let Some(s) = f.stream.as_deref().filter(|s| !streams.contains(s)) {
+        streams.push(s);
+    }
+    let selected = |yes: bool| if yes { " selected" } else { "" };
+    let stream_options: String = streams
+        .iter()
+        .map(|s| {
+            format!(
+                "<option value=\"{v}\"{sel}>{v}</option>",
+                v = esc(s),
+                sel = selected(f.stream.as_deref() == Some(s))
+            )
+        })
+        .collect();
+    let status_options: String = ["pending", "sent", "dead"]
+        .iter()
+        .map(|s| {
+            format!(
+                "<option{}>{s}</option>",
+                selected(f.status.map(|x| x.as_str()) == Some(*s))
+            )
+        })
+        .collect();
+    format!(
+        "<form method=\"get\" action=\"/messages\" class=\"filters\">\
+         <select name=\"stream\" id=\"stream\"><option value=\"\">any stream</option>{stream_options}</select>\
+         <select name=\"status\"><option value=\"\">any status</option>{status_options}</select>\
+         <input name=\"key\" placeholder=\"key\" value=\"{}\">\
+         <input name=\"id\" placeholder=\"id\" value=\"{}\">\
+         <input name=\"destination\" placeholder=\"destination\" value=\"{}\">\
+         <button id=\"filter\">Filter</button></form>",
+        v(&f.key),
+        esc(&f.id.map(|i| i.to_string()).unwrap_or_default()),
+        v(&f.destination),
+    )
+}
+
+/// The rows, a dead one with a check box when `selectable`.
+fn messages_table(admin: &Admin, rows: &[StoredMessage], selectable: bool) -> String {
+    let mut b = String::from("<table id=\"messages\"><tr><th></th><th>seq</th><th>stream</th><th>key</th><th>destination</th><th>status</th><th>attempts</th><th>created</th><th>last error</th></tr>");
+    for m in rows {
         let msg = &m.envelope.message;
         let check = if selectable && m.status == Status::Dead {
             format!("<input type=\"checkbox\" name=\"seq\" value=\"{}\">", m.seq)
@@ -424,67 +487,58 @@ pub(crate) async fn messages_html(
         );
     }
     b.push_str("</table>");
-    if rows.is_empty() {
-        b.push_str("<p class=\"muted\">No message matches.</p>");
-    }
+    b
+}
+
+/// "N shown of M", when the filters are a status and perhaps a stream (the stats count
+/// those; other filters would need a count of their own). Empty otherwise.
+fn count_line(f: &MessageFilter, stats: &outbox_core::Stats, shown: usize) -> String {
     let only_stream_and_status = f.key.is_none() && f.id.is_none() && f.destination.is_none();
-    if let (Some(status), true) = (f.status, only_stream_and_status) {
-        let counts = match &f.stream {
-            Some(s) => stats.streams.iter().find(|x| &x.stream == s).cloned(),
-            None => Some(stats.total()),
-        };
-        let total = counts.map_or(0, |c| match status {
-            Status::Pending => c.pending,
-            Status::Sent => c.sent,
-            Status::Dead => c.dead,
-        });
-        let _ = write!(
-            b,
-            "<p class=\"muted\" id=\"count\">{} shown of {total} {} messages{}.</p>",
-            rows.len(),
-            status.as_str(),
-            f.stream
-                .as_deref()
-                .map(|s| format!(" in stream {}", esc(s)))
-                .unwrap_or_default()
-        );
-    }
-    if selectable {
-        b.push_str("<p><button name=\"action\" value=\"requeue\">Requeue selected</button> <button name=\"action\" value=\"purge\">Purge selected</button></p></form>");
-    }
-    if rows.len() == f.limit {
-        let _ = write!(
-            b,
-            "<p><a id=\"next\" href=\"/messages?{}\">Next page</a></p>",
-            esc(&query_of(&f, rows.last().map(|m| m.seq)))
-        );
-    }
-    if !admin.options.read_only && f.status == Some(Status::Dead) {
-        // "All" means every dead letter this page's filters match: each filter goes along.
-        let mut scope = "<input type=\"hidden\" name=\"all\" value=\"1\">".to_owned();
-        for (name, value) in [
-            ("stream", f.stream.clone()),
-            ("destination", f.destination.clone()),
-            ("key", f.key.clone()),
-            ("id", f.id.map(|i| i.to_string())),
-        ] {
-            if let Some(v) = value {
-                let _ = write!(
-                    scope,
-                    "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
-                    esc(&v)
-                );
-            }
+    let (Some(status), true) = (f.status, only_stream_and_status) else {
+        return String::new();
+    };
+    let counts = match &f.stream {
+        Some(s) => stats.streams.iter().find(|x| &x.stream == s).cloned(),
+        None => Some(stats.total()),
+    };
+    let total = counts.map_or(0, |c| match status {
+        Status::Pending => c.pending,
+        Status::Sent => c.sent,
+        Status::Dead => c.dead,
+    });
+    format!(
+        "<p class=\"muted\" id=\"count\">{shown} shown of {total} {} messages{}.</p>",
+        status.as_str(),
+        f.stream
+            .as_deref()
+            .map(|s| format!(" in stream {}", esc(s)))
+            .unwrap_or_default()
+    )
+}
+
+/// Requeue or purge every dead letter this page's filters match: each filter goes along.
+fn all_matching_form(admin: &Admin, f: &MessageFilter) -> String {
+    let mut scope = "<input type=\"hidden\" name=\"all\" value=\"1\">".to_owned();
+    for (name, value) in [
+        ("stream", f.stream.clone()),
+        ("destination", f.destination.clone()),
+        ("key", f.key.clone()),
+        ("id", f.id.map(|i| i.to_string())),
+    ] {
+        if let Some(v) = value {
+            let _ = write!(
+                scope,
+                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+                esc(&v)
+            );
         }
-        let _ = write!(
-            b,
-            "<form method=\"post\" action=\"/actions\">{}{scope}\
-             <button name=\"action\" value=\"requeue\" id=\"requeue-all\">Requeue all of them</button> \
-             <button name=\"action\" value=\"purge\" id=\"purge-all\">Purge all of them</button></form>",
-            csrf_field(admin)
-        );
     }
-    Ok(layout("Messages", &b))
+    format!(
+        "<form method=\"post\" action=\"/actions\">{}{scope}\
+         <button name=\"action\" value=\"requeue\" id=\"requeue-all\">Requeue all of them</button> \
+         <button name=\"action\" value=\"purge\" id=\"purge-all\">Purge all of them</button></form>",
+        csrf_field(admin)
+    )
 }
 
 pub(crate) async fn message_page(
