@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use crate::error::{Error, Result};
 use crate::message::MessageId;
 use crate::retry::RetryPolicy;
+use crate::trace::valid_traceparent;
 
 /// The header every publisher of this project sets to the message id (Kafka and NATS
 /// headers; RabbitMQ also sets `message_id`, Redis Streams the `id` field).
@@ -164,29 +165,6 @@ fn refuse_bad_trace_context<T>(deliveries: Vec<Incoming<T>>) -> Vec<Incoming<T>>
             },
         })
         .collect()
-}
-
-/// Whether `value` is a W3C `traceparent` this consumer can continue: version `00` (exactly
-/// `00-<32 hex>-<16 hex>-<2 hex>`) or a later version (at least those fields), lower-case
-/// hex, trace and parent ids not all zero, version not `ff`.
-pub fn valid_traceparent(value: &str) -> bool {
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let parts: Vec<&str> = value.split('-').collect();
-    if parts.len() < 4 || !hex(parts[0], 2) || parts[0] == "ff" {
-        return false;
-    }
-    if parts[0] == "00" && (parts.len() != 4 || value.len() != 55) {
-        return false;
-    }
-    hex(parts[1], 32)
-        && parts[1].bytes().any(|b| b != b'0')
-        && hex(parts[2], 16)
-        && parts[2].bytes().any(|b| b != b'0')
-        && hex(parts[3], 2)
 }
 
 /// A delivery that could not be read as an outbox message (no id header, say). It is kept
@@ -667,7 +645,12 @@ impl<S: Source> Consumer<S> {
             #[cfg(feature = "otel")]
             let processed = {
                 use opentelemetry::context::FutureExt as _;
-                let cx = crate::otel::start_process(inbox.consumer(), message);
+                let cx = crate::otel::start_process(
+                    inbox.consumer(),
+                    &message.source,
+                    message.id,
+                    &message.headers,
+                );
                 let r = inbox.process(message).with_context(cx.clone()).await;
                 crate::otel::end_process(&cx, r.as_ref().err());
                 r

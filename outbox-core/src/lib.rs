@@ -49,6 +49,7 @@ mod signing;
 mod store;
 mod strategy;
 pub mod tls;
+mod trace;
 
 #[cfg(feature = "otel")]
 pub mod otel;
@@ -59,8 +60,8 @@ pub mod conformance;
 pub use cleaner::{cutoff, Cleaner, DEFAULT_RETENTION, MAX_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use inbox::{
-    parse_id, valid_traceparent, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter,
-    Incoming, Processed, Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
+    parse_id, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed,
+    Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 pub use memory::{MemoryStore, MemoryTx};
 pub use message::{
@@ -87,6 +88,7 @@ pub use strategy::{
     builtin as builtin_strategy, Exhausted, KeepOrder, Order, Plan, PublishOnCommit, PublishedBy,
     RelayOnly, Schedule, Strategy, Unit,
 };
+pub use trace::valid_traceparent;
 
 /// Re-exported for backends and users implementing the traits.
 pub use async_trait::async_trait;

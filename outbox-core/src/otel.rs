@@ -65,7 +65,7 @@ pub fn extract(headers: &BTreeMap<String, String>) -> Result<Option<Context>, St
     let Some(tp) = headers.get("traceparent") else {
         return Ok(None);
     };
-    if !crate::inbox::valid_traceparent(tp) {
+    if !crate::trace::valid_traceparent(tp) {
         return Err("malformed traceparent header".into());
     }
     let parts: Vec<&str> = tp.split('-').collect();
@@ -129,17 +129,22 @@ pub(crate) fn end_publish(spans: PublishSpans, results: &[crate::Result<()>]) {
 }
 
 /// The consumer's `process` span for one message, and the context to run its work in.
-pub(crate) fn start_process(consumer: &str, message: &crate::Received) -> Context {
+pub(crate) fn start_process(
+    consumer: &str,
+    source: &str,
+    id: crate::MessageId,
+    headers: &BTreeMap<String, String>,
+) -> Context {
     let tracer = global::tracer(TRACER);
-    let parent = extract(&message.headers).ok().flatten().unwrap_or_default();
+    let parent = extract(headers).ok().flatten().unwrap_or_default();
     let span = tracer
-        .span_builder(format!("process {}", message.source))
+        .span_builder(format!("process {source}"))
         .with_kind(SpanKind::Consumer)
         .with_attributes([
             KeyValue::new("messaging.system", "outbox"),
             KeyValue::new("messaging.operation.type", "process"),
-            KeyValue::new("messaging.destination.name", message.source.clone()),
-            KeyValue::new("messaging.message.id", message.id.to_string()),
+            KeyValue::new("messaging.destination.name", source.to_owned()),
+            KeyValue::new("messaging.message.id", id.to_string()),
             KeyValue::new("messaging.consumer.group.name", consumer.to_owned()),
         ])
         .start_with_context(&tracer, &parent);

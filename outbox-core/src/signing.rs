@@ -7,8 +7,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::message::{to_millis, Envelope};
-use crate::strategy::{Exhausted, Order};
+use crate::message::{to_millis, Envelope, Exhausted, Order, StoredMessage};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -270,6 +269,17 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         .step_by(2)
         .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
         .collect()
+}
+
+impl StoredMessage {
+    /// The strategy answers its signature covers.
+    pub fn signed_plan(&self) -> SignedPlan<'_> {
+        SignedPlan {
+            order: self.order,
+            unit: &self.unit,
+            exhausted: self.exhausted,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 
 use crate::error::{Error, ErrorKind, Result, Retry};
-use crate::strategy::{Exhausted, Order, Schedule};
+mod answers;
+pub use answers::{Exhausted, Order, Schedule};
 
 /// The stream a message belongs to when none is set.
 pub const DEFAULT_STREAM: &str = "default";
@@ -399,15 +400,6 @@ impl StoredMessage {
             sent_at: None,
             signature: None,
             claims: 0,
-        }
-    }
-
-    /// The strategy answers its signature covers.
-    pub fn signed_plan(&self) -> crate::signing::SignedPlan<'_> {
-        crate::signing::SignedPlan {
-            order: self.order,
-            unit: &self.unit,
-            exhausted: self.exhausted,
         }
     }
 
