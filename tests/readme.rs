@@ -179,8 +179,10 @@ fn project_file(readme: &str, name: &str, file: &str) -> String {
 /// The Getting started projects, built and run as the README has them: a new folder holding
 /// exactly its `Cargo.toml` and `src/main.rs`, next to `outbox` (a link to this checkout), as
 /// the README tells a new user to lay them out. Cargo.lock is this workspace's (so the same
-/// versions, from the local registry cache: `--offline`); the build goes to a target folder of
-/// its own (the tests' is locked while they run).
+/// versions); crates the workspace never downloads (those it patches, which a project without
+/// the `[patch]` takes from crates.io) are fetched as a new user's `cargo run` would, so the
+/// test does not depend on what a machine happens to have cached. The build goes to a target
+/// folder of its own (the tests' is locked while they run).
 #[test]
 fn the_getting_started_projects_run_as_written() {
     let readme = include_str!("../README.md");
@@ -220,7 +222,7 @@ fn the_getting_started_projects_run_as_written() {
         std::fs::copy(checkout.join("Cargo.lock"), project.join("Cargo.lock")).unwrap();
         let out =
             std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                .args(["run", "--offline", "--quiet"])
+                .args(["run", "--quiet"])
                 .current_dir(&project)
                 .env("CARGO_TARGET_DIR", checkout.join("target/readme-projects"))
                 .envs(env)
