@@ -136,7 +136,7 @@ async fn bench_store(kind: &'static str, dir: &std::path::Path) -> Res<Bench> {
                     format!("VACUUM ANALYZE {t}"),
                     format!("VACUUM ANALYZE {t}_due"),
                 ],
-                cleanup: vec![format!("DROP TABLE {t}, {t}_units, {t}_due")],
+                cleanup: vec![format!("DROP TABLE {t}, {t}_units, {t}_due, {t}_schema")],
                 pg: Some(pg),
                 my: None,
             }
@@ -156,7 +156,7 @@ async fn bench_store(kind: &'static str, dir: &std::path::Path) -> Res<Bench> {
                 name: "mariadb",
                 store: Arc::new(my.clone()),
                 maintain: vec![format!("ANALYZE TABLE {t}, {t}_due")],
-                cleanup: vec![format!("DROP TABLE {t}, {t}_locks, {t}_due")],
+                cleanup: vec![format!("DROP TABLE {t}, {t}_locks, {t}_due, {t}_schema")],
                 pg: None,
                 my: Some(my),
             }
@@ -882,7 +882,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     })
     .await?;
     let _ = outbox::postgres::sqlx::query(&format!(
-        "DROP TABLE {table}, {table}_units, {table}_due, {table}_biz, {table}_bare"
+        "DROP TABLE {table}, {table}_units, {table}_due, {table}_schema, {table}_biz, {table}_bare"
     ))
     .execute(pg.pool())
     .await;
@@ -963,7 +963,7 @@ async fn write_overhead(dir: &std::path::Path) -> Res {
     })
     .await?;
     let _ = outbox::mysql::sqlx::query(&format!(
-        "DROP TABLE {table}, {table}_locks, {table}_due, {table}_biz, {table}_bare"
+        "DROP TABLE {table}, {table}_locks, {table}_due, {table}_schema, {table}_biz, {table}_bare"
     ))
     .execute(my.pool())
     .await;

@@ -96,8 +96,8 @@ pub use outbox_core::{
 };
 // Stores as operators use them, and the in-memory one.
 pub use outbox_core::{
-    MemoryStore, MemoryTx, MessageFilter, ParkedUnit, SchemaReport, Selector, Stats, Store,
-    StoreAdmin, StreamFilter, StreamStats,
+    MemoryStore, MemoryTx, MessageFilter, ParkedUnit, SchemaReport, SchemaStep, Selector, Stats,
+    Store, StoreAdmin, StreamFilter, StreamStats, SCHEMA_STEPS, SCHEMA_VERSION,
 };
 // Errors, observing, signing, secrets in output.
 pub use outbox_core::{

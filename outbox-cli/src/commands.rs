@@ -184,7 +184,18 @@ async fn migrate(
     } else {
         tracing::info!(table = %table, "creating the table");
     }
+    let before = if store.table_exists().await? {
+        store.store().schema().await?.version
+    } else {
+        None
+    };
     store.store().migrate().await?;
+    let version = store.store().schema().await?.version;
+    let applied: Vec<u32> = outbox_core::SCHEMA_STEPS
+        .iter()
+        .map(|s| s.version)
+        .filter(|&v| v > before.unwrap_or(0) && Some(v) <= version)
+        .collect();
     for inbox in inboxes {
         store.inbox_table(inbox)?.migrate().await?;
         if !json {
@@ -194,10 +205,24 @@ async fn migrate(
     if json {
         println!(
             "{}",
-            serde_json::json!({"table": table, "ready": true, "seconds": started.elapsed().as_secs_f64()})
+            serde_json::json!({"table": table, "ready": true, "schema_version": version, "applied": applied, "seconds": started.elapsed().as_secs_f64()})
         );
     } else {
-        println!("table {table} is ready");
+        let steps = match applied.as_slice() {
+            [] => "no step to apply".to_owned(),
+            [one] => format!("applied step {one}"),
+            many => format!(
+                "applied steps {}",
+                many.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        println!(
+            "table {table} is ready (schema version {}; {steps})",
+            version.unwrap_or_default()
+        );
     }
     Ok(exit::OK)
 }

@@ -110,10 +110,28 @@ async fn store_checks(store: &AnyStore, out: &mut Vec<Check>) {
                     s.legacy.join(", ")
                 ),
             ),
-            Ok(_) => check(
+            Ok(s) if s.version != Some(outbox_core::SCHEMA_VERSION) => check(
+                "schema",
+                Status::Fail,
+                match s.version {
+                    Some(v) if v > outbox_core::SCHEMA_VERSION => format!(
+                        "schema version {v} is newer than this build knows ({}): run a newer outbox",
+                        outbox_core::SCHEMA_VERSION
+                    ),
+                    Some(v) => format!(
+                        "schema version {v}, this build needs {}: run `outbox migrate`",
+                        outbox_core::SCHEMA_VERSION
+                    ),
+                    None => "no schema version recorded: run `outbox migrate`".to_owned(),
+                },
+            ),
+            Ok(s) => check(
                 "schema",
                 Status::Ok,
-                "current: every table and index present",
+                format!(
+                    "current: version {}, every table and index present",
+                    s.version.unwrap_or_default()
+                ),
             ),
         });
     }

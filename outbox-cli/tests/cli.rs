@@ -79,7 +79,21 @@ async fn sqlite_migrate_relay_stats_dead_letters_and_clean() {
     let db = dir.path().join("app.db");
     let store_url = format!("sqlite://{}", db.display());
     let s = store_url.as_str();
-    assert!(ok(&["--store", s, "migrate"]).contains("ready"));
+    let first = ok(&["--store", s, "migrate"]);
+    assert!(
+        first.contains("ready (schema version 1; applied step 1)"),
+        "{first}"
+    );
+    let again = ok(&["--store", s, "--output", "json", "migrate"]);
+    let again: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    assert_eq!(
+        (
+            again["schema_version"].as_u64(),
+            again["applied"].as_array().map(Vec::len)
+        ),
+        (Some(outbox_core::SCHEMA_VERSION as u64), Some(0)),
+        "{again}"
+    );
 
     let msgs = (0..5)
         .map(|i| {

@@ -429,6 +429,24 @@ async fn doctor_checks_a_deployment_end_to_end() {
     let (code, doc) = doctor(&["--store", s]);
     assert_eq!((code, status(&doc, "schema")), (1, "FAIL"), "{doc}");
     assert!(doc.to_string().contains("outbox_due_next"), "{doc}");
+    // A schema version recorded by a newer build: FAIL, and it says so.
+    conn.execute_batch(
+        "CREATE INDEX outbox_due_next ON outbox_due (next_at);
+         DROP TABLE outbox_claim;
+         INSERT INTO outbox_schema (version, name, applied_at) VALUES (99, 'newer', 0);",
+    )
+    .unwrap();
+    let (code, doc) = doctor(&["--store", s]);
+    assert_eq!((code, status(&doc, "schema")), (1, "FAIL"), "{doc}");
+    assert!(
+        doc.to_string().contains("schema version 99 is newer"),
+        "{doc}"
+    );
+    // None recorded (a table made before versions): FAIL, run migrate.
+    conn.execute_batch("DROP TABLE outbox_schema").unwrap();
+    let (code, doc) = doctor(&["--store", s]);
+    assert_eq!((code, status(&doc, "schema")), (1, "FAIL"), "{doc}");
+    assert!(doc.to_string().contains("outbox migrate"), "{doc}");
 }
 
 /// `clean` works in bounded batches; Ctrl-C (SIGINT) stops it between two of them: exit 130,

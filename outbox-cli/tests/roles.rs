@@ -151,7 +151,7 @@ async fn postgres_tables_and_roles_from_printed_sql() {
 
     drop(writer);
     for statement in [
-        format!("DROP TABLE {t}, {t}_units, {t}_due"),
+        format!("DROP TABLE {t}, {t}_units, {t}_due, {t}_schema"),
         format!("DROP ROLE \"{w}\", \"{r}\", \"{a}\""),
     ] {
         sqlx::query(&statement).execute(&pool).await.unwrap();
@@ -237,7 +237,7 @@ async fn mariadb_tables_and_roles_from_printed_sql() {
 
     drop(writer);
     for statement in [
-        format!("DROP TABLE {t}, {t}_locks, {t}_due"),
+        format!("DROP TABLE {t}, {t}_locks, {t}_due, {t}_schema"),
         format!("DROP USER '{w}'@'%', '{r}'@'%', '{a}'@'%'"),
     ] {
         sqlx::query(&statement).execute(&pool).await.unwrap();

@@ -81,8 +81,9 @@ pub use settings::{Config, Delivery};
 pub use signing::{SignedPlan, Signer, SigningKey};
 pub use store::{
     no_such_unit, Claim, Claimed, Enqueue, EnqueueBlocking, Failure, MessageFilter, NewMessage,
-    Outcome, ParkedUnit, Quarantined, SchemaReport, Selector, Stats, Store, StoreAdmin,
+    Outcome, ParkedUnit, Quarantined, SchemaReport, SchemaStep, Selector, Stats, Store, StoreAdmin,
     StreamFilter, StreamStats, DEFAULT_MAX_BATCH_BYTES, MAX_PAGE, PARKED_COUNT_CAP, PARKED_NEXT_AT,
+    SCHEMA_STEPS, SCHEMA_VERSION,
 };
 pub use strategy::{
     builtin as builtin_strategy, Exhausted, KeepOrder, Order, Plan, PublishOnCommit, PublishedBy,

@@ -334,9 +334,12 @@ impl Store for MemoryStore {
 
 #[async_trait]
 impl StoreAdmin for MemoryStore {
-    /// Nothing to make: the schema is always whole.
+    /// Nothing to make: the schema is always whole and current.
     async fn schema(&self) -> Result<crate::SchemaReport> {
-        Ok(crate::SchemaReport::default())
+        Ok(crate::SchemaReport {
+            version: Some(crate::SCHEMA_VERSION),
+            ..Default::default()
+        })
     }
 
     async fn requeue(&self, selector: &Selector) -> Result<u64> {

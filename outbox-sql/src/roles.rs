@@ -84,6 +84,7 @@ pub fn postgres(table: &str, roles: &Roles) -> Result<Vec<String>> {
                 format!("GRANT SELECT, DELETE ON {t} TO {r}"),
                 format!("GRANT UPDATE ({updates}) ON {t} TO {r}"),
                 format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t}_units, {t}_due TO {r}"),
+                format!("GRANT SELECT ON {t}_schema TO {r}"),
             ]);
         }
     }
@@ -137,6 +138,7 @@ pub fn mysql(database: &str, table: &str, host: &str, roles: &Roles) -> Result<V
                 format!("GRANT SELECT, DELETE, UPDATE ({updates}) ON {t} TO {r}"),
                 format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t}_locks TO {r}"),
                 format!("GRANT SELECT, INSERT, UPDATE, DELETE ON {t}_due TO {r}"),
+                format!("GRANT SELECT ON {t}_schema TO {r}"),
             ]);
         }
     }

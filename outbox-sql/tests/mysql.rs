@@ -64,6 +64,8 @@ async fn migrate_makes_names_exact_on_an_old_table() {
              MODIFY locked_by VARCHAR(64) NULL"
         ),
         format!("ALTER TABLE {table}_locks CONVERT TO CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"),
+        // Tables of that time recorded no schema version.
+        format!("DROP TABLE {table}_schema"),
     ] {
         sqlx::query(&statement).execute(store.pool()).await.unwrap();
     }

@@ -258,7 +258,7 @@ macro_rules! roles_test {
 
             drop((writer, relay, admin));
             let drop_role: fn(&str) -> String = $drop;
-            for statement in [format!("DROP TABLE {t}, {t}_{}, {t}_due", $companions)]
+            for statement in [format!("DROP TABLE {t}, {t}_{}, {t}_due, {t}_schema", $companions)]
                 .into_iter()
                 .chain(names.iter().map(|r| drop_role(r)))
             {

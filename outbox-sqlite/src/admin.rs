@@ -21,7 +21,7 @@ impl StoreAdmin for SqliteStore {
         ]);
         let legacy = names(&["{t}_claim", "{t}_leased", "{t}_backoff"]);
         // On the blocking pool, as every statement of this store.
-        outbox_core::SchemaReport::check(&expected, &legacy, |name| {
+        let exists = |name: String| {
             self.blocking(move |conn, _| {
                 let n: i64 = conn
                     .query_row(
@@ -32,8 +32,24 @@ impl StoreAdmin for SqliteStore {
                     .map_err(map_err)?;
                 Ok(n > 0)
             })
-        })
-        .await
+        };
+        let mut report = outbox_core::SchemaReport::check(&expected, &legacy, exists).await?;
+        if exists(format!("{t}_schema")).await? {
+            let version: Option<i64> = self
+                .blocking(|conn, sql| {
+                    conn.query_row(
+                        &format!("SELECT max(version) FROM {}_schema", sql.table),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(map_err)
+                })
+                .await?;
+            report.version = version.map(|v| v.clamp(0, u32::MAX as i64) as u32);
+        } else {
+            report.missing.push(format!("{t}_schema"));
+        }
+        Ok(report)
     }
 
     async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {

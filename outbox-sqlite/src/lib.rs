@@ -337,6 +337,49 @@ fn cols(payload: &str) -> String {
     )
 }
 
+/// Schema step 1: the tables, indexes and columns of 0.1, made or brought up to date from
+/// any shape an earlier build made, losing no row. Idempotent.
+fn step_one(conn: &mut Connection, sql: &Sql) -> outbox_core::Result<()> {
+    // Columns added after a table's first version (the schema's CREATE TABLE has them),
+    // under the write lock so that two processes migrating at once do not both add it.
+    let t = &sql.table;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(map_err)?;
+    let missing = |table: &str, column: &str| -> outbox_core::Result<bool> {
+        let exists: bool = tx
+            .query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+            .map_err(map_err)?;
+        let has: bool = tx
+            .query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )
+            .map_err(map_err)?;
+        Ok(exists && !has)
+    };
+    let due = format!("{t}_due");
+    for (table, column, ddl) in [
+        (t.as_str(), "on_exhausted", "on_exhausted TEXT"),
+        (due.as_str(), "parked_at", "parked_at INTEGER"),
+        (due.as_str(), "parked_reason", "parked_reason TEXT"),
+        (t.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
+        (due.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        if missing(table, column)? {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {ddl}"))
+                .map_err(map_err)?;
+        }
+    }
+    tx.commit().map_err(map_err)?;
+    conn.execute_batch(&sql.schema).map_err(map_err)
+}
+
 fn insert_rows(conn: &Connection, sql: &Sql, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {
     let now = SystemTime::now();
     let mut stmt = conn.prepare_cached(&sql.insert).map_err(map_err)?;
@@ -549,44 +592,31 @@ impl Store for SqliteStore {
 
     async fn migrate(&self) -> outbox_core::Result<()> {
         self.blocking(|conn, sql| {
-            // Columns added after a table's first version (the schema's CREATE TABLE has them),
-            // under the write lock so that two processes migrating at once do not both add it.
             let t = &sql.table;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
+            conn.execute_batch(&sql::versions(t)).map_err(map_err)?;
+            let found: Option<i64> = conn
+                .query_row(&format!("SELECT max(version) FROM {t}_schema"), [], |r| {
+                    r.get(0)
+                })
                 .map_err(map_err)?;
-            let missing = |table: &str, column: &str| -> outbox_core::Result<bool> {
-                let exists: bool = tx
-                    .query_row(
-                        "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                        [table],
-                        |r| r.get(0),
-                    )
-                    .map_err(map_err)?;
-                let has: bool = tx
-                    .query_row(
-                        "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
-                        [table, column],
-                        |r| r.get(0),
-                    )
-                    .map_err(map_err)?;
-                Ok(exists && !has)
-            };
-            let due = format!("{t}_due");
-            for (table, column, ddl) in [
-                (t.as_str(), "on_exhausted", "on_exhausted TEXT"),
-                (due.as_str(), "parked_at", "parked_at INTEGER"),
-                (due.as_str(), "parked_reason", "parked_reason TEXT"),
-                (t.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
-                (due.as_str(), "claims", "claims INTEGER NOT NULL DEFAULT 0"),
-            ] {
-                if missing(table, column)? {
-                    tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {ddl}"))
-                        .map_err(map_err)?;
+            let found = found.map(|v| v.clamp(0, u32::MAX as i64) as u32);
+            for step in outbox_core::SchemaStep::after(t, found)? {
+                match step.version {
+                    1 => step_one(conn, sql)?,
+                    v => {
+                        return Err(Error::config(format!(
+                            "schema step {v} has no SQLite statements in this build"
+                        )))
+                    }
                 }
+                conn.execute(
+                    &sql::record_version(t, &step),
+                    [to_millis(SystemTime::now())],
+                )
+                .map_err(map_err)?;
+                tracing::info!(table = %t, version = step.version, step = step.name, "schema step applied");
             }
-            tx.commit().map_err(map_err)?;
-            conn.execute_batch(&sql.schema).map_err(map_err)
+            Ok(())
         })
         .await
     }

@@ -112,3 +112,24 @@ pub(super) fn complete(t: &str, delete: bool, n: usize) -> String {
         )
     }
 }
+
+/// The table of applied schema steps (see [`outbox_core::SCHEMA_STEPS`]).
+pub(super) fn versions(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t}_schema (
+            version INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at INTEGER NOT NULL
+        )"
+    )
+}
+
+/// Records `step` as applied at `?1` (once: a concurrent migrate's record stands).
+pub(super) fn record_version(t: &str, step: &outbox_core::SchemaStep) -> String {
+    format!(
+        "INSERT OR IGNORE INTO {t}_schema (version, name, applied_at)
+         VALUES ({}, '{}', ?1)",
+        step.version,
+        step.name.replace('\'', "''")
+    )
+}

@@ -85,6 +85,14 @@ pub fn legacy_rows(table: &str, payload: impl Fn(&str) -> String, now_ms: i64) -
 pub async fn check_legacy_migration<S: StoreAdmin + 'static>(store: Arc<S>) {
     store.migrate().await.unwrap();
     store.migrate().await.unwrap(); // idempotent
+    let report = store.schema().await.unwrap();
+    assert_eq!(
+        report,
+        crate::SchemaReport {
+            version: Some(crate::SCHEMA_VERSION),
+            ..Default::default()
+        }
+    );
     let broker = RecordingPublisher::new();
     let relay = Relay::builder(store.clone(), broker.clone())
         .build()
@@ -118,13 +126,14 @@ pub async fn check_legacy_migration<S: StoreAdmin + 'static>(store: Arc<S>) {
 /// what its `migrate` makes.
 pub async fn the_schema_is_whole_after_migrate<H: Harness>(h: &H) {
     let store = h.fresh().await;
+    let whole = crate::SchemaReport {
+        version: Some(crate::SCHEMA_VERSION),
+        ..Default::default()
+    };
     let report = store.schema().await.expect("schema");
-    assert_eq!(report, crate::SchemaReport::default(), "after migrate");
+    assert_eq!(report, whole, "after migrate");
     store.migrate().await.expect("migrate again");
-    assert_eq!(
-        store.schema().await.expect("schema"),
-        crate::SchemaReport::default()
-    );
+    assert_eq!(store.schema().await.expect("schema"), whole);
 }
 
 /// A table made before strategies were a trait, parking and crash-loop counts (no
@@ -146,8 +155,9 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
     .await
     .unwrap()
     .dispatch();
-    // As the table was before strategies, parking and crash-loop counts.
+    // As the table was before strategies, parking, crash-loop counts and schema versions.
     for sql in [
+        "DROP TABLE {t}_schema",
         "DROP INDEX {t}_due_parked",
         "ALTER TABLE {t} DROP COLUMN on_exhausted",
         "ALTER TABLE {t} DROP COLUMN claims",
@@ -159,8 +169,18 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
             return; // a store without SQL
         }
     }
+    assert_eq!(
+        store.schema().await.unwrap().version,
+        None,
+        "no version recorded"
+    );
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
+    assert_eq!(
+        store.schema().await.unwrap().version,
+        Some(crate::SCHEMA_VERSION),
+        "migrate records the version it brought the table to"
+    );
     let row = find_by_payload(store.as_ref(), b"1").await;
     assert_eq!(
         (row.order, row.unit.as_str(), row.exhausted),
@@ -183,4 +203,44 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
         .map(|e| e.message.payload)
         .collect();
     assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+}
+
+/// A table whose recorded schema version is newer than this build knows is refused by
+/// `migrate` with a configuration error that says so (an older build must not change or run
+/// against a schema it does not know), and reported with that version; nothing is changed.
+pub async fn a_newer_schema_is_refused<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let newer = crate::SCHEMA_VERSION + 1;
+    let record = format!(
+        "INSERT INTO {{t}}_schema (version, name, applied_at) VALUES ({newer}, 'from a newer build', 0)"
+    );
+    if !h.execute_sql(&store, &record).await {
+        return; // a store without SQL
+    }
+    assert_eq!(store.schema().await.unwrap().version, Some(newer));
+    let e = store
+        .migrate()
+        .await
+        .expect_err("a newer schema is refused");
+    assert_eq!(e.kind(), crate::ErrorKind::Config, "{e}");
+    assert!(
+        e.to_string().contains(&format!("schema version {newer}")),
+        "{e}"
+    );
+    assert_eq!(store.schema().await.unwrap().version, Some(newer));
+    assert!(
+        h.execute_sql(
+            &store,
+            &format!("DELETE FROM {{t}}_schema WHERE version = {newer}")
+        )
+        .await
+    );
+    store
+        .migrate()
+        .await
+        .expect("migrate once the newer record is gone");
+    assert_eq!(
+        store.schema().await.unwrap().version,
+        Some(crate::SCHEMA_VERSION)
+    );
 }

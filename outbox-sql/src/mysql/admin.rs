@@ -25,7 +25,7 @@ impl StoreAdmin for MySqlStore {
             "{t}_due.due_parked",
         ]);
         let legacy = names(&["{t}_claim", "{t}.{t}_leased", "{t}.{t}_backoff"]);
-        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
+        let exists = |name: String| async move {
             let n: i64 = match name.split_once('.') {
                 None => sqlx::query_scalar(
                     "SELECT COUNT(*) FROM information_schema.TABLES
@@ -43,8 +43,20 @@ impl StoreAdmin for MySqlStore {
             .await
             .map_err(map_err)?;
             Ok(n > 0)
-        })
-        .await
+        };
+        let mut report = outbox_core::SchemaReport::check(&expected, &legacy, exists).await?;
+        let t = &self.inner.table;
+        if exists(format!("{t}_schema")).await? {
+            let version: Option<i32> =
+                sqlx::query_scalar(&format!("SELECT max(version) FROM {t}_schema"))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+            report.version = version.map(|v| v.max(0) as u32);
+        } else {
+            report.missing.push(format!("{t}_schema"));
+        }
+        Ok(report)
     }
 
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {

@@ -107,7 +107,15 @@ impl MySqlStore {
     /// `migrate`'s work, run as the owner.
     pub async fn schema_sql(&self) -> outbox_core::Result<Vec<String>> {
         let c = self.exact_collation().await?;
-        Ok(create_tables(&self.inner.table, c).to_vec())
+        let t = &self.inner.table;
+        let mut out = vec![versions(t)];
+        out.extend(create_tables(t, c));
+        out.extend(
+            outbox_core::SCHEMA_STEPS
+                .iter()
+                .map(|s| record_version(t, s)),
+        );
+        Ok(out)
     }
 
     pub(super) async fn exact_collation(&self) -> outbox_core::Result<&'static str> {
@@ -333,6 +341,96 @@ impl MySqlStore {
                 .await
                 .map_err(map_err)?;
         }
+        Ok(())
+    }
+
+    /// Schema step 1: the tables, indexes and columns of 0.1, made or brought up to date from
+    /// any shape an earlier build made (columns added, collations converted, indexes of
+    /// older claims dropped), losing no row. Idempotent.
+    pub(super) async fn step_one(&self) -> outbox_core::Result<()> {
+        let t = &self.inner.table;
+        let c = self.exact_collation().await?;
+        let [outbox, locks, due] = create_tables(t, c);
+        let statements = [outbox, locks];
+        for s in statements {
+            sqlx::query(&s)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        }
+        self.convert_to_exact_names(c).await?;
+        sqlx::query(&due)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(map_err)?;
+        // Columns added after a table's first version.
+        self.add_column(
+            t,
+            "on_exhausted",
+            "ADD COLUMN on_exhausted VARCHAR(16) NULL",
+        )
+        .await?;
+        self.add_column(t, "claims", "ADD COLUMN claims INT NOT NULL DEFAULT 0")
+            .await?;
+        // Writers tell a new or forgotten unit from a known one by these (see `lock_units`);
+        // every lock row of an older table has its row of `<table>_due`.
+        for (column, ddl) in [
+            ("writes", "ADD COLUMN writes BIGINT NOT NULL DEFAULT 0"),
+            ("due", "ADD COLUMN due TINYINT NOT NULL DEFAULT 1"),
+        ] {
+            self.add_column(&format!("{t}_locks"), column, ddl).await?;
+        }
+        self.add_column(
+            &format!("{t}_due"),
+            "claims",
+            "ADD COLUMN claims INT NOT NULL DEFAULT 0",
+        )
+        .await?;
+        self.add_column(
+            &format!("{t}_due"),
+            "parked_at",
+            "ADD COLUMN parked_at BIGINT NULL, ADD COLUMN parked_reason TEXT NULL, ADD KEY due_parked (parked_at)",
+        )
+        .await?;
+        // Tables made before claims went by unit: their indexes and the claim lock table go,
+        // publish-on-commit rows get an index of their own, leased ones are due at the
+        // lease's end, and every unit with pending rows gets its rows of the unit tables.
+        for index in ["leased", "backoff"] {
+            if self.index_exists(&format!("{t}_{index}")).await? {
+                sqlx::query(&format!("ALTER TABLE {t} DROP INDEX {t}_{index}"))
+                    .execute(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+            }
+        }
+        for (index, columns) in [
+            ("oc", "strategy, status, next_attempt_at"),
+            // Dead letters are listed (and bulk-requeued) oldest first in pages: through this
+            // index a page reads its own rows, not every dead row.
+            ("dead", "status, created_at"),
+        ] {
+            if !self.index_exists(&format!("{t}_{index}")).await? {
+                sqlx::query(&format!(
+                    "ALTER TABLE {t} ADD INDEX {t}_{index} ({columns})"
+                ))
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+            }
+        }
+        for statement in [
+            format!("DROP TABLE IF EXISTS {t}_claim"),
+            format!(
+                "UPDATE {t} SET next_attempt_at = locked_until
+                 WHERE strategy = 'on_commit' AND status = 'pending' AND locked_until > next_attempt_at"
+            ),
+        ] {
+            sqlx::query(&statement)
+                .execute(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        }
+        self.adopt_orphans(true).await?;
         Ok(())
     }
 }

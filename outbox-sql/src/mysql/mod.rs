@@ -39,6 +39,26 @@ const NOW: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 
 use outbox_core::PARKED_NEXT_AT as PARKED;
 
+/// The table of applied schema steps (see [`outbox_core::SCHEMA_STEPS`]).
+fn versions(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t}_schema (
+            version INT NOT NULL PRIMARY KEY,
+            name VARCHAR(255) NOT NULL,
+            applied_at BIGINT NOT NULL
+        )"
+    )
+}
+
+/// Records `step` as applied (once: a concurrent migrate's record stands).
+fn record_version(t: &str, step: &outbox_core::SchemaStep) -> String {
+    format!(
+        "INSERT IGNORE INTO {t}_schema (version, name, applied_at) VALUES ({}, '{}', {NOW})",
+        step.version,
+        step.name.replace('\'', "''")
+    )
+}
+
 mod admin;
 mod claim;
 mod internals;
@@ -573,88 +593,32 @@ impl Store for MySqlStore {
 
     async fn migrate(&self) -> outbox_core::Result<()> {
         let t = &self.inner.table;
-        let c = self.exact_collation().await?;
-        let [outbox, locks, due] = create_tables(t, c);
-        let statements = [outbox, locks];
-        for s in statements {
-            sqlx::query(&s)
-                .execute(&self.inner.pool)
-                .await
-                .map_err(map_err)?;
-        }
-        self.convert_to_exact_names(c).await?;
-        sqlx::query(&due)
+        sqlx::query(&versions(t))
             .execute(&self.inner.pool)
             .await
             .map_err(map_err)?;
-        // Columns added after a table's first version.
-        self.add_column(
-            t,
-            "on_exhausted",
-            "ADD COLUMN on_exhausted VARCHAR(16) NULL",
-        )
-        .await?;
-        self.add_column(t, "claims", "ADD COLUMN claims INT NOT NULL DEFAULT 0")
-            .await?;
-        // Writers tell a new or forgotten unit from a known one by these (see `lock_units`);
-        // every lock row of an older table has its row of `<table>_due`.
-        for (column, ddl) in [
-            ("writes", "ADD COLUMN writes BIGINT NOT NULL DEFAULT 0"),
-            ("due", "ADD COLUMN due TINYINT NOT NULL DEFAULT 1"),
-        ] {
-            self.add_column(&format!("{t}_locks"), column, ddl).await?;
-        }
-        self.add_column(
-            &format!("{t}_due"),
-            "claims",
-            "ADD COLUMN claims INT NOT NULL DEFAULT 0",
-        )
-        .await?;
-        self.add_column(
-            &format!("{t}_due"),
-            "parked_at",
-            "ADD COLUMN parked_at BIGINT NULL, ADD COLUMN parked_reason TEXT NULL, ADD KEY due_parked (parked_at)",
-        )
-        .await?;
-        // Tables made before claims went by unit: their indexes and the claim lock table go,
-        // publish-on-commit rows get an index of their own, leased ones are due at the
-        // lease's end, and every unit with pending rows gets its rows of the unit tables.
-        for index in ["leased", "backoff"] {
-            if self.index_exists(&format!("{t}_{index}")).await? {
-                sqlx::query(&format!("ALTER TABLE {t} DROP INDEX {t}_{index}"))
-                    .execute(&self.inner.pool)
-                    .await
-                    .map_err(map_err)?;
+        let found: Option<i32> =
+            sqlx::query_scalar(&format!("SELECT max(version) FROM {t}_schema"))
+                .fetch_one(&self.inner.pool)
+                .await
+                .map_err(map_err)?;
+        // MySQL commits each DDL statement: every step is idempotent, so a migrate cut short
+        // (or two at once) is finished by the next.
+        for step in outbox_core::SchemaStep::after(t, found.map(|v| v.max(0) as u32))? {
+            match step.version {
+                1 => self.step_one().await?,
+                v => {
+                    return Err(Error::config(format!(
+                        "schema step {v} has no MySQL statements in this build"
+                    )))
+                }
             }
-        }
-        for (index, columns) in [
-            ("oc", "strategy, status, next_attempt_at"),
-            // Dead letters are listed (and bulk-requeued) oldest first in pages: through this
-            // index a page reads its own rows, not every dead row.
-            ("dead", "status, created_at"),
-        ] {
-            if !self.index_exists(&format!("{t}_{index}")).await? {
-                sqlx::query(&format!(
-                    "ALTER TABLE {t} ADD INDEX {t}_{index} ({columns})"
-                ))
+            sqlx::query(&record_version(t, &step))
                 .execute(&self.inner.pool)
                 .await
                 .map_err(map_err)?;
-            }
+            tracing::info!(table = %t, version = step.version, step = step.name, "schema step applied");
         }
-        for statement in [
-            format!("DROP TABLE IF EXISTS {t}_claim"),
-            format!(
-                "UPDATE {t} SET next_attempt_at = locked_until
-                 WHERE strategy = 'on_commit' AND status = 'pending' AND locked_until > next_attempt_at"
-            ),
-        ] {
-            sqlx::query(&statement)
-                .execute(&self.inner.pool)
-                .await
-                .map_err(map_err)?;
-        }
-        self.adopt_orphans(true).await?;
         Ok(())
     }
 

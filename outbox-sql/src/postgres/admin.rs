@@ -23,15 +23,27 @@ impl StoreAdmin for PgStore {
             "{t}_due_parked",
         ]);
         let legacy = names(&["{t}_claim", "{t}_pending", "{t}_leased", "{t}_backoff"]);
-        outbox_core::SchemaReport::check(&expected, &legacy, |name| async move {
+        let exists = |name: String| async move {
             let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
                 .bind(name)
                 .fetch_one(&self.inner.pool)
                 .await
                 .map_err(map_err)?;
             Ok(found.is_some())
-        })
-        .await
+        };
+        let mut report = outbox_core::SchemaReport::check(&expected, &legacy, exists).await?;
+        let t = &self.inner.table;
+        if exists(format!("{t}_schema")).await? {
+            let version: Option<i32> =
+                sqlx::query_scalar(&format!("SELECT max(version) FROM {t}_schema"))
+                    .fetch_one(&self.inner.pool)
+                    .await
+                    .map_err(map_err)?;
+            report.version = version.map(|v| v.max(0) as u32);
+        } else {
+            report.missing.push(format!("{t}_schema"));
+        }
+        Ok(report)
     }
 
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {

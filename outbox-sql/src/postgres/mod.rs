@@ -227,15 +227,33 @@ impl PgStore {
     /// advisory lock so that several processes migrate one at a time.
     pub fn schema_sql(table: &str) -> outbox_core::Result<Vec<String>> {
         validate_identifier(table)?;
-        let sql = Sql::new(table);
-        Ok(sql
-            .schema
-            .split(';')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-            .chain([sql.adopt.clone()])
-            .collect())
+        let mut out = vec![sql::versions(table)];
+        for step in outbox_core::SCHEMA_STEPS {
+            out.extend(Self::step_sql(table, step.version)?);
+            out.push(sql::record_version(table, step));
+        }
+        Ok(out)
+    }
+
+    /// The statements of one schema step (see [`outbox_core::SCHEMA_STEPS`]).
+    fn step_sql(table: &str, version: u32) -> outbox_core::Result<Vec<String>> {
+        match version {
+            // Idempotent, and upgrades every table an earlier build made.
+            1 => {
+                let sql = Sql::new(table);
+                Ok(sql
+                    .schema
+                    .split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .chain([sql.adopt.clone()])
+                    .collect())
+            }
+            v => Err(Error::config(format!(
+                "schema step {v} has no PostgreSQL statements in this build"
+            ))),
+        }
     }
 
     /// Whether the outbox table exists in the connection's search path.
@@ -545,13 +563,33 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(map_err)?;
-        for statement in Self::schema_sql(&self.inner.table)? {
-            sqlx::query(&statement)
+        sqlx::query(&sql::versions(t))
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let found: Option<i32> =
+            sqlx::query_scalar(&format!("SELECT max(version) FROM {t}_schema"))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(map_err)?;
+        let steps = outbox_core::SchemaStep::after(t, found.map(|v| v.max(0) as u32))?;
+        for step in &steps {
+            for statement in Self::step_sql(t, step.version)? {
+                sqlx::query(&statement)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_err)?;
+            }
+            sqlx::query(&sql::record_version(t, step))
                 .execute(&mut *tx)
                 .await
                 .map_err(map_err)?;
         }
-        tx.commit().await.map_err(map_err)
+        tx.commit().await.map_err(map_err)?;
+        for step in &steps {
+            tracing::info!(table = %t, version = step.version, step = step.name, "schema step applied");
+        }
+        Ok(())
     }
 
     async fn insert(&self, rows: &[NewMessage]) -> outbox_core::Result<Vec<i64>> {

@@ -343,3 +343,24 @@ fn adopt(t: &str) -> String {
                  ON CONFLICT DO NOTHING"
     )
 }
+
+/// The table of applied schema steps (see [`outbox_core::SCHEMA_STEPS`]).
+pub(super) fn versions(t: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t}_schema (
+            version INTEGER PRIMARY KEY,
+            name TEXT NOT NULL,
+            applied_at BIGINT NOT NULL
+        )"
+    )
+}
+
+/// Records `step` as applied (once: a concurrent migrate's record stands).
+pub(super) fn record_version(t: &str, step: &outbox_core::SchemaStep) -> String {
+    format!(
+        "INSERT INTO {t}_schema (version, name, applied_at) VALUES ({}, '{}', {NOW})
+         ON CONFLICT (version) DO NOTHING",
+        step.version,
+        step.name.replace('\'', "''")
+    )
+}
