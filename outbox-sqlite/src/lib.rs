@@ -306,9 +306,24 @@ fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connec
         .with_source(e)
     })?;
     conn.busy_timeout(options.busy_timeout).map_err(map_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL")
-        .map_err(map_err)?;
-    Ok(conn)
+    // Turning a new file to WAL takes an exclusive lock, and SQLite answers "database is
+    // locked" at once, without its busy handler, to a connection that tries while another
+    // does (several processes opening a new file at once): tried again within busy_timeout.
+    let deadline = std::time::Instant::now() + options.busy_timeout;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => return Ok(conn),
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(map_err(e)),
+        }
+    }
 }
 
 /// Create an empty database file readable by its owner only (SQLite gives its -wal and -shm

@@ -185,3 +185,37 @@ async fn migrate_moves_a_0_1_table_to_unit_claims() {
     let store = SqliteStore::open(&path).unwrap();
     outbox_core::conformance::check_legacy_migration(Arc::new(store)).await;
 }
+
+/// Several processes may open a new database file and run `migrate` at once: none fails
+/// (opening turns the file to WAL, which SQLite refuses at once to all but one), each step is
+/// applied and recorded once, and the schema is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_safe() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let path = path.clone();
+        handles.push(tokio::spawn(async move {
+            let store = SqliteStore::open(&path)?;
+            outbox_core::Store::migrate(&store).await
+        }));
+    }
+    for h in handles {
+        h.await.unwrap().expect("concurrent migrate");
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(
+        outbox_core::StoreAdmin::schema(&store).await.unwrap(),
+        outbox_core::SchemaReport {
+            version: Some(outbox_core::SCHEMA_VERSION),
+            ..Default::default()
+        }
+    );
+    let steps: i64 = store
+        .connect()
+        .unwrap()
+        .query_row("SELECT count(*) FROM outbox_schema", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(steps, outbox_core::SCHEMA_STEPS.len() as i64);
+}

@@ -492,7 +492,16 @@ macro_rules! sql_store_tests {
             for h in handles {
                 h.await.unwrap().expect("concurrent migrate");
             }
-            assert!(connect(&table).await.table_exists().await.unwrap());
+            let store = connect(&table).await;
+            assert!(store.table_exists().await.unwrap());
+            assert_eq!(
+                outbox_core::StoreAdmin::schema(&store).await.unwrap(),
+                outbox_core::SchemaReport {
+                    version: Some(outbox_core::SCHEMA_VERSION),
+                    ..Default::default()
+                },
+                "one whole schema, its version recorded"
+            );
         }
     };
 }
