@@ -460,11 +460,21 @@ impl SchemaStep {
 }
 
 impl SchemaReport {
-    /// Which of `expected` are missing and which of `legacy` are there, asking `exists`.
-    pub async fn check<F, Fut>(expected: &[String], legacy: &[String], exists: F) -> Result<Self>
+    /// Which of `expected` are missing and which of `legacy` are there, asking `exists`; and
+    /// the version `table`'s versions table (`<table>_schema`, itself expected) records,
+    /// asking `version` when it is there.
+    pub async fn check<F, Fut, V, VFut>(
+        table: &str,
+        expected: &[String],
+        legacy: &[String],
+        exists: F,
+        version: V,
+    ) -> Result<Self>
     where
         F: Fn(String) -> Fut,
         Fut: std::future::Future<Output = Result<bool>>,
+        V: FnOnce() -> VFut,
+        VFut: std::future::Future<Output = Result<Option<i64>>>,
     {
         let mut report = Self::default();
         for name in expected {
@@ -476,6 +486,12 @@ impl SchemaReport {
             if exists(name.clone()).await? {
                 report.legacy.push(name.clone());
             }
+        }
+        let versions = format!("{table}_schema");
+        if exists(versions.clone()).await? {
+            report.version = version().await?.map(|v| v.clamp(0, u32::MAX as i64) as u32);
+        } else {
+            report.missing.push(versions);
         }
         Ok(report)
     }

@@ -33,23 +33,17 @@ impl StoreAdmin for SqliteStore {
                 Ok(n > 0)
             })
         };
-        let mut report = outbox_core::SchemaReport::check(&expected, &legacy, exists).await?;
-        if exists(format!("{t}_schema")).await? {
-            let version: Option<i64> = self
-                .blocking(|conn, sql| {
-                    conn.query_row(
-                        &format!("SELECT max(version) FROM {}_schema", sql.table),
-                        [],
-                        |r| r.get(0),
-                    )
-                    .map_err(map_err)
-                })
-                .await?;
-            report.version = version.map(|v| v.clamp(0, u32::MAX as i64) as u32);
-        } else {
-            report.missing.push(format!("{t}_schema"));
-        }
-        Ok(report)
+        let version = || {
+            self.blocking(|conn, sql| {
+                conn.query_row(
+                    &format!("SELECT max(version) FROM {}_schema", sql.table),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)
+            })
+        };
+        outbox_core::SchemaReport::check(&t, &expected, &legacy, exists, version).await
     }
 
     async fn requeue(&self, selector: &Selector) -> outbox_core::Result<u64> {

@@ -226,12 +226,7 @@ impl MySqlStore {
         for f in chunk {
             q = q.bind(f.seq);
         }
-        q = q.bind(guard.owner);
-        for seq in &mine {
-            q = q.bind(seq);
-        }
-        q.execute(tx).await.map_err(map_err)?;
-        Ok(())
+        guard.run(q, &mine, tx).await
     }
 
     /// Releases (rows given back without an attempt) in one statement.
@@ -254,12 +249,7 @@ impl MySqlStore {
         for f in chunk {
             q = q.bind(f.seq);
         }
-        q = q.bind(guard.owner);
-        for seq in &mine {
-            q = q.bind(seq);
-        }
-        q.execute(tx).await.map_err(map_err)?;
-        Ok(())
+        guard.run(q, &mine, tx).await
     }
 
     /// The units, one statement per retry delay: all free again but those whose head failed
@@ -307,6 +297,21 @@ struct Guard<'a> {
 }
 
 impl Guard<'_> {
+    /// Binds the guard's values (after the statement's own) and runs the statement.
+    async fn run<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>,
+        mine: &'q [i64],
+        tx: &mut MySqlConnection,
+    ) -> outbox_core::Result<()> {
+        let mut q = q.bind(self.owner);
+        for seq in mine {
+            q = q.bind(seq);
+        }
+        q.execute(tx).await.map_err(map_err)?;
+        Ok(())
+    }
+
     /// The guard's SQL for a chunk, and the keep-order rows it lets through by `seq`.
     fn of(&self, chunk: &[&Failure]) -> (String, Vec<i64>) {
         let mine: Vec<i64> = chunk

@@ -31,19 +31,16 @@ impl StoreAdmin for PgStore {
                 .map_err(map_err)?;
             Ok(found.is_some())
         };
-        let mut report = outbox_core::SchemaReport::check(&expected, &legacy, exists).await?;
         let t = &self.inner.table;
-        if exists(format!("{t}_schema")).await? {
-            let version: Option<i32> =
-                sqlx::query_scalar(&format!("SELECT max(version) FROM {t}_schema"))
-                    .fetch_one(&self.inner.pool)
-                    .await
-                    .map_err(map_err)?;
-            report.version = version.map(|v| v.max(0) as u32);
-        } else {
-            report.missing.push(format!("{t}_schema"));
-        }
-        Ok(report)
+        let version = || async {
+            sqlx::query_scalar::<_, Option<i64>>(&format!(
+                "SELECT max(version)::bigint FROM {t}_schema"
+            ))
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(map_err)
+        };
+        outbox_core::SchemaReport::check(t, &expected, &legacy, exists, version).await
     }
 
     async fn requeue(&self, sel: &Selector) -> outbox_core::Result<u64> {
