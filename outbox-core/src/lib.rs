@@ -36,7 +36,6 @@
 mod cleaner;
 mod error;
 mod inbox;
-mod memory;
 mod message;
 mod observer;
 mod outbox;
@@ -63,7 +62,6 @@ pub use inbox::{
     parse_id, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed,
     Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
-pub use memory::{MemoryStore, MemoryTx};
 pub use message::{
     from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,
     StoredMessage, DEFAULT_STREAM, MAX_HEADERS, MAX_HEADER_VALUE, RESERVED_HEADERS,
@@ -79,6 +77,7 @@ pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};
 pub use signing::{SignedPlan, Signer, SigningKey};
+pub use store::memory::{MemoryStore, MemoryTx};
 pub use store::{
     no_such_unit, Claim, Claimed, Enqueue, EnqueueBlocking, Failure, MessageFilter, NewMessage,
     Outcome, ParkedUnit, Quarantined, SchemaReport, SchemaStep, Selector, Stats, Store, StoreAdmin,
