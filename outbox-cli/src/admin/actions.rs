@@ -1,6 +1,8 @@
 //! The actions (requeue, purge, resume, skip, park): their scope, the confirmation that says
 //! what they take, and the form that runs them.
 
+use maud::{html, Markup};
+
 use super::*;
 
 /// Which dead letters an action takes.
@@ -336,33 +338,29 @@ pub(crate) fn may_change(admin: &Admin, csrf: &str, missing: &str) -> Result<(),
 }
 
 /// A few rows for a confirmation: what will change, before it does.
-pub(crate) fn rows_table(admin: &Admin, rows: &[StoredMessage], total: u64) -> String {
+pub(crate) fn rows_table(admin: &Admin, rows: &[StoredMessage], total: u64) -> Markup {
     if rows.is_empty() {
-        return String::new();
+        return html! {};
     }
-    let mut b = String::from("<table id=\"affected\"><tr><th>seq</th><th>stream</th><th>key</th><th>destination</th><th>attempts</th><th>last error</th></tr>");
-    for m in rows {
-        let msg = &m.envelope.message;
-        let _ = write!(
-            b,
-            "<tr><td><a href=\"/messages/{seq}\">{seq}</a></td><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
-            esc(&msg.stream),
-            esc(msg.key.as_deref().unwrap_or("")),
-            esc(&msg.destination),
-            m.attempts,
-            esc(&short(&admin.last_error(m))),
-            seq = m.seq,
-        );
+    html! {
+        table #affected {
+            tr { th { "seq" } th { "stream" } th { "key" } th { "destination" } th { "attempts" } th { "last error" } }
+            @for m in rows {
+                @let msg = &m.envelope.message;
+                tr {
+                    td { a href={ "/messages/" (m.seq) } { (m.seq) } }
+                    td { (Shown(&msg.stream)) }
+                    td { (Shown(msg.key.as_deref().unwrap_or(""))) }
+                    td { (Shown(&msg.destination)) }
+                    td.n { (m.attempts) }
+                    td { (Shown(&short(&admin.last_error(m)))) }
+                }
+            }
+        }
+        @if total > rows.len() as u64 {
+            p.muted { "… and " (total - rows.len() as u64) " more." }
+        }
     }
-    b.push_str("</table>");
-    if total > rows.len() as u64 {
-        let _ = write!(
-            b,
-            "<p class=\"muted\">… and {} more.</p>",
-            total - rows.len() as u64
-        );
-    }
-    b
 }
 
 pub(crate) async fn action_form(
@@ -385,34 +383,28 @@ pub(crate) async fn action_form(
         if !fields.iter().any(|(n, v)| n == "confirm" && v == "yes") {
             // Ask first: what it takes now, and the same fields again with the confirmation.
             let (question, rows, total) = action.question(admin.store.as_ref()).await?;
-            let mut hidden = String::new();
-            for (n, v) in &fields {
-                let _ = write!(
-                    hidden,
-                    "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
-                    esc(n),
-                    esc(v)
-                );
-            }
             return Ok(layout(
                 "Confirm",
-                &format!(
-                    "<p id=\"question\">{}?</p>{}<form method=\"post\" action=\"/actions\">{hidden}\
-                     <input type=\"hidden\" name=\"confirm\" value=\"yes\">\
-                     <button id=\"confirm\">Yes, do it</button> <a href=\"/\">Cancel</a></form>",
-                    esc(&question),
-                    rows_table(&admin, &rows, total),
-                ),
+                html! {
+                    p #question { (Shown(&question)) "?" }
+                    (rows_table(&admin, &rows, total))
+                    form method="post" action="/actions" {
+                        @for (n, v) in &fields { input type="hidden" name=(n) value=(v); }
+                        input type="hidden" name="confirm" value="yes";
+                        button #confirm { "Yes, do it" } " "
+                        a href="/" { "Cancel" }
+                    }
+                },
             ));
         }
         let (changed, sentence) = action.run(admin.store.as_ref()).await?;
         tracing::info!(action = %sentence, changed, by = %who.0, "admin action");
         Ok(layout(
             "Done",
-            &format!(
-                "<p id=\"result\">{}</p><p><a href=\"/\">Overview</a> · <a href=\"/messages?status=dead\">Dead letters</a></p>",
-                esc(&sentence)
-            ),
+            html! {
+                p #result { (Shown(&sentence)) }
+                p { a href="/" { "Overview" } " · " a href="/messages?status=dead" { "Dead letters" } }
+            },
         ))
     }
     .await;

@@ -8,7 +8,7 @@
 //! a POST to `/login` exchanges it for (a random id, not the token); wrong tokens are answered
 //! slowly, one at a time; every change is a POST from the console's own origin
 //! (`Origin`, `Sec-Fetch-Site`) with its CSRF token; `--read-only` removes the actions;
-//! `--hide-payloads` keeps payloads off pages and API; all output is escaped, and the
+//! `--hide-payloads` keeps payloads off pages and API; pages are `maud` templates, which escape every value they interpolate, and the
 //! Content-Security-Policy forbids scripts, so a payload holding `<script>` is text twice over.
 
 use std::collections::{HashMap, VecDeque};
@@ -240,11 +240,10 @@ pub(crate) fn bad(message: impl Into<String>) -> Failure {
 pub(crate) fn page_error(f: Failure) -> Response {
     let body = layout(
         "Error",
-        &format!(
-            "<p class=\"error\">{} {}</p><p><a href=\"/\">Overview</a></p>",
-            f.0.as_u16(),
-            esc(&f.1)
-        ),
+        maud::html! {
+            p.error { (f.0.as_u16()) " " (render::Shown(&f.1)) }
+            p { a href="/" { "Overview" } }
+        },
     );
     (f.0, Html(body)).into_response()
 }
@@ -300,9 +299,13 @@ mod tests {
 
     #[test]
     fn escaping_and_tokens() {
+        let shown = maud::html! {
+            p title=(Shown("\"><script>")) { (Shown("<script>alert('x')</script>&\"\u{1b}[2J")) }
+        }
+        .into_string();
         assert_eq!(
-            esc("<script>alert('x')</script>&\""),
-            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;&amp;&quot;"
+            shown,
+            "<p title=\"&quot;&gt;&lt;script&gt;\">&lt;script&gt;alert('x')&lt;/script&gt;&amp;&quot;\\u{1b}[2J</p>"
         );
         assert_eq!(enc("a b&c"), "a%20b%26c");
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));

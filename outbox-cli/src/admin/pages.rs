@@ -1,6 +1,8 @@
 //! The pages: the overview (streams, parked units, dead letters by error, the trend chart),
 //! the messages listing and one message with its payload.
 
+use maud::{html, Markup};
+
 use super::*;
 
 pub(crate) async fn overview(State(admin): State<Arc<Admin>>) -> Response {
@@ -17,104 +19,109 @@ pub(crate) async fn overview(State(admin): State<Arc<Admin>>) -> Response {
 pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
     let stats = admin.store.stats().await?;
     let parked = admin.store.parked_units(None, 100).await?;
-    let mut b = String::new();
-    let _ = write!(
-        b,
-        "<p class=\"muted\">Table <code>{}</code> on <code>{}</code>{}{}. Refreshes every 10 s.</p>",
-        esc(&admin.table),
-        esc(&admin.label),
-        if admin.options.read_only { " · read-only" } else { "" },
-        if admin.options.hide_payloads { " · payloads hidden" } else { "" },
-    );
-    b.push_str("<h2>Streams</h2><table id=\"streams\"><tr><th>stream</th><th>pending</th><th>sent</th><th>dead</th><th>oldest pending</th></tr>");
     let mut rows = stats.streams.clone();
     rows.push(stats.total());
-    for s in &rows {
-        let link = |status: &str, n: u64| {
-            if s.stream == "*" {
-                format!("<a href=\"/messages?status={status}\">{n}</a>")
-            } else {
-                format!(
-                    "<a href=\"/messages?stream={}&amp;status={status}\">{n}</a>",
-                    esc(&enc(&s.stream))
-                )
-            }
-        };
-        let _ = write!(
-            b,
-            "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
-            if s.stream == "*" { "<strong>total</strong>".into() } else { esc(&s.stream) },
-            link("pending", s.pending),
-            link("sent", s.sent),
-            link("dead", s.dead),
-            s.oldest_pending.map(age).unwrap_or_else(|| "-".into())
-        );
-    }
-    b.push_str("</table>");
-    let _ = write!(b, "<h2>Parked units ({})</h2>", parked.len());
-    if parked.is_empty() {
-        b.push_str("<p class=\"muted\">None.</p>");
+    let dead = if stats.total().dead > 0 {
+        dead_by_error(admin, stats.total().dead).await?
     } else {
-        b.push_str("<table id=\"parked\"><tr><th>stream</th><th>unit</th><th>parked</th><th>waiting</th><th>reason</th><th></th></tr>");
-        for u in &parked {
-            let _ = write!(
-                b,
-                "<tr><td>{}</td><td>{}</td><td>{} ago</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&u.stream),
-                esc(&u.unit),
-                age(u.parked_at),
-                u.pending,
-                esc(u.reason.as_deref().unwrap_or("")),
-                unit_buttons(admin, u)
-            );
+        html! {}
+    };
+    let body = html! {
+        p.muted {
+            "Table " code { (admin.table) } " on " code { (admin.label) }
+            @if admin.options.read_only { " · read-only" }
+            @if admin.options.hide_payloads { " · payloads hidden" }
+            ". Refreshes every 10 s."
         }
-        b.push_str("</table>");
-    }
-    // What the dead letters died of: the newest ones, grouped by their last error.
-    if stats.total().dead > 0 {
-        let newest = admin
-            .store
-            .messages(&MessageFilter {
-                status: Some(Status::Dead),
-                limit: outbox_core::MAX_PAGE,
-                ..Default::default()
-            })
-            .await?;
-        let mut groups: Vec<(String, u64, i64)> = Vec::new();
-        for m in &newest {
-            let error = if admin.options.hide_payloads {
-                "(hidden: --hide-payloads)".to_owned()
-            } else {
-                m.last_error
-                    .as_deref()
-                    .unwrap_or("(no error recorded)")
-                    .chars()
-                    .take(120)
-                    .collect()
-            };
-            match groups.iter_mut().find(|g| g.0 == error) {
-                Some(g) => g.1 += 1,
-                None => groups.push((error, 1, m.seq)),
+        h2 { "Streams" }
+        table #streams {
+            tr { th { "stream" } th { "pending" } th { "sent" } th { "dead" } th { "oldest pending" } }
+            @for s in &rows {
+                @let link = |status: &str, n: u64| {
+                    let href = if s.stream == "*" {
+                        format!("/messages?status={status}")
+                    } else {
+                        format!("/messages?stream={}&status={status}", enc(&s.stream))
+                    };
+                    html! { a href=(href) { (n) } }
+                };
+                tr {
+                    td { @if s.stream == "*" { strong { "total" } } @else { (Shown(&s.stream)) } }
+                    td.n { (link("pending", s.pending)) }
+                    td.n { (link("sent", s.sent)) }
+                    td.n { (link("dead", s.dead)) }
+                    td { (s.oldest_pending.map(age).unwrap_or_else(|| "-".into())) }
+                }
             }
         }
-        groups.sort_by_key(|g| std::cmp::Reverse(g.1));
-        let _ = write!(
-            b,
-            "<h2>Dead letters by error</h2><p class=\"muted\">The newest {} of {} dead letters.</p><table id=\"errors\"><tr><th>dead letters</th><th>last error</th><th>newest</th></tr>",
-            newest.len(),
-            stats.total().dead
-        );
-        for (error, n, seq) in groups.iter().take(10) {
-            let _ = write!(
-                b,
-                "<tr><td class=\"n\">{n}</td><td>{}</td><td><a href=\"/messages/{seq}\">{seq}</a></td></tr>",
-                esc(error)
-            );
+        h2 { "Parked units (" (parked.len()) ")" }
+        @if parked.is_empty() {
+            p.muted { "None." }
+        } @else {
+            table #parked {
+                tr { th { "stream" } th { "unit" } th { "parked" } th { "waiting" } th { "reason" } th {} }
+                @for u in &parked {
+                    tr {
+                        td { (Shown(&u.stream)) }
+                        td { (Shown(&u.unit)) }
+                        td { (age(u.parked_at)) " ago" }
+                        td.n { (u.pending) }
+                        td { (Shown(u.reason.as_deref().unwrap_or(""))) }
+                        td { (unit_buttons(admin, u)) }
+                    }
+                }
+            }
         }
-        b.push_str("</table>");
+        (dead)
+        h2 { "Trend" }
+        p.muted { "Sampled while this console runs (at most the last hour)." }
+        p { img src="/chart.svg" alt="backlog (pending and dead rows) and publish rate over the time sampled" width="720" height="284"; }
+    };
+    Ok(layout("Overview", body))
+}
+
+/// What the dead letters died of: the newest ones, grouped by their last error.
+async fn dead_by_error(admin: &Admin, dead: u64) -> Result<Markup, Failure> {
+    let newest = admin
+        .store
+        .messages(&MessageFilter {
+            status: Some(Status::Dead),
+            limit: outbox_core::MAX_PAGE,
+            ..Default::default()
+        })
+        .await?;
+    let mut groups: Vec<(String, u64, i64)> = Vec::new();
+    for m in &newest {
+        let error = if admin.options.hide_payloads {
+            "(hidden: --hide-payloads)".to_owned()
+        } else {
+            m.last_error
+                .as_deref()
+                .unwrap_or("(no error recorded)")
+                .chars()
+                .take(120)
+                .collect()
+        };
+        match groups.iter_mut().find(|g| g.0 == error) {
+            Some(g) => g.1 += 1,
+            None => groups.push((error, 1, m.seq)),
+        }
     }
-    b.push_str("<h2>Trend</h2><p class=\"muted\">Sampled while this console runs (at most the last hour).</p><p><img src=\"/chart.svg\" alt=\"backlog (pending and dead rows) and publish rate over the time sampled\" width=\"720\" height=\"284\"></p>");
-    Ok(layout("Overview", &b))
+    groups.sort_by_key(|g| std::cmp::Reverse(g.1));
+    Ok(html! {
+        h2 { "Dead letters by error" }
+        p.muted { "The newest " (newest.len()) " of " (dead) " dead letters." }
+        table #errors {
+            tr { th { "dead letters" } th { "last error" } th { "newest" } }
+            @for (error, n, seq) in groups.iter().take(10) {
+                tr {
+                    td.n { (n) }
+                    td { (Shown(error)) }
+                    td { a href={ "/messages/" (seq) } { (seq) } }
+                }
+            }
+        }
+    })
 }
 
 /// Two panels over the time the console has samples for (at most the last hour): the
@@ -143,10 +150,11 @@ const LEFT: f64 = 56.0;
 const GAP: f64 = 34.0;
 
 fn svg_text(x: f64, y: f64, anchor: &str, colour: &str, t: &str) -> String {
-    format!(
-        "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"11\" font-family=\"sans-serif\" text-anchor=\"{anchor}\" fill=\"{colour}\">{}</text>",
-        esc(t)
-    )
+    html! {
+        text x=(format!("{x:.1}")) y=(format!("{y:.1}")) font-size="11" font-family="sans-serif"
+            text-anchor=(anchor) fill=(colour) { (t) }
+    }
+    .into_string()
 }
 
 pub(crate) fn chart_svg(samples: &[Sample], now: SystemTime) -> String {
@@ -391,111 +399,102 @@ pub(crate) async fn messages_html(
     // filters are a stream and a status (the stats have them; other filters would need a
     // count of their own).
     let stats = admin.store.stats().await?;
-    let mut b = filter_form(&f, &stats);
     let selectable = !admin.options.read_only && rows.iter().any(|m| m.status == Status::Dead);
-    if selectable {
-        let _ = write!(
-            b,
-            "<form method=\"post\" action=\"/actions\">{}",
-            csrf_field(admin)
-        );
-    }
-    b.push_str(&messages_table(admin, &rows, selectable));
-    if rows.is_empty() {
-        b.push_str("<p class=\"muted\">No message matches.</p>");
-    }
-    b.push_str(&count_line(&f, &stats, rows.len()));
-    if selectable {
-        b.push_str("<p><button name=\"action\" value=\"requeue\">Requeue selected</button> <button name=\"action\" value=\"purge\">Purge selected</button></p></form>");
-    }
-    if rows.len() == f.limit {
-        let _ = write!(
-            b,
-            "<p><a id=\"next\" href=\"/messages?{}\">Next page</a></p>",
-            esc(&query_of(&f, rows.last().map(|m| m.seq)))
-        );
-    }
-    if !admin.options.read_only && f.status == Some(Status::Dead) {
-        b.push_str(&all_matching_form(admin, &f));
-    }
-    Ok(layout("Messages", &b))
+    let listing = html! {
+        (messages_table(admin, &rows, selectable))
+        @if rows.is_empty() { p.muted { "No message matches." } }
+        (count_line(&f, &stats, rows.len()))
+    };
+    let body = html! {
+        (filter_form(&f, &stats))
+        @if selectable {
+            form method="post" action="/actions" {
+                (csrf_field(admin))
+                (listing)
+                p {
+                    button name="action" value="requeue" { "Requeue selected" } " "
+                    button name="action" value="purge" { "Purge selected" }
+                }
+            }
+        } @else {
+            (listing)
+        }
+        @if rows.len() == f.limit {
+            p { a #next href={ "/messages?" (query_of(&f, rows.last().map(|m| m.seq))) } { "Next page" } }
+        }
+        @if !admin.options.read_only && f.status == Some(Status::Dead) {
+            (all_matching_form(admin, &f))
+        }
+    };
+    Ok(layout("Messages", body))
 }
 
 /// The filters: a stream drop-down (every stream the stats know, and the one asked for),
 /// status, key, id and destination.
-fn filter_form(f: &MessageFilter, stats: &outbox_core::Stats) -> String {
-    let v = |o: &Option<String>| esc(o.as_deref().unwrap_or(""));
+fn filter_form(f: &MessageFilter, stats: &outbox_core::Stats) -> Markup {
     let mut streams: Vec<&str> = stats.streams.iter().map(|s| s.stream.as_str()).collect();
     if let Some(s) = f.stream.as_deref().filter(|s| !streams.contains(s)) {
         streams.push(s);
     }
-    let selected = |yes: bool| if yes { " selected" } else { "" };
-    let stream_options: String = streams
-        .iter()
-        .map(|s| {
-            format!(
-                "<option value=\"{v}\"{sel}>{v}</option>",
-                v = esc(s),
-                sel = selected(f.stream.as_deref() == Some(s))
-            )
-        })
-        .collect();
-    let status_options: String = ["pending", "sent", "dead"]
-        .iter()
-        .map(|s| {
-            format!(
-                "<option{}>{s}</option>",
-                selected(f.status.map(|x| x.as_str()) == Some(*s))
-            )
-        })
-        .collect();
-    format!(
-        "<form method=\"get\" action=\"/messages\" class=\"filters\">\
-         <select name=\"stream\" id=\"stream\"><option value=\"\">any stream</option>{stream_options}</select>\
-         <select name=\"status\"><option value=\"\">any status</option>{status_options}</select>\
-         <input name=\"key\" placeholder=\"key\" value=\"{}\">\
-         <input name=\"id\" placeholder=\"id\" value=\"{}\">\
-         <input name=\"destination\" placeholder=\"destination\" value=\"{}\">\
-         <button id=\"filter\">Filter</button></form>",
-        v(&f.key),
-        esc(&f.id.map(|i| i.to_string()).unwrap_or_default()),
-        v(&f.destination),
-    )
+    let id = f.id.map(|i| i.to_string()).unwrap_or_default();
+    html! {
+        form method="get" action="/messages" class="filters" {
+            select name="stream" #stream {
+                option value="" { "any stream" }
+                @for s in &streams {
+                    option value=(s) selected[f.stream.as_deref() == Some(s)] { (Shown(s)) }
+                }
+            }
+            select name="status" {
+                option value="" { "any status" }
+                @for s in ["pending", "sent", "dead"] {
+                    option selected[f.status.map(|x| x.as_str()) == Some(s)] { (s) }
+                }
+            }
+            input name="key" placeholder="key" value=(f.key.as_deref().unwrap_or(""));
+            input name="id" placeholder="id" value=(id);
+            input name="destination" placeholder="destination" value=(f.destination.as_deref().unwrap_or(""));
+            button #filter { "Filter" }
+        }
+    }
 }
 
 /// The rows, a dead one with a check box when `selectable`.
-fn messages_table(admin: &Admin, rows: &[StoredMessage], selectable: bool) -> String {
-    let mut b = String::from("<table id=\"messages\"><tr><th></th><th>seq</th><th>stream</th><th>key</th><th>destination</th><th>status</th><th>attempts</th><th>created</th><th>last error</th></tr>");
-    for m in rows {
-        let msg = &m.envelope.message;
-        let check = if selectable && m.status == Status::Dead {
-            format!("<input type=\"checkbox\" name=\"seq\" value=\"{}\">", m.seq)
-        } else {
-            String::new()
-        };
-        let _ = write!(
-            b,
-            "<tr><td>{check}</td><td><a href=\"/messages/{seq}\">{seq}</a></td><td>{}</td><td>{}</td><td>{}</td><td class=\"{status}\">{status}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&msg.stream),
-            esc(msg.key.as_deref().unwrap_or("")),
-            esc(&msg.destination),
-            m.attempts,
-            time(m.envelope.created_at),
-            esc(&short(&admin.last_error(m))),
-            seq = m.seq,
-            status = m.status.as_str(),
-        );
+fn messages_table(admin: &Admin, rows: &[StoredMessage], selectable: bool) -> Markup {
+    html! {
+        table #messages {
+            tr {
+                th {} th { "seq" } th { "stream" } th { "key" } th { "destination" } th { "status" }
+                th { "attempts" } th { "created" } th { "last error" }
+            }
+            @for m in rows {
+                @let msg = &m.envelope.message;
+                tr {
+                    td {
+                        @if selectable && m.status == Status::Dead {
+                            input type="checkbox" name="seq" value=(m.seq);
+                        }
+                    }
+                    td { a href={ "/messages/" (m.seq) } { (m.seq) } }
+                    td { (Shown(&msg.stream)) }
+                    td { (Shown(msg.key.as_deref().unwrap_or(""))) }
+                    td { (Shown(&msg.destination)) }
+                    td class=(m.status.as_str()) { (m.status.as_str()) }
+                    td.n { (m.attempts) }
+                    td { (time(m.envelope.created_at)) }
+                    td { (Shown(&short(&admin.last_error(m)))) }
+                }
+            }
+        }
     }
-    b.push_str("</table>");
-    b
 }
 
 /// "N shown of M", when the filters are a status and perhaps a stream (the stats count
-/// those; other filters would need a count of their own). Empty otherwise.
-fn count_line(f: &MessageFilter, stats: &outbox_core::Stats, shown: usize) -> String {
+/// those; other filters would need a count of their own). Nothing otherwise.
+fn count_line(f: &MessageFilter, stats: &outbox_core::Stats, shown: usize) -> Markup {
     let only_stream_and_status = f.key.is_none() && f.id.is_none() && f.destination.is_none();
     let (Some(status), true) = (f.status, only_stream_and_status) else {
-        return String::new();
+        return html! {};
     };
     let counts = match &f.stream {
         Some(s) => stats.streams.iter().find(|x| &x.stream == s).cloned(),
@@ -506,39 +505,34 @@ fn count_line(f: &MessageFilter, stats: &outbox_core::Stats, shown: usize) -> St
         Status::Sent => c.sent,
         Status::Dead => c.dead,
     });
-    format!(
-        "<p class=\"muted\" id=\"count\">{shown} shown of {total} {} messages{}.</p>",
-        status.as_str(),
-        f.stream
-            .as_deref()
-            .map(|s| format!(" in stream {}", esc(s)))
-            .unwrap_or_default()
-    )
+    html! {
+        p.muted #count {
+            (shown) " shown of " (total) " " (status.as_str()) " messages"
+            @if let Some(s) = &f.stream { " in stream " (Shown(s)) }
+            "."
+        }
+    }
 }
 
 /// Requeue or purge every dead letter this page's filters match: each filter goes along.
-fn all_matching_form(admin: &Admin, f: &MessageFilter) -> String {
-    let mut scope = "<input type=\"hidden\" name=\"all\" value=\"1\">".to_owned();
-    for (name, value) in [
+fn all_matching_form(admin: &Admin, f: &MessageFilter) -> Markup {
+    let scope = [
         ("stream", f.stream.clone()),
         ("destination", f.destination.clone()),
         ("key", f.key.clone()),
         ("id", f.id.map(|i| i.to_string())),
-    ] {
-        if let Some(v) = value {
-            let _ = write!(
-                scope,
-                "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
-                esc(&v)
-            );
+    ];
+    html! {
+        form method="post" action="/actions" {
+            (csrf_field(admin))
+            input type="hidden" name="all" value="1";
+            @for (name, value) in &scope {
+                @if let Some(v) = value { input type="hidden" name=(name) value=(v); }
+            }
+            button name="action" value="requeue" #requeue-all { "Requeue all of them" } " "
+            button name="action" value="purge" #purge-all { "Purge all of them" }
         }
     }
-    format!(
-        "<form method=\"post\" action=\"/actions\">{}{scope}\
-         <button name=\"action\" value=\"requeue\" id=\"requeue-all\">Requeue all of them</button> \
-         <button name=\"action\" value=\"purge\" id=\"purge-all\">Purge all of them</button></form>",
-        csrf_field(admin)
-    )
 }
 
 pub(crate) async fn message_page(
@@ -636,90 +630,80 @@ pub(crate) fn payload_text(payload: &[u8]) -> (&'static str, String) {
 pub(crate) async fn message_html(admin: &Admin, seq: &str) -> Result<String, Failure> {
     let m = fetch(admin, seq).await?;
     let msg = &m.envelope.message;
-    let mut b = String::new();
-    let row = |k: &str, v: String| format!("<tr><th>{}</th><td>{v}</td></tr>", esc(k));
-    b.push_str("<table id=\"message\">");
-    b.push_str(&row("seq", m.seq.to_string()));
-    b.push_str(&row("id", esc(&m.envelope.id.to_string())));
-    b.push_str(&row("stream", esc(&msg.stream)));
-    b.push_str(&row("destination", esc(&msg.destination)));
-    b.push_str(&row("key", esc(msg.key.as_deref().unwrap_or("-"))));
-    b.push_str(&row("unit", format!("{} ({:?})", esc(&m.unit), m.order)));
-    b.push_str(&row("status", m.status.as_str().to_owned()));
-    b.push_str(&row("attempts", m.attempts.to_string()));
-    b.push_str(&row("created", time(m.envelope.created_at)));
-    b.push_str(&row("next attempt", time(m.next_attempt_at)));
-    b.push_str(&row(
-        "sent",
-        m.sent_at.map(time).unwrap_or_else(|| "-".into()),
-    ));
     let error = admin.last_error(&m);
-    b.push_str(&row(
-        "last error",
-        if error.is_empty() {
-            "-".into()
-        } else {
-            esc(&error)
-        },
-    ));
-    b.push_str(&row(
-        "signature",
-        match &m.signature {
-            Some(s) => format!(
-                "signed with key {} (verified by the relay, not here)",
-                esc(s.split(':').next().unwrap_or(""))
-            ),
-            None => "unsigned".into(),
-        },
-    ));
-    b.push_str(&row("content type", esc(&msg.content_type)));
-    b.push_str("</table><h2>Headers</h2><table id=\"headers\">");
-    for (k, v) in &msg.headers {
-        b.push_str(&row(
-            k,
-            if admin.options.hide_payloads {
-                format!("<span class=\"muted\">{} bytes, hidden</span>", v.len())
-            } else {
-                esc(v)
-            },
-        ));
-    }
-    b.push_str("</table><h2>Payload</h2>");
-    if admin.options.hide_payloads {
-        b.push_str("<p class=\"muted\">Hidden (--hide-payloads).</p>");
-    } else {
-        // A large payload is shown in part (a 500 KB JSON document made a 42 000-line
-        // page), with the whole of it a download away.
-        let shown = &msg.payload[..msg.payload.len().min(SHOWN_PAYLOAD_BYTES)];
-        let (kind, text) = payload_text(shown);
-        let mut lines = text.lines();
-        let mut text: String = lines
-            .by_ref()
-            .take(SHOWN_PAYLOAD_LINES)
-            .collect::<Vec<_>>()
-            .join("\n");
-        let cut = shown.len() < msg.payload.len() || lines.next().is_some();
-        if cut {
-            text.push_str("\n…");
+    let hide = admin.options.hide_payloads;
+    let body = html! {
+        table #message {
+            tr { th { "seq" } td { (m.seq) } }
+            tr { th { "id" } td { (m.envelope.id) } }
+            tr { th { "stream" } td { (Shown(&msg.stream)) } }
+            tr { th { "destination" } td { (Shown(&msg.destination)) } }
+            tr { th { "key" } td { (Shown(msg.key.as_deref().unwrap_or("-"))) } }
+            tr { th { "unit" } td { (Shown(&m.unit)) " (" (format!("{:?}", m.order)) ")" } }
+            tr { th { "status" } td { (m.status.as_str()) } }
+            tr { th { "attempts" } td { (m.attempts) } }
+            tr { th { "created" } td { (time(m.envelope.created_at)) } }
+            tr { th { "next attempt" } td { (time(m.next_attempt_at)) } }
+            tr { th { "sent" } td { (m.sent_at.map(time).unwrap_or_else(|| "-".into())) } }
+            tr { th { "last error" } td { @if error.is_empty() { "-" } @else { (Shown(&error)) } } }
+            tr {
+                th { "signature" }
+                td {
+                    @match &m.signature {
+                        Some(s) => { "signed with key " (Shown(s.split(':').next().unwrap_or(""))) " (verified by the relay, not here)" }
+                        None => { "unsigned" }
+                    }
+                }
+            }
+            tr { th { "content type" } td { (Shown(&msg.content_type)) } }
         }
-        let _ = write!(
-            b,
-            "<p class=\"muted\">{} bytes, shown as {kind}{} · <a id=\"download\" href=\"/messages/{}/payload\">download</a></p><pre id=\"payload\">{}</pre>",
-            msg.payload.len(),
-            if cut { ", cut short" } else { "" },
-            m.seq,
-            esc(&text)
-        );
+        h2 { "Headers" }
+        table #headers {
+            @for (k, v) in &msg.headers {
+                tr {
+                    th { (Shown(k)) }
+                    td { @if hide { span.muted { (v.len()) " bytes, hidden" } } @else { (Shown(v)) } }
+                }
+            }
+        }
+        h2 { "Payload" }
+        @if hide {
+            p.muted { "Hidden (--hide-payloads)." }
+        } @else {
+            (payload_shown(m.seq, &msg.payload))
+        }
+        @if !admin.options.read_only && m.status == Status::Dead {
+            form method="post" action="/actions" {
+                (csrf_field(admin))
+                input type="hidden" name="seq" value=(m.seq);
+                button name="action" value="requeue" #requeue { "Requeue" } " "
+                button name="action" value="purge" { "Purge" }
+            }
+        }
+    };
+    Ok(layout(&format!("Message {}", m.seq), body))
+}
+
+/// A payload as a page shows it: a large one in part (a 500 KB JSON document made a
+/// 42 000-line page), with the whole of it a download away.
+fn payload_shown(seq: i64, payload: &[u8]) -> Markup {
+    let shown = &payload[..payload.len().min(SHOWN_PAYLOAD_BYTES)];
+    let (kind, text) = payload_text(shown);
+    let mut lines = text.lines();
+    let mut text: String = lines
+        .by_ref()
+        .take(SHOWN_PAYLOAD_LINES)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let cut = shown.len() < payload.len() || lines.next().is_some();
+    if cut {
+        text.push_str("\n…");
     }
-    if !admin.options.read_only && m.status == Status::Dead {
-        let _ = write!(
-            b,
-            "<form method=\"post\" action=\"/actions\">{}<input type=\"hidden\" name=\"seq\" value=\"{}\">\
-             <button name=\"action\" value=\"requeue\" id=\"requeue\">Requeue</button> \
-             <button name=\"action\" value=\"purge\">Purge</button></form>",
-            csrf_field(admin),
-            m.seq
-        );
+    html! {
+        p.muted {
+            (payload.len()) " bytes, shown as " (kind) @if cut { ", cut short" } " · "
+            a #download href={ "/messages/" (seq) "/payload" } { "download" }
+        }
+        pre #payload { (Shown(&text)) }
     }
-    Ok(layout(&format!("Message {}", m.seq), &b))
 }

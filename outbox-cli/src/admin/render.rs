@@ -1,24 +1,27 @@
-//! HTML helpers: escaping, URLs, the page layout, times, the CSRF field, unit buttons.
+//! HTML helpers: the page layout, text as shown, URLs, times, the CSRF field, unit buttons.
+//! Pages are `maud` templates: text interpolated into them is escaped by the template
+//! engine, not by each call site.
+
+use maud::{html, Markup, Render, DOCTYPE};
 
 use super::*;
 
-/// HTML-escape text (element content and quoted attribute values).
-pub fn esc(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c if c.is_control() && c != '\n' && c != '\t' => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
-            }
-            c => out.push(c),
+/// Text from the store (names, errors, payloads) as a page shows it: escaped, and control
+/// characters other than newline and tab made visible (`\u{1b}`), so a terminal escape
+/// sequence in a stream name or a payload cannot hide or fake what follows it.
+pub(crate) struct Shown<'a>(pub(crate) &'a str);
+
+impl Render for Shown<'_> {
+    fn render_to(&self, buffer: &mut String) {
+        let mut out = maud::Escaper::new(buffer);
+        for c in self.0.chars() {
+            let _ = if c.is_control() && c != '\n' && c != '\t' {
+                write!(out, "\\u{{{:x}}}", c as u32)
+            } else {
+                out.write_char(c)
+            };
         }
     }
-    out
 }
 
 /// Percent-encode a query value.
@@ -33,15 +36,27 @@ pub(crate) fn enc(text: &str) -> String {
         .collect()
 }
 
-pub(crate) fn layout(title: &str, body: &str) -> String {
-    format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · outbox</title>\
-         <link rel=\"stylesheet\" href=\"/style.css\"></head><body>\
-         <nav><strong>outbox</strong> <a href=\"/\">Overview</a> <a href=\"/messages\">Messages</a> \
-         <a href=\"/messages?status=dead\">Dead letters</a></nav><main><h1>{}</h1>{body}</main></body></html>",
-        esc(title),
-        esc(title)
-    )
+pub(crate) fn layout(title: &str, body: Markup) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) " · outbox" }
+                link rel="stylesheet" href="/style.css";
+            }
+            body {
+                nav {
+                    strong { "outbox" } " "
+                    a href="/" { "Overview" } " "
+                    a href="/messages" { "Messages" } " "
+                    a href="/messages?status=dead" { "Dead letters" }
+                }
+                main { h1 { (title) } (body) }
+            }
+        }
+    }
+    .into_string()
 }
 
 pub(crate) fn age(t: SystemTime) -> String {
@@ -61,26 +76,21 @@ pub(crate) async fn style() -> Response {
         .into_response()
 }
 
-pub(crate) fn csrf_field(admin: &Admin) -> String {
-    format!(
-        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
-        esc(&admin.csrf)
-    )
+pub(crate) fn csrf_field(admin: &Admin) -> Markup {
+    html! { input type="hidden" name="csrf" value=(admin.csrf); }
 }
 
-pub(crate) fn unit_buttons(admin: &Admin, u: &ParkedUnit) -> String {
+pub(crate) fn unit_buttons(admin: &Admin, u: &ParkedUnit) -> Markup {
     if admin.options.read_only {
-        return String::new();
+        return html! {};
     }
-    let hidden = format!(
-        "{}<input type=\"hidden\" name=\"stream\" value=\"{}\"><input type=\"hidden\" name=\"unit\" value=\"{}\">",
-        csrf_field(admin),
-        esc(&u.stream),
-        esc(&u.unit)
-    );
-    format!(
-        "<form method=\"post\" action=\"/actions\" class=\"inline\">{hidden}\
-         <button name=\"action\" value=\"resume\">Resume</button> \
-         <button name=\"action\" value=\"skip\">Skip head</button></form>"
-    )
+    html! {
+        form method="post" action="/actions" class="inline" {
+            (csrf_field(admin))
+            input type="hidden" name="stream" value=(u.stream);
+            input type="hidden" name="unit" value=(u.unit);
+            button name="action" value="resume" { "Resume" } " "
+            button name="action" value="skip" { "Skip head" }
+        }
+    }
 }

@@ -209,8 +209,13 @@ pub(crate) async fn login_page(State(admin): State<Arc<Admin>>) -> Response {
     }
     Html(layout(
         "Log in",
-        "<form method=\"post\" action=\"/login\"><label>Token <input type=\"password\" name=\"token\" id=\"token\" autocomplete=\"current-password\"></label> \
-         <button id=\"login\">Log in</button></form>",
+        maud::html! {
+            form method="post" action="/login" {
+                label { "Token " input type="password" name="token" #token autocomplete="current-password"; }
+                " "
+                button #login { "Log in" }
+            }
+        },
     ))
     .into_response()
 }
@@ -236,7 +241,7 @@ pub(crate) async fn login(
             StatusCode::UNAUTHORIZED,
             Html(layout(
                 "Log in",
-                "<p class=\"error\">401: wrong token. <a href=\"/login\">Try again</a></p>",
+                maud::html! { p.error { "401: wrong token. " a href="/login" { "Try again" } } },
             )),
         )
             .into_response();
