@@ -8,8 +8,9 @@
 //! a POST to `/login` exchanges it for (a random id, not the token); wrong tokens are answered
 //! slowly, one at a time; every change is a POST from the console's own origin
 //! (`Origin`, `Sec-Fetch-Site`) with its CSRF token; `--read-only` removes the actions;
-//! `--hide-payloads` keeps payloads off pages and API; pages are `maud` templates, which escape every value they interpolate, and the
-//! Content-Security-Policy forbids scripts, so a payload holding `<script>` is text twice over.
+//! `--hide-payloads` keeps payloads off pages and API; pages are `maud` templates, which
+//! escape every value they interpolate, and the Content-Security-Policy forbids scripts, so a
+//! payload holding `<script>` is text twice over.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
