@@ -112,6 +112,27 @@ pub use outbox_core::{
     Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 
+/// The names most programs use, in one import: the outbox and its messages, the built-in
+/// strategies, the relay, and the traits whose methods they call.
+///
+/// ```
+/// use outbox::prelude::*;
+///
+/// let outbox = Outbox::builder(outbox::MemoryStore::new(), outbox::NullPublisher)
+///     .stream_strategy("orders", KeepOrder::default())
+///     .build()
+///     .unwrap();
+/// let message = Message::new("orders.placed", b"{}".to_vec()).stream("orders");
+/// let prepared = outbox.prepare([message]).unwrap();
+/// assert_eq!(prepared.rows().len(), 1);
+/// ```
+pub mod prelude {
+    pub use outbox_core::{
+        KeepOrder, Message, Outbox, PublishOnCommit, Publisher, Relay, RelayOnly, Store,
+        StoreAdmin,
+    };
+}
+
 /// What implementing a store, a publisher or an inbox source needs beyond the root: the
 /// claim and settle types, the enqueue traits, limits, and helpers the bundled backends use.
 pub mod implement {
