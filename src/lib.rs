@@ -128,8 +128,7 @@ pub use outbox_core::{
 /// ```
 pub mod prelude {
     pub use outbox_core::{
-        KeepOrder, Message, Outbox, PublishOnCommit, Publisher, Relay, RelayOnly, Store,
-        StoreAdmin,
+        KeepOrder, Message, Outbox, PublishOnCommit, Publisher, Relay, RelayOnly, Store, StoreAdmin,
     };
 }
 

@@ -45,6 +45,33 @@ pub fn map_err(e: sqlx::Error) -> Error {
 
 pub use outbox_core::redact_url;
 
+/// A pool to `url` for a store, after a probe connection (see [`probe`]) so that a refused
+/// login is a configuration error at once; errors name the database by `database` and the
+/// URL without its password.
+pub(crate) async fn open_pool<DB: sqlx::Database>(
+    connect: <DB::Connection as sqlx::Connection>::Options,
+    max_connections: u32,
+    acquire_timeout: std::time::Duration,
+    url: &str,
+    database: &str,
+) -> outbox_core::Result<sqlx::Pool<DB>> {
+    probe::<DB::Connection>(&connect, acquire_timeout, url, database).await?;
+    sqlx::pool::PoolOptions::<DB>::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire_timeout)
+        .connect_with(connect)
+        .await
+        .map_err(|e| {
+            let mapped = map_err(e);
+            Error::new(
+                mapped.kind(),
+                Retry::Transient,
+                format!("cannot connect to {database} at {}", redact_url(url)),
+            )
+            .with_source(mapped)
+        })
+}
+
 /// Open one connection before the pool, so that a server that is down or refuses us is
 /// reported at once with its cause ("connection refused", "password authentication
 /// failed"), not as "pool timed out" after the acquire timeout. A refused login is a

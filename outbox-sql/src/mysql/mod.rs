@@ -254,27 +254,14 @@ impl MySqlStore {
             Error::config(format!("invalid MySQL URL {}", redact_url(url))).with_source(e)
         })?;
         validate_identifier(&options.table)?;
-        crate::common::probe::<sqlx::MySqlConnection>(
-            &connect,
+        let pool = crate::common::open_pool(
+            connect,
+            options.max_connections,
             options.acquire_timeout,
             url,
             "MySQL",
         )
         .await?;
-        let pool = MySqlPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(|e| {
-                let mapped = map_err(e);
-                Error::new(
-                    mapped.kind(),
-                    Retry::Transient,
-                    format!("cannot connect to MySQL at {}", redact_url(url)),
-                )
-                .with_source(mapped)
-            })?;
         let mut store = Self::from_pool(pool, &options.table)?;
         if let Some(inner) = Arc::get_mut(&mut store.inner) {
             inner.lock_timeout = options.lock_timeout;

@@ -163,22 +163,14 @@ impl PgStore {
         // The relay's statements are short, but their estimates grow with the table: JIT would
         // compile them for about a second each on a million-row backlog.
         let connect = connect.options([("jit", "off")]);
-        crate::common::probe::<PgConnection>(&connect, options.acquire_timeout, url, "PostgreSQL")
-            .await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout)
-            .connect_with(connect)
-            .await
-            .map_err(|e| {
-                let mapped = map_err(e);
-                Error::new(
-                    mapped.kind(),
-                    Retry::Transient,
-                    format!("cannot connect to PostgreSQL at {}", redact_url(url)),
-                )
-                .with_source(mapped)
-            })?;
+        let pool = crate::common::open_pool(
+            connect,
+            options.max_connections,
+            options.acquire_timeout,
+            url,
+            "PostgreSQL",
+        )
+        .await?;
         let mut store = Self::from_pool(pool, &options.table)?;
         if let Some(inner) = Arc::get_mut(&mut store.inner) {
             inner.lock_timeout = options.lock_timeout;
