@@ -508,23 +508,34 @@ impl MariaDb {
     pub fn start_on(port: u16, extra: &[String]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let status = Command::new("mariadb-install-db")
+        // Temporary files in a folder of this server's own: servers sharing /tmp (several
+        // tests installing at once) name their temporary tables alike and remove each
+        // other's ("Unknown table 'mysql.tmp_user_sys'": 6 of 32 concurrent installs failed).
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        let out = Command::new("mariadb-install-db")
             .args([
                 "--no-defaults",
                 "--user=root",
                 "--auth-root-authentication-method=normal",
             ])
             .arg(format!("--datadir={}", data.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .arg(format!("--tmpdir={}", tmp.display()))
+            .output()
             .expect("mariadb-install-db (scripts/setup.sh installs mariadb-server)");
-        assert!(status.success(), "mariadb-install-db failed");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         std::fs::create_dir_all(data.join("test")).unwrap();
         let d = |p: &Path| p.display().to_string();
         let mut args = vec![
             "--no-defaults".to_owned(),
             format!("--datadir={}", d(&data)),
+            format!("--tmpdir={}", d(&tmp)),
             format!("--port={port}"),
             "--bind-address=127.0.0.1".into(),
             format!("--socket={}", d(&dir.path().join("sock"))),
