@@ -36,6 +36,8 @@ mod robustness;
 pub use robustness::*;
 mod operators;
 pub use operators::*;
+pub mod broker;
+pub use broker::BrokerHarness;
 
 /// What a backend provides to run the suite.
 #[async_trait]
