@@ -1,5 +1,5 @@
-//! The publisher and source suite: what a broker crate's [`Publisher`](crate::Publisher) and
-//! [`Source`](crate::Source) promise together, run by every broker crate against its real
+//! The publisher and source suite: what a broker crate's [`Publisher`] and
+//! [`Source`] promise together, run by every broker crate against its real
 //! broker (and by yours: implement [`BrokerHarness`], then `broker_tests!(harness)`).
 //!
 //! A message published is received with its id, payload bytes, stream, key, content type and
