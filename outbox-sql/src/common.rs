@@ -464,3 +464,35 @@ pub(crate) enum FilterValue {
     Text(String),
     Seq(i64),
 }
+
+/// Bookkeeping a claim leaves to the background (forgetting empty units), at most one task
+/// at a time per store: a claim that finds one running leaves its work to a later claim,
+/// which finds the same units again. A failure is logged, never returned: nothing waits for it.
+#[derive(Default)]
+pub(crate) struct Background(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Background {
+    pub(crate) fn run<F>(&self, work: F)
+    where
+        F: std::future::Future<Output = outbox_core::Result<()>> + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        if self.0.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        /// Clears the flag however the task ends (cancelled with its runtime included).
+        struct Done(std::sync::Arc<std::sync::atomic::AtomicBool>);
+        impl Drop for Done {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let done = Done(self.0.clone());
+        tokio::spawn(async move {
+            let _done = done;
+            if let Err(e) = work.await {
+                tracing::debug!(error = %e, "background bookkeeping failed; a later claim does it");
+            }
+        });
+    }
+}

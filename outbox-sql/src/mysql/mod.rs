@@ -187,6 +187,8 @@ struct Inner {
     known: std::sync::Mutex<std::collections::HashSet<Unit>>,
     table: String,
     notify: Notify,
+    /// A claim's empty units are being forgotten in the background.
+    forgetting: crate::common::Background,
 }
 
 /// Most units remembered as having a lock row.
@@ -289,6 +291,7 @@ impl MySqlStore {
                 known: Default::default(),
                 table: table.to_owned(),
                 notify: Notify::new(),
+                forgetting: Default::default(),
             }),
         })
     }
@@ -626,8 +629,14 @@ impl Store for MySqlStore {
         for _ in 0..3 {
             let (rows, empty) = self.claim_once(claim).await?;
             let retry = rows.is_empty() && !empty.is_empty();
-            if !empty.is_empty() {
+            if retry {
                 self.forget_empty_units(&empty).await?;
+            } else if !empty.is_empty() {
+                // Off the path to publishing: a unit left unforgotten is found again.
+                let store = self.clone();
+                self.inner
+                    .forgetting
+                    .run(async move { store.forget_empty_units(&empty).await });
             }
             if !retry {
                 return Ok(rows);

@@ -119,6 +119,9 @@ struct Inner {
     sql: Sql,
     notify: Arc<Notify>,
     listening: AtomicBool,
+    /// A claim's empty units are being forgotten in the background (at most one such task:
+    /// a claim that finds one running leaves its empties for a later claim).
+    forgetting: crate::common::Background,
     /// How many times `LISTEN` has been established (0: not yet).
     listens: Arc<tokio::sync::watch::Sender<u64>>,
 }
@@ -199,6 +202,7 @@ impl PgStore {
                 sql: Sql::new(table),
                 notify: Arc::new(Notify::new()),
                 listening: AtomicBool::new(false),
+                forgetting: Default::default(),
                 listens: Arc::new(tokio::sync::watch::channel(0).0),
             }),
         })
@@ -625,8 +629,14 @@ impl Store for PgStore {
                 }
             }
             let retry = out.is_empty() && !empty.0.is_empty();
-            if !empty.0.is_empty() {
+            if retry {
                 self.forget_empty_units(&empty.0, &empty.1).await?;
+            } else if !empty.0.is_empty() {
+                // Off the path to publishing: a unit left unforgotten is found again.
+                let store = self.clone();
+                self.inner
+                    .forgetting
+                    .run(async move { store.forget_empty_units(&empty.0, &empty.1).await });
             }
             if !retry {
                 out.sort_by_key(|r| match r {
@@ -843,9 +853,10 @@ impl PgStore {
         if !jit {
             return q.fetch_all(&self.inner.pool).await.map_err(map_err);
         }
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
-        sqlx::query("SET LOCAL jit = off")
-            .execute(&mut *tx)
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN; SET LOCAL jit = off")
             .await
             .map_err(map_err)?;
         let rows = q.fetch_all(&mut *tx).await.map_err(map_err)?;
@@ -905,7 +916,14 @@ impl PgStore {
         keys: &[String],
     ) -> outbox_core::Result<()> {
         let t = &self.inner.table;
-        let mut tx = self.inner.pool.begin().await.map_err(map_err)?;
+        // Bookkeeping, as a claim's lease: a unit deleted here and restored by a crash is
+        // found empty again (see `Sql::claim` on `synchronous_commit`).
+        let mut tx = self
+            .inner
+            .pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+            .await
+            .map_err(map_err)?;
         let locked: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT u.stream, u.okey FROM {t}_units u JOIN unnest($1::text[], $2::text[]) AS x(s, k)
                ON u.stream = x.s AND u.okey = x.k

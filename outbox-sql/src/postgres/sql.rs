@@ -182,11 +182,19 @@ fn insert_rows(t: &str) -> String {
 // blocked unit's rows are never read. Publish-on-commit rows left for the relay are due
 // through <table>_oc (their `next_attempt_at` is the lease's end while leased). Sizes first;
 // payloads only for the rows taken (an oversized one, over $5, is read as NULL).
+//
+// The claim commits without waiting for its WAL flush (`synchronous_commit` off for this
+// statement only): what it writes is a lease, and a lease lost with the server's last
+// moments is one that ended early; the relay that held it then cannot record its batch, whose
+// rows are published again (a duplicate, as when a relay dies before recording). Every later
+// synchronous commit flushes it anyway. This takes a WAL flush (0.2-4 ms) off the path from
+// commit to publish.
 fn claim(t: &str) -> String {
     let capped = format!("CASE WHEN octet_length({t}.payload) > $5 THEN NULL ELSE {t}.payload END");
     let cols = cols(&format!("{t}."), &capped);
     format!(
-        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
+        "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v,
+                   set_config('synchronous_commit', 'off', true) AS s),
                  now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
                  u AS MATERIALIZED (
                    SELECT d.stream, d.okey, d.head_seq FROM {t}_due d
