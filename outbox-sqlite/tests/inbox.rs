@@ -154,6 +154,60 @@ async fn a_message_that_crashed_the_consumer_max_attempts_times_is_a_dead_letter
     assert_eq!(count(&store), 1);
 }
 
+/// The consumer dies in the poison's handler, round after round: every round counted an
+/// attempt at the whole batch (one transaction), so the messages behind the poison carry as
+/// many attempts as the poison without ever having run. Only the poison is a crash loop; the
+/// rest run when it is out of the way.
+#[tokio::test]
+async fn the_messages_behind_a_crash_loop_run_they_are_not_dead_letters() {
+    let (_dir, store, table) = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let handler = move |tx: &Transaction<'_>, m: &Received| {
+        r.fetch_add(1, Ordering::SeqCst);
+        tx.execute("INSERT INTO effects VALUES (?1)", [m.id.to_string()])
+            .map_err(outbox_sqlite::map_err)?;
+        Ok(())
+    };
+    let first = Received::new(MessageId::new(), "t", b"ok".to_vec());
+    let poison = Received::new(MessageId::new(), "t", b"boom".to_vec());
+    let behind: Vec<Received> = (0..2)
+        .map(|_| Received::new(MessageId::new(), "t", b"ok".to_vec()))
+        .collect();
+    let inbox = table.consumer("billing", handler.clone()).unwrap();
+    // Round 1: the batch counted, `first` processed, the consumer killed in the poison's
+    // handler. Rounds 2 and 3: the broker gives the unacknowledged rest again; killed again.
+    let mut ids = vec![first.id, poison.id];
+    ids.extend(behind.iter().map(|m| m.id));
+    inbox.start(&ids).await.unwrap();
+    assert_eq!(inbox.process(&first).await.unwrap(), Processed::Done);
+    for _ in 0..2 {
+        inbox.start(&ids[1..]).await.unwrap();
+    }
+    let mut waiting: VecDeque<Received> = [poison.clone()].into();
+    waiting.extend(behind.iter().cloned());
+    let mut consumer = Consumer::new(
+        Queue {
+            waiting,
+            ..Default::default()
+        },
+        table.consumer("billing", handler).unwrap(),
+    )
+    .retry(RetryPolicy {
+        max_attempts: 3,
+        ..Default::default()
+    })
+    .unwrap();
+    let r = consumer.run_once().await.unwrap();
+    assert_eq!((r.processed, r.dead_lettered), (2, 1), "{r:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 3, "first, then the two behind");
+    assert_eq!(count(&store), 3);
+    let dead = table.dead_letters(Some("billing"), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.id, poison.id);
+    assert!(dead[0].error.as_deref().unwrap().contains("crash loop"));
+}
+
 #[tokio::test]
 async fn a_permanent_handler_error_dead_letters_at_once_and_rolls_back_its_writes() {
     let (_dir, store, table) = setup();

@@ -162,7 +162,7 @@ impl<S: Source> Consumer<S> {
                 Some(Seen::New { attempts }) => *attempts,
                 _ => continue,
             };
-            self.handle(&message, attempts, &mut report).await?;
+            self.handle(&message, attempts, true, &mut report).await?;
         }
 
         let deliveries = match self.unfinished.take() {
@@ -199,6 +199,8 @@ impl<S: Source> Consumer<S> {
         let mut seen = self.inbox.start(&ids).await?.into_iter();
         // Oversized deliveries dead-lettered in this round (a second copy is a duplicate).
         let mut oversized: Vec<MessageId> = Vec::new();
+        // Whether a message started in an earlier round came before: see `handle`.
+        let mut suspect_before = false;
         for d in deliveries {
             match &d.message {
                 Err(bad) => {
@@ -241,7 +243,12 @@ impl<S: Source> Consumer<S> {
                             .await?;
                         report.dead_lettered += 1;
                     }
-                    Some(Seen::New { attempts }) => self.handle(message, attempts, report).await?,
+                    Some(Seen::New { attempts }) => {
+                        let first_suspect = attempts > 1 && !suspect_before;
+                        suspect_before |= attempts > 1;
+                        self.handle(message, attempts, first_suspect, report)
+                            .await?
+                    }
                     None => {
                         return Err(Error::store(
                             "the inbox answered for fewer messages than it was asked about",
@@ -255,15 +262,23 @@ impl<S: Source> Consumer<S> {
     }
 
     /// Attempts at one message until it is done, a duplicate, or a dead letter.
+    ///
+    /// A round counts an attempt at its whole batch at once, so when the consumer dies in one
+    /// message's handler, the messages behind it are counted too without having run. Round
+    /// after round they carry the same count as the one that kills the consumer, which is the
+    /// first unfinished message of the batch the broker gives again (`crash_suspect`): only
+    /// that one is judged a crash loop. The others run; if one of them turns out to kill the
+    /// consumer too, it is the first next time, with fewer crashes left than `max_attempts`.
     async fn handle(
         &self,
         message: &Received,
         mut attempts: u32,
+        mut crash_suspect: bool,
         report: &mut ConsumerReport,
     ) -> Result<()> {
         let inbox = &self.inbox;
         loop {
-            if attempts > self.retry.max_attempts {
+            if crash_suspect && attempts > self.retry.max_attempts {
                 tracing::error!(consumer = inbox.consumer(), id = %message.id, attempts, "message crashed the consumer too often; kept as a dead letter");
                 inbox
                     .dead_letter(
@@ -312,6 +327,8 @@ impl<S: Source> Consumer<S> {
                 report.dead_lettered += 1;
                 return Ok(());
             }
+            // From here on, attempts are this message's own.
+            crash_suspect = true;
             let delay = error.retry_after().unwrap_or_else(|| self.retry.delay(n));
             tracing::warn!(consumer = inbox.consumer(), id = %message.id, attempts = n, error = %error, ?delay, "handler failed; retrying");
             tokio::time::sleep(delay).await;
