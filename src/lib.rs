@@ -108,8 +108,8 @@ pub use outbox_core::{
 /// Re-exported for implementing the traits (`#[outbox::async_trait]`).
 pub use outbox_core::async_trait;
 pub use outbox_core::{
-    Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed, Received,
-    Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
+    BatchProcessed, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming,
+    Processed, Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 
 /// The names most programs use, in one import: the outbox and its messages, the built-in

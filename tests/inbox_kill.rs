@@ -2,7 +2,8 @@
 //! database commit and their acknowledgement, while the broker redelivers: the effects table
 //! ends with exactly one effect per message id. One scenario per broker, each on a real
 //! database: Redis Streams → PostgreSQL, RabbitMQ → MariaDB, Kafka (mock cluster) → SQLite, NATS
-//! JetStream → SQLite.
+//! JetStream → SQLite; and the consumer's batched mode (one transaction per batch) on
+//! Redis Streams → PostgreSQL, RabbitMQ → MariaDB and Kafka → SQLite.
 //!
 //! A test binary without the libtest harness: run plainly, it is the test; run with
 //! `OUTBOX_INBOX_CHILD` set, it is one consumer process of a scenario (the test starts it,
@@ -61,6 +62,9 @@ fn main() {
             "amqp-mariadb",
             "kafka-sqlite",
             "nats-sqlite",
+            "redis-postgres-batched",
+            "amqp-mariadb-batched",
+            "kafka-sqlite-batched",
         ] {
             let only = std::env::var("OUTBOX_INBOX_SCENARIOS").unwrap_or_default();
             if only.is_empty() || only.split(',').any(|s| s == scenario) {
@@ -94,7 +98,7 @@ async fn parent(scenario: &str) {
         })
         .collect();
     let batch: Vec<&Envelope> = envelopes.iter().collect();
-    let (broker, db) = scenario.split_once('-').unwrap();
+    let (broker, db, _) = parse(scenario);
     let mut setup = Setup {
         vars: vec![("OUTBOX_INBOX_NAME", name.clone())],
         _keep: Vec::new(),
@@ -417,7 +421,7 @@ fn outbox_sql_err(e: impl std::error::Error + Send + Sync + 'static) -> outbox::
 }
 
 async fn child(scenario: &str) {
-    let (broker, db) = scenario.split_once('-').unwrap();
+    let (broker, db, batched) = parse(scenario);
     let name = env("OUTBOX_INBOX_NAME");
     let target = env("OUTBOX_INBOX_BROKER");
     let db_url = env("OUTBOX_INBOX_DB");
@@ -456,13 +460,13 @@ async fn child(scenario: &str) {
             let s = outbox::redis::RedisStreamSource::connect(&target, &name, "g", "member")
                 .await
                 .unwrap();
-            run(DieBeforeAck(s, self_kill), inbox).await
+            run(DieBeforeAck(s, self_kill), inbox, batched).await
         }
         "amqp" => {
             let s = outbox::amqp::AmqpSource::connect(&target, &name)
                 .await
                 .unwrap();
-            run(DieBeforeAck(s, self_kill), inbox).await
+            run(DieBeforeAck(s, self_kill), inbox, batched).await
         }
         "kafka" => {
             let mut config = outbox::kafka::rdkafka::config::ClientConfig::new();
@@ -470,21 +474,31 @@ async fn child(scenario: &str) {
                 .set("bootstrap.servers", &target)
                 .set("group.id", "g");
             let s = outbox::kafka::KafkaSource::assign(config, &name, &[0, 1]).unwrap();
-            run(DieBeforeAck(s, self_kill), inbox).await
+            run(DieBeforeAck(s, self_kill), inbox, batched).await
         }
         "nats" => {
             let p = outbox::nats::NatsPublisher::connect(&target).await.unwrap();
             let s = outbox::nats::NatsSource::with_ack_wait(&p, &name, "g", Duration::from_secs(1))
                 .await
                 .unwrap();
-            run(DieBeforeAck(s, self_kill), inbox).await
+            run(DieBeforeAck(s, self_kill), inbox, batched).await
         }
         other => panic!("unknown broker {other}"),
     }
 }
 
-async fn run<S: Source>(source: S, inbox: Box<dyn Inbox>) {
+/// (broker, database, batched mode) of a scenario named `broker-database[-batched]`.
+fn parse(scenario: &str) -> (&str, &str, bool) {
+    let (broker, rest) = scenario.split_once('-').unwrap();
+    match rest.strip_suffix("-batched") {
+        Some(db) => (broker, db, true),
+        None => (broker, rest, false),
+    }
+}
+
+async fn run<S: Source>(source: S, inbox: Box<dyn Inbox>, batched: bool) {
     let mut consumer = Consumer::new(source, inbox)
+        .batched(batched)
         .batch_size(10)
         .unwrap()
         .wait(Duration::from_millis(100))

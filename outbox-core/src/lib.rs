@@ -59,8 +59,8 @@ pub mod conformance;
 pub use cleaner::{cutoff, Cleaner, DEFAULT_RETENTION, MAX_RETENTION};
 pub use error::{validate_identifier, Error, ErrorKind, Result, Retry};
 pub use inbox::{
-    parse_id, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter, Incoming, Processed,
-    Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
+    parse_id, BatchProcessed, Consumer, ConsumerReport, Inbox, InboxAdmin, InboxDeadLetter,
+    Incoming, Processed, Received, Seen, Source, Unreadable, DEFAULT_MAX_DELIVERY_BYTES, ID_HEADER,
 };
 pub use message::{
     from_millis, to_millis, Encoder, Envelope, JsonEncoder, Message, MessageId, Status,

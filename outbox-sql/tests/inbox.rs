@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outbox_core::{async_trait, Inbox, MessageId, Processed, Received, Seen};
+use outbox_core::{async_trait, BatchProcessed, Inbox, MessageId, Processed, Received, Seen};
 use outbox_sql::inbox::{SqlHandler, SqlInboxTable};
 use outbox_sql::mysql::MySqlStore;
 use outbox_sql::postgres::PgStore;
@@ -43,6 +43,10 @@ impl SqlHandler<Postgres> for Record {
             .await
             .map_err(outbox_sql::map_err)?;
         tokio::time::sleep(Duration::from_millis(5)).await;
+        if m.payload == b"fail" {
+            // After its write: a rollback must take the write away.
+            return Err(outbox_core::Error::transient("refused"));
+        }
         Ok(())
     }
 }
@@ -61,6 +65,10 @@ impl SqlHandler<MySql> for Record {
             .await
             .map_err(outbox_sql::map_err)?;
         tokio::time::sleep(Duration::from_millis(5)).await;
+        if m.payload == b"fail" {
+            // After its write: a rollback must take the write away.
+            return Err(outbox_core::Error::transient("refused"));
+        }
         Ok(())
     }
 }
@@ -118,6 +126,104 @@ async fn race<I: Inbox + 'static>(a: I, b: I, runs: Arc<AtomicUsize>) -> (usize,
         "one handler run per message"
     );
     (a.0 + b.0, a.1 + b.1)
+}
+
+/// Batched mode on any store: one transaction for a batch (a second copy of an id and an id
+/// already done are duplicates), a failing handler rolls back its batch-mates' writes and
+/// says which message failed, and two consumers processing the same 40 messages as batches
+/// at once, in opposite orders, give one effect each. `effects()` counts effect rows.
+async fn batches<I, F, Fut>(a: I, b: I, runs: Arc<AtomicUsize>, effects: F)
+where
+    I: Inbox + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = i64>,
+{
+    let m: Vec<Received> = (0..4)
+        .map(|i| Received::new(MessageId::new(), "t", vec![i]))
+        .collect();
+    let ids: Vec<MessageId> = m.iter().map(|m| m.id).collect();
+    a.start(&ids).await.unwrap();
+    assert_eq!(a.process(&m[3]).await.unwrap(), Processed::Done);
+    let before = effects().await;
+    match a
+        .process_batch(&[&m[0], &m[1], &m[0], &m[3], &m[2]])
+        .await
+        .unwrap()
+    {
+        BatchProcessed::Committed(r) => assert_eq!(
+            r,
+            [
+                Processed::Done,
+                Processed::Done,
+                Processed::Duplicate,
+                Processed::Duplicate,
+                Processed::Done
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(effects().await, before + 3);
+    assert_eq!(a.start(&ids).await.unwrap(), [Seen::Done; 4]);
+
+    let ok = Received::new(MessageId::new(), "t", b"ok".to_vec());
+    let bad = Received::new(MessageId::new(), "t", b"fail".to_vec());
+    let after = Received::new(MessageId::new(), "t", b"after".to_vec());
+    a.start(&[ok.id, bad.id, after.id]).await.unwrap();
+    let before = effects().await;
+    match a.process_batch(&[&ok, &bad, &after]).await.unwrap() {
+        BatchProcessed::Failed { index, error } => {
+            assert_eq!(index, 1);
+            assert!(error.to_string().contains("refused"), "{error}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        effects().await,
+        before,
+        "the batch-mate's write rolled back"
+    );
+    assert_eq!(
+        a.start(&[ok.id]).await.unwrap(),
+        [Seen::New { attempts: 2 }],
+        "not marked done"
+    );
+
+    runs.store(0, Ordering::SeqCst);
+    let msgs: Vec<Received> = (0..40)
+        .map(|i| Received::new(MessageId::new(), "t", vec![i]))
+        .collect();
+    let go = |inbox: I, mut msgs: Vec<Received>, reverse: bool| {
+        tokio::spawn(async move {
+            // As the consumer does: attempts counted first.
+            let ids: Vec<MessageId> = msgs.iter().map(|m| m.id).collect();
+            inbox.start(&ids).await.unwrap();
+            if reverse {
+                msgs.reverse();
+            }
+            let (mut done, mut dup) = (0, 0);
+            for chunk in msgs.chunks(10) {
+                let refs: Vec<&Received> = chunk.iter().collect();
+                match inbox.process_batch(&refs).await.unwrap() {
+                    BatchProcessed::Committed(r) => {
+                        for p in r {
+                            match p {
+                                Processed::Done => done += 1,
+                                Processed::Duplicate => dup += 1,
+                            }
+                        }
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            (done, dup)
+        })
+    };
+    let before = effects().await;
+    let ta = go(a, msgs.clone(), false);
+    let tb = go(b, msgs, true);
+    let (x, y) = (ta.await.unwrap(), tb.await.unwrap());
+    assert_eq!((x.0 + y.0, x.1 + y.1), (40, 40));
+    assert_eq!(effects().await, before + 40, "one effect per message");
 }
 
 async fn pg() -> (PgStore, SqlInboxTable<Postgres>, String) {
@@ -180,6 +286,19 @@ async fn postgres_inbox_steps_and_a_race_of_two_consumers() {
     .unwrap();
     assert_eq!(n, 0, "no message has two effects");
     admin(&table).await;
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {effects}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    batches(
+        table.consumer("batched", rec()).unwrap(),
+        table_b.consumer("batched", rec()).unwrap(),
+        runs.clone(),
+        count,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -215,6 +334,19 @@ async fn mariadb_inbox_steps_and_a_race_of_two_consumers() {
     .unwrap();
     assert_eq!(n, 0, "no message has two effects");
     admin_mysql(&table).await;
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(&format!("SELECT COUNT(*) FROM {effects}"))
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+    };
+    batches(
+        table.consumer("batched", rec()).unwrap(),
+        table_b.consumer("batched", rec()).unwrap(),
+        runs.clone(),
+        count,
+    )
+    .await;
 }
 
 macro_rules! admin_checks {

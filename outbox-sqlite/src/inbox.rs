@@ -338,6 +338,53 @@ impl<H: SqliteHandler> Inbox for SqliteInbox<H> {
             .await
     }
 
+    /// One transaction: each message marked and handled in order, commit.
+    async fn process_batch(
+        &self,
+        messages: &[&Received],
+    ) -> outbox_core::Result<outbox_core::BatchProcessed> {
+        use outbox_core::BatchProcessed;
+        let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
+        let messages: Vec<Received> = messages.iter().map(|m| (*m).clone()).collect();
+        self.table
+            .blocking(move |conn, t| {
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(map_err)?;
+                let now = now_ms();
+                let mut out = Vec::with_capacity(messages.len());
+                {
+                    let mut mark = tx
+                        .prepare_cached(&format!(
+                            "INSERT INTO {t} (consumer, id, state, attempts, first_seen_at, done_at)
+                             VALUES (?1, ?2, 'done', 1, ?3, ?3)
+                             ON CONFLICT (consumer, id) DO UPDATE SET state = 'done',
+                               done_at = excluded.done_at, last_error = NULL
+                             WHERE state = 'started'"
+                        ))
+                        .map_err(map_err)?;
+                    for (index, m) in messages.iter().enumerate() {
+                        if mark
+                            .execute(params![consumer, m.id.to_string(), now])
+                            .map_err(map_err)?
+                            == 0
+                        {
+                            out.push(Processed::Duplicate);
+                            continue;
+                        }
+                        if let Err(error) = handler.handle(&tx, m) {
+                            // The transaction rolls back on drop.
+                            return Ok(BatchProcessed::Failed { index, error });
+                        }
+                        out.push(Processed::Done);
+                    }
+                }
+                tx.commit().map_err(map_err)?;
+                Ok(BatchProcessed::Committed(out))
+            })
+            .await
+    }
+
     async fn failed(&self, id: MessageId, error: &str) -> outbox_core::Result<u32> {
         let (consumer, error) = (self.consumer.clone(), error.to_owned());
         self.table

@@ -208,6 +208,83 @@ async fn the_messages_behind_a_crash_loop_run_they_are_not_dead_letters() {
     assert!(dead[0].error.as_deref().unwrap().contains("crash loop"));
 }
 
+/// Effects in the order they committed.
+fn effects_in_order(store: &SqliteStore) -> Vec<String> {
+    let conn = store.connect().unwrap();
+    let mut stmt = conn
+        .prepare("SELECT msg FROM effects ORDER BY rowid")
+        .unwrap();
+    let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+    rows.map(Result::unwrap).collect()
+}
+
+/// Batched mode: a run of new messages commits in one transaction; a handler that fails
+/// once (transient) rolls back its batch-mates, which are processed again without it, and
+/// it is retried alone; one that fails permanently is a dead letter; every effect once, in
+/// delivery order; a second copy in the same batch is a duplicate.
+#[tokio::test]
+async fn batched_mode_takes_a_failing_message_out_of_its_batch() {
+    let (_dir, store, table) = setup();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let flaky_failed = Arc::new(AtomicUsize::new(0));
+    let (r, f) = (runs.clone(), flaky_failed.clone());
+    let handler = move |tx: &Transaction<'_>, m: &Received| {
+        r.fetch_add(1, Ordering::SeqCst);
+        tx.execute("INSERT INTO effects VALUES (?1)", [m.text()?])
+            .map_err(outbox_sqlite::map_err)?;
+        match m.text()? {
+            "flaky" if f.fetch_add(1, Ordering::SeqCst) == 0 => {
+                Err(outbox_core::Error::transient("not yet"))
+            }
+            "poison" => Err(outbox_core::Error::permanent("never")),
+            _ => Ok(()),
+        }
+    };
+    let names = ["m0", "m1", "flaky", "m3", "poison", "m5"];
+    let msgs: Vec<Received> = names
+        .iter()
+        .map(|n| Received::new(MessageId::new(), "t", n.as_bytes().to_vec()))
+        .collect();
+    let mut waiting: VecDeque<Received> = msgs.iter().cloned().collect();
+    waiting.push_back(msgs[1].clone()); // a second copy in the same batch
+    let mut consumer = Consumer::new(
+        Queue {
+            waiting,
+            ..Default::default()
+        },
+        table.consumer("billing", handler).unwrap(),
+    )
+    .batched(true)
+    .retry(RetryPolicy {
+        initial: Duration::from_millis(1),
+        ..Default::default()
+    })
+    .unwrap();
+    let report = consumer.run_once().await.unwrap();
+    assert_eq!(
+        (
+            report.processed,
+            report.duplicates,
+            report.dead_lettered,
+            report.failed_attempts
+        ),
+        (5, 1, 1, 3),
+        "{report:?}"
+    );
+    assert_eq!(
+        effects_in_order(&store),
+        ["m0", "m1", "flaky", "m3", "m5"],
+        "each effect once, in delivery order"
+    );
+    // Handler runs: [m0 m1 flaky*] rolled back; [m0 m1]; flaky alone; [m3 poison*] rolled
+    // back; [m3]; poison alone (permanent: no retry); [m5]; the copy of m1 runs nothing.
+    assert_eq!(runs.load(Ordering::SeqCst), 3 + 2 + 1 + 2 + 1 + 1 + 1);
+    assert_eq!(consumer.source_mut().acked.len(), 7, "all acknowledged");
+    let dead = table.dead_letters(Some("billing"), 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.payload, b"poison");
+}
+
 #[tokio::test]
 async fn a_permanent_handler_error_dead_letters_at_once_and_rolls_back_its_writes() {
     let (_dir, store, table) = setup();

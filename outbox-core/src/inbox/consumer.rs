@@ -46,6 +46,8 @@ pub struct Consumer<S: Source> {
     batch_size: usize,
     wait: Duration,
     max_delivery_bytes: usize,
+    /// One transaction per run of new messages ([`Consumer::batched`]).
+    batched: bool,
     /// A batch whose round failed (a database or broker error): retried, whole, before
     /// anything new is received. Brokers do not give it back while this consumer lives
     /// (Kafka's position has moved past it, RabbitMQ keeps it unacknowledged on the channel),
@@ -74,6 +76,7 @@ impl<S: Source> Consumer<S> {
             batch_size: 100,
             wait: Duration::from_millis(500),
             max_delivery_bytes: DEFAULT_MAX_DELIVERY_BYTES,
+            batched: false,
             unfinished: None,
         }
     }
@@ -106,6 +109,21 @@ impl<S: Source> Consumer<S> {
         }
         self.batch_size = n;
         Ok(self)
+    }
+
+    /// Batched mode (off by default): the new messages of a round are processed in **one**
+    /// transaction ([`Inbox::process_batch`]): marks and handler writes commit together, once
+    /// per run instead of once per message. Exactly-once effects hold as in the default mode
+    /// (a crash rolls the whole batch back; its messages come back and are processed again).
+    ///
+    /// A handler that fails rolls back its batch-mates' writes too, so they are processed
+    /// again without it: the messages before it as a batch, then it alone (with the usual
+    /// retries and dead letter; the failed batch attempt is not counted against it), then
+    /// the rest. Messages started in an earlier unfinished round (a crash, a failure) are
+    /// always processed alone. Effects keep the delivery order either way.
+    pub fn batched(mut self, yes: bool) -> Self {
+        self.batched = yes;
+        self
     }
 
     /// How long one round waits for a first delivery (default 500 ms).
@@ -201,7 +219,37 @@ impl<S: Source> Consumer<S> {
         let mut oversized: Vec<MessageId> = Vec::new();
         // Whether a message started in an earlier round came before: see `handle`.
         let mut suspect_before = false;
+        // Batched mode: the run of new messages not processed yet, in delivery order.
+        let mut run: Vec<&Received> = Vec::new();
         for d in deliveries {
+            let readable = d.message.as_ref().ok().filter(|m| {
+                self.batched
+                    && !oversized.contains(&m.id)
+                    && delivery_size(m) <= self.max_delivery_bytes
+            });
+            if let Some(message) = readable {
+                match seen.next() {
+                    Some(Seen::New { attempts: 1 }) => run.push(message),
+                    // No effect: the run goes on around it.
+                    Some(Seen::Done | Seen::Dead) => report.duplicates += 1,
+                    // Started in an earlier round: alone, after the run before it (effects
+                    // keep the delivery order).
+                    Some(Seen::New { attempts }) => {
+                        self.flush(&mut run, report).await?;
+                        let first_suspect = !suspect_before;
+                        suspect_before = true;
+                        self.handle(message, attempts, first_suspect, report)
+                            .await?;
+                    }
+                    None => {
+                        return Err(Error::store(
+                            "the inbox answered for fewer messages than it was asked about",
+                        ))
+                    }
+                }
+                continue;
+            }
+            self.flush(&mut run, report).await?;
             match &d.message {
                 Err(bad) => {
                     let message = Received {
@@ -257,8 +305,56 @@ impl<S: Source> Consumer<S> {
                 },
             }
         }
+        self.flush(&mut run, report).await?;
         let tokens = deliveries.iter().map(|d| d.token.clone()).collect();
         self.source.ack(tokens).await
+    }
+
+    /// Batched mode: process `run` in one transaction; a message whose handler fails is
+    /// taken out (the ones before it go as a batch again, it goes alone, then the rest).
+    async fn flush(&self, run: &mut Vec<&Received>, report: &mut ConsumerReport) -> Result<()> {
+        let all = std::mem::take(run);
+        let (mut start, mut end) = (0, all.len());
+        // The message whose handler failed in a batch (its index in `all`), and its error.
+        let mut failed: Option<(usize, Error)> = None;
+        while start < all.len() {
+            if let Some((at, error)) = failed.take_if(|(at, _)| *at == start) {
+                let m = all[at];
+                report.failed_attempts += 1;
+                tracing::warn!(consumer = self.inbox.consumer(), id = %m.id, error = %error, "handler failed in a batch; its batch-mates go on without it, and it is processed alone");
+                self.handle(m, 1, true, report).await?;
+                (start, end) = (start + 1, all.len());
+                continue;
+            }
+            match self.inbox.process_batch(&all[start..end]).await? {
+                BatchProcessed::Committed(results) => {
+                    if results.len() != end - start {
+                        return Err(Error::store(
+                            "the inbox answered for another number of messages than its batch",
+                        ));
+                    }
+                    for p in results {
+                        match p {
+                            Processed::Done => report.processed += 1,
+                            Processed::Duplicate => report.duplicates += 1,
+                        }
+                    }
+                    (start, end) = (end, all.len());
+                }
+                // Its batch-mates before it first, as a batch without it; then it alone.
+                BatchProcessed::Failed { index, error } if index < end - start => {
+                    failed = Some((start + index, error));
+                    end = start + index;
+                }
+                BatchProcessed::Failed { index, .. } => {
+                    return Err(Error::store(format!(
+                        "the inbox reported a failure at message {index} of a batch of {}",
+                        end - start
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Attempts at one message until it is done, a duplicate, or a dead letter.

@@ -57,6 +57,25 @@ pub enum Processed {
     Duplicate,
 }
 
+/// The result of [`Inbox::process_batch`].
+#[derive(Debug)]
+pub enum BatchProcessed {
+    /// The batch committed: for each message, in order, whether its handler ran
+    /// ([`Processed::Done`]) or it was done already ([`Processed::Duplicate`]; a second copy of
+    /// an id in the same batch is one too).
+    Committed(Vec<Processed>),
+    /// The handler failed on `messages[index]` with `error`: the batch's transaction was
+    /// rolled back, nothing of it is marked done (an implementation that commits message by
+    /// message may have committed the ones before `index`: processing them again finds
+    /// them done).
+    Failed {
+        /// The message whose handler failed.
+        index: usize,
+        /// The handler's error, as it returned it.
+        error: crate::error::Error,
+    },
+}
+
 /// One consumer's inbox in a store: the inbox table and the handler that runs in the same
 /// transaction as its mark.
 #[async_trait]
@@ -72,6 +91,24 @@ pub trait Inbox: Send + Sync {
     /// the handler's writes, commit. The handler's error rolls everything back and is
     /// returned as it is.
     async fn process(&self, message: &Received) -> Result<Processed>;
+
+    /// Batched mode ([`Consumer::batched`]): in **one** transaction, for each message in
+    /// order, mark it done unless another delivery already did and run the handler's writes;
+    /// commit once. A handler error rolls the whole batch back and says which message failed.
+    ///
+    /// By default each message goes through [`process`](Self::process) in its own
+    /// transaction (correct, not faster); the SQL and SQLite inboxes implement the one
+    /// transaction.
+    async fn process_batch(&self, messages: &[&Received]) -> Result<BatchProcessed> {
+        let mut out = Vec::with_capacity(messages.len());
+        for (index, m) in messages.iter().enumerate() {
+            match self.process(m).await {
+                Ok(p) => out.push(p),
+                Err(error) => return Ok(BatchProcessed::Failed { index, error }),
+            }
+        }
+        Ok(BatchProcessed::Committed(out))
+    }
 
     /// Record the error of a failed attempt (for operators); returns the attempts so far.
     async fn failed(&self, id: MessageId, error: &str) -> Result<u32>;
@@ -96,6 +133,9 @@ macro_rules! forward_inbox {
             }
             async fn process(&self, message: &Received) -> Result<Processed> {
                 (**self).process(message).await
+            }
+            async fn process_batch(&self, messages: &[&Received]) -> Result<BatchProcessed> {
+                (**self).process_batch(messages).await
             }
             async fn failed(&self, id: MessageId, error: &str) -> Result<u32> {
                 (**self).failed(id, error).await

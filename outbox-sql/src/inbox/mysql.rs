@@ -151,45 +151,52 @@ impl<H: SqlHandler<MySql>> Inbox for SqlInbox<MySql, H> {
     }
 
     async fn process(&self, message: &Received) -> outbox_core::Result<Processed> {
-        let t = &self.table.table;
         let mut conn = self.table.pool.acquire().await.map_err(map_err)?;
         let mut tx = conn.begin().await.map_err(map_err)?;
-        let now = now_ms();
-        let id = message.id.to_string();
-        // A locking read of the latest version: a second delivery under way waits here
-        // until the first commits, then finds the row done.
-        let mut marked = sqlx::query(&format!(
-            "UPDATE {t} SET state = 'done', done_at = ?, last_error = NULL
-             WHERE consumer = ? AND id = ? AND state = 'started'"
-        ))
-        .bind(now)
-        .bind(&*self.consumer)
-        .bind(&id)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.table.explain(e))?
-        .rows_affected();
-        if marked == 0 {
-            // Never started (a caller without `start`): take it if nobody has a row.
-            marked = sqlx::query(&format!(
-                "INSERT IGNORE INTO {t} (consumer, id, state, attempts, first_seen_at, done_at)
-                 VALUES (?, ?, 'done', 1, ?, ?)"
-            ))
-            .bind(&*self.consumer)
-            .bind(&id)
-            .bind(now)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_err)?
-            .rows_affected();
-        }
-        if marked == 0 {
+        if !self
+            .mark(&mut tx, &message.id.to_string(), now_ms())
+            .await?
+        {
             return Ok(Processed::Duplicate);
         }
         self.handler.handle(&mut tx, message).await?;
         tx.commit().await.map_err(map_err)?;
         Ok(Processed::Done)
+    }
+
+    /// One transaction: every message marked first, in id order (two batches never wait
+    /// for each other in a cycle), then the handler for each one marked, commit.
+    async fn process_batch(
+        &self,
+        messages: &[&Received],
+    ) -> outbox_core::Result<outbox_core::BatchProcessed> {
+        use outbox_core::BatchProcessed;
+        if messages.is_empty() {
+            return Ok(BatchProcessed::Committed(Vec::new()));
+        }
+        let ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
+        let mut conn = self.table.pool.acquire().await.map_err(map_err)?;
+        let mut tx = conn.begin().await.map_err(map_err)?;
+        let now = now_ms();
+        let mut todo = std::collections::HashSet::new();
+        for id in distinct_sorted(&ids) {
+            if self.mark(&mut tx, &id, now).await? {
+                todo.insert(id);
+            }
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (index, m) in messages.iter().enumerate() {
+            if !todo.remove(&m.id.to_string()) {
+                out.push(Processed::Duplicate);
+                continue;
+            }
+            if let Err(error) = self.handler.handle(&mut tx, m).await {
+                return Ok(BatchProcessed::Failed { index, error }); // rolled back on drop
+            }
+            out.push(Processed::Done);
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(BatchProcessed::Committed(out))
     }
 
     async fn failed(&self, id: MessageId, error: &str) -> outbox_core::Result<u32> {
@@ -347,5 +354,46 @@ impl crate::mysql::MySqlStore {
     /// The inbox table `table` in this store's database, on its pool.
     pub fn inbox_table(&self, table: &str) -> outbox_core::Result<SqlInboxTable<MySql>> {
         SqlInboxTable::new(self.pool().clone(), table)
+    }
+}
+
+impl<H: SqlHandler<MySql>> SqlInbox<MySql, H> {
+    /// Mark message `id` done in `tx` unless it is already done or dead; whether it was.
+    async fn mark(
+        &self,
+        tx: &mut sqlx::MySqlConnection,
+        id: &str,
+        now: i64,
+    ) -> outbox_core::Result<bool> {
+        let t = &self.table.table;
+        // A locking read of the latest version: a second delivery under way waits here
+        // until the first commits, then finds the row done.
+        let mut marked = sqlx::query(&format!(
+            "UPDATE {t} SET state = 'done', done_at = ?, last_error = NULL
+             WHERE consumer = ? AND id = ? AND state = 'started'"
+        ))
+        .bind(now)
+        .bind(&*self.consumer)
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.table.explain(e))?
+        .rows_affected();
+        if marked == 0 {
+            // Never started (a caller without `start`): take it if nobody has a row.
+            marked = sqlx::query(&format!(
+                "INSERT IGNORE INTO {t} (consumer, id, state, attempts, first_seen_at, done_at)
+                 VALUES (?, ?, 'done', 1, ?, ?)"
+            ))
+            .bind(&*self.consumer)
+            .bind(id)
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_err)?
+            .rows_affected();
+        }
+        Ok(marked > 0)
     }
 }

@@ -180,6 +180,50 @@ impl<H: SqlHandler<Postgres>> Inbox for SqlInbox<Postgres, H> {
         Ok(Processed::Done)
     }
 
+    /// One transaction: every message marked in one statement (ids sorted, so two batches
+    /// never wait for each other in a cycle), then the handler for each one marked, commit.
+    async fn process_batch(
+        &self,
+        messages: &[&Received],
+    ) -> outbox_core::Result<outbox_core::BatchProcessed> {
+        use outbox_core::BatchProcessed;
+        if messages.is_empty() {
+            return Ok(BatchProcessed::Committed(Vec::new()));
+        }
+        let t = &self.table.table;
+        let ids: Vec<MessageId> = messages.iter().map(|m| m.id).collect();
+        let mut tx = self.table.pool.begin().await.map_err(map_err)?;
+        let now = now_ms();
+        let marked: Vec<String> = sqlx::query_scalar(&format!(
+            "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, done_at)
+             SELECT $1, u::uuid, 'done', 1, $3, $3 FROM unnest($2::text[]) AS u
+             ON CONFLICT (consumer, id) DO UPDATE SET state = 'done',
+               done_at = EXCLUDED.done_at, last_error = NULL
+             WHERE i.state = 'started'
+             RETURNING id::text"
+        ))
+        .bind(&*self.consumer)
+        .bind(distinct_sorted(&ids))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(|e| self.table.explain(e))?;
+        let mut todo: std::collections::HashSet<String> = marked.into_iter().collect();
+        let mut out = Vec::with_capacity(messages.len());
+        for (index, m) in messages.iter().enumerate() {
+            if !todo.remove(&m.id.to_string()) {
+                out.push(Processed::Duplicate);
+                continue;
+            }
+            if let Err(error) = self.handler.handle(&mut tx, m).await {
+                return Ok(BatchProcessed::Failed { index, error }); // rolled back on drop
+            }
+            out.push(Processed::Done);
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(BatchProcessed::Committed(out))
+    }
+
     async fn failed(&self, id: MessageId, error: &str) -> outbox_core::Result<u32> {
         let t = &self.table.table;
         let attempts: Option<i64> = sqlx::query_scalar(&format!(
