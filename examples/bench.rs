@@ -2010,17 +2010,55 @@ async fn inbox_section(dir: &std::path::Path, n: usize) -> Res {
         );
     }
 
-    println!("\nConsumer throughput per broker, {n} messages each: the source alone (receive, acknowledge) against `Consumer` with the inbox on PostgreSQL (receive, count attempts, one transaction per message, acknowledge).\n");
-    println!("| broker | bare receive+ack msg/s | + the handler in its own transaction msg/s | consumer with inbox msg/s | inbox vs handler alone |");
+    println!("\nBatched mode (`Consumer::batched`): the same handler, one transaction per 100 messages (attempts counted, then marks and handler writes committed together), against the bare handler's own transaction per message, alternating every 100 messages, {n} messages.\n");
+    println!("| database | bare handler msg/s | inbox, batched msg/s | batched / bare | target (PostgreSQL) >= 10 000 msg/s |");
     println!("|---|---|---|---|---|");
+    for db in ["postgres", "sqlite"] {
+        let d = inbox_db(db, dir).await?;
+        let (mut b, mut w) = (Duration::ZERO, Duration::ZERO);
+        let msgs: Vec<outbox::Received> = (0..n)
+            .map(|_| outbox::Received::new(MessageId::new(), "bench", b"x".to_vec()))
+            .collect();
+        for chunk in msgs.chunks(100) {
+            let t = Instant::now();
+            for _ in chunk {
+                (d.bare)(MessageId::new().to_string()).await?;
+            }
+            b += t.elapsed();
+            let t = Instant::now();
+            let ids: Vec<MessageId> = chunk.iter().map(|m| m.id).collect();
+            d.inbox.start(&ids).await?;
+            let refs: Vec<&outbox::Received> = chunk.iter().collect();
+            match d.inbox.process_batch(&refs).await? {
+                outbox::BatchProcessed::Committed(_) => {}
+                outbox::BatchProcessed::Failed { error, .. } => return Err(error.into()),
+            }
+            w += t.elapsed();
+        }
+        let (bare, batched) = (rate(n, b), rate(n, w));
+        println!(
+            "| {db} | {bare:.0} | {batched:.0} | {:.1}× | {} |",
+            batched / bare,
+            if db == "postgres" {
+                verdict(batched >= 10_000.0).to_string()
+            } else {
+                "-".into()
+            }
+        );
+    }
+
+    println!("\nConsumer throughput per broker, {n} messages each: the source alone (receive, acknowledge) against `Consumer` with the inbox on PostgreSQL (receive, count attempts, one transaction per message, acknowledge).\n");
+    println!("| broker | bare receive+ack msg/s | + the handler in its own transaction msg/s | consumer with inbox msg/s | inbox vs handler alone | consumer with inbox, batched mode msg/s |");
+    println!("|---|---|---|---|---|---|");
     for broker in ["redis", "amqp", "kafka", "nats"] {
         let r = broker_modes(broker, n, dir).await?;
         println!(
-            "| {broker} | {:.0} | {:.0} | {:.0} | {:.2}× |",
+            "| {broker} | {:.0} | {:.0} | {:.0} | {:.2}× | {:.0} |",
             r[0],
             r[1],
             r[2],
-            r[1] / r[2]
+            r[1] / r[2],
+            r[3]
         );
     }
     Ok(())
@@ -2032,7 +2070,7 @@ async fn inbox_section(dir: &std::path::Path, n: usize) -> Res {
 async fn broker_modes(broker: &str, n: usize, dir: &std::path::Path) -> Res<Vec<f64>> {
     let mut rates = Vec::new();
     let cluster = outbox::kafka::rdkafka::mocking::MockCluster::new(1)?;
-    for mode in 0..3 {
+    for mode in 0..4 {
         let name = unique(&format!("bench_{broker}"));
         let envelopes: Vec<Envelope> = (0..n)
             .map(|i| Envelope {
@@ -2046,7 +2084,8 @@ async fn broker_modes(broker: &str, n: usize, dir: &std::path::Path) -> Res<Vec<
         let mode = match mode {
             0 => Mode::Bare,
             1 => Mode::Handler(inbox_db("postgres", dir).await?.bare),
-            _ => Mode::Inbox(inbox_db("postgres", dir).await?.inbox),
+            2 => Mode::Inbox(inbox_db("postgres", dir).await?.inbox),
+            _ => Mode::Batched(inbox_db("postgres", dir).await?.inbox),
         };
         let r = match broker {
             "redis" => {
@@ -2120,6 +2159,8 @@ enum Mode {
     Bare,
     Handler(BareHandler),
     Inbox(Box<dyn outbox::Inbox>),
+    /// The consumer in batched mode (one transaction per batch).
+    Batched(Box<dyn outbox::Inbox>),
 }
 
 /// Drain `n` messages: with no inbox, receive and acknowledge batches of 100; with one,
@@ -2133,6 +2174,10 @@ async fn drive<S: outbox::Source>(mut source: S, mode: Mode, n: usize) -> Res<f6
         Mode::Bare => (None, None),
         Mode::Handler(h) => (Some(h), None),
         Mode::Inbox(i) => (None, Some(outbox::Consumer::new(PassSource(None), i))),
+        Mode::Batched(i) => (
+            None,
+            Some(outbox::Consumer::new(PassSource(None), i).batched(true)),
+        ),
     };
     while done < n {
         if Instant::now() > deadline {
