@@ -47,7 +47,7 @@ if ! port_open 5432; then
 fi
 wait_port PostgreSQL 5432 60
 # The restart test makes a cluster of its own and drops it; one left by a killed run goes here.
-for c in $(pg_lsclusters -h 2>/dev/null | awk '$2 ~ /^outbox_restart_/ {print $1 "/" $2}'); do
+for c in $(pg_lsclusters -h 2>/dev/null | awk '$2 ~ /^outbox_(restart|test)_/ {print $1 "/" $2}'); do
   log "dropping leftover test cluster $c"
   as_root pg_dropcluster --stop "${c%/*}" "${c#*/}" || true
 done
@@ -60,6 +60,17 @@ if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show ssl' 2>/dev/null)" 
     -c "ALTER SYSTEM SET ssl_key_file = '/etc/ssl/private/ssl-cert-snakeoil.key'" \
     -c "ALTER SYSTEM SET ssl = on" -c "SELECT pg_reload_conf()" >/dev/null
 fi
+# The WAL relay's example and benchmark read a logical replication slot on this server:
+# wal_level = logical (a restart, once).
+if [ "$(psql -h 127.0.0.1 -U postgres -d postgres -Atc 'show wal_level' 2>/dev/null)" != "logical" ]; then
+  log "setting wal_level = logical on PostgreSQL (restart)"
+  psql -h 127.0.0.1 -U postgres -d postgres -qc "ALTER SYSTEM SET wal_level = logical" >/dev/null
+  as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main restart
+  wait_port PostgreSQL 5432 60
+fi
+# A slot left by a killed example or benchmark run keeps WAL on disk: drop it.
+psql -h 127.0.0.1 -U postgres -d test -Atqc "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+  WHERE NOT active AND slot_name LIKE 'outbox\_wal\_%'" >/dev/null || true
 
 if ! port_open 3306; then
   log "starting MariaDB"

@@ -12,6 +12,7 @@ use outbox_core::conformance::eventually;
 use outbox_core::{KeepOrder, Message, Outbox, RecordingPublisher, Store};
 use outbox_redis::redis::{self, AsyncCommands};
 use outbox_sql::postgres::{PgOptions, PgStore};
+use outbox_testkit::PgCluster as Cluster;
 
 struct Relay(Child);
 
@@ -19,115 +20,6 @@ impl Drop for Relay {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-/// A PostgreSQL cluster for this test alone (trust auth on loopback), dropped with the value.
-struct Cluster {
-    version: String,
-    name: String,
-    port: u16,
-}
-
-impl Cluster {
-    fn create() -> Self {
-        let version = std::fs::read_dir("/etc/postgresql")
-            .expect("PostgreSQL cluster config in /etc/postgresql")
-            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
-            .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
-            .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // Unique per test: the tests of this file run at once, in one process.
-        let name = format!(
-            "outbox_restart_{}",
-            &uuid::Uuid::now_v7().simple().to_string()[20..]
-        );
-        let cluster = Self {
-            version,
-            name,
-            port,
-        };
-        cluster.ctl(
-            "pg_createcluster",
-            &[
-                "--start",
-                "-p",
-                &port.to_string(),
-                "-o",
-                "fsync=off",
-                &cluster.version,
-                &cluster.name,
-                "--",
-                "--auth=trust",
-            ],
-        );
-        cluster
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn restart(&self) {
-        self.ctl(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                &self.version,
-                &self.name,
-                "restart",
-            ],
-        );
-    }
-
-    /// Kill the server (`-m immediate`: no checkpoint, no flush of what sits in its WAL
-    /// buffers) and start it again: it recovers from its WAL as after a power cut, losing
-    /// what was committed without waiting for a flush.
-    fn crash_and_start(&self) {
-        self.ctl(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                "-m",
-                "immediate",
-                &self.version,
-                &self.name,
-                "stop",
-            ],
-        );
-        self.ctl(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                &self.version,
-                &self.name,
-                "start",
-            ],
-        );
-    }
-
-    fn ctl(&self, program: &str, args: &[&str]) {
-        let out = Command::new(program)
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{program}: {e}"));
-        assert!(
-            out.status.success(),
-            "{program} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("pg_dropcluster")
-            .args(["--stop", &self.version, &self.name])
-            .output();
     }
 }
 
@@ -157,7 +49,7 @@ async fn commit_with_retry(store: &PgStore, outbox: &Outbox<PgStore>, msgs: Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_recovers_from_a_postgres_restart() {
-    let cluster = Cluster::create();
+    let cluster = Cluster::create(&[]);
     let url = cluster.url();
     let redis_url =
         std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
@@ -260,7 +152,7 @@ async fn the_relay_recovers_from_a_postgres_restart() {
 async fn a_postgres_crash_under_the_relay_loses_nothing_and_keeps_first_deliveries_in_order() {
     const KEYS: usize = 3;
     const N: usize = 6_000;
-    let cluster = Cluster::create();
+    let cluster = Cluster::create(&[]);
     let url = cluster.url();
     let redis_url =
         std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());

@@ -69,8 +69,8 @@ pub use message::{
 pub use observer::{Event, Observer, PublishPath};
 pub use outbox::{AfterCommit, DispatchReport, HeaderInjector, Outbox, OutboxBuilder, Prepared};
 pub use publisher::{
-    single_result, FaultFn, FaultyPublisher, FunctionPublisher, NullPublisher, Publisher,
-    RecordingPublisher, Router, StdoutPublisher,
+    publish_with_timeout, single_result, FaultFn, FaultyPublisher, FunctionPublisher,
+    NullPublisher, Publisher, RecordingPublisher, Router, StdoutPublisher,
 };
 pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};

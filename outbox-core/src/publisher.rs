@@ -475,7 +475,10 @@ impl<P: Publisher> Publisher for FaultyPublisher<P> {
 /// `runs` (the relay's ordered runs: lengths of consecutive messages of one unit; `None`:
 /// every message on its own) keeps that fallback in order: once a message of a run fails,
 /// the rest of the run is not sent again.
-pub(crate) async fn publish_with_timeout(
+///
+/// Public for relays built outside the core (the PostgreSQL WAL relay): one guarded publish
+/// path for every relay.
+pub async fn publish_with_timeout(
     publisher: &dyn Publisher,
     envs: &[&Envelope],
     runs: Option<&[usize]>,

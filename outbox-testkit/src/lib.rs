@@ -12,6 +12,9 @@
 //!   [`redis_tls`] / [`mariadb_tls`]: real Redis and MariaDB servers with TLS listeners.
 //! - [`Tansu`] (a Kafka-protocol broker) and [`NatsServer`] (JetStream): real brokers of the
 //!   test's own on free ports.
+//! - [`PgCluster`]: a PostgreSQL cluster of the test's own (`pg_createcluster` on a free
+//!   port, with settings of the test's choice such as `wal_level=logical`), restarted or
+//!   crashed without disturbing the server other tests use.
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
@@ -726,6 +729,121 @@ impl NatsServer {
         let log = self.dir.path().join("nats-restarted.log");
         self.server.restart(&log);
         wait_for_port(self.port, Duration::from_secs(20));
+    }
+}
+
+/// A PostgreSQL cluster for one test alone (trust auth on loopback, `fsync=off`), on a free
+/// port, dropped with the value. `settings` are extra `name=value` server settings.
+pub struct PgCluster {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl PgCluster {
+    /// Create and start it (`pg_createcluster`).
+    pub fn create(settings: &[&str]) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let version = std::fs::read_dir("/etc/postgresql")
+            .expect("PostgreSQL cluster config in /etc/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+            .unwrap();
+        let port = free_port();
+        // Unique per test: the tests of one binary run at once, in one process.
+        let name = format!(
+            "outbox_test_{}_{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            port
+        );
+        let cluster = Self {
+            version,
+            name,
+            port,
+        };
+        let port = port.to_string();
+        let mut args = vec!["--start", "-p", &port, "-o", "fsync=off"];
+        for s in settings {
+            args.extend(["-o", s]);
+        }
+        args.extend([
+            cluster.version.as_str(),
+            cluster.name.as_str(),
+            "--",
+            "--auth=trust",
+        ]);
+        cluster.ctl("pg_createcluster", &args);
+        cluster
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A clean restart.
+    pub fn restart(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &self.version,
+                &self.name,
+                "restart",
+            ],
+        );
+    }
+
+    /// Kill the server (`-m immediate`: no checkpoint, no flush of what sits in its WAL
+    /// buffers) and start it again: it recovers from its WAL as after a power cut, losing
+    /// what was committed without waiting for a flush.
+    pub fn crash_and_start(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                "-m",
+                "immediate",
+                &self.version,
+                &self.name,
+                "stop",
+            ],
+        );
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &self.version,
+                &self.name,
+                "start",
+            ],
+        );
+    }
+
+    fn ctl(&self, program: &str, args: &[&str]) {
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_dropcluster")
+            .args(["--stop", &self.version, &self.name])
+            .output();
     }
 }
 

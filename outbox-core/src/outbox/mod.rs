@@ -111,8 +111,7 @@ impl<S: Store + Clone + 'static> Outbox<S> {
     /// Start building a writer-only outbox: it needs no broker, and every message goes to a
     /// relay: a message whose strategy answers publish-on-commit is written for the relays
     /// instead (as with [`RelayOnly`](crate::RelayOnly)), which publish it at once, woken by
-    /// the commit. Give its relays a publisher with [`Outbox::relay_with`]. Give
-    /// its relays a publisher with [`Outbox::relay_with`].
+    /// the commit. Give its relays a publisher with [`Outbox::relay_with`].
     pub fn writer(store: S) -> OutboxBuilder<S> {
         OutboxBuilder {
             injector: None,

@@ -18,6 +18,10 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "pg-wal")]
+#[cfg_attr(docsrs, doc(cfg(feature = "pg-wal")))]
+pub mod wal;
+
 use outbox_core::StoreAdmin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};

@@ -1,0 +1,331 @@
+//! The WAL relay: PostgreSQL's write-ahead log as the outbox (feature `pg-wal`).
+//!
+//! A polling relay claims rows with SQL, publishes, and settles with more SQL; every write
+//! pays a unit lock and a NOTIFY. Here the writer pays neither: [`WalStore`]'s `enqueue`
+//! calls `pg_logical_emit_message(true, prefix, …)` inside the business transaction (no row,
+//! no index, no vacuum), and a [`WalRelay`] receives those messages over a logical
+//! replication slot (`pgoutput`) when the transaction commits, in commit order.
+//!
+//! # Delivery contract
+//! - **Atomic enqueue.** A transactional logical message is decoded only if its transaction
+//!   (and its savepoint) commits: a rollback publishes nothing.
+//! - **At-least-once.** The relay confirms the slot's position (`confirmed_flush_lsn`) only
+//!   up to the last transaction whose every message the broker acknowledged or that was
+//!   durably written aside to the table. A relay that dies re-reads from there: at most the
+//!   unconfirmed window is published again, nothing is skipped.
+//! - **Order.** WAL order is commit order. A unit's next message is published only after the
+//!   previous one was acknowledged (or, for a publisher that keeps a batch's order, in one
+//!   ordered run), so no lock is taken on write.
+//! - **Failures.** A refused message is retried in memory with backoff for
+//!   [`memory_attempts`](WalRelayBuilder::memory_attempts); other units keep flowing. Then
+//!   the table's rules apply: the message is written to the [`PgStore`] table (dead-lettered,
+//!   or pending with its attempts and error), its unit is *diverted* (its later messages are
+//!   written behind it, in order, and parked with it if its policy parks), and the polling
+//!   relay inside the WAL relay publishes the table's rows by the usual rules (retries,
+//!   stuck reports, park and resume, requeue from the console). When the unit has nothing
+//!   pending in the table any more, its messages flow from the WAL again.
+//! - **Crashes.** Killed while a batch is at the broker: that batch and everything after the
+//!   confirmed position is read again and published again (duplicates, first deliveries in
+//!   order). Killed after writing messages aside but before confirming: they are read again,
+//!   their unit is diverted (it has pending rows), so they are written aside again behind the
+//!   first copies (duplicates in the table, published in order). PostgreSQL restarted: the
+//!   relay reconnects and resumes from the slot.
+//! - **One reader.** A slot streams to one session at a time: a second relay waits as a
+//!   standby, retrying every `standby_interval`, and takes over when the first one's session
+//!   ends.
+//!
+//! Requirements: `wal_level = logical`, a role with `REPLICATION` (or superuser) for the
+//! relay, and the slot and publication ([`WalStore::setup`], or [`setup_sql`] for a DBA).
+//! An abandoned slot keeps WAL on the server's disk: [`slot_lag`] says how much, and the
+//! relay warns past [`WalRelayBuilder::max_retained_bytes`].
+
+mod record;
+mod relay;
+
+pub use relay::{WalRelay, WalRelayBuilder};
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use outbox_core::{
+    Claim, Claimed, Enqueue, Error, ErrorKind, Failure, MessageFilter, NewMessage, ParkedUnit,
+    PublishedBy, Result, Retry, SchemaReport, Selector, Stats, Store, StoreAdmin, StoredMessage,
+};
+use sqlx::{Postgres, Transaction};
+
+use super::{map_err, PgStore};
+
+/// Rows per logical message: about this many bytes.
+const CHUNK_BYTES: usize = 4 << 20;
+
+/// The default logical-message prefix.
+pub const DEFAULT_PREFIX: &str = "outbox";
+
+/// A PostgreSQL outbox with no table rows on write: `enqueue` emits one transactional
+/// logical message per call (`pg_logical_emit_message`), which a [`WalRelay`] publishes.
+///
+/// Everything else (dead letters, diverted units, the admin commands and the console) is the
+/// wrapped [`PgStore`]'s table, which this type forwards to.
+///
+/// Every message is published by the relay: an [`Outbox`](outbox_core::Outbox) over a
+/// `WalStore` is built with [`Outbox::writer`](outbox_core::Outbox::writer), and a
+/// publish-on-commit strategy is refused at enqueue (the WAL relay is the fast path).
+#[derive(Clone)]
+pub struct WalStore {
+    table: PgStore,
+    prefix: Arc<str>,
+}
+
+impl std::fmt::Debug for WalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalStore")
+            .field("table", &self.table.table())
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl WalStore {
+    /// Over `table` (its pool writes the messages; its table takes dead letters and diverted
+    /// units), with the logical-message prefix `prefix` (letters, digits, `_`, `.`, `-`; at
+    /// most 64). Relays read only their prefix's messages.
+    pub fn new(table: PgStore, prefix: &str) -> Result<Self> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !ok {
+            return Err(Error::new(
+                ErrorKind::InvalidIdentifier,
+                Retry::Permanent,
+                format!(
+                    "WAL message prefix {:?} must be 1 to 64 letters, digits, '_', '.' or '-'",
+                    prefix.chars().take(80).collect::<String>()
+                ),
+            ));
+        }
+        Ok(Self {
+            table,
+            prefix: prefix.into(),
+        })
+    }
+
+    /// The table store.
+    pub fn table(&self) -> &PgStore {
+        &self.table
+    }
+
+    /// The logical-message prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Create the table (as `migrate`), the publication and the logical replication slot if
+    /// they do not exist. Needs `wal_level = logical` and a role with `REPLICATION` (the slot)
+    /// and `CREATE` on the database (the publication).
+    pub async fn setup(&self, slot: &str, publication: &str) -> Result<()> {
+        Store::migrate(&self.table).await?;
+        check_wal_level(self.table.pool()).await?;
+        for statement in setup_sql(slot, publication)? {
+            sqlx::query(&statement)
+                .execute(self.table.pool())
+                .await
+                .map_err(|e| {
+                    let e = map_err(e);
+                    Error::new(e.kind(), e.retry(), format!("WAL setup `{statement}`: {e}"))
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// The statements [`WalStore::setup`] runs after the table's migration, for a DBA to review
+/// (idempotent). The publication lists no table: table-less messages need none, and
+/// `pgoutput` asks for one by name.
+pub fn setup_sql(slot: &str, publication: &str) -> Result<Vec<String>> {
+    outbox_core::validate_identifier(slot)?;
+    outbox_core::validate_identifier(publication)?;
+    Ok(vec![
+        format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{publication}') \
+             THEN CREATE PUBLICATION {publication}; END IF; END $$"
+        ),
+        format!(
+            "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput') \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
+        ),
+    ])
+}
+
+/// `wal_level` must be `logical` for a logical slot: say so plainly, before the server's
+/// own error.
+async fn check_wal_level(pool: &sqlx::PgPool) -> Result<()> {
+    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)?;
+    if level != "logical" {
+        return Err(Error::config(format!(
+            "the WAL relay needs wal_level = logical (the server has {level}); set it in postgresql.conf and restart"
+        )));
+    }
+    Ok(())
+}
+
+/// How far a slot is behind: the WAL it keeps on the server's disk, in bytes, and whether a
+/// session is reading it now. `None` when the slot does not exist.
+pub async fn slot_lag(pool: &sqlx::PgPool, slot: &str) -> Result<Option<SlotLag>> {
+    let row: Option<(Option<i64>, bool)> = sqlx::query_as(
+        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, active \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await
+    .map_err(map_err)?;
+    Ok(row.map(|(bytes, active)| SlotLag {
+        retained_bytes: bytes.unwrap_or(0).max(0) as u64,
+        active,
+    }))
+}
+
+/// See [`slot_lag`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotLag {
+    /// WAL between the slot's confirmed position and the server's current one.
+    pub retained_bytes: u64,
+    /// Whether a relay is streaming from the slot now.
+    pub active: bool,
+}
+
+#[async_trait]
+impl<'c> Enqueue<Transaction<'c, Postgres>> for WalStore {
+    async fn write_rows(
+        &self,
+        tx: &mut Transaction<'c, Postgres>,
+        rows: &[NewMessage],
+        _need_seqs: bool,
+    ) -> Result<Vec<i64>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        if rows
+            .iter()
+            .any(|r| r.published_by == PublishedBy::Committer)
+        {
+            return Err(Error::config(
+                "a WalStore's messages are published by the WAL relay: build the outbox with Outbox::writer(store) (no publish-on-commit)",
+            ));
+        }
+        // One logical message per chunk of about CHUNK_BYTES, in order: a reader never has
+        // to hold one enormous message, and a transaction of any size still decodes.
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = start;
+            let mut size = 0;
+            while end < rows.len() && (end == start || size < CHUNK_BYTES) {
+                size += 256 + rows[end].envelope.message.payload.len();
+                end += 1;
+            }
+            sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)")
+                .bind(&*self.prefix)
+                .bind(record::encode(&rows[start..end]))
+                .execute(&mut **tx)
+                .await
+                .map_err(map_err)?;
+            start = end;
+        }
+        Ok(vec![0; rows.len()])
+    }
+
+    fn transaction_depth(&self, tx: &Transaction<'c, Postgres>) -> usize {
+        <PgStore as Enqueue<Transaction<'c, Postgres>>>::transaction_depth(&self.table, tx)
+    }
+}
+
+#[async_trait]
+impl Store for WalStore {
+    async fn migrate(&self) -> Result<()> {
+        self.table.migrate().await
+    }
+    async fn insert(&self, rows: &[NewMessage]) -> Result<Vec<i64>> {
+        self.table.insert(rows).await
+    }
+    async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>> {
+        self.table.claim(claim).await
+    }
+    async fn complete(&self, seqs: &[i64], delete: bool) -> Result<()> {
+        self.table.complete(seqs, delete).await
+    }
+    async fn fail(&self, owner: &str, failures: &[Failure]) -> Result<()> {
+        self.table.fail(owner, failures).await
+    }
+    async fn settle(
+        &self,
+        owner: &str,
+        done: &[i64],
+        delete: bool,
+        failures: &[Failure],
+    ) -> Result<()> {
+        self.table.settle(owner, done, delete, failures).await
+    }
+    async fn park_unit(&self, stream: &str, unit: &str, reason: &str) -> Result<()> {
+        self.table.park_unit(stream, unit, reason).await
+    }
+    async fn wait_for_work(&self, timeout: Duration) {
+        self.table.wait_for_work(timeout).await
+    }
+    async fn start_listening(&self) -> Result<()> {
+        self.table.start_listening().await
+    }
+    fn notify_committed(&self) {
+        self.table.notify_committed()
+    }
+    fn signing_scope(&self) -> String {
+        self.table.signing_scope()
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for WalStore {
+    async fn schema(&self) -> Result<SchemaReport> {
+        self.table.schema().await
+    }
+    async fn stats(&self) -> Result<Stats> {
+        self.table.stats().await
+    }
+    async fn get(&self, seq: i64) -> Result<Option<StoredMessage>> {
+        self.table.get(seq).await
+    }
+    async fn messages(&self, filter: &MessageFilter) -> Result<Vec<StoredMessage>> {
+        self.table.messages(filter).await
+    }
+    async fn dead_letters(&self, stream: Option<&str>, limit: usize) -> Result<Vec<StoredMessage>> {
+        self.table.dead_letters(stream, limit).await
+    }
+    async fn requeue(&self, selector: &Selector) -> Result<u64> {
+        self.table.requeue(selector).await
+    }
+    async fn purge_dead(&self, selector: &Selector) -> Result<u64> {
+        self.table.purge_dead(selector).await
+    }
+    async fn parked_units(&self, stream: Option<&str>, limit: usize) -> Result<Vec<ParkedUnit>> {
+        self.table.parked_units(stream, limit).await
+    }
+    async fn resume_unit(&self, stream: &str, unit: &str) -> Result<()> {
+        self.table.resume_unit(stream, unit).await
+    }
+    async fn skip_head(&self, stream: &str, unit: &str) -> Result<Option<i64>> {
+        self.table.skip_head(stream, unit).await
+    }
+    async fn clean(
+        &self,
+        sent_before: SystemTime,
+        limit: usize,
+        include_dead: bool,
+    ) -> Result<u64> {
+        self.table.clean(sent_before, limit, include_dead).await
+    }
+}

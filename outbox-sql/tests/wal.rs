@@ -1,0 +1,520 @@
+//! The WAL relay against a real PostgreSQL cluster of the test's own with
+//! `wal_level = logical` (`pg_createcluster` on a free port): the delivery contract (atomic
+//! enqueue, savepoints, order of first deliveries with several writers at once), a relay
+//! killed mid-stream, a standby taking the slot over, PostgreSQL restarted under the relay,
+//! refusals in a keep-order unit (park, resume, dead letters), undecodable messages and a
+//! transaction of 100 000 messages.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outbox_core::conformance::eventually;
+use outbox_core::{
+    Envelope, Error, FaultyPublisher, KeepOrder, Message, Outbox, RecordingPublisher, RetryPolicy,
+    StoreAdmin,
+};
+use outbox_sql::postgres::sqlx::{self, Connection};
+use outbox_sql::postgres::wal::{slot_lag, WalRelay, WalStore};
+use outbox_sql::postgres::{map_err, PgStore};
+use outbox_testkit::PgCluster;
+
+struct Wal {
+    cluster: PgCluster,
+    store: WalStore,
+    outbox: Outbox<WalStore>,
+}
+
+const SLOT: &str = "outbox_slot";
+const PUBLICATION: &str = "outbox_pub";
+
+async fn wal(strategy: KeepOrder) -> Wal {
+    let cluster = PgCluster::create(&[
+        "wal_level=logical",
+        "max_wal_senders=10",
+        "max_replication_slots=10",
+    ]);
+    let table = PgStore::connect(&cluster.url()).await.unwrap();
+    let store = WalStore::new(table, "outbox").unwrap();
+    store.setup(SLOT, PUBLICATION).await.unwrap();
+    // Idempotent.
+    store.setup(SLOT, PUBLICATION).await.unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(strategy)
+        .build()
+        .unwrap();
+    Wal {
+        cluster,
+        store,
+        outbox,
+    }
+}
+
+fn fast_retry(max_attempts: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        multiplier: 2.0,
+        jitter: 0.0,
+        max_attempts,
+    }
+}
+
+fn relay(w: &Wal, publisher: impl outbox_core::Publisher + 'static) -> WalRelay {
+    WalRelay::builder(&w.cluster.url(), w.store.clone(), publisher)
+        .slot(SLOT)
+        .publication(PUBLICATION)
+        .retry(fast_retry(3))
+        .memory_attempts(2)
+        .status_interval(Duration::from_millis(100))
+        .standby_interval(Duration::from_millis(100))
+        .build()
+        .unwrap()
+}
+
+/// Run `relay` in a task until the returned sender fires (or the task is aborted: a crash).
+fn spawn(
+    relay: WalRelay,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<(outbox_core::Result<()>, WalRelay)>,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let r = relay
+            .run(async {
+                let _ = rx.await;
+            })
+            .await;
+        (r, relay)
+    });
+    (tx, task)
+}
+
+async fn commit(w: &Wal, messages: Vec<Message>) {
+    let mut tx = w.store.table().pool().begin().await.unwrap();
+    let _ = w.outbox.enqueue(&mut tx, messages).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+fn text(e: &Envelope) -> String {
+    String::from_utf8_lossy(&e.message.payload).into_owned()
+}
+
+/// First deliveries per key, in delivery order (a consumer acts on the first copy).
+fn first_deliveries(published: &[Envelope]) -> HashMap<String, Vec<String>> {
+    let mut seen = HashSet::new();
+    let mut out: HashMap<String, Vec<String>> = HashMap::new();
+    for e in published {
+        if seen.insert(e.id) {
+            out.entry(e.message.key.clone().unwrap_or_default())
+                .or_default()
+                .push(text(e));
+        }
+    }
+    out
+}
+
+/// Several writers at once, with rolled-back transactions, savepoints rolled back inside
+/// committed transactions and savepoints released inside rolled-back ones: exactly the
+/// committed messages are published, once each, in commit order per key, while the relay
+/// streams; and the slot's position is confirmed as it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers() {
+    let w = Arc::new(wal(KeepOrder::default()).await);
+    let broker = RecordingPublisher::new();
+    let (stop, task) = spawn(relay(&w, broker.clone()));
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let w = w.clone();
+        writers.push(tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for i in 0..150 {
+                let key = format!("w{writer}-k{}", i % 5);
+                let msg = |tag: &str| {
+                    Message::new("orders", format!("{key}/{i}/{tag}"))
+                        .stream("s")
+                        .key(key.clone())
+                };
+                let pool = w.store.table().pool();
+                let mut tx = pool.begin().await.unwrap();
+                let _ = w.outbox.enqueue(&mut tx, [msg("a")]).await.unwrap();
+                if i % 7 == 0 {
+                    // A savepoint rolled back inside a committed transaction.
+                    let mut sp = tx.begin().await.unwrap();
+                    let _ = w
+                        .outbox
+                        .enqueue(&mut sp, [msg("rolled-back-savepoint")])
+                        .await
+                        .unwrap();
+                    sp.rollback().await.unwrap();
+                }
+                if i % 11 == 0 {
+                    // A savepoint released, then its parent rolled back.
+                    let mut sp = tx.begin().await.unwrap();
+                    let _ = w
+                        .outbox
+                        .enqueue(&mut sp, [msg("released-then-parent-rolled-back")])
+                        .await
+                        .unwrap();
+                    sp.commit().await.unwrap();
+                    tx.rollback().await.unwrap();
+                    continue;
+                }
+                if i % 5 == 3 {
+                    tx.rollback().await.unwrap();
+                    continue;
+                }
+                let _ = w.outbox.enqueue(&mut tx, [msg("b")]).await.unwrap();
+                tx.commit().await.unwrap();
+                committed.push(format!("{key}/{i}/a"));
+                committed.push(format!("{key}/{i}/b"));
+            }
+            committed
+        }));
+    }
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    let mut total = 0;
+    for writer in writers {
+        for m in writer.await.unwrap() {
+            total += 1;
+            let key = m.split('/').next().unwrap().to_owned();
+            expected.entry(key).or_default().push(m);
+        }
+    }
+    eventually(
+        "every committed message published",
+        Duration::from_secs(60),
+        || async { broker.count() >= total },
+    )
+    .await;
+    // Nothing more arrives: rolled-back work never does.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let published = broker.published();
+    assert_eq!(
+        published.len(),
+        total,
+        "a message published twice or a rolled-back one published"
+    );
+    assert!(published.iter().all(|e| !text(e).contains("rolled-back")));
+    assert_eq!(first_deliveries(&published), expected);
+    // The slot is confirmed as the relay goes (it keeps little WAL).
+    let pool = w.store.table().pool().clone();
+    eventually(
+        "the slot's position confirmed",
+        Duration::from_secs(10),
+        || async {
+            let lag = slot_lag(&pool, SLOT).await.unwrap().unwrap();
+            lag.active && lag.retained_bytes < 64 * 1024
+        },
+    )
+    .await;
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    assert_eq!(relay.stats().published as usize, total);
+    // The table holds nothing: no row was written on the way.
+    assert_eq!(w.store.stats().await.unwrap().total().pending, 0);
+}
+
+/// A relay killed mid-stream (its task aborted while batches are at the broker) and a
+/// standby that was waiting for the slot: the standby takes over, nothing committed is
+/// lost, and first deliveries stay in commit order per key; duplicates stay within the
+/// unconfirmed window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing() {
+    let w = wal(KeepOrder::default()).await;
+    let broker = RecordingPublisher::new();
+    // A publisher slow enough that the kill lands mid-stream.
+    let slow = FaultyPublisher::new(broker.clone(), |_| {
+        std::thread::sleep(Duration::from_micros(200));
+        None
+    });
+    let (_stop_a, a) = spawn(relay(&w, slow.clone()));
+    let mut a = Some(a);
+    eventually("relay A streaming", Duration::from_secs(20), || async {
+        slot_lag(w.store.table().pool(), SLOT)
+            .await
+            .unwrap()
+            .unwrap()
+            .active
+    })
+    .await;
+    let standby = relay(&w, slow.clone());
+    let (stop_b, b) = spawn(standby);
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for t in 0..300 {
+        let msgs: Vec<Message> = (0..10)
+            .map(|j| {
+                let key = format!("k{}", (t * 10 + j) % 20);
+                let body = format!("{key}/{t}/{j}");
+                expected.entry(key.clone()).or_default().push(body.clone());
+                Message::new("orders", body).stream("s").key(key)
+            })
+            .collect();
+        commit(&w, msgs).await;
+        if t == 150 {
+            eventually(
+                "relay A published some",
+                Duration::from_secs(20),
+                || async { broker.count() > 200 },
+            )
+            .await;
+            let a = a.take().unwrap();
+            a.abort();
+            let _ = a.await;
+        }
+    }
+    eventually(
+        "the standby delivered everything",
+        Duration::from_secs(60),
+        || async {
+            first_deliveries(&broker.published())
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                == 3000
+        },
+    )
+    .await;
+    let published = broker.published();
+    assert_eq!(first_deliveries(&published), expected);
+    assert!(
+        published.len() - 3000 <= 10_000 + 100,
+        "duplicates beyond one unconfirmed window"
+    );
+    stop_b.send(()).unwrap();
+    let (result, b) = b.await.unwrap();
+    result.unwrap();
+    assert_eq!(b.stats().sessions, 1, "the standby took over once");
+}
+
+/// PostgreSQL restarted under a streaming relay: it reconnects and publishes everything
+/// committed before and after, first deliveries in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_under_the_relay_loses_nothing() {
+    let w = wal(KeepOrder::default()).await;
+    let broker = RecordingPublisher::new();
+    let (stop, task) = spawn(relay(&w, broker.clone()));
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for t in 0..200 {
+        if t == 100 {
+            w.cluster.restart();
+        }
+        let key = format!("k{}", t % 7);
+        let body = format!("{key}/{t}");
+        // The pool's connections died with the server: retry the commit.
+        loop {
+            let attempt = async {
+                let mut tx = w.store.table().pool().begin().await.map_err(map_err)?;
+                let _ = w
+                    .outbox
+                    .enqueue(
+                        &mut tx,
+                        [Message::new("o", body.clone()).stream("s").key(key.clone())],
+                    )
+                    .await?;
+                tx.commit().await.map_err(map_err)
+            };
+            match attempt.await {
+                Ok(()) => break,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        expected.entry(key).or_default().push(body);
+    }
+    eventually(
+        "everything delivered after the restart",
+        Duration::from_secs(60),
+        || async {
+            first_deliveries(&broker.published())
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                == 200
+        },
+    )
+    .await;
+    assert_eq!(first_deliveries(&broker.published()), expected);
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    assert!(relay.stats().sessions >= 2, "the relay reconnected");
+}
+
+/// A message the broker keeps refusing in a keep-order unit whose policy parks: its unit
+/// moves to the table (the refused head, then its later messages, in order) and is parked;
+/// other units keep flowing from the WAL and the slot keeps being confirmed. Resumed once
+/// the broker takes it, the unit's messages come out in order, and later ones flow from
+/// the WAL again, after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order() {
+    let w = wal(KeepOrder::park()).await;
+    let broker = RecordingPublisher::new();
+    let refuse = Arc::new(AtomicBool::new(true));
+    let r2 = refuse.clone();
+    let faulty = FaultyPublisher::new(broker.clone(), move |e| {
+        (r2.load(Ordering::SeqCst) && text(e) == "a/2").then(|| Error::transient("broker says no"))
+    });
+    let (stop, task) = spawn(relay(&w, faulty));
+    let a = |i: usize| Message::new("o", format!("a/{i}")).stream("s").key("a");
+    let b = |i: usize| Message::new("o", format!("b/{i}")).stream("s").key("b");
+    commit(&w, vec![a(1), a(2), a(3)]).await;
+    commit(&w, vec![a(4), b(1)]).await;
+    for i in 2..=50 {
+        commit(&w, vec![b(i)]).await;
+    }
+    eventually("unit a parked", Duration::from_secs(30), || async {
+        !w.store.parked_units(None, 10).await.unwrap().is_empty()
+    })
+    .await;
+    eventually("unit b flowed past it", Duration::from_secs(30), || async {
+        first_deliveries(&broker.published()).get("b").map(Vec::len) == Some(50)
+    })
+    .await;
+    let parked = w.store.parked_units(None, 10).await.unwrap();
+    assert_eq!(
+        (parked[0].stream.as_str(), parked[0].unit.as_str()),
+        ("s", "a")
+    );
+    assert_eq!(first_deliveries(&broker.published())["a"], vec!["a/1"]);
+    // The slot is confirmed past the refused message: the stream did not stop.
+    let pool = w.store.table().pool().clone();
+    eventually(
+        "the slot confirmed past the refusal",
+        Duration::from_secs(10),
+        || async { slot_lag(&pool, SLOT).await.unwrap().unwrap().retained_bytes < 64 * 1024 },
+    )
+    .await;
+    // Written while parked: behind the unit, in the table.
+    commit(&w, vec![a(5)]).await;
+    refuse.store(false, Ordering::SeqCst);
+    w.store.resume_unit("s", "a").await.unwrap();
+    eventually(
+        "unit a drained after resume",
+        Duration::from_secs(30),
+        || async { first_deliveries(&broker.published()).get("a").map(Vec::len) == Some(5) },
+    )
+    .await;
+    // Later messages flow from the WAL again, after the table's.
+    commit(&w, vec![a(6)]).await;
+    eventually("a/6 delivered", Duration::from_secs(30), || async {
+        first_deliveries(&broker.published()).get("a").map(Vec::len) == Some(6)
+    })
+    .await;
+    let firsts = first_deliveries(&broker.published());
+    assert_eq!(
+        firsts["a"],
+        (1..=6).map(|i| format!("a/{i}")).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        firsts["b"],
+        (1..=50).map(|i| format!("b/{i}")).collect::<Vec<_>>()
+    );
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    let stats = relay.stats();
+    assert!(
+        stats.aside >= 3,
+        "a/2, a/3, a/4 went to the table: {stats:?}"
+    );
+}
+
+/// A permanent refusal under a dead-letter policy: the message is a dead letter in the
+/// table, its unit moves on from the WAL in order; a logical message with the outbox prefix
+/// that does not decode is a dead letter with its reason, and the stream goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_on() {
+    let w = wal(KeepOrder::dead_letter()).await;
+    let broker = RecordingPublisher::new();
+    let faulty = FaultyPublisher::new(broker.clone(), |e| {
+        (text(e) == "a/2").then(|| Error::permanent("schema registry says no"))
+    });
+    let (stop, task) = spawn(relay(&w, faulty));
+    let a = |i: usize| Message::new("o", format!("a/{i}")).stream("s").key("a");
+    commit(&w, vec![a(1), a(2), a(3)]).await;
+    let mut tx = w.store.table().pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', '\\x00ff'::bytea)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    commit(&w, vec![a(4)]).await;
+    eventually("a/4 delivered", Duration::from_secs(30), || async {
+        first_deliveries(&broker.published()).get("a").map(Vec::len) == Some(3)
+    })
+    .await;
+    assert_eq!(
+        first_deliveries(&broker.published())["a"],
+        vec!["a/1", "a/3", "a/4"]
+    );
+    let dead = w.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let reasons: Vec<String> = dead.iter().filter_map(|d| d.last_error.clone()).collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("schema registry says no")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("undecodable")),
+        "{reasons:?}"
+    );
+    assert!(dead.iter().any(|d| d.envelope.message.payload == b"a/2"));
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}
+
+/// One transaction of 100 000 messages (several logical messages, read with a buffer of
+/// 10 000): all delivered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_of_100_000_messages_is_delivered_whole_and_in_order() {
+    let w = wal(KeepOrder::default()).await;
+    let broker = RecordingPublisher::new();
+    let (stop, task) = spawn(relay(&w, broker.clone()));
+    let n = 100_000;
+    let msgs: Vec<Message> = (0..n)
+        .map(|i| {
+            Message::new("o", format!("k{}/{i:06}", i % 10))
+                .stream("s")
+                .key(format!("k{}", i % 10))
+        })
+        .collect();
+    commit(&w, msgs).await;
+    eventually("100 000 delivered", Duration::from_secs(120), || async {
+        broker.count() >= n
+    })
+    .await;
+    for (_, list) in first_deliveries(&broker.published()) {
+        assert_eq!(list.len(), n / 10);
+        assert!(list.windows(2).all(|p| p[0] < p[1]), "out of order");
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}
+
+/// Configuration errors say what is wrong: a server without `wal_level = logical`, a bad
+/// prefix, a slot that does not exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misconfiguration_is_a_clear_error() {
+    let plain = PgCluster::create(&[]);
+    let table = PgStore::connect(&plain.url()).await.unwrap();
+    let store = WalStore::new(table.clone(), "outbox").unwrap();
+    let e = store.setup(SLOT, PUBLICATION).await.unwrap_err();
+    assert!(e.to_string().contains("wal_level = logical"), "{e}");
+    assert!(WalStore::new(table, "bad prefix").is_err());
+    let w = wal(KeepOrder::default()).await;
+    let r = WalRelay::builder(&w.cluster.url(), w.store.clone(), RecordingPublisher::new())
+        .slot("no_such_slot")
+        .publication(PUBLICATION)
+        .build()
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(30), r.run(std::future::pending()))
+        .await
+        .expect("a missing slot ends the run")
+        .unwrap_err();
+    assert!(e.to_string().contains("no_such_slot"), "{e}");
+}
