@@ -5,7 +5,7 @@
 //! Run (services from scripts/setup.sh):
 //!   cargo run --release --example bench --features all-backends
 //! Options: --rows N (backlog per throughput run, default 100000), --rss-rows N (default
-//! 1000000), --quick (smaller backlogs, for a fast look), --only a,b (sections: throughput,
+//! 1000000), --quick (smaller backlogs, for a fast look), --only a,b (sections: throughput, wal (or wal-writer, wal-latency, wal-drain),
 //! latency, overhead, memory, keep-order, one-unit, listing, inbox, relays); --inbox-messages N
 //! (default 10000).
 
@@ -27,6 +27,9 @@ use outbox::{
 };
 
 type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+#[path = "bench/wal.rs"]
+mod wal;
 
 const BATCH: usize = 500;
 
@@ -1856,6 +1859,17 @@ async fn main() -> Res {
             arg("--inbox-messages", if quick { 2_000 } else { 10_000 }),
         )
         .await?;
+    }
+    if run("wal") {
+        wal::section(quick, None).await?;
+    }
+    for part in ["writer", "latency", "drain"] {
+        if only
+            .as_ref()
+            .is_some_and(|o| o.iter().any(|x| *x == format!("wal-{part}")))
+        {
+            wal::section(quick, Some(part)).await?;
+        }
     }
     if run("relays") {
         // A fast publisher (2 ms per batch: the machine's two cores bound the relays), then

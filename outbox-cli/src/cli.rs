@@ -102,6 +102,12 @@ pub(crate) enum Command {
         /// tables' owner (PostgreSQL, MySQL/MariaDB); nothing is changed.
         #[arg(long)]
         print_sql: bool,
+        /// Also create the WAL relay's publication and logical replication slot (PostgreSQL
+        /// with wal_level = logical; a role with REPLICATION).
+        #[arg(long)]
+        wal: bool,
+        #[command(flatten)]
+        wal_names: WalNames,
     },
     /// Print the GRANTs that let the writer, the relay and the console each run as a
     /// database role of its own, with no more than its part needs (PostgreSQL,
@@ -181,6 +187,14 @@ pub(crate) struct DoctorArgs {
 
 #[derive(Args, Debug, Default)]
 pub(crate) struct RelayArgs {
+    /// Read the messages of a table-less writer (`WalStore`) from the write-ahead log through
+    /// a logical replication slot instead of claiming rows (PostgreSQL; always runs until
+    /// stopped). The table still takes dead letters and the units the broker refused, and is
+    /// served alongside.
+    #[arg(long, env = "OUTBOX_WAL")]
+    pub(crate) wal: bool,
+    #[command(flatten)]
+    pub(crate) wal_names: WalNames,
     /// Publisher URL: stdout, null, kafka://…, amqp(s)://…, redis(s)://…, nats://…, http(s)://… (webhooks)
     #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
     pub(crate) publisher: Option<String>,
@@ -251,6 +265,29 @@ pub(crate) struct RelayArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct WalNames {
+    /// The WAL relay's logical replication slot.
+    #[arg(long, env = "OUTBOX_WAL_SLOT", default_value = "outbox")]
+    pub(crate) slot: String,
+    /// The WAL relay's publication.
+    #[arg(long, env = "OUTBOX_WAL_PUBLICATION", default_value = "outbox")]
+    pub(crate) publication: String,
+    /// The logical-message prefix the writers' `WalStore` uses.
+    #[arg(long, env = "OUTBOX_WAL_PREFIX", default_value = "outbox")]
+    pub(crate) wal_prefix: String,
+}
+
+impl Default for WalNames {
+    fn default() -> Self {
+        Self {
+            slot: "outbox".into(),
+            publication: "outbox".into(),
+            wal_prefix: "outbox".into(),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
 pub(crate) struct CleanArgs {
     /// Retention, e.g. 7d, 12h [default: 7d]
     #[arg(long, env = "OUTBOX_OLDER_THAN", value_parser = humantime::parse_duration)]

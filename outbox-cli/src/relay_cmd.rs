@@ -143,6 +143,9 @@ pub(crate) async fn relay(
         require_signatures,
         ..config
     };
+    if args.wal {
+        return wal_relay(store_url, &store, &args.wal_names, publisher, config).await;
+    }
     let s = store.store();
     let relay = Relay::builder(s.clone(), publisher)
         .config(config)
@@ -176,6 +179,33 @@ pub(crate) async fn relay(
         g.abort();
     }
     log_report(&report, "relay stopped");
+    Ok(exit::OK)
+}
+
+/// `outbox relay --wal`: the WAL relay over the slot, the table's relay alongside, until
+/// stopped.
+async fn wal_relay(
+    store_url: &str,
+    store: &AnyStore,
+    names: &WalNames,
+    publisher: Arc<dyn outbox_core::Publisher>,
+    config: RelayConfig,
+) -> Result<u8, Error> {
+    let AnyStore::Postgres(pg) = store else {
+        return Err(Error::config(
+            "--wal reads PostgreSQL's write-ahead log: the store must be postgres://…",
+        ));
+    };
+    let wal = outbox_sql::postgres::wal::WalStore::new(pg.clone(), &names.wal_prefix)?;
+    let relay = outbox_sql::postgres::wal::WalRelay::builder(store_url, wal, publisher)
+        .slot(&names.slot)
+        .publication(&names.publication)
+        .batch_size(config.batch_size)
+        .delivery(config.delivery)
+        .build()?;
+    tracing::info!(table = pg.table(), slot = %names.slot, publication = %names.publication, "WAL relay starting");
+    relay.run(shutdown_signal()).await?;
+    tracing::info!(stats = ?relay.stats(), "WAL relay stopped");
     Ok(exit::OK)
 }
 

@@ -8,6 +8,7 @@ pub(super) async fn print_sql(
     store_url: &str,
     table: &str,
     inboxes: &[String],
+    wal: Option<&WalNames>,
     output: Output,
 ) -> Result<u8, Error> {
     if !inboxes.is_empty() {
@@ -16,7 +17,18 @@ pub(super) async fn print_sql(
         ));
     }
     let statements = match backends::scheme(store_url) {
-        "postgres" | "postgresql" => outbox_sql::postgres::PgStore::schema_sql(table)?,
+        "postgres" | "postgresql" => {
+            let mut all = outbox_sql::postgres::PgStore::schema_sql(table)?;
+            if let Some(w) = wal {
+                all.extend(outbox_sql::postgres::wal::setup_sql(&w.slot, &w.publication)?);
+            }
+            all
+        }
+        _ if wal.is_some() => {
+            return Err(Error::config(
+                "--wal: the WAL relay reads PostgreSQL's write-ahead log; the store must be postgres://…",
+            ))
+        }
         "mysql" | "mariadb" => match AnyStore::open(store_url, table, false).await? {
             AnyStore::MySql(s) => s.schema_sql().await?,
             _ => unreachable!("a mysql:// URL opens a MySQL store"),
@@ -40,6 +52,7 @@ pub(super) async fn migrate(
     store: &AnyStore,
     table: &str,
     inboxes: &[String],
+    wal: Option<&WalNames>,
     json: bool,
 ) -> Result<u8, Error> {
     let started = std::time::Instant::now();
@@ -60,6 +73,22 @@ pub(super) async fn migrate(
         .map(|s| s.version)
         .filter(|&v| v > before.unwrap_or(0) && Some(v) <= version)
         .collect();
+    if let Some(w) = wal {
+        let AnyStore::Postgres(pg) = store else {
+            return Err(Error::config(
+                "--wal: the WAL relay reads PostgreSQL's write-ahead log; the store must be postgres://…",
+            ));
+        };
+        outbox_sql::postgres::wal::WalStore::new(pg.clone(), &w.wal_prefix)?
+            .setup(&w.slot, &w.publication)
+            .await?;
+        if !json {
+            println!(
+                "WAL relay: publication {} and slot {} are ready",
+                w.publication, w.slot
+            );
+        }
+    }
     for inbox in inboxes {
         store.inbox_table(inbox)?.migrate().await?;
         if !json {

@@ -56,7 +56,12 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
         Command::Migrate {
             print_sql: true,
             inboxes,
-        } => return print_sql(&store_url, &table, &inboxes, output).await,
+            wal,
+            wal_names,
+        } => {
+            let wal = wal.then_some(&wal_names);
+            return print_sql(&store_url, &table, &inboxes, wal, output).await;
+        }
         Command::Completions { .. } | Command::Man => return Ok(exit::OK),
         _ => {}
     }
@@ -64,7 +69,15 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
     let store = AnyStore::open(&store_url, &table, create).await?;
     let json = output == Output::Json;
     match cli.command {
-        Command::Migrate { inboxes, .. } => migrate(&store, &table, &inboxes, json).await,
+        Command::Migrate {
+            inboxes,
+            wal,
+            wal_names,
+            ..
+        } => {
+            let wal = wal.then_some(&wal_names);
+            migrate(&store, &table, &inboxes, wal, json).await
+        }
         Command::Clean(args) => clean(&store, args, &file, json).await,
         Command::Stats => stats(&store, &table, json).await,
         Command::Admin(args) => admin_console(&store, &store_url, &table, args).await,

@@ -1,7 +1,7 @@
 //! The WAL relay's engine: read the slot, publish, write aside what the broker will not take,
 //! confirm. See the [module docs](super) for the contract.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::Arc;
@@ -429,43 +429,41 @@ impl Inner {
         }
         let ordered = self.publisher.ordered_batches();
         let mut batch: Vec<usize> = Vec::new();
-        let mut in_batch: HashSet<UnitKey> = HashSet::new();
-        let mut destination_of: std::collections::HashMap<UnitKey, String> = Default::default();
-        let mut stopped: HashSet<UnitKey> = HashSet::new();
+        // Units by their hash: two units that collide are only treated as one (serialised),
+        // which costs concurrency, never order.
+        let mut in_batch: HashMap<u64, u64> = HashMap::new();
+        let mut stopped: HashSet<u64> = HashSet::new();
         let mut refused: Vec<(usize, Error)> = Vec::new();
+        let diverting = !st.diverted.is_empty();
         for (i, it) in st.buffer.iter().enumerate().take(window) {
             if it.fate != Fate::Wal {
                 continue;
             }
             if let Some(u) = &it.unit {
-                if st.diverted.contains(u) || stopped.contains(u) {
+                if stopped.contains(&it.uid) || (diverting && st.diverted.contains(u)) {
                     continue;
                 }
                 if it.not_before > now {
-                    stopped.insert(u.clone());
+                    stopped.insert(it.uid);
                     continue;
+                }
+                match in_batch.get(&it.uid) {
+                    // One message per unit per batch, unless the publisher keeps a batch's
+                    // order: then a run to one destination.
+                    Some(&dest) if !ordered || dest != it.dest => {
+                        stopped.insert(it.uid);
+                        continue;
+                    }
+                    _ => {}
                 }
                 if ordered {
                     if let Err(e) = self.publisher.check_message(&it.row.envelope) {
                         refused.push((i, e));
-                        stopped.insert(u.clone());
+                        stopped.insert(it.uid);
                         continue;
                     }
-                    let dest = &it.row.envelope.message.destination;
-                    match destination_of.get(u) {
-                        Some(d) if d != dest => {
-                            stopped.insert(u.clone());
-                            continue;
-                        }
-                        _ => {
-                            destination_of.insert(u.clone(), dest.clone());
-                        }
-                    }
-                } else if in_batch.contains(u) {
-                    stopped.insert(u.clone());
-                    continue;
                 }
-                in_batch.insert(u.clone());
+                in_batch.insert(it.uid, it.dest);
             } else if it.not_before > now {
                 continue;
             }
@@ -482,30 +480,29 @@ impl Inner {
             let results =
                 publish_with_timeout(&*self.publisher, &envs, None, self.delivery.publish_timeout)
                     .await;
-            let mut failed_units: HashSet<UnitKey> = HashSet::new();
+            let mut failed_units: HashSet<u64> = HashSet::new();
+            let mut published = 0u64;
             for (&i, r) in batch.iter().zip(results) {
                 match r {
                     Ok(()) => {
-                        if let Some(u) = &st.buffer[i].unit {
-                            if failed_units.contains(u) {
-                                metrics::counter!("outbox_order_gaps_total").increment(1);
-                                tracing::warn!(stream = %u.0, unit = %u.1, "a later message of a unit was acknowledged after an earlier one failed in the same batch");
-                            }
+                        let it = &st.buffer[i];
+                        if it.unit.is_some() && failed_units.contains(&it.uid) {
+                            metrics::counter!("outbox_order_gaps_total").increment(1);
+                            tracing::warn!(id = %it.row.envelope.id, "a later message of a unit was acknowledged after an earlier one failed in the same batch");
                         }
                         st.resolve(i);
-                        self.counters
-                            .published
-                            .fetch_add(1, AtomicOrdering::Relaxed);
-                        metrics::counter!("outbox_wal_published_total").increment(1);
+                        published += 1;
                     }
                     Err(e) => {
-                        if let Some(u) = &st.buffer[i].unit {
-                            failed_units.insert(u.clone());
-                        }
+                        failed_units.insert(st.buffer[i].uid);
                         self.failed(st, i, e, now);
                     }
                 }
             }
+            self.counters
+                .published
+                .fetch_add(published, AtomicOrdering::Relaxed);
+            metrics::counter!("outbox_wal_published_total").increment(published);
         }
         self.write_aside(st, window).await;
         st.forget_done();
@@ -569,9 +566,10 @@ impl Inner {
     /// scheduled, quarantined, or behind a diverted unit. On failure they stay buffered
     /// (and unconfirmed) and are tried again next round.
     async fn write_aside(&self, st: &mut State, window: usize) {
+        let diverting = !st.diverted.is_empty();
         let mut idx = Vec::new();
         for (i, it) in st.buffer.iter_mut().enumerate().take(window) {
-            if it.fate == Fate::Wal {
+            if diverting && it.fate == Fate::Wal {
                 if let Some(u) = &it.unit {
                     if st.diverted.contains(u) {
                         it.fate = Fate::Aside { park: false };
@@ -686,6 +684,9 @@ struct Item {
     txn: u64,
     row: NewMessage,
     unit: Option<UnitKey>,
+    /// Hashes of the unit and the destination, for the rounds' bookkeeping.
+    uid: u64,
+    dest: u64,
     attempts: u32,
     not_before: Instant,
     fate: Fate,
@@ -766,10 +767,14 @@ impl State {
                             self.diverted.insert(u.clone());
                         }
                     }
+                    let uid = unit.as_ref().map_or(0, hash);
+                    let dest = hash(&row.envelope.message.destination);
                     self.buffer.push_back(Item {
                         txn: id,
                         row,
                         unit,
+                        uid,
+                        dest,
                         attempts: 0,
                         not_before: now,
                         fate,
@@ -840,6 +845,11 @@ impl State {
             _ => None,
         }
     }
+}
+
+fn hash<T: std::hash::Hash + ?Sized>(v: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(v)
 }
 
 /// Until the stop flag is set (or its sender is gone).

@@ -1,0 +1,514 @@
+//! The WAL relay against the polling relay, one run, one machine (issue #34): the writer's
+//! cost per transaction (table-less message, keep-order row, bare transaction), commit to
+//! publish latency under load, and drain throughput against a bare replication-stream read.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outbox::postgres::sqlx::{self, Postgres, Transaction};
+use outbox::postgres::wal::{WalRelay, WalStore};
+use outbox::postgres::{PgOptions, PgStore};
+use outbox::{Enqueue, KeepOrder, Message, Outbox, Relay, Store};
+
+use super::{cpu_busy, cpu_times, ms, percentile, pg_url, unique, Res, Stamp};
+
+struct Setup {
+    pg: PgStore,
+    wal: WalStore,
+    slot: String,
+}
+
+async fn setup() -> Res<Setup> {
+    let table = unique("outbox_wal_b");
+    let pg = PgStore::connect_with(
+        &pg_url(),
+        PgOptions {
+            table: table.clone(),
+            max_connections: 8,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let wal = WalStore::new(pg.clone(), &table)?;
+    wal.setup(&table, "outbox_wal_bench").await?;
+    Ok(Setup {
+        pg,
+        wal,
+        slot: table,
+    })
+}
+
+impl Setup {
+    async fn cleanup(&self) {
+        let pool = self.pg.pool();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sqlx::query("SELECT pg_drop_replication_slot($1)")
+            .bind(&self.slot)
+            .execute(pool)
+            .await
+            .is_err()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t = self.pg.table();
+        let _ = sqlx::query(&format!(
+            "DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema, {t}_biz CASCADE"
+        ))
+        .execute(pool)
+        .await;
+    }
+
+    fn relay(&self, publisher: impl outbox::Publisher + 'static) -> Res<WalRelay> {
+        Ok(WalRelay::builder(&pg_url(), self.wal.clone(), publisher)
+            .slot(&self.slot)
+            .publication("outbox_wal_bench")
+            .build()?)
+    }
+}
+
+/// A null broker that counts (and keeps batch order, as a pipelining broker client).
+#[derive(Clone, Default)]
+struct Count(
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<Mutex<Option<Instant>>>,
+);
+
+impl Count {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[outbox::async_trait]
+impl outbox::Publisher for Count {
+    async fn publish(&self, _: &outbox::Envelope) -> outbox::Result<()> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    async fn publish_batch(&self, batch: &[&outbox::Envelope]) -> Vec<outbox::Result<()>> {
+        self.1.lock().unwrap().get_or_insert_with(Instant::now);
+        self.0
+            .fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        batch.iter().map(|_| Ok(())).collect()
+    }
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+}
+
+/// All three parts, or one (`--only wal-writer`, `wal-latency`, `wal-drain`).
+pub async fn section(quick: bool, part: Option<&str>) -> Res {
+    let level = setup_probe().await?;
+    if level != "logical" {
+        println!("\n## WAL relay: skipped, the server has wal_level = {level} (scripts/setup.sh sets logical)");
+        return Ok(());
+    }
+    let part = |p: &str| part.is_none_or(|x| x == p);
+    if part("writer") {
+        writer_cost(if quick { 1_000 } else { 2_000 }).await?;
+    }
+    if part("latency") {
+        latency(if quick { 3 } else { 10 }).await?;
+    }
+    if part("drain") {
+        drain(if quick { 20_000 } else { 100_000 }).await?;
+    }
+    Ok(())
+}
+
+async fn setup_probe() -> Res<String> {
+    let pool = sqlx::PgPool::connect(&pg_url()).await?;
+    let level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(&pool)
+        .await?;
+    Ok(level)
+}
+
+/// Writer cost: a business INSERT alone, with a keep-order row (polling table), and with a
+/// table-less message; interleaved transaction by transaction, ratios per round.
+async fn writer_cost(n: usize) -> Res {
+    const ROUNDS: usize = 5;
+    println!("\n## WAL relay: the writer's cost per transaction (PostgreSQL, {n} sequential transactions each, interleaved)\n");
+    let s = setup().await?;
+    let t = s.pg.table().to_owned();
+    sqlx::query(&format!(
+        "CREATE TABLE {t}_biz (id BIGSERIAL PRIMARY KEY, body TEXT)"
+    ))
+    .execute(s.pg.pool())
+    .await?;
+    let polling = Outbox::writer(s.pg.clone())
+        .strategy(KeepOrder::default())
+        .build()?;
+    let wal = Outbox::writer(s.wal.clone())
+        .strategy(KeepOrder::default())
+        .build()?;
+    let biz = format!("INSERT INTO {t}_biz (body) VALUES ($1)");
+    let mut all: [Vec<Duration>; 4] = Default::default();
+    let mut wal_ratio = Vec::new();
+    let mut row_ratio = Vec::new();
+    let mut trip_ratio = Vec::new();
+    let per = n / ROUNDS;
+    for round in 0..ROUNDS {
+        let mut this: [Vec<Duration>; 4] = Default::default();
+        for i in round * per..(round + 1) * per {
+            for (mode, samples) in this.iter_mut().enumerate() {
+                let m = Message::new("orders", format!("{{\"order\":{i}}}"))
+                    .key(format!("c{}", i % 50));
+                let t0 = Instant::now();
+                let mut tx = s.pg.pool().begin().await?;
+                sqlx::query(&biz).bind("order").execute(&mut *tx).await?;
+                match mode {
+                    1 => drop(polling.enqueue(&mut tx, [m]).await?),
+                    2 => drop(wal.enqueue(&mut tx, [m]).await?),
+                    3 => {
+                        sqlx::query("SELECT 1").execute(&mut *tx).await?;
+                    }
+                    _ => {}
+                }
+                tx.commit().await?;
+                samples.push(t0.elapsed());
+            }
+        }
+        for v in this.iter_mut() {
+            v.sort();
+        }
+        let p = |v: &Vec<Duration>| percentile(v, 0.5).as_secs_f64();
+        row_ratio.push(p(&this[1]) / p(&this[0]));
+        wal_ratio.push(p(&this[2]) / p(&this[0]));
+        trip_ratio.push(p(&this[3]) / p(&this[0]));
+        for (a, v) in all.iter_mut().zip(this) {
+            a.extend(v);
+        }
+    }
+    for v in all.iter_mut() {
+        v.sort();
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let fmt = |v: &Vec<f64>| {
+        v.iter()
+            .map(|x| format!("{x:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("| writer | p50 | p99 | / bare (p50, median of {ROUNDS} rounds) | rounds |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| bare transaction (BEGIN, INSERT, COMMIT) | {} | {} | 1.00 | |",
+        ms(percentile(&all[0], 0.5)),
+        ms(percentile(&all[0], 0.99))
+    );
+    let (r, w) = (med(&mut row_ratio.clone()), med(&mut wal_ratio.clone()));
+    println!(
+        "| + keep-order row (polling table) | {} | {} | {r:.2} | {} |",
+        ms(percentile(&all[1], 0.5)),
+        ms(percentile(&all[1], 0.99)),
+        fmt(&row_ratio)
+    );
+    println!(
+        "| + table-less message (WAL) | {} | {} | {w:.2} | {} |",
+        ms(percentile(&all[2], 0.5)),
+        ms(percentile(&all[2], 0.99)),
+        fmt(&wal_ratio)
+    );
+    let rt = med(&mut trip_ratio.clone());
+    println!(
+        "| + `SELECT 1` (one more round trip, nothing written) | {} | {} | {rt:.2} | {} |",
+        ms(percentile(&all[3], 0.5)),
+        ms(percentile(&all[3], 0.99)),
+        fmt(&trip_ratio)
+    );
+    println!(
+        "\nTarget: table-less <= 1.10 x bare: {}.",
+        if w <= 1.10 { "met" } else { "MISSED" }
+    );
+    s.cleanup().await;
+    Ok(())
+}
+
+/// Commit-to-publish latency under load, 4 writers, 50 keys: the WAL relay against the
+/// polling relay (loop mode, NOTIFY), each with an in-process publisher.
+async fn latency(secs: u64) -> Res {
+    const WRITERS: usize = 4;
+    println!("\n## WAL relay: commit-to-publish latency under load ({WRITERS} writers, 50 keys, {secs} s per rate)\n");
+    println!("| rate | relay | p50 | p99 | max | delivered | machine CPU busy |");
+    println!("|---|---|---|---|---|---|---|");
+    for rate in [500usize, 2_000] {
+        for wal_mode in [true, false] {
+            let s = setup().await?;
+            let total = rate * secs as usize;
+            let stamp = Stamp {
+                marks: Arc::new((0..total).map(|_| Mutex::new(None)).collect()),
+                samples: Arc::new(Mutex::new(Vec::with_capacity(total))),
+            };
+            let (stop, stop_rx) = tokio::sync::watch::channel(false);
+            let wait = move || {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+            };
+            let relay = if wal_mode {
+                let relay = s.relay(stamp.clone())?;
+                let w = wait();
+                tokio::spawn(async move { relay.run(w).await.map(|_| ()) })
+            } else {
+                let relay = Relay::builder(s.pg.reopen().await?, stamp.clone()).build()?;
+                let w = wait();
+                tokio::spawn(async move {
+                    relay.run(w).await;
+                    Ok(())
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let cpu = cpu_times();
+            if wal_mode {
+                let o = Outbox::writer(s.wal.clone())
+                    .strategy(KeepOrder::default())
+                    .build()?;
+                write_at(o, &s.pg, &stamp, rate, total, WRITERS).await?;
+            } else {
+                let o = Outbox::writer(s.pg.clone())
+                    .strategy(KeepOrder::default())
+                    .build()?;
+                write_at(o, &s.pg, &stamp, rate, total, WRITERS).await?;
+            }
+            let busy = cpu_busy(cpu);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while stamp.samples.lock().unwrap().len() < total && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = stop.send(true);
+            relay.await??;
+            let mut v = stamp.samples.lock().unwrap().clone();
+            v.sort();
+            println!(
+                "| {rate} msg/s | {} | {} | {} | {} | {}/{total} | {busy} |",
+                if wal_mode {
+                    "WAL"
+                } else {
+                    "polling (keep-order)"
+                },
+                ms(percentile(&v, 0.5)),
+                ms(percentile(&v, 0.99)),
+                ms(v.last().copied().unwrap_or_default()),
+                v.len()
+            );
+            s.cleanup().await;
+        }
+    }
+    println!("\nTarget: WAL p99 <= 5 ms at 2 000 msg/s.");
+    Ok(())
+}
+
+async fn write_at<S>(
+    outbox: Outbox<S>,
+    pg: &PgStore,
+    stamp: &Stamp,
+    rate: usize,
+    total: usize,
+    writers: usize,
+) -> Res
+where
+    S: Store + for<'c> Enqueue<Transaction<'c, Postgres>> + Clone + 'static,
+{
+    let tasks = (0..writers).map(|w| {
+        let (pool, outbox, stamp) = (pg.pool().clone(), outbox.clone(), stamp.clone());
+        tokio::spawn(async move {
+            let period = Duration::from_secs_f64(writers as f64 / rate as f64);
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + period.mul_f64(w as f64 / writers as f64),
+                period,
+            );
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            for i in (w..total).step_by(writers) {
+                tick.tick().await;
+                let m = Message::new("x", i.to_string().into_bytes()).key(format!("k{}", i % 50));
+                let mut tx = pool.begin().await?;
+                let _ = outbox.enqueue(&mut tx, [m]).await?;
+                *stamp.marks[i].lock().unwrap() = Some(Instant::now());
+                tx.commit().await?;
+            }
+            Res::Ok(())
+        })
+    });
+    for t in futures_util::future::join_all(tasks).await {
+        t??;
+    }
+    Ok(())
+}
+
+/// Drain: `n` messages committed (100 per transaction, 50 keys) before any relay runs, then
+/// read by a bare replication stream (no decoding, no publishing), by the WAL relay, and by
+/// the polling relay from a keep-order table of the same messages.
+async fn drain(n: usize) -> Res {
+    println!("\n## WAL relay: drain of {n} messages written before the relay starts (100 per transaction, 50 keys, null publisher)\n");
+    let s = setup().await?;
+    // A second slot at the same position, for the bare read.
+    let bare_slot = format!("{}_bare", s.slot);
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+        .bind(&bare_slot)
+        .execute(s.pg.pool())
+        .await?;
+    let polling = {
+        let pg = PgStore::connect_with(
+            &pg_url(),
+            PgOptions {
+                table: unique("outbox_wal_p"),
+                ..Default::default()
+            },
+        )
+        .await?;
+        pg.migrate().await?;
+        pg
+    };
+    let wal_writer = Outbox::writer(s.wal.clone())
+        .strategy(KeepOrder::default())
+        .build()?;
+    let poll_writer = Outbox::writer(polling.clone())
+        .strategy(KeepOrder::default())
+        .build()?;
+    for t in 0..n / 100 {
+        let msgs = |_: ()| -> Vec<Message> {
+            (0..100)
+                .map(|j| {
+                    Message::new("x", format!("{}", t * 100 + j))
+                        .key(format!("k{}", (t * 100 + j) % 50))
+                })
+                .collect()
+        };
+        let mut tx = s.pg.pool().begin().await?;
+        let _ = wal_writer.enqueue(&mut tx, msgs(())).await?;
+        tx.commit().await?;
+        let mut tx = polling.pool().begin().await?;
+        let _ = poll_writer.enqueue(&mut tx, msgs(())).await?;
+        tx.commit().await?;
+    }
+    // Bare: read the stream until every transaction's logical message has arrived (one
+    // per transaction: 100 small messages make one).
+    let url = url_parts();
+    let cfg = pgwire_replication::ReplicationConfig::new(
+        url.0,
+        url.1,
+        "",
+        url.2,
+        bare_slot.clone(),
+        "outbox_wal_bench",
+    )
+    .with_port(url.3);
+    let t0 = Instant::now();
+    let mut client = pgwire_replication::ReplicationClient::connect(cfg).await?;
+    let mut messages = 0usize;
+    let mut first = None;
+    while messages < n / 100 {
+        match client.recv().await? {
+            Some(pgwire_replication::ReplicationEvent::Message { .. }) => {
+                first.get_or_insert_with(Instant::now);
+                messages += 1
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let bare = t0.elapsed();
+    let bare_started = first.map(|f| f - t0).unwrap_or_default();
+    let bare_steady = n as f64 / (bare - bare_started).as_secs_f64();
+    let bare_rate = n as f64 / bare.as_secs_f64();
+    drop(client);
+
+    let count = Count::default();
+    let relay = s.relay(count.clone())?;
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let t0 = Instant::now();
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    while count.count() < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let wal = t0.elapsed();
+    let started = count.1.lock().unwrap().map(|f| f - t0).unwrap_or_default();
+    let _ = stop.send(true);
+    h.await??;
+
+    let count2 = Count::default();
+    let relay = Relay::builder(polling.clone(), count2.clone()).build()?;
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let t0 = Instant::now();
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    while count2.count() < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let poll = t0.elapsed();
+    let _ = stop.send(true);
+    h.await?;
+
+    let wal_rate = n as f64 / wal.as_secs_f64();
+    let poll_rate = n as f64 / poll.as_secs_f64();
+    println!("| reader | time | msg/s | / bare stream |");
+    println!("|---|---|---|---|");
+    println!("| bare replication stream (no decode, no publish; {messages} logical messages) | {bare:.2?} | {bare_rate:.0} | 1.00 |");
+    println!(
+        "| WAL relay (decode, publish, confirm) | {wal:.2?} | {wal_rate:.0} | {:.2} |",
+        wal_rate / bare_rate
+    );
+    let steady = n as f64 / (wal - started).as_secs_f64();
+    println!(
+        "| bare stream, from its first message ({bare_started:.2?} to connect) | {:.2?} | {bare_steady:.0} | 1.00 (steady) |",
+        bare - bare_started
+    );
+    println!(
+        "| WAL relay, from its first publish ({started:.2?} to connect and start) | {:.2?} | {steady:.0} | {:.2} (steady) |",
+        wal - started,
+        steady / bare_steady
+    );
+    println!(
+        "| polling relay (claim, publish, settle) | {poll:.2?} | {poll_rate:.0} | {:.2} |",
+        poll_rate / bare_rate
+    );
+    println!(
+        "\nTarget: WAL relay >= 0.8 x the bare stream (steady): {}.",
+        if steady >= 0.8 * bare_steady {
+            "met"
+        } else {
+            "MISSED"
+        }
+    );
+    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+        .bind(&bare_slot)
+        .execute(s.pg.pool())
+        .await;
+    let t = polling.table().to_owned();
+    let _ = sqlx::query(&format!(
+        "DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema CASCADE"
+    ))
+    .execute(polling.pool())
+    .await;
+    s.cleanup().await;
+    Ok(())
+}
+
+/// host, user, database, port of the benchmark's URL (trust auth on loopback).
+fn url_parts() -> (String, String, String, u16) {
+    let url = pg_url();
+    let rest = url.split("://").nth(1).unwrap_or("");
+    let (auth, hostpath) = rest.split_once('@').unwrap_or(("postgres", rest));
+    let user = auth.split(':').next().unwrap_or("postgres").to_owned();
+    let (hostport, db) = hostpath.split_once('/').unwrap_or((hostpath, "postgres"));
+    let db = db.split('?').next().unwrap_or("postgres").to_owned();
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+    (host.to_owned(), user, db, port.parse().unwrap_or(5432))
+}
