@@ -183,6 +183,12 @@ pub(crate) struct DoctorArgs {
     /// Signature verification keys file, as for `relay`.
     #[arg(long, env = "OUTBOX_SIGNING_KEYS_FILE")]
     pub(crate) signing_keys_file: Option<PathBuf>,
+    /// Also check the WAL relay's set-up: wal_level, the publication, the slot and how
+    /// much WAL it keeps (PostgreSQL).
+    #[arg(long)]
+    pub(crate) wal: bool,
+    #[command(flatten)]
+    pub(crate) wal_names: WalNames,
 }
 
 #[derive(Args, Debug, Default)]

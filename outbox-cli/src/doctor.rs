@@ -31,6 +31,58 @@ pub struct Setup<'a> {
     pub publisher_url: Option<String>,
     /// The signing keys as the relay would load them.
     pub signing: Result<Option<outbox_core::Signer>, outbox_core::Error>,
+    /// The WAL relay's names, when it is checked too.
+    pub wal: Option<&'a crate::cli::WalNames>,
+}
+
+/// WAL kept by a slot past which the doctor warns (an abandoned slot fills the disk).
+const WAL_RETAINED_WARN: u64 = 1 << 30;
+
+async fn wal_check(store: &AnyStore, names: &crate::cli::WalNames) -> Check {
+    let AnyStore::Postgres(pg) = store else {
+        return check(
+            "wal",
+            Status::Fail,
+            "the WAL relay needs a PostgreSQL store",
+        );
+    };
+    let h =
+        match outbox_sql::postgres::wal::health(pg.pool(), &names.slot, &names.publication).await {
+            Ok(h) => h,
+            Err(e) => return check("wal", Status::Fail, describe(&e)),
+        };
+    let (slot, publication) = (&names.slot, &names.publication);
+    if h.wal_level != "logical" {
+        return check(
+            "wal",
+            Status::Fail,
+            format!(
+                "wal_level is {}: set wal_level = logical and restart the server",
+                h.wal_level
+            ),
+        );
+    }
+    if !h.publication {
+        return check(
+            "wal",
+            Status::Fail,
+            format!("publication {publication} does not exist: run `outbox migrate --wal`"),
+        );
+    }
+    match h.slot {
+        None => check("wal", Status::Fail, format!("slot {slot} does not exist: run `outbox migrate --wal`")),
+        Some((plugin, _)) if plugin != "pgoutput" => check("wal", Status::Fail, format!("slot {slot} uses plugin {plugin}, not pgoutput: drop it and run `outbox migrate --wal`")),
+        Some((_, lag)) if lag.retained_bytes > WAL_RETAINED_WARN => check(
+            "wal",
+            Status::Warn,
+            format!("slot {slot} keeps {} MiB of WAL on the server ({}): is its relay running?", lag.retained_bytes >> 20, if lag.active { "a relay is reading" } else { "no relay is reading" }),
+        ),
+        Some((_, lag)) => check(
+            "wal",
+            Status::Ok,
+            format!("wal_level logical, publication {publication}, slot {slot} keeping {} KiB of WAL ({})", lag.retained_bytes >> 10, if lag.active { "a relay is reading" } else { "no relay is reading now" }),
+        ),
+    }
 }
 
 fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
@@ -59,6 +111,9 @@ pub async fn examine(setup: Setup<'_>) -> Vec<Check> {
         Ok(store) => {
             out.push(check("store", Status::Ok, format!("reachable: {shown}")));
             store_checks(&store, &mut out).await;
+            if let Some(names) = setup.wal {
+                out.push(wal_check(&store, names).await);
+            }
         }
     }
     out.push(publisher_check(setup.publisher_url.as_deref()).await);

@@ -166,6 +166,30 @@ async fn a_wal_relay_killed_mid_stream_loses_nothing_and_keeps_first_deliveries_
     }
     assert_eq!(seen.len(), total);
     let duplicates = reply.ids.len() - total;
+    // `doctor --wal` sees the set-up, and says what is missing.
+    let doctor = |slot: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args(["--store", &url, "--table", &table, "doctor", "--wal"])
+            .args(["--slot", slot, "--publication", "wal_kill"])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (ok, text) = doctor("wal_kill");
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("OK    wal        wal_level logical, publication wal_kill, slot wal_kill"),
+        "{text}"
+    );
+    let (ok, text) = doctor("no_such_slot");
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("slot no_such_slot does not exist: run `outbox migrate --wal`"),
+        "{text}"
+    );
     assert!(
         duplicates <= 10_000,
         "{duplicates} duplicates: more than one unconfirmed window"

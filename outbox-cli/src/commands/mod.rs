@@ -128,6 +128,7 @@ async fn doctor(
         table,
         publisher_url,
         signing,
+        wal: args.wal.then_some(&args.wal_names),
     })
     .await;
     Ok(if doctor::print(&checks, output) {

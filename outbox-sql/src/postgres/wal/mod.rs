@@ -191,6 +191,43 @@ pub async fn slot_lag(pool: &sqlx::PgPool, slot: &str) -> Result<Option<SlotLag>
     }))
 }
 
+/// What `outbox doctor` checks of a WAL relay's set-up: [`health`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalHealth {
+    /// The server's `wal_level` (`logical` is needed).
+    pub wal_level: String,
+    /// Whether the publication exists.
+    pub publication: bool,
+    /// The slot's plugin (`pgoutput` is needed) and lag, when it exists.
+    pub slot: Option<(String, SlotLag)>,
+}
+
+/// The server's `wal_level`, the publication, the slot and its lag.
+pub async fn health(pool: &sqlx::PgPool, slot: &str, publication: &str) -> Result<WalHealth> {
+    let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(pool)
+        .await
+        .map_err(map_err)?;
+    let publication: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(publication)
+            .fetch_one(pool)
+            .await
+            .map_err(map_err)?;
+    let plugin: Option<Option<String>> =
+        sqlx::query_scalar("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(slot)
+            .fetch_optional(pool)
+            .await
+            .map_err(map_err)?;
+    let lag = slot_lag(pool, slot).await?;
+    Ok(WalHealth {
+        wal_level,
+        publication,
+        slot: plugin.zip(lag).map(|(p, l)| (p.unwrap_or_default(), l)),
+    })
+}
+
 /// See [`slot_lag`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotLag {

@@ -749,7 +749,19 @@ impl State {
                 };
                 self.current.get_or_insert_with(Vec::new).extend(rows);
             }
-            ReplicationEvent::Commit { end_lsn, .. } => {
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                // How far behind the reading is: now against the commit's time (PostgreSQL
+                // counts microseconds from 2000-01-01).
+                const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+                let now = SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_micros() as i64);
+                let lag = (now - PG_EPOCH_MICROS - commit_time_micros).max(0);
+                metrics::gauge!("outbox_wal_lag_seconds").set(lag as f64 / 1e6);
                 let rows = self.current.take().unwrap_or_default();
                 let id = self.next_txn;
                 self.next_txn += 1;
