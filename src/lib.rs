@@ -44,6 +44,7 @@
 //! |---|---|---|
 //! | `sqlite` (default) | embedded SQLite store (rusqlite) | [`sqlite`] |
 //! | `postgres` | PostgreSQL store (sqlx), `LISTEN`/`NOTIFY` wake-up, and its inbox | `postgres`, `sql_inbox` |
+//! | `pg-wal` | the WAL relay: a table-less writer (`pg_logical_emit_message`) and a relay over a logical replication slot | `postgres::wal` |
 //! | `mysql` | MySQL / MariaDB store (sqlx), and its inbox | `mysql`, `sql_inbox` |
 //! | `kafka` | Kafka publisher and inbox source (rdkafka) | `kafka` |
 //! | `amqp` | RabbitMQ publisher (publisher confirms) and inbox source (lapin) | `amqp` |

@@ -96,6 +96,27 @@ mod snippets {
         Ok(())
     }
 
+    async fn wal_relay(
+        url: &str,
+        msg: outbox::Message,
+        publisher: outbox::StdoutPublisher,
+        shutdown: std::future::Pending<()>,
+    ) -> Res {
+        use outbox::postgres::PgStore;
+        use outbox::{KeepOrder, Outbox};
+        use outbox::postgres::wal::{WalRelay, WalStore};
+        let table = PgStore::connect(url).await?;            // dead letters and refused units go here
+        let store = WalStore::new(table, "outbox")?;         // the logical-message prefix
+        store.setup("outbox", "outbox").await?;              // table, publication, slot (idempotent)
+        let outbox = Outbox::writer(store.clone()).strategy(KeepOrder::default()).build()?;
+        let mut tx = store.table().pool().begin().await?;
+        let _ = outbox.enqueue(&mut tx, [msg]).await?;       // the same call as for PgStore
+        tx.commit().await?;
+        WalRelay::builder(url, store, publisher).slot("outbox").publication("outbox").build()?
+            .run(shutdown).await?;
+        Ok(())
+    }
+
     /// Stands for the application's HTTP client in the README's publisher.
     struct HttpClient;
 
