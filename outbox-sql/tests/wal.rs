@@ -211,9 +211,9 @@ async fn committed_messages_only_once_each_in_commit_order_with_concurrent_write
     )
     .await;
     stop.send(()).unwrap();
-    let (result, relay) = task.await.unwrap();
+    let (result, first) = task.await.unwrap();
     result.unwrap();
-    assert_eq!(relay.stats().published as usize, total);
+    assert_eq!(first.stats().published as usize, total);
     // The table holds nothing: no row was written on the way.
     assert_eq!(w.store.stats().await.unwrap().total().pending, 0);
 }
@@ -517,4 +517,135 @@ async fn misconfiguration_is_a_clear_error() {
         .expect("a missing slot ends the run")
         .unwrap_err();
     assert!(e.to_string().contains("no_such_slot"), "{e}");
+}
+
+/// A broker outage under load: every publish fails for a while (transiently) while writers
+/// keep committing. Units move to the table as their retries in memory run out, the table's
+/// relay delivers them when the broker is back, and they flow from the WAL again after; every
+/// message is delivered, first deliveries in commit order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_keeps_order_through_the_table() {
+    let w = Arc::new(wal(KeepOrder::default()).await);
+    let broker = RecordingPublisher::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let d2 = down.clone();
+    let faulty = FaultyPublisher::new(broker.clone(), move |_| {
+        d2.load(Ordering::SeqCst)
+            .then(|| Error::transient("broker unreachable"))
+    });
+    let (stop, task) = spawn(relay(&w, faulty));
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for t in 0..300 {
+        if t == 100 {
+            down.store(true, Ordering::SeqCst);
+        }
+        if t == 200 {
+            down.store(false, Ordering::SeqCst);
+        }
+        let msgs: Vec<Message> = (0..3)
+            .map(|j| {
+                let key = format!("k{}", (t * 3 + j) % 8);
+                let body = format!("{key}/{t}/{j}");
+                expected.entry(key.clone()).or_default().push(body.clone());
+                Message::new("o", body).stream("s").key(key)
+            })
+            .collect();
+        commit(&w, msgs).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually(
+        "everything delivered after the outage",
+        Duration::from_secs(60),
+        || async {
+            first_deliveries(&broker.published())
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                == 900
+        },
+    )
+    .await;
+    assert_eq!(first_deliveries(&broker.published()), expected);
+    // The units came back from the table: new messages flow from the WAL again.
+    assert!(
+        !task.is_finished(),
+        "the relay kept running through the outage"
+    );
+    eventually("units back on the WAL", Duration::from_secs(30), || async {
+        w.store.stats().await.unwrap().total().pending == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = broker.count();
+    commit(
+        &w,
+        vec![Message::new("o", "k0/after").stream("s").key("k0")],
+    )
+    .await;
+    eventually(
+        "the last message delivered",
+        Duration::from_secs(30),
+        || async { broker.count() > before },
+    )
+    .await;
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    let stats = relay.stats();
+    assert!(
+        stats.aside > 0,
+        "the outage sent units to the table: {stats:?}"
+    );
+    assert!(stats.published > 0);
+    assert_eq!(stats.dead, 0);
+}
+
+/// A graceful stop records the last confirmed position even when the relay's periodic
+/// status update has not gone out yet (30 s here): a new relay publishes only what is new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_records_its_position_so_a_restart_publishes_nothing_twice() {
+    let w = wal(KeepOrder::default()).await;
+    let slow_status = |publisher: RecordingPublisher| {
+        WalRelay::builder(&w.cluster.url(), w.store.clone(), publisher)
+            .slot(SLOT)
+            .publication(PUBLICATION)
+            .status_interval(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let first = RecordingPublisher::new();
+    let (stop, task) = spawn(slow_status(first.clone()));
+    for i in 0..50 {
+        commit(
+            &w,
+            vec![Message::new("o", format!("m{i}")).stream("s").key("k")],
+        )
+        .await;
+    }
+    eventually("50 published", Duration::from_secs(30), || async {
+        first.count() >= 50
+    })
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+    let again = RecordingPublisher::new();
+    let (stop, task) = spawn(slow_status(again.clone()));
+    commit(
+        &w,
+        vec![Message::new("o", "after-restart").stream("s").key("k")],
+    )
+    .await;
+    eventually("the new message", Duration::from_secs(30), || async {
+        again.count() >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let texts: Vec<String> = again.published().iter().map(text).collect();
+    assert_eq!(
+        texts,
+        vec!["after-restart"],
+        "a graceful restart published old messages again"
+    );
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
 }

@@ -316,6 +316,7 @@ impl Inner {
                 _ = until_stopped(stopped) => {
                     client.stop();
                     let _ = client.shutdown().await;
+                    self.flush_confirmed(st.confirmed).await;
                     return Ok(());
                 }
                 ev = client.recv(), if st.buffer.len() < self.max_buffered => {
@@ -341,6 +342,37 @@ impl Inner {
                 last_check = Instant::now();
                 self.undivert(&mut st).await;
                 self.check_retained(&mut st).await;
+            }
+        }
+    }
+
+    /// A graceful stop ends the session without sending the last confirmed position (the
+    /// replication client sends positions every `status_interval`): move the slot there
+    /// with SQL once the server has let go of it, so that a restart does not publish the
+    /// last interval's messages again.
+    async fn flush_confirmed(&self, lsn: Lsn) {
+        if lsn.is_zero() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let r = sqlx::query("SELECT pg_replication_slot_advance($1, $2::pg_lsn)")
+                .bind(&self.slot)
+                .bind(lsn.to_pg_string())
+                .execute(self.store.table().pool())
+                .await;
+            match r {
+                Ok(_) => return,
+                // Already there or past it.
+                Err(e) if e.to_string().contains("minimum is") => return,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "WAL relay: the slot is not free yet");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %map_err(e), "WAL relay: could not record the last confirmed position; a restart publishes up to one status interval again");
+                    return;
+                }
             }
         }
     }
@@ -420,6 +452,7 @@ impl Inner {
         if st.buffer.len() >= self.max_buffered {
             for it in st.buffer.iter_mut().take(window) {
                 if it.fate == Fate::Wal && it.attempts > 0 && it.not_before > now {
+                    it.row.retry_after = it.not_before - now;
                     it.fate = Fate::Aside { park: false };
                     if let Some(u) = &it.unit {
                         st.diverted.insert(u.clone());
