@@ -147,6 +147,10 @@ pub(crate) struct GrantsArgs {
     /// MySQL/MariaDB: the host part of the accounts ('role'@'host').
     #[arg(long, default_value = "%")]
     pub(crate) account_host: String,
+    /// PostgreSQL with the WAL relay: also only the writer may emit logical messages, and
+    /// the relay gets REPLICATION and inserts (for the messages it writes aside).
+    #[arg(long)]
+    pub(crate) wal: bool,
 }
 
 #[derive(Args, Debug)]

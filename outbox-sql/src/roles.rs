@@ -91,6 +91,38 @@ pub fn postgres(table: &str, roles: &Roles) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// PostgreSQL with the WAL relay (`postgres::wal`), after [`postgres`]'s statements:
+/// - any role may call `pg_logical_emit_message` by default, so any login could hand the
+///   relay a message: only the writer may (run as a superuser: the function is the
+///   system's);
+/// - the writer needs nothing else (no table privilege);
+/// - the relay reads the slot (`REPLICATION`) and writes refused messages and the units
+///   behind them to the table, so it also inserts rows: the one privilege the WAL relay adds
+///   to the polling relay's.
+pub fn postgres_wal(table: &str, roles: &Roles) -> Result<Vec<String>> {
+    validate_identifier(table)?;
+    let t = table;
+    let emit = "FUNCTION pg_logical_emit_message(boolean, text, bytea)";
+    let emit_text = "FUNCTION pg_logical_emit_message(boolean, text, text)";
+    let mut out = vec![
+        format!("REVOKE EXECUTE ON {emit} FROM PUBLIC"),
+        format!("REVOKE EXECUTE ON {emit_text} FROM PUBLIC"),
+    ];
+    if let Some(w) = &roles.writer {
+        check_role(w, "writer")?;
+        out.push(format!("GRANT EXECUTE ON {emit} TO \"{w}\""));
+    }
+    if let Some(r) = &roles.relay {
+        check_role(r, "relay")?;
+        out.extend([
+            format!("ALTER ROLE \"{r}\" REPLICATION"),
+            format!("GRANT INSERT ({INSERT_COLS}) ON {t} TO \"{r}\""),
+            format!("GRANT USAGE ON SEQUENCE {t}_seq_seq TO \"{r}\""),
+        ]);
+    }
+    Ok(out)
+}
+
 /// MySQL / MariaDB: the statements for `table` in `database`, to accounts `'role'@'host'`
 /// (`host`: `%` for any).
 pub fn mysql(database: &str, table: &str, host: &str, roles: &Roles) -> Result<Vec<String>> {

@@ -649,3 +649,106 @@ async fn a_graceful_stop_records_its_position_so_a_restart_publishes_nothing_twi
     stop.send(()).unwrap();
     task.await.unwrap().0.unwrap();
 }
+
+/// Least privilege (`outbox grants --wal`): the writer role only emits (no table
+/// privilege), another login can no longer hand the relay a message, and the relay role
+/// (REPLICATION, plus inserts for what it writes aside) streams, publishes and dead-letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_privilege_roles_for_the_wal_relay() {
+    use outbox_sql::roles::{postgres, postgres_wal, Roles};
+    let w = wal(KeepOrder::dead_letter()).await;
+    let table = w.store.table().table().to_owned();
+    let roles = Roles {
+        writer: Some("wal_writer".into()),
+        relay: Some("wal_relay".into()),
+        admin: None,
+    };
+    let pool = w.store.table().pool();
+    for role in ["wal_writer", "wal_relay", "intruder"] {
+        sqlx::query(&format!("CREATE ROLE {role} LOGIN"))
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+    for statement in postgres(&table, &roles)
+        .unwrap()
+        .into_iter()
+        .chain(postgres_wal(&table, &roles).unwrap())
+    {
+        sqlx::query(&statement).execute(pool).await.unwrap();
+    }
+    let url_as = |role: &str| w.cluster.url().replace("postgres@", &format!("{role}@"));
+    let options = outbox_sql::postgres::PgOptions {
+        table: table.clone(),
+        ..Default::default()
+    };
+
+    // Another login cannot emit a message any more.
+    let intruder = sqlx::PgPool::connect(&url_as("intruder")).await.unwrap();
+    let e = sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', '\\x00'::bytea)")
+        .execute(&intruder)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("permission denied"), "{e}");
+
+    // The relay, as its role: publishes, and writes the refused message aside.
+    let relay_table = PgStore::connect_with(&url_as("wal_relay"), options.clone())
+        .await
+        .unwrap();
+    let broker = RecordingPublisher::new();
+    let faulty = FaultyPublisher::new(broker.clone(), |e| {
+        (text(e) == "refused").then(|| Error::permanent("no"))
+    });
+    let relay = WalRelay::builder(
+        &url_as("wal_relay"),
+        WalStore::new(relay_table, "outbox").unwrap(),
+        faulty,
+    )
+    .slot(SLOT)
+    .publication(PUBLICATION)
+    .build()
+    .unwrap();
+    let (stop, task) = spawn(relay);
+
+    // The writer, as its role: emits; it can read no row of the table.
+    let writer_table = PgStore::connect_with(&url_as("wal_writer"), options)
+        .await
+        .unwrap();
+    let writer = WalStore::new(writer_table.clone(), "outbox").unwrap();
+    let outbox = Outbox::writer(writer)
+        .strategy(KeepOrder::dead_letter())
+        .build()
+        .unwrap();
+    let mut tx = writer_table.pool().begin().await.unwrap();
+    let _ = outbox
+        .enqueue(
+            &mut tx,
+            ["one", "refused", "two"].map(|t| Message::new("o", t).stream("s").key("k")),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(sqlx::query(&format!("SELECT payload FROM {table}"))
+        .fetch_all(writer_table.pool())
+        .await
+        .is_err());
+
+    eventually(
+        "published as the relay role",
+        Duration::from_secs(30),
+        || async { broker.count() >= 2 },
+    )
+    .await;
+    assert_eq!(
+        first_deliveries(&broker.published())["k"],
+        vec!["one", "two"]
+    );
+    eventually(
+        "the refused one dead-lettered by the relay role",
+        Duration::from_secs(30),
+        || async { w.store.dead_letters(None, 10).await.unwrap().len() == 1 },
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}

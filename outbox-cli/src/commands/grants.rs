@@ -20,7 +20,18 @@ pub(super) fn grants(
         ));
     }
     let statements = match backends::scheme(store_url) {
-        "postgres" | "postgresql" => outbox_sql::roles::postgres(table, &roles)?,
+        "postgres" | "postgresql" => {
+            let mut all = outbox_sql::roles::postgres(table, &roles)?;
+            if args.wal {
+                all.extend(outbox_sql::roles::postgres_wal(table, &roles)?);
+            }
+            all
+        }
+        _ if args.wal => {
+            return Err(Error::config(
+                "grants --wal: the WAL relay is PostgreSQL's; the store must be postgres://…",
+            ))
+        }
         "mysql" | "mariadb" => {
             let database = backends::database_of(store_url).ok_or_else(|| {
                 Error::config("grants: the store URL names no database (mysql://host/DATABASE)")
