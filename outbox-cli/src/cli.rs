@@ -151,6 +151,9 @@ pub(crate) struct GrantsArgs {
     /// the relay gets REPLICATION and inserts (for the messages it writes aside).
     #[arg(long)]
     pub(crate) wal: bool,
+    /// With --wal, table mode: the writer inserts into `<table>_wal`, the relay deletes.
+    #[arg(long, requires = "wal")]
+    pub(crate) wal_rows: bool,
 }
 
 #[derive(Args, Debug)]
@@ -285,6 +288,10 @@ pub(crate) struct WalNames {
     /// The logical-message prefix the writers' `WalStore` uses.
     #[arg(long, env = "OUTBOX_WAL_PREFIX", default_value = "outbox")]
     pub(crate) wal_prefix: String,
+    /// Table mode: the writers insert into `<table>_wal` (`WalStore::rows`) instead of
+    /// emitting logical messages.
+    #[arg(long, env = "OUTBOX_WAL_ROWS")]
+    pub(crate) wal_rows: bool,
 }
 
 impl Default for WalNames {
@@ -293,6 +300,7 @@ impl Default for WalNames {
             slot: "outbox".into(),
             publication: "outbox".into(),
             wal_prefix: "outbox".into(),
+            wal_rows: false,
         }
     }
 }

@@ -196,7 +196,11 @@ async fn wal_relay(
             "--wal reads PostgreSQL's write-ahead log: the store must be postgres://…",
         ));
     };
-    let wal = outbox_sql::postgres::wal::WalStore::new(pg.clone(), &names.wal_prefix)?;
+    let wal = if names.wal_rows {
+        outbox_sql::postgres::wal::WalStore::rows(pg.clone())
+    } else {
+        outbox_sql::postgres::wal::WalStore::new(pg.clone(), &names.wal_prefix)?
+    };
     let relay = outbox_sql::postgres::wal::WalRelay::builder(store_url, wal, publisher)
         .slot(&names.slot)
         .publication(&names.publication)

@@ -99,7 +99,10 @@ pub fn postgres(table: &str, roles: &Roles) -> Result<Vec<String>> {
 /// - the relay reads the slot (`REPLICATION`) and writes refused messages and the units
 ///   behind them to the table, so it also inserts rows: the one privilege the WAL relay adds
 ///   to the polling relay's.
-pub fn postgres_wal(table: &str, roles: &Roles) -> Result<Vec<String>> {
+///
+/// In table mode (`rows`, [`WalStore::rows`](crate::postgres::wal::WalStore::rows)) the
+/// writer inserts into `<table>_wal` instead, and the relay deletes the rows it published.
+pub fn postgres_wal(table: &str, roles: &Roles, rows: bool) -> Result<Vec<String>> {
     validate_identifier(table)?;
     let t = table;
     let emit = "FUNCTION pg_logical_emit_message(boolean, text, bytea)";
@@ -110,7 +113,14 @@ pub fn postgres_wal(table: &str, roles: &Roles) -> Result<Vec<String>> {
     ];
     if let Some(w) = &roles.writer {
         check_role(w, "writer")?;
-        out.push(format!("GRANT EXECUTE ON {emit} TO \"{w}\""));
+        if rows {
+            out.extend([
+                format!("GRANT INSERT (batch) ON {t}_wal TO \"{w}\""),
+                format!("GRANT USAGE ON SEQUENCE {t}_wal_seq_seq TO \"{w}\""),
+            ]);
+        } else {
+            out.push(format!("GRANT EXECUTE ON {emit} TO \"{w}\""));
+        }
     }
     if let Some(r) = &roles.relay {
         check_role(r, "relay")?;
@@ -119,6 +129,9 @@ pub fn postgres_wal(table: &str, roles: &Roles) -> Result<Vec<String>> {
             format!("GRANT INSERT ({INSERT_COLS}) ON {t} TO \"{r}\""),
             format!("GRANT USAGE ON SEQUENCE {t}_seq_seq TO \"{r}\""),
         ]);
+        if rows {
+            out.push(format!("GRANT SELECT, DELETE ON {t}_wal TO \"{r}\""));
+        }
     }
     Ok(out)
 }

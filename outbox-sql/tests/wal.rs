@@ -673,7 +673,7 @@ async fn least_privilege_roles_for_the_wal_relay() {
     for statement in postgres(&table, &roles)
         .unwrap()
         .into_iter()
-        .chain(postgres_wal(&table, &roles).unwrap())
+        .chain(postgres_wal(&table, &roles, false).unwrap())
     {
         sqlx::query(&statement).execute(pool).await.unwrap();
     }

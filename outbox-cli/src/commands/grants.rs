@@ -23,7 +23,11 @@ pub(super) fn grants(
         "postgres" | "postgresql" => {
             let mut all = outbox_sql::roles::postgres(table, &roles)?;
             if args.wal {
-                all.extend(outbox_sql::roles::postgres_wal(table, &roles)?);
+                all.extend(outbox_sql::roles::postgres_wal(
+                    table,
+                    &roles,
+                    args.wal_rows,
+                )?);
             }
             all
         }

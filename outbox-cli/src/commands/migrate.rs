@@ -19,8 +19,17 @@ pub(super) async fn print_sql(
     let statements = match backends::scheme(store_url) {
         "postgres" | "postgresql" => {
             let mut all = outbox_sql::postgres::PgStore::schema_sql(table)?;
-            if let Some(w) = wal {
-                all.extend(outbox_sql::postgres::wal::setup_sql(&w.slot, &w.publication)?);
+            match wal {
+                Some(w) if w.wal_rows => all.extend(outbox_sql::postgres::wal::setup_sql_rows(
+                    &w.slot,
+                    &w.publication,
+                    table,
+                )?),
+                Some(w) => all.extend(outbox_sql::postgres::wal::setup_sql(
+                    &w.slot,
+                    &w.publication,
+                )?),
+                None => {}
             }
             all
         }
@@ -79,9 +88,12 @@ pub(super) async fn migrate(
                 "--wal: the WAL relay reads PostgreSQL's write-ahead log; the store must be postgres://…",
             ));
         };
-        outbox_sql::postgres::wal::WalStore::new(pg.clone(), &w.wal_prefix)?
-            .setup(&w.slot, &w.publication)
-            .await?;
+        let wal = if w.wal_rows {
+            outbox_sql::postgres::wal::WalStore::rows(pg.clone())
+        } else {
+            outbox_sql::postgres::wal::WalStore::new(pg.clone(), &w.wal_prefix)?
+        };
+        wal.setup(&w.slot, &w.publication).await?;
         if !json {
             println!(
                 "WAL relay: publication {} and slot {} are ready",

@@ -39,6 +39,7 @@
 //! An abandoned slot keeps WAL on the server's disk: [`slot_lag`] says how much, and the
 //! relay warns past [`WalRelayBuilder::max_retained_bytes`].
 
+mod pgoutput;
 mod record;
 mod relay;
 
@@ -75,6 +76,7 @@ pub const DEFAULT_PREFIX: &str = "outbox";
 pub struct WalStore {
     table: PgStore,
     prefix: Arc<str>,
+    rows: bool,
 }
 
 impl std::fmt::Debug for WalStore {
@@ -82,6 +84,7 @@ impl std::fmt::Debug for WalStore {
         f.debug_struct("WalStore")
             .field("table", &self.table.table())
             .field("prefix", &self.prefix)
+            .field("rows", &self.rows)
             .finish()
     }
 }
@@ -109,7 +112,32 @@ impl WalStore {
         Ok(Self {
             table,
             prefix: prefix.into(),
+            rows: false,
         })
+    }
+
+    /// Table mode: each `enqueue` inserts one row into `<table>_wal` (an append-only table
+    /// the publication lists: no unit lock, no NOTIFY, no index but its key) instead of
+    /// emitting a logical message. The relay decodes the rows' inserts from the WAL and
+    /// deletes the rows once the slot's position is confirmed past them. Messages stay
+    /// visible in SQL until they are published; the writer needs `INSERT` on one table and
+    /// nothing else.
+    pub fn rows(table: PgStore) -> Self {
+        Self {
+            table,
+            prefix: DEFAULT_PREFIX.into(),
+            rows: true,
+        }
+    }
+
+    /// Whether this store writes rows (table mode) or logical messages.
+    pub fn writes_rows(&self) -> bool {
+        self.rows
+    }
+
+    /// The append-only table of table mode, `<table>_wal`.
+    pub fn wal_table(&self) -> String {
+        format!("{}_wal", self.table.table())
     }
 
     /// The table store.
@@ -128,7 +156,8 @@ impl WalStore {
     pub async fn setup(&self, slot: &str, publication: &str) -> Result<()> {
         Store::migrate(&self.table).await?;
         check_wal_level(self.table.pool()).await?;
-        for statement in setup_sql(slot, publication)? {
+        let rows = self.rows.then(|| self.table.table());
+        for statement in setup_sql_for(slot, publication, rows)? {
             sqlx::query(&statement)
                 .execute(self.table.pool())
                 .await
@@ -145,18 +174,40 @@ impl WalStore {
 /// (idempotent). The publication lists no table: table-less messages need none, and
 /// `pgoutput` asks for one by name.
 pub fn setup_sql(slot: &str, publication: &str) -> Result<Vec<String>> {
+    setup_sql_for(slot, publication, None)
+}
+
+/// [`setup_sql`] for table mode ([`WalStore::rows`]) over `table`: the append-only
+/// `<table>_wal` and a publication of its inserts.
+pub fn setup_sql_rows(slot: &str, publication: &str, table: &str) -> Result<Vec<String>> {
+    setup_sql_for(slot, publication, Some(table))
+}
+
+fn setup_sql_for(slot: &str, publication: &str, rows: Option<&str>) -> Result<Vec<String>> {
     outbox_core::validate_identifier(slot)?;
     outbox_core::validate_identifier(publication)?;
-    Ok(vec![
+    let mut out = Vec::new();
+    let listed = match rows {
+        None => String::new(),
+        Some(t) => {
+            outbox_core::validate_identifier(t)?;
+            out.push(format!(
+                "CREATE TABLE IF NOT EXISTS {t}_wal (seq BIGSERIAL PRIMARY KEY, batch BYTEA NOT NULL)"
+            ));
+            format!(" FOR TABLE {t}_wal WITH (publish = 'insert')")
+        }
+    };
+    out.extend([
         format!(
             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = '{publication}') \
-             THEN CREATE PUBLICATION {publication}; END IF; END $$"
+             THEN CREATE PUBLICATION {publication}{listed}; END IF; END $$"
         ),
         format!(
             "SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput') \
              WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = '{slot}')"
         ),
-    ])
+    ]);
+    Ok(out)
 }
 
 /// `wal_level` must be `logical` for a logical slot: say so plainly, before the server's
@@ -266,12 +317,24 @@ impl<'c> Enqueue<Transaction<'c, Postgres>> for WalStore {
                 size += 256 + rows[end].envelope.message.payload.len();
                 end += 1;
             }
-            sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)")
-                .bind(&*self.prefix)
-                .bind(record::encode(&rows[start..end]))
+            let batch = record::encode(&rows[start..end]);
+            if self.rows {
+                sqlx::query(&format!(
+                    "INSERT INTO {}_wal (batch) VALUES ($1)",
+                    self.table.table()
+                ))
+                .bind(batch)
                 .execute(&mut **tx)
                 .await
                 .map_err(map_err)?;
+            } else {
+                sqlx::query("SELECT pg_logical_emit_message(true, $1, $2)")
+                    .bind(&*self.prefix)
+                    .bind(batch)
+                    .execute(&mut **tx)
+                    .await
+                    .map_err(map_err)?;
+            }
             start = end;
         }
         Ok(vec![0; rows.len()])

@@ -15,6 +15,7 @@ use outbox_core::{
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 use tokio::sync::watch;
 
+use super::pgoutput::{self, Change};
 use super::{record, slot_lag, WalStore};
 use crate::common::redact_url;
 use crate::postgres::map_err;
@@ -126,6 +127,7 @@ impl WalRelayBuilder {
         let table = table.build()?;
         Ok(WalRelay {
             inner: Arc::new(Inner {
+                wal_table: self.store.writes_rows().then(|| self.store.wal_table()),
                 store: self.store,
                 publisher: self.publisher,
                 repl,
@@ -152,6 +154,8 @@ pub struct WalRelay {
 
 struct Inner {
     store: WalStore,
+    /// Table mode: the append-only table whose inserts carry the messages.
+    wal_table: Option<String>,
     publisher: Arc<dyn Publisher>,
     repl: ReplicationConfig,
     slot: String,
@@ -342,6 +346,7 @@ impl Inner {
                 last_check = Instant::now();
                 self.undivert(&mut st).await;
                 self.check_retained(&mut st).await;
+                self.delete_confirmed_rows(&mut st).await;
             }
         }
     }
@@ -373,6 +378,26 @@ impl Inner {
                     tracing::warn!(error = %map_err(e), "WAL relay: could not record the last confirmed position; a restart publishes up to one status interval again");
                     return;
                 }
+            }
+        }
+    }
+
+    /// Table mode: delete the rows up to the highest `seq` of the confirmed transactions.
+    /// Their inserts stay in the WAL, so deleting a row a little early (a row of a
+    /// transaction that committed later with a smaller `seq`) loses nothing.
+    async fn delete_confirmed_rows(&self, st: &mut State) {
+        let Some(t) = &self.wal_table else { return };
+        if st.confirmed_seq <= st.deleted_seq {
+            return;
+        }
+        let r = sqlx::query(&format!("DELETE FROM {t} WHERE seq <= $1"))
+            .bind(st.confirmed_seq)
+            .execute(self.store.table().pool())
+            .await;
+        match r {
+            Ok(_) => st.deleted_seq = st.confirmed_seq,
+            Err(e) => {
+                tracing::warn!(error = %map_err(e), table = %t, "WAL relay: could not delete published rows; trying again")
             }
         }
     }
@@ -730,6 +755,8 @@ struct Txn {
     id: u64,
     end_lsn: Lsn,
     open: usize,
+    /// Table mode: the highest row `seq` in it.
+    max_seq: Option<i64>,
 }
 
 struct State {
@@ -739,6 +766,13 @@ struct State {
     /// Messages of the transaction being read (between Begin and Commit).
     current: Option<Vec<(NewMessage, Fate)>>,
     diverted: HashSet<UnitKey>,
+    /// Table mode: the relations that are the append-only table (their `seq` and `batch`
+    /// columns), the highest `seq` of the transaction being read, of the confirmed ones, and
+    /// deleted.
+    relations: HashMap<u32, (usize, usize)>,
+    current_seq: Option<i64>,
+    confirmed_seq: i64,
+    deleted_seq: i64,
     /// A keepalive's position, confirmable when nothing is open before it.
     idle_lsn: Option<Lsn>,
     confirmed: Lsn,
@@ -753,6 +787,10 @@ impl State {
             next_txn: 0,
             current: None,
             diverted,
+            relations: HashMap::new(),
+            current_seq: None,
+            confirmed_seq: 0,
+            deleted_seq: 0,
             idle_lsn: None,
             confirmed: Lsn::from_u64(0),
             last_retained_check: Instant::now() - Duration::from_secs(3600),
@@ -767,6 +805,9 @@ impl State {
     ) -> std::result::Result<(), End> {
         match ev {
             ReplicationEvent::Begin { .. } => self.current = Some(Vec::new()),
+            ReplicationEvent::XLogData { data, .. } if relay.wal_table.is_some() => {
+                self.on_change(&data, relay);
+            }
             ReplicationEvent::Message {
                 transactional,
                 prefix: p,
@@ -802,6 +843,7 @@ impl State {
                     id,
                     end_lsn,
                     open: rows.len(),
+                    max_seq: self.current_seq.take(),
                 });
                 let now = Instant::now();
                 for (row, fate) in rows {
@@ -840,6 +882,58 @@ impl State {
         Ok(())
     }
 
+    /// Table mode: a relation description or an inserted row of the append-only table.
+    fn on_change(&mut self, data: &[u8], relay: &Inner) {
+        let wal_table = relay.wal_table.as_deref().unwrap_or_default();
+        let rows = match pgoutput::parse(data) {
+            Ok(Change::Relation { id, name, columns }) => {
+                let at = |c: &str| columns.iter().position(|x| *x == c);
+                match (name == wal_table, at("seq"), at("batch")) {
+                    (true, Some(seq), Some(batch)) => {
+                        self.relations.insert(id, (seq, batch));
+                    }
+                    _ => {
+                        self.relations.remove(&id);
+                    }
+                }
+                return;
+            }
+            Ok(Change::Insert { relation, values }) => {
+                let Some(&(seq_at, batch_at)) = self.relations.get(&relation) else {
+                    return;
+                };
+                let seq = values
+                    .get(seq_at)
+                    .copied()
+                    .flatten()
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok());
+                if let Some(seq) = seq {
+                    self.current_seq = Some(self.current_seq.map_or(seq, |s| s.max(seq)));
+                }
+                let batch = values
+                    .get(batch_at)
+                    .copied()
+                    .flatten()
+                    .ok_or_else(|| "an inserted row without its batch column".to_owned());
+                let decoded = batch
+                    .and_then(pgoutput::bytea)
+                    .and_then(|bytes| record::decode(&bytes));
+                match decoded {
+                    Ok(rows) => rows.into_iter().map(|r| relay.admit(r)).collect(),
+                    Err(reason) => {
+                        vec![(relay.quarantine(data, reason), Fate::Aside { park: false })]
+                    }
+                }
+            }
+            Ok(Change::Other) => return,
+            Err(reason) => {
+                tracing::error!(%reason, "WAL relay: a change of the stream does not decode");
+                return;
+            }
+        };
+        self.current.get_or_insert_with(Vec::new).extend(rows);
+    }
+
     /// The earliest moment a backing-off message near the front is due again.
     fn next_due(&self, window: usize) -> Option<Instant> {
         self.buffer
@@ -875,7 +969,10 @@ impl State {
     fn confirmable(&mut self) -> Option<Lsn> {
         let mut lsn = None;
         while self.txns.front().is_some_and(|t| t.open == 0) {
-            lsn = self.txns.pop_front().map(|t| t.end_lsn);
+            if let Some(t) = self.txns.pop_front() {
+                lsn = Some(t.end_lsn);
+                self.confirmed_seq = self.confirmed_seq.max(t.max_seq.unwrap_or(0));
+            }
         }
         if self.txns.is_empty() && self.current.is_none() {
             if let Some(idle) = self.idle_lsn.take() {
