@@ -53,7 +53,7 @@ impl Setup {
         }
         let t = self.pg.table();
         let _ = sqlx::query(&format!(
-            "DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema, {t}_biz CASCADE"
+            "DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema, {t}_biz, {t}_wal CASCADE"
         ))
         .execute(pool)
         .await;
@@ -143,14 +143,21 @@ async fn writer_cost(n: usize) -> Res {
     let wal = Outbox::writer(s.wal.clone())
         .strategy(KeepOrder::default())
         .build()?;
+    // Table mode: the append-only `<table>_wal` (the statement `setup` runs for it).
+    let create = outbox::postgres::wal::setup_sql_rows(&s.slot, "outbox_wal_bench", &t)?;
+    sqlx::query(&create[0]).execute(s.pg.pool()).await?;
+    let rows = Outbox::writer(WalStore::rows(s.pg.clone()))
+        .strategy(KeepOrder::default())
+        .build()?;
     let biz = format!("INSERT INTO {t}_biz (body) VALUES ($1)");
-    let mut all: [Vec<Duration>; 4] = Default::default();
+    let mut all: [Vec<Duration>; 5] = Default::default();
     let mut wal_ratio = Vec::new();
     let mut row_ratio = Vec::new();
     let mut trip_ratio = Vec::new();
+    let mut rows_ratio = Vec::new();
     let per = n / ROUNDS;
     for round in 0..ROUNDS {
-        let mut this: [Vec<Duration>; 4] = Default::default();
+        let mut this: [Vec<Duration>; 5] = Default::default();
         for i in round * per..(round + 1) * per {
             for (mode, samples) in this.iter_mut().enumerate() {
                 let m = Message::new("orders", format!("{{\"order\":{i}}}"))
@@ -161,6 +168,7 @@ async fn writer_cost(n: usize) -> Res {
                 match mode {
                     1 => drop(polling.enqueue(&mut tx, [m]).await?),
                     2 => drop(wal.enqueue(&mut tx, [m]).await?),
+                    4 => drop(rows.enqueue(&mut tx, [m]).await?),
                     3 => {
                         sqlx::query("SELECT 1").execute(&mut *tx).await?;
                     }
@@ -177,6 +185,7 @@ async fn writer_cost(n: usize) -> Res {
         row_ratio.push(p(&this[1]) / p(&this[0]));
         wal_ratio.push(p(&this[2]) / p(&this[0]));
         trip_ratio.push(p(&this[3]) / p(&this[0]));
+        rows_ratio.push(p(&this[4]) / p(&this[0]));
         for (a, v) in all.iter_mut().zip(this) {
             a.extend(v);
         }
@@ -213,6 +222,13 @@ async fn writer_cost(n: usize) -> Res {
         ms(percentile(&all[2], 0.5)),
         ms(percentile(&all[2], 0.99)),
         fmt(&wal_ratio)
+    );
+    let rr = med(&mut rows_ratio.clone());
+    println!(
+        "| + WAL row (table mode: `<table>_wal`) | {} | {} | {rr:.2} | {} |",
+        ms(percentile(&all[4], 0.5)),
+        ms(percentile(&all[4], 0.99)),
+        fmt(&rows_ratio)
     );
     let rt = med(&mut trip_ratio.clone());
     println!(

@@ -29,14 +29,30 @@ struct Wal {
 const SLOT: &str = "outbox_slot";
 const PUBLICATION: &str = "outbox_pub";
 
+/// How the writers hand messages to the WAL.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// `pg_logical_emit_message` (no row).
+    Messages,
+    /// Rows of `<table>_wal` (table mode).
+    Rows,
+}
+
 async fn wal(strategy: KeepOrder) -> Wal {
+    wal_in(Mode::Messages, strategy).await
+}
+
+async fn wal_in(mode: Mode, strategy: KeepOrder) -> Wal {
     let cluster = PgCluster::create(&[
         "wal_level=logical",
         "max_wal_senders=10",
         "max_replication_slots=10",
     ]);
     let table = PgStore::connect(&cluster.url()).await.unwrap();
-    let store = WalStore::new(table, "outbox").unwrap();
+    let store = match mode {
+        Mode::Messages => WalStore::new(table, "outbox").unwrap(),
+        Mode::Rows => WalStore::rows(table),
+    };
     store.setup(SLOT, PUBLICATION).await.unwrap();
     // Idempotent.
     store.setup(SLOT, PUBLICATION).await.unwrap();
@@ -122,7 +138,18 @@ fn first_deliveries(published: &[Envelope]) -> HashMap<String, Vec<String>> {
 /// streams; and the slot's position is confirmed as it goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers() {
-    let w = Arc::new(wal(KeepOrder::default()).await);
+    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(Mode::Messages)
+        .await
+}
+
+/// The same in table mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers_table_mode() {
+    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(Mode::Rows).await
+}
+
+async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(mode: Mode) {
+    let w = Arc::new(wal_in(mode, KeepOrder::default()).await);
     let broker = RecordingPublisher::new();
     let (stop, task) = spawn(relay(&w, broker.clone()));
     let mut writers = Vec::new();
@@ -210,6 +237,23 @@ async fn committed_messages_only_once_each_in_commit_order_with_concurrent_write
         },
     )
     .await;
+    if let Mode::Rows = mode {
+        // Table mode: the relay deleted the rows it published.
+        let pool = w.store.table().pool().clone();
+        let count = format!("SELECT count(*) FROM {}", w.store.wal_table());
+        eventually(
+            "published rows deleted",
+            Duration::from_secs(10),
+            || async {
+                sqlx::query_scalar::<_, i64>(&count)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap()
+                    == 0
+            },
+        )
+        .await;
+    }
     stop.send(()).unwrap();
     let (result, first) = task.await.unwrap();
     result.unwrap();
@@ -224,7 +268,17 @@ async fn committed_messages_only_once_each_in_commit_order_with_concurrent_write
 /// unconfirmed window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing() {
-    let w = wal(KeepOrder::default()).await;
+    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(Mode::Messages).await
+}
+
+/// The same in table mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_table_mode() {
+    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(Mode::Rows).await
+}
+
+async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(mode: Mode) {
+    let w = wal_in(mode, KeepOrder::default()).await;
     let broker = RecordingPublisher::new();
     // A publisher slow enough that the kill lands mid-stream.
     let slow = FaultyPublisher::new(broker.clone(), |_| {
@@ -350,7 +404,17 @@ async fn a_postgres_restart_under_the_relay_loses_nothing() {
 /// the WAL again, after them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order() {
-    let w = wal(KeepOrder::park()).await;
+    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(Mode::Messages).await
+}
+
+/// The same in table mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_table_mode() {
+    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(Mode::Rows).await
+}
+
+async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(mode: Mode) {
+    let w = wal_in(mode, KeepOrder::park()).await;
     let broker = RecordingPublisher::new();
     let refuse = Arc::new(AtomicBool::new(true));
     let r2 = refuse.clone();

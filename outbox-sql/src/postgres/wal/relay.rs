@@ -20,6 +20,9 @@ use super::{record, slot_lag, WalStore};
 use crate::common::redact_url;
 use crate::postgres::map_err;
 
+/// How often diverted units, the slot's WAL and table mode's published rows are looked at.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+
 /// A unit: (stream, unit) of a keep-order message.
 type UnitKey = (String, String);
 
@@ -321,6 +324,7 @@ impl Inner {
                     client.stop();
                     let _ = client.shutdown().await;
                     self.flush_confirmed(st.confirmed).await;
+                    self.delete_confirmed_rows(&mut st).await;
                     return Ok(());
                 }
                 ev = client.recv(), if st.buffer.len() < self.max_buffered => {
@@ -334,6 +338,8 @@ impl Inner {
                     }
                 }
                 _ = sleep_until(wake) => {}
+                // The periodic work below runs on an idle stream too.
+                _ = tokio::time::sleep_until((last_check + CHECK_EVERY).into()) => {}
             }
             self.dispatch(&mut st).await;
             if let Some(lsn) = st.confirmable() {
@@ -342,7 +348,7 @@ impl Inner {
                     .confirmed
                     .store(lsn.as_u64(), AtomicOrdering::Relaxed);
             }
-            if last_check.elapsed() >= Duration::from_millis(500) {
+            if last_check.elapsed() >= CHECK_EVERY {
                 last_check = Instant::now();
                 self.undivert(&mut st).await;
                 self.check_retained(&mut st).await;
