@@ -38,6 +38,21 @@ enum Mode {
     Rows,
 }
 
+/// `$messages` runs `$body` with logical messages, `$rows` in table mode.
+macro_rules! in_both_modes {
+    ($messages:ident, $rows:ident, $body:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $messages() {
+            $body(Mode::Messages).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $rows() {
+            $body(Mode::Rows).await
+        }
+    };
+}
+
 async fn wal(strategy: KeepOrder) -> Wal {
     wal_in(Mode::Messages, strategy).await
 }
@@ -132,21 +147,15 @@ fn first_deliveries(published: &[Envelope]) -> HashMap<String, Vec<String>> {
     out
 }
 
-/// Several writers at once, with rolled-back transactions, savepoints rolled back inside
-/// committed transactions and savepoints released inside rolled-back ones: exactly the
-/// committed messages are published, once each, in commit order per key, while the relay
-/// streams; and the slot's position is confirmed as it goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers() {
-    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(Mode::Messages)
-        .await
-}
-
-/// The same in table mode.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers_table_mode() {
-    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(Mode::Rows).await
-}
+// Several writers at once, with rolled-back transactions, savepoints rolled back inside
+// committed transactions and savepoints released inside rolled-back ones: exactly the
+// committed messages are published, once each, in commit order per key, while the relay
+// streams; and the slot's position is confirmed as it goes.
+in_both_modes!(
+    committed_messages_only_once_each_in_commit_order_with_concurrent_writers,
+    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_table_mode,
+    committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in
+);
 
 async fn committed_messages_only_once_each_in_commit_order_with_concurrent_writers_in(mode: Mode) {
     let w = Arc::new(wal_in(mode, KeepOrder::default()).await);
@@ -262,20 +271,15 @@ async fn committed_messages_only_once_each_in_commit_order_with_concurrent_write
     assert_eq!(w.store.stats().await.unwrap().total().pending, 0);
 }
 
-/// A relay killed mid-stream (its task aborted while batches are at the broker) and a
-/// standby that was waiting for the slot: the standby takes over, nothing committed is
-/// lost, and first deliveries stay in commit order per key; duplicates stay within the
-/// unconfirmed window.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing() {
-    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(Mode::Messages).await
-}
-
-/// The same in table mode.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_table_mode() {
-    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(Mode::Rows).await
-}
+// A relay killed mid-stream (its task aborted while batches are at the broker) and a
+// standby that was waiting for the slot: the standby takes over, nothing committed is
+// lost, and first deliveries stay in commit order per key; duplicates stay within the
+// unconfirmed window.
+in_both_modes!(
+    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing,
+    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_table_mode,
+    a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in
+);
 
 async fn a_standby_takes_the_slot_over_from_a_killed_relay_losing_nothing_in(mode: Mode) {
     let w = wal_in(mode, KeepOrder::default()).await;
@@ -397,21 +401,16 @@ async fn a_postgres_restart_under_the_relay_loses_nothing() {
     assert!(relay.stats().sessions >= 2, "the relay reconnected");
 }
 
-/// A message the broker keeps refusing in a keep-order unit whose policy parks: its unit
-/// moves to the table (the refused head, then its later messages, in order) and is parked;
-/// other units keep flowing from the WAL and the slot keeps being confirmed. Resumed once
-/// the broker takes it, the unit's messages come out in order, and later ones flow from
-/// the WAL again, after them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order() {
-    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(Mode::Messages).await
-}
-
-/// The same in table mode.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_table_mode() {
-    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(Mode::Rows).await
-}
+// A message the broker keeps refusing in a keep-order unit whose policy parks: its unit
+// moves to the table (the refused head, then its later messages, in order) and is parked;
+// other units keep flowing from the WAL and the slot keeps being confirmed. Resumed once
+// the broker takes it, the unit's messages come out in order, and later ones flow from
+// the WAL again, after them.
+in_both_modes!(
+    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order,
+    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_table_mode,
+    a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in
+);
 
 async fn a_refused_keep_order_message_parks_its_unit_only_and_resumes_in_order_in(mode: Mode) {
     let w = wal_in(mode, KeepOrder::park()).await;
