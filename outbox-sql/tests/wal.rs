@@ -815,3 +815,56 @@ async fn least_privilege_roles_for_the_wal_relay() {
     stop.send(()).unwrap();
     task.await.unwrap().0.unwrap();
 }
+
+/// The replication connection takes the store URL's TLS parameters: with
+/// `sslmode=require` the relay's walsender session is encrypted (`pg_stat_ssl`), and with
+/// `sslmode=verify-full` against a CA that did not sign the server's certificate it never
+/// streams (an error, retried, nothing published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replication_connection_uses_tls_as_the_url_says() {
+    let w = wal(KeepOrder::default()).await;
+    let tls_url = format!("{}?sslmode=require", w.cluster.url());
+    let broker = RecordingPublisher::new();
+    let relay = WalRelay::builder(&tls_url, w.store.clone(), broker.clone())
+        .slot(SLOT)
+        .publication(PUBLICATION)
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(relay);
+    commit(&w, vec![Message::new("o", "over tls").stream("s").key("k")]).await;
+    eventually("published over TLS", Duration::from_secs(30), || async {
+        broker.count() == 1
+    })
+    .await;
+    let encrypted: bool = sqlx::query_scalar(
+        "SELECT bool_and(s.ssl) FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+    )
+    .fetch_one(w.store.table().pool())
+    .await
+    .unwrap();
+    assert!(encrypted, "the walsender session is not encrypted");
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+
+    // A CA of the test's own, which did not sign the server's (snakeoil) certificate.
+    let pki = outbox_testkit::Pki::new("wal-tls");
+    let wrong_ca = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        w.cluster.url(),
+        pki.ca_path().display()
+    );
+    let refused = RecordingPublisher::new();
+    let relay = WalRelay::builder(&wrong_ca, w.store.clone(), refused.clone())
+        .slot(SLOT)
+        .publication(PUBLICATION)
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(relay);
+    commit(&w, vec![Message::new("o", "never").stream("s").key("k")]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(refused.count(), 0, "streamed through an unverified server");
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    assert_eq!(relay.stats().sessions, 0);
+}
