@@ -868,3 +868,49 @@ async fn the_replication_connection_uses_tls_as_the_url_says() {
     result.unwrap();
     assert_eq!(relay.stats().sessions, 0);
 }
+
+/// A unit waiting behind a head that backs off (1 s) does not spin the relay: rounds run
+/// when something is due, not in a loop. Other units flow meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backing_off_head_does_not_spin_the_relay() {
+    let w = wal(KeepOrder::default()).await;
+    let broker = RecordingPublisher::new();
+    let faulty = FaultyPublisher::new(broker.clone(), |e| {
+        (text(e) == "a/1").then(|| Error::transient("not yet"))
+    });
+    let relay = WalRelay::builder(&w.cluster.url(), w.store.clone(), faulty)
+        .slot(SLOT)
+        .publication(PUBLICATION)
+        .retry(RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(1),
+            multiplier: 1.0,
+            jitter: 0.0,
+            max_attempts: 100,
+        })
+        .memory_attempts(10)
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(relay);
+    let m = |k: &str, i: usize| Message::new("o", format!("{k}/{i}")).stream("s").key(k);
+    commit(&w, (1..=20).map(|i| m("a", i)).collect()).await;
+    commit(&w, vec![m("b", 1)]).await;
+    eventually(
+        "unit b flows past a's backing-off head",
+        Duration::from_secs(10),
+        || async { first_deliveries(&broker.published()).contains_key("b") },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    stop.send(()).unwrap();
+    let (result, relay) = task.await.unwrap();
+    result.unwrap();
+    let rounds = relay.stats().rounds;
+    // About one round per event burst and per retry (two or three in 2.5 s): a spinning
+    // loop runs tens of thousands.
+    assert!(
+        rounds < 200,
+        "{rounds} rounds while a head backed off: the loop spins"
+    );
+    assert!(!first_deliveries(&broker.published()).contains_key("a"));
+}

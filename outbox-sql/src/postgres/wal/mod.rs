@@ -43,7 +43,7 @@ mod pgoutput;
 mod record;
 mod relay;
 
-pub use relay::{WalRelay, WalRelayBuilder};
+pub use relay::{WalRelay, WalRelayBuilder, WalStats};
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -179,6 +179,7 @@ struct Counters {
     dead: AtomicU64,
     confirmed: AtomicU64,
     sessions: AtomicU64,
+    rounds: AtomicU64,
 }
 
 /// A snapshot of a [`WalRelay`]'s counters.
@@ -194,6 +195,8 @@ pub struct WalStats {
     pub confirmed_lsn: u64,
     /// Replication sessions started (1 + reconnections and takeovers).
     pub sessions: u64,
+    /// Dispatch rounds run (a relay with nothing ready runs none).
+    pub rounds: u64,
 }
 
 impl WalRelay {
@@ -229,6 +232,7 @@ impl WalRelay {
             dead: c.dead.load(AtomicOrdering::Relaxed),
             confirmed_lsn: c.confirmed.load(AtomicOrdering::Relaxed),
             sessions: c.sessions.load(AtomicOrdering::Relaxed),
+            rounds: c.rounds.load(AtomicOrdering::Relaxed),
         }
     }
 
@@ -317,7 +321,7 @@ impl Inner {
         );
         let mut last_check = Instant::now();
         loop {
-            let wake = st.next_due(self.window());
+            let wake = st.wake;
             tokio::select! {
                 biased;
                 _ = until_stopped(stopped) => {
@@ -477,6 +481,7 @@ impl Inner {
     /// One round: publish what is ready, decide for what failed, write aside what must go to
     /// the table, and forget what is done.
     async fn dispatch(&self, st: &mut State) {
+        self.counters.rounds.fetch_add(1, AtomicOrdering::Relaxed);
         let now = Instant::now();
         let window = self.window();
         // A full buffer with units backing off: hand them to the table now.
@@ -499,6 +504,7 @@ impl Inner {
         let mut stopped: HashSet<u64> = HashSet::new();
         let mut refused: Vec<(usize, Error)> = Vec::new();
         let diverting = !st.diverted.is_empty();
+        let mut wake: Option<Instant> = None;
         for (i, it) in st.buffer.iter().enumerate().take(window) {
             if it.fate != Fate::Wal {
                 continue;
@@ -508,6 +514,7 @@ impl Inner {
                     continue;
                 }
                 if it.not_before > now {
+                    wake = Some(wake.map_or(it.not_before, |w: Instant| w.min(it.not_before)));
                     stopped.insert(it.uid);
                     continue;
                 }
@@ -529,6 +536,7 @@ impl Inner {
                 }
                 in_batch.insert(it.uid, it.dest);
             } else if it.not_before > now {
+                wake = Some(wake.map_or(it.not_before, |w: Instant| w.min(it.not_before)));
                 continue;
             }
             batch.push(i);
@@ -536,6 +544,13 @@ impl Inner {
                 break;
             }
         }
+        // Anything published or refused changes what is ready: look again at once. Otherwise
+        // the next round is due when the first message backing off is, or on new events:
+        // a unit waiting behind its backing-off head never spins the loop.
+        if !batch.is_empty() || !refused.is_empty() {
+            wake = Some(now);
+        }
+        st.wake = wake;
         for (i, e) in refused {
             self.failed(st, i, e, now);
         }
@@ -650,6 +665,8 @@ impl Inner {
         let rows: Vec<NewMessage> = idx.iter().map(|&i| st.buffer[i].row.clone()).collect();
         if let Err(e) = self.store.table().insert(&rows).await {
             tracing::warn!(error = %e, count = rows.len(), "WAL relay: could not write messages to the table; trying again");
+            let retry = Instant::now() + Duration::from_secs(1);
+            st.wake = Some(st.wake.map_or(retry, |w| w.min(retry)));
             return;
         }
         for &i in &idx {
@@ -772,6 +789,8 @@ struct State {
     /// Messages of the transaction being read (between Begin and Commit).
     current: Option<Vec<(NewMessage, Fate)>>,
     diverted: HashSet<UnitKey>,
+    /// When the next round is due without a new event (set by each round).
+    wake: Option<Instant>,
     /// Table mode: the relations that are the append-only table (their `seq` and `batch`
     /// columns), the highest `seq` of the transaction being read, of the confirmed ones, and
     /// deleted.
@@ -793,6 +812,7 @@ impl State {
             next_txn: 0,
             current: None,
             diverted,
+            wake: None,
             relations: HashMap::new(),
             current_seq: None,
             confirmed_seq: 0,
@@ -938,16 +958,6 @@ impl State {
             }
         };
         self.current.get_or_insert_with(Vec::new).extend(rows);
-    }
-
-    /// The earliest moment a backing-off message near the front is due again.
-    fn next_due(&self, window: usize) -> Option<Instant> {
-        self.buffer
-            .iter()
-            .take(window)
-            .filter(|it| it.fate == Fate::Wal)
-            .map(|it| it.not_before)
-            .min()
     }
 
     /// Message `i` is published or written: its transaction has one fewer open.
