@@ -50,7 +50,14 @@ pub(crate) enum Command {
     /// Delete sent rows older than a retention.
     Clean(CleanArgs),
     /// Pending / sent / dead counts per stream and the oldest pending age.
-    Stats,
+    Stats {
+        /// Also the WAL relay's slot: the WAL it keeps on the server and whether a relay is
+        /// reading it (PostgreSQL).
+        #[arg(long)]
+        wal: bool,
+        #[command(flatten)]
+        wal_names: WalNames,
+    },
     /// List, requeue or purge dead letters.
     Dead {
         #[command(subcommand)]

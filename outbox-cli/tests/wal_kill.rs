@@ -184,6 +184,30 @@ async fn a_wal_relay_killed_mid_stream_loses_nothing_and_keeps_first_deliveries_
         text.contains("OK    wal        wal_level logical, publication wal_kill, slot wal_kill"),
         "{text}"
     );
+    // `stats --wal`: the slot's WAL, in text and JSON.
+    let stats = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args([
+                "--store", &url, "--table", &table, "stats", "--wal", "--slot", "wal_kill",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        stats(&[]).contains("WAL slot wal_kill: keeps"),
+        "{}",
+        stats(&[])
+    );
+    let json: serde_json::Value = serde_json::from_str(&stats(&["--json"])).unwrap();
+    assert_eq!(json["wal"]["slot"], "wal_kill");
+    assert!(json["wal"]["retained_bytes"].is_u64());
     let (ok, text) = doctor("no_such_slot");
     assert!(!ok, "{text}");
     assert!(

@@ -79,7 +79,10 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             migrate(&store, &table, &inboxes, wal, json).await
         }
         Command::Clean(args) => clean(&store, args, &file, json).await,
-        Command::Stats => stats(&store, &table, json).await,
+        Command::Stats { wal, wal_names } => {
+            let slot = wal.then_some(wal_names.slot.as_str());
+            stats(&store, &table, slot, json).await
+        }
         Command::Admin(args) => admin_console(&store, &store_url, &table, args).await,
         Command::Parked { stream, limit } => parked(&store, stream, limit, json).await,
         Command::Park {

@@ -3,14 +3,47 @@
 use super::*;
 
 /// `outbox stats`: counts per stream.
-pub(super) async fn stats(store: &AnyStore, table: &str, json: bool) -> Result<u8, Error> {
+/// With `slot` (`--wal`), also the WAL relay's slot: the WAL it keeps and whether a relay
+/// reads it.
+pub(super) async fn stats(
+    store: &AnyStore,
+    table: &str,
+    slot: Option<&str>,
+    json: bool,
+) -> Result<u8, Error> {
     store.require_table().await?;
+    let wal = match (slot, store) {
+        (None, _) => None,
+        (Some(slot), AnyStore::Postgres(pg)) => Some((
+            slot,
+            outbox_sql::postgres::wal::slot_lag(pg.pool(), slot)
+                .await?
+                .ok_or_else(|| {
+                    Error::config(format!(
+                        "slot {slot} does not exist: run `outbox migrate --wal`"
+                    ))
+                })?,
+        )),
+        (Some(_), _) => {
+            return Err(Error::config(
+                "--wal: the WAL relay is PostgreSQL's; the store must be postgres://…",
+            ))
+        }
+    };
     let stats = store.store().stats().await?;
     let now = SystemTime::now();
     let age =
         |s: &outbox_core::StreamStats| s.oldest_pending.and_then(|t| now.duration_since(t).ok());
     if json {
-        println!("{}", json::stats(table, &stats, now));
+        let mut out = json::stats(table, &stats, now);
+        if let Some((slot, lag)) = wal {
+            out["wal"] = serde_json::json!({
+                "slot": slot,
+                "retained_bytes": lag.retained_bytes,
+                "active": lag.active,
+            });
+        }
+        println!("{out}");
         return Ok(exit::OK);
     }
     println!(
@@ -29,6 +62,17 @@ pub(super) async fn stats(store: &AnyStore, table: &str, json: bool) -> Result<u
             s.pending,
             s.sent,
             s.dead
+        );
+    }
+    if let Some((slot, lag)) = wal {
+        println!(
+            "WAL slot {slot}: keeps {} KiB of WAL on the server; {}",
+            lag.retained_bytes >> 10,
+            if lag.active {
+                "a relay is reading it"
+            } else {
+                "no relay is reading it"
+            }
         );
     }
     Ok(exit::OK)
