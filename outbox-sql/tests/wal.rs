@@ -914,3 +914,63 @@ async fn a_backing_off_head_does_not_spin_the_relay() {
     );
     assert!(!first_deliveries(&broker.published()).contains_key("a"));
 }
+
+/// Messages are input: with verification keys, a message signed with another key and an
+/// unsigned one are dead letters; a signed one is published. A payload over the relay's
+/// limit is a dead letter too. The stream goes on past all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsigned_forged_and_oversized_messages_are_dead_letters() {
+    use outbox_core::{Delivery, Signer, SigningKey};
+    let w = wal(KeepOrder::default()).await;
+    let key = SigningKey::new("k1", b"the-relay-secret-0123456789".to_vec()).unwrap();
+    let other = SigningKey::new("k1", b"not-the-secret-0123456789".to_vec()).unwrap();
+    let broker = RecordingPublisher::new();
+    let relay = WalRelay::builder(&w.cluster.url(), w.store.clone(), broker.clone())
+        .slot(SLOT)
+        .publication(PUBLICATION)
+        .delivery(Delivery {
+            signer: Some(Signer::new(key.clone())),
+            max_payload_bytes: 64,
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let (stop, task) = spawn(relay);
+    let writer = |signer: Option<SigningKey>| {
+        let b = Outbox::writer(w.store.clone()).strategy(KeepOrder::default());
+        match signer {
+            Some(k) => b.signer(Signer::new(k)),
+            None => b,
+        }
+        .build()
+        .unwrap()
+    };
+    let m = |t: &str| Message::new("o", t.to_owned()).stream("s").key("k");
+    for (outbox, msg) in [
+        (writer(None), m("unsigned")),
+        (writer(Some(other)), m("forged")),
+        (writer(Some(key.clone())), m(&"x".repeat(100))),
+        (writer(Some(key)), m("signed")),
+    ] {
+        let mut tx = w.store.table().pool().begin().await.unwrap();
+        let _ = outbox.enqueue(&mut tx, [msg]).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    eventually(
+        "the signed message published",
+        Duration::from_secs(30),
+        || async { broker.count() >= 1 },
+    )
+    .await;
+    assert_eq!(first_deliveries(&broker.published())["k"], vec!["signed"]);
+    let dead = w.store.dead_letters(None, 10).await.unwrap();
+    let mut payloads: Vec<usize> = dead
+        .iter()
+        .map(|d| d.envelope.message.payload.len())
+        .collect();
+    payloads.sort();
+    assert_eq!(payloads, vec![6, 8, 100], "{dead:?}");
+    assert!(dead.iter().all(|d| d.last_error.is_some()));
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}
