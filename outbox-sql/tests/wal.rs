@@ -513,6 +513,11 @@ async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_o
         first_deliveries(&broker.published())["a"],
         vec!["a/1", "a/3", "a/4"]
     );
+    // A round publishes, then writes aside: the dead letters may land just after a/4.
+    eventually("two dead letters", Duration::from_secs(10), || async {
+        w.store.dead_letters(None, 10).await.unwrap().len() == 2
+    })
+    .await;
     let dead = w.store.dead_letters(None, 10).await.unwrap();
     assert_eq!(dead.len(), 2, "{dead:?}");
     let reasons: Vec<String> = dead.iter().filter_map(|d| d.last_error.clone()).collect();
@@ -963,6 +968,11 @@ async fn unsigned_forged_and_oversized_messages_are_dead_letters() {
     )
     .await;
     assert_eq!(first_deliveries(&broker.published())["k"], vec!["signed"]);
+    // Written aside in the round that published the signed one, just after its publish.
+    eventually("three dead letters", Duration::from_secs(10), || async {
+        w.store.dead_letters(None, 10).await.unwrap().len() == 3
+    })
+    .await;
     let dead = w.store.dead_letters(None, 10).await.unwrap();
     let mut payloads: Vec<usize> = dead
         .iter()
