@@ -150,7 +150,7 @@ pub(crate) async fn relay(
     let relay = Relay::builder(s.clone(), publisher)
         .config(config)
         .build()?;
-    let verification = verification(&relay, require_signatures);
+    let verification = verification(relay.config().delivery.signer.as_ref(), require_signatures);
     tracing::info!(
         table = store.table(),
         owner = relay.owner(),
@@ -201,13 +201,20 @@ async fn wal_relay(
     } else {
         outbox_sql::postgres::wal::WalStore::new(pg.clone(), &names.wal_prefix)?
     };
+    if let StreamFilter::Only(_) = config.streams {
+        return Err(Error::config(
+            "--stream does not apply to --wal: the WAL relay publishes every stream of its slot (run a polling relay per stream set instead)",
+        ));
+    }
+    let verification = verification(config.delivery.signer.as_ref(), config.require_signatures);
     let relay = outbox_sql::postgres::wal::WalRelay::builder(store_url, wal, publisher)
         .slot(&names.slot)
         .publication(&names.publication)
         .batch_size(config.batch_size)
         .delivery(config.delivery)
+        .require_signatures(config.require_signatures)
         .build()?;
-    tracing::info!(table = pg.table(), slot = %names.slot, publication = %names.publication, "WAL relay starting");
+    tracing::info!(table = pg.table(), slot = %names.slot, publication = %names.publication, signatures = %verification, "WAL relay starting");
     relay.run(shutdown_signal()).await?;
     tracing::info!(stats = ?relay.stats(), "WAL relay stopped");
     Ok(exit::OK)
@@ -312,11 +319,8 @@ fn signing_config(
 }
 
 /// How the start-up line describes signature checks.
-fn verification<S: Store, P: outbox_core::Publisher>(
-    relay: &Relay<S, P>,
-    require_signatures: bool,
-) -> String {
-    match &relay.config().delivery.signer {
+fn verification(signer: Option<&outbox_core::Signer>, require_signatures: bool) -> String {
+    match signer {
         None => "off: signed rows are refused as unverifiable".to_owned(),
         Some(signer) => format!(
             "{} key(s) loaded ({}); unsigned rows are {}",

@@ -76,7 +76,7 @@ pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
 pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};
-pub use signing::{SignedPlan, Signer, SigningKey};
+pub use signing::{check_signature, SignedPlan, Signer, SigningKey};
 pub use store::memory::{MemoryStore, MemoryTx};
 pub use store::{
     no_such_unit, Claim, Claimed, Enqueue, EnqueueBlocking, Failure, MessageFilter, NewMessage,

@@ -261,6 +261,35 @@ impl Signer {
     }
 }
 
+/// What a relay does with a message it is about to publish, given its keys (`signer`) and
+/// whether it refuses unsigned messages (`require`): a signed message is verified; an
+/// unsigned one passes unless `require`; a signed message with no key to check it is refused
+/// as unverifiable (a signature nobody can check is not a reason to trust it). The polling
+/// relay and the WAL relay both decide with this, so one rule covers both.
+pub fn check_signature(
+    signer: Option<&Signer>,
+    require: bool,
+    envelope: &Envelope,
+    plan: &SignedPlan<'_>,
+    scope: &str,
+    signature: Option<&str>,
+) -> Result<()> {
+    match (signer, signature) {
+        (Some(signer), Some(_)) => signer.verify(envelope, plan, scope, signature),
+        (Some(_), None) if !require => Ok(()),
+        (Some(signer), None) => signer.verify(envelope, plan, scope, None),
+        (None, Some(_)) => Err(Error::new(
+            ErrorKind::Tampered,
+            Retry::Permanent,
+            format!(
+                "message {}: unverifiable: the row is signed but this relay has no verification key",
+                envelope.id
+            ),
+        )),
+        (None, None) => Ok(()),
+    }
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;

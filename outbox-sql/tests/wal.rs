@@ -984,3 +984,97 @@ async fn unsigned_forged_and_oversized_messages_are_dead_letters() {
     stop.send(()).unwrap();
     task.await.unwrap().0.unwrap();
 }
+
+/// The WAL relay decides signatures by the polling relay's rule: with keys and
+/// `require_signatures(false)` (the CLI's `--allow-unsigned`) an unsigned message is
+/// published and a forged one is still a dead letter; without keys, a signed message cannot
+/// be checked and is a dead letter, an unsigned one is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_unsigned_and_keyless_relays_follow_the_polling_rule() {
+    use outbox_core::{Delivery, Signer, SigningKey};
+    let w = wal(KeepOrder::default()).await;
+    let key = SigningKey::new("k1", b"the-relay-secret-0123456789".to_vec()).unwrap();
+    let other = SigningKey::new("k1", b"not-the-secret-0123456789".to_vec()).unwrap();
+    let writer = |signer: Option<&SigningKey>| {
+        let b = Outbox::writer(w.store.clone()).strategy(KeepOrder::default());
+        match signer {
+            Some(k) => b.signer(Signer::new(k.clone())),
+            None => b,
+        }
+        .build()
+        .unwrap()
+    };
+    // Each message on a unit of its own, so that a dead letter holds nothing back.
+    let write = |outbox: Outbox<WalStore>, text: &'static str| {
+        let store = w.store.clone();
+        async move {
+            let mut tx = store.table().pool().begin().await.unwrap();
+            let m = Message::new("o", text).stream("s").key(text);
+            let _ = outbox.enqueue(&mut tx, [m]).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    let run = |delivery: Delivery, require: bool, broker: RecordingPublisher| {
+        WalRelay::builder(&w.cluster.url(), w.store.clone(), broker)
+            .slot(SLOT)
+            .publication(PUBLICATION)
+            .status_interval(Duration::from_millis(100))
+            .delivery(delivery)
+            .require_signatures(require)
+            .build()
+            .unwrap()
+    };
+    let published = |b: &RecordingPublisher| {
+        let mut v: Vec<String> = b.published().iter().map(text).collect();
+        v.sort();
+        v
+    };
+
+    // Keys loaded, unsigned allowed.
+    let broker = RecordingPublisher::new();
+    let keyed = Delivery {
+        signer: Some(Signer::new(key.clone())),
+        ..Default::default()
+    };
+    let (stop, task) = spawn(run(keyed, false, broker.clone()));
+    write(writer(None), "unsigned-1").await;
+    write(writer(Some(&other)), "forged").await;
+    write(writer(Some(&key)), "signed-1").await;
+    eventually(
+        "two published, one dead",
+        Duration::from_secs(30),
+        || async {
+            broker.count() >= 2 && w.store.dead_letters(None, 10).await.unwrap().len() == 1
+        },
+    )
+    .await;
+    assert_eq!(published(&broker), ["signed-1", "unsigned-1"]);
+    let dead = w.store.dead_letters(None, 10).await.unwrap();
+    assert_eq!(text(&dead[0].envelope), "forged");
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+
+    // No keys: an unsigned message goes out, a signed one is unverifiable.
+    let broker = RecordingPublisher::new();
+    let (stop, task) = spawn(run(Delivery::default(), true, broker.clone()));
+    write(writer(Some(&key)), "signed-2").await;
+    write(writer(None), "unsigned-2").await;
+    eventually(
+        "one published, two dead",
+        Duration::from_secs(30),
+        || async {
+            broker.count() >= 1 && w.store.dead_letters(None, 10).await.unwrap().len() == 2
+        },
+    )
+    .await;
+    assert_eq!(published(&broker), ["unsigned-2"]);
+    let dead = w.store.dead_letters(None, 10).await.unwrap();
+    let why: Vec<_> = dead
+        .iter()
+        .filter(|d| text(&d.envelope) == "signed-2")
+        .map(|d| d.last_error.clone().unwrap_or_default())
+        .collect();
+    assert!(why[0].contains("unverifiable"), "{why:?}");
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}

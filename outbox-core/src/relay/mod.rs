@@ -222,24 +222,14 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 
     fn verify(&self, m: &StoredMessage) -> Result<()> {
-        let cfg = &self.config;
-        match (&cfg.delivery.signer, m.signature.as_deref()) {
-            (Some(signer), Some(signature)) => {
-                signer.verify(&m.envelope, &m.signed_plan(), &self.scope, Some(signature))
-            }
-            (Some(_), None) if !cfg.require_signatures => Ok(()),
-            (Some(signer), None) => signer.verify(&m.envelope, &m.signed_plan(), &self.scope, None),
-            // A signature nobody can check is not a reason to trust the row.
-            (None, Some(_)) => Err(Error::new(
-                ErrorKind::Tampered,
-                Retry::Permanent,
-                format!(
-                    "message {}: unverifiable: the row is signed but this relay has no verification key",
-                    m.envelope.id
-                ),
-            )),
-            (None, None) => Ok(()),
-        }
+        crate::signing::check_signature(
+            self.config.delivery.signer.as_ref(),
+            self.config.require_signatures,
+            &m.envelope,
+            &m.signed_plan(),
+            &self.scope,
+            m.signature.as_deref(),
+        )
     }
 
     /// Publish until nothing is due (jaiminho's relay command without `--run-in-loop`; a

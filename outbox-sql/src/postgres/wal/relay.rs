@@ -37,6 +37,7 @@ pub struct WalRelayBuilder {
     memory_attempts: u32,
     max_buffered: usize,
     delivery: Delivery,
+    require_signatures: bool,
     standby_interval: Duration,
     status_interval: Duration,
     max_retained_bytes: u64,
@@ -83,6 +84,17 @@ impl WalRelayBuilder {
         self
     }
 
+    /// With verification keys (`delivery.signer`), refuse messages that carry no signature
+    /// (default true: whoever can emit a message could otherwise strip a signature). Turn it
+    /// off, as the polling relay's `require_signatures(false)` and the CLI's
+    /// `--allow-unsigned`, while writers start signing. A signed message is always checked,
+    /// and one that this relay has no key for is a dead letter (the polling relay's rule:
+    /// [`check_signature`](outbox_core::check_signature)).
+    pub fn require_signatures(mut self, yes: bool) -> Self {
+        self.require_signatures = yes;
+        self
+    }
+
     /// The retry policy (see [`delivery`](Self::delivery)).
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.delivery.retry = retry;
@@ -123,9 +135,12 @@ impl WalRelayBuilder {
         let mut table = Relay::builder(self.store.table().clone(), self.publisher.clone())
             .retry(self.delivery.retry.clone())
             .dead_letter_keep_order(self.delivery.dead_letter_keep_order)
-            .publish_timeout(self.delivery.publish_timeout);
+            .publish_timeout(self.delivery.publish_timeout)
+            .delete_after_send(self.delivery.delete_after_send);
         if let Some(signer) = &self.delivery.signer {
-            table = table.signer(signer.clone());
+            table = table
+                .signer(signer.clone())
+                .require_signatures(self.require_signatures);
         }
         let table = table.build()?;
         Ok(WalRelay {
@@ -138,6 +153,7 @@ impl WalRelayBuilder {
                 batch_size: self.batch_size,
                 memory_attempts: self.memory_attempts.max(1),
                 max_buffered: self.max_buffered,
+                require_signatures: self.require_signatures,
                 delivery: self.delivery,
                 standby_interval: self.standby_interval,
                 max_retained_bytes: self.max_retained_bytes,
@@ -166,6 +182,7 @@ struct Inner {
     memory_attempts: u32,
     max_buffered: usize,
     delivery: Delivery,
+    require_signatures: bool,
     standby_interval: Duration,
     max_retained_bytes: u64,
     counters: Counters,
@@ -217,6 +234,7 @@ impl WalRelay {
             memory_attempts: 3,
             max_buffered: 10_000,
             delivery: Delivery::default(),
+            require_signatures: true,
             standby_interval: Duration::from_secs(1),
             status_interval: Duration::from_secs(1),
             max_retained_bytes: 1 << 30,
@@ -696,8 +714,10 @@ impl Inner {
             .envelope
             .message
             .validate(self.delivery.max_payload_bytes)
-            .and_then(|()| match &self.delivery.signer {
-                Some(signer) => signer.verify(
+            .and_then(|()| {
+                outbox_core::check_signature(
+                    self.delivery.signer.as_ref(),
+                    self.require_signatures,
                     &row.envelope,
                     &SignedPlan {
                         order: row.order,
@@ -706,8 +726,7 @@ impl Inner {
                     },
                     &self.store.signing_scope(),
                     row.signature.as_deref(),
-                ),
-                None => Ok(()),
+                )
             });
         match checked {
             Ok(()) if record::scheduled(&row, SystemTime::now()) => {
