@@ -184,6 +184,12 @@ pub(crate) struct AdminArgs {
     /// How often the overview's chart samples the counts.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub(crate) sample_every: Duration,
+    /// Also show the WAL relay's slot on the overview and in `/api/stats`: the WAL it keeps,
+    /// whether a relay reads it, and its lag (PostgreSQL).
+    #[arg(long)]
+    pub(crate) wal: bool,
+    #[command(flatten)]
+    pub(crate) wal_names: WalNames,
 }
 
 #[derive(Args, Debug, Default)]

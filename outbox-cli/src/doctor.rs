@@ -69,6 +69,18 @@ async fn wal_check(store: &AnyStore, names: &crate::cli::WalNames) -> Check {
             format!("publication {publication} does not exist: run `outbox migrate --wal`"),
         );
     }
+    if names.wal_rows {
+        // Table mode: the messages are rows of `<table>_wal`, which the publication must carry.
+        let wal_table = format!("{}_wal", pg.table());
+        let bare = wal_table.rsplit('.').next().unwrap_or(&wal_table);
+        if !h.published_tables.iter().any(|t| t == bare) {
+            return check(
+                "wal",
+                Status::Fail,
+                format!("publication {publication} does not publish {wal_table} (table mode, --wal-rows): run `outbox migrate --wal --wal-rows`"),
+            );
+        }
+    }
     match h.slot {
         None => check("wal", Status::Fail, format!("slot {slot} does not exist: run `outbox migrate --wal`")),
         Some((plugin, _)) if plugin != "pgoutput" => check("wal", Status::Fail, format!("slot {slot} uses plugin {plugin}, not pgoutput: drop it and run `outbox migrate --wal`")),
@@ -80,7 +92,16 @@ async fn wal_check(store: &AnyStore, names: &crate::cli::WalNames) -> Check {
         Some((_, lag)) => check(
             "wal",
             Status::Ok,
-            format!("wal_level logical, publication {publication}, slot {slot} keeping {} KiB of WAL ({})", lag.retained_bytes >> 10, if lag.active { "a relay is reading" } else { "no relay is reading now" }),
+            format!(
+                "wal_level logical, publication {publication}{}, slot {slot} keeping {} KiB of WAL ({})",
+                if names.wal_rows { format!(" of {}_wal", pg.table()) } else { String::new() },
+                lag.retained_bytes >> 10,
+                match (lag.active, lag.lag) {
+                    (false, _) => "no relay is reading now".to_owned(),
+                    (true, None) => "a relay is reading".to_owned(),
+                    (true, Some(d)) => format!("a relay is reading, {:.3} s behind", d.as_secs_f64()),
+                }
+            ),
         ),
     }
 }

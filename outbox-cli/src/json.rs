@@ -101,3 +101,19 @@ pub fn messages(rows: &[StoredMessage], limit: usize, hide: bool) -> Value {
 pub fn action(action: &str, changed: u64, message: &str) -> Value {
     json!({ "action": action, "changed": changed, "message": message })
 }
+
+/// A WAL relay's slot, for `stats --wal --json` and the console's `/api/stats`: the WAL it
+/// keeps, whether a relay reads it, the lag the server measured (null when unknown), or
+/// `exists: false`.
+pub(crate) fn wal(slot: &str, lag: Option<&outbox_sql::postgres::wal::SlotLag>) -> Value {
+    match lag {
+        Some(lag) => json!({
+            "slot": slot,
+            "exists": true,
+            "retained_bytes": lag.retained_bytes,
+            "active": lag.active,
+            "lag_seconds": lag.lag.map(|d| d.as_secs_f64()),
+        }),
+        None => json!({ "slot": slot, "exists": false }),
+    }
+}

@@ -52,3 +52,20 @@ pub(crate) fn print_statements(statements: &[String], output: Output, what: &str
         }
     }
 }
+
+/// One line on a WAL relay's slot, for `stats --wal` and the console: the WAL it keeps,
+/// whether a relay reads it, and the lag the server measured.
+pub(crate) fn wal_line(slot: &str, lag: &outbox_sql::postgres::wal::SlotLag) -> String {
+    let reader = match (lag.active, lag.lag) {
+        (false, _) => "no relay is reading it".to_owned(),
+        (true, None) => "a relay is reading it".to_owned(),
+        (true, Some(d)) => format!(
+            "a relay is reading it, {:.3} s behind (flush lag)",
+            d.as_secs_f64()
+        ),
+    };
+    format!(
+        "WAL slot {slot}: keeps {} KiB of WAL on the server; {reader}",
+        lag.retained_bytes >> 10
+    )
+}

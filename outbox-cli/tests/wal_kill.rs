@@ -11,6 +11,7 @@ use std::time::Duration;
 use outbox_core::conformance::eventually;
 use outbox_core::{KeepOrder, Message, Outbox};
 use outbox_redis::redis::{self, AsyncCommands};
+use outbox_sql::postgres::sqlx;
 use outbox_sql::postgres::wal::WalStore;
 use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_testkit::PgCluster;
@@ -18,6 +19,63 @@ use outbox_testkit::PgCluster;
 struct Relay(Child);
 
 impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `outbox admin --wal` on a free port; killed on drop.
+struct Console(Child, String);
+
+impl Console {
+    fn start(url: &str, table: &str) -> Console {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outbox"))
+            .args([
+                "--store",
+                url,
+                "--table",
+                table,
+                "admin",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--wal", "--slot", "wal_kill"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("admin console on http://")
+            .and_then(|a| a.strip_suffix('/'))
+            .unwrap_or_else(|| panic!("no address line: {line:?}"))
+            .to_owned();
+        Console(child, addr)
+    }
+
+    /// The whole HTTP answer to a GET.
+    fn get(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.1).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.1
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+}
+
+impl Drop for Console {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -123,6 +181,42 @@ async fn a_wal_relay_killed_mid_stream_loses_nothing_and_keeps_first_deliveries_
     let published_before: usize = conn.xlen(&stream).await.unwrap();
     let _second = relay(&url, &table, &redis_url);
     writer.await.unwrap();
+    // While the second relay reads, `stats --wal` shows the lag PostgreSQL measures for it
+    // (commits with another prefix keep the slot moving).
+    eventually(
+        "stats --wal shows the relay's lag",
+        Duration::from_secs(30),
+        || {
+            let (pool, url, table) = (store.table().pool().clone(), url.clone(), table.clone());
+            async move {
+                sqlx::query("SELECT pg_logical_emit_message(true, 'not-outbox', 'x')")
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+                    .args(["--store", &url, "--table", &table, "stats", "--wal"])
+                    .args(["--slot", "wal_kill", "--json"])
+                    .output()
+                    .unwrap();
+                let json: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).unwrap_or_default();
+                json["wal"]["active"] == true && json["wal"]["lag_seconds"].is_f64()
+            }
+        },
+    )
+    .await;
+    // The console shows the slot on its overview and in `/api/stats`.
+    let console = Console::start(&url, &table);
+    let page = console.get("/");
+    assert!(
+        page.contains("WAL slot wal_kill: keeps") && page.contains("a relay is reading it"),
+        "{page}"
+    );
+    let api: serde_json::Value =
+        serde_json::from_str(console.get("/api/stats").split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(api["wal"]["slot"], "wal_kill");
+    assert_eq!(api["wal"]["active"], true);
+    drop(console);
     let total = TXS * PER_TX;
     assert!(
         published_before < total,
@@ -208,6 +302,39 @@ async fn a_wal_relay_killed_mid_stream_loses_nothing_and_keeps_first_deliveries_
     let json: serde_json::Value = serde_json::from_str(&stats(&["--json"])).unwrap();
     assert_eq!(json["wal"]["slot"], "wal_kill");
     assert!(json["wal"]["retained_bytes"].is_u64());
+    // Table mode needs `<table>_wal` in the publication, which `migrate --wal` (table-less)
+    // did not put there.
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args([
+            "--store",
+            &url,
+            "--table",
+            &table,
+            "doctor",
+            "--wal",
+            "--wal-rows",
+        ])
+        .args(["--slot", "wal_kill", "--publication", "wal_kill"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "publication wal_kill does not publish {table}_wal (table mode, --wal-rows)"
+        )),
+        "{text}"
+    );
+    // A stream filter cannot apply to the WAL relay: refused, not ignored.
+    let out = Command::new(env!("CARGO_BIN_EXE_outbox"))
+        .args(["--store", &url, "--table", &table, "relay", "--wal"])
+        .args(["--slot", "wal_kill", "--publication", "wal_kill"])
+        .args(["--publisher", &redis_url, "--stream", "a"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--stream does not apply to --wal"), "{err}");
     let (ok, text) = doctor("no_such_slot");
     assert!(!ok, "{text}");
     assert!(

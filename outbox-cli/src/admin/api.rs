@@ -3,12 +3,18 @@
 use super::*;
 
 pub(crate) async fn api_stats(State(admin): State<Arc<Admin>>) -> Response {
-    match admin.store.stats().await {
-        Ok(stats) => {
-            Json(crate::json::stats(&admin.table, &stats, SystemTime::now())).into_response()
+    let stats = match admin.store.stats().await {
+        Ok(stats) => stats,
+        Err(e) => return api_error(e.into()),
+    };
+    let mut out = crate::json::stats(&admin.table, &stats, SystemTime::now());
+    if let Some((pool, slot)) = &admin.options.wal_slot {
+        match outbox_sql::postgres::wal::slot_lag(pool, slot).await {
+            Ok(lag) => out["wal"] = crate::json::wal(slot, lag.as_ref()),
+            Err(e) => return api_error(e.into()),
         }
-        Err(e) => api_error(e.into()),
     }
+    Json(out).into_response()
 }
 
 pub(crate) async fn api_messages(

@@ -55,6 +55,8 @@ pub struct AdminOptions {
     pub hide_payloads: bool,
     /// How often the overview's chart samples the counts.
     pub sample_every: Duration,
+    /// The WAL relay's slot to show (a PostgreSQL pool and the slot's name).
+    pub wal_slot: Option<(outbox_sql::postgres::sqlx::PgPool, String)>,
 }
 
 /// What the handlers share.
@@ -319,6 +321,7 @@ mod tests {
             read_only: false,
             hide_payloads: false,
             sample_every: Duration::from_secs(10),
+            wal_slot: None,
         };
         assert!(check(&opts("127.0.0.1:0", None)).is_ok());
         assert!(check(&opts("0.0.0.0:8080", None)).is_err());

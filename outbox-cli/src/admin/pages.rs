@@ -26,6 +26,15 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
     } else {
         html! {}
     };
+    let wal = match &admin.options.wal_slot {
+        Some((pool, slot)) => Some(
+            match outbox_sql::postgres::wal::slot_lag(pool, slot).await? {
+                Some(lag) => crate::output::wal_line(slot, &lag),
+                None => format!("WAL slot {slot} does not exist: run `outbox migrate --wal`"),
+            },
+        ),
+        None => None,
+    };
     let body = html! {
         p.muted {
             "Table " code { (admin.table) } " on " code { (admin.label) }
@@ -53,6 +62,10 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
                     td { (s.oldest_pending.map(age).unwrap_or_else(|| "-".into())) }
                 }
             }
+        }
+        @if let Some(line) = &wal {
+            h2 { "WAL relay" }
+            p #wal { (line) }
         }
         h2 { "Parked units (" (parked.len()) ")" }
         @if parked.is_empty() {

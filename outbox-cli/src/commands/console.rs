@@ -28,6 +28,17 @@ pub(super) async fn admin_console(
         read_only: args.read_only,
         hide_payloads: args.hide_payloads,
         sample_every: args.sample_every.max(Duration::from_millis(100)),
+        wal_slot: match (args.wal, store) {
+            (false, _) => None,
+            (true, AnyStore::Postgres(pg)) => {
+                Some((pg.pool().clone(), args.wal_names.slot.clone()))
+            }
+            (true, _) => {
+                return Err(Error::config(
+                    "--wal: the WAL relay is PostgreSQL's; the store must be postgres://…",
+                ))
+            }
+        },
     };
     admin::check(&options)?;
     store.require_table().await?;

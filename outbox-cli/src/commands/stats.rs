@@ -37,11 +37,7 @@ pub(super) async fn stats(
     if json {
         let mut out = json::stats(table, &stats, now);
         if let Some((slot, lag)) = wal {
-            out["wal"] = serde_json::json!({
-                "slot": slot,
-                "retained_bytes": lag.retained_bytes,
-                "active": lag.active,
-            });
+            out["wal"] = json::wal(slot, Some(&lag));
         }
         println!("{out}");
         return Ok(exit::OK);
@@ -65,15 +61,7 @@ pub(super) async fn stats(
         );
     }
     if let Some((slot, lag)) = wal {
-        println!(
-            "WAL slot {slot}: keeps {} KiB of WAL on the server; {}",
-            lag.retained_bytes >> 10,
-            if lag.active {
-                "a relay is reading it"
-            } else {
-                "no relay is reading it"
-            }
-        );
+        println!("{}", crate::output::wal_line(slot, &lag));
     }
     Ok(exit::OK)
 }

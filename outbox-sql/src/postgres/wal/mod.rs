@@ -225,20 +225,24 @@ async fn check_wal_level(pool: &sqlx::PgPool) -> Result<()> {
     Ok(())
 }
 
-/// How far a slot is behind: the WAL it keeps on the server's disk, in bytes, and whether a
-/// session is reading it now. `None` when the slot does not exist.
+/// How far a slot is behind: the WAL it keeps on the server's disk, in bytes, whether a
+/// session is reading it now and, while one is, its lag in time as the server measures it.
+/// `None` when the slot does not exist.
 pub async fn slot_lag(pool: &sqlx::PgPool, slot: &str) -> Result<Option<SlotLag>> {
-    let row: Option<(Option<i64>, bool)> = sqlx::query_as(
-        "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, active \
-         FROM pg_replication_slots WHERE slot_name = $1",
+    let row: Option<(Option<i64>, bool, Option<i64>)> = sqlx::query_as(
+        "SELECT (pg_current_wal_lsn() - s.confirmed_flush_lsn)::int8, s.active, \
+                (EXTRACT(EPOCH FROM r.flush_lag) * 1000000)::int8 \
+         FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+         WHERE s.slot_name = $1",
     )
     .bind(slot)
     .fetch_optional(pool)
     .await
     .map_err(map_err)?;
-    Ok(row.map(|(bytes, active)| SlotLag {
+    Ok(row.map(|(bytes, active, micros)| SlotLag {
         retained_bytes: bytes.unwrap_or(0).max(0) as u64,
         active,
+        lag: micros.map(|us| Duration::from_micros(us.max(0) as u64)),
     }))
 }
 
@@ -249,12 +253,15 @@ pub struct WalHealth {
     pub wal_level: String,
     /// Whether the publication exists.
     pub publication: bool,
+    /// The tables the publication publishes (table mode's `<table>_wal`; none without rows).
+    pub published_tables: Vec<String>,
     /// The slot's plugin (`pgoutput` is needed) and lag, when it exists.
     pub slot: Option<(String, SlotLag)>,
 }
 
 /// The server's `wal_level`, the publication, the slot and its lag.
 pub async fn health(pool: &sqlx::PgPool, slot: &str, publication: &str) -> Result<WalHealth> {
+    let publication_name = publication;
     let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
         .fetch_one(pool)
         .await
@@ -265,6 +272,13 @@ pub async fn health(pool: &sqlx::PgPool, slot: &str, publication: &str) -> Resul
             .fetch_one(pool)
             .await
             .map_err(map_err)?;
+    let published_tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_publication_tables WHERE pubname = $1 ORDER BY 1",
+    )
+    .bind(publication_name)
+    .fetch_all(pool)
+    .await
+    .map_err(map_err)?;
     let plugin: Option<Option<String>> =
         sqlx::query_scalar("SELECT plugin::text FROM pg_replication_slots WHERE slot_name = $1")
             .bind(slot)
@@ -275,6 +289,7 @@ pub async fn health(pool: &sqlx::PgPool, slot: &str, publication: &str) -> Resul
     Ok(WalHealth {
         wal_level,
         publication,
+        published_tables,
         slot: plugin.zip(lag).map(|(p, l)| (p.unwrap_or_default(), l)),
     })
 }
@@ -286,6 +301,12 @@ pub struct SlotLag {
     pub retained_bytes: u64,
     /// Whether a relay is streaming from the slot now.
     pub active: bool,
+    /// The server's measure of the reading relay's lag: from WAL being written to the relay
+    /// confirming it, which it does once the broker has everything up to it
+    /// (`pg_stat_replication.flush_lag`, at the relay's status interval). `None` with no relay
+    /// reading, shortly after it has caught up with an idle server, or for a role that may
+    /// not see other sessions' statistics (`pg_read_all_stats`).
+    pub lag: Option<Duration>,
 }
 
 #[async_trait]
