@@ -46,6 +46,7 @@
 //! | `postgres` | PostgreSQL store (sqlx), `LISTEN`/`NOTIFY` wake-up, and its inbox | `postgres`, `sql_inbox` |
 //! | `pg-wal` | the WAL relay: a table-less writer (`pg_logical_emit_message`) and a relay over a logical replication slot | `postgres::wal` |
 //! | `mysql` | MySQL / MariaDB store (sqlx), and its inbox | `mysql`, `sql_inbox` |
+//! | `any` | a store chosen at run time from its URL, whose transaction enqueues on whichever database it holds (`sqlite`, `postgres`, `mysql`) | `any` |
 //! | `kafka` | Kafka publisher and inbox source (rdkafka) | `kafka` |
 //! | `amqp` | RabbitMQ publisher (publisher confirms) and inbox source (lapin) | `amqp` |
 //! | `redis` | Redis Streams / Pub/Sub publisher and inbox source | `redis` |
@@ -166,6 +167,10 @@ pub use outbox_sql::mysql;
 #[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
 #[doc(inline)]
 pub use outbox_sql::inbox as sql_inbox;
+
+#[cfg(feature = "any")]
+#[cfg_attr(docsrs, doc(cfg(feature = "any")))]
+pub mod any;
 
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]

@@ -96,6 +96,19 @@ mod snippets {
         Ok(())
     }
 
+    async fn any_store(database_url: String, msg: outbox::Message) -> Res {
+        use outbox::any::AnyStore;
+        use outbox::{Outbox, Store, StdoutPublisher};
+        let store = AnyStore::connect(&database_url).await?;   // sqlite://…, postgres://…, mysql://…
+        store.migrate().await?;
+        let outbox = Outbox::builder(store.clone(), StdoutPublisher::default()).build()?;
+        let mut tx = store.begin().await?;
+        tx.execute("INSERT INTO orders (id, total) VALUES (?, ?)", &[42.into(), 9.5.into()]).await?;
+        let after = outbox.enqueue(&mut tx, [msg]).await?;
+        tx.commit(after).await?;                                  // then publish-on-commit messages go out
+        Ok(())
+    }
+
     async fn wal_relay(
         url: &str,
         msg: outbox::Message,

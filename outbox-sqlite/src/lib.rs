@@ -242,6 +242,26 @@ impl<'c> EnqueueBlocking<Transaction<'c>> for SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// Write `rows` on `conn`, inside a transaction its caller manages (`BEGIN IMMEDIATE` …
+    /// `COMMIT` on a connection from [`connect`](Self::connect)): for wrappers that own their
+    /// connection, as `outbox::any::AnyTransaction` does. Everyone else enqueues through
+    /// `Outbox::enqueue_blocking` on a `rusqlite::Transaction`. A connection outside a
+    /// transaction is refused: each row would commit on its own.
+    pub fn write_rows_in(
+        &self,
+        conn: &Connection,
+        rows: &[NewMessage],
+    ) -> outbox_core::Result<Vec<i64>> {
+        if conn.is_autocommit() {
+            return Err(Error::config(
+                "SqliteStore::write_rows_in needs a connection inside a transaction (BEGIN first)",
+            ));
+        }
+        insert_rows(conn, &self.shared.sql, rows)
+    }
+}
+
 /// Commit `tx`, then publish its publish-on-commit messages in the background and wake local
 /// relays. Nothing is published if the commit fails.
 pub fn commit(tx: Transaction<'_>, after: AfterCommit) -> outbox_core::Result<()> {
