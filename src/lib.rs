@@ -170,7 +170,8 @@ pub use outbox_sql::inbox as sql_inbox;
 
 #[cfg(feature = "any")]
 #[cfg_attr(docsrs, doc(cfg(feature = "any")))]
-pub mod any;
+#[doc(inline)]
+pub use outbox_sql::any;
 
 #[cfg(feature = "kafka")]
 #[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]

@@ -4,12 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outbox_core::{Error, ErrorKind, Publisher, Result, Retry, StdoutPublisher, StoreAdmin};
-use outbox_sql::mysql::{MySqlOptions, MySqlStore};
-use outbox_sql::postgres::{PgOptions, PgStore};
 use outbox_sql::redact_url;
-use outbox_sqlite::{SqliteOptions, SqliteStore};
 
-/// One of the stores, chosen by URL scheme.
 /// The scheme of a URL (`postgres`, `mysql`, ...), lower case as given.
 pub fn scheme(url: &str) -> &str {
     url.split_once("://").map_or("", |(s, _)| s)
@@ -24,72 +20,47 @@ pub fn database_of(url: &str) -> Option<String> {
     (!db.is_empty()).then(|| outbox_core::tls::percent_decode(db))
 }
 
-pub enum AnyStore {
-    Sqlite(SqliteStore),
-    Postgres(PgStore),
-    MySql(MySqlStore),
-}
+/// The store a URL names: `outbox_sql::any::AnyStore`, shared with applications; what the
+/// commands need of it besides is [`CliStore`].
+pub use outbox_sql::any::AnyStore;
 
-impl AnyStore {
+/// What the commands need of a store beyond [`AnyStore`]'s own methods.
+#[allow(async_fn_in_trait)]
+pub trait CliStore {
     /// `sqlite://PATH` (or `sqlite:PATH`), `postgres://…` / `postgresql://…`,
     /// `mysql://…` / `mariadb://…`.
     /// Only `create` (the `migrate` command) may create a SQLite database file.
-    pub async fn open(url: &str, table: &str, create: bool) -> Result<Self> {
-        let scheme = url.split(':').next().unwrap_or("");
-        match scheme {
-            "sqlite" => Ok(Self::Sqlite(SqliteStore::open_with(
-                url,
-                SqliteOptions {
-                    table: table.into(),
-                    create,
-                    ..Default::default()
-                },
-            )?)),
-            "postgres" | "postgresql" => Ok(Self::Postgres(
-                PgStore::connect_with(
-                    url,
-                    PgOptions {
-                        table: table.into(),
-                        ..Default::default()
-                    },
-                )
-                .await?,
-            )),
-            "mysql" | "mariadb" => {
-                let url = url.replacen("mariadb://", "mysql://", 1);
-                Ok(Self::MySql(
-                    MySqlStore::connect_with(
-                        &url,
-                        MySqlOptions {
-                            table: table.into(),
-                            ..Default::default()
-                        },
-                    )
-                    .await?,
-                ))
-            }
-            _ if !url.contains("://") => Err(Error::config(format!(
-                "unsupported store URL {}: a SQLite file is sqlite://{}; other stores: postgres://, mysql://",
-                redact_url(url),
-                redact_url(url)
-            ))),
-            _ => Err(Error::config(format!(
-                "unsupported store URL {}: use sqlite://, postgres:// or mysql://",
-                redact_url(url)
-            ))),
-        }
-    }
-
-    pub fn store(&self) -> Arc<dyn StoreAdmin> {
-        match self {
-            Self::Sqlite(s) => Arc::new(s.clone()),
-            Self::Postgres(s) => Arc::new(s.clone()),
-            Self::MySql(s) => Arc::new(s.clone()),
-        }
-    }
-
+    async fn open(url: &str, table: &str, create: bool) -> Result<AnyStore>;
+    /// The store as the relay, the console and the commands take it.
+    fn store(&self) -> Arc<dyn StoreAdmin>;
     /// The inbox table `table` in this store's database.
-    pub fn inbox_table(&self, table: &str) -> Result<Arc<dyn outbox_core::InboxAdmin>> {
+    fn inbox_table(&self, table: &str) -> Result<Arc<dyn outbox_core::InboxAdmin>>;
+    /// Fail with a clear message when `outbox migrate` has not run.
+    async fn require_table(&self) -> Result<()>;
+    /// PostgreSQL: a NOTIFY on a channel of its own heard by a LISTEN connection, as relays
+    /// hear commits. None for stores without cross-process wake-up.
+    async fn notify_roundtrip(&self, within: Duration) -> Option<Result<Duration>>;
+    /// How far this host's clock is from the database's; None for SQLite (same host).
+    async fn clock_skew(&self) -> Option<Result<Duration>>;
+}
+
+impl CliStore for AnyStore {
+    async fn open(url: &str, table: &str, create: bool) -> Result<AnyStore> {
+        AnyStore::connect_with(
+            url,
+            outbox_sql::any::AnyOptions {
+                table: table.into(),
+                create,
+            },
+        )
+        .await
+    }
+
+    fn store(&self) -> Arc<dyn StoreAdmin> {
+        Arc::new(self.clone())
+    }
+
+    fn inbox_table(&self, table: &str) -> Result<Arc<dyn outbox_core::InboxAdmin>> {
         Ok(match self {
             Self::Sqlite(s) => Arc::new(s.inbox_table(table)?),
             Self::Postgres(s) => Arc::new(s.inbox_table(table)?),
@@ -97,24 +68,7 @@ impl AnyStore {
         })
     }
 
-    pub fn table(&self) -> &str {
-        match self {
-            Self::Sqlite(s) => s.table(),
-            Self::Postgres(s) => s.table(),
-            Self::MySql(s) => s.table(),
-        }
-    }
-
-    pub async fn table_exists(&self) -> Result<bool> {
-        match self {
-            Self::Sqlite(s) => s.table_exists(),
-            Self::Postgres(s) => s.table_exists().await,
-            Self::MySql(s) => s.table_exists().await,
-        }
-    }
-
-    /// Fail with a clear message when `outbox migrate` has not run.
-    pub async fn require_table(&self) -> Result<()> {
+    async fn require_table(&self) -> Result<()> {
         if self.table_exists().await? {
             Ok(())
         } else {
@@ -129,12 +83,8 @@ impl AnyStore {
             ))
         }
     }
-}
 
-impl AnyStore {
-    /// PostgreSQL: a NOTIFY on a channel of its own heard by a LISTEN connection, as relays
-    /// hear commits. None for stores without cross-process wake-up.
-    pub async fn notify_roundtrip(&self, within: Duration) -> Option<Result<Duration>> {
+    async fn notify_roundtrip(&self, within: Duration) -> Option<Result<Duration>> {
         let Self::Postgres(s) = self else {
             return None;
         };
@@ -165,8 +115,7 @@ impl AnyStore {
         })
     }
 
-    /// How far this host's clock is from the database's; None for SQLite (same host).
-    pub async fn clock_skew(&self) -> Option<Result<Duration>> {
+    async fn clock_skew(&self) -> Option<Result<Duration>> {
         use outbox_sql::sqlx;
         let before = std::time::SystemTime::now();
         let db_ms: Result<i64> = match self {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use outbox_core::{redact_url, Publisher};
 use serde::Serialize;
 
-use crate::backends::{open_publisher, AnyStore};
+use crate::backends::{open_publisher, AnyStore, CliStore};
 use crate::report::{describe, Output};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -32,7 +32,7 @@ use outbox_core::{
 };
 use serde::Deserialize;
 
-use crate::backends::{open_publisher, AnyStore};
+use crate::backends::{open_publisher, AnyStore, CliStore};
 use crate::cli::*;
 use crate::config::*;
 use crate::logging::*;

@@ -45,6 +45,11 @@ pub mod mysql;
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub use common::{map_err, redact_url};
 
+/// A store chosen at run time from its URL: SQLite, PostgreSQL or MySQL / MariaDB (feature
+/// `any`).
+#[cfg(feature = "any")]
+pub mod any;
+
 /// Least-privilege roles: the grants of the writer, the relay and the console.
 pub mod roles;
 

@@ -3,9 +3,9 @@
 //! database it holds, as sqlx's `Any` driver does for queries.
 //!
 //! ```no_run
-//! use outbox::any::{AnyStore, AnyValue};
-//! use outbox::{Message, Outbox, StdoutPublisher, Store};
-//! # async fn run() -> outbox::Result<()> {
+//! use outbox_core::{Message, Outbox, StdoutPublisher, Store};
+//! use outbox_sql::any::{AnyStore, AnyValue};
+//! # async fn run() -> outbox_core::Result<()> {
 //! // sqlite://app.db, postgres://app@db/shop or mysql://app@db/shop, from configuration:
 //! let url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "sqlite://app.db".into());
 //! let store = AnyStore::connect(&url).await?;
@@ -30,14 +30,13 @@
 
 use std::time::{Duration, SystemTime};
 
-use outbox_core::async_trait;
+use crate::mysql::{self, MySqlOptions, MySqlStore};
+use crate::postgres::{self, PgOptions, PgStore};
+use async_trait::async_trait;
 use outbox_core::{
     AfterCommit, Claim, Claimed, Enqueue, Error, Failure, MessageFilter, NewMessage, ParkedUnit,
     Result, SchemaReport, Selector, Stats, Store, StoreAdmin, StoredMessage,
 };
-use outbox_sql::mysql::{self, MySqlOptions, MySqlStore};
-use outbox_sql::postgres::{self, PgOptions, PgStore};
-use outbox_sql::sqlx;
 use outbox_sqlite::rusqlite;
 use outbox_sqlite::{SqliteOptions, SqliteStore};
 
@@ -145,6 +144,15 @@ impl AnyStore {
     /// The outbox table.
     pub fn table(&self) -> &str {
         each!(self, s => s.table())
+    }
+
+    /// Whether the outbox table exists (`migrate` has run).
+    pub async fn table_exists(&self) -> Result<bool> {
+        match self {
+            Self::Sqlite(s) => s.table_exists(),
+            Self::Postgres(s) => s.table_exists().await,
+            Self::MySql(s) => s.table_exists().await,
+        }
     }
 
     /// Begin a transaction on the store's database: enqueue in it with
