@@ -73,7 +73,10 @@ pub use publisher::{
     NullPublisher, Publisher, RecordingPublisher, Router, StdoutPublisher,
 };
 pub use redact::{is_secret_param, printable, redact_url};
-pub use relay::{BatchReport, Relay, RelayBuilder, RelayConfig};
+pub use relay::{
+    BatchReport, Fleet, FleetBuilder, MemberState, MemberStatus, Relay, RelayBuilder, RelayConfig,
+    RelayHealth,
+};
 pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};
 pub use signing::{check_signature, SignedPlan, Signer, SigningKey};

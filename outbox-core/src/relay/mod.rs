@@ -5,8 +5,11 @@
 //! crash-loop suspects, waves, what a result means) are the pure `plan` module's, and the
 //! `step` module makes the store and publisher calls between them.
 
+mod fleet;
 mod plan;
 mod step;
+
+pub use fleet::{Fleet, FleetBuilder, MemberState, MemberStatus};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -122,6 +125,23 @@ pub struct Relay<S, P> {
     /// Rows to claim next: `batch_size`, halved after a batch ran out of lease, grown back
     /// after batches that did not.
     limit: std::sync::atomic::AtomicUsize,
+    /// Batches run only while holding one of these (shared with other relays).
+    permits: Option<Arc<tokio::sync::Semaphore>>,
+    health: std::sync::Mutex<RelayHealth>,
+}
+
+/// How a relay's store calls are going ([`Relay::health`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayHealth {
+    /// Since when its batches have failed, without a success since (`None`: the last batch
+    /// worked, or none ran yet).
+    pub failing_since: Option<std::time::SystemTime>,
+    /// The last batch error, as logged.
+    pub last_error: Option<String>,
+    /// Batch errors since the relay started.
+    pub errors: u64,
+    /// Batches that worked since the relay started.
+    pub batches: u64,
 }
 
 /// Builds a [`Relay`].
@@ -130,6 +150,7 @@ pub struct RelayBuilder<S, P> {
     publisher: P,
     config: RelayConfig,
     observers: Vec<Arc<dyn Observer>>,
+    permits: Option<Arc<tokio::sync::Semaphore>>,
     /// Set when the builder cannot make a working relay (an outbox without a publisher).
     refused: Option<Error>,
 }
@@ -148,6 +169,44 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// The settings.
     pub fn config(&self) -> &RelayConfig {
         &self.config
+    }
+
+    /// Whether its batches work, and the last error when they do not.
+    pub fn health(&self) -> RelayHealth {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One batch ([`step`](Self::step)) while holding a shared permit, when there are any;
+    /// its outcome is recorded in [`health`](Self::health).
+    async fn batch(&self) -> Result<BatchReport> {
+        let _permit = match &self.permits {
+            Some(p) => Some(p.acquire().await.map_err(|_| {
+                Error::new(
+                    ErrorKind::Closed,
+                    Retry::Permanent,
+                    "the relay's shared batch permits were closed",
+                )
+            })?),
+            None => None,
+        };
+        let r = self.step().await;
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match &r {
+            Ok(_) => {
+                h.batches += 1;
+                h.failing_since = None;
+            }
+            Err(e) => {
+                h.errors += 1;
+                h.last_error = Some(e.to_string());
+                h.failing_since
+                    .get_or_insert_with(std::time::SystemTime::now);
+            }
+        }
+        r
     }
 
     fn batch_limit(&self) -> usize {
@@ -246,7 +305,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     async fn drain(&self) -> Result<BatchReport> {
         let mut total = BatchReport::default();
         loop {
-            let r = self.step().await?;
+            let r = self.batch().await?;
             total += r;
             if r.claimed == 0 {
                 return Ok(total);
@@ -307,7 +366,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             if *stopped.borrow() {
                 return total;
             }
-            let pause = match self.step().await {
+            let pause = match self.batch().await {
                 Ok(r) => {
                     total += r;
                     error_pause = Duration::from_millis(100);
@@ -340,8 +399,18 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             publisher,
             config: RelayConfig::default(),
             observers: Vec::new(),
+            permits: None,
             refused: None,
         }
+    }
+
+    /// Run batches only while holding a permit of `permits`, shared with other relays: a
+    /// bound on the batches in flight across all of them (as [`Fleet`] does for many stores).
+    /// Permits are handed out in the order they are asked for, so relays with work take
+    /// turns, one batch each, however large one relay's backlog is.
+    pub fn shared_permits(mut self, permits: Arc<tokio::sync::Semaphore>) -> Self {
+        self.permits = Some(permits);
+        self
     }
 
     /// Make [`build`](Self::build) fail with `error`.
@@ -526,6 +595,8 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             config: self.config,
             observers: Observers(self.observers),
             owner: format!("relay:{}", uuid::Uuid::now_v7()),
+            permits: self.permits,
+            health: std::sync::Mutex::new(RelayHealth::default()),
         })
     }
 }
