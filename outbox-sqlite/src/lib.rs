@@ -634,7 +634,18 @@ impl Store for SqliteStore {
                     r.get(0)
                 })
                 .map_err(map_err)?;
-            let found = found.map(|v| v.clamp(0, u32::MAX as i64) as u32);
+            // A table dropped since (by hand): every step again (each is idempotent), or the
+            // recorded version would leave it missing.
+            let exists: i64 = conn
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                    [t],
+                    |r| r.get(0),
+                )
+                .map_err(map_err)?;
+            let found = found
+                .filter(|_| exists > 0)
+                .map(|v| v.clamp(0, u32::MAX as i64) as u32);
             for step in outbox_core::SchemaStep::after(t, found)? {
                 match step.version {
                     1 => step_one(conn, sql)?,

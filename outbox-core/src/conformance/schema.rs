@@ -205,6 +205,44 @@ pub async fn rows_of_an_earlier_schema_keep_working<H: Harness>(h: &H) {
     assert_eq!(got, vec![b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
 }
 
+/// An outbox table dropped by hand (its schema version still recorded) is made again by
+/// `migrate`, whole, and a unit that had rows in it publishes its new rows in order.
+pub async fn a_dropped_table_is_made_again_by_migrate<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let broker = RecordingPublisher::new();
+    let outbox = base(store.clone(), broker.clone())
+        .stream_strategy("ordered", KeepOrder::default())
+        .build()
+        .unwrap();
+    let (store, outbox) = (&store, &outbox);
+    let write = |n: usize| async move {
+        h.transact(store, outbox, vec![msg("ordered", Some("k"), n)], true)
+            .await
+            .unwrap()
+            .dispatch();
+    };
+    write(1).await;
+    write(2).await;
+    if !h.execute_sql(store, "DROP TABLE {t}").await {
+        return; // a store without SQL
+    }
+    store.migrate().await.unwrap();
+    let whole = crate::SchemaReport {
+        version: Some(crate::SCHEMA_VERSION),
+        ..Default::default()
+    };
+    assert_eq!(store.schema().await.unwrap(), whole, "after migrate");
+    write(3).await;
+    write(4).await;
+    outbox.relay().build().unwrap().run_once().await.unwrap();
+    let got: Vec<Vec<u8>> = broker
+        .published()
+        .into_iter()
+        .map(|e| e.message.payload)
+        .collect();
+    assert_eq!(got, vec![b"3".to_vec(), b"4".to_vec()]);
+}
+
 /// A table whose recorded schema version is newer than this build knows is refused by
 /// `migrate` with a configuration error that says so (an older build must not change or run
 /// against a schema it does not know), and reported with that version; nothing is changed.

@@ -592,6 +592,12 @@ impl Store for MySqlStore {
                 .fetch_one(&self.inner.pool)
                 .await
                 .map_err(map_err)?;
+        // A table dropped since (by hand): every step again, or the recorded version would
+        // leave it missing.
+        let found = match self.table_exists().await? {
+            true => found,
+            false => None,
+        };
         // MySQL commits each DDL statement: every step is idempotent, so a migrate cut short
         // (or two at once) is finished by the next.
         for step in outbox_core::SchemaStep::after(t, found.map(|v| v.max(0) as u32))? {

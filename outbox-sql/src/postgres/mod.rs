@@ -572,6 +572,14 @@ impl Store for PgStore {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(map_err)?;
+        // A table dropped since (by hand): every step again (each is idempotent), or the
+        // recorded version would leave it missing.
+        let exists: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(t)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(map_err)?;
+        let found = found.filter(|_| exists.is_some());
         let steps = outbox_core::SchemaStep::after(t, found.map(|v| v.max(0) as u32))?;
         for step in &steps {
             for statement in Self::step_sql(t, step.version)? {
