@@ -89,8 +89,9 @@ pub use outbox_core::{
 };
 // Publishing and cleaning.
 pub use outbox_core::{
-    BatchReport, Cleaner, Config, Decision, Delivery, Relay, RelayBuilder, RelayConfig,
-    RetryPolicy, DEFAULT_RETENTION, MAX_RETENTION,
+    BatchReport, Cleaner, Config, Decision, Delivery, Fleet, FleetBuilder, MemberState,
+    MemberStatus, Relay, RelayBuilder, RelayConfig, RelayHealth, RetryPolicy, DEFAULT_RETENTION,
+    MAX_RETENTION,
 };
 // Publishers that need no broker, and the trait for your own.
 pub use outbox_core::{

@@ -800,6 +800,34 @@ impl PgCluster {
         );
     }
 
+    /// Kill the server (`-m immediate`) and leave it down until [`start`](Self::start).
+    pub fn kill(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                "-m",
+                "immediate",
+                &self.version,
+                &self.name,
+                "stop",
+            ],
+        );
+    }
+
+    /// Start the server again after [`kill`](Self::kill).
+    pub fn start(&self) {
+        self.ctl(
+            "pg_ctlcluster",
+            &[
+                "--skip-systemctl-redirect",
+                &self.version,
+                &self.name,
+                "start",
+            ],
+        );
+    }
+
     /// Kill the server (`-m immediate`: no checkpoint, no flush of what sits in its WAL
     /// buffers) and start it again: it recovers from its WAL as after a power cut, losing
     /// what was committed without waiting for a flush.
