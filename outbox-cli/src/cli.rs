@@ -57,6 +57,9 @@ pub(crate) enum Command {
         wal: bool,
         #[command(flatten)]
         wal_names: WalNames,
+        /// One line per store of this TOML list (as `relay --stores`), instead of --store.
+        #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
+        stores: Option<PathBuf>,
     },
     /// List, requeue or purge dead letters.
     Dead {
@@ -221,6 +224,18 @@ pub(crate) struct RelayArgs {
     pub(crate) wal: bool,
     #[command(flatten)]
     pub(crate) wal_names: WalNames,
+    /// Serve every store of this TOML list in one process ([[store]] entries: name, url or
+    /// url_file, table), instead of --store; always runs until stopped. The list is read
+    /// again every --stores-refresh: stores added are served, stores removed are finished.
+    #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
+    pub(crate) stores: Option<PathBuf>,
+    /// How often the --stores list is read again.
+    #[arg(long, env = "OUTBOX_STORES_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) stores_refresh: Duration,
+    /// With --stores: batches in flight at once across all the stores, handed out in turn
+    /// (a store with a large backlog takes one batch per turn like the others).
+    #[arg(long, env = "OUTBOX_MAX_BATCHES", default_value_t = 8)]
+    pub(crate) max_batches: usize,
     /// Publisher URL: stdout, null, kafka://…, amqp(s)://…, redis(s)://…, nats://…, http(s)://… (webhooks)
     #[arg(long, env = "OUTBOX_PUBLISHER", hide_env_values = true)]
     pub(crate) publisher: Option<String>,

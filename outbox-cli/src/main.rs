@@ -11,6 +11,7 @@ mod cli;
 mod commands;
 mod config;
 mod doctor;
+mod fleet_cmd;
 mod json;
 mod logging;
 mod metrics_endpoint;

@@ -77,13 +77,9 @@ where
     }
 }
 
-pub(crate) async fn relay(
-    store_url: &str,
-    table: &str,
-    args: RelayArgs,
-    file: FileRelay,
-) -> Result<u8, Error> {
-    let publisher_url = first_of(
+/// The publisher URL from `--publisher`, its file, or the config file.
+pub(crate) fn publisher_url(args: &RelayArgs, file: &FileRelay) -> Result<String, Error> {
+    first_of(
         args.publisher.clone(),
         &args.publisher_file,
         file.publisher.clone(),
@@ -94,7 +90,31 @@ pub(crate) async fn relay(
         Error::config(
             "no publisher: pass --publisher URL or --publisher-file PATH, set OUTBOX_PUBLISHER or OUTBOX_PUBLISHER_FILE, or set relay.publisher",
         )
-    })?;
+    })
+}
+
+/// Every relay setting: flags, variables, the config file and defaults, with the signing
+/// keys and whether unsigned rows are refused.
+pub(crate) fn full_config(args: &RelayArgs, file: &FileRelay) -> Result<RelayConfig, Error> {
+    let config = relay_config(args, file)?;
+    let (signer, require_signatures) = signing_config(args, file)?;
+    Ok(RelayConfig {
+        delivery: outbox_core::Delivery {
+            signer,
+            ..config.delivery
+        },
+        require_signatures,
+        ..config
+    })
+}
+
+pub(crate) async fn relay(
+    store_url: &str,
+    table: &str,
+    args: RelayArgs,
+    file: FileRelay,
+) -> Result<u8, Error> {
+    let publisher_url = publisher_url(&args, &file)?;
     let metrics_addr = args.metrics_addr.or(file.metrics_addr);
     if let Some(addr) = metrics_addr {
         metrics_endpoint::serve(addr).await?;
@@ -133,16 +153,8 @@ pub(crate) async fn relay(
     } else {
         open_publisher(&publisher_url).await?
     };
-    let config = relay_config(&args, &file)?;
-    let (signer, require_signatures) = signing_config(&args, &file)?;
-    let config = RelayConfig {
-        delivery: outbox_core::Delivery {
-            signer,
-            ..config.delivery
-        },
-        require_signatures,
-        ..config
-    };
+    let config = full_config(&args, &file)?;
+    let require_signatures = config.require_signatures;
     if args.wal {
         return wal_relay(store_url, &store, &args.wal_names, publisher, config).await;
     }

@@ -74,8 +74,8 @@ pub use publisher::{
 };
 pub use redact::{is_secret_param, printable, redact_url};
 pub use relay::{
-    BatchReport, Fleet, FleetBuilder, MemberState, MemberStatus, Relay, RelayBuilder, RelayConfig,
-    RelayHealth,
+    BatchReport, Fleet, FleetBuilder, MemberState, MemberStatus, OpenStore, Relay, RelayBuilder,
+    RelayConfig, RelayHealth,
 };
 pub use retry::{Decision, RetryPolicy};
 pub use settings::{Config, Delivery};

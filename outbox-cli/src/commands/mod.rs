@@ -30,6 +30,25 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
     } else {
         cli.output.or(file.output).unwrap_or_default()
     };
+    let table = cli
+        .table
+        .clone()
+        .or(file.table.clone())
+        .unwrap_or_else(|| "outbox".into());
+    // Commands over a list of stores (--stores) need no --store.
+    match &cli.command {
+        Command::Relay(args) if args.stores.is_some() => {
+            let Command::Relay(args) = cli.command else {
+                unreachable!()
+            };
+            let path = args.stores.clone().unwrap_or_default();
+            return crate::fleet_cmd::relay(&path, &table, *args, file.relay).await;
+        }
+        Command::Stats {
+            stores: Some(path), ..
+        } => return crate::fleet_cmd::stats(path, &table, output == Output::Json).await,
+        _ => {}
+    }
     let store_url = first_of(
         cli.store,
         &cli.store_file,
@@ -42,10 +61,6 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             "no store: pass --store URL or --store-file PATH, set OUTBOX_STORE or OUTBOX_STORE_FILE, or set store in --config",
         )
     })?;
-    let table = cli
-        .table
-        .or(file.table.clone())
-        .unwrap_or_else(|| "outbox".into());
     // Commands that open nothing, or open what they need themselves.
     match cli.command {
         Command::Doctor(args) => return doctor(&store_url, &table, args, &file, output).await,
@@ -79,7 +94,7 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             migrate(&store, &table, &inboxes, wal, json).await
         }
         Command::Clean(args) => clean(&store, args, &file, json).await,
-        Command::Stats { wal, wal_names } => {
+        Command::Stats { wal, wal_names, .. } => {
             let slot = wal.then_some(wal_names.slot.as_str());
             stats(&store, &table, slot, json).await
         }

@@ -19,7 +19,7 @@ use crate::publisher::Publisher;
 use crate::store::Store;
 
 /// How a member store is opened: called again, with backoff, until it succeeds.
-pub type Connect =
+pub type OpenStore =
     Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn Store>>> + Send>> + Send + Sync>;
 
 /// Stores beyond this many share the metrics label `store="(other)"`.
@@ -35,7 +35,7 @@ pub const MAX_STORE_SERIES: usize = 100;
 ///   `max_error_backoff`) and reported in [`status`](Fleet::status), in the log (every
 ///   line in a `store` span) and in the metrics `outbox_store_up`,
 ///   `outbox_store_published_total`, `outbox_store_failed_total` and
-///   `outbox_store_dead_total` (label `store`; past [`MAX_STORE_SERIES`] stores,
+///   `outbox_store_dead_total` (label `store`; past 100 stores (`MAX_STORE_SERIES`),
 ///   `"(other)"`). The other members never wait for it.
 /// - **Changing**: [`add`](Fleet::add) and [`remove`](Fleet::remove) while it runs; a
 ///   removed member finishes its batch in flight.
@@ -205,7 +205,7 @@ impl Fleet {
 
     /// Serve the store that `connect` opens as `name`: until it opens, the member is
     /// `Opening`, then `Failing` while it keeps failing (tried again with a growing pause).
-    pub fn add_with(&self, name: &str, connect: Connect) -> Result<()> {
+    pub fn add_with(&self, name: &str, connect: OpenStore) -> Result<()> {
         let mut members = self.inner.members.lock().unwrap_or_else(|p| p.into_inner());
         if members.contains_key(name) {
             return Err(Error::config(format!(
@@ -356,7 +356,7 @@ impl Fleet {
 /// A member's life: open its store (retrying), then run its relay until stopped.
 async fn serve(
     fleet: Arc<Inner>,
-    connect: Connect,
+    connect: OpenStore,
     shared: Arc<Shared>,
     mut stopped: watch::Receiver<bool>,
     label: String,
@@ -544,7 +544,7 @@ mod tests {
         let tries = Arc::new(AtomicUsize::new(0));
         let late = MemoryStore::new();
         fill(&late, "late", 5);
-        let connect: Connect = {
+        let connect: OpenStore = {
             let tries = tries.clone();
             Arc::new(move || {
                 let (tries, late) = (tries.clone(), late.clone());

@@ -9,7 +9,7 @@ mod fleet;
 mod plan;
 mod step;
 
-pub use fleet::{Fleet, FleetBuilder, MemberState, MemberStatus};
+pub use fleet::{Fleet, FleetBuilder, MemberState, MemberStatus, OpenStore};
 
 use std::future::Future;
 use std::sync::Arc;

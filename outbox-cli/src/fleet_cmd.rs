@@ -1,0 +1,306 @@
+//! `outbox relay --stores FILE` and `outbox stats --stores FILE`: many stores (a database or
+//! schema per tenant, shards) in one process, from a TOML list that is read again while the
+//! relay runs.
+//!
+//! ```toml
+//! [[store]]
+//! name = "tenant-a"
+//! url_file = "/run/secrets/tenant-a-db"   # or url = "postgres://relay@db-a/shop"
+//! table = "outbox"                        # default: --table
+//! ```
+
+use std::collections::BTreeMap;
+
+use std::path::Path;
+
+use super::*;
+use crate::relay_cmd::shutdown_signal;
+use outbox_core::{Fleet, MemberState};
+
+/// One entry of the stores file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: String,
+    url: Option<String>,
+    url_file: Option<PathBuf>,
+    table: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoresFile {
+    #[serde(default)]
+    store: Vec<Entry>,
+}
+
+/// A store of the list: its URL (a secret: never printed whole) and table.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Member {
+    url: String,
+    table: String,
+}
+
+/// Read the list: names unique and printable, each with exactly one of `url` and
+/// `url_file`. Errors name the store and the file, never a URL.
+pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, Member>, Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::config(format!("cannot read the stores file {}", path.display())).with_source(e)
+    })?;
+    let file: StoresFile = toml::from_str(&text).map_err(|e| {
+        // toml's message quotes the offending line, which may hold a URL: keep its position.
+        let at = e
+            .span()
+            .map(|s| format!(" (at byte {})", s.start))
+            .unwrap_or_default();
+        Error::config(format!(
+            "the stores file {} is not a valid list of [[store]] entries{at}: each has name, url or url_file, and optionally table",
+            path.display()
+        ))
+    })?;
+    let mut out = BTreeMap::new();
+    for e in file.store {
+        if e.name.is_empty() || e.name.len() > 200 || e.name.chars().any(char::is_control) {
+            return Err(Error::config(format!(
+                "the stores file {}: a store name must be 1-200 printable characters ({:?})",
+                path.display(),
+                printable(&e.name)
+            )));
+        }
+        let url = match (e.url, &e.url_file) {
+            (Some(u), None) => u,
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|err| {
+                    Error::config(format!(
+                        "store {:?}: cannot read its url_file {}",
+                        e.name,
+                        f.display()
+                    ))
+                    .with_source(err)
+                })?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned(),
+            _ => {
+                return Err(Error::config(format!(
+                    "store {:?} in {}: give exactly one of url and url_file",
+                    e.name,
+                    path.display()
+                )))
+            }
+        };
+        let table = e.table.unwrap_or_else(|| default_table.to_owned());
+        outbox_core::validate_identifier(&table)?;
+        if out.insert(e.name.clone(), Member { url, table }).is_some() {
+            return Err(Error::config(format!(
+                "store {:?} is listed twice in {}",
+                e.name,
+                path.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+/// How the fleet opens a member: the store at its URL, once its table exists.
+fn connector(m: &Member) -> outbox_core::OpenStore {
+    let m = m.clone();
+    Arc::new(move || {
+        let m = m.clone();
+        Box::pin(async move {
+            let store = AnyStore::open(&m.url, &m.table, false).await?;
+            store.require_table().await?;
+            Ok(Arc::new(store) as Arc<dyn Store>)
+        })
+    })
+}
+
+/// `outbox relay --stores FILE`: serve every store of the list until stopped, reading the
+/// list again every `--stores-refresh`.
+pub(crate) async fn relay(
+    path: &Path,
+    table: &str,
+    args: RelayArgs,
+    file: FileRelay,
+) -> Result<u8, Error> {
+    if args.wal {
+        return Err(Error::config(
+            "--stores and --wal do not go together: the WAL relay serves one database",
+        ));
+    }
+    let members = load(path, table)?;
+    let publisher_url = crate::relay_cmd::publisher_url(&args, &file)?;
+    if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
+        metrics_endpoint::serve(addr).await?;
+        tracing::info!(%addr, "serving Prometheus metrics on GET /metrics");
+    }
+    let publisher = open_publisher(&publisher_url).await?;
+    let config = crate::relay_cmd::full_config(&args, &file)?;
+    let fleet = Arc::new(
+        Fleet::builder(publisher)
+            .config(config)
+            .max_batches(args.max_batches)
+            .build()?,
+    );
+    let mut current = BTreeMap::new();
+    apply(&fleet, &mut current, members).await;
+    tracing::info!(
+        stores = current.len(),
+        file = %path.display(),
+        max_batches = args.max_batches,
+        "relay starting for every store of the list"
+    );
+    let refresh = {
+        let (fleet, path, table) = (fleet.clone(), path.to_owned(), table.to_owned());
+        let every = args.stores_refresh;
+        tokio::spawn(async move {
+            let mut states: BTreeMap<String, MemberState> = BTreeMap::new();
+            let mut last_read = std::time::Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(500).min(every)).await;
+                report_changes(&fleet, &mut states);
+                if last_read.elapsed() < every {
+                    continue;
+                }
+                last_read = std::time::Instant::now();
+                match load(&path, &table) {
+                    Ok(members) => apply(&fleet, &mut current, members).await,
+                    Err(e) => {
+                        tracing::warn!(error = %report::describe(&e), "cannot read the stores file again; serving the stores of the last good read")
+                    }
+                }
+            }
+        })
+    };
+    fleet.run(shutdown_signal()).await;
+    refresh.abort();
+    tracing::info!("relay stopped");
+    Ok(exit::OK)
+}
+
+/// Make the fleet serve `wanted`: new names added, missing ones removed (their batch in
+/// flight finishes), changed ones (URL or table) replaced.
+async fn apply(
+    fleet: &Fleet,
+    current: &mut BTreeMap<String, Member>,
+    wanted: BTreeMap<String, Member>,
+) {
+    let gone: Vec<String> = current
+        .iter()
+        .filter(|(name, m)| wanted.get(*name) != Some(m))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in gone {
+        fleet.remove(&name).await;
+        current.remove(&name);
+        tracing::info!(store = %printable(&name), "store left the list (or changed): no longer served");
+    }
+    for (name, m) in wanted {
+        if current.contains_key(&name) {
+            continue;
+        }
+        match fleet.add_with(&name, connector(&m)) {
+            Ok(()) => {
+                tracing::info!(store = %printable(&name), url = %outbox_core::redact_url(&m.url), table = %m.table, "serving store");
+                current.insert(name, m);
+            }
+            Err(e) => tracing::error!(store = %printable(&name), error = %e, "cannot serve store"),
+        }
+    }
+}
+
+/// Log each member that starts failing (with its error) or recovers.
+fn report_changes(fleet: &Fleet, states: &mut BTreeMap<String, MemberState>) {
+    let status = fleet.status();
+    for s in &status {
+        let before = states.insert(s.name.clone(), s.state);
+        if before == Some(s.state) {
+            continue;
+        }
+        match s.state {
+            MemberState::Failing => tracing::warn!(
+                store = %printable(&s.name),
+                error = s.last_error.as_deref().unwrap_or(""),
+                "store failing; retried with backoff, the others go on"
+            ),
+            MemberState::Running if before == Some(MemberState::Failing) => {
+                tracing::info!(store = %printable(&s.name), "store recovered")
+            }
+            _ => {}
+        }
+    }
+    states.retain(|name, _| status.iter().any(|s| &s.name == name));
+}
+
+/// `outbox stats --stores FILE`: one line per store (its totals, or why it cannot be read),
+/// the stores read at once, each within 10 s. Exit 1 when one could not be read.
+pub(crate) async fn stats(path: &Path, table: &str, json: bool) -> Result<u8, Error> {
+    let members = load(path, table)?;
+    let now = SystemTime::now();
+    let reads = members.iter().map(|(name, m)| async move {
+        let read = async {
+            let store = AnyStore::open(&m.url, &m.table, false).await?;
+            store.require_table().await?;
+            store.stats().await
+        };
+        let r = match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                outbox_core::ErrorKind::Timeout,
+                outbox_core::Retry::Transient,
+                "no answer within 10 s",
+            )),
+        };
+        (name.clone(), m.table.clone(), r)
+    });
+    let results = futures_util::future::join_all(reads).await;
+    let failed = results.iter().filter(|(_, _, r)| r.is_err()).count();
+    if json {
+        let stores: Vec<serde_json::Value> = results
+            .iter()
+            .map(|(name, table, r)| match r {
+                Ok(stats) => serde_json::json!({
+                    "name": name,
+                    "table": table,
+                    "total": json::stream_stats(&stats.total(), now),
+                }),
+                Err(e) => serde_json::json!({
+                    "name": name,
+                    "table": table,
+                    "error": report::describe(e),
+                }),
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "stores": stores }));
+    } else {
+        println!(
+            "{:<24} {:>10} {:>10} {:>10}  oldest pending",
+            "store", "pending", "sent", "dead"
+        );
+        for (name, _, r) in &results {
+            match r {
+                Ok(stats) => {
+                    let t = stats.total();
+                    let age = t
+                        .oldest_pending
+                        .and_then(|o| now.duration_since(o).ok())
+                        .map(|d| {
+                            humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+                        })
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<24} {:>10} {:>10} {:>10}  {age}",
+                        printable(name),
+                        t.pending,
+                        t.sent,
+                        t.dead
+                    );
+                }
+                Err(e) => println!("{:<24} error: {}", printable(name), report::describe(e)),
+            }
+        }
+    }
+    Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+}

@@ -1,0 +1,260 @@
+//! `outbox relay --stores FILE` through the real binary: SQLite files and a PostgreSQL table
+//! (its URL, with a password, in a url_file) served by one process into Redis; a store that
+//! does not exist yet is reported and served once it is migrated; a store added to the file
+//! is served without a restart, one removed is let go; `stats --stores` reads them all.
+//! No password appears in any output.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outbox_core::conformance::eventually;
+use outbox_core::{KeepOrder, Message, Outbox};
+use outbox_redis::redis::{self, AsyncCommands};
+use outbox_sql::any::{AnyOptions, AnyStore};
+
+const SECRET: &str = "s3cret-fleet-pw";
+
+struct Relay(Child);
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_outbox"));
+    for (var, _) in std::env::vars() {
+        if var.starts_with("OUTBOX_") || var == "RUST_LOG" {
+            c.env_remove(var);
+        }
+    }
+    c
+}
+
+/// Open `url`'s outbox table (migrated) and commit `n` keep-order messages, a transaction
+/// each, on two keys, to the Redis stream `dest`.
+async fn write(url: &str, dest: &str, from: usize, n: usize) {
+    let store = AnyStore::connect_with(
+        url,
+        AnyOptions {
+            table: "outbox".into(),
+            create: false,
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::writer(store.clone())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    for i in from..from + n {
+        let mut tx = store.begin().await.unwrap();
+        let m = Message::new(dest, i.to_string().into_bytes()).key(format!("k{}", i % 2));
+        let after = outbox.enqueue(&mut tx, [m]).await.unwrap();
+        tx.commit(after).await.unwrap();
+    }
+}
+
+/// First deliveries on `dest`, per key, in order; every message id once counted.
+async fn delivered(conn: &mut redis::aio::MultiplexedConnection, dest: &str) -> [Vec<usize>; 2] {
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all(dest).await.unwrap();
+    let mut seen = HashSet::new();
+    let mut out = [Vec::new(), Vec::new()];
+    for e in &reply.ids {
+        if !seen.insert(e.get::<String>("id").unwrap()) {
+            continue;
+        }
+        let i: usize = e.get::<String>("payload").unwrap().parse().unwrap();
+        out[i % 2].push(i);
+    }
+    out
+}
+
+fn in_order(d: &[Vec<usize>; 2], n: usize) -> bool {
+    d[0].len() + d[1].len() == n && d.iter().all(|v| v.windows(2).all(|w| w[0] < w[1]))
+}
+
+fn migrate(url: &str) {
+    let out = bin().args(["--store", url, "migrate"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_relay_process_serves_a_list_of_stores() {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let redis_url =
+        std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let pg = std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    // The same server with a password in the URL (trust auth ignores it): it must never show.
+    let pg_url = pg.replacen("postgres@", &format!("postgres:{SECRET}@"), 1);
+    let sqlite = |n: &str| format!("sqlite://{}", dir.path().join(format!("{n}.db")).display());
+    for s in ["s0", "s1", "s2"] {
+        migrate(&sqlite(s));
+    }
+    // A PostgreSQL outbox of its own: a schema named for this test.
+    let schema = format!("fleet{}", &id[20..]);
+    let admin = outbox_sql::postgres::sqlx::PgPool::connect(&pg)
+        .await
+        .unwrap();
+    outbox_sql::postgres::sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let pg_url = if pg_url.contains('?') {
+        format!("{pg_url}&options=-csearch_path%3D{schema}")
+    } else {
+        format!("{pg_url}?options=-csearch_path%3D{schema}")
+    };
+    migrate(&pg_url);
+    let url_file = dir.path().join("pg-url");
+    std::fs::write(&url_file, format!("{pg_url}\n")).unwrap();
+    let list = dir.path().join("stores.toml");
+    let entry =
+        |name: &str, url: &str| format!("[[store]]\nname = \"{name}\"\nurl = \"{url}\"\n\n");
+    let mut text = String::new();
+    for s in ["s0", "s1", "s2"] {
+        text += &entry(s, &sqlite(s));
+    }
+    text += &format!(
+        "[[store]]\nname = \"pg\"\nurl_file = \"{}\"\n\n",
+        url_file.display()
+    );
+    text += &entry("broken", &sqlite("broken")); // no such database yet
+    std::fs::write(&list, &text).unwrap();
+    let dest = |s: &str| format!("fleetcli-{id}-{s}");
+
+    let log = dir.path().join("relay.log");
+    let relay = Relay(
+        bin()
+            .args(["relay", "--stores"])
+            .arg(&list)
+            .args(["--stores-refresh", "300ms", "--interval", "100ms"])
+            .args(["--publisher", &redis_url])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let mut conn = redis::Client::open(redis_url.clone())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for s in ["s0", "s1", "s2"] {
+        write(&sqlite(s), &dest(s), 0, 20).await;
+    }
+    write(&pg_url, &dest("pg"), 0, 20).await;
+    eventually(
+        "every store's messages in Redis",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                for s in ["s0", "s1", "s2", "pg"] {
+                    if !in_order(&delivered(&mut conn, &dest(s)).await, 20) {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await;
+
+    // `stats --stores`: a line per store; the missing one says why; exit 1.
+    let stats = |json: bool| {
+        let mut c = bin();
+        c.args(["stats", "--stores"]).arg(&list);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let out = stats(true);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stores = doc["stores"].as_array().unwrap();
+    assert_eq!(stores.len(), 5);
+    let by = |n: &str| stores.iter().find(|s| s["name"] == n).unwrap().clone();
+    assert_eq!(by("s1")["total"]["sent"], 20);
+    assert_eq!(by("pg")["total"]["sent"], 20);
+    assert!(
+        by("broken")["error"]
+            .as_str()
+            .unwrap()
+            .contains("run `outbox migrate` first"),
+        "{doc}"
+    );
+    let text_out = stats(false);
+    let shown = String::from_utf8_lossy(&text_out.stdout);
+    assert!(
+        shown.contains("broken") && shown.contains("error:"),
+        "{shown}"
+    );
+    assert!(!shown.contains(SECRET) && !String::from_utf8_lossy(&out.stdout).contains(SECRET));
+
+    // The broken store, once migrated, is served.
+    migrate(&sqlite("broken"));
+    write(&sqlite("broken"), &dest("broken"), 0, 10).await;
+    // A store added to the list, and one removed.
+    migrate(&sqlite("added"));
+    let text2 = text.replace(&entry("s2", &sqlite("s2")), "") + &entry("added", &sqlite("added"));
+    let mut f = std::fs::File::create(&list).unwrap();
+    f.write_all(text2.as_bytes()).unwrap();
+    drop(f);
+    write(&sqlite("added"), &dest("added"), 0, 10).await;
+    eventually(
+        "the repaired and the added store delivered",
+        Duration::from_secs(60),
+        || {
+            let mut conn = conn.clone();
+            async move {
+                in_order(&delivered(&mut conn, &dest("broken")).await, 10)
+                    && in_order(&delivered(&mut conn, &dest("added")).await, 10)
+            }
+        },
+    )
+    .await;
+    eventually("s2 let go", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("store left the list") && l.contains("s2"))
+    })
+    .await;
+    drop(relay);
+    let logged = std::fs::read_to_string(&log).unwrap();
+    // The missing store was reported with its reason, retried, then served.
+    let broken: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("store=broken"))
+        .collect();
+    assert!(
+        broken.iter().any(
+            |l| l.contains("cannot open the store") && l.contains("run `outbox migrate` first")
+        ),
+        "{logged}"
+    );
+    assert!(
+        broken.iter().any(|l| l.contains("serving the store")),
+        "{logged}"
+    );
+    assert!(!logged.contains(SECRET), "a password in the log");
+    for s in ["s0", "s1", "s2", "pg", "broken", "added"] {
+        let _: () = conn.del(dest(s)).await.unwrap();
+    }
+    let _ = outbox_sql::postgres::sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&admin)
+        .await;
+}
