@@ -6,7 +6,7 @@
 //!   cargo run --release --example bench --features all-backends
 //! Options: --rows N (backlog per throughput run, default 100000), --rss-rows N (default
 //! 1000000), --quick (smaller backlogs, for a fast look), --only a,b (sections: throughput, wal (or wal-writer, wal-latency, wal-drain),
-//! latency, overhead, memory, keep-order, one-unit, listing, inbox, relays); --inbox-messages N
+//! latency, overhead, memory, keep-order, one-unit, listing, inbox, relays, fleet); --inbox-messages N
 //! (default 10000).
 
 use outbox::StoreAdmin;
@@ -30,6 +30,9 @@ type Res<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 #[path = "bench/wal.rs"]
 mod wal;
+
+#[path = "bench/fleet.rs"]
+mod fleet;
 
 const BATCH: usize = 500;
 
@@ -1769,6 +1772,9 @@ async fn main() -> Res {
     if args.get(1).map(String::as_str) == Some("--rss-child") {
         return rss_child(&args[2]).await;
     }
+    if args.get(1).map(String::as_str) == Some("--fleet-child") {
+        return fleet::child(&args[2], &args[3], args[4].parse()?, args[5].parse()?).await;
+    }
     if args.get(1).map(String::as_str) == Some("--relay-child") {
         return relay_child(
             &args[2],
@@ -1862,6 +1868,9 @@ async fn main() -> Res {
     }
     if run("wal") {
         wal::section(quick, None).await?;
+    }
+    if run("fleet") {
+        fleet::section(quick).await?;
     }
     for part in ["writer", "latency", "drain"] {
         if only
