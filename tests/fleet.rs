@@ -286,3 +286,71 @@ async fn one_fleet_serves_sqlite_postgres_and_mariadb_stores_through_failures() 
             .await;
     }
 }
+
+/// Two fleets (as two relay processes: each opens the stores itself) over the same 50 stores
+/// while writers commit on all of them: everything delivered once, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_fleets_over_the_same_stores_share_the_work() {
+    const STORES: usize = 50;
+    const PER_STORE: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let url = |i: usize| format!("sqlite://{}", dir.path().join(format!("t{i}.db")).display());
+    let mut dbs = Vec::new();
+    for i in 0..STORES {
+        dbs.push(open(&format!("t{i}"), &url(i)).await);
+    }
+    let broker = RecordingPublisher::new();
+    let mut fleets = Vec::new();
+    for _ in 0..2 {
+        let fleet = Fleet::builder(broker.clone())
+            .config(RelayConfig {
+                poll_interval: Duration::from_millis(50),
+                batch_size: 5,
+                ..Default::default()
+            })
+            .max_batches(4)
+            .build()
+            .unwrap();
+        for i in 0..STORES {
+            // A store of its own per fleet: separate connections, as another process has.
+            let store = AnyStore::connect_with(
+                &url(i),
+                AnyOptions {
+                    table: TABLE.into(),
+                    create: false,
+                },
+            )
+            .await
+            .unwrap();
+            fleet.add(&format!("t{i}"), Arc::new(store)).unwrap();
+        }
+        fleets.push(fleet);
+    }
+    futures_util::future::join_all(dbs.iter().map(|db| write(db, 0..PER_STORE))).await;
+    eventually("everything delivered", Duration::from_secs(120), || async {
+        dbs.iter().all(|d| delivered(&broker, &d.name, PER_STORE))
+    })
+    .await;
+    let (d, duplicates) = deliveries(&broker);
+    for db in &dbs {
+        for k in 0..KEYS {
+            assert_eq!(
+                d[&(db.name.clone(), format!("k{k}"))],
+                (0..PER_STORE).collect::<Vec<_>>(),
+                "{} key k{k}",
+                db.name
+            );
+        }
+    }
+    assert_eq!(duplicates, 0, "a message published twice");
+    // Both fleets did part of the work.
+    let per_fleet: Vec<u64> = fleets
+        .iter()
+        .map(|f| f.status().iter().map(|s| s.published).sum())
+        .collect();
+    assert!(per_fleet.iter().all(|&n| n > 0), "{per_fleet:?}");
+    assert_eq!(per_fleet.iter().sum::<u64>(), (STORES * PER_STORE * KEYS) as u64);
+    for f in fleets {
+        f.shutdown().await;
+    }
+}
