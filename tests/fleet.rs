@@ -349,7 +349,10 @@ async fn two_fleets_over_the_same_stores_share_the_work() {
         .map(|f| f.status().iter().map(|s| s.published).sum())
         .collect();
     assert!(per_fleet.iter().all(|&n| n > 0), "{per_fleet:?}");
-    assert_eq!(per_fleet.iter().sum::<u64>(), (STORES * PER_STORE * KEYS) as u64);
+    assert_eq!(
+        per_fleet.iter().sum::<u64>(),
+        (STORES * PER_STORE * KEYS) as u64
+    );
     for f in fleets {
         f.shutdown().await;
     }

@@ -60,6 +60,12 @@ pub(crate) enum Command {
         /// One line per store of this TOML list (as `relay --stores`), instead of --store.
         #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
         stores: Option<PathBuf>,
+        /// Instead of --stores: the catalog database and its query (as `relay`).
+        #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
+        stores_catalog: Option<String>,
+        /// See --stores-catalog.
+        #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
+        stores_query: Option<String>,
     },
     /// List, requeue or purge dead letters.
     Dead {
@@ -229,7 +235,15 @@ pub(crate) struct RelayArgs {
     /// again every --stores-refresh: stores added are served, stores removed are finished.
     #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
     pub(crate) stores: Option<PathBuf>,
-    /// How often the --stores list is read again.
+    /// Instead of --stores: a database (URL) holding the list of stores, read by
+    /// --stores-query.
+    #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
+    pub(crate) stores_catalog: Option<String>,
+    /// The query that lists the stores in --stores-catalog: text columns name, url and
+    /// optionally table (e.g. `SELECT name, db_url FROM tenants WHERE active`).
+    #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
+    pub(crate) stores_query: Option<String>,
+    /// How often the list of stores (--stores or --stores-query) is read again.
     #[arg(long, env = "OUTBOX_STORES_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) stores_refresh: Duration,
     /// With --stores: batches in flight at once across all the stores, handed out in turn

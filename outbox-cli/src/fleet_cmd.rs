@@ -60,13 +60,7 @@ pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, 
     })?;
     let mut out = BTreeMap::new();
     for e in file.store {
-        if e.name.is_empty() || e.name.len() > 200 || e.name.chars().any(char::is_control) {
-            return Err(Error::config(format!(
-                "the stores file {}: a store name must be 1-200 printable characters ({:?})",
-                path.display(),
-                printable(&e.name)
-            )));
-        }
+        check_name(&e.name, &format!("the stores file {}", path.display()))?;
         let url = match (e.url, &e.url_file) {
             (Some(u), None) => u,
             (None, Some(f)) => std::fs::read_to_string(f)
@@ -104,6 +98,147 @@ pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, 
     Ok(out)
 }
 
+/// Where the list of stores comes from.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// A TOML file of `[[store]]` entries.
+    File(PathBuf),
+    /// A query against a catalog database: rows of (name, url) or (name, url, table).
+    Query { catalog: String, sql: String },
+}
+
+impl Source {
+    /// From `--stores FILE`, or `--stores-catalog URL` with `--stores-query SQL`.
+    pub(crate) fn of(
+        file: Option<PathBuf>,
+        catalog: Option<String>,
+        query: Option<String>,
+    ) -> Result<Self, Error> {
+        match (file, catalog, query) {
+            (Some(f), None, None) => Ok(Source::File(f)),
+            (None, Some(catalog), Some(sql)) => Ok(Source::Query { catalog, sql }),
+            _ => Err(Error::config(
+                "name the stores with --stores FILE, or with both --stores-catalog URL and --stores-query SQL",
+            )),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Query { catalog, .. } => {
+                format!("query on {}", outbox_core::redact_url(catalog))
+            }
+        }
+    }
+
+    /// The stores it names now.
+    pub(crate) async fn read(
+        &self,
+        default_table: &str,
+    ) -> Result<BTreeMap<String, Member>, Error> {
+        match self {
+            Source::File(p) => load(p, default_table),
+            Source::Query { catalog, sql } => {
+                let rows = catalog_rows(catalog, sql).await?;
+                let mut out = BTreeMap::new();
+                for (name, url, table) in rows {
+                    check_name(&name, "the catalog query")?;
+                    let table = table.unwrap_or_else(|| default_table.to_owned());
+                    outbox_core::validate_identifier(&table)?;
+                    if out.insert(name.clone(), Member { url, table }).is_some() {
+                        return Err(Error::config(format!(
+                            "the catalog query names store {:?} twice",
+                            printable(&name)
+                        )));
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn check_name(name: &str, origin: &str) -> Result<(), Error> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(char::is_control) {
+        return Err(Error::config(format!(
+            "{origin}: a store name must be 1-200 printable characters ({:?})",
+            printable(name)
+        )));
+    }
+    Ok(())
+}
+
+/// The catalog query's rows: (name, url) or (name, url, table), as text.
+async fn catalog_rows(
+    catalog: &str,
+    sql: &str,
+) -> Result<Vec<(String, String, Option<String>)>, Error> {
+    use outbox_sql::sqlx::{self, Row};
+    let shape = || {
+        Error::config("the catalog query must return text columns name, url and optionally table")
+    };
+    match AnyStore::open(catalog, "outbox", false).await? {
+        AnyStore::Sqlite(s) => {
+            let conn = s.connect()?;
+            let mut stmt = conn.prepare(sql).map_err(outbox_sqlite::map_err)?;
+            let columns = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        if columns > 2 {
+                            r.get::<_, Option<String>>(2)?
+                        } else {
+                            None
+                        },
+                    ))
+                })
+                .map_err(|_| shape())?;
+            rows.collect::<Result<_, _>>().map_err(|_| shape())
+        }
+        AnyStore::Postgres(s) => {
+            let rows = sqlx::query(sql)
+                .fetch_all(s.pool())
+                .await
+                .map_err(outbox_sql::postgres::map_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<String, _>(0).map_err(|_| shape())?,
+                        r.try_get::<String, _>(1).map_err(|_| shape())?,
+                        if r.len() > 2 {
+                            r.try_get::<Option<String>, _>(2).map_err(|_| shape())?
+                        } else {
+                            None
+                        },
+                    ))
+                })
+                .collect()
+        }
+        AnyStore::MySql(s) => {
+            let rows = sqlx::query(sql)
+                .fetch_all(s.pool())
+                .await
+                .map_err(outbox_sql::mysql::map_err)?;
+            rows.iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get::<String, _>(0).map_err(|_| shape())?,
+                        r.try_get::<String, _>(1).map_err(|_| shape())?,
+                        if r.len() > 2 {
+                            r.try_get::<Option<String>, _>(2).map_err(|_| shape())?
+                        } else {
+                            None
+                        },
+                    ))
+                })
+                .collect()
+        }
+    }
+}
+
 /// How the fleet opens a member: the store at its URL, once its table exists.
 fn connector(m: &Member) -> outbox_core::OpenStore {
     let m = m.clone();
@@ -120,7 +255,7 @@ fn connector(m: &Member) -> outbox_core::OpenStore {
 /// `outbox relay --stores FILE`: serve every store of the list until stopped, reading the
 /// list again every `--stores-refresh`.
 pub(crate) async fn relay(
-    path: &Path,
+    source: Source,
     table: &str,
     args: RelayArgs,
     file: FileRelay,
@@ -130,7 +265,7 @@ pub(crate) async fn relay(
             "--stores and --wal do not go together: the WAL relay serves one database",
         ));
     }
-    let members = load(path, table)?;
+    let members = source.read(table).await?;
     let publisher_url = crate::relay_cmd::publisher_url(&args, &file)?;
     if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
         metrics_endpoint::serve(addr).await?;
@@ -148,12 +283,12 @@ pub(crate) async fn relay(
     apply(&fleet, &mut current, members).await;
     tracing::info!(
         stores = current.len(),
-        file = %path.display(),
+        list = %source.describe(),
         max_batches = args.max_batches,
         "relay starting for every store of the list"
     );
     let refresh = {
-        let (fleet, path, table) = (fleet.clone(), path.to_owned(), table.to_owned());
+        let (fleet, source, table) = (fleet.clone(), source.clone(), table.to_owned());
         let every = args.stores_refresh;
         tokio::spawn(async move {
             let mut states: BTreeMap<String, MemberState> = BTreeMap::new();
@@ -165,10 +300,10 @@ pub(crate) async fn relay(
                     continue;
                 }
                 last_read = std::time::Instant::now();
-                match load(&path, &table) {
+                match source.read(&table).await {
                     Ok(members) => apply(&fleet, &mut current, members).await,
                     Err(e) => {
-                        tracing::warn!(error = %report::describe(&e), "cannot read the stores file again; serving the stores of the last good read")
+                        tracing::warn!(error = %report::describe(&e), "cannot read the list of stores again; serving the stores of the last good read")
                     }
                 }
             }
@@ -236,8 +371,8 @@ fn report_changes(fleet: &Fleet, states: &mut BTreeMap<String, MemberState>) {
 
 /// `outbox stats --stores FILE`: one line per store (its totals, or why it cannot be read),
 /// the stores read at once, each within 10 s. Exit 1 when one could not be read.
-pub(crate) async fn stats(path: &Path, table: &str, json: bool) -> Result<u8, Error> {
-    let members = load(path, table)?;
+pub(crate) async fn stats(source: Source, table: &str, json: bool) -> Result<u8, Error> {
+    let members = source.read(table).await?;
     let now = SystemTime::now();
     let reads = members.iter().map(|(name, m)| async move {
         let read = async {

@@ -258,3 +258,95 @@ async fn one_relay_process_serves_a_list_of_stores() {
         .execute(&admin)
         .await;
 }
+
+/// The list from a catalog database (`--stores-catalog` + `--stores-query`), read again while
+/// the relay runs: a tenant inserted into the catalog is served without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_listed_by_a_catalog_query_are_picked_up_while_running() {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let redis_url =
+        std::env::var("OUTBOX_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".into());
+    let sqlite = |n: &str| format!("sqlite://{}", dir.path().join(format!("{n}.db")).display());
+    let catalog = dir.path().join("catalog.db");
+    let cat = rusqlite::Connection::open(&catalog).unwrap();
+    cat.execute_batch("CREATE TABLE tenants (name TEXT, db TEXT, active INTEGER)")
+        .unwrap();
+    for t in ["a", "b"] {
+        migrate(&sqlite(t));
+    }
+    cat.execute(
+        "INSERT INTO tenants VALUES ('a', ?1, 1), ('old', 'sqlite:///nowhere.db', 0)",
+        [sqlite("a")],
+    )
+    .unwrap();
+    let catalog_url = format!("sqlite://{}", catalog.display());
+    let query = "SELECT name, db FROM tenants WHERE active = 1";
+    let _relay = Relay(
+        bin()
+            .args([
+                "relay",
+                "--stores-catalog",
+                &catalog_url,
+                "--stores-query",
+                query,
+            ])
+            .args(["--stores-refresh", "300ms", "--interval", "100ms"])
+            .args(["--publisher", &redis_url])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let dest = |s: &str| format!("fleetcat-{id}-{s}");
+    let mut conn = redis::Client::open(redis_url.clone())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    write(&sqlite("a"), &dest("a"), 0, 10).await;
+    write(&sqlite("b"), &dest("b"), 0, 10).await;
+    eventually("tenant a delivered", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        async move { in_order(&delivered(&mut conn, &dest("a")).await, 10) }
+    })
+    .await;
+    // b is not in the catalog yet: its rows wait. Then it is added.
+    let out = bin()
+        .args([
+            "stats",
+            "--stores-catalog",
+            &catalog_url,
+            "--stores-query",
+            query,
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["stores"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(doc["stores"][0]["total"]["sent"], 10);
+    assert_eq!(
+        delivered(&mut conn, &dest("b")).await,
+        [Vec::<usize>::new(), Vec::new()]
+    );
+    cat.execute("INSERT INTO tenants VALUES ('b', ?1, 1)", [sqlite("b")])
+        .unwrap();
+    eventually(
+        "tenant b delivered once listed",
+        Duration::from_secs(30),
+        || {
+            let mut conn = conn.clone();
+            async move { in_order(&delivered(&mut conn, &dest("b")).await, 10) }
+        },
+    )
+    .await;
+    for s in ["a", "b"] {
+        let _: () = conn.del(dest(s)).await.unwrap();
+    }
+}

@@ -35,18 +35,25 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
         .clone()
         .or(file.table.clone())
         .unwrap_or_else(|| "outbox".into());
-    // Commands over a list of stores (--stores) need no --store.
-    match &cli.command {
-        Command::Relay(args) if args.stores.is_some() => {
-            let Command::Relay(args) = cli.command else {
-                unreachable!()
-            };
-            let path = args.stores.clone().unwrap_or_default();
-            return crate::fleet_cmd::relay(&path, &table, *args, file.relay).await;
+    // Commands over a list of stores (--stores, --stores-query) need no --store.
+    match cli.command {
+        Command::Relay(args) if args.stores.is_some() || args.stores_catalog.is_some() => {
+            let source = crate::fleet_cmd::Source::of(
+                args.stores.clone(),
+                args.stores_catalog.clone(),
+                args.stores_query.clone(),
+            )?;
+            return crate::fleet_cmd::relay(source, &table, *args, file.relay).await;
         }
         Command::Stats {
-            stores: Some(path), ..
-        } => return crate::fleet_cmd::stats(path, &table, output == Output::Json).await,
+            stores,
+            stores_catalog,
+            stores_query,
+            ..
+        } if stores.is_some() || stores_catalog.is_some() => {
+            let source = crate::fleet_cmd::Source::of(stores, stores_catalog, stores_query)?;
+            return crate::fleet_cmd::stats(source, &table, output == Output::Json).await;
+        }
         _ => {}
     }
     let store_url = first_of(
