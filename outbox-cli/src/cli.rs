@@ -218,6 +218,15 @@ pub(crate) struct DoctorArgs {
     pub(crate) wal: bool,
     #[command(flatten)]
     pub(crate) wal_names: WalNames,
+    /// Check every store of this TOML list (as `relay --stores`) instead of --store.
+    #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
+    pub(crate) stores: Option<PathBuf>,
+    /// Instead of --stores: the catalog database and its query (as `relay`).
+    #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
+    pub(crate) stores_catalog: Option<String>,
+    /// See --stores-catalog.
+    #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
+    pub(crate) stores_query: Option<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -319,7 +328,7 @@ pub(crate) struct RelayArgs {
     pub(crate) signing_label: Option<String>,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct WalNames {
     /// The WAL relay's logical replication slot.
     #[arg(long, env = "OUTBOX_WAL_SLOT", default_value = "outbox")]

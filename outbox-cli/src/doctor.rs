@@ -19,6 +19,9 @@ pub enum Status {
 
 #[derive(Debug, Serialize)]
 pub struct Check {
+    /// The store of a list (`doctor --stores`) the check is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
     pub check: &'static str,
     pub status: Status,
     pub detail: String,
@@ -108,6 +111,7 @@ async fn wal_check(store: &AnyStore, names: &crate::cli::WalNames) -> Check {
 
 fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check {
     Check {
+        store: None,
         check: name,
         status,
         detail: detail.into(),
@@ -116,9 +120,40 @@ fn check(name: &'static str, status: Status, detail: impl Into<String>) -> Check
 
 /// Run every check; later checks that need an earlier one are skipped when it failed.
 pub async fn examine(setup: Setup<'_>) -> Vec<Check> {
+    let mut out = store_part(setup.store_url, setup.table, setup.wal).await;
+    out.extend(shared_part(setup.publisher_url.as_deref(), setup.signing).await);
+    out
+}
+
+/// `doctor --stores`: the store checks of every store of a list (at once, each named in its
+/// checks), then the publisher and signing checks once.
+pub async fn examine_list(
+    stores: Vec<(String, String, String)>,
+    publisher_url: Option<String>,
+    signing: Result<Option<outbox_core::Signer>, outbox_core::Error>,
+) -> Vec<Check> {
+    let parts = stores.into_iter().map(|(name, url, table)| async move {
+        let mut checks = store_part(&url, &table, None).await;
+        for c in &mut checks {
+            c.store = Some(name.clone());
+        }
+        checks
+    });
+    let mut out: Vec<Check> = futures_util::future::join_all(parts)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    out.extend(shared_part(publisher_url.as_deref(), signing).await);
+    out
+}
+
+/// The checks of one store: reachable, its table, schema, wake-up and clock (and the WAL
+/// relay's set-up when `wal` names it).
+async fn store_part(url: &str, table: &str, wal: Option<&crate::cli::WalNames>) -> Vec<Check> {
     let mut out = Vec::new();
-    let shown = redact_url(setup.store_url);
-    match AnyStore::open(setup.store_url, setup.table, false).await {
+    let shown = redact_url(url);
+    match AnyStore::open(url, table, false).await {
         Err(e) => {
             out.push(check(
                 "store",
@@ -132,13 +167,21 @@ pub async fn examine(setup: Setup<'_>) -> Vec<Check> {
         Ok(store) => {
             out.push(check("store", Status::Ok, format!("reachable: {shown}")));
             store_checks(&store, &mut out).await;
-            if let Some(names) = setup.wal {
+            if let Some(names) = wal {
                 out.push(wal_check(&store, names).await);
             }
         }
     }
-    out.push(publisher_check(setup.publisher_url.as_deref()).await);
-    out.push(match setup.signing {
+    out
+}
+
+/// The checks that do not depend on a store: the publisher and the signing keys.
+async fn shared_part(
+    publisher_url: Option<&str>,
+    signing: Result<Option<outbox_core::Signer>, outbox_core::Error>,
+) -> Vec<Check> {
+    let mut out = vec![publisher_check(publisher_url).await];
+    out.push(match signing {
         Err(e) => check("signing", Status::Fail, describe(&e)),
         Ok(None) => check(
             "signing",
@@ -290,8 +333,13 @@ pub fn print(checks: &[Check], output: Output) -> bool {
                     Status::Fail => "FAIL",
                     Status::Skip => "SKIP",
                 };
+                let store = c
+                    .store
+                    .as_deref()
+                    .map(|s| format!("[{}] ", outbox_core::printable(s)))
+                    .unwrap_or_default();
                 println!(
-                    "{status:<5} {:<10} {}",
+                    "{status:<5} {store}{:<10} {}",
                     c.check,
                     outbox_core::printable(&c.detail)
                 );

@@ -37,8 +37,8 @@ struct StoresFile {
 /// A store of the list: its URL (a secret: never printed whole) and table.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Member {
-    url: String,
-    table: String,
+    pub(crate) url: String,
+    pub(crate) table: String,
 }
 
 /// Read the list: names unique and printable, each with exactly one of `url` and

@@ -204,6 +204,27 @@ async fn one_relay_process_serves_a_list_of_stores() {
     );
     assert!(!shown.contains(SECRET) && !String::from_utf8_lossy(&out.stdout).contains(SECRET));
 
+    // `doctor --stores`: every store's checks, named; the missing one fails.
+    let out = bin()
+        .args(["doctor", "--json", "--stores"])
+        .arg(&list)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(SECRET));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let checks = doc["checks"].as_array().unwrap();
+    let status = |store: &str, check: &str| {
+        checks
+            .iter()
+            .find(|c| c["store"] == store && c["check"] == check)
+            .map(|c| c["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(status("broken", "store").as_deref(), Some("FAIL"), "{doc}");
+    assert_eq!(status("pg", "schema").as_deref(), Some("OK"), "{doc}");
+    assert_eq!(status("pg", "notify").as_deref(), Some("OK"), "{doc}");
+    assert_eq!(status("s1", "table").as_deref(), Some("OK"), "{doc}");
+
     // The broken store, once migrated, is served.
     migrate(&sqlite("broken"));
     write(&sqlite("broken"), &dest("broken"), 0, 10).await;

@@ -45,6 +45,26 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
             )?;
             return crate::fleet_cmd::relay(source, &table, *args, file.relay).await;
         }
+        Command::Doctor(args) if args.stores.is_some() || args.stores_catalog.is_some() => {
+            let source = crate::fleet_cmd::Source::of(
+                args.stores.clone(),
+                args.stores_catalog.clone(),
+                args.stores_query.clone(),
+            )?;
+            let stores = source
+                .read(&table)
+                .await?
+                .into_iter()
+                .map(|(name, m)| (name, m.url, m.table))
+                .collect();
+            let (publisher_url, signing) = doctor_inputs(args, &file)?;
+            let checks = doctor::examine_list(stores, publisher_url, signing).await;
+            return Ok(if doctor::print(&checks, output) {
+                exit::OK
+            } else {
+                exit::FAILED
+            });
+        }
         Command::Stats {
             stores,
             stores_catalog,
@@ -135,6 +155,29 @@ async fn doctor(
     file: &FileConfig,
     output: Output,
 ) -> Result<u8, Error> {
+    let wal = args.wal.then_some(args.wal_names.clone());
+    let (publisher_url, signing) = doctor_inputs(args, file)?;
+    let checks = doctor::examine(doctor::Setup {
+        store_url,
+        table,
+        publisher_url,
+        signing,
+        wal: wal.as_ref(),
+    })
+    .await;
+    Ok(if doctor::print(&checks, output) {
+        exit::OK
+    } else {
+        exit::FAILED
+    })
+}
+
+/// What `doctor` checks besides stores: the publisher URL and the signing keys.
+#[allow(clippy::type_complexity)]
+fn doctor_inputs(
+    args: DoctorArgs,
+    file: &FileConfig,
+) -> Result<(Option<String>, Result<Option<outbox_core::Signer>, Error>), Error> {
     let publisher_url = first_of(
         args.publisher,
         &args.publisher_file,
@@ -148,17 +191,5 @@ async fn doctor(
         file.relay.signing_keys_file.as_deref(),
         file.relay.signing_keys.as_deref(),
     );
-    let checks = doctor::examine(doctor::Setup {
-        store_url,
-        table,
-        publisher_url,
-        signing,
-        wal: args.wal.then_some(&args.wal_names),
-    })
-    .await;
-    Ok(if doctor::print(&checks, output) {
-        exit::OK
-    } else {
-        exit::FAILED
-    })
+    Ok((publisher_url, signing))
 }
