@@ -12,7 +12,7 @@ export OUTBOX_AMQP_URL="${OUTBOX_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f
 cargo test --workspace --all-features "$@"
 
 # Every example runs and exits 0.
-for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "wal_relay --features pg-wal" "redis_relay --features redis" \
+for example in quickstart custom_publisher custom_strategy "postgres_relay --features postgres" "wal_relay --features pg-wal" "many_databases --features any" "redis_relay --features redis" \
                "rabbitmq_relay --features amqp" "nats_relay --features nats" "webhook_relay --features webhook" \
                "kafka_relay --features kafka" "inbox_consumer --features kafka"; do
   # shellcheck disable=SC2086
