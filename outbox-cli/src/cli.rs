@@ -57,15 +57,8 @@ pub(crate) enum Command {
         wal: bool,
         #[command(flatten)]
         wal_names: WalNames,
-        /// One line per store of this TOML list (as `relay --stores`), instead of --store.
-        #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
-        stores: Option<PathBuf>,
-        /// Instead of --stores: the catalog database and its query (as `relay`).
-        #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
-        stores_catalog: Option<String>,
-        /// See --stores-catalog.
-        #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
-        stores_query: Option<String>,
+        #[command(flatten)]
+        list: StoresList,
     },
     /// List, requeue or purge dead letters.
     Dead {
@@ -218,15 +211,33 @@ pub(crate) struct DoctorArgs {
     pub(crate) wal: bool,
     #[command(flatten)]
     pub(crate) wal_names: WalNames,
-    /// Check every store of this TOML list (as `relay --stores`) instead of --store.
+    #[command(flatten)]
+    pub(crate) list: StoresList,
+}
+
+/// Many stores instead of --store (`relay`, `stats`, `doctor`): a TOML list, or the rows of a
+/// query on a catalog database.
+#[derive(Args, Debug, Default, Clone)]
+pub(crate) struct StoresList {
+    /// Every store of this TOML list instead of --store ([[store]] entries: name, url or
+    /// url_file, table).
     #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
     pub(crate) stores: Option<PathBuf>,
-    /// Instead of --stores: the catalog database and its query (as `relay`).
+    /// Instead of --stores: a database (URL) holding the list of stores, read by
+    /// --stores-query.
     #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
     pub(crate) stores_catalog: Option<String>,
-    /// See --stores-catalog.
+    /// The query that lists the stores in --stores-catalog: text columns name, url and
+    /// optionally table (e.g. `SELECT name, db_url FROM tenants WHERE active`).
     #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
     pub(crate) stores_query: Option<String>,
+}
+
+impl StoresList {
+    /// Whether a list was named.
+    pub(crate) fn given(&self) -> bool {
+        self.stores.is_some() || self.stores_catalog.is_some()
+    }
 }
 
 #[derive(Args, Debug, Default)]
@@ -239,20 +250,12 @@ pub(crate) struct RelayArgs {
     pub(crate) wal: bool,
     #[command(flatten)]
     pub(crate) wal_names: WalNames,
-    /// Serve every store of this TOML list in one process ([[store]] entries: name, url or
-    /// url_file, table), instead of --store; always runs until stopped. The list is read
-    /// again every --stores-refresh: stores added are served, stores removed are finished.
-    #[arg(long, env = "OUTBOX_STORES_FILE", conflicts_with = "wal")]
-    pub(crate) stores: Option<PathBuf>,
-    /// Instead of --stores: a database (URL) holding the list of stores, read by
-    /// --stores-query.
-    #[arg(long, env = "OUTBOX_STORES_CATALOG", hide_env_values = true, conflicts_with_all = ["wal", "stores"], requires = "stores_query")]
-    pub(crate) stores_catalog: Option<String>,
-    /// The query that lists the stores in --stores-catalog: text columns name, url and
-    /// optionally table (e.g. `SELECT name, db_url FROM tenants WHERE active`).
-    #[arg(long, env = "OUTBOX_STORES_QUERY", requires = "stores_catalog")]
-    pub(crate) stores_query: Option<String>,
-    /// How often the list of stores (--stores or --stores-query) is read again.
+    /// Serve every store of a list (--stores or --stores-catalog) in one process instead of
+    /// --store; always runs until stopped.
+    #[command(flatten)]
+    pub(crate) list: StoresList,
+    /// How often the list of stores is read again: stores added are served, stores removed
+    /// finish their batch in flight and are let go.
     #[arg(long, env = "OUTBOX_STORES_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) stores_refresh: Duration,
     /// With --stores: batches in flight at once across all the stores, handed out in turn

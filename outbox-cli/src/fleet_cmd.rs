@@ -109,14 +109,13 @@ pub(crate) enum Source {
 
 impl Source {
     /// From `--stores FILE`, or `--stores-catalog URL` with `--stores-query SQL`.
-    pub(crate) fn of(
-        file: Option<PathBuf>,
-        catalog: Option<String>,
-        query: Option<String>,
-    ) -> Result<Self, Error> {
-        match (file, catalog, query) {
-            (Some(f), None, None) => Ok(Source::File(f)),
-            (None, Some(catalog), Some(sql)) => Ok(Source::Query { catalog, sql }),
+    pub(crate) fn of(list: &StoresList) -> Result<Self, Error> {
+        match (&list.stores, &list.stores_catalog, &list.stores_query) {
+            (Some(f), None, None) => Ok(Source::File(f.clone())),
+            (None, Some(catalog), Some(sql)) => Ok(Source::Query {
+                catalog: catalog.clone(),
+                sql: sql.clone(),
+            }),
             _ => Err(Error::config(
                 "name the stores with --stores FILE, or with both --stores-catalog URL and --stores-query SQL",
             )),
@@ -178,6 +177,22 @@ async fn catalog_rows(
     let shape = || {
         Error::config("the catalog query must return text columns name, url and optionally table")
     };
+    // sqlx rows of either database as (name, url, table).
+    macro_rules! text_rows {
+        ($rows:expr) => {
+            $rows
+                .iter()
+                .map(|r| {
+                    let text = |i: usize| r.try_get::<Option<String>, _>(i).map_err(|_| shape());
+                    Ok((
+                        text(0)?.ok_or_else(shape)?,
+                        text(1)?.ok_or_else(shape)?,
+                        if r.len() > 2 { text(2)? } else { None },
+                    ))
+                })
+                .collect()
+        };
+    }
     match AnyStore::open(catalog, "outbox", false).await? {
         AnyStore::Sqlite(s) => {
             let conn = s.connect()?;
@@ -203,38 +218,14 @@ async fn catalog_rows(
                 .fetch_all(s.pool())
                 .await
                 .map_err(outbox_sql::postgres::map_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<String, _>(0).map_err(|_| shape())?,
-                        r.try_get::<String, _>(1).map_err(|_| shape())?,
-                        if r.len() > 2 {
-                            r.try_get::<Option<String>, _>(2).map_err(|_| shape())?
-                        } else {
-                            None
-                        },
-                    ))
-                })
-                .collect()
+            text_rows!(rows)
         }
         AnyStore::MySql(s) => {
             let rows = sqlx::query(sql)
                 .fetch_all(s.pool())
                 .await
                 .map_err(outbox_sql::mysql::map_err)?;
-            rows.iter()
-                .map(|r| {
-                    Ok((
-                        r.try_get::<String, _>(0).map_err(|_| shape())?,
-                        r.try_get::<String, _>(1).map_err(|_| shape())?,
-                        if r.len() > 2 {
-                            r.try_get::<Option<String>, _>(2).map_err(|_| shape())?
-                        } else {
-                            None
-                        },
-                    ))
-                })
-                .collect()
+            text_rows!(rows)
         }
     }
 }

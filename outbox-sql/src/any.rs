@@ -216,6 +216,13 @@ impl SqliteTx {
             .as_ref()
             .expect("a SqliteTx holds its connection until it ends")
     }
+
+    /// The connection, to end the transaction on (then dropping `self` does nothing).
+    fn end(mut self) -> rusqlite::Connection {
+        self.conn
+            .take()
+            .expect("a SqliteTx holds its connection until it ends")
+    }
 }
 
 impl Drop for SqliteTx {
@@ -356,11 +363,8 @@ impl AnyTransaction {
     /// local relays (as each store's `commit` does). Nothing is published if the commit fails.
     pub async fn commit(self, after: AfterCommit) -> Result<()> {
         match self {
-            Self::Sqlite(mut tx) => {
-                let conn = tx
-                    .conn
-                    .take()
-                    .expect("a SqliteTx holds its connection until it ends");
+            Self::Sqlite(tx) => {
+                let conn = tx.end();
                 if let Err(e) = conn.execute_batch("COMMIT") {
                     let _ = conn.execute_batch("ROLLBACK");
                     return Err(outbox_sqlite::map_err(e));
@@ -376,14 +380,10 @@ impl AnyTransaction {
     /// Roll back (as dropping the transaction does, but waiting for it and reporting errors).
     pub async fn rollback(self) -> Result<()> {
         match self {
-            Self::Sqlite(mut tx) => {
-                let conn = tx
-                    .conn
-                    .take()
-                    .expect("a SqliteTx holds its connection until it ends");
-                conn.execute_batch("ROLLBACK")
-                    .map_err(outbox_sqlite::map_err)
-            }
+            Self::Sqlite(tx) => tx
+                .end()
+                .execute_batch("ROLLBACK")
+                .map_err(outbox_sqlite::map_err),
             Self::Postgres(tx) => tx.rollback().await.map_err(postgres::map_err),
             Self::MySql(tx) => tx.rollback().await.map_err(mysql::map_err),
         }

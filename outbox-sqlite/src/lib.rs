@@ -182,13 +182,7 @@ impl SqliteStore {
     /// Whether the outbox table exists (it does once [`Store::migrate`] ran).
     pub fn table_exists(&self) -> outbox_core::Result<bool> {
         let conn = self.shared.conn.lock().unwrap_or_else(|p| p.into_inner());
-        conn.query_row(
-            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [self.table()],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-        .map_err(map_err)
+        table_exists_on(&conn, self.table())
     }
 
     /// Create the table and indexes now (synchronous; [`Store::migrate`] does the same).
@@ -268,6 +262,17 @@ pub fn commit(tx: Transaction<'_>, after: AfterCommit) -> outbox_core::Result<()
     tx.commit().map_err(map_err)?;
     after.dispatch();
     Ok(())
+}
+
+/// Whether `conn`'s database has the table `table`.
+fn table_exists_on(conn: &Connection, table: &str) -> outbox_core::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+        [table],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+    .map_err(map_err)
 }
 
 fn open_conn(path: &Path, options: &SqliteOptions) -> outbox_core::Result<Connection> {
@@ -636,15 +641,9 @@ impl Store for SqliteStore {
                 .map_err(map_err)?;
             // A table dropped since (by hand): every step again (each is idempotent), or the
             // recorded version would leave it missing.
-            let exists: i64 = conn
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
-                    [t],
-                    |r| r.get(0),
-                )
-                .map_err(map_err)?;
+            let exists = table_exists_on(conn, t)?;
             let found = found
-                .filter(|_| exists > 0)
+                .filter(|_| exists)
                 .map(|v| v.clamp(0, u32::MAX as i64) as u32);
             for step in outbox_core::SchemaStep::after(t, found)? {
                 match step.version {

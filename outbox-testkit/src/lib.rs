@@ -832,26 +832,8 @@ impl PgCluster {
     /// buffers) and start it again: it recovers from its WAL as after a power cut, losing
     /// what was committed without waiting for a flush.
     pub fn crash_and_start(&self) {
-        self.ctl(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                "-m",
-                "immediate",
-                &self.version,
-                &self.name,
-                "stop",
-            ],
-        );
-        self.ctl(
-            "pg_ctlcluster",
-            &[
-                "--skip-systemctl-redirect",
-                &self.version,
-                &self.name,
-                "start",
-            ],
-        );
+        self.kill();
+        self.start();
     }
 
     fn ctl(&self, program: &str, args: &[&str]) {

@@ -37,20 +37,12 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
         .unwrap_or_else(|| "outbox".into());
     // Commands over a list of stores (--stores, --stores-query) need no --store.
     match cli.command {
-        Command::Relay(args) if args.stores.is_some() || args.stores_catalog.is_some() => {
-            let source = crate::fleet_cmd::Source::of(
-                args.stores.clone(),
-                args.stores_catalog.clone(),
-                args.stores_query.clone(),
-            )?;
+        Command::Relay(args) if args.list.given() => {
+            let source = crate::fleet_cmd::Source::of(&args.list)?;
             return crate::fleet_cmd::relay(source, &table, *args, file.relay).await;
         }
-        Command::Doctor(args) if args.stores.is_some() || args.stores_catalog.is_some() => {
-            let source = crate::fleet_cmd::Source::of(
-                args.stores.clone(),
-                args.stores_catalog.clone(),
-                args.stores_query.clone(),
-            )?;
+        Command::Doctor(args) if args.list.given() => {
+            let source = crate::fleet_cmd::Source::of(&args.list)?;
             let stores = source
                 .read(&table)
                 .await?
@@ -65,13 +57,8 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                 exit::FAILED
             });
         }
-        Command::Stats {
-            stores,
-            stores_catalog,
-            stores_query,
-            ..
-        } if stores.is_some() || stores_catalog.is_some() => {
-            let source = crate::fleet_cmd::Source::of(stores, stores_catalog, stores_query)?;
+        Command::Stats { list, .. } if list.given() => {
+            let source = crate::fleet_cmd::Source::of(&list)?;
             return crate::fleet_cmd::stats(source, &table, output == Output::Json).await;
         }
         _ => {}
