@@ -46,8 +46,13 @@ if ! port_open 5432; then
   as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
 fi
 wait_port PostgreSQL 5432 60
-# The restart test makes a cluster of its own and drops it; one left by a killed run goes here.
+# Tests make clusters of their own (outbox_test_<pid>_<n>_<port>) and drop them; one left by a
+# killed run goes here. A cluster whose test process still runs is left alone.
 for c in $(pg_lsclusters -h 2>/dev/null | awk '$2 ~ /^outbox_(restart|test)_/ {print $1 "/" $2}'); do
+  pid=$(echo "${c#*/}" | sed -n 's/^outbox_test_\([0-9]*\)_.*/\1/p')
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    continue
+  fi
   log "dropping leftover test cluster $c"
   as_root pg_dropcluster --stop "${c%/*}" "${c#*/}" || true
 done
