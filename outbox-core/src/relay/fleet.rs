@@ -52,7 +52,7 @@ struct Inner {
     observers: Vec<Arc<dyn Observer>>,
     permits: Arc<Semaphore>,
     members: Mutex<BTreeMap<String, Member>>,
-    /// Names that have had a metrics label of their own.
+    /// Names served with a metrics label of their own (at most `MAX_STORE_SERIES`).
     labelled: Mutex<std::collections::HashSet<String>>,
 }
 
@@ -248,6 +248,12 @@ impl Fleet {
             Some(m) => {
                 let _ = m.stop.send(true);
                 let _ = m.task.await;
+                // Its label is free for a store added later (the cap counts stores served).
+                self.inner
+                    .labelled
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(name);
                 true
             }
             None => false,
