@@ -318,6 +318,7 @@ async fn two_fleets_over_the_same_stores_share_the_work() {
                 AnyOptions {
                     table: TABLE.into(),
                     create: false,
+                    ..Default::default()
                 },
             )
             .await

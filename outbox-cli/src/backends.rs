@@ -51,6 +51,7 @@ impl CliStore for AnyStore {
             outbox_sql::any::AnyOptions {
                 table: table.into(),
                 create,
+                ..Default::default()
             },
         )
         .await

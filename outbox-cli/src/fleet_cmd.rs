@@ -25,6 +25,7 @@ struct Entry {
     url: Option<String>,
     url_file: Option<PathBuf>,
     table: Option<String>,
+    max_connections: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -39,7 +40,13 @@ struct StoresFile {
 pub(crate) struct Member {
     pub(crate) url: String,
     pub(crate) table: String,
+    /// Its pool's size (PostgreSQL, MySQL).
+    max_connections: u32,
 }
+
+/// A member's pool (PostgreSQL, MySQL) unless its entry says otherwise: its relay runs one
+/// batch at a time, and a hundred tenants should not hold five hundred connections.
+const MEMBER_CONNECTIONS: u32 = 2;
 
 /// Read the list: names unique and printable, each with exactly one of `url` and
 /// `url_file`. Errors name the store and the file, never a URL.
@@ -87,7 +94,20 @@ pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, 
         };
         let table = e.table.unwrap_or_else(|| default_table.to_owned());
         outbox_core::validate_identifier(&table)?;
-        if out.insert(e.name.clone(), Member { url, table }).is_some() {
+        let max_connections = e.max_connections.unwrap_or(MEMBER_CONNECTIONS);
+        if max_connections == 0 || max_connections > 100 {
+            return Err(Error::config(format!(
+                "store {:?} in {}: max_connections must be 1 to 100",
+                e.name,
+                path.display()
+            )));
+        }
+        let member = Member {
+            url,
+            table,
+            max_connections,
+        };
+        if out.insert(e.name.clone(), member).is_some() {
             return Err(Error::config(format!(
                 "store {:?} is listed twice in {}",
                 e.name,
@@ -145,7 +165,12 @@ impl Source {
                     check_name(&name, "the catalog query")?;
                     let table = table.unwrap_or_else(|| default_table.to_owned());
                     outbox_core::validate_identifier(&table)?;
-                    if out.insert(name.clone(), Member { url, table }).is_some() {
+                    let member = Member {
+                        url,
+                        table,
+                        max_connections: MEMBER_CONNECTIONS,
+                    };
+                    if out.insert(name.clone(), member).is_some() {
                         return Err(Error::config(format!(
                             "the catalog query names store {:?} twice",
                             printable(&name)
@@ -236,7 +261,15 @@ fn connector(m: &Member) -> outbox_core::OpenStore {
     Arc::new(move || {
         let m = m.clone();
         Box::pin(async move {
-            let store = AnyStore::open(&m.url, &m.table, false).await?;
+            let store = AnyStore::connect_with(
+                &m.url,
+                outbox_sql::any::AnyOptions {
+                    table: m.table.clone(),
+                    create: false,
+                    max_connections: m.max_connections,
+                },
+            )
+            .await?;
             store.require_table().await?;
             Ok(Arc::new(store) as Arc<dyn Store>)
         })

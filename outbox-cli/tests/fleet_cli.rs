@@ -43,6 +43,7 @@ async fn write(url: &str, dest: &str, from: usize, n: usize) {
         AnyOptions {
             table: "outbox".into(),
             create: false,
+            ..Default::default()
         },
     )
     .await
@@ -125,8 +126,9 @@ async fn one_relay_process_serves_a_list_of_stores() {
     for s in ["s0", "s1", "s2"] {
         text += &entry(s, &sqlite(s));
     }
+    // A pool of one connection is enough for a store's relay.
     text += &format!(
-        "[[store]]\nname = \"pg\"\nurl_file = \"{}\"\n\n",
+        "[[store]]\nname = \"pg\"\nurl_file = \"{}\"\nmax_connections = 1\n\n",
         url_file.display()
     );
     text += &entry("broken", &sqlite("broken")); // no such database yet
@@ -203,6 +205,26 @@ async fn one_relay_process_serves_a_list_of_stores() {
         "{shown}"
     );
     assert!(!shown.contains(SECRET) && !String::from_utf8_lossy(&out.stdout).contains(SECRET));
+
+    // A bad list is a configuration error that names the store, not its URL.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!("[[store]]\nname = \"zero\"\nurl = \"{pg_url}\"\nmax_connections = 0\n"),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["stats", "--stores"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("store \"zero\"") && err.contains("max_connections must be 1 to 100"),
+        "{err}"
+    );
+    assert!(!err.contains(SECRET), "{err}");
 
     // `doctor --stores`: every store's checks, named; the missing one fails.
     let out = bin()

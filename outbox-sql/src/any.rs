@@ -58,6 +58,10 @@ pub struct AnyOptions {
     pub table: String,
     /// SQLite only: create the database file when it does not exist (default true).
     pub create: bool,
+    /// PostgreSQL and MySQL: the most connections the store's pool opens (default 5; a
+    /// relay needs 1 per batch in flight, plus 1 for background work). PostgreSQL's `LISTEN`
+    /// connection is apart.
+    pub max_connections: u32,
 }
 
 impl Default for AnyOptions {
@@ -65,6 +69,7 @@ impl Default for AnyOptions {
         Self {
             table: "outbox".into(),
             create: true,
+            max_connections: 5,
         }
     }
 }
@@ -91,6 +96,9 @@ impl AnyStore {
     /// As [`connect`](Self::connect), with options. An unknown scheme is a configuration
     /// error that names the URL without its password.
     pub async fn connect_with(url: &str, options: AnyOptions) -> Result<Self> {
+        if options.max_connections == 0 {
+            return Err(Error::config("max_connections must be at least 1"));
+        }
         match url.split(':').next().unwrap_or("") {
             "sqlite" => Ok(Self::Sqlite(SqliteStore::open_with(
                 url,
@@ -105,6 +113,7 @@ impl AnyStore {
                     url,
                     PgOptions {
                         table: options.table,
+                        max_connections: options.max_connections,
                         ..Default::default()
                     },
                 )
@@ -115,6 +124,7 @@ impl AnyStore {
                     &url.replacen("mariadb://", "mysql://", 1),
                     MySqlOptions {
                         table: options.table,
+                        max_connections: options.max_connections,
                         ..Default::default()
                     },
                 )

@@ -72,7 +72,7 @@ pub struct PgOptions {
     /// Table name (validated, never interpolated raw; at most 54 characters so that the
     /// companion tables' and indexes' names fit). Default: `outbox`.
     pub table: String,
-    /// Pool size. Default: 5.
+    /// Pool size. Default: 5. The `LISTEN` connection of a relay's store is apart.
     pub max_connections: u32,
     /// How long to wait for a pooled connection (and for the first connection at start-up).
     /// Default: 5 s.
@@ -274,7 +274,13 @@ impl PgStore {
         if self.inner.listening.swap(true, Ordering::SeqCst) {
             return;
         }
-        let pool = self.inner.pool.clone();
+        // A connection of its own, outside the store's pool: a listener holds its connection
+        // for good, and taking it from the pool left the claims one short (a pool of one
+        // left them none, and the relay stalled).
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_lazy_with((*self.inner.pool.connect_options()).clone());
         let channel = self.inner.table.clone();
         let notify: Weak<Notify> = Arc::downgrade(&self.inner.notify);
         let listens = Arc::downgrade(&self.inner.listens);
