@@ -295,8 +295,26 @@ pub(crate) async fn relay(
         metrics_endpoint::serve(addr).await?;
         tracing::info!(%addr, "serving Prometheus metrics on GET /metrics");
     }
-    let publisher = open_publisher(&publisher_url).await?;
     let config = crate::relay_cmd::full_config(&args, &file)?;
+    // A broker that is down during a deploy is waited for, as by `relay --loop`.
+    let publisher = match crate::relay_cmd::until_ready(
+        "publisher",
+        &publisher_url,
+        "outbox_publisher",
+        || async {
+            let p = open_publisher(&publisher_url).await?;
+            p.check().await?;
+            Ok(p)
+        },
+    )
+    .await?
+    {
+        Some(p) => p,
+        None => {
+            tracing::info!("stopped before the publisher was ready");
+            return Ok(exit::OK);
+        }
+    };
     let fleet = Arc::new(
         Fleet::builder(publisher)
             .config(config)
