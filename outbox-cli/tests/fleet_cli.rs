@@ -136,12 +136,13 @@ async fn one_relay_process_serves_a_list_of_stores() {
     let dest = |s: &str| format!("fleetcli-{id}-{s}");
 
     let log = dir.path().join("relay.log");
+    let metrics = format!("127.0.0.1:{}", outbox_testkit::free_port());
     let relay = Relay(
         bin()
             .args(["relay", "--stores"])
             .arg(&list)
             .args(["--stores-refresh", "300ms", "--interval", "100ms"])
-            .args(["--publisher", &redis_url])
+            .args(["--publisher", &redis_url, "--metrics-addr", &metrics])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -274,6 +275,40 @@ async fn one_relay_process_serves_a_list_of_stores() {
             .unwrap()
             .lines()
             .any(|l| l.contains("store left the list") && l.contains("s2"))
+    })
+    .await;
+    // Per-store metrics: up, and what each published.
+    let scrape = || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&metrics).unwrap();
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    eventually("per-store metrics", Duration::from_secs(10), || async {
+        let m = scrape();
+        m.contains("outbox_store_up{store=\"s0\"} 1")
+            && m.contains("outbox_store_published_total{store=\"s0\"} 20")
+            && m.contains("outbox_store_published_total{store=\"broken\"} 10")
+    })
+    .await;
+    // A list that no longer reads keeps the last good one: s0 is still served.
+    std::fs::write(&list, "[[store]]\nname = ").unwrap();
+    eventually("the bad read reported", Duration::from_secs(30), || async {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("cannot read the list of stores again")
+    })
+    .await;
+    write(&sqlite("s0"), &dest("s0"), 20, 10).await;
+    eventually("s0 still served", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        async move { in_order(&delivered(&mut conn, &dest("s0")).await, 30) }
     })
     .await;
     drop(relay);
