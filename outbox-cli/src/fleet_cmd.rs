@@ -297,23 +297,8 @@ pub(crate) async fn relay(
     }
     let config = crate::relay_cmd::full_config(&args, &file)?;
     // A broker that is down during a deploy is waited for, as by `relay --loop`.
-    let publisher = match crate::relay_cmd::until_ready(
-        "publisher",
-        &publisher_url,
-        "outbox_publisher",
-        || async {
-            let p = open_publisher(&publisher_url).await?;
-            p.check().await?;
-            Ok(p)
-        },
-    )
-    .await?
-    {
-        Some(p) => p,
-        None => {
-            tracing::info!("stopped before the publisher was ready");
-            return Ok(exit::OK);
-        }
+    let Some(publisher) = crate::relay_cmd::publisher_until_ready(&publisher_url).await? else {
+        return Ok(exit::OK);
     };
     let fleet = Arc::new(
         Fleet::builder(publisher)

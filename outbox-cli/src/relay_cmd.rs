@@ -38,6 +38,22 @@ pub(crate) async fn open_until_ready(url: &str, table: &str) -> Result<Option<An
     .await
 }
 
+/// The publisher at `url` once it answers (`None`: stopped before it did, which is logged).
+pub(crate) async fn publisher_until_ready(
+    url: &str,
+) -> Result<Option<Arc<dyn outbox_core::Publisher>>, Error> {
+    let p = until_ready("publisher", url, "outbox_publisher", || async {
+        let p = open_publisher(url).await?;
+        p.check().await?;
+        Ok(p)
+    })
+    .await?;
+    if p.is_none() {
+        tracing::info!("stopped before the publisher was ready");
+    }
+    Ok(p)
+}
+
 /// Open something the relay needs (the store, the publisher) the way a service under
 /// systemd or Kubernetes should: a transient failure is logged and tried again, with pauses
 /// from 200 ms doubling to 30 s, until it works or the process is asked to stop (`None`); a
@@ -137,18 +153,9 @@ pub(crate) async fn relay(
     // The same for the broker: a broker that is down during a deploy is waited for, not a
     // crash loop.
     let publisher = if args.run_loop {
-        match until_ready("publisher", &publisher_url, "outbox_publisher", || async {
-            let p = open_publisher(&publisher_url).await?;
-            p.check().await?;
-            Ok(p)
-        })
-        .await?
-        {
+        match publisher_until_ready(&publisher_url).await? {
             Some(p) => p,
-            None => {
-                tracing::info!("stopped before the publisher was ready");
-                return Ok(exit::OK);
-            }
+            None => return Ok(exit::OK),
         }
     } else {
         open_publisher(&publisher_url).await?

@@ -26,6 +26,7 @@ sql_store_tests! {
                               WHERE t.trx_mysql_thread_id = s.id AND t.trx_state = 'LOCK WAIT')
                    OR EXISTS (SELECT 1 FROM information_schema.PROCESSLIST p
                               WHERE p.ID = s.id AND p.INFO LIKE 'INSERT%' AND p.TIME_MS > 200)",
+    relay_poll: std::time::Duration::from_millis(50),
     corrupt: |kind| {
         use outbox_core::conformance::Corruption as C;
         Some(match kind {
@@ -323,45 +324,4 @@ async fn migrate_moves_a_0_1_table_to_unit_claims() {
         sqlx::query(&insert).execute(store.pool()).await.unwrap();
     }
     outbox_core::conformance::check_legacy_migration(Arc::new(store)).await;
-}
-
-/// A store whose pool holds one connection relays (claims, settles and the background work
-/// that forgets empty units share it), while writers commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pool_of_one_connection_relays() {
-    use outbox_core::conformance::eventually;
-    use outbox_core::{KeepOrder, RecordingPublisher, Relay};
-    use std::time::Duration;
-
-    let h = My;
-    let writer = h.fresh().await;
-    let relay_side = MySqlStore::connect_with(
-        &url(),
-        MySqlOptions {
-            table: writer.table().to_owned(),
-            max_connections: 1,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let broker = RecordingPublisher::new();
-    let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let relay = Relay::builder(relay_side, broker.clone())
-        .poll_interval(Duration::from_millis(50))
-        .build()
-        .unwrap();
-    let running = outbox_core::conformance::RunningRelay::spawn(relay);
-    for i in 0..20usize {
-        let msg = Message::new("d", i.to_string().into_bytes()).key(format!("k{}", i % 3));
-        drop(h.transact(&writer, &outbox, vec![msg], true).await.unwrap());
-    }
-    eventually("all published", Duration::from_secs(30), || async {
-        broker.count() == 20
-    })
-    .await;
-    running.stop().await;
 }

@@ -18,6 +18,7 @@ macro_rules! sql_store_tests {
         tamper: $tamper:literal,
         session_id: $session_id:literal,
         lock_wait: $lock_wait:literal,
+        relay_poll: $relay_poll:expr,
         corrupt: $corrupt:expr $(,)?
     ) => {
         use std::sync::Arc;
@@ -502,6 +503,49 @@ macro_rules! sql_store_tests {
                 },
                 "one whole schema, its version recorded"
             );
+        }
+
+        /// A store whose pool holds one connection relays: its claims, settles and
+        /// background work share it, and PostgreSQL's `LISTEN` has a connection of its own
+        /// (taken from the pool, it left the claims none and the relay stalled). The relay
+        /// polls every `relay_poll` (PostgreSQL: 120 s, so each commit is heard by NOTIFY).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_pool_of_one_connection_relays_and_hears_commits() {
+            use outbox_core::conformance::eventually;
+            use std::time::Duration;
+
+            let h = $harness;
+            let writer = h.fresh().await;
+            let relay_side = $store::connect_with(
+                &url(),
+                $options {
+                    table: writer.table().to_owned(),
+                    max_connections: 1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let broker = RecordingPublisher::new();
+            let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
+                .strategy(KeepOrder::default())
+                .build()
+                .unwrap();
+            let relay = Relay::builder(relay_side, broker.clone())
+                .poll_interval($relay_poll)
+                .build()
+                .unwrap();
+            let running = outbox_core::conformance::RunningRelay::spawn(relay);
+            for i in 0..3usize {
+                let msg = Message::new("d", i.to_string().into_bytes());
+                // Dropped: no in-process wake-up.
+                drop(h.transact(&writer, &outbox, vec![msg], true).await.unwrap());
+                eventually("published", Duration::from_secs(15), || async {
+                    broker.count() == i + 1
+                })
+                .await;
+            }
+            running.stop().await;
         }
     };
 }
