@@ -1,7 +1,8 @@
 //! One claim under `BEGIN IMMEDIATE` (the write lock first, so two relays never read the same
 //! rows): due keep-order units through `<table>_due_next`, each unit's first rows through
 //! `<table>_unit` (a blocked unit's rows are never read), due publish-on-commit rows through
-//! `<table>_oc`; rows taken in `seq` order within the limit and the byte budget. Keep-order
+//! `<table>_oc`; rows taken unit by unit ([`Claim::sort_unit_by_unit`]) within the limit and
+//! the byte budget. Keep-order
 //! rows are leased through their unit (no row is rewritten, payload included);
 //! publish-on-commit rows carry their own lease. Units with no pending row are forgotten.
 
@@ -70,7 +71,7 @@ pub(crate) fn claim_rows(
     let mut found = unit_rows(&tx, t, claim, now, &units)?;
     let mut candidates = found.candidates;
     candidates.extend(on_commit_rows(&tx, t, claim, now, &streams)?);
-    candidates.sort_by_key(|c| c.0);
+    Claim::sort_unit_by_unit(&mut candidates, |c| (c.0, c.1));
     candidates.truncate(claim.limit);
     let sizes: Vec<usize> = candidates.iter().map(|c| c.2).collect();
     let fits = claim.within_budget(&sizes);
@@ -116,7 +117,7 @@ fn due_units(
     .map_err(map_err)
 }
 
-/// Each unit's first pending rows (`limit ÷ units` each), up to its first blocked one.
+/// Each unit's first pending rows ([`Claim::rows_per_unit`] each), up to its first blocked one.
 fn unit_rows(
     tx: &Connection,
     t: &str,
@@ -132,7 +133,7 @@ fn unit_rows(
     if units.is_empty() {
         return Ok(found);
     }
-    let per = (claim.limit / units.len()).max(1) as i64;
+    let per = claim.rows_per_unit(units.len()) as i64;
     let mut stmt = tx
         .prepare_cached(&format!(
             "SELECT seq, octet_length(payload) + octet_length(headers),

@@ -161,7 +161,7 @@ macro_rules! conformance_tests {
             scheduled_delivery, rows_of_an_earlier_schema_keep_working, park_resume_and_skip,
             operators_park_any_unit, crash_loops_are_broken, messages_are_listed_by_filter,
             the_schema_is_whole_after_migrate, a_newer_schema_is_refused,
-            a_dropped_table_is_made_again_by_migrate);
+            a_dropped_table_is_made_again_by_migrate, deep_claims_take_units_whole);
     };
     (@each $harness:expr; $($name:ident),*) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -353,3 +353,111 @@ pub async fn ordered_refusals_keep_first_delivery_order<H: Harness>(h: &H) {
         "refusals happened"
     );
 }
+
+/// A recording publisher that keeps a batch's order.
+#[derive(Clone, Default)]
+struct InOrder(RecordingPublisher);
+
+#[async_trait]
+impl crate::Publisher for InOrder {
+    async fn publish(&self, env: &Envelope) -> crate::Result<()> {
+        self.0.publish(env).await
+    }
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+}
+
+/// Each claimed row's key and payload, in the order the claim returned them.
+fn keys_and_payloads(rows: Vec<crate::Claimed>) -> Vec<(String, String)> {
+    rows.into_iter()
+        .map(|r| {
+            let m = r
+                .expect("a row written by the outbox decodes")
+                .envelope
+                .message;
+            (
+                m.key.unwrap_or_default(),
+                String::from_utf8_lossy(&m.payload).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Claims read keep-order units [`Claim::depth`] rows deep and fill a batch unit by unit, the
+/// unit whose first row is oldest first, each unit's rows a prefix in order: a second relay
+/// finds units of its own. Depth 1 spreads a batch over the units. A relay whose publisher
+/// keeps a batch's order asks for depth, so one batch takes a unit's whole run.
+pub async fn deep_claims_take_units_whole<H: Harness>(h: &H) {
+    let store = h.fresh().await;
+    let outbox = base(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    // 4 units of 8 rows, written interleaved: u0's first row is the oldest, then u1's, ...
+    let rows = (0..8)
+        .flat_map(|i| (0..4).map(move |u| msg("s", Some(&format!("u{u}")), i)))
+        .collect();
+    h.transact(&store, &outbox, rows, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let whole = |key: &str| -> Vec<(String, String)> {
+        (0..8).map(|i| (key.to_owned(), i.to_string())).collect()
+    };
+    let mut claim = Claim::new("a", StreamFilter::All, 8, Duration::from_secs(60));
+    claim.depth = 8;
+    let a = keys_and_payloads(store.claim(&claim).await.unwrap());
+    assert_eq!(a, whole("u0"), "a deep claim takes the oldest unit's run");
+    let other = h.reopen(&store).await;
+    claim.owner = "b".into();
+    let b = keys_and_payloads(other.claim(&claim).await.unwrap());
+    assert_eq!(b, whole("u1"), "another relay takes the next unit's run");
+    claim.owner = "c".into();
+    claim.depth = 1;
+    let mut c = keys_and_payloads(other.claim(&claim).await.unwrap());
+    c.sort();
+    let mut spread: Vec<(String, String)> = ["u2", "u3"]
+        .iter()
+        .flat_map(|k| (0..4).map(move |i| (k.to_string(), i.to_string())))
+        .collect();
+    spread.sort();
+    assert_eq!(c, spread, "depth 1 spreads a batch over the free units");
+
+    // Through a relay: one batch for a publisher that keeps a batch's order is one unit's run.
+    let store = h.fresh().await;
+    let outbox = base(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let rows = (0..8)
+        .flat_map(|i| (0..4).map(move |u| msg("s", Some(&format!("u{u}")), i)))
+        .collect();
+    h.transact(&store, &outbox, rows, true)
+        .await
+        .unwrap()
+        .dispatch();
+    let broker = InOrder::default();
+    let relay = Relay::builder(store.clone(), broker.clone())
+        .batch_size(8)
+        .build()
+        .unwrap();
+    let report = relay.step().await.unwrap();
+    assert_eq!(report.published, 8);
+    let sent: Vec<(String, String)> = broker
+        .0
+        .published()
+        .into_iter()
+        .map(|e| {
+            (
+                e.message.key.unwrap_or_default(),
+                String::from_utf8_lossy(&e.message.payload).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        sent,
+        whole("u0"),
+        "an ordered publisher's batch is a unit's run"
+    );
+}

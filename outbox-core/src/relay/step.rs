@@ -15,6 +15,11 @@ use crate::store::{Claim, Claimed, Failure, Outcome, Quarantined, Store};
 use super::plan::{self, RowResult, Waves};
 use super::{BatchReport, Relay};
 
+/// Rows of each keep-order unit a claim reads for a publisher that keeps a batch's order
+/// ([`Claim::depth`]): a batch of 100 then spans about 7 units instead of 100, at a cost of at
+/// most 16 rows' sizes read per unit locked.
+const UNIT_DEPTH: usize = 16;
+
 /// What a batch records: its report, the rows published, the outcomes of the others, and
 /// the heads whose units are to be parked.
 struct Tally<'m> {
@@ -82,13 +87,24 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     async fn claim(&self) -> Result<Vec<Claimed>> {
         let cfg = &self.config;
+        let limit = self.batch_limit();
+        // A publisher that keeps a batch's order sends a unit's run in one call: a claim of a
+        // few units' runs fills the batch as well as one row from each of `limit` units, and
+        // leaves the other units to other relays and batches. One that does not gets a wave
+        // (one row per unit) per call, so it is given as many units as possible.
+        let depth = if self.publisher.ordered_batches() {
+            UNIT_DEPTH.min(limit)
+        } else {
+            1
+        };
         let claim = Claim {
             owner: self.owner.clone(),
             streams: cfg.streams.clone(),
-            limit: self.batch_limit(),
+            limit,
             lease: cfg.lease,
             max_row_bytes: cfg.delivery.max_payload_bytes,
             max_batch_bytes: cfg.max_batch_bytes,
+            depth,
         };
         self.store_call("claim", self.store.claim(&claim)).await
     }

@@ -44,6 +44,18 @@ pub struct Claim {
     /// The rows of one claim take at most this many bytes (payload plus headers), or one row
     /// when a single row is larger; the rest waits for the next claim.
     pub max_batch_bytes: usize,
+    /// How deep a claim reads each keep-order unit: at least this many of its first rows
+    /// (more when few units are due, up to `limit ÷ units`), and the batch is filled unit by
+    /// unit, the unit whose first row is oldest first. Units the batch did not reach stay free
+    /// for other relays.
+    ///
+    /// `1` (the default) spreads a batch over as many units as it can: right for a publisher
+    /// that sends one row per unit per call. A relay whose publisher keeps a batch's order
+    /// ([`ordered_batches`](crate::Publisher::ordered_batches)) asks for more, so a claim
+    /// takes a few units' runs instead of one row from each of `limit` units, and several
+    /// relays over few units each find units of their own. A store reads at most `limit ×
+    /// depth` rows' sizes for it.
+    pub depth: usize,
 }
 
 impl Claim {
@@ -61,6 +73,7 @@ impl Claim {
             lease,
             max_row_bytes: 1024 * 1024,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            depth: 1,
         }
     }
 
@@ -84,6 +97,36 @@ impl Claim {
                 fits
             })
             .collect()
+    }
+
+    /// How many of its first rows a claim reads of each of `units` locked keep-order units:
+    /// an even share of the limit, at least [`depth`](Self::depth) (itself at most the limit).
+    pub fn rows_per_unit(&self, units: usize) -> usize {
+        let limit = self.limit.max(1);
+        (limit / units.max(1)).max(self.depth.clamp(1, limit))
+    }
+
+    /// Puts candidate rows in claim order: unit by unit, the unit whose first row is oldest
+    /// first, each unit in `seq` order; a row of no unit (publish-on-commit) stands alone.
+    /// `key` gives a row's `seq` and its unit's index. With [`depth`](Self::depth) 1 and an
+    /// even share per unit this takes the same rows as plain `seq` order.
+    pub fn sort_unit_by_unit<T>(rows: &mut [T], key: impl Fn(&T) -> (i64, Option<usize>)) {
+        let mut heads: std::collections::HashMap<usize, i64> = std::collections::HashMap::new();
+        for r in rows.iter() {
+            if let (seq, Some(u)) = key(r) {
+                heads
+                    .entry(u)
+                    .and_modify(|h| *h = (*h).min(seq))
+                    .or_insert(seq);
+            }
+        }
+        rows.sort_by_key(|r| {
+            let (seq, unit) = key(r);
+            (
+                unit.and_then(|u| heads.get(&u).copied()).unwrap_or(seq),
+                seq,
+            )
+        });
     }
 
     /// The reason a row of `size` bytes is quarantined.

@@ -1,7 +1,7 @@
 //! An in-memory [`Store`] for unit tests of the engine and for examples. Not durable.
 
 use crate::StoreAdmin;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -210,13 +210,14 @@ impl Store for MemoryStore {
     async fn claim(&self, claim: &Claim) -> Result<Vec<Claimed>> {
         let now = SystemTime::now();
         let mut state = self.state.lock().unwrap();
-        let mut blocked: HashSet<(String, String)> = HashSet::new();
-        let mut out = Vec::new();
-        let (mut bytes, mut taken_any) = (0usize, false);
         let state = &mut *state;
-        let parked = &state.parked;
-        for row in state.rows.values_mut() {
-            if out.len() >= claim.limit {
+        // The free rows, in seq order, each with its keep-order unit's index; a unit with a
+        // leased or backing-off row is blocked from that row on.
+        let mut blocked: HashSet<(String, String)> = HashSet::new();
+        let mut units: HashMap<(String, String), usize> = HashMap::new();
+        let mut candidates: Vec<(i64, Option<usize>)> = Vec::new();
+        for row in state.rows.values() {
+            if claim.depth <= 1 && candidates.len() >= claim.limit {
                 break;
             }
             let s = &row.stored;
@@ -224,19 +225,32 @@ impl Store for MemoryStore {
                 continue;
             }
             let free = row.locked_until.is_none_or(|t| t <= now) && s.next_attempt_at <= now;
+            let mut unit = None;
             if s.order == Order::InUnit {
                 let (st, k) = s.ordering_unit();
-                let unit = (st.to_owned(), k.to_owned());
-                if blocked.contains(&unit) || parked.contains_key(&unit) {
+                let key = (st.to_owned(), k.to_owned());
+                if blocked.contains(&key) || state.parked.contains_key(&key) {
                     continue;
                 }
                 if !free {
-                    blocked.insert(unit);
+                    blocked.insert(key);
                     continue;
                 }
+                let next = units.len();
+                unit = Some(*units.entry(key).or_insert(next));
             } else if !free {
                 continue;
             }
+            candidates.push((s.seq, unit));
+        }
+        if claim.depth > 1 {
+            Claim::sort_unit_by_unit(&mut candidates, |c| *c);
+        }
+        candidates.truncate(claim.limit);
+        let mut out = Vec::new();
+        let (mut bytes, mut taken_any) = (0usize, false);
+        for (seq, _) in candidates {
+            let row = state.rows.get_mut(&seq).expect("a candidate row is held");
             let m = &row.stored.envelope.message;
             let size = m.size();
             // Not loaded when the payload alone is over the limit (as the SQL stores); the
@@ -244,7 +258,7 @@ impl Store for MemoryStore {
             let oversized = m.payload.len() > claim.max_row_bytes;
             if !oversized {
                 if taken_any && bytes + size > claim.max_batch_bytes {
-                    break; // in seq order: each unit stays a prefix
+                    break; // in claim order: each unit stays a prefix
                 }
                 bytes += size;
                 taken_any = true;

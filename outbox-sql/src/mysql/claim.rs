@@ -1,7 +1,8 @@
 //! A claim, in one transaction: lock due units (SKIP LOCKED: a unit is claimed by one relay at
 //! a time), read each unit's first rows through `<table>_unit` (a blocked unit's rows are
-//! never read) and the due publish-on-commit rows through `<table>_oc`, take them in `seq`
-//! order within the limit and the byte budget, lease them and their units.
+//! never read) and the due publish-on-commit rows through `<table>_oc`, take them unit by unit
+//! ([`Claim::sort_unit_by_unit`]) within the limit and the byte budget, lease them and their
+//! units.
 
 use super::*;
 
@@ -61,7 +62,7 @@ impl MySqlStore {
         let (mut candidates, seen) = self.unit_rows(&mut tx, claim, now, &due.units).await?;
         let mut blocked = first_blocked(&mut candidates, due.units.len());
         candidates.extend(self.on_commit_rows(&mut tx, claim, now, &streams).await?);
-        candidates.sort_by_key(|c| c.seq);
+        Claim::sort_unit_by_unit(&mut candidates, |c| (c.seq, c.unit));
         candidates.truncate(claim.limit);
         let sizes: Vec<usize> = candidates.iter().map(|c| c.size).collect();
         let fits = claim.within_budget(&sizes);
@@ -128,7 +129,7 @@ impl MySqlStore {
         Ok(DueUnits { units, claims })
     }
 
-    /// Each unit's first pending rows (`limit ÷ units` each) through `<table>_unit`, with
+    /// Each unit's first pending rows ([`Claim::rows_per_unit`] each) through `<table>_unit`, with
     /// their sizes and whether they are blocked; and which units had any.
     async fn unit_rows(
         &self,
@@ -142,7 +143,7 @@ impl MySqlStore {
         if units.is_empty() {
             return Ok((candidates, seen));
         }
-        let per = (claim.limit / units.len()).max(1) as i64;
+        let per = claim.rows_per_unit(units.len()) as i64;
         let one = format!(
             "(SELECT seq, CONVERT(stream USING utf8mb4), CONVERT(okey USING utf8mb4),
                CAST(LENGTH(payload) + LENGTH(headers) AS SIGNED),

@@ -631,7 +631,8 @@ impl Store for PgStore {
                 .bind(&streams)
                 .bind(claim.max_row_bytes.min(i32::MAX as usize) as i32)
                 .bind(claim.max_batch_bytes.min(i64::MAX as usize) as i64)
-                .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)));
+                .bind(format!("{}ms", self.inner.lock_timeout.as_millis().max(1)))
+                .bind(claim.depth.clamp(1, claim.limit.max(1)) as i64);
             let rows = self.fetch_short(q).await?;
             let mut out = Vec::with_capacity(rows.len());
             let mut empty: (Vec<String>, Vec<String>) = (vec![], vec![]);

@@ -201,7 +201,7 @@ fn claim(t: &str) -> String {
                    WHERE d.next_at <= (SELECT ms FROM now) AND ($4::text[] IS NULL OR d.stream = ANY($4))
                    ORDER BY d.next_at LIMIT $2
                    FOR UPDATE SKIP LOCKED),
-                 per AS (SELECT GREATEST(1, $2 / GREATEST(count(*), 1)) AS n FROM u),
+                 per AS (SELECT GREATEST($8, $2 / GREATEST(count(*), 1)) AS n FROM u),
                  k AS MATERIALIZED (
                    SELECT m.* FROM u CROSS JOIN LATERAL (
                      SELECT o.seq, o.stream, o.okey, octet_length(o.payload) + octet_length(o.headers::text) AS size,
@@ -212,7 +212,8 @@ fn claim(t: &str) -> String {
                        AND o.strategy <> 'on_commit'
                      ORDER BY o.seq LIMIT (SELECT n FROM per)) m),
                  kf AS (
-                   SELECT k.*, MIN(CASE WHEN blocked IS NOT NULL THEN seq END) OVER (PARTITION BY stream, okey) AS first_blocked
+                   SELECT k.*, MIN(CASE WHEN blocked IS NOT NULL THEN seq END) OVER (PARTITION BY stream, okey) AS first_blocked,
+                     MIN(seq) OVER (PARTITION BY stream, okey) AS head
                    FROM k),
                  oc AS (
                    SELECT o.seq, octet_length(o.payload) + octet_length(o.headers::text) AS size FROM {t} o
@@ -221,15 +222,18 @@ fn claim(t: &str) -> String {
                      AND ($4::text[] IS NULL OR o.stream = ANY($4))
                    ORDER BY o.next_attempt_at LIMIT $2
                    FOR UPDATE SKIP LOCKED),
+                 -- Unit by unit (the unit whose first row is oldest first), each in seq order;
+                 -- a publish-on-commit row is a unit of its own.
                  c AS (
-                   SELECT seq, size, ko FROM (
-                     SELECT seq, size, true AS ko FROM kf WHERE first_blocked IS NULL OR seq < first_blocked
-                     UNION ALL SELECT seq, size, false FROM oc) all_rows
-                   ORDER BY seq LIMIT $2),
-                 -- The byte budget ($6), in seq order (so each unit stays a prefix): oversized
-                 -- rows ($5) cost nothing (they are not loaded), the first other row always fits.
+                   SELECT seq, size, ko, head FROM (
+                     SELECT seq, size, true AS ko, head FROM kf WHERE first_blocked IS NULL OR seq < first_blocked
+                     UNION ALL SELECT seq, size, false, seq FROM oc) all_rows
+                   ORDER BY head, seq LIMIT $2),
+                 -- The byte budget ($6), in the same order (so each unit stays a prefix):
+                 -- oversized rows ($5) cost nothing (they are not loaded), the first other row
+                 -- always fits.
                  b AS (
-                   SELECT seq, size, ko, SUM(CASE WHEN size > $5 THEN 0 ELSE size END) OVER (ORDER BY seq) AS running
+                   SELECT seq, size, ko, SUM(CASE WHEN size > $5 THEN 0 ELSE size END) OVER (ORDER BY head, seq) AS running
                    FROM c),
                  taken AS MATERIALIZED (
                    SELECT seq, size, ko FROM b
