@@ -192,6 +192,11 @@ pub(crate) struct AdminArgs {
     pub(crate) wal: bool,
     #[command(flatten)]
     pub(crate) wal_names: WalNames,
+    /// Show every store of a list (--stores or --stores-catalog) instead of --store: a totals
+    /// page at `/`, a store picker on every page, each store's pages under `/s/<name>/`.
+    /// The list is read once, at start.
+    #[command(flatten)]
+    pub(crate) list: StoresList,
 }
 
 #[derive(Args, Debug, Default)]
@@ -215,8 +220,8 @@ pub(crate) struct DoctorArgs {
     pub(crate) list: StoresList,
 }
 
-/// Many stores instead of --store (`relay`, `stats`, `doctor`): a TOML list, or the rows of a
-/// query on a catalog database.
+/// Many stores instead of --store (`relay`, `stats`, `doctor`, `admin`): a TOML list, or the
+/// rows of a query on a catalog database.
 #[derive(Args, Debug, Default, Clone)]
 pub(crate) struct StoresList {
     /// Every store of this TOML list instead of --store ([[store]] entries: name, url or

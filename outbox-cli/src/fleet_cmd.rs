@@ -255,24 +255,29 @@ async fn catalog_rows(
     }
 }
 
-/// How the fleet opens a member: the store at its URL, once its table exists.
+impl Member {
+    /// The store at its URL (its pool of `max_connections`), once its table exists.
+    pub(crate) async fn open(&self) -> Result<AnyStore, Error> {
+        let store = AnyStore::connect_with(
+            &self.url,
+            outbox_sql::any::AnyOptions {
+                table: self.table.clone(),
+                create: false,
+                max_connections: self.max_connections,
+            },
+        )
+        .await?;
+        store.require_table().await?;
+        Ok(store)
+    }
+}
+
+/// How the fleet opens a member.
 fn connector(m: &Member) -> outbox_core::OpenStore {
     let m = m.clone();
     Arc::new(move || {
         let m = m.clone();
-        Box::pin(async move {
-            let store = AnyStore::connect_with(
-                &m.url,
-                outbox_sql::any::AnyOptions {
-                    table: m.table.clone(),
-                    create: false,
-                    max_connections: m.max_connections,
-                },
-            )
-            .await?;
-            store.require_table().await?;
-            Ok(Arc::new(store) as Arc<dyn Store>)
-        })
+        Box::pin(async move { Ok(Arc::new(m.open().await?) as Arc<dyn Store>) })
     })
 }
 

@@ -38,11 +38,15 @@ fn console(store: &str, extra: &[&str]) -> Console {
 
 /// A console with environment variables of its own.
 fn console_with_env(store: &str, extra: &[&str], env: &[(&str, &std::path::Path)]) -> Console {
+    spawn_console(&["--store", store], extra, env)
+}
+
+/// `outbox <before> admin --listen 127.0.0.1:0 … <extra>`, once it listens.
+fn spawn_console(before: &[&str], extra: &[&str], env: &[(&str, &std::path::Path)]) -> Console {
     let mut child = bin()
         .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .args(before)
         .args([
-            "--store",
-            store,
             "admin",
             "--listen",
             "127.0.0.1:0",
@@ -1198,4 +1202,158 @@ async fn in_a_real_browser() {
         .unwrap();
     wait_for(&b, "#streams").await; // logged in by the session cookie
     b.close().await.unwrap();
+}
+
+/// `admin --stores FILE`: a totals page over every store (the sum, and a store that cannot be
+/// opened shown with its reason), a picker, each store's pages and API under `/s/<name>/`
+/// with links that stay there, and an action on one store that changes no other. One token
+/// guards them all; no password of a store's URL reaches any page.
+#[tokio::test]
+async fn one_console_over_several_stores() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url_a = rows::sqlite(&a).await;
+    let url_b = rows::sqlite(&b).await;
+    let table = format!("admin_{}", uuid::Uuid::now_v7().simple());
+    let url_pg = rows::postgres(&table).await;
+    let missing = a.path().join("nothing-here.db");
+    let list = a.path().join("stores.toml");
+    std::fs::write(
+        &list,
+        format!(
+            "[[store]]\nname = \"a\"\nurl = \"{url_a}\"\n\n\
+             [[store]]\nname = \"tenant b/2\"\nurl = \"{url_b}\"\n\n\
+             [[store]]\nname = \"pg\"\nurl = \"{url_pg}\"\ntable = \"{table}\"\n\n\
+             [[store]]\nname = \"gone\"\nurl = \"sqlite://{}\"\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let token = "a-long-enough-token-0123";
+    let c = spawn_console(
+        &[],
+        &["--stores", list.to_str().unwrap(), "--auth-token", token],
+        &[],
+    );
+    let auth = format!("Bearer {token}");
+    let get = |path: &str| http(&c, "GET", path, &[("Authorization", &auth)], "");
+
+    // One token for every page: without it, neither the totals nor a store's pages.
+    assert_eq!(http(&c, "GET", "/", &[], "").status, 401);
+    assert_eq!(http(&c, "GET", "/s/a/api/stats", &[], "").status, 401);
+
+    // The totals: three stores of 3 pending and 2 dead each, and one that cannot be opened.
+    let totals = get("/api/stores").json();
+    assert_eq!(totals["total"]["pending"], 9, "{totals}");
+    assert_eq!(totals["total"]["dead"], 6, "{totals}");
+    assert_eq!(totals["failing"], 1, "{totals}");
+    let stores = totals["stores"].as_array().unwrap();
+    let names: Vec<&str> = stores.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a", "gone", "pg", "tenant b/2"]);
+    assert_eq!(stores[2]["table"], table.as_str());
+    assert_eq!(stores[2]["total"]["dead"], 2);
+    let gone = stores[1]["error"].as_str().unwrap();
+    assert!(
+        gone.contains("no SQLite database at") && gone.contains("migrate"),
+        "{gone}"
+    );
+    let page = get("/");
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("id=\"stores\""), "{}", page.body);
+    assert!(
+        page.body.contains("href=\"/s/tenant%20b%2F2/\""),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains("1 cannot be read"), "{}", page.body);
+    // The picker lists every store.
+    for name in ["a", "gone", "pg", "tenant b/2"] {
+        assert!(
+            page.body.contains(&format!("<option value=\"{name}\"")),
+            "{name}: {}",
+            page.body
+        );
+    }
+
+    // The picker's form leads to a store's pages; a name not in the list is a 404.
+    let r = get("/pick?store=tenant+b%2F2");
+    assert_eq!(r.status, 303, "{}", r.body);
+    assert!(
+        r.headers.contains("location: /s/tenant%20b%2f2/"),
+        "{}",
+        r.headers
+    );
+    assert_eq!(get("/pick?store=nobody").status, 404);
+    assert_eq!(get("/s/nobody/").status, 404);
+    let r = get("/s/gone/");
+    assert_eq!(r.status, 503);
+    assert!(r.body.contains("could not be opened"), "{}", r.body);
+
+    // A store's pages: its overview, its links under its path, the picker on it.
+    let r = get("/s/tenant%20b%2F2/");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body.contains("<option value=\"tenant b/2\" selected"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body
+            .contains("href=\"/s/tenant%20b%2F2/messages?stream=emails&amp;status=dead\""),
+        "{}",
+        r.body
+    );
+    assert!(
+        !r.body.contains("href=\"/messages"),
+        "a link leaves the store: {}",
+        r.body
+    );
+    let dead = get("/s/tenant%20b%2F2/messages?status=dead");
+    assert_eq!(dead.status, 200);
+    assert!(
+        dead.body.contains("action=\"/s/tenant%20b%2F2/actions\""),
+        "{}",
+        dead.body
+    );
+    assert!(
+        dead.body.contains("href=\"/s/tenant%20b%2F2/messages/"),
+        "{}",
+        dead.body
+    );
+    assert_eq!(get("/s/pg/api/stats").json()["total"]["pending"], 3);
+
+    // An action on one store changes that store only.
+    let csrf = get("/s/tenant%20b%2F2/api/csrf").json()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        get("/s/a/api/csrf").json()["csrf"],
+        csrf.as_str(),
+        "one console, one CSRF token"
+    );
+    let r = http(
+        &c,
+        "POST",
+        "/s/tenant%20b%2F2/actions",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        &format!("csrf={csrf}&action=requeue&all=1&confirm=yes"),
+    );
+    assert!(r.body.contains("Requeued 2 dead letter(s)"), "{}", r.body);
+    assert!(r.body.contains("href=\"/s/tenant%20b%2F2/\""), "{}", r.body);
+    assert_eq!(
+        get("/s/tenant%20b%2F2/api/stats").json()["total"]["dead"],
+        0
+    );
+    assert_eq!(get("/s/a/api/stats").json()["total"]["dead"], 2);
+    assert_eq!(get("/s/pg/api/stats").json()["total"]["dead"], 2);
+    assert_eq!(get("/api/stores").json()["total"]["dead"], 4);
+
+    // No store's password on any page or answer.
+    for path in ["/", "/api/stores", "/s/pg/", "/s/pg/api/stats", "/s/gone/"] {
+        let r = get(path);
+        assert!(!r.body.contains("s3cret-pw"), "{path}: {}", r.body);
+    }
 }

@@ -325,13 +325,13 @@ impl Action {
 /// Whether a change may run: not on a read-only console, and only with its CSRF token
 /// (`missing` says how to send it).
 pub(crate) fn may_change(admin: &Admin, csrf: &str, missing: &str) -> Result<(), Failure> {
-    if admin.options.read_only {
+    if admin.gate.options.read_only {
         return Err(Failure(
             StatusCode::FORBIDDEN,
             "this console is read-only (--read-only)".into(),
         ));
     }
-    if !same(csrf, &admin.csrf) {
+    if !same(csrf, &admin.gate.csrf) {
         return Err(Failure(StatusCode::FORBIDDEN, missing.into()));
     }
     Ok(())
@@ -348,7 +348,7 @@ pub(crate) fn rows_table(admin: &Admin, rows: &[StoredMessage], total: u64) -> M
             @for m in rows {
                 @let msg = &m.envelope.message;
                 tr {
-                    td { a href={ "/messages/" (m.seq) } { (m.seq) } }
+                    td { a href={ (admin.base) "/messages/" (m.seq) } { (m.seq) } }
                     td { (Shown(&msg.stream)) }
                     td { (Shown(msg.key.as_deref().unwrap_or(""))) }
                     td { (Shown(&msg.destination)) }
@@ -384,26 +384,28 @@ pub(crate) async fn action_form(
             // Ask first: what it takes now, and the same fields again with the confirmation.
             let (question, rows, total) = action.question(admin.store.as_ref()).await?;
             return Ok(layout(
+                &admin.nav(),
                 "Confirm",
                 html! {
                     p #question { (Shown(&question)) "?" }
                     (rows_table(&admin, &rows, total))
-                    form method="post" action="/actions" {
+                    form method="post" action=(admin.url("/actions")) {
                         @for (n, v) in &fields { input type="hidden" name=(n) value=(v); }
                         input type="hidden" name="confirm" value="yes";
                         button #confirm { "Yes, do it" } " "
-                        a href="/" { "Cancel" }
+                        a href=(admin.url("/")) { "Cancel" }
                     }
                 },
             ));
         }
         let (changed, sentence) = action.run(admin.store.as_ref()).await?;
-        tracing::info!(action = %sentence, changed, by = %who.0, "admin action");
+        tracing::info!(action = %sentence, changed, by = %who.0, store = admin.name.as_deref().unwrap_or(""), "admin action");
         Ok(layout(
+            &admin.nav(),
             "Done",
             html! {
                 p #result { (Shown(&sentence)) }
-                p { a href="/" { "Overview" } " · " a href="/messages?status=dead" { "Dead letters" } }
+                p { a href=(admin.url("/")) { "Overview" } " · " a href=(admin.url("/messages?status=dead")) { "Dead letters" } }
             },
         ))
     }

@@ -8,7 +8,7 @@ pub(crate) async fn api_stats(State(admin): State<Arc<Admin>>) -> Response {
         Err(e) => return api_error(e.into()),
     };
     let mut out = crate::json::stats(&admin.table, &stats, SystemTime::now());
-    if let Some((pool, slot)) = &admin.options.wal_slot {
+    if let Some((pool, slot)) = &admin.gate.options.wal_slot {
         match outbox_sql::postgres::wal::slot_lag(pool, slot).await {
             Ok(lag) => out["wal"] = crate::json::wal(slot, lag.as_ref()),
             Err(e) => return api_error(e.into()),
@@ -27,7 +27,7 @@ pub(crate) async fn api_messages(
         Ok::<_, Failure>(crate::json::messages(
             &rows,
             f.limit,
-            admin.options.hide_payloads,
+            admin.gate.options.hide_payloads,
         ))
     }
     .await;
@@ -42,7 +42,7 @@ pub(crate) async fn api_message(
     Path(seq): Path<String>,
 ) -> Response {
     match fetch(&admin, &seq).await {
-        Ok(m) => Json(crate::json::message(&m, admin.options.hide_payloads)).into_response(),
+        Ok(m) => Json(crate::json::message(&m, admin.gate.options.hide_payloads)).into_response(),
         Err(f) => api_error(f),
     }
 }
@@ -55,7 +55,7 @@ pub(crate) async fn api_parked(State(admin): State<Arc<Admin>>) -> Response {
 }
 
 pub(crate) async fn api_csrf(State(admin): State<Arc<Admin>>) -> Response {
-    Json(json!({ "csrf": admin.csrf })).into_response()
+    Json(json!({ "csrf": admin.gate.csrf })).into_response()
 }
 
 pub(crate) async fn api_action(

@@ -12,7 +12,7 @@
 //! escape every value they interpolate, and the Content-Security-Policy forbids scripts, so a
 //! payload holding `<script>` is text twice over.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -26,6 +26,7 @@ use axum::routing::{get, post};
 use axum::{Form, Json, Router};
 use outbox_core::{
     Error, MessageFilter, MessageId, ParkedUnit, Selector, Status, StoreAdmin, StoredMessage,
+    StreamStats,
 };
 use serde_json::{json, Value};
 
@@ -34,12 +35,15 @@ mod api;
 mod pages;
 mod render;
 mod security;
+mod stores;
 
 use actions::*;
 use api::*;
 use pages::*;
 use render::*;
 use security::*;
+pub use stores::Listed;
+use stores::*;
 
 /// Settings of the console.
 #[derive(Debug, Clone)]
@@ -59,21 +63,33 @@ pub struct AdminOptions {
     pub wal_slot: Option<(outbox_sql::postgres::sqlx::PgPool, String)>,
 }
 
-/// What the handlers share.
+/// What the handlers of one store's pages share.
 pub struct Admin {
     store: Arc<dyn StoreAdmin>,
     table: String,
     /// The store's URL with its password replaced.
     label: String,
+    /// The store's name, when the console shows several.
+    name: Option<String>,
+    /// The path its pages are under: empty with one store, `/s/<name>` with several.
+    base: String,
+    samples: Mutex<VecDeque<Sample>>,
+    gate: Arc<Gate>,
+}
+
+/// What every page of the console shares: its settings and who may use it (one token, one
+/// session and one CSRF token for every store it shows).
+pub struct Gate {
     options: AdminOptions,
     csrf: String,
-    samples: Mutex<VecDeque<Sample>>,
     /// The port it listens on (the one bound, when `listen` asked for port 0).
     port: u16,
     /// Session ids handed out by `/login`, newest last.
     sessions: Mutex<VecDeque<String>>,
     /// Held while a wrong token is answered (slowly): guesses go one at a time.
     wrong_tokens: tokio::sync::Mutex<()>,
+    /// The stores' names, when it shows several (for the picker).
+    stores: Vec<String>,
 }
 
 /// Sessions kept at most (the oldest is dropped first).
@@ -108,13 +124,46 @@ pub fn check(options: &AdminOptions) -> outbox_core::Result<()> {
     Ok(())
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve one store's pages until `shutdown` resolves.
 pub async fn serve(
     store: Arc<dyn StoreAdmin>,
     table: &str,
     label: String,
     options: AdminOptions,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> outbox_core::Result<()> {
+    listen(options, Vec::new(), shutdown, |gate| {
+        let admin = Arc::new(Admin::new(gate, store, table, label, None));
+        tokio::spawn(sampler(Arc::downgrade(&admin)));
+        router(admin)
+    })
+    .await
+}
+
+/// Serve several stores until `shutdown` resolves: a totals page at `/`, a picker on every
+/// page, each store's pages under `/s/<name>/` (see [`stores`]).
+pub async fn serve_stores(
+    listed: Vec<Listed>,
+    options: AdminOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> outbox_core::Result<()> {
+    let names = listed.iter().map(|l| l.name.clone()).collect();
+    listen(options, names, shutdown, |gate| {
+        let stores = Arc::new(Stores::new(gate, listed));
+        for admin in stores.open() {
+            tokio::spawn(sampler(Arc::downgrade(admin)));
+        }
+        stores_router(stores)
+    })
+    .await
+}
+
+/// Bind, build the routes (`routes`, given the shared state), serve.
+async fn listen(
+    options: AdminOptions,
+    stores: Vec<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    routes: impl FnOnce(Arc<Gate>) -> Router,
 ) -> outbox_core::Result<()> {
     check(&options)?;
     let listener = tokio::net::TcpListener::bind(options.listen)
@@ -124,41 +173,68 @@ pub async fn serve(
         })?;
     let addr = listener.local_addr().ok();
     let port = addr.map_or(options.listen.port(), |a| a.port());
-    let admin = Arc::new(Admin::new(store, table, label, options, port));
-    tokio::spawn(sampler(Arc::downgrade(&admin)));
-    tracing::info!(address = %addr.unwrap_or(admin.options.listen), read_only = admin.options.read_only, hide_payloads = admin.options.hide_payloads, "admin console listening");
+    let gate = Arc::new(Gate::new(options, port, stores));
+    tracing::info!(address = %addr.unwrap_or(gate.options.listen), read_only = gate.options.read_only, hide_payloads = gate.options.hide_payloads, stores = gate.stores.len(), "admin console listening");
     // Printed for scripts and tests that listen on port 0.
     if let Some(a) = addr {
         println!("admin console on http://{a}/");
     }
     axum::serve(
         listener,
-        router(admin).into_make_service_with_connect_info::<SocketAddr>(),
+        routes(gate).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
     .map_err(|e| Error::transient("admin: server failed").with_source(e))
 }
 
+impl Gate {
+    /// The shared state of a console listening on `port`, showing `stores` (empty: one).
+    pub fn new(options: AdminOptions, port: u16, stores: Vec<String>) -> Self {
+        Gate {
+            options,
+            csrf: random_token(),
+            port,
+            sessions: Mutex::new(VecDeque::new()),
+            wrong_tokens: tokio::sync::Mutex::new(()),
+            stores,
+        }
+    }
+}
+
 impl Admin {
-    /// The shared state of a console listening on `port`.
+    /// The pages of `store`, alone (`name` None: at the root) or as one of several.
     pub fn new(
+        gate: Arc<Gate>,
         store: Arc<dyn StoreAdmin>,
         table: &str,
         label: String,
-        options: AdminOptions,
-        port: u16,
+        name: Option<String>,
     ) -> Self {
         Admin {
             store,
             table: table.to_owned(),
             label,
-            csrf: random_token(),
+            base: name
+                .as_deref()
+                .map_or_else(String::new, |n| format!("/s/{}", enc(n))),
+            name,
             samples: Mutex::new(VecDeque::new()),
-            port,
-            sessions: Mutex::new(VecDeque::new()),
-            wrong_tokens: tokio::sync::Mutex::new(()),
-            options,
+            gate,
+        }
+    }
+
+    /// A path of this store's pages.
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// The navigation of this store's pages.
+    pub(crate) fn nav(&self) -> Nav<'_> {
+        Nav {
+            base: &self.base,
+            store: self.name.as_deref(),
+            stores: &self.gate.stores,
         }
     }
 }
@@ -171,16 +247,14 @@ fn random_token() -> String {
         .collect()
 }
 
-/// The routes, behind the security layer.
-pub fn router(admin: Arc<Admin>) -> Router {
+/// One store's pages and API (paths from its root), without the security layer.
+fn store_routes(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/", get(overview))
         .route("/messages", get(messages_page))
         .route("/messages/{seq}", get(message_page))
         .route("/messages/{seq}/payload", get(payload_download))
         .route("/actions", post(action_form))
-        .route("/login", get(login_page).post(login))
-        .route("/style.css", get(style))
         .route("/chart.svg", get(chart))
         .route("/api/stats", get(api_stats))
         .route("/api/messages", get(api_messages))
@@ -188,18 +262,30 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/parked", get(api_parked))
         .route("/api/csrf", get(api_csrf))
         .route("/api/actions", post(api_action))
-        .layer(axum::middleware::from_fn_with_state(
-            admin.clone(),
-            security,
-        ))
         .with_state(admin)
+}
+
+/// What every console serves at its root: the login and the style sheet.
+fn gate_routes(gate: Arc<Gate>) -> Router {
+    Router::new()
+        .route("/login", get(login_page).post(login))
+        .route("/style.css", get(style))
+        .with_state(gate)
+}
+
+/// One store's console: its routes, behind the security layer.
+pub fn router(admin: Arc<Admin>) -> Router {
+    let gate = admin.gate.clone();
+    store_routes(admin)
+        .merge(gate_routes(gate.clone()))
+        .layer(axum::middleware::from_fn_with_state(gate, security))
 }
 
 /// Samples the counts for the overview's chart.
 async fn sampler(admin: std::sync::Weak<Admin>) {
     loop {
         let Some(a) = admin.upgrade() else { return };
-        let every = a.options.sample_every;
+        let every = a.gate.options.sample_every;
         if let Ok(stats) = a.store.stats().await {
             let t = stats.total();
             let mut s = a.samples.lock().unwrap_or_else(|p| p.into_inner());
@@ -242,6 +328,7 @@ pub(crate) fn bad(message: impl Into<String>) -> Failure {
 
 pub(crate) fn page_error(f: Failure) -> Response {
     let body = layout(
+        &Nav::default(),
         "Error",
         maud::html! {
             p.error { (f.0.as_u16()) " " (render::Shown(&f.1)) }

@@ -26,7 +26,7 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
     } else {
         html! {}
     };
-    let wal = match &admin.options.wal_slot {
+    let wal = match &admin.gate.options.wal_slot {
         Some((pool, slot)) => Some(
             match outbox_sql::postgres::wal::slot_lag(pool, slot).await? {
                 Some(lag) => crate::output::wal_line(slot, &lag),
@@ -38,8 +38,8 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
     let body = html! {
         p.muted {
             "Table " code { (admin.table) } " on " code { (admin.label) }
-            @if admin.options.read_only { " · read-only" }
-            @if admin.options.hide_payloads { " · payloads hidden" }
+            @if admin.gate.options.read_only { " · read-only" }
+            @if admin.gate.options.hide_payloads { " · payloads hidden" }
             ". Refreshes every 10 s."
         }
         h2 { "Streams" }
@@ -48,9 +48,9 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
             @for s in &rows {
                 @let link = |status: &str, n: u64| {
                     let href = if s.stream == "*" {
-                        format!("/messages?status={status}")
+                        format!("{}/messages?status={status}", admin.base)
                     } else {
-                        format!("/messages?stream={}&status={status}", enc(&s.stream))
+                        format!("{}/messages?stream={}&status={status}", admin.base, enc(&s.stream))
                     };
                     html! { a href=(href) { (n) } }
                 };
@@ -88,9 +88,9 @@ pub(crate) async fn overview_html(admin: &Admin) -> Result<String, Failure> {
         (dead)
         h2 { "Trend" }
         p.muted { "Sampled while this console runs (at most the last hour)." }
-        p { img src="/chart.svg" alt="backlog (pending and dead rows) and publish rate over the time sampled" width="720" height="284"; }
+        p { img src=(admin.url("/chart.svg")) alt="backlog (pending and dead rows) and publish rate over the time sampled" width="720" height="284"; }
     };
-    Ok(layout("Overview", body))
+    Ok(layout(&admin.nav(), "Overview", body))
 }
 
 /// What the dead letters died of: the newest ones, grouped by their last error.
@@ -105,7 +105,7 @@ async fn dead_by_error(admin: &Admin, dead: u64) -> Result<Markup, Failure> {
         .await?;
     let mut groups: Vec<(String, u64, i64)> = Vec::new();
     for m in &newest {
-        let error = if admin.options.hide_payloads {
+        let error = if admin.gate.options.hide_payloads {
             "(hidden: --hide-payloads)".to_owned()
         } else {
             m.last_error
@@ -130,7 +130,7 @@ async fn dead_by_error(admin: &Admin, dead: u64) -> Result<Markup, Failure> {
                 tr {
                     td.n { (n) }
                     td { (Shown(error)) }
-                    td { a href={ "/messages/" (seq) } { (seq) } }
+                    td { a href={ (admin.base) "/messages/" (seq) } { (seq) } }
                 }
             }
         }
@@ -412,16 +412,16 @@ pub(crate) async fn messages_html(
     // filters are a stream and a status (the stats have them; other filters would need a
     // count of their own).
     let stats = admin.store.stats().await?;
-    let selectable = !admin.options.read_only && rows.iter().any(|m| m.status == Status::Dead);
+    let selectable = !admin.gate.options.read_only && rows.iter().any(|m| m.status == Status::Dead);
     let listing = html! {
         (messages_table(admin, &rows, selectable))
         @if rows.is_empty() { p.muted { "No message matches." } }
         (count_line(&f, &stats, rows.len()))
     };
     let body = html! {
-        (filter_form(&f, &stats))
+        (filter_form(admin, &f, &stats))
         @if selectable {
-            form method="post" action="/actions" {
+            form method="post" action=(admin.url("/actions")) {
                 (csrf_field(admin))
                 (listing)
                 p {
@@ -433,25 +433,25 @@ pub(crate) async fn messages_html(
             (listing)
         }
         @if rows.len() == f.limit {
-            p { a #next href={ "/messages?" (query_of(&f, rows.last().map(|m| m.seq))) } { "Next page" } }
+            p { a #next href={ (admin.base) "/messages?" (query_of(&f, rows.last().map(|m| m.seq))) } { "Next page" } }
         }
-        @if !admin.options.read_only && f.status == Some(Status::Dead) {
+        @if !admin.gate.options.read_only && f.status == Some(Status::Dead) {
             (all_matching_form(admin, &f))
         }
     };
-    Ok(layout("Messages", body))
+    Ok(layout(&admin.nav(), "Messages", body))
 }
 
 /// The filters: a stream drop-down (every stream the stats know, and the one asked for),
 /// status, key, id and destination.
-fn filter_form(f: &MessageFilter, stats: &outbox_core::Stats) -> Markup {
+fn filter_form(admin: &Admin, f: &MessageFilter, stats: &outbox_core::Stats) -> Markup {
     let mut streams: Vec<&str> = stats.streams.iter().map(|s| s.stream.as_str()).collect();
     if let Some(s) = f.stream.as_deref().filter(|s| !streams.contains(s)) {
         streams.push(s);
     }
     let id = f.id.map(|i| i.to_string()).unwrap_or_default();
     html! {
-        form method="get" action="/messages" class="filters" {
+        form method="get" action=(admin.url("/messages")) class="filters" {
             select name="stream" #stream {
                 option value="" { "any stream" }
                 @for s in &streams {
@@ -488,7 +488,7 @@ fn messages_table(admin: &Admin, rows: &[StoredMessage], selectable: bool) -> Ma
                             input type="checkbox" name="seq" value=(m.seq);
                         }
                     }
-                    td { a href={ "/messages/" (m.seq) } { (m.seq) } }
+                    td { a href={ (admin.base) "/messages/" (m.seq) } { (m.seq) } }
                     td { (Shown(&msg.stream)) }
                     td { (Shown(msg.key.as_deref().unwrap_or(""))) }
                     td { (Shown(&msg.destination)) }
@@ -536,7 +536,7 @@ fn all_matching_form(admin: &Admin, f: &MessageFilter) -> Markup {
         ("id", f.id.map(|i| i.to_string())),
     ];
     html! {
-        form method="post" action="/actions" {
+        form method="post" action=(admin.url("/actions")) {
             (csrf_field(admin))
             input type="hidden" name="all" value="1";
             @for (name, value) in &scope {
@@ -581,7 +581,7 @@ pub(crate) async fn payload_download(
     State(admin): State<Arc<Admin>>,
     Path(seq): Path<String>,
 ) -> Response {
-    if admin.options.hide_payloads {
+    if admin.gate.options.hide_payloads {
         return page_error(Failure(
             StatusCode::FORBIDDEN,
             "payloads are hidden (--hide-payloads)".into(),
@@ -644,7 +644,7 @@ pub(crate) async fn message_html(admin: &Admin, seq: &str) -> Result<String, Fai
     let m = fetch(admin, seq).await?;
     let msg = &m.envelope.message;
     let error = admin.last_error(&m);
-    let hide = admin.options.hide_payloads;
+    let hide = admin.gate.options.hide_payloads;
     let body = html! {
         table #message {
             tr { th { "seq" } td { (m.seq) } }
@@ -683,10 +683,10 @@ pub(crate) async fn message_html(admin: &Admin, seq: &str) -> Result<String, Fai
         @if hide {
             p.muted { "Hidden (--hide-payloads)." }
         } @else {
-            (payload_shown(m.seq, &msg.payload))
+            (payload_shown(&admin.base, m.seq, &msg.payload))
         }
-        @if !admin.options.read_only && m.status == Status::Dead {
-            form method="post" action="/actions" {
+        @if !admin.gate.options.read_only && m.status == Status::Dead {
+            form method="post" action=(admin.url("/actions")) {
                 (csrf_field(admin))
                 input type="hidden" name="seq" value=(m.seq);
                 button name="action" value="requeue" #requeue { "Requeue" } " "
@@ -694,12 +694,12 @@ pub(crate) async fn message_html(admin: &Admin, seq: &str) -> Result<String, Fai
             }
         }
     };
-    Ok(layout(&format!("Message {}", m.seq), body))
+    Ok(layout(&admin.nav(), &format!("Message {}", m.seq), body))
 }
 
 /// A payload as a page shows it: a large one in part (a 500 KB JSON document made a
 /// 42 000-line page), with the whole of it a download away.
-fn payload_shown(seq: i64, payload: &[u8]) -> Markup {
+fn payload_shown(base: &str, seq: i64, payload: &[u8]) -> Markup {
     let shown = &payload[..payload.len().min(SHOWN_PAYLOAD_BYTES)];
     let (kind, text) = payload_text(shown);
     let mut lines = text.lines();
@@ -715,7 +715,7 @@ fn payload_shown(seq: i64, payload: &[u8]) -> Markup {
     html! {
         p.muted {
             (payload.len()) " bytes, shown as " (kind) @if cut { ", cut short" } " · "
-            a #download href={ "/messages/" (seq) "/payload" } { "download" }
+            a #download href={ (base) "/messages/" (seq) "/payload" } { "download" }
         }
         pre #payload { (Shown(&text)) }
     }

@@ -36,7 +36,25 @@ pub(crate) fn enc(text: &str) -> String {
         .collect()
 }
 
-pub(crate) fn layout(title: &str, body: Markup) -> String {
+/// What a page's navigation links to: its store's pages (under `base`), and with several
+/// stores, the totals page and a picker.
+#[derive(Default)]
+pub(crate) struct Nav<'a> {
+    /// The path the store's pages are under: empty with one store, `/s/<name>` with several.
+    pub(crate) base: &'a str,
+    /// The store shown, with several.
+    pub(crate) store: Option<&'a str>,
+    /// Every store's name, with several (empty with one).
+    pub(crate) stores: &'a [String],
+}
+
+impl Nav<'_> {
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+pub(crate) fn layout(nav: &Nav<'_>, title: &str, body: Markup) -> String {
     html! {
         (DOCTYPE)
         html lang="en" {
@@ -48,9 +66,24 @@ pub(crate) fn layout(title: &str, body: Markup) -> String {
             body {
                 nav {
                     strong { "outbox" } " "
-                    a href="/" { "Overview" } " "
-                    a href="/messages" { "Messages" } " "
-                    a href="/messages?status=dead" { "Dead letters" }
+                    @if !nav.stores.is_empty() {
+                        a href="/" { "All stores" } " "
+                        // No script: a GET form, answered by a redirect to the store's pages.
+                        form method="get" action="/pick" class="inline" {
+                            select name="store" #store aria-label="store" {
+                                @for s in nav.stores {
+                                    option value=(s) selected[nav.store == Some(s.as_str())] { (Shown(s)) }
+                                }
+                            }
+                            " " button #pick { "Open" }
+                        }
+                        " "
+                    }
+                    @if nav.stores.is_empty() || nav.store.is_some() {
+                        a href=(nav.url("/")) { "Overview" } " "
+                        a href=(nav.url("/messages")) { "Messages" } " "
+                        a href=(nav.url("/messages?status=dead")) { "Dead letters" }
+                    }
                 }
                 main { h1 { (title) } (body) }
             }
@@ -77,15 +110,15 @@ pub(crate) async fn style() -> Response {
 }
 
 pub(crate) fn csrf_field(admin: &Admin) -> Markup {
-    html! { input type="hidden" name="csrf" value=(admin.csrf); }
+    html! { input type="hidden" name="csrf" value=(admin.gate.csrf); }
 }
 
 pub(crate) fn unit_buttons(admin: &Admin, u: &ParkedUnit) -> Markup {
-    if admin.options.read_only {
+    if admin.gate.options.read_only {
         return html! {};
     }
     html! {
-        form method="post" action="/actions" class="inline" {
+        form method="post" action=(admin.url("/actions")) class="inline" {
             (csrf_field(admin))
             input type="hidden" name="stream" value=(u.stream);
             input type="hidden" name="unit" value=(u.unit);

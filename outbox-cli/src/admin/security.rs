@@ -10,7 +10,7 @@ pub struct Who(pub(crate) String);
 /// Host check (without a token), same-origin check of every POST, token check (when set),
 /// and headers on every response: no script, no framing, no caching.
 pub(crate) async fn security(
-    State(admin): State<Arc<Admin>>,
+    State(admin): State<Arc<Gate>>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -170,13 +170,15 @@ pub(crate) fn credential(headers: &HeaderMap) -> Option<Credential<'_>> {
 impl Admin {
     /// A row's last error as shown: hidden with the payloads (it can quote them).
     pub(crate) fn last_error(&self, m: &StoredMessage) -> String {
-        match (&m.last_error, self.options.hide_payloads) {
+        match (&m.last_error, self.gate.options.hide_payloads) {
             (None, _) => String::new(),
             (Some(_), true) => "hidden (--hide-payloads)".into(),
             (Some(e), false) => e.clone(),
         }
     }
+}
 
+impl Gate {
     pub(crate) fn has_session(&self, id: &str) -> bool {
         let sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.iter().any(|s| same(s, id))
@@ -203,11 +205,12 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
 }
 
 /// The login form: the token goes in a POST body, never in a URL.
-pub(crate) async fn login_page(State(admin): State<Arc<Admin>>) -> Response {
+pub(crate) async fn login_page(State(admin): State<Arc<Gate>>) -> Response {
     if admin.options.token.is_none() {
         return Redirect::to("/").into_response();
     }
     Html(layout(
+        &Nav::default(),
         "Log in",
         maud::html! {
             form method="post" action="/login" {
@@ -223,7 +226,7 @@ pub(crate) async fn login_page(State(admin): State<Arc<Admin>>) -> Response {
 /// Exchanges the token for a session: a random id in an `HttpOnly`, `SameSite=Strict` cookie
 /// (`Secure` behind a proxy that says it speaks HTTPS). The cookie is not the token.
 pub(crate) async fn login(
-    State(admin): State<Arc<Admin>>,
+    State(admin): State<Arc<Gate>>,
     headers: HeaderMap,
     Form(fields): Form<Vec<(String, String)>>,
 ) -> Response {
@@ -240,6 +243,7 @@ pub(crate) async fn login(
         return (
             StatusCode::UNAUTHORIZED,
             Html(layout(
+                &Nav::default(),
                 "Log in",
                 maud::html! { p.error { "401: wrong token. " a href="/login" { "Try again" } } },
             )),

@@ -57,6 +57,10 @@ pub(crate) async fn run(cli: Cli, file: FileConfig) -> Result<u8, Error> {
                 exit::FAILED
             });
         }
+        Command::Admin(args) if args.list.given() => {
+            let source = crate::fleet_cmd::Source::of(&args.list)?;
+            return console::admin_stores(source, &table, args).await;
+        }
         Command::Stats { list, .. } if list.given() => {
             let source = crate::fleet_cmd::Source::of(&list)?;
             return crate::fleet_cmd::stats(source, &table, output == Output::Json).await;
