@@ -1797,6 +1797,9 @@ async fn main() -> Res {
     if args.get(1).map(String::as_str) == Some("--fleet-child") {
         return fleet::child(&args[2], &args[3], args[4].parse()?, args[5].parse()?).await;
     }
+    if args.get(1).map(String::as_str) == Some("--fleet-pg-child") {
+        return fleet::pg_child(&args[2], &args[3], args[4].parse()?, args[5].parse()?).await;
+    }
     if args.get(1).map(String::as_str) == Some("--relay-child") {
         return relay_child(
             &args[2],

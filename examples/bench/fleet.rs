@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use outbox::postgres::{PgOptions, PgStore};
 use outbox::sqlite::SqliteStore;
 use outbox::{
     async_trait, Envelope, Fleet, KeepOrder, Message, Outbox, Publisher, Relay, RelayConfig, Store,
@@ -155,6 +156,155 @@ pub(super) async fn child(mode: &str, dir: &str, stores: usize, rows: usize) -> 
     Ok(())
 }
 
+/// The child process of one PostgreSQL drain: `mode` is `relays` (a relay per store, the
+/// store's defaults: a pool of 5 and a LISTEN connection), `fleet` (pools of 2, as
+/// `relay --stores` opens them) or `fleet-poll` (pools of 2, no LISTEN), over `stores` tables
+/// `<prefix>0..` holding `rows` each. Prints `msg/s`.
+pub(super) async fn pg_child(mode: &str, prefix: &str, stores: usize, rows: usize) -> Res {
+    let counter = Counter::default();
+    let mut opened = Vec::new();
+    for i in 0..stores {
+        let options = match mode {
+            "relays" => PgOptions::default(),
+            _ => PgOptions {
+                max_connections: 2,
+                listen: mode == "fleet",
+                ..Default::default()
+            },
+        };
+        let store = PgStore::connect_with(
+            &super::pg_url(),
+            PgOptions {
+                table: format!("{prefix}{i}"),
+                ..options
+            },
+        )
+        .await?;
+        opened.push((format!("{prefix}{i}"), store));
+    }
+    let total = stores * rows;
+    let started = Instant::now();
+    if mode == "relays" {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let tasks: Vec<_> = opened
+            .into_iter()
+            .map(|(_, s)| {
+                let relay = Relay::builder(s, counter.clone())
+                    .config(config())
+                    .build()
+                    .unwrap();
+                let mut stopped = stopped.clone();
+                tokio::spawn(async move {
+                    relay
+                        .run(async move {
+                            let _ = stopped.wait_for(|s| *s).await;
+                        })
+                        .await
+                })
+            })
+            .collect();
+        while counter.total() < total {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = stop.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+    } else {
+        let fleet = Fleet::builder(counter.clone())
+            .config(config())
+            .max_batches(8)
+            .build()?;
+        for (name, s) in opened {
+            fleet.add(&name, Arc::new(s))?;
+        }
+        while counter.total() < total {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        fleet.shutdown().await;
+    }
+    println!("{:.0}", rate(total, started.elapsed()));
+    Ok(())
+}
+
+/// PostgreSQL stores (tables of one database, so one server's connections are counted):
+/// drained by a relay per store and by a fleet, with and without LISTEN; the connections the
+/// child held at most, sampled from `pg_stat_activity`.
+async fn pg_connections(stores: usize, rows: usize) -> Res {
+    let prefix = format!("fleetpg{}_", &super::uuid_like()[..8]);
+    let admin = PgStore::connect(&super::pg_url()).await?;
+    let pool = admin.pool().clone();
+    let max: String = outbox::postgres::sqlx::query_scalar("SHOW max_connections")
+        .fetch_one(&pool)
+        .await?;
+    println!(
+        "\n{stores} PostgreSQL stores (tables of one database; the server allows {max} connections) x {rows} keep-order rows; connections of the relay process at most, sampled every 20 ms from `pg_stat_activity`.\n"
+    );
+    println!("| mode | msg/s | connections at most |\n|---|---|---|");
+    for mode in ["relays", "fleet", "fleet-poll"] {
+        for i in 0..stores {
+            let store = PgStore::connect_with(
+                &super::pg_url(),
+                PgOptions {
+                    table: format!("{prefix}{i}"),
+                    max_connections: 1,
+                    ..Default::default()
+                },
+            )
+            .await?;
+            store.migrate().await?;
+            let outbox = Outbox::writer(store.clone())
+                .strategy(KeepOrder::default())
+                .build()?;
+            let mut tx = store.pool().begin().await?;
+            let msgs = (0..rows).map(|j| {
+                Message::new(format!("{prefix}{i}"), b"{}".to_vec()).key(format!("k{}", j % 10))
+            });
+            drop(outbox.enqueue(&mut tx, msgs).await?);
+            tx.commit().await?;
+        }
+        let count = || async {
+            outbox::postgres::sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0)
+        };
+        let before = count().await;
+        // The child prints one short line at its end: the pipe cannot fill while it runs.
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(["--fleet-pg-child", mode, &prefix])
+            .args([stores.to_string(), rows.to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut most = 0;
+        let out = loop {
+            most = most.max(count().await - before);
+            if child.try_wait()?.is_some() {
+                break child.wait_with_output()?;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let label = match mode {
+            "relays" => "a relay per store (pool of 5, LISTEN)",
+            "fleet" => "one Fleet (pools of 2, LISTEN)",
+            _ => "one Fleet, polling (pools of 2, listen = false)",
+        };
+        println!(
+            "| {label} | {} | {most} ({:.1} per store) |",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            most as f64 / stores as f64
+        );
+        for i in 0..stores {
+            let t = format!("{prefix}{i}");
+            let sql = format!("DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema");
+            let _ = outbox::postgres::sqlx::query(&sql).execute(&pool).await;
+        }
+    }
+    Ok(())
+}
+
 fn open_files() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
@@ -193,6 +343,8 @@ pub(super) async fn section(quick: bool) -> Res {
             f.get(2).unwrap_or(&"?")
         );
     }
+
+    pg_connections(if quick { 20 } else { 30 }, rows).await?;
 
     // Fairness: ten stores of 10 rows, alone and next to one with a large backlog.
     let big_rows = if quick { 100_000 } else { 1_000_000 };

@@ -263,6 +263,12 @@ pub(crate) struct RelayArgs {
     /// finish their batch in flight and are let go.
     #[arg(long, env = "OUTBOX_STORES_REFRESH", default_value = "30s", value_parser = humantime::parse_duration)]
     pub(crate) stores_refresh: Duration,
+    /// PostgreSQL: poll every --interval instead of holding a LISTEN connection per
+    /// store to hear commits: behind a pooler in transaction mode (PgBouncer), where LISTEN
+    /// does not work, or for many stores on one server (with --stores, every store of the
+    /// list; an entry can also say `listen = false`).
+    #[arg(long, env = "OUTBOX_NO_LISTEN")]
+    pub(crate) no_listen: bool,
     /// With --stores: batches in flight at once across all the stores, handed out in turn
     /// (a store with a large backlog takes one batch per turn like the others).
     #[arg(long, env = "OUTBOX_MAX_BATCHES", default_value_t = 8)]

@@ -26,6 +26,7 @@ struct Entry {
     url_file: Option<PathBuf>,
     table: Option<String>,
     max_connections: Option<u32>,
+    listen: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -42,6 +43,8 @@ pub(crate) struct Member {
     pub(crate) table: String,
     /// Its pool's size (PostgreSQL, MySQL).
     max_connections: u32,
+    /// PostgreSQL: whether its relay holds a `LISTEN` connection (else it polls).
+    listen: bool,
 }
 
 /// A member's pool (PostgreSQL, MySQL) unless its entry says otherwise: its relay runs one
@@ -61,7 +64,7 @@ pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, 
             .map(|s| format!(" (at byte {})", s.start))
             .unwrap_or_default();
         Error::config(format!(
-            "the stores file {} is not a valid list of [[store]] entries{at}: each has name, url or url_file, and optionally table",
+            "the stores file {} is not a valid list of [[store]] entries{at}: each has name, url or url_file, and optionally table, max_connections and listen",
             path.display()
         ))
     })?;
@@ -106,6 +109,7 @@ pub(crate) fn load(path: &Path, default_table: &str) -> Result<BTreeMap<String, 
             url,
             table,
             max_connections,
+            listen: e.listen.unwrap_or(true),
         };
         if out.insert(e.name.clone(), member).is_some() {
             return Err(Error::config(format!(
@@ -169,6 +173,7 @@ impl Source {
                         url,
                         table,
                         max_connections: MEMBER_CONNECTIONS,
+                        listen: true,
                     };
                     if out.insert(name.clone(), member).is_some() {
                         return Err(Error::config(format!(
@@ -264,6 +269,7 @@ impl Member {
                 table: self.table.clone(),
                 create: false,
                 max_connections: self.max_connections,
+                listen: self.listen,
             },
         )
         .await?;
@@ -281,6 +287,16 @@ fn connector(m: &Member) -> outbox_core::OpenStore {
     })
 }
 
+/// With `--no-listen` (`listen` false), no store of the list listens.
+fn polling(mut members: BTreeMap<String, Member>, listen: bool) -> BTreeMap<String, Member> {
+    if !listen {
+        for m in members.values_mut() {
+            m.listen = false;
+        }
+    }
+    members
+}
+
 /// `outbox relay --stores FILE`: serve every store of the list until stopped, reading the
 /// list again every `--stores-refresh`.
 pub(crate) async fn relay(
@@ -294,7 +310,8 @@ pub(crate) async fn relay(
             "--stores and --wal do not go together: the WAL relay serves one database",
         ));
     }
-    let members = source.read(table).await?;
+    let listen = !args.no_listen;
+    let members = polling(source.read(table).await?, listen);
     let publisher_url = crate::relay_cmd::publisher_url(&args, &file)?;
     if let Some(addr) = args.metrics_addr.or(file.metrics_addr) {
         metrics_endpoint::serve(addr).await?;
@@ -333,7 +350,7 @@ pub(crate) async fn relay(
                 }
                 last_read = std::time::Instant::now();
                 match source.read(&table).await {
-                    Ok(members) => apply(&fleet, &mut current, members).await,
+                    Ok(members) => apply(&fleet, &mut current, polling(members, listen)).await,
                     Err(e) => {
                         tracing::warn!(error = %report::describe(&e), "cannot read the list of stores again; serving the stores of the last good read")
                     }
@@ -470,4 +487,29 @@ pub(crate) async fn stats(source: Source, table: &str, json: bool) -> Result<u8,
         }
     }
     Ok(if failed > 0 { exit::FAILED } else { exit::OK })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `listen = false` in an entry, and `--no-listen` for every entry.
+    #[test]
+    fn listen_comes_from_the_entry_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("stores.toml");
+        std::fs::write(
+            &list,
+            "[[store]]\nname = \"a\"\nurl = \"postgres://h/a\"\nlisten = false\n\n\
+             [[store]]\nname = \"b\"\nurl = \"postgres://h/b\"\n",
+        )
+        .unwrap();
+        let members = load(&list, "outbox").unwrap();
+        assert!(!members["a"].listen);
+        assert!(members["b"].listen, "listens by default");
+        let all = polling(members.clone(), true);
+        assert!(!all["a"].listen && all["b"].listen);
+        let none = polling(members, false);
+        assert!(!none["a"].listen && !none["b"].listen);
+    }
 }

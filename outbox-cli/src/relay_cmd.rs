@@ -25,9 +25,27 @@ pub(crate) async fn shutdown_signal() {
     tracing::info!("stop requested; finishing the batch in flight");
 }
 
-pub(crate) async fn open_until_ready(url: &str, table: &str) -> Result<Option<AnyStore>, Error> {
+/// The store a relay serves (PostgreSQL: listening for commits unless `listen` is false).
+async fn relay_store(url: &str, table: &str, listen: bool) -> Result<AnyStore, Error> {
+    AnyStore::connect_with(
+        url,
+        outbox_sql::any::AnyOptions {
+            table: table.into(),
+            create: false,
+            listen,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub(crate) async fn open_until_ready(
+    url: &str,
+    table: &str,
+    listen: bool,
+) -> Result<Option<AnyStore>, Error> {
     until_ready("store", url, "outbox_store", || async {
-        let store = AnyStore::open(url, table, false).await?;
+        let store = relay_store(url, table, listen).await?;
         match store.table_exists().await? {
             true => Ok(store),
             false => Err(Error::transient(format!(
@@ -138,7 +156,7 @@ pub(crate) async fn relay(
     }
     // Once: an unreachable store is an error (exit 3). In a loop: it is waited for.
     let store = if args.run_loop {
-        match open_until_ready(store_url, table).await? {
+        match open_until_ready(store_url, table, !args.no_listen).await? {
             Some(s) => s,
             None => {
                 tracing::info!("stopped before the store was ready");
@@ -146,7 +164,7 @@ pub(crate) async fn relay(
             }
         }
     } else {
-        let s = AnyStore::open(store_url, table, false).await?;
+        let s = relay_store(store_url, table, !args.no_listen).await?;
         s.require_table().await?;
         s
     };

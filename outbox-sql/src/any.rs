@@ -62,6 +62,9 @@ pub struct AnyOptions {
     /// relay needs 1 per batch in flight, plus 1 for background work). PostgreSQL's `LISTEN`
     /// connection is apart.
     pub max_connections: u32,
+    /// PostgreSQL only: hear commits through a `LISTEN` connection (default true); false
+    /// polls instead ([`PgOptions::listen`]).
+    pub listen: bool,
 }
 
 impl Default for AnyOptions {
@@ -70,6 +73,7 @@ impl Default for AnyOptions {
             table: "outbox".into(),
             create: true,
             max_connections: 5,
+            listen: true,
         }
     }
 }
@@ -114,6 +118,7 @@ impl AnyStore {
                     PgOptions {
                         table: options.table,
                         max_connections: options.max_connections,
+                        listen: options.listen,
                         ..Default::default()
                     },
                 )

@@ -102,6 +102,75 @@ async fn notify_wakes_a_relay_in_another_process() {
     running.stop().await;
 }
 
+/// `PgOptions::listen = false`: the relay polls, and holds no `LISTEN` connection (a store
+/// behind PgBouncer in transaction mode, or one of many on one server). The same store
+/// opened with the default listens: the count below tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_does_not_listen_polls_and_holds_no_listen_connection() {
+    use outbox_core::conformance::eventually;
+    use outbox_core::{RecordingPublisher, Relay};
+    use std::time::Duration;
+
+    let h = Pg;
+    let writer = h.fresh().await;
+    let url = std::env::var("OUTBOX_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let listeners = || async {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND query ILIKE $1",
+        )
+        .bind(format!("%{}%", writer.table()))
+        .fetch_one(writer.pool())
+        .await
+        .unwrap();
+        n
+    };
+    let outbox = Outbox::builder(writer.clone(), RecordingPublisher::new())
+        .strategy(outbox_core::KeepOrder::default())
+        .build()
+        .unwrap();
+    for listen in [false, true] {
+        let store = PgStore::connect_with(
+            &url,
+            PgOptions {
+                table: writer.table().to_owned(),
+                listen,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let broker = RecordingPublisher::new();
+        let relay = Relay::builder(store, broker.clone())
+            .poll_interval(Duration::from_millis(100))
+            .build()
+            .unwrap();
+        let running = outbox_core::conformance::RunningRelay::spawn(relay);
+        for i in 0..3 {
+            let msg = Message::new("d", i.to_string().into_bytes());
+            // dropped: no in-process wake-up, no publish by the writer
+            drop(h.transact(&writer, &outbox, vec![msg], true).await.unwrap());
+        }
+        eventually("the relay publishes", Duration::from_secs(15), || async {
+            broker.count() == 3
+        })
+        .await;
+        if listen {
+            eventually("the default listens", Duration::from_secs(15), || async {
+                listeners().await == 1
+            })
+            .await;
+        } else {
+            assert_eq!(
+                listeners().await,
+                0,
+                "listen = false opened a LISTEN connection"
+            );
+        }
+        running.stop().await;
+    }
+}
+
 /// Locks that only roles with privileges on the outbox's tables can take: a role with no
 /// privilege holding the advisory keys the store used to lock on stalls nothing, and cannot
 /// take the unit locks; a privileged session holding row locks stalls no claim (claims skip

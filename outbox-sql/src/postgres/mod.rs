@@ -83,6 +83,12 @@ pub struct PgOptions {
     /// locked units and rows, so in practice only recording a batch's outcome can wait.
     /// Default: 5 s.
     pub lock_timeout: Duration,
+    /// Whether a relay of this store holds a `LISTEN` connection to hear commits. `false`:
+    /// it polls every `poll_interval` instead and opens only its pool. For a connection
+    /// pooler in transaction mode (PgBouncer), where `LISTEN` does not work, or many stores
+    /// on one server (a relay over 100 tenant databases would otherwise hold 100 `LISTEN`
+    /// connections on top of their pools). Default: true.
+    pub listen: bool,
 }
 
 impl Default for PgOptions {
@@ -92,6 +98,7 @@ impl Default for PgOptions {
             max_connections: 5,
             acquire_timeout: Duration::from_secs(5),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            listen: true,
         }
     }
 }
@@ -123,6 +130,8 @@ struct Inner {
     sql: Sql,
     notify: Arc<Notify>,
     listening: AtomicBool,
+    /// Whether to `LISTEN` at all ([`PgOptions::listen`]).
+    listen: bool,
     /// A claim's empty units are being forgotten in the background (at most one such task:
     /// a claim that finds one running leaves its empties for a later claim).
     forgetting: crate::common::Background,
@@ -181,6 +190,7 @@ impl PgStore {
         let mut store = Self::from_pool(pool, &options.table)?;
         if let Some(inner) = Arc::get_mut(&mut store.inner) {
             inner.lock_timeout = options.lock_timeout;
+            inner.listen = options.listen;
         }
         Ok(store)
     }
@@ -206,6 +216,7 @@ impl PgStore {
                 sql: Sql::new(table),
                 notify: Arc::new(Notify::new()),
                 listening: AtomicBool::new(false),
+                listen: true,
                 forgetting: Default::default(),
                 listens: Arc::new(tokio::sync::watch::channel(0).0),
             }),
@@ -271,7 +282,7 @@ impl PgStore {
     /// [`Store::start_listening`]) it wakes the relay, since commits made while it was
     /// disconnected were not heard.
     fn start_listener(&self) {
-        if self.inner.listening.swap(true, Ordering::SeqCst) {
+        if !self.inner.listen || self.inner.listening.swap(true, Ordering::SeqCst) {
             return;
         }
         // A connection of its own, outside the store's pool: a listener holds its connection
@@ -762,6 +773,9 @@ impl Store for PgStore {
     }
 
     async fn start_listening(&self) -> outbox_core::Result<()> {
+        if !self.inner.listen {
+            return Ok(());
+        }
         self.start_listener();
         let mut listens = self.inner.listens.subscribe();
         let ready = tokio::time::timeout(LISTEN_START, listens.wait_for(|n| *n > 0))
