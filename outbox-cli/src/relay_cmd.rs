@@ -403,34 +403,41 @@ pub(crate) async fn backlog_gauges(store: Arc<dyn StoreAdmin>) {
         metrics::gauge!("outbox_stats_query_seconds").set(took.as_secs_f64());
         if let Ok(stats) = stats {
             let now = SystemTime::now();
-            let total = stats.total();
-            let mut streams = stats.streams;
-            streams.sort_by_key(|s| std::cmp::Reverse(s.pending + s.dead));
-            let mut rows: Vec<_> = streams
-                .drain(..streams.len().min(MAX_STREAM_SERIES))
-                .collect();
-            if !streams.is_empty() {
-                let rest = outbox_core::Stats { streams }.total();
-                rows.push(outbox_core::StreamStats {
-                    stream: "(other)".into(),
-                    ..rest
-                });
-            }
-            rows.push(total);
-            for s in rows {
+            for s in capped(stats) {
                 let stream = printable(&s.stream).into_owned();
                 metrics::gauge!("outbox_backlog", "stream" => stream.clone()).set(s.pending as f64);
                 metrics::gauge!("outbox_dead", "stream" => stream.clone()).set(s.dead as f64);
-                let age = s
-                    .oldest_pending
-                    .and_then(|t| now.duration_since(t).ok())
-                    .unwrap_or_default();
                 metrics::gauge!("outbox_oldest_pending_seconds", "stream" => stream)
-                    .set(age.as_secs_f64());
+                    .set(oldest_seconds(&s, now));
             }
         }
         tokio::time::sleep(gauge_pause(took)).await;
     }
+}
+
+/// The rows of a gauge family: the [`MAX_STREAM_SERIES`] largest (pending plus dead) by
+/// name, the rest summed under "(other)", and the total under "*".
+pub(crate) fn capped(stats: outbox_core::Stats) -> Vec<outbox_core::StreamStats> {
+    let total = stats.total();
+    let mut rows = stats.streams;
+    rows.sort_by_key(|s| std::cmp::Reverse(s.pending + s.dead));
+    let rest: Vec<_> = rows.split_off(rows.len().min(MAX_STREAM_SERIES));
+    if !rest.is_empty() {
+        rows.push(outbox_core::StreamStats {
+            stream: "(other)".into(),
+            ..outbox_core::Stats { streams: rest }.total()
+        });
+    }
+    rows.push(total);
+    rows
+}
+
+/// How old a row's oldest pending message is, in seconds (0 with none).
+pub(crate) fn oldest_seconds(s: &outbox_core::StreamStats, now: SystemTime) -> f64 {
+    s.oldest_pending
+        .and_then(|t| now.duration_since(t).ok())
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 #[cfg(test)]

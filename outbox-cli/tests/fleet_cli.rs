@@ -277,7 +277,25 @@ async fn one_relay_process_serves_a_list_of_stores() {
             .any(|l| l.contains("store left the list") && l.contains("s2"))
     })
     .await;
-    // Per-store metrics: up, and what each published.
+    // Two messages of s1 due in an hour: its backlog, as a gauge of its own and in the sum.
+    {
+        let store = AnyStore::connect_with(
+            &sqlite("s1"),
+            AnyOptions {
+                create: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let outbox = Outbox::writer(store.clone()).build().unwrap();
+        let mut tx = store.begin().await.unwrap();
+        let later = (0..2)
+            .map(|i| Message::new(dest("s1"), vec![b'0' + i]).delay(Duration::from_secs(3600)));
+        let after = outbox.enqueue(&mut tx, later).await.unwrap();
+        tx.commit(after).await.unwrap();
+    }
+    // Per-store metrics: up, what each published, and each one's backlog.
     let scrape = || {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&metrics).unwrap();
@@ -295,6 +313,10 @@ async fn one_relay_process_serves_a_list_of_stores() {
         m.contains("outbox_store_up{store=\"s0\"} 1")
             && m.contains("outbox_store_published_total{store=\"s0\"} 20")
             && m.contains("outbox_store_published_total{store=\"broken\"} 10")
+            && m.contains("outbox_store_backlog{store=\"s1\"} 2")
+            && m.contains("outbox_store_backlog{store=\"s0\"} 0")
+            && m.contains("outbox_store_backlog{store=\"*\"} 2")
+            && m.contains("outbox_store_oldest_pending_seconds{store=\"s1\"}")
     })
     .await;
     // A list that no longer reads keeps the last good one: s0 is still served.
