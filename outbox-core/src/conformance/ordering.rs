@@ -3,8 +3,46 @@
 use super::*;
 
 /// Contract point 4: Keep-order: commit order per (stream, key) under random transient
-/// failures, with four relays (each its own connection) at once; nothing published twice.
+/// failures, with four relays (each its own connection, two batches at once each) at once;
+/// nothing published twice. Run twice: with a publisher that gets one row per unit per call,
+/// and with one that keeps a batch's order (its relays claim units 16 rows deep, and a
+/// failure in a batch stops the rest of it).
 pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
+    keep_order_with_four_relays(h, false).await;
+    keep_order_with_four_relays(h, true).await;
+}
+
+/// Fails at random (as [`FaultyPublisher::random`]); keeps a batch's order: after a failure,
+/// nothing more of the batch is sent.
+struct OrderedFaulty(FaultyPublisher<RecordingPublisher>);
+
+#[async_trait]
+impl crate::Publisher for OrderedFaulty {
+    async fn publish(&self, env: &Envelope) -> crate::Result<()> {
+        self.0.publish(env).await
+    }
+    fn ordered_batches(&self) -> bool {
+        true
+    }
+    async fn publish_batch(&self, batch: &[&Envelope]) -> Vec<crate::Result<()>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut failed = false;
+        for env in batch {
+            out.push(if failed {
+                Err(Error::transient(
+                    "not sent: an earlier message of the batch failed",
+                ))
+            } else {
+                let r = self.0.publish(env).await;
+                failed = r.is_err();
+                r
+            });
+        }
+        out
+    }
+}
+
+async fn keep_order_with_four_relays<H: Harness>(h: &H, ordered: bool) {
     let store = h.fresh().await;
     let broker = RecordingPublisher::new();
     let outbox = base(store.clone(), RecordingPublisher::new())
@@ -37,16 +75,19 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     }
     assert_eq!(relays.len(), 4);
     for (i, s) in relays.into_iter().enumerate() {
-        let relay = Relay::builder(
-            s,
-            FaultyPublisher::random(broker.clone(), 0.25, 7 + i as u64),
-        )
-        .retry(fast_retry(1_000))
-        .batch_size(5)
-        .concurrency(2)
-        .poll_interval(Duration::from_millis(20))
-        .build()
-        .unwrap();
+        let faulty = FaultyPublisher::random(broker.clone(), 0.25, 7 + i as u64);
+        let publisher: Arc<dyn crate::Publisher> = if ordered {
+            Arc::new(OrderedFaulty(faulty))
+        } else {
+            Arc::new(faulty)
+        };
+        let relay = Relay::builder(s, publisher)
+            .retry(fast_retry(1_000))
+            .batch_size(5)
+            .concurrency(2)
+            .poll_interval(Duration::from_millis(20))
+            .build()
+            .unwrap();
         running.push(RunningRelay::spawn(relay));
     }
     eventually("all keep-order messages published", DEADLINE, || async {
@@ -68,7 +109,10 @@ pub async fn keep_order_per_key_under_failures<H: Harness>(h: &H) {
     }
     for (unit, ns) in &seen {
         let expect: Vec<usize> = (0..ns.len()).collect();
-        assert_eq!(ns, &expect, "unit {unit:?} published out of order or twice");
+        assert_eq!(
+            ns, &expect,
+            "unit {unit:?} published out of order or twice (ordered publisher: {ordered})"
+        );
     }
     assert_eq!(broker.count(), expected);
 }
