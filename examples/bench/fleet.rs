@@ -83,67 +83,73 @@ fn config() -> RelayConfig {
     }
 }
 
+/// Drain `total` messages of `stores` with one `Fleet` (`fleet` true, 8 batches at once)
+/// or a relay per store; returns the open files while draining.
+async fn drain(
+    stores: Vec<(String, Arc<dyn Store>)>,
+    fleet: bool,
+    counter: &Counter,
+    total: usize,
+) -> Res<usize> {
+    let done = || async {
+        while counter.total() < total {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        open_files()
+    };
+    if fleet {
+        let fleet = Fleet::builder(counter.clone())
+            .config(config())
+            .max_batches(8)
+            .build()?;
+        for (name, s) in stores {
+            fleet.add(&name, s)?;
+        }
+        let fds = done().await;
+        fleet.shutdown().await;
+        return Ok(fds);
+    }
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks: Vec<_> = stores
+        .into_iter()
+        .map(|(_, s)| {
+            let relay = Relay::builder(s, counter.clone())
+                .config(config())
+                .build()
+                .unwrap();
+            let mut stopped = stopped.clone();
+            tokio::spawn(async move {
+                relay
+                    .run(async move {
+                        let _ = stopped.wait_for(|s| *s).await;
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let fds = done().await;
+    let _ = stop.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(fds)
+}
+
 /// The child process of one drain: `mode` is `fleet` or `relays`, over `stores` SQLite
 /// files in `dir` holding `rows` each. Prints `msg/s peak-RSS-KiB open-files`.
 pub(super) async fn child(mode: &str, dir: &str, stores: usize, rows: usize) -> Res {
     let dir = Path::new(dir);
     let counter = Counter::default();
-    let opened: Vec<(String, SqliteStore)> = (0..stores)
+    let opened: Vec<(String, Arc<dyn Store>)> = (0..stores)
         .map(|i| {
             let name = format!("s{i}");
-            Ok((
-                name.clone(),
-                SqliteStore::open(dir.join(format!("{name}.db")))?,
-            ))
+            let store = SqliteStore::open(dir.join(format!("{name}.db")))?;
+            Ok((name, Arc::new(store) as Arc<dyn Store>))
         })
         .collect::<Res<_>>()?;
     let total = stores * rows;
     let started = Instant::now();
-    let mut fds = 0;
-    match mode {
-        "fleet" => {
-            let fleet = Fleet::builder(counter.clone())
-                .config(config())
-                .max_batches(8)
-                .build()?;
-            for (name, s) in opened {
-                fleet.add(&name, Arc::new(s))?;
-            }
-            while counter.total() < total {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            fds = open_files();
-            fleet.shutdown().await;
-        }
-        _ => {
-            let (stop, stopped) = tokio::sync::watch::channel(false);
-            let tasks: Vec<_> = opened
-                .into_iter()
-                .map(|(_, s)| {
-                    let relay = Relay::builder(Arc::new(s) as Arc<dyn Store>, counter.clone())
-                        .config(config())
-                        .build()
-                        .unwrap();
-                    let mut stopped = stopped.clone();
-                    tokio::spawn(async move {
-                        relay
-                            .run(async move {
-                                let _ = stopped.wait_for(|s| *s).await;
-                            })
-                            .await
-                    })
-                })
-                .collect();
-            while counter.total() < total {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            fds = open_files().max(fds);
-            let _ = stop.send(true);
-            for t in tasks {
-                let _ = t.await;
-            }
-        }
-    }
+    let fds = drain(opened, mode == "fleet", &counter, total).await?;
     let took = started.elapsed();
     let status = std::fs::read_to_string("/proc/self/status")?;
     let hwm = status
@@ -180,49 +186,11 @@ pub(super) async fn pg_child(mode: &str, prefix: &str, stores: usize, rows: usiz
             },
         )
         .await?;
-        opened.push((format!("{prefix}{i}"), store));
+        opened.push((format!("{prefix}{i}"), Arc::new(store) as Arc<dyn Store>));
     }
     let total = stores * rows;
     let started = Instant::now();
-    if mode == "relays" {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let tasks: Vec<_> = opened
-            .into_iter()
-            .map(|(_, s)| {
-                let relay = Relay::builder(s, counter.clone())
-                    .config(config())
-                    .build()
-                    .unwrap();
-                let mut stopped = stopped.clone();
-                tokio::spawn(async move {
-                    relay
-                        .run(async move {
-                            let _ = stopped.wait_for(|s| *s).await;
-                        })
-                        .await
-                })
-            })
-            .collect();
-        while counter.total() < total {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let _ = stop.send(true);
-        for t in tasks {
-            let _ = t.await;
-        }
-    } else {
-        let fleet = Fleet::builder(counter.clone())
-            .config(config())
-            .max_batches(8)
-            .build()?;
-        for (name, s) in opened {
-            fleet.add(&name, Arc::new(s))?;
-        }
-        while counter.total() < total {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        fleet.shutdown().await;
-    }
+    drain(opened, mode != "relays", &counter, total).await?;
     println!("{:.0}", rate(total, started.elapsed()));
     Ok(())
 }

@@ -428,17 +428,14 @@ fn keys_and_payloads(rows: Vec<crate::Claimed>) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Claims read keep-order units [`Claim::depth`] rows deep and fill a batch unit by unit, the
-/// unit whose first row is oldest first, each unit's rows a prefix in order: a second relay
-/// finds units of its own. Depth 1 spreads a batch over the units. A relay whose publisher
-/// keeps a batch's order asks for depth, so one batch takes a unit's whole run.
-pub async fn deep_claims_take_units_whole<H: Harness>(h: &H) {
+/// A fresh store holding 4 keep-order units (`u0`..`u3`) of 8 rows, written interleaved:
+/// u0's first row is the oldest, then u1's, ...
+async fn four_interleaved_units<H: Harness>(h: &H) -> Arc<H::Store> {
     let store = h.fresh().await;
     let outbox = base(store.clone(), RecordingPublisher::new())
         .strategy(KeepOrder::default())
         .build()
         .unwrap();
-    // 4 units of 8 rows, written interleaved: u0's first row is the oldest, then u1's, ...
     let rows = (0..8)
         .flat_map(|i| (0..4).map(move |u| msg("s", Some(&format!("u{u}")), i)))
         .collect();
@@ -446,6 +443,15 @@ pub async fn deep_claims_take_units_whole<H: Harness>(h: &H) {
         .await
         .unwrap()
         .dispatch();
+    store
+}
+
+/// Claims read keep-order units [`Claim::depth`] rows deep and fill a batch unit by unit, the
+/// unit whose first row is oldest first, each unit's rows a prefix in order: a second relay
+/// finds units of its own. Depth 1 spreads a batch over the units. A relay whose publisher
+/// keeps a batch's order asks for depth, so one batch takes a unit's whole run.
+pub async fn deep_claims_take_units_whole<H: Harness>(h: &H) {
+    let store = four_interleaved_units(h).await;
     let whole = |key: &str| -> Vec<(String, String)> {
         (0..8).map(|i| (key.to_owned(), i.to_string())).collect()
     };
@@ -469,18 +475,7 @@ pub async fn deep_claims_take_units_whole<H: Harness>(h: &H) {
     assert_eq!(c, spread, "depth 1 spreads a batch over the free units");
 
     // Through a relay: one batch for a publisher that keeps a batch's order is one unit's run.
-    let store = h.fresh().await;
-    let outbox = base(store.clone(), RecordingPublisher::new())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let rows = (0..8)
-        .flat_map(|i| (0..4).map(move |u| msg("s", Some(&format!("u{u}")), i)))
-        .collect();
-    h.transact(&store, &outbox, rows, true)
-        .await
-        .unwrap()
-        .dispatch();
+    let store = four_interleaved_units(h).await;
     let broker = InOrder::default();
     let relay = Relay::builder(store.clone(), broker.clone())
         .batch_size(8)
