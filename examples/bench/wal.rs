@@ -449,6 +449,15 @@ async fn drain(n: usize) -> Res {
     let _ = stop.send(true);
     h.await??;
 
+    // For profiling the WAL relay alone: OUTBOX_BENCH_WAL_ONLY=1 stops here.
+    if std::env::var_os("OUTBOX_BENCH_WAL_ONLY").is_some() {
+        println!(
+            "\nWAL relay only: {:.0} msg/s ({} messages in {wal:?}, first publish after {started:?})",
+            n as f64 / wal.as_secs_f64(),
+            n
+        );
+        return Ok(());
+    }
     let count2 = Count::default();
     let relay = Relay::builder(polling.clone(), count2.clone()).build()?;
     let (stop, mut rx) = tokio::sync::watch::channel(false);
