@@ -449,13 +449,15 @@ async fn drain(n: usize) -> Res {
     let _ = stop.send(true);
     h.await??;
 
-    // For profiling the WAL relay alone: OUTBOX_BENCH_WAL_ONLY=1 stops here.
+    // For profiling the WAL relay alone: OUTBOX_BENCH_WAL_ONLY=1 stops here (after the
+    // clean-up: a slot left behind keeps WAL on the server for good).
     if std::env::var_os("OUTBOX_BENCH_WAL_ONLY").is_some() {
         println!(
             "\nWAL relay only: {:.0} msg/s ({} messages in {wal:?}, first publish after {started:?})",
             n as f64 / wal.as_secs_f64(),
             n
         );
+        drain_cleanup(&s, &bare_slot, &polling).await;
         return Ok(());
     }
     let count2 = Count::default();
@@ -507,8 +509,14 @@ async fn drain(n: usize) -> Res {
             "MISSED"
         }
     );
+    drain_cleanup(&s, &bare_slot, &polling).await;
+    Ok(())
+}
+
+/// Drop what the drain section made: the bare reader's slot, the polling table, the rest.
+async fn drain_cleanup(s: &Setup, bare_slot: &str, polling: &PgStore) {
     let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(&bare_slot)
+        .bind(bare_slot)
         .execute(s.pg.pool())
         .await;
     let t = polling.table().to_owned();
@@ -518,7 +526,6 @@ async fn drain(n: usize) -> Res {
     .execute(polling.pool())
     .await;
     s.cleanup().await;
-    Ok(())
 }
 
 /// host, user, database, port of the benchmark's URL (trust auth on loopback).
