@@ -292,6 +292,78 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// `relay --loop --no-listen` (PgBouncer in transaction mode, many stores on one server):
+/// it polls every `--interval` and holds no LISTEN connection while it publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_loop_without_listen_polls() {
+    let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
+    let url = pg_url();
+    assert!(ok(&["--store", &url, "--table", &table, "migrate"]).contains("ready"));
+    let store = PgStore::connect_with(
+        &url,
+        PgOptions {
+            table: table.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut child = bin()
+        .args([
+            "--store",
+            &url,
+            "--table",
+            &table,
+            "relay",
+            "--publisher",
+            "stdout",
+        ])
+        .args(["--loop", "--interval", "100ms", "--no-listen"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut tx_db = store.pool().begin().await.unwrap();
+    let msgs: Vec<Message> = (0..3)
+        .map(|i: u8| Message::new("d", i.to_string().into_bytes()).key("k"))
+        .collect();
+    drop(outbox.enqueue(&mut tx_db, msgs).await.unwrap());
+    tx_db.commit().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("relay polled within the deadline");
+        if line.starts_with("published ") {
+            got.push(line.rsplit("payload=").next().unwrap().to_owned());
+        }
+    }
+    assert_eq!(got, vec!["0", "1", "2"]);
+    let listeners: i64 = outbox_sql::postgres::sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' AND query ILIKE $1",
+    )
+    .bind(format!("%{table}%"))
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(listeners, 0, "--no-listen opened a LISTEN connection");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
     let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
