@@ -301,6 +301,73 @@ async fn postgres_inbox_steps_and_a_race_of_two_consumers() {
     .await;
 }
 
+/// On a pool of one connection: duplicates and a failing handler each end their transaction,
+/// so the next message still gets the connection (a transaction left open would block or
+/// fail it), and a consumer name made to break out of an SQL literal is stored as it is and
+/// runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_inbox_duplicates_leave_the_only_connection_clean_and_names_stay_data() {
+    let (store, table, effects) = pg().await;
+    let one = PgStore::connect_with(
+        &pg_url(),
+        outbox_sql::postgres::PgOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let table_1 = one.inbox_table(table.table()).unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let consumer = format!("o'brien\\'); DROP TABLE {effects}; -- \u{e9}$$ \"x\"");
+    let inbox = table_1
+        .consumer(
+            &consumer,
+            Record {
+                effects: effects.clone(),
+                runs: runs.clone(),
+            },
+        )
+        .unwrap();
+    let m = Received::new(MessageId::new(), "t", b"x".to_vec());
+    assert_eq!(inbox.process(&m).await.unwrap(), Processed::Done);
+    for _ in 0..3 {
+        assert_eq!(inbox.process(&m).await.unwrap(), Processed::Duplicate);
+    }
+    // A failing handler after a duplicate: rolled back, and the connection still serves.
+    let f = Received::new(MessageId::new(), "t", b"fail".to_vec());
+    assert!(inbox.process(&f).await.is_err());
+    let n = Received::new(MessageId::new(), "t", b"y".to_vec());
+    assert_eq!(inbox.process(&n).await.unwrap(), Processed::Done);
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "m once, f once (rolled back), n once"
+    );
+    let stored: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT DISTINCT consumer FROM {} WHERE id = $1::uuid OR id = $2::uuid",
+        table.table()
+    ))
+    .bind(m.id.to_string())
+    .bind(n.id.to_string())
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(stored, [consumer]);
+    let effects_left: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {effects}"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        effects_left, 2,
+        "the effects table is intact: m's and n's effects"
+    );
+    assert_eq!(
+        inbox.start(&[m.id, f.id, n.id]).await.unwrap(),
+        [Seen::Done, Seen::New { attempts: 1 }, Seen::Done]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mariadb_inbox_steps_and_a_race_of_two_consumers() {
     let (store, table, effects) = mysql().await;
