@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use outbox_core::conformance::eventually;
 use outbox_core::{
-    Envelope, Error, FaultyPublisher, KeepOrder, Message, Outbox, RecordingPublisher, RetryPolicy,
-    StoreAdmin,
+    Envelope, Error, FaultyPublisher, KeepOrder, Message, MessageId, Outbox, RecordingPublisher,
+    RetryPolicy, StoreAdmin,
 };
 use outbox_sql::postgres::sqlx::{self, Connection};
 use outbox_sql::postgres::wal::{slot_lag, WalRelay, WalStore};
@@ -503,6 +503,13 @@ async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_o
         .execute(&mut *tx)
         .await
         .unwrap();
+    // A message that counts whole or not at all: its first record is sound, its second cut
+    // short. The first must not be published on its own.
+    sqlx::query("SELECT pg_logical_emit_message(true, 'outbox', $1::bytea)")
+        .bind(half_sound_message())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     commit(&w, vec![a(4)]).await;
     eventually("a/4 delivered", Duration::from_secs(30), || async {
@@ -514,12 +521,16 @@ async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_o
         vec!["a/1", "a/3", "a/4"]
     );
     // A round publishes, then writes aside: the dead letters may land just after a/4.
-    eventually("two dead letters", Duration::from_secs(10), || async {
-        w.store.dead_letters(None, 10).await.unwrap().len() == 2
+    eventually("three dead letters", Duration::from_secs(10), || async {
+        w.store.dead_letters(None, 10).await.unwrap().len() == 3
     })
     .await;
     let dead = w.store.dead_letters(None, 10).await.unwrap();
-    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(
+        !broker.published().iter().any(|e| text(e) == "b/1"),
+        "the sound half of a broken message was published"
+    );
     let reasons: Vec<String> = dead.iter().filter_map(|d| d.last_error.clone()).collect();
     assert!(
         reasons
@@ -531,9 +542,40 @@ async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_o
         reasons.iter().any(|r| r.contains("undecodable")),
         "{reasons:?}"
     );
+    assert!(
+        reasons.iter().any(|r| r.contains("record 1: truncated")),
+        "{reasons:?}"
+    );
     assert!(dead.iter().any(|d| d.envelope.message.payload == b"a/2"));
     stop.send(()).unwrap();
     task.await.unwrap().0.unwrap();
+}
+
+/// A table-less message in the writer's format (see `record.rs`) claiming two records: the
+/// first whole (payload "b/1", unit "b", keep-order), the second cut after its id.
+fn half_sound_message() -> Vec<u8> {
+    fn put(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    let mut m = b"OBX1".to_vec();
+    m.extend_from_slice(&2u32.to_be_bytes());
+    put(&mut m, MessageId::new().to_string().as_bytes());
+    m.extend_from_slice(&1_700_000_000_000i64.to_be_bytes());
+    m.extend_from_slice(&[1, 0]); // in its unit, default exhaustion
+    for s in ["b", "s", "o"] {
+        put(&mut m, s.as_bytes()); // unit, stream, destination
+    }
+    m.push(0); // no key
+    put(&mut m, b"application/octet-stream");
+    m.extend_from_slice(&0u32.to_be_bytes()); // no headers
+    put(&mut m, b"b/1");
+    m.push(0); // no signature
+    m.extend_from_slice(&0u64.to_be_bytes()); // no delay
+    m.push(0); // no not-before
+    put(&mut m, MessageId::new().to_string().as_bytes());
+    m.extend_from_slice(&[0; 40]); // room for the count check, then the record stops short
+    m
 }
 
 /// One transaction of 100 000 messages (several logical messages, read with a buffer of

@@ -72,7 +72,17 @@ pub(crate) fn encode(rows: &[NewMessage]) -> Vec<u8> {
 
 /// Decode one logical message back into the rows it holds, in order: pending, for the relay
 /// to publish, with no attempt made yet.
+#[cfg(test)]
 pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<NewMessage>, String> {
+    let mut rows = Vec::new();
+    decode_each(bytes, |row| rows.push(row))?;
+    Ok(rows)
+}
+
+/// [`decode`] without the intermediate `Vec`: each row goes to `each` as it is read (the
+/// relay's hot path). On an error some rows may have been given already: the caller takes
+/// them back, since a message counts whole or not at all.
+pub(crate) fn decode_each(bytes: &[u8], mut each: impl FnMut(NewMessage)) -> Result<(), String> {
     let mut r = Reader { bytes, at: 0 };
     if r.take(4)? != MAGIC {
         return Err("not an outbox WAL message (bad magic or version)".into());
@@ -82,9 +92,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<NewMessage>, String> {
     if count > bytes.len() / 40 {
         return Err(format!("claims {count} records in {} bytes", bytes.len()));
     }
-    let mut rows = Vec::with_capacity(count);
     for i in 0..count {
-        rows.push(record(&mut r).map_err(|e| format!("record {i}: {e}"))?);
+        each(record(&mut r).map_err(|e| format!("record {i}: {e}"))?);
     }
     if r.at != bytes.len() {
         return Err(format!(
@@ -92,14 +101,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Vec<NewMessage>, String> {
             bytes.len() - r.at
         ));
     }
-    Ok(rows)
+    Ok(())
 }
 
 fn record(r: &mut Reader<'_>) -> Result<NewMessage, String> {
-    let id = r.str("id")?;
+    let id = r.str_ref("id")?;
     let id = id
         .parse()
-        .map_err(|_| format!("id {:?} is not a UUID", printable(&id)))?;
+        .map_err(|_| format!("id {:?} is not a UUID", printable(id)))?;
     let created_at = from_millis(r.i64()?);
     let order = match r.u8()? {
         0 => Order::Unordered,
@@ -244,9 +253,12 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
 
+    fn str_ref(&mut self, what: &str) -> Result<&'a str, String> {
+        std::str::from_utf8(self.bytes()?).map_err(|_| format!("{what} is not UTF-8"))
+    }
+
     fn str(&mut self, what: &str) -> Result<String, String> {
-        let b = self.bytes()?;
-        String::from_utf8(b.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+        self.str_ref(what).map(str::to_owned)
     }
 
     fn opt_str(&mut self, what: &str) -> Result<Option<String>, String> {

@@ -146,6 +146,7 @@ impl WalRelayBuilder {
         Ok(WalRelay {
             inner: Arc::new(Inner {
                 wal_table: self.store.writes_rows().then(|| self.store.wal_table()),
+                signing_scope: self.store.signing_scope(),
                 store: self.store,
                 publisher: self.publisher,
                 repl,
@@ -186,6 +187,8 @@ struct Inner {
     standby_interval: Duration,
     max_retained_bytes: u64,
     counters: Counters,
+    /// The store's signing scope, read once (checked for every message).
+    signing_scope: String,
 }
 
 /// What a [`WalRelay`] has done since it started.
@@ -457,7 +460,7 @@ impl Inner {
             if st
                 .buffer
                 .iter()
-                .any(|it| it.fate != Fate::Done && it.unit.as_ref() == Some(&u))
+                .any(|it| it.fate != Fate::Done && it.is_unit(&u))
             {
                 continue;
             }
@@ -508,8 +511,8 @@ impl Inner {
                 if it.fate == Fate::Wal && it.attempts > 0 && it.not_before > now {
                     it.row.retry_after = it.not_before - now;
                     it.fate = Fate::Aside { park: false };
-                    if let Some(u) = &it.unit {
-                        st.diverted.insert(u.clone());
+                    if let Some(u) = it.unit() {
+                        st.diverted.insert(u);
                     }
                 }
             }
@@ -527,8 +530,10 @@ impl Inner {
             if it.fate != Fate::Wal {
                 continue;
             }
-            if let Some(u) = &it.unit {
-                if stopped.contains(&it.uid) || (diverting && st.diverted.contains(u)) {
+            if it.ordered() {
+                if stopped.contains(&it.uid)
+                    || (diverting && it.unit().is_some_and(|u| st.diverted.contains(&u)))
+                {
                     continue;
                 }
                 if it.not_before > now {
@@ -583,7 +588,7 @@ impl Inner {
                 match r {
                     Ok(()) => {
                         let it = &st.buffer[i];
-                        if it.unit.is_some() && failed_units.contains(&it.uid) {
+                        if it.ordered() && failed_units.contains(&it.uid) {
                             metrics::counter!("outbox_order_gaps_total").increment(1);
                             tracing::warn!(id = %it.row.envelope.id, "a later message of a unit was acknowledged after an earlier one failed in the same batch");
                         }
@@ -652,9 +657,9 @@ impl Inner {
                 it.fate = Fate::Aside { park: false };
             }
         }
-        if let (Fate::Aside { .. }, Some(u)) = (it.fate, &it.unit) {
+        if let (Fate::Aside { .. }, Some(u)) = (it.fate, it.unit()) {
             if it.row.status != Status::Dead {
-                st.diverted.insert(u.clone());
+                st.diverted.insert(u);
             }
         }
     }
@@ -667,8 +672,8 @@ impl Inner {
         let mut idx = Vec::new();
         for (i, it) in st.buffer.iter_mut().enumerate().take(window) {
             if diverting && it.fate == Fate::Wal {
-                if let Some(u) = &it.unit {
-                    if st.diverted.contains(u) {
+                if let Some(u) = it.unit() {
+                    if st.diverted.contains(&u) {
                         it.fate = Fate::Aside { park: false };
                     }
                 }
@@ -689,7 +694,7 @@ impl Inner {
         }
         for &i in &idx {
             let it = &st.buffer[i];
-            if let (Fate::Aside { park: true }, Some(u)) = (it.fate, &it.unit) {
+            if let (Fate::Aside { park: true }, Some(u)) = (it.fate, it.unit()) {
                 let reason = it.row.last_error.clone().unwrap_or_default();
                 if let Err(e) = self.store.table().park_unit(&u.0, &u.1, &reason).await {
                     tracing::warn!(error = %e, stream = %u.0, unit = %u.1, "WAL relay: could not park the unit; the table relay parks it at its next failure");
@@ -724,7 +729,7 @@ impl Inner {
                         unit: &row.unit,
                         exhausted: row.exhausted,
                     },
-                    &self.store.signing_scope(),
+                    &self.signing_scope,
                     row.signature.as_deref(),
                 )
             });
@@ -783,13 +788,33 @@ enum Fate {
 struct Item {
     txn: u64,
     row: NewMessage,
-    unit: Option<UnitKey>,
-    /// Hashes of the unit and the destination, for the rounds' bookkeeping.
+    /// Hashes of the unit (0 when unordered) and the destination, for the rounds'
+    /// bookkeeping.
     uid: u64,
     dest: u64,
     attempts: u32,
     not_before: Instant,
     fate: Fate,
+}
+
+impl Item {
+    fn ordered(&self) -> bool {
+        self.row.order == Order::InUnit
+    }
+
+    /// The keep-order unit, as an owned key (for the rare paths: diverting, parking).
+    fn unit(&self) -> Option<UnitKey> {
+        self.ordered().then(|| {
+            (
+                self.row.envelope.message.stream.clone(),
+                self.row.unit.clone(),
+            )
+        })
+    }
+
+    fn is_unit(&self, u: &UnitKey) -> bool {
+        self.ordered() && self.row.envelope.message.stream == u.0 && self.row.unit == u.1
+    }
 }
 
 /// A committed transaction's position and how many of its messages are unresolved.
@@ -805,8 +830,10 @@ struct State {
     buffer: VecDeque<Item>,
     txns: VecDeque<Txn>,
     next_txn: u64,
-    /// Messages of the transaction being read (between Begin and Commit).
-    current: Option<Vec<(NewMessage, Fate)>>,
+    /// Messages of the transaction being read (between Begin and Commit), in a `Vec` kept
+    /// for the next transaction (no allocation per transaction), and whether one is open.
+    current: Vec<(NewMessage, Fate)>,
+    in_txn: bool,
     diverted: HashSet<UnitKey>,
     /// When the next round is due without a new event (set by each round).
     wake: Option<Instant>,
@@ -829,7 +856,8 @@ impl State {
             buffer: VecDeque::new(),
             txns: VecDeque::new(),
             next_txn: 0,
-            current: None,
+            current: Vec::new(),
+            in_txn: false,
             diverted,
             wake: None,
             relations: HashMap::new(),
@@ -849,7 +877,10 @@ impl State {
         relay: &Inner,
     ) -> std::result::Result<(), End> {
         match ev {
-            ReplicationEvent::Begin { .. } => self.current = Some(Vec::new()),
+            ReplicationEvent::Begin { .. } => {
+                self.current.clear();
+                self.in_txn = true;
+            }
             ReplicationEvent::XLogData { data, .. } if relay.wal_table.is_some() => {
                 self.on_change(&data, relay);
             }
@@ -859,14 +890,7 @@ impl State {
                 content,
                 ..
             } if transactional && p == prefix => {
-                let rows = match record::decode(&content) {
-                    Ok(rows) => rows.into_iter().map(|r| relay.admit(r)).collect(),
-                    Err(reason) => vec![(
-                        relay.quarantine(&content, reason),
-                        Fate::Aside { park: false },
-                    )],
-                };
-                self.current.get_or_insert_with(Vec::new).extend(rows);
+                self.decode(&content, &content, relay);
             }
             ReplicationEvent::Commit {
                 end_lsn,
@@ -881,30 +905,32 @@ impl State {
                     .map_or(0, |d| d.as_micros() as i64);
                 let lag = (now - PG_EPOCH_MICROS - commit_time_micros).max(0);
                 metrics::gauge!("outbox_wal_lag_seconds").set(lag as f64 / 1e6);
-                let rows = self.current.take().unwrap_or_default();
+                self.in_txn = false;
                 let id = self.next_txn;
                 self.next_txn += 1;
                 self.txns.push_back(Txn {
                     id,
                     end_lsn,
-                    open: rows.len(),
+                    open: self.current.len(),
                     max_seq: self.current_seq.take(),
                 });
                 let now = Instant::now();
-                for (row, fate) in rows {
-                    let unit = (row.order == Order::InUnit)
-                        .then(|| (row.envelope.message.stream.clone(), row.unit.clone()));
-                    if let (Fate::Aside { .. }, Some(u)) = (fate, &unit) {
-                        if row.status != Status::Dead {
-                            self.diverted.insert(u.clone());
-                        }
+                for (row, fate) in self.current.drain(..) {
+                    let m = &row.envelope.message;
+                    let ordered = row.order == Order::InUnit;
+                    if ordered && matches!(fate, Fate::Aside { .. }) && row.status != Status::Dead {
+                        self.diverted.insert((m.stream.clone(), row.unit.clone()));
                     }
-                    let uid = unit.as_ref().map_or(0, hash);
-                    let dest = hash(&row.envelope.message.destination);
+                    // The same hash as the owned key's: (String, String) hashes as (str, str).
+                    let uid = if ordered {
+                        hash(&(m.stream.as_str(), row.unit.as_str()))
+                    } else {
+                        0
+                    };
+                    let dest = hash(m.destination.as_str());
                     self.buffer.push_back(Item {
                         txn: id,
                         row,
-                        unit,
                         uid,
                         dest,
                         attempts: 0,
@@ -913,7 +939,7 @@ impl State {
                     });
                 }
             }
-            ReplicationEvent::KeepAlive { wal_end, .. } if self.current.is_none() => {
+            ReplicationEvent::KeepAlive { wal_end, .. } if !self.in_txn => {
                 self.idle_lsn = Some(wal_end);
             }
             ReplicationEvent::StoppedAt { .. } => {
@@ -930,7 +956,7 @@ impl State {
     /// Table mode: a relation description or an inserted row of the append-only table.
     fn on_change(&mut self, data: &[u8], relay: &Inner) {
         let wal_table = relay.wal_table.as_deref().unwrap_or_default();
-        let rows = match pgoutput::parse(data) {
+        match pgoutput::parse(data) {
             Ok(Change::Relation { id, name, columns }) => {
                 let at = |c: &str| columns.iter().position(|x| *x == c);
                 match (name == wal_table, at("seq"), at("batch")) {
@@ -941,7 +967,6 @@ impl State {
                         self.relations.remove(&id);
                     }
                 }
-                return;
             }
             Ok(Change::Insert { relation, values }) => {
                 let Some(&(seq_at, batch_at)) = self.relations.get(&relation) else {
@@ -960,23 +985,31 @@ impl State {
                     .copied()
                     .flatten()
                     .ok_or_else(|| "an inserted row without its batch column".to_owned());
-                let decoded = batch
-                    .and_then(pgoutput::bytea)
-                    .and_then(|bytes| record::decode(&bytes));
-                match decoded {
-                    Ok(rows) => rows.into_iter().map(|r| relay.admit(r)).collect(),
-                    Err(reason) => {
-                        vec![(relay.quarantine(data, reason), Fate::Aside { park: false })]
-                    }
+                match batch.and_then(pgoutput::bytea) {
+                    Ok(bytes) => self.decode(&bytes, data, relay),
+                    Err(reason) => self
+                        .current
+                        .push((relay.quarantine(data, reason), Fate::Aside { park: false })),
                 }
             }
-            Ok(Change::Other) => return,
+            Ok(Change::Other) => {}
             Err(reason) => {
                 tracing::error!(%reason, "WAL relay: a change of the stream does not decode");
-                return;
             }
-        };
-        self.current.get_or_insert_with(Vec::new).extend(rows);
+        }
+    }
+
+    /// One logical message's rows, checked, onto the transaction being read; a message that
+    /// does not decode counts whole or not at all: its rows read so far are taken back and
+    /// `raw` is kept as one dead letter instead.
+    fn decode(&mut self, bytes: &[u8], raw: &[u8], relay: &Inner) {
+        let before = self.current.len();
+        let current = &mut self.current;
+        if let Err(reason) = record::decode_each(bytes, |row| current.push(relay.admit(row))) {
+            self.current.truncate(before);
+            self.current
+                .push((relay.quarantine(raw, reason), Fate::Aside { park: false }));
+        }
     }
 
     /// Message `i` is published or written: its transaction has one fewer open.
@@ -1009,7 +1042,7 @@ impl State {
                 self.confirmed_seq = self.confirmed_seq.max(t.max_seq.unwrap_or(0));
             }
         }
-        if self.txns.is_empty() && self.current.is_none() {
+        if self.txns.is_empty() && !self.in_txn {
             if let Some(idle) = self.idle_lsn.take() {
                 lsn = Some(lsn.map_or(idle, |l: Lsn| l.max(idle)));
             }
