@@ -358,12 +358,17 @@ where
 async fn drain(n: usize) -> Res {
     println!("\n## WAL relay: drain of {n} messages written before the relay starts (100 per transaction, 50 keys, null publisher)\n");
     let s = setup().await?;
-    // A second slot at the same position, for the bare read.
-    let bare_slot = format!("{}_bare", s.slot);
-    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-        .bind(&bare_slot)
-        .execute(s.pg.pool())
-        .await?;
+    // One slot per reader, all at the same position: the relay (s.slot) and the bare read
+    // over TLS, and the same two in plain text. The relay's default is sslmode=prefer, which
+    // is TLS wherever the server offers it, so each is compared on its own transport.
+    let slot = |what: &str| format!("{}_{what}", s.slot);
+    let extra = [slot("bare_tls"), slot("bare_plain"), slot("relay_plain")];
+    for name in &extra {
+        sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(name)
+            .execute(s.pg.pool())
+            .await?;
+    }
     let polling = {
         let pg = PgStore::connect_with(
             &pg_url(),
@@ -398,68 +403,26 @@ async fn drain(n: usize) -> Res {
         let _ = poll_writer.enqueue(&mut tx, msgs(())).await?;
         tx.commit().await?;
     }
-    // Bare: read the stream until every transaction's logical message has arrived (one
-    // per transaction: 100 small messages make one).
-    let url = url_parts();
-    let cfg = pgwire_replication::ReplicationConfig::new(
-        url.0,
-        url.1,
-        "",
-        url.2,
-        bare_slot.clone(),
-        "outbox_wal_bench",
-    )
-    .with_port(url.3);
-    let t0 = Instant::now();
-    let mut client = pgwire_replication::ReplicationClient::connect(cfg).await?;
-    let mut messages = 0usize;
-    let mut first = None;
-    while messages < n / 100 {
-        match client.recv().await? {
-            Some(pgwire_replication::ReplicationEvent::Message { .. }) => {
-                first.get_or_insert_with(Instant::now);
-                messages += 1
-            }
-            Some(_) => {}
-            None => break,
-        }
-    }
-    let bare = t0.elapsed();
-    let bare_started = first.map(|f| f - t0).unwrap_or_default();
-    let bare_steady = n as f64 / (bare - bare_started).as_secs_f64();
-    let bare_rate = n as f64 / bare.as_secs_f64();
-    drop(client);
+    let result = drain_readers(&s, &extra, &polling, n).await;
+    drain_cleanup(&s, &extra, &polling).await;
+    result
+}
 
-    let count = Count::default();
-    let relay = s.relay(count.clone())?;
-    let (stop, mut rx) = tokio::sync::watch::channel(false);
-    let t0 = Instant::now();
-    let h = tokio::spawn(async move {
-        relay
-            .run(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
-    while count.count() < n {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let wal = t0.elapsed();
-    let started = count.1.lock().unwrap().map(|f| f - t0).unwrap_or_default();
-    let _ = stop.send(true);
-    h.await??;
-
+/// The readers of [`drain`], one after the other, and the table.
+async fn drain_readers(s: &Setup, extra: &[String; 3], polling: &PgStore, n: usize) -> Res {
+    let tls = bare_read(&extra[0], n, true).await;
+    let plain = bare_read(&extra[1], n, false).await?;
+    let wal_tls = relay_drain(s, &s.slot, &with_sslmode(&pg_url(), "require"), n).await;
     // For profiling the WAL relay alone: OUTBOX_BENCH_WAL_ONLY=1 stops here (after the
     // clean-up: a slot left behind keeps WAL on the server for good).
     if std::env::var_os("OUTBOX_BENCH_WAL_ONLY").is_some() {
-        println!(
-            "\nWAL relay only: {:.0} msg/s ({} messages in {wal:?}, first publish after {started:?})",
-            n as f64 / wal.as_secs_f64(),
-            n
-        );
-        drain_cleanup(&s, &bare_slot, &polling).await;
+        if let Ok(r) = &wal_tls {
+            println!("\nWAL relay only (TLS): {:.0} msg/s, {r:?}", r.rate(n));
+        }
         return Ok(());
     }
+    let wal_plain = relay_drain(s, &extra[2], &with_sslmode(&pg_url(), "disable"), n).await?;
+
     let count2 = Count::default();
     let relay = Relay::builder(polling.clone(), count2.clone()).build()?;
     let (stop, mut rx) = tokio::sync::watch::channel(false);
@@ -478,47 +441,175 @@ async fn drain(n: usize) -> Res {
     let _ = stop.send(true);
     h.await?;
 
-    let wal_rate = n as f64 / wal.as_secs_f64();
-    let poll_rate = n as f64 / poll.as_secs_f64();
-    println!("| reader | time | msg/s | / bare stream |");
-    println!("|---|---|---|---|");
-    println!("| bare replication stream (no decode, no publish; {messages} logical messages) | {bare:.2?} | {bare_rate:.0} | 1.00 |");
+    println!("Each reader reads its own slot from the same position to the last message. The bare read is `pgwire-replication` alone: no decoding, no publishing. \"Steady\" counts from each reader's first message, leaving out connecting.\n");
+    println!("| transport | reader | time | msg/s | steady msg/s | / bare, steady | machine busy | this process's CPU |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut verdicts = Vec::new();
+    let mut rows = |transport: &str, bare: &Drained, relay: &Drained| {
+        let ratio = relay.steady(n) / bare.steady(n);
+        verdicts.push((transport.to_owned(), ratio));
+        println!("| {transport} | bare replication stream | {:.2?} | {:.0} | {:.0} | 1.00 | {} | {} ms |", bare.time, bare.rate(n), bare.steady(n), bare.busy, bare.own_ms);
+        println!("| {transport} | WAL relay (decode, check, publish, confirm) | {:.2?} | {:.0} | {:.0} | {ratio:.2} | {} | {} ms |", relay.time, relay.rate(n), relay.steady(n), relay.busy, relay.own_ms);
+    };
+    match (&tls, &wal_tls) {
+        (Ok(bare), Ok(relay)) => rows("TLS", bare, relay),
+        (Err(e), _) | (_, Err(e)) => println!("| TLS | skipped: {e} | | | | | | |"),
+    }
+    rows("plain text", &plain, &wal_plain);
     println!(
-        "| WAL relay (decode, publish, confirm) | {wal:.2?} | {wal_rate:.0} | {:.2} |",
-        wal_rate / bare_rate
+        "| plain text | polling relay (claim, publish, settle) | {poll:.2?} | {:.0} | | {:.2} (of the whole bare read) | | |",
+        n as f64 / poll.as_secs_f64(),
+        (n as f64 / poll.as_secs_f64()) / plain.rate(n)
     );
-    let steady = n as f64 / (wal - started).as_secs_f64();
-    println!(
-        "| bare stream, from its first message ({bare_started:.2?} to connect) | {:.2?} | {bare_steady:.0} | 1.00 (steady) |",
-        bare - bare_started
-    );
-    println!(
-        "| WAL relay, from its first publish ({started:.2?} to connect and start) | {:.2?} | {steady:.0} | {:.2} (steady) |",
-        wal - started,
-        steady / bare_steady
-    );
-    println!(
-        "| polling relay (claim, publish, settle) | {poll:.2?} | {poll_rate:.0} | {:.2} |",
-        poll_rate / bare_rate
-    );
-    println!(
-        "\nTarget: WAL relay >= 0.8 x the bare stream (steady): {}.",
-        if steady >= 0.8 * bare_steady {
-            "met"
-        } else {
-            "MISSED"
-        }
-    );
-    drain_cleanup(&s, &bare_slot, &polling).await;
+    for (transport, ratio) in verdicts {
+        println!(
+            "\nTarget, {transport}: WAL relay >= 0.8 x the bare stream on the same transport (steady): {}.",
+            if ratio >= 0.8 { "met" } else { "MISSED" }
+        );
+    }
     Ok(())
 }
 
-/// Drop what the drain section made: the bare reader's slot, the polling table, the rest.
-async fn drain_cleanup(s: &Setup, bare_slot: &str, polling: &PgStore) {
-    let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
-        .bind(bare_slot)
+/// One reader's drain: its time, when its first message came, and the CPU it took.
+#[derive(Debug)]
+struct Drained {
+    time: Duration,
+    first: Duration,
+    busy: String,
+    own_ms: u64,
+}
+
+impl Drained {
+    fn rate(&self, n: usize) -> f64 {
+        n as f64 / self.time.as_secs_f64()
+    }
+
+    fn steady(&self, n: usize) -> f64 {
+        n as f64 / (self.time - self.first).as_secs_f64()
+    }
+}
+
+/// The URL with `sslmode` set to `mode` (any query it had is replaced).
+fn with_sslmode(url: &str, mode: &str) -> String {
+    format!("{}?sslmode={mode}", url.split('?').next().unwrap_or(url))
+}
+
+/// Read `slot` until every transaction's logical message has arrived (one per transaction:
+/// 100 small messages make one), with nothing else done.
+async fn bare_read(slot: &str, n: usize, tls: bool) -> Res<Drained> {
+    let url = url_parts();
+    let cfg = pgwire_replication::ReplicationConfig::new(
+        url.0,
+        url.1,
+        "",
+        url.2,
+        slot.to_owned(),
+        "outbox_wal_bench",
+    )
+    .with_port(url.3)
+    .with_tls(if tls {
+        pgwire_replication::TlsConfig::require()
+    } else {
+        pgwire_replication::TlsConfig::disabled()
+    });
+    let (cpu0, own0) = (cpu_times(), own_cpu_ms());
+    let t0 = Instant::now();
+    let mut client = pgwire_replication::ReplicationClient::connect(cfg).await?;
+    let mut messages = 0usize;
+    let mut first = None;
+    while messages < n / 100 {
+        match client.recv().await? {
+            Some(pgwire_replication::ReplicationEvent::Message { .. }) => {
+                first.get_or_insert_with(Instant::now);
+                messages += 1
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let time = t0.elapsed();
+    Ok(Drained {
+        time,
+        first: first.map(|f| f - t0).unwrap_or_default(),
+        busy: cpu_busy(cpu0),
+        own_ms: own_cpu_ms() - own0,
+    })
+}
+
+/// The WAL relay on `slot` through `url` until it has published `n` messages.
+async fn relay_drain(s: &Setup, slot: &str, url: &str, n: usize) -> Res<Drained> {
+    let count = Count::default();
+    let relay = WalRelay::builder(url, s.wal.clone(), count.clone())
+        .slot(slot)
+        .publication("outbox_wal_bench")
+        .build()?;
+    let (stop, mut rx) = tokio::sync::watch::channel(false);
+    let (cpu0, own0) = (cpu_times(), own_cpu_ms());
+    let t0 = Instant::now();
+    let h = tokio::spawn(async move {
+        relay
+            .run(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let deadline = t0 + Duration::from_secs(120);
+    while count.count() < n {
+        if h.is_finished() || Instant::now() > deadline {
+            let _ = stop.send(true);
+            h.await??;
+            return Err(
+                format!("the relay stopped after {} of {n} messages", count.count()).into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let time = t0.elapsed();
+    let (busy, own_ms) = (cpu_busy(cpu0), own_cpu_ms() - own0);
+    let first = count.1.lock().unwrap().map(|f| f - t0).unwrap_or_default();
+    let _ = stop.send(true);
+    h.await??;
+    Ok(Drained {
+        time,
+        first,
+        busy,
+        own_ms,
+    })
+}
+
+/// This process's CPU time so far (user and system, all threads), in milliseconds, from
+/// `/proc/self/stat` (10 ms ticks); 0 where there is none.
+fn own_cpu_ms() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th
+    // and 13th after the closing parenthesis.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() * 10
+}
+
+/// Drop what the drain section made: the readers' slots, the polling table, the rest.
+async fn drain_cleanup(s: &Setup, slots: &[String], polling: &PgStore) {
+    for slot in slots {
+        // A reader's walsender may hold its slot a moment after the reader stops.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(slot)
         .execute(s.pg.pool())
-        .await;
+        .await
+        .is_err()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let t = polling.table().to_owned();
     let _ = sqlx::query(&format!(
         "DROP TABLE IF EXISTS {t}, {t}_units, {t}_due, {t}_schema CASCADE"
