@@ -150,14 +150,15 @@ async fn writer_cost(n: usize) -> Res {
         .strategy(KeepOrder::default())
         .build()?;
     let biz = format!("INSERT INTO {t}_biz (body) VALUES ($1)");
-    let mut all: [Vec<Duration>; 5] = Default::default();
+    let mut all: [Vec<Duration>; 6] = Default::default();
+    let mut with_commit_ratio = Vec::new();
     let mut wal_ratio = Vec::new();
     let mut row_ratio = Vec::new();
     let mut trip_ratio = Vec::new();
     let mut rows_ratio = Vec::new();
     let per = n / ROUNDS;
     for round in 0..ROUNDS {
-        let mut this: [Vec<Duration>; 5] = Default::default();
+        let mut this: [Vec<Duration>; 6] = Default::default();
         for i in round * per..(round + 1) * per {
             for (mode, samples) in this.iter_mut().enumerate() {
                 let m = Message::new("orders", format!("{{\"order\":{i}}}"))
@@ -171,6 +172,12 @@ async fn writer_cost(n: usize) -> Res {
                     4 => drop(rows.enqueue(&mut tx, [m]).await?),
                     3 => {
                         sqlx::query("SELECT 1").execute(&mut *tx).await?;
+                    }
+                    5 => {
+                        // The message rides with the COMMIT.
+                        outbox::postgres::wal::commit_with(tx, &wal, [m]).await?;
+                        samples.push(t0.elapsed());
+                        continue;
                     }
                     _ => {}
                 }
@@ -186,6 +193,7 @@ async fn writer_cost(n: usize) -> Res {
         wal_ratio.push(p(&this[2]) / p(&this[0]));
         trip_ratio.push(p(&this[3]) / p(&this[0]));
         rows_ratio.push(p(&this[4]) / p(&this[0]));
+        with_commit_ratio.push(p(&this[5]) / p(&this[0]));
         for (a, v) in all.iter_mut().zip(this) {
             a.extend(v);
         }
@@ -213,7 +221,16 @@ async fn writer_cost(n: usize) -> Res {
     let mut w = 0.0;
     for (label, mode, ratios) in [
         ("+ keep-order row (polling table)", 1, &mut row_ratio),
-        ("+ table-less message (WAL)", 2, &mut wal_ratio),
+        (
+            "+ table-less message (WAL), `enqueue` then `commit`",
+            2,
+            &mut wal_ratio,
+        ),
+        (
+            "+ table-less message sent with the COMMIT (`wal::commit_with`)",
+            5,
+            &mut with_commit_ratio,
+        ),
         ("+ WAL row (table mode: `<table>_wal`)", 4, &mut rows_ratio),
         (
             "+ `SELECT 1` (one more round trip, nothing written)",
@@ -223,7 +240,7 @@ async fn writer_cost(n: usize) -> Res {
     ] {
         let rounds = fmt(ratios);
         let m = med(ratios);
-        if mode == 2 {
+        if mode == 5 {
             w = m;
         }
         println!(
@@ -233,7 +250,7 @@ async fn writer_cost(n: usize) -> Res {
         );
     }
     println!(
-        "\nTarget: table-less <= 1.10 x bare: {}.",
+        "\nTarget: table-less (with the COMMIT) <= 1.10 x bare: {} ({w:.3}).",
         if w <= 1.10 { "met" } else { "MISSED" }
     );
     s.cleanup().await;

@@ -551,6 +551,125 @@ async fn refused_and_undecodable_messages_are_dead_letters_and_the_stream_goes_o
     task.await.unwrap().0.unwrap();
 }
 
+/// `commit_with`: the messages ride with the COMMIT. They commit with the transaction's own
+/// writes or not at all (a COMMIT that fails, a savepoint refused), byte for byte (quotes,
+/// backslashes, NUL), in commit order with `enqueue`d ones, and the pool's only connection
+/// is clean for the next transaction after each outcome.
+async fn commit_with_rides_the_commit(mode: Mode) {
+    let w = wal_in(mode, KeepOrder::default()).await;
+    let url = w.cluster.url();
+    let one = PgStore::connect_with(
+        &url,
+        outbox_sql::postgres::PgOptions {
+            table: w.store.table().table().to_owned(),
+            max_connections: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let store = match mode {
+        Mode::Messages => WalStore::new(one.clone(), "outbox").unwrap(),
+        Mode::Rows => WalStore::rows(one.clone()),
+    };
+    let writer = Outbox::writer(store)
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    sqlx::query("CREATE TABLE biz (id TEXT PRIMARY KEY DEFERRABLE INITIALLY DEFERRED)")
+        .execute(one.pool())
+        .await
+        .unwrap();
+    let broker = RecordingPublisher::new();
+    let (stop, task) = spawn(relay(&w, broker.clone()));
+    let m = |body: &[u8]| Message::new("o", body.to_vec()).stream("s").key("k");
+    let odd: &[u8] = b"it's \\x00 '); DROP TABLE biz; --\0\xff";
+
+    let mut tx = one.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO biz VALUES ('a')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    outbox_sql::postgres::wal::commit_with(tx, &writer, vec![m(b"1"), m(odd)])
+        .await
+        .unwrap();
+    // The COMMIT fails (a deferred key check): neither the row nor the message commits.
+    let mut tx = one.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO biz VALUES ('a')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let failed = outbox_sql::postgres::wal::commit_with(tx, &writer, vec![m(b"never")]).await;
+    assert!(failed.is_err(), "{failed:?}");
+    // In a savepoint: refused, nothing written, the outer transaction goes on.
+    let mut tx = one.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO biz VALUES ('b')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let savepoint = tx.begin().await.unwrap();
+    let e = outbox_sql::postgres::wal::commit_with(savepoint, &writer, vec![m(b"never 2")])
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), outbox_core::ErrorKind::Savepoint, "{e}");
+    let _ = writer.enqueue(&mut tx, vec![m(b"2")]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = one.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO biz VALUES ('c')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    outbox_sql::postgres::wal::commit_with(tx, &writer, vec![m(b"3")])
+        .await
+        .unwrap();
+
+    eventually(
+        "the four committed messages",
+        Duration::from_secs(30),
+        || async { first_deliveries(&broker.published()).get("k").map(Vec::len) == Some(4) },
+    )
+    .await;
+    let published = broker.published();
+    let bodies: Vec<&[u8]> = published.iter().map(|e| &e.message.payload[..]).collect();
+    assert_eq!(
+        bodies,
+        [b"1" as &[u8], odd, b"2", b"3"],
+        "in commit order, byte for byte"
+    );
+    let rows: Vec<String> = sqlx::query_scalar("SELECT id FROM biz ORDER BY id")
+        .fetch_all(one.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, ["a", "b", "c"]);
+    // The pool's connection is left in no transaction (not "idle in transaction").
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(one.pool())
+        .await
+        .unwrap();
+    eventually(
+        "the connection idle, in no transaction",
+        Duration::from_secs(10),
+        || async {
+            let state: Option<String> =
+                sqlx::query_scalar("SELECT state FROM pg_stat_activity WHERE pid = $1")
+                    .bind(pid)
+                    .fetch_one(w.store.table().pool())
+                    .await
+                    .unwrap();
+            state.as_deref() == Some("idle")
+        },
+    )
+    .await;
+    stop.send(()).unwrap();
+    task.await.unwrap().0.unwrap();
+}
+
+in_both_modes!(
+    commit_with_rides_the_commit_with_messages,
+    commit_with_rides_the_commit_with_rows,
+    commit_with_rides_the_commit
+);
+
 /// A table-less message in the writer's format (see `record.rs`) claiming two records: the
 /// first whole (payload "b/1", unit "b", keep-order), the second cut after its id.
 fn half_sound_message() -> Vec<u8> {

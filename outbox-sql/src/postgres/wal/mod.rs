@@ -5,6 +5,8 @@
 //! calls `pg_logical_emit_message(true, prefix, …)` inside the business transaction (no row,
 //! no index, no vacuum), and a [`WalRelay`] receives those messages over a logical
 //! replication slot (`pgoutput`) when the transaction commits, in commit order.
+//! [`commit_with`] sends the messages in the `COMMIT`'s round trip instead, so the writer
+//! pays no round trip of its own.
 //!
 //! # Delivery contract
 //! - **Atomic enqueue.** A transactional logical message is decoded only if its transaction
@@ -50,8 +52,9 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use outbox_core::{
-    Claim, Claimed, Enqueue, Error, ErrorKind, Failure, MessageFilter, NewMessage, ParkedUnit,
-    PublishedBy, Result, Retry, SchemaReport, Selector, Stats, Store, StoreAdmin, StoredMessage,
+    Claim, Claimed, Enqueue, Error, ErrorKind, Failure, Message, MessageFilter, NewMessage, Outbox,
+    ParkedUnit, PublishedBy, Result, Retry, SchemaReport, Selector, Stats, Store, StoreAdmin,
+    StoredMessage,
 };
 use sqlx::{Postgres, Transaction};
 
@@ -309,6 +312,90 @@ pub struct SlotLag {
     pub lag: Option<Duration>,
 }
 
+/// `rows` as logical messages of about [`CHUNK_BYTES`] each, in order: a reader never has to
+/// hold one enormous message, and a transaction of any size still decodes.
+fn batches(rows: &[NewMessage]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < rows.len() {
+        let mut end = start;
+        let mut size = 0;
+        while end < rows.len() && (end == start || size < CHUNK_BYTES) {
+            size += 256 + rows[end].envelope.message.payload.len();
+            end += 1;
+        }
+        out.push(record::encode(&rows[start..end]));
+        start = end;
+    }
+    out
+}
+
+/// Write `messages` with `writer` and commit `tx`, in the round trip of the `COMMIT`: the
+/// writer's cost per transaction is then the message's work on the server and no round trip
+/// of its own (`enqueue` then `commit` costs one statement more than the transaction alone).
+///
+/// The messages and the `COMMIT` travel as one simple query, so the messages are written into
+/// its text (hex; the prefix and table name are validated identifiers), then `BEGIN` opens an
+/// empty transaction that `tx`, dropped here, rolls back when its connection is next used (a
+/// pooled connection: on its way back to the pool, off the caller's path). Either the
+/// messages and the transaction's own writes commit together or, on any error, neither does.
+///
+/// `tx` must be the outermost transaction: in a savepoint, `COMMIT` would commit its parent,
+/// so that is refused with an [`ErrorKind::Savepoint`] error and nothing is written. Messages
+/// the writer refuses (validation, size) are refused before anything is sent.
+pub async fn commit_with(
+    mut tx: Transaction<'_, Postgres>,
+    writer: &Outbox<WalStore>,
+    messages: impl IntoIterator<Item = Message>,
+) -> Result<()> {
+    let store = writer.store();
+    let depth = <WalStore as Enqueue<Transaction<'_, Postgres>>>::transaction_depth(store, &tx);
+    if depth > 1 {
+        return Err(Error::savepoint(depth));
+    }
+    let prepared = writer.prepare(messages)?;
+    if prepared.publishes_after_commit() {
+        return Err(Error::config(
+            "a WalStore's messages are published by the WAL relay: build the outbox with Outbox::writer(store) (no publish-on-commit)",
+        ));
+    }
+    let mut sql = String::new();
+    for batch in batches(prepared.rows()) {
+        if store.rows {
+            sql.push_str(&format!(
+                "INSERT INTO {}_wal (batch) VALUES (decode('",
+                store.table.table()
+            ));
+            push_hex(&mut sql, &batch);
+            sql.push_str("', 'hex'));");
+        } else {
+            sql.push_str(&format!(
+                "SELECT pg_logical_emit_message(true, '{}', decode('",
+                store.prefix
+            ));
+            push_hex(&mut sql, &batch);
+            sql.push_str("', 'hex'));");
+        }
+    }
+    sql.push_str("COMMIT; BEGIN");
+    // An error stops the query where it happened: the transaction is rolled back (by the
+    // failed COMMIT, or by `tx` on drop when an earlier statement failed).
+    sqlx::raw_sql(&sql)
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+    Ok(())
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+}
+
 #[async_trait]
 impl<'c> Enqueue<Transaction<'c, Postgres>> for WalStore {
     async fn write_rows(
@@ -328,17 +415,7 @@ impl<'c> Enqueue<Transaction<'c, Postgres>> for WalStore {
                 "a WalStore's messages are published by the WAL relay: build the outbox with Outbox::writer(store) (no publish-on-commit)",
             ));
         }
-        // One logical message per chunk of about CHUNK_BYTES, in order: a reader never has
-        // to hold one enormous message, and a transaction of any size still decodes.
-        let mut start = 0;
-        while start < rows.len() {
-            let mut end = start;
-            let mut size = 0;
-            while end < rows.len() && (end == start || size < CHUNK_BYTES) {
-                size += 256 + rows[end].envelope.message.payload.len();
-                end += 1;
-            }
-            let batch = record::encode(&rows[start..end]);
+        for batch in batches(rows) {
             if self.rows {
                 sqlx::query(&format!(
                     "INSERT INTO {}_wal (batch) VALUES ($1)",
@@ -356,7 +433,6 @@ impl<'c> Enqueue<Transaction<'c, Postgres>> for WalStore {
                     .await
                     .map_err(map_err)?;
             }
-            start = end;
         }
         Ok(vec![0; rows.len()])
     }
