@@ -779,7 +779,15 @@ async fn latency_under_load(secs: u64) -> Res {
             };
             let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
             let relay = if keep_order {
-                let relay = Relay::builder(pg.reopen().await?, stamp.clone()).build()?;
+                // OUTBOX_BENCH_LATENCY_CONCURRENCY=n: the relay with n batches in flight
+                // (default 1), to see what concurrency buys at these rates.
+                let concurrency = std::env::var("OUTBOX_BENCH_LATENCY_CONCURRENCY")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+                let relay = Relay::builder(pg.reopen().await?, stamp.clone())
+                    .concurrency(concurrency)
+                    .build()?;
                 let h = tokio::spawn(async move {
                     relay
                         .run(async move {
