@@ -987,9 +987,11 @@ impl State {
                     .ok_or_else(|| "an inserted row without its batch column".to_owned());
                 match batch.and_then(pgoutput::bytea) {
                     Ok(bytes) => self.decode(&bytes, data, relay),
-                    Err(reason) => self
-                        .current
-                        .push((relay.quarantine(data, reason), Fate::Aside { park: false })),
+                    Err(reason) => {
+                        self.in_txn = true;
+                        self.current
+                            .push((relay.quarantine(data, reason), Fate::Aside { park: false }));
+                    }
                 }
             }
             Ok(Change::Other) => {}
@@ -1003,6 +1005,8 @@ impl State {
     /// does not decode counts whole or not at all: its rows read so far are taken back and
     /// `raw` is kept as one dead letter instead.
     fn decode(&mut self, bytes: &[u8], raw: &[u8], relay: &Inner) {
+        // Rows belong to a transaction being read, Begin seen or not.
+        self.in_txn = true;
         let before = self.current.len();
         let current = &mut self.current;
         if let Err(reason) = record::decode_each(bytes, |row| current.push(relay.admit(row))) {
