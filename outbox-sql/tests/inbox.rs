@@ -303,8 +303,9 @@ async fn postgres_inbox_steps_and_a_race_of_two_consumers() {
 
 /// On a pool of one connection: duplicates and a failing handler each end their transaction,
 /// so the next message still gets the connection (a transaction left open would block or
-/// fail it), and a consumer name made to break out of an SQL literal is stored as it is and
-/// runs nothing.
+/// fail it); a session reset (`DEALLOCATE ALL`) costs nothing but a new `PREPARE` of the
+/// mark; and a consumer name made to break out of an SQL literal (it is sent inside the
+/// `EXECUTE`'s text) is stored as it is and runs nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_inbox_duplicates_leave_the_only_connection_clean_and_names_stay_data() {
     let (store, table, effects) = pg().await;
@@ -334,6 +335,30 @@ async fn postgres_inbox_duplicates_leave_the_only_connection_clean_and_names_sta
     for _ in 0..3 {
         assert_eq!(inbox.process(&m).await.unwrap(), Processed::Duplicate);
     }
+    // The mark is a statement the connection prepared; a session reset drops it, and the
+    // next message prepares it again.
+    let forget = || async {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM pg_prepared_statements WHERE name LIKE 'outbox_inbox_mark_%'",
+        )
+        .fetch_all(one.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            names.len(),
+            1,
+            "the mark is prepared on the connection: {names:?}"
+        );
+        sqlx::raw_sql(&format!("DEALLOCATE {}", names[0]))
+            .execute(one.pool())
+            .await
+            .unwrap();
+    };
+    forget().await;
+    assert_eq!(inbox.process(&m).await.unwrap(), Processed::Duplicate);
+    let after_reset = Received::new(MessageId::new(), "t", b"z".to_vec());
+    forget().await;
+    assert_eq!(inbox.process(&after_reset).await.unwrap(), Processed::Done);
     // A failing handler after a duplicate: rolled back, and the connection still serves.
     let f = Received::new(MessageId::new(), "t", b"fail".to_vec());
     assert!(inbox.process(&f).await.is_err());
@@ -341,8 +366,8 @@ async fn postgres_inbox_duplicates_leave_the_only_connection_clean_and_names_sta
     assert_eq!(inbox.process(&n).await.unwrap(), Processed::Done);
     assert_eq!(
         runs.load(Ordering::SeqCst),
-        3,
-        "m once, f once (rolled back), n once"
+        4,
+        "m once, after_reset once, f once (rolled back), n once"
     );
     let stored: Vec<String> = sqlx::query_scalar(&format!(
         "SELECT DISTINCT consumer FROM {} WHERE id = $1::uuid OR id = $2::uuid",
@@ -359,12 +384,20 @@ async fn postgres_inbox_duplicates_leave_the_only_connection_clean_and_names_sta
         .await
         .unwrap();
     assert_eq!(
-        effects_left, 2,
-        "the effects table is intact: m's and n's effects"
+        effects_left, 3,
+        "the effects table is intact: the effects of m, after_reset and n"
     );
     assert_eq!(
-        inbox.start(&[m.id, f.id, n.id]).await.unwrap(),
-        [Seen::Done, Seen::New { attempts: 1 }, Seen::Done]
+        inbox
+            .start(&[m.id, f.id, n.id, after_reset.id])
+            .await
+            .unwrap(),
+        [
+            Seen::Done,
+            Seen::New { attempts: 1 },
+            Seen::Done,
+            Seen::Done
+        ]
     );
 }
 

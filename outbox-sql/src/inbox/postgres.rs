@@ -1,7 +1,7 @@
 //! The inbox on PostgreSQL.
 
 use super::*;
-use sqlx::Postgres;
+use sqlx::{Executor, Postgres};
 
 impl SqlInboxTable<Postgres> {
     /// Create the table and its indexes (idempotent).
@@ -121,6 +121,62 @@ impl SqlInboxTable<Postgres> {
     }
 }
 
+/// SQLSTATE `division_by_zero`: what the prepared mark raises for a duplicate.
+const DIVISION_BY_ZERO: &str = "22012";
+/// SQLSTATE `invalid_sql_statement_name`: `EXECUTE` of a statement this session has not
+/// prepared.
+const NO_SUCH_STATEMENT: &str = "26000";
+
+/// The prepared mark's name for table `t`: a hash of the name, so two tables never share one.
+fn mark_statement(t: &str) -> String {
+    // FNV-1a: stable across processes and builds (the name lives on the server).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in t.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("outbox_inbox_mark_{h:016x}")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+impl<H: SqlHandler<Postgres>> SqlInbox<Postgres, H> {
+    /// The mark in a round trip of its own, after `BEGIN`: where a prepared statement cannot
+    /// be kept.
+    async fn process_in_two_trips(&self, message: &Received) -> outbox_core::Result<Processed> {
+        let t = &self.table.table;
+        let mut tx = self.table.pool.begin().await.map_err(map_err)?;
+        let now = now_ms();
+        let marked = sqlx::query(&format!(
+            "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, done_at)
+             VALUES ($1, $2::uuid, 'done', 1, $3, $3)
+             ON CONFLICT (consumer, id) DO UPDATE SET state = 'done',
+               done_at = EXCLUDED.done_at, last_error = NULL
+             WHERE i.state = 'started'"
+        ))
+        .bind(&*self.consumer)
+        .bind(message.id.to_string())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| self.table.explain(e))?
+        .rows_affected();
+        if marked == 0 {
+            return Ok(Processed::Duplicate); // rolled back on drop
+        }
+        self.handler.handle(&mut tx, message).await?;
+        tx.commit().await.map_err(map_err)?;
+        Ok(Processed::Done)
+    }
+}
+
 #[async_trait]
 impl<H: SqlHandler<Postgres>> Inbox for SqlInbox<Postgres, H> {
     fn consumer(&self) -> &str {
@@ -154,30 +210,71 @@ impl<H: SqlHandler<Postgres>> Inbox for SqlInbox<Postgres, H> {
         in_order(ids, answers)
     }
 
+    /// `BEGIN` and the mark in one round trip: the mark is a statement this connection has
+    /// prepared (`PREPARE`, planned once per connection), run by an `EXECUTE` sent with the
+    /// `BEGIN` as one simple query. A duplicate makes it fail on purpose (`1 / 0` rows
+    /// marked), and the transaction is rolled back before the handler runs. Where the prepared
+    /// statement cannot be kept (a pooler that moves sessions between server connections), the
+    /// mark falls back to its own round trip.
     async fn process(&self, message: &Received) -> outbox_core::Result<Processed> {
+        let mut conn = self.table.pool.acquire().await.map_err(map_err)?;
         let t = &self.table.table;
-        let mut tx = self.table.pool.begin().await.map_err(map_err)?;
-        let now = now_ms();
-        let marked = sqlx::query(&format!(
-            "INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, done_at)
-             VALUES ($1, $2::uuid, 'done', 1, $3, $3)
-             ON CONFLICT (consumer, id) DO UPDATE SET state = 'done',
-               done_at = EXCLUDED.done_at, last_error = NULL
-             WHERE i.state = 'started'"
-        ))
-        .bind(&*self.consumer)
-        .bind(message.id.to_string())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| self.table.explain(e))?
-        .rows_affected();
-        if marked == 0 {
-            return Ok(Processed::Duplicate); // rolled back on drop
+        let name = mark_statement(t);
+        let begin = format!(
+            "BEGIN; EXECUTE {name}(convert_from(decode('{}', 'hex'), 'UTF8'), '{}', {})",
+            hex(self.consumer.as_bytes()),
+            message.id,
+            now_ms()
+        );
+        for prepared in [false, true] {
+            let error = match sqlx::Connection::begin_with(&mut *conn, begin.clone()).await {
+                Ok(mut tx) => {
+                    self.handler.handle(&mut tx, message).await?;
+                    tx.commit().await.map_err(map_err)?;
+                    return Ok(Processed::Done);
+                }
+                Err(e) => e,
+            };
+            // The transaction may be open and aborted: end it, or close the connection
+            // rather than pool it in that state.
+            if conn.execute("ROLLBACK").await.is_err() {
+                conn.close_on_drop();
+                return Err(self.table.explain(error));
+            }
+            match &error {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some(DIVISION_BY_ZERO) => {
+                    return Ok(Processed::Duplicate)
+                }
+                // Not prepared on this connection yet: prepare it and try once more.
+                sqlx::Error::Database(db)
+                    if db.code().as_deref() == Some(NO_SUCH_STATEMENT) && !prepared =>
+                {
+                    let prepare = format!(
+                        "PREPARE {name} (text, uuid, int8) AS
+                         WITH marked AS (
+                           INSERT INTO {t} AS i (consumer, id, state, attempts, first_seen_at, done_at)
+                           VALUES ($1, $2, 'done', 1, $3, $3)
+                           ON CONFLICT (consumer, id) DO UPDATE SET state = 'done',
+                             done_at = EXCLUDED.done_at, last_error = NULL
+                           WHERE i.state = 'started'
+                           RETURNING 1)
+                         SELECT 1 / count(*) FROM marked"
+                    );
+                    if let Err(e) = conn.execute(prepare.as_str()).await {
+                        let exists = matches!(&e, sqlx::Error::Database(db) if db.code().as_deref() == Some("42P05"));
+                        if !exists {
+                            return Err(self.table.explain(e));
+                        }
+                    }
+                }
+                sqlx::Error::Database(db) if db.code().as_deref() == Some(NO_SUCH_STATEMENT) => {
+                    break;
+                }
+                _ => return Err(self.table.explain(error)),
+            }
         }
-        self.handler.handle(&mut tx, message).await?;
-        tx.commit().await.map_err(map_err)?;
-        Ok(Processed::Done)
+        drop(conn);
+        self.process_in_two_trips(message).await
     }
 
     /// One transaction: every message marked in one statement (ids sorted, so two batches
