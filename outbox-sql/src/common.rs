@@ -302,6 +302,18 @@ pub(crate) fn stats_from_rows(
     }
 }
 
+/// `bytes` as lowercase hex, appended to `out`: how values travel inside the text of a simple
+/// query (no parameters there), in a form no quote or backslash can break out of.
+#[cfg(feature = "postgres")]
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for &b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+}
+
 /// The distinct keep-order units of a batch, sorted (a fixed lock order avoids deadlocks
 /// between two transactions that write the same units).
 pub(crate) fn keep_order_units(rows: &[outbox_core::NewMessage]) -> Vec<(String, String)> {

@@ -138,12 +138,8 @@ fn mark_statement(t: &str) -> String {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
+    let mut out = String::new();
+    crate::common::push_hex(&mut out, bytes);
     out
 }
 

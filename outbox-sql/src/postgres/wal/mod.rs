@@ -59,6 +59,7 @@ use outbox_core::{
 use sqlx::{Postgres, Transaction};
 
 use super::{map_err, PgStore};
+use crate::common::push_hex;
 
 /// Rows per logical message: about this many bytes.
 const CHUNK_BYTES: usize = 4 << 20;
@@ -385,15 +386,6 @@ pub async fn commit_with(
         .await
         .map_err(map_err)?;
     Ok(())
-}
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.reserve(bytes.len() * 2);
-    for &b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
 }
 
 #[async_trait]
