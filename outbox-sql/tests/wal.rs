@@ -147,8 +147,9 @@ fn first_deliveries(published: &[Envelope]) -> HashMap<String, Vec<String>> {
     out
 }
 
-// Several writers at once, with rolled-back transactions, savepoints rolled back inside
-// committed transactions and savepoints released inside rolled-back ones: exactly the
+// Several writers at once (half of them committing with `commit_with`), with rolled-back
+// transactions, savepoints rolled back inside committed transactions and savepoints released
+// inside rolled-back ones: exactly the
 // committed messages are published, once each, in commit order per key, while the relay
 // streams; and the slot's position is confirmed as it goes.
 in_both_modes!(
@@ -202,8 +203,15 @@ async fn committed_messages_only_once_each_in_commit_order_with_concurrent_write
                     tx.rollback().await.unwrap();
                     continue;
                 }
-                let _ = w.outbox.enqueue(&mut tx, [msg("b")]).await.unwrap();
-                tx.commit().await.unwrap();
+                if writer % 2 == 0 {
+                    let _ = w.outbox.enqueue(&mut tx, [msg("b")]).await.unwrap();
+                    tx.commit().await.unwrap();
+                } else {
+                    // Half the writers send their last message with the COMMIT.
+                    outbox_sql::postgres::wal::commit_with(tx, &w.outbox, [msg("b")])
+                        .await
+                        .unwrap();
+                }
                 committed.push(format!("{key}/{i}/a"));
                 committed.push(format!("{key}/{i}/b"));
             }

@@ -381,8 +381,9 @@ pub async fn commit_with(
     sql.push_str("COMMIT; BEGIN");
     // An error stops the query where it happened: the transaction is rolled back (by the
     // failed COMMIT, or by `tx` on drop when an earlier statement failed).
-    sqlx::raw_sql(&sql)
-        .execute(&mut *tx)
+    // A `&str` without arguments goes as a simple query (several statements in one);
+    // `raw_sql` would do the same but makes this future not `Send` for every lifetime.
+    sqlx::Executor::execute(&mut *tx, sql.as_str())
         .await
         .map_err(map_err)?;
     Ok(())
