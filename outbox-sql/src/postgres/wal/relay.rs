@@ -434,7 +434,7 @@ impl Inner {
     }
 
     /// Units with pending rows in the table: their WAL messages go behind them.
-    async fn diverted_units(&self) -> Result<HashSet<UnitKey>> {
+    async fn diverted_units(&self) -> Result<Diverted> {
         let t = self.store.table().table();
         let rows: Vec<(String, String)> = sqlx::query_as(&format!(
             "SELECT DISTINCT stream, okey FROM {t} WHERE status = 'pending' AND strategy = 'keep_order'"
@@ -455,7 +455,7 @@ impl Inner {
         let sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {t} WHERE stream = $1 AND okey = $2 AND status = 'pending')"
         );
-        let units: Vec<UnitKey> = st.diverted.iter().cloned().collect();
+        let units = st.diverted.units();
         for u in units {
             if st
                 .buffer
@@ -531,9 +531,7 @@ impl Inner {
                 continue;
             }
             if it.ordered() {
-                if stopped.contains(&it.uid)
-                    || (diverting && it.unit().is_some_and(|u| st.diverted.contains(&u)))
-                {
+                if stopped.contains(&it.uid) || (diverting && st.diverted.holds(it)) {
                     continue;
                 }
                 if it.not_before > now {
@@ -671,12 +669,8 @@ impl Inner {
         let diverting = !st.diverted.is_empty();
         let mut idx = Vec::new();
         for (i, it) in st.buffer.iter_mut().enumerate().take(window) {
-            if diverting && it.fate == Fate::Wal {
-                if let Some(u) = it.unit() {
-                    if st.diverted.contains(&u) {
-                        it.fate = Fate::Aside { park: false };
-                    }
-                }
+            if diverting && it.fate == Fate::Wal && st.diverted.holds(it) {
+                it.fate = Fate::Aside { park: false };
             }
             if matches!(it.fate, Fate::Aside { .. }) {
                 idx.push(i);
@@ -817,6 +811,62 @@ impl Item {
     }
 }
 
+/// Units whose messages go to the table behind their pending rows, by their hash (as in
+/// [`Item::uid`]), so a buffered message is checked without building an owned key.
+#[derive(Default)]
+struct Diverted(HashMap<u64, Vec<UnitKey>>);
+
+impl Diverted {
+    fn uid(stream: &str, unit: &str) -> u64 {
+        // The same hash as `Item::uid`'s.
+        hash(&(stream, unit))
+    }
+
+    fn insert(&mut self, u: UnitKey) {
+        let units = self.0.entry(Self::uid(&u.0, &u.1)).or_default();
+        if !units.contains(&u) {
+            units.push(u);
+        }
+    }
+
+    fn remove(&mut self, u: &UnitKey) {
+        let uid = Self::uid(&u.0, &u.1);
+        if let Some(units) = self.0.get_mut(&uid) {
+            units.retain(|x| x != u);
+            if units.is_empty() {
+                self.0.remove(&uid);
+            }
+        }
+    }
+
+    /// Whether `it`'s unit is diverted.
+    fn holds(&self, it: &Item) -> bool {
+        it.ordered()
+            && self
+                .0
+                .get(&it.uid)
+                .is_some_and(|units| units.iter().any(|u| it.is_unit(u)))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn units(&self) -> Vec<UnitKey> {
+        self.0.values().flatten().cloned().collect()
+    }
+}
+
+impl FromIterator<UnitKey> for Diverted {
+    fn from_iter<I: IntoIterator<Item = UnitKey>>(iter: I) -> Self {
+        let mut d = Self::default();
+        for u in iter {
+            d.insert(u);
+        }
+        d
+    }
+}
+
 /// A committed transaction's position and how many of its messages are unresolved.
 struct Txn {
     id: u64,
@@ -834,7 +884,7 @@ struct State {
     /// for the next transaction (no allocation per transaction), and whether one is open.
     current: Vec<(NewMessage, Fate)>,
     in_txn: bool,
-    diverted: HashSet<UnitKey>,
+    diverted: Diverted,
     /// When the next round is due without a new event (set by each round).
     wake: Option<Instant>,
     /// Table mode: the relations that are the append-only table (their `seq` and `batch`
@@ -851,7 +901,7 @@ struct State {
 }
 
 impl State {
-    fn new(diverted: HashSet<UnitKey>) -> Self {
+    fn new(diverted: Diverted) -> Self {
         Self {
             buffer: VecDeque::new(),
             txns: VecDeque::new(),
