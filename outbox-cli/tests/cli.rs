@@ -292,17 +292,12 @@ fn pg_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// `relay --loop --no-listen` (PgBouncer in transaction mode, many stores on one server):
-/// it polls every `--interval` and holds no LISTEN connection while it publishes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_loop_without_listen_polls() {
-    let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
-    let url = pg_url();
-    assert!(ok(&["--store", &url, "--table", &table, "migrate"]).contains("ready"));
+/// A store on `table` (migrated by the test) and a keep-order outbox writing to it.
+async fn keep_order_outbox(url: &str, table: &str) -> (PgStore, Outbox<PgStore>) {
     let store = PgStore::connect_with(
-        &url,
+        url,
         PgOptions {
-            table: table.clone(),
+            table: table.to_owned(),
             ..Default::default()
         },
     )
@@ -312,6 +307,17 @@ async fn postgres_loop_without_listen_polls() {
         .strategy(KeepOrder::default())
         .build()
         .unwrap();
+    (store, outbox)
+}
+
+/// `relay --loop --no-listen` (PgBouncer in transaction mode, many stores on one server):
+/// it polls every `--interval` and holds no LISTEN connection while it publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_loop_without_listen_polls() {
+    let table = format!("outbox_cli{}", uuid::Uuid::now_v7().simple());
+    let url = pg_url();
+    assert!(ok(&["--store", &url, "--table", &table, "migrate"]).contains("ready"));
+    let (store, outbox) = keep_order_outbox(&url, &table).await;
     let mut child = bin()
         .args([
             "--store",
@@ -375,19 +381,7 @@ async fn postgres_loop_wakes_on_notify_serves_metrics_and_stops_on_sigterm() {
         .unwrap()
         .port();
     let metrics = format!("127.0.0.1:{port}");
-    let store = PgStore::connect_with(
-        &url,
-        PgOptions {
-            table: table.clone(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
+    let (store, outbox) = keep_order_outbox(&url, &table).await;
     let commit = |payloads: std::ops::Range<u8>| {
         let (store, outbox) = (store.clone(), outbox.clone());
         async move {
