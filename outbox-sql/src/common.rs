@@ -49,6 +49,7 @@ pub use outbox_core::redact_url;
 /// login is a configuration error at once; errors name the database by `database` and the
 /// URL without its password.
 pub(crate) async fn open_pool<DB: sqlx::Database>(
+    pool: sqlx::pool::PoolOptions<DB>,
     connect: <DB::Connection as sqlx::Connection>::Options,
     max_connections: u32,
     acquire_timeout: std::time::Duration,
@@ -56,8 +57,7 @@ pub(crate) async fn open_pool<DB: sqlx::Database>(
     database: &str,
 ) -> outbox_core::Result<sqlx::Pool<DB>> {
     probe::<DB::Connection>(&connect, acquire_timeout, url, database).await?;
-    sqlx::pool::PoolOptions::<DB>::new()
-        .max_connections(max_connections)
+    pool.max_connections(max_connections)
         .acquire_timeout(acquire_timeout)
         .connect_with(connect)
         .await

@@ -452,6 +452,61 @@ async fn relay_statements_run_without_jit() {
     assert_eq!(app_store.stats().await.unwrap().total().pending, 0);
 }
 
+/// `PgOptions::plan_refresh`: a connection taken from the pool once a period has ended since
+/// it was released holds no prepared statement any more (the claim's is planned again, for
+/// the table as it is now); with `None` it keeps them all session long. Without the refresh,
+/// PostgreSQL keeps a generic plan made while the table was small, which reads the whole
+/// table on every settle once a backlog has grown it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_are_planned_again_once_a_refresh_period_ends() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use std::time::Duration;
+
+    let period = Duration::from_millis(200);
+    for refresh in [None, Some(period), Some(Duration::ZERO)] {
+        let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
+        let store = PgStore::connect_with(
+            &url(),
+            PgOptions {
+                table: table.clone(),
+                max_connections: 1,
+                plan_refresh: refresh,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+        let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+        store.claim(&claim).await.unwrap();
+        if refresh == Some(period) {
+            // Idle for longer than a period: one has ended, whatever the phase.
+            tokio::time::sleep(period * 2).await;
+        }
+        let mut conn = store.pool().acquire().await.unwrap();
+        let claims: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
+        )
+        .bind(format!("FROM {table}_due d"))
+        .fetch_one(&mut *conn)
+        .await
+        .unwrap();
+        assert_eq!(claims > 0, refresh.is_none(), "plan_refresh {refresh:?}");
+        drop(conn);
+        for t in [
+            format!("{table}_due"),
+            format!("{table}_units"),
+            format!("{table}_schema"),
+            table.clone(),
+        ] {
+            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+    }
+}
+
 /// `<table>_due.head_seq` only lets claims skip deleted rows' index entries; if it ever points
 /// past pending rows (a hand edit, a bug), the unit looks empty to a claim, which then finds
 /// its rows again instead of stranding them.

@@ -257,6 +257,7 @@ impl MySqlStore {
         })?;
         validate_identifier(&options.table)?;
         let pool = crate::common::open_pool(
+            sqlx::pool::PoolOptions::new(),
             connect,
             options.max_connections,
             options.acquire_timeout,

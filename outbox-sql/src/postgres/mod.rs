@@ -89,6 +89,18 @@ pub struct PgOptions {
     /// on one server (a relay over 100 tenant databases would otherwise hold 100 `LISTEN`
     /// connections on top of their pools). Default: true.
     pub listen: bool,
+    /// How often the pool's connections drop their prepared statements, so that PostgreSQL
+    /// plans them again for the tables as they are now. PostgreSQL keeps a prepared
+    /// statement's generic plan for as long as the session lasts, or until an `ANALYZE` of
+    /// the table: a plan made while the outbox held a few hundred rows reads the whole table
+    /// on every batch once a backlog has grown it, for up to a minute (autovacuum's
+    /// `naptime`) after the growth began. `None`: never (plans then follow `ANALYZE` only).
+    /// A connection is refreshed when it is taken from the pool after the period ended;
+    /// one that was in use at that moment is refreshed at the end of the next period. The
+    /// cost is one round trip and the statements' planning once per period. Pools built by
+    /// the application ([`PgStore::from_pool`]) get it from [`with_plan_refresh`].
+    /// Default: 5 s.
+    pub plan_refresh: Option<Duration>,
 }
 
 impl Default for PgOptions {
@@ -99,8 +111,36 @@ impl Default for PgOptions {
             acquire_timeout: Duration::from_secs(5),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
             listen: true,
+            plan_refresh: Some(DEFAULT_PLAN_REFRESH),
         }
     }
+}
+
+const DEFAULT_PLAN_REFRESH: Duration = Duration::from_secs(5);
+
+/// `pool` with [`PgOptions::plan_refresh`]: each connection drops its prepared statements
+/// when it is taken from the pool after a period of `every` ended since it was last
+/// released (`Duration::ZERO`: whenever it is taken), so that they are planned again for the
+/// tables' current size. For an application's own pool given to [`PgStore::from_pool`].
+pub fn with_plan_refresh(pool: PgPoolOptions, every: Duration) -> PgPoolOptions {
+    pool.before_acquire(move |conn, meta| {
+        Box::pin(async move {
+            if period_ended(meta.age, meta.idle_for, every) {
+                sqlx::Connection::clear_cached_statements(conn).await?;
+            }
+            Ok(true)
+        })
+    })
+}
+
+/// Whether a period of `every`, counted from the connection's opening, ended since it was
+/// released (`age - idle_for` after it opened).
+fn period_ended(age: Duration, idle_for: Duration, every: Duration) -> bool {
+    if every.is_zero() {
+        return true;
+    }
+    let released = age.saturating_sub(idle_for);
+    age.as_nanos() / every.as_nanos() > released.as_nanos() / every.as_nanos()
 }
 
 const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,6 +172,9 @@ struct Inner {
     listening: AtomicBool,
     /// Whether to `LISTEN` at all ([`PgOptions::listen`]).
     listen: bool,
+    /// [`PgOptions::plan_refresh`] of the pool this store opened (`None` for the
+    /// application's own pool), for the pool of [`PgStore::reopen`].
+    plan_refresh: Option<Duration>,
     /// A claim's empty units are being forgotten in the background (at most one such task:
     /// a claim that finds one running leaves its empties for a later claim).
     forgetting: crate::common::Background,
@@ -179,7 +222,12 @@ impl PgStore {
         // The relay's statements are short, but their estimates grow with the table: JIT would
         // compile them for about a second each on a million-row backlog.
         let connect = connect.options([("jit", "off")]);
+        let pool = match options.plan_refresh {
+            Some(every) => with_plan_refresh(PgPoolOptions::new(), every),
+            None => PgPoolOptions::new(),
+        };
         let pool = crate::common::open_pool(
+            pool,
             connect,
             options.max_connections,
             options.acquire_timeout,
@@ -191,6 +239,7 @@ impl PgStore {
         if let Some(inner) = Arc::get_mut(&mut store.inner) {
             inner.lock_timeout = options.lock_timeout;
             inner.listen = options.listen;
+            inner.plan_refresh = options.plan_refresh;
         }
         Ok(store)
     }
@@ -217,6 +266,7 @@ impl PgStore {
                 notify: Arc::new(Notify::new()),
                 listening: AtomicBool::new(false),
                 listen: true,
+                plan_refresh: None,
                 forgetting: Default::default(),
                 listens: Arc::new(tokio::sync::watch::channel(0).0),
             }),
@@ -996,11 +1046,36 @@ impl PgStore {
     /// A second store on the same table with its own pool (as another process would have).
     pub async fn reopen(&self) -> outbox_core::Result<Self> {
         let options = self.inner.pool.connect_options().as_ref().clone();
-        let pool = PgPoolOptions::new()
+        let pool = match self.inner.plan_refresh {
+            Some(every) => with_plan_refresh(PgPoolOptions::new(), every),
+            None => PgPoolOptions::new(),
+        };
+        let pool = pool
             .max_connections(5)
             .connect_with(options)
             .await
             .map_err(map_err)?;
         Self::from_pool(pool, &self.inner.table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::period_ended;
+    use std::time::Duration;
+
+    #[test]
+    fn a_refresh_period_ends_once_per_period_of_the_connections_age() {
+        let s = Duration::from_secs;
+        let every = s(5);
+        // Released at 3 s, taken at 4 s: same period.
+        assert!(!period_ended(s(4), s(1), every));
+        // Released at 4 s, taken at 6 s: the period that ended at 5 s.
+        assert!(period_ended(s(6), s(2), every));
+        // Idle longer than a period: always.
+        assert!(period_ended(s(12), s(6), every));
+        // Released at 6 s, taken at 9 s: already refreshed for that period.
+        assert!(!period_ended(s(9), s(3), every));
+        assert!(period_ended(s(1), Duration::ZERO, Duration::ZERO));
     }
 }
