@@ -507,6 +507,97 @@ async fn prepared_statements_are_planned_again_once_a_refresh_period_ends() {
     }
 }
 
+/// A claim reads the outbox table through its indexes, and a settle by the batch's `seq`s
+/// only, whatever PostgreSQL knows of the table's size. Their generic plans are made here on
+/// a new table, as after a deploy and before any `ANALYZE`. A plan that read the table whole,
+/// as the settle's once did, would cost O(table) per batch once a backlog grew it, until
+/// the plan was made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_settles_never_read_the_whole_outbox_table() {
+    use outbox_core::{Claim, Store, StreamFilter};
+    use std::time::Duration;
+
+    let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
+    let store = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            max_connections: 1,
+            plan_refresh: None,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
+        .strategy(KeepOrder::default())
+        .build()
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let pending = outbox
+        .enqueue(
+            &mut tx,
+            (0..3u8).map(|i| Message::new("d", vec![i]).key("k")),
+        )
+        .await
+        .unwrap();
+    outbox_sql::postgres::commit(tx, pending).await.unwrap();
+    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+    let rows = store.claim(&claim).await.unwrap();
+    let seqs: Vec<i64> = rows.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    for delete in [false, true] {
+        store.settle("r", &seqs, delete, &[]).await.unwrap();
+    }
+    let mut conn = store.pool().acquire().await.unwrap();
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
+    )
+    .bind("done AS (")
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        names.len(),
+        2,
+        "the settle's statements, marking and deleting"
+    );
+    sqlx::Executor::execute(&mut *conn, "SET plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    for name in names {
+        let plan: Vec<String> = sqlx::query_scalar(&format!(
+            "EXPLAIN EXECUTE {name}('{{1,2}}', '{{3}}', '{{retry}}', '{{e}}', 'r', '{{10}}', '5000ms')"
+        ))
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+        let plan = plan.join("\n");
+        assert!(plan.contains(&format!("{table}_pkey")), "{plan}");
+        assert!(!plan.contains(&format!("Seq Scan on {table} ")), "{plan}");
+    }
+    let claims: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
+    )
+    .bind("oc AS (")
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(claims.len(), 1, "the claim's statement");
+    let plan: Vec<String> = sqlx::query_scalar(&format!(
+        "EXPLAIN EXECUTE {}('r', 10, 30000, NULL, 1000000, 1000000, '5000ms', 1)",
+        claims[0]
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains(&format!("Seq Scan on {table} ")), "{plan}");
+    sqlx::Executor::execute(&mut *conn, "RESET plan_cache_mode")
+        .await
+        .unwrap();
+}
+
 /// `<table>_due.head_seq` only lets claims skip deleted rows' index entries; if it ever points
 /// past pending rows (a hand edit, a bug), the unit looks empty to a claim, which then finds
 /// its rows again instead of stranding them.

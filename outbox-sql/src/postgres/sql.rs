@@ -301,8 +301,9 @@ fn settle(t: &str, delete: bool) -> String {
         "WITH cfg AS MATERIALIZED (SELECT set_config('lock_timeout', $7, true) AS v),
                  now AS MATERIALIZED (SELECT {NOW} AS ms FROM cfg),
                  f AS (SELECT * FROM UNNEST($2::int8[], $3::text[], $4::text[], $6::int8[]) AS f(seq, kind, err, after_ms)),
-                 r AS (SELECT o.seq, o.stream, o.okey FROM {t} o
-                       WHERE o.seq = ANY($1::int8[] || $2::int8[]) AND o.strategy <> 'on_commit'),
+                 r AS MATERIALIZED (SELECT o.seq, o.stream, o.okey FROM unnest($1::int8[] || $2::int8[]) AS x(seq)
+                       CROSS JOIN LATERAL (SELECT o.seq, o.stream, o.okey FROM {t} o
+                         WHERE o.seq = x.seq AND o.strategy <> 'on_commit' OFFSET 0) o),
                  units AS (
                    UPDATE {t}_due d SET leased_by = NULL, claims = 0,
                      next_at = (SELECT ms FROM now) + x.delay,
@@ -315,7 +316,8 @@ fn settle(t: &str, delete: bool) -> String {
                      AND d.parked_at IS NULL
                    RETURNING 1),
                  {done}
-                   WHERE seq = ANY($1) AND (SELECT count(*) FROM units) >= 0 RETURNING 1)
+                   WHERE seq = ANY($1) AND seq BETWEEN (SELECT min(x) FROM unnest($1::int8[]) x) AND (SELECT max(x) FROM unnest($1::int8[]) x)
+                     AND (SELECT count(*) FROM units) >= 0 RETURNING 1)
                  UPDATE {t} SET
                    attempts = CASE WHEN f.kind = 'release' THEN {t}.attempts ELSE {t}.attempts + 1 END,
                    last_error = CASE WHEN f.kind = 'release' THEN {t}.last_error ELSE f.err END,
@@ -325,7 +327,9 @@ fn settle(t: &str, delete: bool) -> String {
                    status = CASE WHEN f.kind = 'dead' THEN 'dead' ELSE {t}.status END,
                    locked_by = NULL, locked_until = NULL, claims = 0
                  FROM f
-                 WHERE {t}.seq = f.seq AND {t}.status = 'pending'
+                 WHERE {t}.seq = f.seq AND {t}.seq = ANY($2)
+                   AND {t}.seq BETWEEN (SELECT min(x) FROM unnest($2::int8[]) x) AND (SELECT max(x) FROM unnest($2::int8[]) x)
+                   AND {t}.status = 'pending'
                    AND ({t}.locked_by = $5 OR ({t}.strategy <> 'on_commit' AND EXISTS (
                      SELECT 1 FROM {t}_due held WHERE held.stream = {t}.stream AND held.okey = {t}.okey
                        AND held.leased_by = $5)))
