@@ -121,7 +121,8 @@ const DEFAULT_PLAN_REFRESH: Duration = Duration::from_secs(5);
 /// `pool` with [`PgOptions::plan_refresh`]: each connection drops its prepared statements
 /// when it is taken from the pool after a period of `every` ended since it was last
 /// released (`Duration::ZERO`: whenever it is taken), so that they are planned again for the
-/// tables' current size. For an application's own pool given to [`PgStore::from_pool`].
+/// tables' current size. For an application's own pool given to [`PgStore::from_pool`]. It
+/// sets the pool's `before_acquire` callback, replacing one set before.
 pub fn with_plan_refresh(pool: PgPoolOptions, every: Duration) -> PgPoolOptions {
     pool.before_acquire(move |conn, meta| {
         Box::pin(async move {
