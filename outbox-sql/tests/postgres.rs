@@ -409,8 +409,7 @@ async fn migrate_moves_a_0_1_table_to_unit_claims() {
 /// still work (they turn it off in their own transaction).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_statements_run_without_jit() {
-    use outbox_core::{Claim, Store, StreamFilter};
-    use std::time::Duration;
+    use outbox_core::Store;
 
     let store = Pg.fresh().await;
     let jit: String = sqlx::query_scalar("SHOW jit")
@@ -431,23 +430,7 @@ async fn relay_statements_run_without_jit() {
         .unwrap();
     assert_eq!(on, "on");
     let app_store = PgStore::from_pool(app_pool, store.table()).unwrap();
-    let outbox = Outbox::builder(app_store.clone(), RecordingPublisher::new())
-        .strategy(KeepOrder::default())
-        .build()
-        .unwrap();
-    let mut tx = app_store.pool().begin().await.unwrap();
-    let pending = outbox
-        .enqueue(
-            &mut tx,
-            (0..3u8).map(|i| Message::new("d", vec![i]).key("k")),
-        )
-        .await
-        .unwrap();
-    outbox_sql::postgres::commit(tx, pending).await.unwrap();
-    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
-    let rows = app_store.claim(&claim).await.unwrap();
-    assert_eq!(rows.len(), 3);
-    let seqs: Vec<i64> = rows.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    let seqs = claim_three_keep_order_rows(&app_store).await;
     app_store.settle("r", &seqs, true, &[]).await.unwrap();
     assert_eq!(app_store.stats().await.unwrap().total().pending, 0);
 }
@@ -464,19 +447,7 @@ async fn prepared_statements_are_planned_again_once_a_refresh_period_ends() {
 
     let period = Duration::from_millis(200);
     for refresh in [None, Some(period), Some(Duration::ZERO)] {
-        let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
-        let store = PgStore::connect_with(
-            &url(),
-            PgOptions {
-                table: table.clone(),
-                max_connections: 1,
-                plan_refresh: refresh,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        store.migrate().await.unwrap();
+        let (store, table) = one_connection_store(refresh).await;
         let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
         store.claim(&claim).await.unwrap();
         if refresh == Some(period) {
@@ -484,52 +455,18 @@ async fn prepared_statements_are_planned_again_once_a_refresh_period_ends() {
             tokio::time::sleep(period * 2).await;
         }
         let mut conn = store.pool().acquire().await.unwrap();
-        let claims: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
-        )
-        .bind(format!("FROM {table}_due d"))
-        .fetch_one(&mut *conn)
-        .await
-        .unwrap();
-        assert_eq!(claims > 0, refresh.is_none(), "plan_refresh {refresh:?}");
-        drop(conn);
-        for t in [
-            format!("{table}_due"),
-            format!("{table}_units"),
-            format!("{table}_schema"),
-            table.clone(),
-        ] {
-            sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
-                .execute(store.pool())
-                .await
-                .unwrap();
-        }
+        let claims = prepared(&mut conn, &format!("FROM {table}_due d")).await;
+        assert_eq!(
+            claims.is_empty(),
+            refresh.is_some(),
+            "plan_refresh {refresh:?}"
+        );
     }
 }
 
-/// A claim reads the outbox table through its indexes, and a settle by the batch's `seq`s
-/// only, whatever PostgreSQL knows of the table's size. Their generic plans are made here on
-/// a new table, as after a deploy and before any `ANALYZE`. A plan that read the table whole,
-/// as the settle's once did, would cost O(table) per batch once a backlog grew it, until
-/// the plan was made again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_and_settles_never_read_the_whole_outbox_table() {
+/// Enqueue three keep-order rows of one unit on `store` and claim them for relay "r".
+async fn claim_three_keep_order_rows(store: &PgStore) -> Vec<i64> {
     use outbox_core::{Claim, Store, StreamFilter};
-    use std::time::Duration;
-
-    let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
-    let store = PgStore::connect_with(
-        &url(),
-        PgOptions {
-            table: table.clone(),
-            max_connections: 1,
-            plan_refresh: None,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    store.migrate().await.unwrap();
     let outbox = Outbox::builder(store.clone(), RecordingPublisher::new())
         .strategy(KeepOrder::default())
         .build()
@@ -543,20 +480,62 @@ async fn claims_and_settles_never_read_the_whole_outbox_table() {
         .await
         .unwrap();
     outbox_sql::postgres::commit(tx, pending).await.unwrap();
-    let claim = Claim::new("r", StreamFilter::All, 10, Duration::from_secs(30));
+    let claim = Claim::new(
+        "r",
+        StreamFilter::All,
+        10,
+        std::time::Duration::from_secs(30),
+    );
     let rows = store.claim(&claim).await.unwrap();
-    let seqs: Vec<i64> = rows.iter().map(|r| r.as_ref().unwrap().seq).collect();
+    assert_eq!(rows.len(), 3);
+    rows.iter().map(|r| r.as_ref().unwrap().seq).collect()
+}
+
+/// A store on a new table whose pool has one connection.
+async fn one_connection_store(plan_refresh: Option<std::time::Duration>) -> (PgStore, String) {
+    let table = format!("outbox_t{}", uuid::Uuid::now_v7().simple());
+    let store = PgStore::connect_with(
+        &url(),
+        PgOptions {
+            table: table.clone(),
+            max_connections: 1,
+            plan_refresh,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    outbox_core::Store::migrate(&store).await.unwrap();
+    (store, table)
+}
+
+/// The names of `conn`'s prepared statements whose text contains `fragment`.
+async fn prepared(conn: &mut sqlx::PgConnection, fragment: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
+    )
+    .bind(fragment)
+    .fetch_all(conn)
+    .await
+    .unwrap()
+}
+
+/// A claim reads the outbox table through its indexes, and a settle by the batch's `seq`s
+/// only, whatever PostgreSQL knows of the table's size. Their generic plans are made here on
+/// a new table, as after a deploy and before any `ANALYZE`. A plan that read the table whole,
+/// as the settle's once did, would cost O(table) per batch once a backlog grew it, until
+/// the plan was made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_and_settles_never_read_the_whole_outbox_table() {
+    use outbox_core::Store;
+
+    let (store, table) = one_connection_store(None).await;
+    let seqs = claim_three_keep_order_rows(&store).await;
     for delete in [false, true] {
         store.settle("r", &seqs, delete, &[]).await.unwrap();
     }
     let mut conn = store.pool().acquire().await.unwrap();
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
-    )
-    .bind("done AS (")
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
+    let names = prepared(&mut conn, "done AS (").await;
     assert_eq!(
         names.len(),
         2,
@@ -576,13 +555,7 @@ async fn claims_and_settles_never_read_the_whole_outbox_table() {
         assert!(plan.contains(&format!("{table}_pkey")), "{plan}");
         assert!(!plan.contains(&format!("Seq Scan on {table} ")), "{plan}");
     }
-    let claims: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM pg_prepared_statements WHERE statement LIKE '%' || $1 || '%'",
-    )
-    .bind("oc AS (")
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap();
+    let claims = prepared(&mut conn, "oc AS (").await;
     assert_eq!(claims.len(), 1, "the claim's statement");
     let plan: Vec<String> = sqlx::query_scalar(&format!(
         "EXPLAIN EXECUTE {}('r', 10, 30000, NULL, 1000000, 1000000, '5000ms', 1)",
