@@ -134,6 +134,14 @@ pub fn with_plan_refresh(pool: PgPoolOptions, every: Duration) -> PgPoolOptions 
     })
 }
 
+/// The options of a pool the store opens: with [`PgOptions::plan_refresh`].
+fn pool_options(plan_refresh: Option<Duration>) -> PgPoolOptions {
+    match plan_refresh {
+        Some(every) => with_plan_refresh(PgPoolOptions::new(), every),
+        None => PgPoolOptions::new(),
+    }
+}
+
 /// Whether a period of `every`, counted from the connection's opening, ended since it was
 /// released (`age - idle_for` after it opened).
 fn period_ended(age: Duration, idle_for: Duration, every: Duration) -> bool {
@@ -223,12 +231,8 @@ impl PgStore {
         // The relay's statements are short, but their estimates grow with the table: JIT would
         // compile them for about a second each on a million-row backlog.
         let connect = connect.options([("jit", "off")]);
-        let pool = match options.plan_refresh {
-            Some(every) => with_plan_refresh(PgPoolOptions::new(), every),
-            None => PgPoolOptions::new(),
-        };
         let pool = crate::common::open_pool(
-            pool,
+            pool_options(options.plan_refresh),
             connect,
             options.max_connections,
             options.acquire_timeout,
@@ -1047,11 +1051,7 @@ impl PgStore {
     /// A second store on the same table with its own pool (as another process would have).
     pub async fn reopen(&self) -> outbox_core::Result<Self> {
         let options = self.inner.pool.connect_options().as_ref().clone();
-        let pool = match self.inner.plan_refresh {
-            Some(every) => with_plan_refresh(PgPoolOptions::new(), every),
-            None => PgPoolOptions::new(),
-        };
-        let pool = pool
+        let pool = pool_options(self.inner.plan_refresh)
             .max_connections(5)
             .connect_with(options)
             .await
