@@ -554,6 +554,8 @@ async fn claims_and_settles_never_read_the_whole_outbox_table() {
         let plan = plan.join("\n");
         assert!(plan.contains(&format!("{table}_pkey")), "{plan}");
         assert!(!plan.contains(&format!("Seq Scan on {table} ")), "{plan}");
+        // The pending rows' index, probed by `seq` alone, would be read whole.
+        assert!(!plan.contains(&format!("using {table}_unit on")), "{plan}");
     }
     let claims = prepared(&mut conn, "oc AS (").await;
     assert_eq!(claims.len(), 1, "the claim's statement");

@@ -329,7 +329,9 @@ fn settle(t: &str, delete: bool) -> String {
                  FROM f
                  WHERE {t}.seq = f.seq AND {t}.seq = ANY($2)
                    AND {t}.seq BETWEEN (SELECT min(x) FROM unnest($2::int8[]) x) AND (SELECT max(x) FROM unnest($2::int8[]) x)
-                   AND {t}.status = 'pending'
+                   -- `IS TRUE` (the same test: status is never NULL) keeps a plan from reading
+                   -- <table>_unit, the pending rows' index, whole by a `seq` range.
+                   AND ({t}.status = 'pending') IS TRUE
                    AND ({t}.locked_by = $5 OR ({t}.strategy <> 'on_commit' AND EXISTS (
                      SELECT 1 FROM {t}_due held WHERE held.stream = {t}.stream AND held.okey = {t}.okey
                        AND held.leased_by = $5)))
